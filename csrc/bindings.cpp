@@ -1,0 +1,176 @@
+// pybind11 surface of dynkv._C. Conversions only: checks live in ops.cpp.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "dynkv/check.h"
+#include "dynkv/cpu.h"
+#include "dynkv/cuda.h"
+#include "dynkv/host_pool.h"
+#include "dynkv/ops.h"
+
+namespace py = pybind11;
+using namespace dynkv;
+
+namespace {
+
+using I64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+using U64Array = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
+
+IdList id_list(const I64Array& a, uint64_t device_ptr, const char* what) {
+  DYNKV_CHECK(a.ndim() == 1, what, " must be one-dimensional, got ", a.ndim(), " dimensions");
+  return IdList{a.data(), reinterpret_cast<const int64_t*>(device_ptr), static_cast<int64_t>(a.size())};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "dynkv copy engine: paged KV blocks <-> TP-agnostic pages (CPU and CUDA)";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const InvalidArgument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+
+  py::enum_<Backend>(m, "Backend")
+      .value("AUTO", Backend::Auto)
+      .value("KERNEL", Backend::Kernel)
+      .value("DMA_BATCH", Backend::DmaBatch)
+      .value("DMA_LOOP", Backend::DmaLoop);
+
+  py::class_<ExecConfig>(m, "ExecConfig")
+      .def(py::init([](Backend backend, int num_ctas, int threads, uint64_t stream, int64_t dma_min_run) {
+             return ExecConfig{backend, num_ctas, threads, stream, dma_min_run};
+           }),
+           py::arg("backend") = Backend::Auto, py::arg("num_ctas") = 0, py::arg("threads") = 0,
+           py::arg("stream") = 0, py::arg("dma_min_run") = 0)
+      .def_readonly("backend", &ExecConfig::backend)
+      .def_readonly("num_ctas", &ExecConfig::num_ctas)
+      .def_readonly("threads", &ExecConfig::threads)
+      .def_readonly("stream", &ExecConfig::stream)
+      .def_readonly("dma_min_run", &ExecConfig::dma_min_run);
+
+  py::class_<PageGeom>(m, "PageGeom")
+      .def_readonly("num_layers", &PageGeom::num_layers)
+      .def_readonly("num_heads", &PageGeom::num_heads)
+      .def_readonly("block_size", &PageGeom::block_size)
+      .def_readonly("token_bytes", &PageGeom::token_bytes)
+      .def_readonly("elem_bytes", &PageGeom::elem_bytes)
+      .def_property_readonly("tile_bytes", &PageGeom::tile_bytes)
+      .def_property_readonly("page_bytes", &PageGeom::page_bytes);
+
+  py::class_<BlockView>(m, "BlockView")
+      .def_readonly("num_layers", &BlockView::num_layers)
+      .def_readonly("num_blocks", &BlockView::num_blocks)
+      .def_readonly("num_heads", &BlockView::num_heads)
+      .def_readonly("head_start", &BlockView::head_start)
+      .def_property_readonly("tile_contiguous", &BlockView::tile_contiguous)
+      .def_property_readonly("run_bytes", &BlockView::run_bytes);
+
+  py::class_<PageSet>(m, "PageSet")
+      .def_readonly("base", &PageSet::base)
+      .def_readonly("num_pages", &PageSet::num_pages)
+      .def_readonly("page_stride", &PageSet::page_stride);
+
+  m.def("make_geom", &make_geom, py::arg("num_layers"), py::arg("num_heads"), py::arg("block_size"),
+        py::arg("token_bytes"), py::arg("elem_bytes"));
+  m.def("make_view", &make_view, py::arg("geom"), py::arg("layer_ptrs"), py::arg("num_blocks"),
+        py::arg("num_heads"), py::arg("head_start"), py::arg("num_parts"), py::arg("block_stride"),
+        py::arg("head_stride"), py::arg("token_stride"), py::arg("part_stride"));
+  m.def("make_pages", &make_pages, py::arg("geom"), py::arg("base"), py::arg("num_pages"),
+        py::arg("page_stride"));
+
+  m.def(
+      "gather",
+      [](const PageGeom& g, const BlockView& v, const PageSet& p, const I64Array& ids, const I64Array& slots,
+         const ExecConfig& cfg, int device, uint64_t ids_dev, uint64_t slots_dev) {
+        const IdList a = id_list(ids, ids_dev, "block_ids"), b = id_list(slots, slots_dev, "slots");
+        py::gil_scoped_release nogil;
+        gather(g, v, p, a, b, cfg, device);
+      },
+      py::arg("geom"), py::arg("view"), py::arg("pages"), py::arg("block_ids"), py::arg("slots"), py::arg("cfg"),
+      py::arg("device") = -1, py::arg("block_ids_dev") = 0, py::arg("slots_dev") = 0);
+  m.def(
+      "scatter",
+      [](const PageGeom& g, const PageSet& p, const BlockView& v, const I64Array& slots, const I64Array& ids,
+         const ExecConfig& cfg, int device, uint64_t slots_dev, uint64_t ids_dev) {
+        const IdList a = id_list(slots, slots_dev, "slots"), b = id_list(ids, ids_dev, "block_ids");
+        py::gil_scoped_release nogil;
+        scatter(g, p, v, a, b, cfg, device);
+      },
+      py::arg("geom"), py::arg("pages"), py::arg("view"), py::arg("slots"), py::arg("block_ids"), py::arg("cfg"),
+      py::arg("device") = -1, py::arg("slots_dev") = 0, py::arg("block_ids_dev") = 0);
+  m.def(
+      "copy_blocks",
+      [](const PageGeom& g, const BlockView& src, const BlockView& dst, const I64Array& src_ids,
+         const I64Array& dst_ids, const ExecConfig& cfg, int device, uint64_t src_dev, uint64_t dst_dev) {
+        const IdList a = id_list(src_ids, src_dev, "src_ids"), b = id_list(dst_ids, dst_dev, "dst_ids");
+        py::gil_scoped_release nogil;
+        copy_blocks(g, src, dst, a, b, cfg, device);
+      },
+      py::arg("geom"), py::arg("src"), py::arg("dst"), py::arg("src_ids"), py::arg("dst_ids"), py::arg("cfg"),
+      py::arg("device") = -1, py::arg("src_ids_dev") = 0, py::arg("dst_ids_dev") = 0);
+  m.def(
+      "memcpy_batch",
+      [](const U64Array& srcs, const U64Array& dsts, const I64Array& sizes, const ExecConfig& cfg, int device) {
+        DYNKV_CHECK(srcs.ndim() == 1 && dsts.ndim() == 1 && sizes.ndim() == 1,
+                    "srcs, dsts and sizes must be one-dimensional");
+        DYNKV_CHECK(srcs.size() == dsts.size() && srcs.size() == sizes.size(), "length mismatch: srcs has ",
+                    srcs.size(), ", dsts ", dsts.size(), ", sizes ", sizes.size(), " entries");
+        std::vector<Run> runs(static_cast<size_t>(srcs.size()));
+        for (size_t i = 0; i < runs.size(); ++i) runs[i] = Run{srcs.data()[i], dsts.data()[i], sizes.data()[i]};
+        py::gil_scoped_release nogil;
+        memcpy_batch(runs, cfg, device);
+      },
+      py::arg("srcs"), py::arg("dsts"), py::arg("sizes"), py::arg("cfg"), py::arg("device") = -1);
+  m.def("resolve_backend", &resolve_backend, py::arg("cfg"), py::arg("avg_run_bytes"));
+
+  m.def("cuda_compiled", &cuda_compiled);
+  m.def("cuda_batch_memcpy_available", &cuda_batch_memcpy_available);
+  m.def("cuda_device_count", &cuda_device_count);
+  m.def("max_cpu_threads", &max_cpu_threads);
+  m.def("cuda_info", []() {
+    const CudaInfo info = cuda_info();
+    py::list devices;
+    for (const DeviceInfo& d : info.devices) {
+      py::dict e;
+      e["name"] = d.name;
+      e["compute_capability"] = d.compute_capability;
+      e["num_sms"] = d.num_sms;
+      e["total_memory"] = d.total_memory;
+      devices.append(e);
+    }
+    py::dict out;
+    out["runtime_version"] = info.runtime_version;
+    out["driver_version"] = info.driver_version;
+    out["devices"] = devices;
+    return out;
+  });
+
+  py::class_<HostPool>(m, "HostPool")
+      .def_static(
+          "create",
+          [](const std::string& name, size_t bytes, bool pin, size_t chunk_bytes, int threads) {
+            py::gil_scoped_release nogil;
+            return HostPool::create(name, bytes, pin, chunk_bytes, threads);
+          },
+          py::arg("name"), py::arg("bytes"), py::arg("pin"), py::arg("chunk_bytes"), py::arg("threads"))
+      .def_static(
+          "attach",
+          [](const std::string& name, bool pin, size_t chunk_bytes, int threads) {
+            py::gil_scoped_release nogil;
+            return HostPool::attach(name, pin, chunk_bytes, threads);
+          },
+          py::arg("name"), py::arg("pin"), py::arg("chunk_bytes"), py::arg("threads"))
+      .def_static("unlink", &HostPool::unlink, py::arg("name"))
+      .def("close", &HostPool::close, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("ptr", &HostPool::ptr)
+      .def_property_readonly("size", &HostPool::size)
+      .def_property_readonly("name", &HostPool::name)
+      .def_property_readonly("owner", &HostPool::owner)
+      .def_property_readonly("pinned", &HostPool::pinned)
+      .def_property_readonly("chunk_bytes", &HostPool::chunk_bytes);
+}

