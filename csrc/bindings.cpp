@@ -172,5 +172,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("name", &HostPool::name)
       .def_property_readonly("owner", &HostPool::owner)
       .def_property_readonly("pinned", &HostPool::pinned)
-      .def_property_readonly("chunk_bytes", &HostPool::chunk_bytes);
+      .def_property_readonly("chunk_bytes", &HostPool::chunk_bytes)
+      .def_property_readonly("populate_seconds", &HostPool::populate_seconds)
+      .def_property_readonly("pin_seconds", &HostPool::pin_seconds);
 }

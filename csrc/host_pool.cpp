@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -21,6 +22,11 @@ namespace dynkv {
 namespace {
 
 constexpr size_t kOsPage = 4096;
+#ifdef MADV_POPULATE_WRITE
+constexpr int kMadvPopulateWrite = MADV_POPULATE_WRITE;
+#else
+constexpr int kMadvPopulateWrite = 23;
+#endif
 
 std::string shm_path(const std::string& name) { return "/" + name; }
 
@@ -118,42 +124,61 @@ void HostPool::map(int fd, bool populate, bool pin, int threads) {
   base_ = p;
   madvise(base_, bytes_, MADV_HUGEPAGE);  // a hint; tmpfs may ignore it
 
-  const size_t nchunks = (bytes_ + chunk_bytes_ - 1) / chunk_bytes_;
-  if (pin) registered_.assign(nchunks, nullptr);
-  if (!populate && !pin) return;
-  const int nthreads = static_cast<int>(std::max<size_t>(1, std::min<size_t>(std::max(threads, 1), nchunks)));
-  std::mutex mu;
-  std::string error;
-  auto work = [&](int tid) {
-    for (size_t c = static_cast<size_t>(tid); c < nchunks; c += static_cast<size_t>(nthreads)) {
-      char* start = static_cast<char*>(base_) + c * chunk_bytes_;
-      const size_t len = std::min(chunk_bytes_, bytes_ - c * chunk_bytes_);
-      try {
-        if (populate) {
-          // One write per OS page faults it in; tmpfs hands back zeroed pages.
-          for (size_t off = 0; off < len; off += kOsPage) start[off] = 0;
+  // Each phase spreads pieces of the pool over the threads; the first error wins.
+  auto each_piece = [&](size_t piece, auto&& fn) {
+    const size_t npieces = (bytes_ + piece - 1) / piece;
+    const int nthreads = static_cast<int>(std::max<size_t>(1, std::min<size_t>(std::max(threads, 1), npieces)));
+    std::mutex mu;
+    std::string error;
+    auto work = [&](int tid) {
+      for (size_t c = static_cast<size_t>(tid); c < npieces; c += static_cast<size_t>(nthreads)) {
+        char* start = static_cast<char*>(base_) + c * piece;
+        try {
+          fn(c, start, std::min(piece, bytes_ - c * piece));
+        } catch (const std::exception& e) {
+          std::lock_guard<std::mutex> lk(mu);
+          if (error.empty()) error = e.what();
+          return;
         }
-        if (pin) {
-          cuda_host_register(start, len);
-          registered_[c] = start;
-        }
-      } catch (const std::exception& e) {
-        std::lock_guard<std::mutex> lk(mu);
-        if (error.empty()) error = e.what();
-        return;
       }
-    }
+    };
+    std::vector<std::thread> pool;
+    for (int t = 1; t < nthreads; ++t) pool.emplace_back(work, t);
+    work(0);
+    for (auto& t : pool) t.join();
+    return error;
   };
-  std::vector<std::thread> pool;
-  for (int t = 1; t < nthreads; ++t) pool.emplace_back(work, t);
-  work(0);
-  for (auto& t : pool) t.join();
-  registered_.erase(std::remove(registered_.begin(), registered_.end(), nullptr), registered_.end());
-  if (pin && registered_.size() != nchunks) {
-    if (error.empty()) error = "unknown error";
-    DYNKV_FAIL("pinning host pool (", bytes_, " bytes in ", nchunks, " chunks) failed: ", error);
+  using clock = std::chrono::steady_clock;
+  if (populate) {
+    const auto t0 = clock::now();
+    // Small pieces keep every thread busy to the end; 2 MiB keeps them
+    // aligned to huge pages where tmpfs uses them.
+    const size_t piece = std::max<size_t>(
+        2u << 20, (bytes_ / (static_cast<size_t>(std::max(threads, 1)) * 8)) & ~((size_t{2} << 20) - 1));
+    const std::string error = each_piece(piece, [](size_t, char* start, size_t len) {
+      // MADV_POPULATE_WRITE faults a range in one call and reports a full
+      // tmpfs as an error instead of a SIGBUS (Linux >= 5.14). Older kernels
+      // get one write per OS page; tmpfs hands back zeroed pages.
+      if (madvise(start, len, kMadvPopulateWrite) == 0) return;
+      if (errno != EINVAL) DYNKV_FAIL(errno_text(errno), " (is /dev/shm or memory too small?)");
+      for (size_t off = 0; off < len; off += kOsPage) start[off] = 0;
+    });
+    populate_seconds_ = std::chrono::duration<double>(clock::now() - t0).count();
+    if (!error.empty()) DYNKV_FAIL("faulting in host pool failed: ", error);
   }
-  if (!error.empty()) DYNKV_FAIL("preparing host pool failed: ", error);
+  if (pin) {
+    const auto t0 = clock::now();
+    registered_.assign((bytes_ + chunk_bytes_ - 1) / chunk_bytes_, nullptr);
+    const std::string error = each_piece(chunk_bytes_, [this](size_t c, char* start, size_t len) {
+      cuda_host_register(start, len);
+      registered_[c] = start;
+    });
+    pin_seconds_ = std::chrono::duration<double>(clock::now() - t0).count();
+    registered_.erase(std::remove(registered_.begin(), registered_.end(), nullptr), registered_.end());
+    if (!error.empty()) {
+      DYNKV_FAIL("pinning host pool (", bytes_, " bytes in chunks of ", chunk_bytes_, ") failed: ", error);
+    }
+  }
 }
 
 void HostPool::close() {

@@ -34,6 +34,8 @@ class HostPool {
   bool owner() const { return owner_; }
   bool pinned() const { return !registered_.empty(); }
   size_t chunk_bytes() const { return chunk_bytes_; }
+  double populate_seconds() const { return populate_seconds_; }
+  double pin_seconds() const { return pin_seconds_; }
 
  private:
   HostPool() = default;
@@ -46,6 +48,8 @@ class HostPool {
   size_t chunk_bytes_ = 0;
   bool owner_ = false;
   std::vector<void*> registered_;
+  double populate_seconds_ = 0.0;
+  double pin_seconds_ = 0.0;
 };
 
 }  // namespace dynkv

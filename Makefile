@@ -1,0 +1,28 @@
+# One-command entry points. `make bench` sets up and runs the main job;
+# `make test` sets up and runs the test suite (what CI runs).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.dynkv-installed
+SOURCES := pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.cu csrc/include/dynkv/*)
+
+.PHONY: setup test bench gpu-test clean
+
+setup: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "pybind11>=2.12" "scikit-build-core>=0.10"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest tests -q
+
+bench: setup
+	$(VENV)/bin/dynkv bench kernels
+
+clean:
+	rm -rf build $(STAMP)
