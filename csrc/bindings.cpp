@@ -1,4 +1,6 @@
 // pybind11 surface of dynkv._C. Conversions only: checks live in ops.cpp.
+#include <algorithm>
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -68,7 +70,10 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("num_heads", &BlockView::num_heads)
       .def_readonly("head_start", &BlockView::head_start)
       .def_property_readonly("tile_contiguous", &BlockView::tile_contiguous)
-      .def_property_readonly("run_bytes", &BlockView::run_bytes);
+      .def_property_readonly("run_bytes", &BlockView::run_bytes)
+      .def("layer_ptrs_equal", [](const BlockView& a, const BlockView& b) {
+        return a.num_layers == b.num_layers && std::equal(a.layer_ptr, a.layer_ptr + a.num_layers, b.layer_ptr);
+      });
 
   py::class_<PageSet>(m, "PageSet")
       .def_readonly("base", &PageSet::base)

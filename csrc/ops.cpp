@@ -218,11 +218,14 @@ void copy_blocks(const PageGeom& geom, const BlockView& src, const BlockView& ds
   dispatch(t, cfg, device, src_ids.device, dst_ids.device);
 }
 
-void memcpy_batch(const std::vector<Run>& runs, const ExecConfig& cfg, int device) {
-  for (size_t i = 0; i < runs.size(); ++i) {
-    DYNKV_CHECK(runs[i].bytes >= 0, "sizes[", i, "]=", runs[i].bytes, " is negative");
-    DYNKV_CHECK(runs[i].bytes == 0 || (runs[i].src != 0 && runs[i].dst != 0), "copy ", i,
-                " has a null pointer");
+void memcpy_batch(const std::vector<Run>& all_runs, const ExecConfig& cfg, int device) {
+  std::vector<Run> runs;
+  runs.reserve(all_runs.size());
+  for (size_t i = 0; i < all_runs.size(); ++i) {
+    const Run& r = all_runs[i];
+    DYNKV_CHECK(r.bytes >= 0, "sizes[", i, "]=", r.bytes, " is negative");
+    DYNKV_CHECK(r.bytes == 0 || (r.src != 0 && r.dst != 0), "copy ", i, " has a null pointer");
+    if (r.bytes > 0) runs.push_back(r);  // the copy engines refuse empty copies
   }
   if (device < 0) {
     run_cpu(runs, cfg.threads);

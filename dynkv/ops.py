@@ -340,12 +340,23 @@ def _gpu_of(*devices: torch.device) -> torch.device | None:
     return next(iter(gpus), None)
 
 
-def _check_host_side(pages: PageBuffer, gpu: torch.device | None, backend: BackendName) -> None:
-    if gpu is not None and pages.device.type == "cpu" and not pages.pinned and backend in ("auto", "kernel"):
-        raise ValueError(
-            "pages are in pageable host memory, which the GPU kernel cannot reach: "
-            "use a pinned HostPool or tensor.pin_memory(), or backend='dma'"
-        )
+def _host_pinned(obj: PageBuffer | PagedView) -> bool:
+    if isinstance(obj, PageBuffer):
+        return obj.pinned
+    return all(t.is_pinned() for t in obj.tensors)
+
+
+def _check_host_side(gpu: torch.device | None, backend: BackendName, *sides: PageBuffer | PagedView) -> None:
+    """The kernel reaches host memory only through UVA, which needs it pinned."""
+    if gpu is None or backend not in ("auto", "kernel"):
+        return
+    for side in sides:
+        if side.device.type == "cpu" and not _host_pinned(side):
+            what = "pages" if isinstance(side, PageBuffer) else "KV tensors"
+            raise ValueError(
+                f"{what} are in pageable host memory, which the GPU kernel cannot reach: "
+                "use a pinned HostPool or tensor.pin_memory(), or backend='dma'"
+            )
 
 
 def _check_same_geometry(a: PageGeometry, b: PageGeometry, what: str) -> None:
@@ -371,7 +382,7 @@ def gather(
     """
     _check_same_geometry(view.geometry, pages.geometry, "gather")
     gpu = _gpu_of(view.device, pages.device)
-    _check_host_side(pages, gpu, backend)
+    _check_host_side(gpu, backend, view, pages)
     ids, sl = _ids(block_ids), _ids(slots)
     cfg, dev = _exec(_direction(view.device, pages.device), gpu, backend, num_ctas, threads, stream)
     keep, ptrs = _maybe_upload(cfg, gpu, backend, ids, sl)
@@ -393,7 +404,7 @@ def scatter(
     """Copy this rank's head slice of pages ``slots`` into ``block_ids``."""
     _check_same_geometry(view.geometry, pages.geometry, "scatter")
     gpu = _gpu_of(view.device, pages.device)
-    _check_host_side(pages, gpu, backend)
+    _check_host_side(gpu, backend, view, pages)
     sl, ids = _ids(slots), _ids(block_ids)
     cfg, dev = _exec(_direction(pages.device, view.device), gpu, backend, num_ctas, threads, stream)
     keep, ptrs = _maybe_upload(cfg, gpu, backend, sl, ids)
@@ -415,7 +426,13 @@ def copy_blocks(
     """Copy blocks ``src_ids`` of ``src`` to ``dst_ids`` of ``dst`` (same geometry, any layouts)."""
     _check_same_geometry(src.geometry, dst.geometry, "copy_blocks")
     gpu = _gpu_of(src.device, dst.device)
+    _check_host_side(gpu, backend, src, dst)
     a, b = _ids(src_ids), _ids(dst_ids)
+    if src.c.layer_ptrs_equal(dst.c) and np.intersect1d(a, b).size:
+        raise ValueError(
+            "copy_blocks within one view needs disjoint source and destination ids: "
+            f"{np.intersect1d(a, b)[:8].tolist()} appear in both, and the copies would race"
+        )
     cfg, dev = _exec(_direction(src.device, dst.device), gpu, backend, num_ctas, threads, stream)
     keep, ptrs = _maybe_upload(cfg, gpu, backend, a, b)
     _C.copy_blocks(src.geometry.c, src.c, dst.c, a, b, cfg, dev, *ptrs)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Build dynkv with CUDA, run the GPU tests and the kernel benchmarks, and leave
+# logs, JSON and plots in one tarball under $OUT. Usage:
+#   OUT=/tmp/out bench/run_gpu.sh [tests|bench|all]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+OUT=${OUT:-bench/results/gpu}
+RES=$(mktemp -d)
+mkdir -p "$OUT"
+export DYNKV_CUDA=ON DYNKV_CUDA_ARCHS=${DYNKV_CUDA_ARCHS:-90} PYTHONUNBUFFERED=1
+python3 -m pip install --no-build-isolation --no-deps -q -e . || exit 1
+python3 -m dynkv.cli env | tee "$RES/env.txt"
+rc=0
+if [[ $what == tests || $what == all ]]; then
+  python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$RES/gpu-tests.log"
+  rc=${PIPESTATUS[0]}
+fi
+if [[ $what == bench || $what == all ]]; then
+  k() { local name=$1; shift; python3 -m dynkv.cli bench kernels --device cuda --json "$RES/$name.json" --plot "$RES/$name.png" "$@" 2>&1 | tee "$RES/$name.log"; }
+  k llama3-8b --preset llama3-8b --ctas 1,2,4,8,16,32
+  k llama3-8b-nhd --preset llama3-8b --layout LBNHC --ctas 8 --directions h2d,d2h
+  k llama3-70b-tp8 --preset llama3-70b-tp8 --ctas 4,8,16 --directions h2d,d2h,d2d
+  k deepseek-mla --preset deepseek-mla --ctas 4,8,16 --directions h2d,d2h,d2d
+  k tiles --preset llama3-8b --tile-sweep --directions h2d,d2h --backends kernel,dma --ctas 8
+  k gemm --preset llama3-8b --gemm --directions h2d --backends kernel --ctas 4,8
+  k pool --preset llama3-8b --host-pool 64 --directions h2d --backends kernel --ctas 8
+  python3 -m pytest bench -m gpu -q -p no:cacheprovider --benchmark-json "$RES/pytest-bench.json" 2>&1 | tee "$RES/pytest-bench.log"
+fi
+tar -czf "$OUT/results-$what.tar.gz" -C "$RES" .
+grep -hE "^\|| passed| failed|error" "$RES"/*.log | tail -150 > "$OUT/summary-$what.txt" || true
+exit $rc
