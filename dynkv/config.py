@@ -1,0 +1,295 @@
+"""dynkv's configuration: one frozen dataclass, built once at start-up.
+
+vLLM hands the connector ``kv_transfer_config.kv_connector_extra_config`` (a
+JSON object); :meth:`DynKVConfig.from_dict` reads it, with ``DYNKV_<KEY>``
+environment variables as defaults under it (``DYNKV_HOST_GB``,
+``DYNKV_DISK_PATHS``, ...). Unknown keys and bad values raise ``ValueError``
+at construction, naming the key (or variable) and what it accepts, so a typo
+fails when the engine starts instead of silently running without a tier.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from dynkv.index import EVICTION_POLICIES
+
+__all__ = ["DEFAULT_HOST_GB", "ENV_PREFIX", "DynKVConfig"]
+
+ENV_PREFIX = "DYNKV_"
+DEFAULT_HOST_GB = 4.0
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_NONE = ("", "none", "off")
+
+
+class _Source:
+    """Where a value came from, for error messages."""
+
+    def __init__(self, key: str, env_var: str | None = None) -> None:
+        self.key = key
+        self.env_var = env_var
+
+    def __str__(self) -> str:
+        if self.env_var is not None:
+            return f"environment variable {self.env_var} (key {self.key!r})"
+        return f"key {self.key!r}"
+
+    def error(self, value: Any, expected: str) -> ValueError:
+        return ValueError(f"dynkv config {self}: got {value!r}, expected {expected}")
+
+
+def _parse_int(value: Any, src: _Source, expected: str) -> int:
+    if isinstance(value, bool):
+        raise src.error(value, expected)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    raise src.error(value, expected)
+
+
+def _parse_float(value: Any, src: _Source, expected: str) -> float:
+    if isinstance(value, bool):
+        raise src.error(value, expected)
+    if isinstance(value, (int, float)):
+        out = float(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*", value):
+        out = float(value)
+    else:
+        raise src.error(value, expected)
+    if not math.isfinite(out):
+        raise src.error(value, expected)
+    return out
+
+
+def _parse_bool(value: Any, src: _Source) -> bool:
+    expected = f"a boolean (true/false, or one of {', '.join(_TRUE + _FALSE)} as a string)"
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in _TRUE:
+            return True
+        if v in _FALSE:
+            return False
+    raise src.error(value, expected)
+
+
+def _int_in(lo: int, hi: int | None = None) -> Callable[[Any, _Source], int]:
+    expected = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+
+    def parse(value: Any, src: _Source) -> int:
+        out = _parse_int(value, src, expected)
+        if out < lo or (hi is not None and out > hi):
+            raise src.error(value, expected)
+        return out
+
+    return parse
+
+
+def _float_above(lo: float, *, inclusive: bool) -> Callable[[Any, _Source], float]:
+    expected = f"a finite number {'>=' if inclusive else '>'} {lo:g}"
+
+    def parse(value: Any, src: _Source) -> float:
+        out = _parse_float(value, src, expected)
+        if out < lo or (out == lo and not inclusive):
+            raise src.error(value, expected)
+        return out
+
+    return parse
+
+
+def _optional(parse: Callable[[Any, _Source], Any]) -> Callable[[Any, _Source], Any]:
+    def parse_optional(value: Any, src: _Source) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
+            return None
+        return parse(value, src)
+
+    return parse_optional
+
+
+def _parse_paths(value: Any, src: _Source) -> tuple[str, ...]:
+    expected = "a list of directory paths, or one string of paths separated by ',' or ':'"
+    if isinstance(value, str):
+        items = re.split(r"[,:]", value)
+    elif isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
+        items = list(value)
+    else:
+        raise src.error(value, expected)
+    paths = tuple(p.strip() for p in items if p.strip())
+    dupes = sorted({p for p in paths if paths.count(p) > 1})
+    if dupes:
+        raise src.error(value, f"{expected}, each directory once (repeated: {', '.join(dupes)})")
+    return paths
+
+
+def _parse_eviction(value: Any, src: _Source) -> str:
+    expected = f"one of {', '.join(repr(p) for p in EVICTION_POLICIES)}"
+    if isinstance(value, str) and value.strip().lower() in EVICTION_POLICIES:
+        return value.strip().lower()
+    raise src.error(value, expected)
+
+
+_PARSERS: dict[str, Callable[[Any, _Source], Any]] = {
+    "host_gb": _optional(_float_above(0.0, inclusive=False)),
+    "host_pages": _optional(_int_in(1)),
+    "disk_gb": _float_above(0.0, inclusive=True),
+    "disk_paths": _parse_paths,
+    "disk_direct_io": _parse_bool,
+    "eviction": _parse_eviction,
+    "disk_admit_min_hits": _int_in(0),
+    "io_threads": _int_in(1, 256),
+    "init_timeout_s": _float_above(0.0, inclusive=False),
+    "metrics_port": _optional(_int_in(1, 65535)),
+    "layerwise": _parse_bool,
+}
+
+
+@dataclass(frozen=True)
+class DynKVConfig:
+    """Settings of one dynkv engine (leader and workers read the same).
+
+    Build it with :meth:`from_dict`; direct construction validates the same way.
+
+    Parameters
+    ----------
+    host_gb
+        Size of the pinned host tier (G2) in GiB. Give this or ``host_pages``,
+        not both; with neither, ``DEFAULT_HOST_GB``.
+    host_pages
+        Size of the host tier in pages (exact; handy for tests).
+    disk_gb
+        Size of the disk tier (G3) in GiB over all ``disk_paths``; 0 turns the
+        disk tier off.
+    disk_paths
+        Directories (one per NVMe device, ideally) that hold the disk tier's
+        files; required when ``disk_gb > 0``. As a string: separated by ``,``
+        or ``:``.
+    disk_direct_io
+        Open disk-tier files with ``O_DIRECT``; turn off for file systems that
+        refuse it (tmpfs).
+    eviction
+        Eviction policy of every tier: ``"lru"`` or ``"fifo"``.
+    disk_admit_min_hits
+        A page is written to disk only after it was seen this many times
+        (stored plus hits); 0 admits every page. Spares the SSD one-hit pages.
+    io_threads
+        Threads of the leader's host<->disk I/O pool, in ``[1, 256]``.
+    init_timeout_s
+        How long workers wait for the leader's host pool at start-up.
+    metrics_port
+        Port of a standalone Prometheus endpoint, or None for none.
+    layerwise
+        Workers load and store KV layer by layer, overlapping the forward pass.
+    """
+
+    host_gb: float | None = None
+    host_pages: int | None = None
+    disk_gb: float = 0.0
+    disk_paths: tuple[str, ...] = ()
+    disk_direct_io: bool = True
+    eviction: str = "lru"
+    disk_admit_min_hits: int = 2
+    io_threads: int = 4
+    init_timeout_s: float = 120.0
+    metrics_port: int | None = None
+    layerwise: bool = False
+
+    def __post_init__(self) -> None:
+        for name, parse in _PARSERS.items():
+            object.__setattr__(self, name, parse(getattr(self, name), _Source(name)))
+        _check_combination(self, {name: _Source(name) for name in _PARSERS})
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """Every key :meth:`from_dict` accepts."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def env_var(cls, key: str) -> str:
+        """The environment variable that gives ``key``'s default."""
+        return ENV_PREFIX + key.upper()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> DynKVConfig:
+        """Build the config from vLLM's ``kv_connector_extra_config``.
+
+        Parameters
+        ----------
+        d
+            The extra-config mapping; None for empty.
+        env
+            Environment to read ``DYNKV_*`` defaults from; default
+            ``os.environ``. An empty variable counts as unset.
+
+        Raises
+        ------
+        ValueError
+            On an unknown key, a value of the wrong type or out of range, or a
+            contradictory combination; the message names the key (and the
+            variable when the value came from the environment).
+        """
+        d = dict(d or {})
+        env = os.environ if env is None else env
+        known = cls.keys()
+        for key in d:
+            if key not in known:
+                near = difflib.get_close_matches(str(key), known, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise ValueError(
+                    f"dynkv config: unknown key {key!r}{hint}; accepted keys: {', '.join(known)}"
+                )
+        values: dict[str, Any] = {}
+        sources: dict[str, _Source] = {}
+        from_env = {k: env.get(cls.env_var(k), "") for k in known}
+        host_in_dict = "host_gb" in d or "host_pages" in d
+        for key in known:
+            if key in d:
+                src, raw = _Source(key), d[key]
+            elif from_env[key].strip() and not (key in ("host_gb", "host_pages") and host_in_dict):
+                # The host tier's size is one setting: a size in the dict, in
+                # either unit, replaces one from the environment.
+                src, raw = _Source(key, cls.env_var(key)), from_env[key]
+            else:
+                continue
+            values[key] = _PARSERS[key](raw, src)
+            sources[key] = src
+        _check_combination(values, {k: sources.get(k, _Source(k)) for k in known})
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able mapping; ``from_dict(c.to_dict(), env={}) == c``."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("host_gb", "host_pages") and value is None:
+                continue
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def _check_combination(cfg: Any, sources: Mapping[str, _Source]) -> None:
+    get = cfg.get if isinstance(cfg, Mapping) else lambda k, default=None: getattr(cfg, k, default)
+    host_gb, host_pages = get("host_gb"), get("host_pages")
+    if host_gb is not None and host_pages is not None:
+        raise ValueError(
+            f"dynkv config: {sources['host_gb']} and {sources['host_pages']} are both set; "
+            "size the host tier in one unit only"
+        )
+    if host_gb is None and host_pages is None and not isinstance(cfg, Mapping):
+        object.__setattr__(cfg, "host_gb", DEFAULT_HOST_GB)
+    disk_gb, disk_paths = get("disk_gb", 0.0), get("disk_paths", ())
+    if disk_gb and not disk_paths:
+        raise ValueError(
+            f"dynkv config: {sources['disk_gb']} is {disk_gb:g} GiB but {sources['disk_paths']} "
+            "names no directory; give disk_paths, or disk_gb=0 to turn the disk tier off"
+        )

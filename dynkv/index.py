@@ -1,0 +1,568 @@
+"""The leader's page index: which tier holds which key, in which slot.
+
+Pure bookkeeping, no I/O: the leader asks it where a prefix lives, reserves
+slots for pages it is about to store, commits them once written, and pins
+pages while a copy reads them. Every operation is O(1) per key.
+
+A page in a tier is *pending* (slot reserved, bytes being written; invisible
+to lookups, never evicted) or *stored* (visible). Stored pages with no pin are
+the eviction candidates, ordered by the tier's :class:`EvictionPolicy`. Every
+page that becomes visible or stops being visible is reported as an
+:class:`IndexEvent` (for KV-aware routing), so replaying the events gives the
+stored contents of each tier.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Literal
+
+__all__ = [
+    "EVICTION_POLICIES",
+    "EvictionPolicy",
+    "FIFOPolicy",
+    "FrequencyFilter",
+    "IndexEvent",
+    "LRUPolicy",
+    "PageIndex",
+    "PrefixMatch",
+    "SlotAllocator",
+    "TierStats",
+]
+
+
+class SlotAllocator:
+    """Fixed-capacity slot numbers ``[0, capacity)``: a free stack and an in-use map.
+
+    Lowest slots go out first on a fresh allocator, which keeps a lightly used
+    pool's pages (and disk file offsets) compact.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"capacity={capacity!r}: expected an integer >= 0")
+        self.capacity = capacity
+        self._free = list(range(capacity - 1, -1, -1))
+        self._used = bytearray(capacity)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self) -> int | None:
+        """A free slot, or None when all are in use."""
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        self._used[slot] = 1
+        return slot
+
+    def free(self, slot: int) -> None:
+        if not 0 <= slot < self.capacity or not self._used[slot]:
+            raise ValueError(f"slot {slot} is not in use (capacity {self.capacity}): double free?")
+        self._used[slot] = 0
+        self._free.append(slot)
+
+    def in_use(self, slot: int) -> bool:
+        return 0 <= slot < self.capacity and bool(self._used[slot])
+
+
+class EvictionPolicy(ABC):
+    """Orders a tier's evictable pages (stored, unpinned).
+
+    The index calls :meth:`add` when a page becomes evictable (committed, or
+    its last pin released: a pin is a use), :meth:`discard` when it stops being
+    one (pinned, removed), and :meth:`touch` when an evictable page is used.
+    """
+
+    @abstractmethod
+    def add(self, key: bytes) -> None: ...
+
+    @abstractmethod
+    def discard(self, key: bytes) -> None: ...
+
+    @abstractmethod
+    def touch(self, key: bytes) -> None: ...
+
+    @abstractmethod
+    def pop(self) -> bytes | None:
+        """Remove and return the next victim; None when nothing is evictable."""
+
+    @abstractmethod
+    def peek(self, n: int) -> list[bytes]:
+        """The next ``n`` victims, first first, without removing them."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __contains__(self, key: object) -> bool: ...
+
+
+class _OrderedPolicy(EvictionPolicy):
+    def __init__(self) -> None:
+        self._order: OrderedDict[bytes, None] = OrderedDict()
+
+    def add(self, key: bytes) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def discard(self, key: bytes) -> None:
+        self._order.pop(key, None)
+
+    def pop(self) -> bytes | None:
+        if not self._order:
+            return None
+        return self._order.popitem(last=False)[0]
+
+    def peek(self, n: int) -> list[bytes]:
+        return list(islice(self._order, n))
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._order
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._order)
+
+
+class LRUPolicy(_OrderedPolicy):
+    """Least recently used first."""
+
+    def touch(self, key: bytes) -> None:
+        self._order.move_to_end(key)
+
+
+class FIFOPolicy(_OrderedPolicy):
+    """First evictable first; uses do not reorder (a released pin re-queues)."""
+
+    def touch(self, key: bytes) -> None:
+        pass
+
+
+EVICTION_POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "fifo": FIFOPolicy}
+
+_M64 = (1 << 64) - 1
+# Odd 64-bit constants (digits of pi, e, sqrt 2, sqrt 3, golden ratio, ...).
+_ROW_MULTIPLIERS = (
+    0x243F6A8885A308D3,
+    0xB7E151628AED2A6B,
+    0x6A09E667F3BCC909,
+    0xBB67AE8584CAA73B,
+    0x9E3779B97F4A7C15,
+    0x3C6EF372FE94F82B,
+    0xA54FF53A5F1D36F1,
+    0x510E527FADE682D1,
+)
+
+
+class FrequencyFilter:
+    """Approximate access counts in bounded memory: a count-min sketch with aging.
+
+    ``depth`` rows of ``width`` counters; a key's count is the minimum of its
+    counters, never below the true count since the last aging. Increments are
+    conservative (only the minimal counters grow), which keeps estimates
+    tight. After ``sample`` recordings every counter is halved, so old
+    popularity fades (TinyLFU's reset).
+
+    Parameters
+    ----------
+    min_hits
+        :meth:`admits` is true from this estimate on; 0 admits everything.
+    width
+        Counters per row, rounded up to a power of two.
+    depth
+        Rows (independent hashes), 1 to 8.
+    sample
+        Recordings between halvings; default ``10 * width``.
+    """
+
+    def __init__(self, min_hits: int = 2, *, width: int = 1 << 16, depth: int = 4, sample: int | None = None) -> None:
+        if min_hits < 0:
+            raise ValueError(f"min_hits={min_hits}: expected >= 0")
+        if width < 1 or not 1 <= depth <= 8:
+            raise ValueError(f"width={width}, depth={depth}: expected width >= 1 and depth in [1, 8]")
+        self.min_hits = min_hits
+        self.width = 1 << max(0, (width - 1).bit_length())
+        self.depth = depth
+        self.sample = sample if sample is not None else 10 * self.width
+        self._rows = [[0] * self.width for _ in range(depth)]
+        self._shift = 64 - (self.width.bit_length() - 1)
+        self._recorded = 0
+
+    def _slots(self, key: bytes) -> list[int]:
+        # Keys need not be uniform (tests, other callers): fold them to 64 bits,
+        # then one multiplicative hash per row (its top bits are well mixed).
+        h = int.from_bytes(key, "little")
+        x = (h ^ (h >> 64) ^ (h >> 128)) & _M64
+        return [((x * m) & _M64) >> self._shift for m in _ROW_MULTIPLIERS[: self.depth]]
+
+    def record(self, key: bytes) -> None:
+        """Count one access to ``key``."""
+        rows = self._rows
+        slots = self._slots(key)
+        counts = [rows[r][s] for r, s in enumerate(slots)]
+        low = min(counts)
+        for r, s in enumerate(slots):
+            if counts[r] == low:
+                rows[r][s] = low + 1
+        self._recorded += 1
+        if self._recorded >= self.sample:
+            self._recorded = 0
+            self._rows = [[c >> 1 for c in row] for row in rows]
+
+    def estimate(self, key: bytes) -> int:
+        """Approximate accesses to ``key`` (never an undercount, before aging)."""
+        return min(self._rows[r][s] for r, s in enumerate(self._slots(key)))
+
+    def admits(self, key: bytes) -> bool:
+        return self.min_hits == 0 or self.estimate(key) >= self.min_hits
+
+
+@dataclass(frozen=True)
+class IndexEvent:
+    """A page became visible (``"stored"``) or stopped being visible (``"removed"``) in a tier."""
+
+    kind: Literal["stored", "removed"]
+    tier: str
+    key: bytes
+
+
+@dataclass(frozen=True)
+class PrefixMatch:
+    """Result of :meth:`PageIndex.lookup`.
+
+    ``locations[i]`` is ``(tier, slot)`` of the ``i``-th key, for the
+    ``num_keys`` leading keys that some tier holds.
+    """
+
+    num_keys: int
+    locations: tuple[tuple[str, int], ...]
+
+    def tiers(self) -> dict[str, int]:
+        """Matched keys per tier."""
+        out: dict[str, int] = {}
+        for tier, _ in self.locations:
+            out[tier] = out.get(tier, 0) + 1
+        return out
+
+
+@dataclass(frozen=True)
+class TierStats:
+    """Occupancy and counters of one tier."""
+
+    capacity: int
+    stored: int
+    pending: int
+    pinned: int
+    free: int
+    hits: int
+    evictions: int
+    refusals: int
+
+
+class _Entry:
+    __slots__ = ("pins", "slot", "stored")
+
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+        self.pins = 0
+        self.stored = False
+
+
+class _Tier:
+    def __init__(self, name: str, capacity: int, policy: EvictionPolicy) -> None:
+        self.name = name
+        self.slots = SlotAllocator(capacity)
+        self.policy = policy
+        self.entries: dict[bytes, _Entry] = {}
+        self.num_stored = 0
+        self.num_pinned = 0
+        self.hits = 0
+        self.evictions = 0
+        self.refusals = 0
+
+
+class PageIndex:
+    """Key -> (tier, slot) for the leader, with pins, eviction and events.
+
+    Parameters
+    ----------
+    tiers
+        Tier name -> capacity in pages, fastest first (lookups prefer earlier
+        tiers), e.g. ``{"host": 4096, "disk": 65536}``.
+    policy
+        ``"lru"``, ``"fifo"``, or a callable returning a fresh
+        :class:`EvictionPolicy` (one per tier).
+    admit_min_hits
+        Threshold of the frequency filter (see :meth:`admits`).
+    frequency
+        A :class:`FrequencyFilter` to use instead of a default one.
+    on_event
+        Called with each :class:`IndexEvent` as it happens; without it events
+        queue up for :meth:`drain_events`.
+    """
+
+    def __init__(
+        self,
+        tiers: Mapping[str, int],
+        *,
+        policy: str | Callable[[], EvictionPolicy] = "lru",
+        admit_min_hits: int = 2,
+        frequency: FrequencyFilter | None = None,
+        on_event: Callable[[IndexEvent], None] | None = None,
+    ) -> None:
+        if not tiers:
+            raise ValueError("no tiers given: expected e.g. {'host': num_pages}")
+        if isinstance(policy, str):
+            if policy not in EVICTION_POLICIES:
+                raise ValueError(f"eviction policy {policy!r}: expected one of {', '.join(EVICTION_POLICIES)}")
+            policy = EVICTION_POLICIES[policy]
+        self._tiers = {name: _Tier(name, cap, policy()) for name, cap in tiers.items()}
+        self.frequency = frequency if frequency is not None else FrequencyFilter(admit_min_hits)
+        self._on_event = on_event
+        self._events: list[IndexEvent] = []
+
+    # -- queries ---------------------------------------------------------
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        """Tier names, fastest first."""
+        return tuple(self._tiers)
+
+    def _tier(self, name: str) -> _Tier:
+        tier = self._tiers.get(name)
+        if tier is None:
+            raise ValueError(f"unknown tier {name!r}: this index has {', '.join(self._tiers)}")
+        return tier
+
+    def lookup(self, keys: Sequence[bytes], *, touch: bool = True, pin: bool = False) -> PrefixMatch:
+        """How many leading ``keys`` some tier holds (stored), and where.
+
+        Parameters
+        ----------
+        keys
+            A request's page keys, in order.
+        touch
+            Count the matched pages as used: recency for the policy, and one
+            access each for the frequency filter. False for a pure query.
+        pin
+            Pin each matched page in the tier it was found in (release with
+            :meth:`unpin`), so it stays put while it is loaded.
+        """
+        tiers = list(self._tiers.values())
+        locations: list[tuple[str, int]] = []
+        for key in keys:
+            for tier in tiers:
+                entry = tier.entries.get(key)
+                if entry is not None and entry.stored:
+                    break
+            else:
+                break
+            locations.append((tier.name, entry.slot))
+            tier.hits += 1
+            if touch:
+                self.frequency.record(key)
+                if entry.pins == 0:
+                    tier.policy.touch(key)
+            if pin:
+                self._pin(tier, key, entry)
+        return PrefixMatch(len(locations), tuple(locations))
+
+    def location(self, key: bytes, tier: str) -> int | None:
+        """Slot of ``key`` in ``tier`` if stored there, else None."""
+        entry = self._tier(tier).entries.get(key)
+        return entry.slot if entry is not None and entry.stored else None
+
+    def holds(self, key: bytes, tier: str) -> bool:
+        """True when ``tier`` has ``key``, stored or pending (no need to store it again)."""
+        return key in self._tier(tier).entries
+
+    def keys(self, tier: str) -> Iterator[bytes]:
+        """Stored keys of ``tier``."""
+        return (k for k, e in self._tier(tier).entries.items() if e.stored)
+
+    def pins(self, key: bytes, tier: str) -> int:
+        entry = self._tier(tier).entries.get(key)
+        return 0 if entry is None else entry.pins
+
+    def admits(self, key: bytes) -> bool:
+        """Whether the frequency filter lets ``key`` into the disk tier."""
+        return self.frequency.admits(key)
+
+    def victims(self, tier: str, n: int) -> list[tuple[bytes, int]]:
+        """The next ``n`` pages eviction would take from ``tier``, as ``(key, slot)``.
+
+        For demotion: pin them, copy them down, then :meth:`remove` them.
+        """
+        t = self._tier(tier)
+        return [(k, t.entries[k].slot) for k in t.policy.peek(n)]
+
+    # -- changes ---------------------------------------------------------
+
+    def allocate(self, tier: str, keys: Sequence[bytes]) -> list[tuple[bytes, int]]:
+        """Reserve a slot of ``tier`` for each key it does not hold yet.
+
+        Keys the tier already holds (stored or pending) when called are
+        skipped, and count as used (so LRU does not evict them for this very
+        request). When the tier is full the policy's victims are evicted
+        (``"removed"`` events). When nothing is evictable (all pinned or
+        pending) the remaining keys get no slot and each counts as a refusal.
+
+        Returns
+        -------
+        list[tuple[bytes, int]]
+            ``(key, slot)`` of each new pending page, in ``keys`` order; pass
+            the keys to :meth:`commit` once written, or :meth:`remove` to give
+            the slots back.
+        """
+        t = self._tier(tier)
+        wanted: list[bytes] = []
+        for key in dict.fromkeys(keys):
+            entry = t.entries.get(key)
+            if entry is None:
+                wanted.append(key)
+            elif entry.stored and entry.pins == 0:
+                t.policy.touch(key)
+        out: list[tuple[bytes, int]] = []
+        for i, key in enumerate(wanted):
+            slot = t.slots.alloc()
+            if slot is None and self._evict_one(t):
+                slot = t.slots.alloc()
+            if slot is None:
+                t.refusals += len(wanted) - i
+                break
+            t.entries[key] = _Entry(slot)
+            self.frequency.record(key)
+            out.append((key, slot))
+        return out
+
+    def commit(self, tier: str, keys: Iterable[bytes]) -> None:
+        """Mark pending pages stored (their bytes are written): visible and evictable."""
+        t = self._tier(tier)
+        for key in keys:
+            entry = self._entry(t, key)
+            if entry.stored:
+                raise ValueError(f"page {key.hex()} is already stored in tier {tier!r}")
+            entry.stored = True
+            t.num_stored += 1
+            if entry.pins == 0:
+                t.policy.add(key)
+            self._emit("stored", tier, key)
+
+    def pin(self, tier: str, keys: Iterable[bytes]) -> None:
+        """Keep pages in ``tier`` until :meth:`unpin`; pins count up."""
+        t = self._tier(tier)
+        for key in keys:
+            self._pin(t, key, self._entry(t, key))
+
+    def unpin(self, tier: str, keys: Iterable[bytes]) -> None:
+        """Release one pin of each page; a stored page with none left is evictable again."""
+        t = self._tier(tier)
+        for key in keys:
+            entry = self._entry(t, key)
+            if entry.pins == 0:
+                raise ValueError(f"page {key.hex()} in tier {tier!r} is not pinned")
+            entry.pins -= 1
+            if entry.pins == 0:
+                t.num_pinned -= 1
+                if entry.stored:
+                    t.policy.add(key)
+
+    def touch(self, keys: Iterable[bytes]) -> None:
+        """Count pages as used, in every tier that stores them (recency and frequency)."""
+        for key in keys:
+            self.frequency.record(key)
+            for t in self._tiers.values():
+                entry = t.entries.get(key)
+                if entry is not None and entry.stored and entry.pins == 0:
+                    t.policy.touch(key)
+
+    def remove(self, tier: str, keys: Iterable[bytes]) -> None:
+        """Drop pages from ``tier`` and free their slots.
+
+        A pending page is simply abandoned (its store failed or was cancelled);
+        a stored one emits ``"removed"``. Keys the tier does not hold are
+        ignored; pinned pages cannot be removed.
+        """
+        t = self._tier(tier)
+        for key in keys:
+            entry = t.entries.get(key)
+            if entry is None:
+                continue
+            if entry.pins:
+                raise ValueError(
+                    f"page {key.hex()} in tier {tier!r} has {entry.pins} pin(s): unpin it before removing"
+                )
+            self._drop(t, key, entry)
+
+    def evict(self, tier: str, n: int) -> int:
+        """Evict up to ``n`` pages of ``tier`` now; returns how many went."""
+        t = self._tier(tier)
+        done = 0
+        while done < n and self._evict_one(t):
+            done += 1
+        return done
+
+    def drain_events(self) -> list[IndexEvent]:
+        """Events since the last drain, oldest first (when no ``on_event`` is set)."""
+        events, self._events = self._events, []
+        return events
+
+    def stats(self) -> dict[str, TierStats]:
+        return {
+            name: TierStats(
+                capacity=t.slots.capacity,
+                stored=t.num_stored,
+                pending=len(t.entries) - t.num_stored,
+                pinned=t.num_pinned,
+                free=t.slots.num_free,
+                hits=t.hits,
+                evictions=t.evictions,
+                refusals=t.refusals,
+            )
+            for name, t in self._tiers.items()
+        }
+
+    # -- internals -------------------------------------------------------
+
+    def _entry(self, t: _Tier, key: bytes) -> _Entry:
+        entry = t.entries.get(key)
+        if entry is None:
+            raise ValueError(f"page {key.hex()} is not in tier {t.name!r}: allocate it first")
+        return entry
+
+    def _pin(self, t: _Tier, key: bytes, entry: _Entry) -> None:
+        if entry.pins == 0:
+            t.num_pinned += 1
+            t.policy.discard(key)
+        entry.pins += 1
+
+    def _evict_one(self, t: _Tier) -> bool:
+        key = t.policy.pop()
+        if key is None:
+            return False
+        t.evictions += 1
+        self._drop(t, key, t.entries[key])
+        return True
+
+    def _drop(self, t: _Tier, key: bytes, entry: _Entry) -> None:
+        del t.entries[key]
+        t.slots.free(entry.slot)
+        if entry.stored:
+            t.num_stored -= 1
+            t.policy.discard(key)
+            self._emit("removed", t.name, key)
+
+    def _emit(self, kind: Literal["stored", "removed"], tier: str, key: bytes) -> None:
+        event = IndexEvent(kind, tier, key)
+        if self._on_event is not None:
+            self._on_event(event)
+        else:
+            self._events.append(event)
