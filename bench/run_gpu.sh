@@ -17,15 +17,18 @@ if [[ $what == tests || $what == all ]]; then
   rc=${PIPESTATUS[0]}
 fi
 if [[ $what == bench || $what == all ]]; then
-  k() { local name=$1; shift; python3 -m dynkv.cli bench kernels --device cuda --json "$RES/$name.json" --plot "$RES/$name.png" "$@" 2>&1 | tee "$RES/$name.log"; }
-  k llama3-8b --preset llama3-8b --ctas 1,2,4,8,16,32
-  k llama3-8b-nhd --preset llama3-8b --layout LBNHC --ctas 8 --directions h2d,d2h
-  k llama3-70b-tp8 --preset llama3-70b-tp8 --ctas 4,8,16 --directions h2d,d2h,d2d
-  k deepseek-mla --preset deepseek-mla --ctas 4,8,16 --directions h2d,d2h,d2d
+  k() {
+    local name=$1; shift
+    python3 -m dynkv.cli bench kernels --device cuda --json "$RES/$name.json" --plot "$RES/$name.png" "$@" 2>&1 | tee "$RES/$name.log"
+    tar -czf "$OUT/results-$what.tar.gz" -C "$RES" .  # keep what finished if a later step runs out of time
+  }
+  k llama3-8b --preset llama3-8b --ctas 2,4,8,16,64,264 --backends kernel,dma,torch
+  k gemm --preset llama3-8b --gemm --directions h2d --backends kernel,dma --ctas 2,4,8 --launch-bytes 0,2M,8M
   k tiles --preset llama3-8b --tile-sweep --directions h2d,d2h --backends kernel,dma --ctas 8
-  k gemm --preset llama3-8b --gemm --directions h2d --backends kernel --ctas 4,8
+  k llama3-70b-tp8 --preset llama3-70b-tp8 --ctas 4,8,264 --directions h2d,d2h,d2d --backends kernel,dma,torch
+  k deepseek-mla --preset deepseek-mla --ctas 4,8,264 --directions h2d,d2h,d2d --backends kernel,dma,torch
+  k llama3-8b-nhd --preset llama3-8b --layout LBNHC --ctas 8 --directions h2d,d2h --backends kernel,dma_loop,torch
   k pool --preset llama3-8b --host-pool 64 --directions h2d --backends kernel --ctas 8
-  python3 -m pytest bench -m gpu -q -p no:cacheprovider --benchmark-json "$RES/pytest-bench.json" 2>&1 | tee "$RES/pytest-bench.log"
 fi
 tar -czf "$OUT/results-$what.tar.gz" -C "$RES" .
 grep -hE "^\|| passed| failed|error" "$RES"/*.log | tail -150 > "$OUT/summary-$what.txt" || true

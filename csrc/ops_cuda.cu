@@ -28,9 +28,13 @@ constexpr int kDefaultCtas = 8;
 constexpr int kDefaultThreads = 512;
 
 template <int V, class Src, class Dst>
-void launch_v(const Transfer<Src, Dst>& t, int ctas, int threads, cudaStream_t stream) {
-  copy_tiles_kernel<V, Src, Dst><<<ctas, threads, 0, stream>>>(t.src, t.dst, t.space, t.tile_bytes);
-  DYNKV_CUDA_CHECK(cudaGetLastError());
+void launch_v(const Transfer<Src, Dst>& t, int ctas, int threads, int64_t per_launch, cudaStream_t stream) {
+  const int64_t ntiles = t.space.num_tiles();
+  for (int64_t first = 0; first < ntiles; first += per_launch) {
+    const int64_t end = std::min(ntiles, first + per_launch);
+    copy_tiles_kernel<V, Src, Dst><<<ctas, threads, 0, stream>>>(t.src, t.dst, t.space, t.tile_bytes, first, end);
+    DYNKV_CUDA_CHECK(cudaGetLastError());
+  }
 }
 
 }  // namespace
@@ -43,15 +47,18 @@ void launch_kernel(const Transfer<Src, Dst>& t, const ExecConfig& cfg) {
   DYNKV_CHECK(threads % 32 == 0 && threads >= 32 && threads <= 1024, "threads=", threads,
               " per CTA is not valid: expected a multiple of 32 in [32, 1024]");
   const int warps = threads / 32;
-  const int64_t wanted = (ntiles + warps - 1) / warps;
+  DYNKV_CHECK(cfg.launch_bytes >= 0, "launch_bytes=", cfg.launch_bytes, " is negative");
+  const int64_t per_launch =
+      cfg.launch_bytes > 0 ? std::max<int64_t>(1, cfg.launch_bytes / t.tile_bytes) : ntiles;
+  const int64_t wanted = (std::min(ntiles, per_launch) + warps - 1) / warps;
   const int ctas = static_cast<int>(std::min<int64_t>(cfg.num_ctas > 0 ? cfg.num_ctas : kDefaultCtas, wanted));
   auto stream = reinterpret_cast<cudaStream_t>(cfg.stream);
   switch (t.align) {
-    case 16: launch_v<16>(t, ctas, threads, stream); break;
-    case 8: launch_v<8>(t, ctas, threads, stream); break;
-    case 4: launch_v<4>(t, ctas, threads, stream); break;
-    case 2: launch_v<2>(t, ctas, threads, stream); break;
-    default: launch_v<1>(t, ctas, threads, stream); break;
+    case 16: launch_v<16>(t, ctas, threads, per_launch, stream); break;
+    case 8: launch_v<8>(t, ctas, threads, per_launch, stream); break;
+    case 4: launch_v<4>(t, ctas, threads, per_launch, stream); break;
+    case 2: launch_v<2>(t, ctas, threads, per_launch, stream); break;
+    default: launch_v<1>(t, ctas, threads, per_launch, stream); break;
   }
 }
 

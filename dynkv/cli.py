@@ -63,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("env", help="versions, CUDA ops compiled in, GPUs seen")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=_cmd_env)
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    from dynkv import bench_kernels
+
+    k = bsub.add_parser(
+        "kernels",
+        help="copy-kernel GB/s vs contiguous memcpy: table, JSON, PNG",
+        description=bench_kernels.DESCRIPTION,
+    )
+    bench_kernels.add_arguments(k)
+    k.set_defaults(func=bench_kernels.run_from_args)
     return p
 
 

@@ -20,6 +20,7 @@ raises ``ValueError`` naming the problem before any byte moves.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -39,6 +40,7 @@ __all__ = [
     "PageBuffer",
     "Tuning",
     "copy_blocks",
+    "chunk_for",
     "cuda_compiled",
     "gather",
     "get_tuning",
@@ -68,7 +70,9 @@ class Tuning:
 
     ``ctas``: CTAs of the copy kernel (small, so copies leave the SMs to
     attention and GEMMs; PCIe saturates with 4 to 8 on an H200; 0 means two
-    per SM, for device-to-device copies that are bound by HBM); ``threads``: threads per CTA; ``dma_min_run``: in
+    per SM, for device-to-device copies that are bound by HBM); ``launch_bytes``:
+    split kernel transfers into launches of about this size (0: one launch),
+    so a GEMM launched meanwhile waits at most one launch for its SMs; ``threads``: threads per CTA; ``dma_min_run``: in
     ``auto``, transfers whose average contiguous run reaches this many bytes go
     to the copy engines instead (0: never).
     """
@@ -76,6 +80,7 @@ class Tuning:
     ctas: dict[str, int]
     threads: int = 512
     dma_min_run: dict[str, int] | None = None
+    launch_bytes: int = 0
 
     def for_direction(self, d: Direction) -> tuple[int, int, int]:
         runs = self.dma_min_run or {}
@@ -135,6 +140,21 @@ class HostPool:
         return cls(_C.HostPool.create(name or "", int(nbytes), _want_pin(pin), chunk_bytes, _pool_threads(threads)))
 
     @classmethod
+    def for_pages(
+        cls,
+        geometry: PageGeometry,
+        num_pages: int,
+        *,
+        name: str | None = None,
+        pin: bool | None = None,
+        page_stride: int | None = None,
+        threads: int | None = None,
+    ) -> HostPool:
+        """A pool for ``num_pages`` pages whose pinned chunks hold whole pages."""
+        stride = page_stride or geometry.page_bytes
+        return cls.create(num_pages * stride, name=name, pin=pin, chunk_bytes=chunk_for(stride), threads=threads)
+
+    @classmethod
     def attach(
         cls, name: str, *, pin: bool | None = None, chunk_bytes: int = 256 << 20, threads: int | None = None
     ) -> HostPool:
@@ -161,6 +181,10 @@ class HostPool:
     def pinned(self) -> bool:
         return bool(self._h.pinned)
 
+    @property
+    def chunk_bytes(self) -> int:
+        return int(self._h.chunk_bytes)
+
     def as_tensor(self) -> torch.Tensor:
         """The pool as a flat uint8 CPU tensor (shares memory; keeps the pool alive)."""
         import ctypes
@@ -182,6 +206,12 @@ class HostPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def chunk_for(page_stride: int, target: int = 256 << 20) -> int:
+    """Pinning chunk near ``target`` bytes holding whole pages (and whole OS pages)."""
+    unit = math.lcm(page_stride, 4096)
+    return unit * max(1, target // unit)
 
 
 def _want_pin(pin: bool | None) -> bool:
@@ -252,6 +282,13 @@ class PageBuffer:
         if n > fit:
             raise ValueError(f"page buffer too small: {n} pages of {stride} bytes need {n * stride} bytes "
                              f"but the pool has {pool.nbytes - offset} past offset {offset}")
+        chunk = pool.chunk_bytes
+        if pool.pinned and pool.nbytes > chunk and (chunk % stride or (offset % chunk) % stride):
+            # The copy engines refuse a copy that spans two registrations.
+            raise ValueError(
+                f"pages of {stride} bytes at offset {offset} would straddle the pool's {chunk}-byte pinned "
+                "chunks: create the pool with HostPool.for_pages, or chunk_bytes=dynkv.ops.chunk_for(page_stride)"
+            )
         c = _C.make_pages(geometry.c, pool.ptr + offset, n, stride)
         return cls(geometry, c, torch.device("cpu"), pool.pinned, pool)
 
@@ -294,6 +331,7 @@ def _exec(
             threads=threads or tpb,
             stream=_stream_handle(stream, gpu),
             dma_min_run=dma_min_run,
+            launch_bytes=_TUNING.launch_bytes,
         ),
         gpu.index if gpu.index is not None else 0,
     )

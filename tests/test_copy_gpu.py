@@ -204,6 +204,31 @@ def test_kernel_grid_stride_and_thread_counts(rng, side_stream):
         )
 
 
+@pytest.mark.parametrize("launch_bytes", [1, 3000, 1 << 16])
+def test_split_launches_copy_exactly(rng, side_stream, monkeypatch, launch_bytes):
+    """Transfers split into many short launches (down to one tile each) move the same bytes."""
+    monkeypatch.setattr(ops, "_TUNING", replace(ops.get_tuning(), launch_bytes=launch_bytes))
+    for where in ("pinned", "device"):
+        check_gather_scatter(
+            rng, SHAPES[0], dims="LBNHC", form="layers", dtype=torch.bfloat16, tp=(2, 1), device=CUDA,
+            page_maker=PAGES[where], sync=sync, backend="kernel", num_layers=4, num_blocks=24, num_pages=20,
+            entries=16,
+        )
+
+
+def test_pool_pages_must_not_straddle_pinned_chunks():
+    geom = dynkv.PageGeometry.for_model(num_layers=5, num_kv_heads=3, head_size=64, block_size=16, elem_bytes=2)
+    pool = dynkv.HostPool.create(8 * 4096 * 10, pin=True, chunk_bytes=4 * 4096)
+    try:
+        with pytest.raises(ValueError, match="would straddle the pool's 16384-byte pinned chunks"):
+            dynkv.PageBuffer.from_pool(geom, pool)
+    finally:
+        pool.close()
+    with dynkv.HostPool.for_pages(geom, 300, pin=True) as pool:
+        assert pool.chunk_bytes % geom.page_bytes == 0 and pool.chunk_bytes % 4096 == 0
+        assert dynkv.PageBuffer.from_pool(geom, pool).num_pages == 300
+
+
 def test_auto_picks_dma_for_long_runs(rng, side_stream, monkeypatch):
     """With dma_min_run set, "auto" sends long contiguous runs to the copy engines; the bytes are the same."""
     assert dynkv._C.resolve_backend(dynkv._C.ExecConfig(dma_min_run=1024), 4096) == dynkv._C.Backend.DMA_BATCH

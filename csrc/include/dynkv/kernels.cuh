@@ -46,16 +46,16 @@ constexpr int kUnroll = 4;
 template <int V, class Src, class Dst>
 __global__ void __launch_bounds__(1024) copy_tiles_kernel(const Src src, const Dst dst,
                                                           const TileSpace space,
-                                                          const int64_t tile_bytes) {
+                                                          const int64_t tile_bytes,
+                                                          const int64_t first_tile,
+                                                          const int64_t end_tile) {
   using T = typename VecType<V>::type;
   const int lane = threadIdx.x & 31;
   const int64_t warps_per_cta = blockDim.x >> 5;
-  const int64_t first = blockIdx.x * warps_per_cta + (threadIdx.x >> 5);
   const int64_t stride = gridDim.x * warps_per_cta;
   const int64_t nvec = tile_bytes / V;
-  const int64_t ntiles = space.num_tiles();
   const bool flat = src.contiguous() && dst.contiguous();
-  for (int64_t t = first; t < ntiles; t += stride) {
+  for (int64_t t = first_tile + blockIdx.x * warps_per_cta + (threadIdx.x >> 5); t < end_tile; t += stride) {
     int64_t e, h, l;
     space.decompose(t, e, h, l);
     const uint64_t sb = src.tile(e, h, l);

@@ -19,6 +19,10 @@ struct ExecConfig {
   uint64_t stream = 0;  // cudaStream_t as an integer (0: legacy default stream)
   // Auto picks DMA when the average contiguous run is at least this long.
   int64_t dma_min_run = 0;
+  // Kernel path: split a transfer into launches of about this many bytes
+  // (0: one launch). Short launches let a GEMM launched meanwhile get its
+  // SMs back within one launch instead of waiting for the whole transfer.
+  int64_t launch_bytes = 0;
 };
 
 // One contiguous copy.
