@@ -80,6 +80,13 @@ int64_t first_entry_avg_run(const Transfer<Src, Dst>& t) {
   return total / static_cast<int64_t>(runs.size());
 }
 
+void check_launch(const ExecConfig& cfg) {
+  DYNKV_CHECK(cfg.threads == 0 || (cfg.threads % 32 == 0 && cfg.threads >= 32 && cfg.threads <= 1024),
+              "threads=", cfg.threads, " per CTA is not valid: expected a multiple of 32 in [32, 1024]");
+  DYNKV_CHECK(cfg.num_ctas >= 0, "num_ctas=", cfg.num_ctas, " is negative");
+  DYNKV_CHECK(cfg.launch_bytes >= 0, "launch_bytes=", cfg.launch_bytes, " is negative");
+}
+
 template <class Src, class Dst>
 void dispatch(Transfer<Src, Dst> t, const ExecConfig& cfg, int device, const int64_t* src_dev,
               const int64_t* dst_dev) {
@@ -88,6 +95,7 @@ void dispatch(Transfer<Src, Dst> t, const ExecConfig& cfg, int device, const int
     run_cpu(plan_runs(t), cfg.threads);
     return;
   }
+  check_launch(cfg);
   cuda_set_device(device);
   const Backend b = resolve_backend(cfg, cfg.backend == Backend::Auto ? first_entry_avg_run(t) : 0);
   if (b == Backend::DmaBatch || b == Backend::DmaLoop) {

@@ -43,11 +43,9 @@ template <class Src, class Dst>
 void launch_kernel(const Transfer<Src, Dst>& t, const ExecConfig& cfg) {
   const int64_t ntiles = t.space.num_tiles();
   if (ntiles == 0) return;
+  // ops.cpp checked the launch configuration (check_launch).
   const int threads = cfg.threads > 0 ? cfg.threads : kDefaultThreads;
-  DYNKV_CHECK(threads % 32 == 0 && threads >= 32 && threads <= 1024, "threads=", threads,
-              " per CTA is not valid: expected a multiple of 32 in [32, 1024]");
   const int warps = threads / 32;
-  DYNKV_CHECK(cfg.launch_bytes >= 0, "launch_bytes=", cfg.launch_bytes, " is negative");
   const int64_t per_launch =
       cfg.launch_bytes > 0 ? std::max<int64_t>(1, cfg.launch_bytes / t.tile_bytes) : ntiles;
   const int64_t wanted = (std::min(ntiles, per_launch) + warps - 1) / warps;
