@@ -29,11 +29,18 @@ IdList id_list(const I64Array& a, uint64_t device_ptr, const char* what) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dynkv copy engine: paged KV blocks <-> TP-agnostic pages (CPU and CUDA)";
 
-  py::register_exception_translator([](std::exception_ptr p) {
+  // Module-local, and handling every std::exception itself: the global
+  // translator chain lives in pybind11 internals shared with other extensions
+  // (torch's), whose pybind11 may differ from ours.
+  py::register_local_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const InvalidArgument& e) {
       PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const std::bad_alloc&) {
+      PyErr_SetString(PyExc_MemoryError, "out of memory");
+    } catch (const std::exception& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
     }
   });
 
