@@ -8,6 +8,11 @@ what=${1:-all}
 OUT=${OUT:-bench/results/gpu}
 RES=$(mktemp -d)
 mkdir -p "$OUT"
+# The image's default g++ (a wrapper under /opt/gcc) has no shared libstdc++;
+# CMakeLists.txt refuses it, so build with the system one.
+if [[ "$(${CXX:-g++} -print-file-name=libstdc++.so)" != /* && -x /usr/bin/g++ ]]; then
+  export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
+fi
 export DYNKV_CUDA=ON DYNKV_CUDA_ARCHS=${DYNKV_CUDA_ARCHS:-90} PYTHONUNBUFFERED=1
 python3 -m pip install --no-build-isolation --no-deps -q -e . || exit 1
 python3 -m dynkv.cli env | tee "$RES/env.txt"
