@@ -61,6 +61,14 @@ class SlotAllocator:
         self._used[slot] = 1
         return slot
 
+    def take(self, slots: Iterable[int]) -> None:
+        """Claim particular free slots (pages found on disk after a restart); one pass over the free list."""
+        for slot in slots:
+            if not 0 <= slot < self.capacity or self._used[slot]:
+                raise ValueError(f"slot {slot} is not free (capacity {self.capacity})")
+            self._used[slot] = 1
+        self._free = [s for s in self._free if not self._used[s]]
+
     def free(self, slot: int) -> None:
         if not 0 <= slot < self.capacity or not self._used[slot]:
             raise ValueError(f"slot {slot} is not in use (capacity {self.capacity}): double free?")
@@ -442,6 +450,28 @@ class PageIndex:
             self.frequency.record(key)
             out.append((key, slot))
         return out
+
+    def adopt(self, tier: str, pages: Iterable[tuple[bytes, int]]) -> int:
+        """Index pages already present in given slots (a disk tier after a restart).
+
+        Each ``(key, slot)`` becomes stored, as if allocated and committed;
+        a key already indexed or a slot already taken is skipped. Returns how
+        many pages were adopted.
+        """
+        t = self._tier(tier)
+        taken: dict[int, bytes] = {}
+        seen: set[bytes] = set()
+        for key, slot in pages:
+            if key in t.entries or key in seen or slot in taken or not 0 <= slot < t.slots.capacity:
+                continue
+            if not t.slots.in_use(slot):
+                taken[slot] = key
+                seen.add(key)
+        t.slots.take(taken)
+        for slot, key in taken.items():
+            t.entries[key] = _Entry(slot)
+        self.commit(tier, taken.values())
+        return len(taken)
 
     def commit(self, tier: str, keys: Iterable[bytes]) -> None:
         """Mark pending pages stored (their bytes are written): visible and evictable."""

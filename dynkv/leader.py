@@ -1,0 +1,525 @@
+"""The leader: what lives where, and each step's plan for the workers.
+
+One leader per engine, in vLLM's scheduler process. It owns the page index,
+the host tier (a shared-memory pool the TP ranks attach by name) and the disk
+tier, and it never blocks its caller on I/O: disk reads and writes run on the
+disk tier's threads and their completions are picked up at the next call.
+
+Flow of a page::
+
+    store(): device block --(workers, after the forward)--> pending host slot
+    update(): all ranks done -> host page committed; if the frequency filter
+              admits it, written through to disk (host page pinned meanwhile)
+    lookup(): longest prefix over host then disk, pinned
+    begin_load(): disk pages are read into fresh host slots first; the load
+              job goes out once every page is on the host (or has failed)
+    update(): all ranks loaded -> pins released
+
+A page whose disk read fails its checks is dropped from the disk tier and its
+block is reported as a load error, so vLLM recomputes it: never wrong KV.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from dynkv.config import DynKVConfig
+from dynkv.index import IndexEvent, PageIndex
+from dynkv.keys import ModelFingerprint
+from dynkv.layout import PageGeometry
+from dynkv.metrics import Metrics
+from dynkv.ops import HostPool
+from dynkv.protocol import PAGE_ALIGN, LoadOp, StepPlan, StoreOp, WorkerReport, page_stride, pool_name_for
+
+__all__ = ["Leader"]
+
+log = logging.getLogger("dynkv.leader")
+
+HOST, DISK = "host", "disk"
+# Disk writes in flight per I/O thread before write-through is skipped (and counted).
+_WRITES_PER_THREAD = 16
+
+
+@dataclass
+class _Load:
+    job: int
+    req_id: str
+    block_ids: list[int]
+    slots: list[int | None]
+    host_keys: list[bytes] = field(default_factory=list)  # pinned in the host tier while loading
+    failed: list[int] = field(default_factory=list)
+    waiting: int = 0  # disk reads outstanding
+    cancelled: bool = False
+
+
+@dataclass
+class _Store:
+    job: int
+    req_id: str
+    keys: list[bytes]
+    block_ids: list[int]
+    slots: list[int]
+
+
+@dataclass
+class _Request:
+    match: list[tuple[str, int, bytes]] = field(default_factory=list)  # pinned by lookup, not yet loading
+    looked_up: bool = False
+    load: _Load | None = None
+    stores: set[int] = field(default_factory=set)
+    finished: bool = False
+
+
+@dataclass
+class _Acks:
+    done: int = 0
+    failed: int = 0
+
+
+def _host_pages(config: DynKVConfig, stride: int) -> int:
+    if config.host_pages is not None:
+        return config.host_pages
+    n = int(config.host_gb * (1 << 30)) // stride
+    if n < 1:
+        raise ValueError(
+            f"dynkv config host_gb={config.host_gb:g} holds no page of {stride} bytes: "
+            "give at least one page's worth, or host_pages"
+        )
+    return n
+
+
+class Leader:
+    """Page index, host and disk tiers, and the per-step plan of one engine.
+
+    Parameters
+    ----------
+    config
+        The engine's dynkv settings.
+    geometry
+        Page geometry of the whole model (all KV heads).
+    fingerprint
+        The model's fingerprint: seeds keys and names the disk files.
+    world_size
+        TP ranks; a job completes when each has reported it.
+    engine_id
+        Names the host pool (``pool_name``) the workers attach.
+    metrics
+        Where to count; default a fresh :class:`Metrics`.
+
+    Raises
+    ------
+    ValueError
+        Bad sizes, ``/dev/shm`` too small for the host tier, or an unusable
+        disk path; the message names the setting.
+    """
+
+    def __init__(
+        self,
+        config: DynKVConfig,
+        geometry: PageGeometry,
+        fingerprint: ModelFingerprint,
+        *,
+        world_size: int = 1,
+        engine_id: str = "dynkv",
+        metrics: Metrics | None = None,
+    ) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size={world_size}: expected >= 1")
+        self.config = config
+        self.geometry = geometry
+        self.fingerprint = fingerprint
+        self.world_size = world_size
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.page_stride = page_stride(geometry)
+        self.num_host_pages = _host_pages(config, self.page_stride)
+        self.pool_name = pool_name_for(engine_id, fingerprint)
+        HostPool.unlink(self.pool_name)  # left by an engine that was killed
+        # The leader never copies device memory, so it does not pin; each worker pins when it attaches.
+        self.pool = HostPool.for_pages(
+            geometry, self.num_host_pages, name=self.pool_name, pin=False, page_stride=self.page_stride
+        )
+        self._host = memoryview(self.pool.as_tensor().numpy())
+        self.disk: Any = None
+        tiers = {HOST: self.num_host_pages}
+        if config.disk_gb > 0:
+            from dynkv.disk import DiskTier
+
+            record = PAGE_ALIGN + self.page_stride
+            num_disk = int(config.disk_gb * (1 << 30)) // record
+            if num_disk < 1:
+                raise ValueError(f"dynkv config disk_gb={config.disk_gb:g} holds no page of {record} bytes")
+            self.disk = DiskTier(
+                config.disk_paths,
+                num_disk,
+                geometry.page_bytes,
+                fingerprint=fingerprint.digest(),
+                direct_io=config.disk_direct_io,
+                io_threads=config.io_threads,
+            )
+            tiers[DISK] = self.disk.num_pages
+        self.index = PageIndex(tiers, policy=config.eviction, admit_min_hits=config.disk_admit_min_hits)
+        if self.disk is not None:
+            found = self.disk.recover()
+            adopted = self.index.adopt(DISK, ((key, slot) for slot, key in found))
+            log.info("disk tier: %d pages found under %s", adopted, ", ".join(config.disk_paths))
+        self._events: list[IndexEvent] = []
+        self._jobs = itertools.count(1)
+        self._reqs: dict[str, _Request] = {}
+        self._ready: list[_Load] = []
+        self._promoting: dict[int, _Load] = {}
+        self._stores: list[_Store] = []
+        self._finished: list[str] = []
+        self._inflight: dict[int, _Load | _Store] = {}
+        self._acks: dict[int, _Acks] = {}
+        self._io: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._writes = 0
+        self._max_writes = _WRITES_PER_THREAD * config.io_threads
+        for tier, cap in tiers.items():
+            self.metrics.capacity.labels(tier).set(cap)
+        if config.metrics_port is not None:
+            self.metrics.serve(config.metrics_port)
+
+    # -- scheduler-facing calls --------------------------------------------
+
+    def lookup(self, req_id: str, keys: Sequence[bytes], num_computed_blocks: int = 0) -> int:
+        """Blocks after the first ``num_computed_blocks`` that dynkv can load.
+
+        The matched pages are pinned until :meth:`begin_load` or
+        :meth:`request_finished`; a repeated lookup for the same request
+        replaces the previous one.
+        """
+        self._drain_io()
+        req = self._reqs.setdefault(req_id, _Request())
+        self._release_match(req)
+        todo = list(keys[num_computed_blocks:])
+        m = self.index.lookup(todo, pin=True)
+        req.match = [(tier, slot, key) for (tier, slot), key in zip(m.locations, todo)]
+        if not req.looked_up:
+            req.looked_up = True
+            self.metrics.hits.labels("device").inc(num_computed_blocks)
+            self.metrics.misses.inc(len(todo) - m.num_keys)
+        return m.num_keys
+
+    def begin_load(self, req_id: str, block_ids: Sequence[int]) -> None:
+        """Load the request's matched pages into ``block_ids`` (its first ``len(block_ids)`` matches)."""
+        req = self._reqs.get(req_id)
+        if req is None or len(block_ids) > len(req.match):
+            have = 0 if req is None else len(req.match)
+            raise ValueError(f"request {req_id!r}: {len(block_ids)} blocks to load but {have} pages were matched")
+        if req.load is not None:
+            raise ValueError(f"request {req_id!r} is already loading (job {req.load.job})")
+        use, rest = req.match[: len(block_ids)], req.match[len(block_ids) :]
+        req.match = rest
+        self._release_match(req)
+        if not use:
+            return
+        load = _Load(next(self._jobs), req_id, [int(b) for b in block_ids], [None] * len(use))
+        req.load = load
+        for i, (tier, slot, key) in enumerate(use):
+            self.metrics.hits.labels(tier).inc()
+            if tier == HOST:
+                load.slots[i] = slot
+                load.host_keys.append(key)
+            else:
+                self._promote(load, i, slot, key)
+        if load.waiting:
+            self._promoting[load.job] = load
+        else:
+            self._ready.append(load)
+
+    def store(self, req_id: str, keys: Sequence[bytes], block_ids: Sequence[int]) -> int:
+        """Offload full blocks ``block_ids`` (with page ``keys``) to the host tier.
+
+        Pages the host tier already holds are skipped; when it is full of
+        pinned or pending pages the rest are refused (counted). Returns how
+        many pages will be stored.
+        """
+        if len(keys) != len(block_ids):
+            raise ValueError(f"store for {req_id!r}: {len(keys)} keys but {len(block_ids)} blocks")
+        self._drain_io()
+        before = self.index.stats()[HOST]
+        got = dict(self.index.allocate(HOST, keys))
+        after = self.index.stats()[HOST]
+        self.metrics.evictions.labels(HOST).inc(after.evictions - before.evictions)
+        self.metrics.refused.labels(HOST, "full").inc(after.refusals - before.refusals)
+        if not got:
+            return 0
+        st = _Store(next(self._jobs), req_id, [], [], [])
+        for key, block in zip(keys, block_ids):
+            slot = got.pop(key, None)
+            if slot is not None:
+                st.keys.append(key)
+                st.block_ids.append(int(block))
+                st.slots.append(slot)
+        self._stores.append(st)
+        self._reqs.setdefault(req_id, _Request()).stores.add(st.job)
+        return len(st.keys)
+
+    def request_finished(self, req_id: str) -> bool:
+        """vLLM finished the request; True while its stores are in flight (delay freeing its blocks)."""
+        self._drain_io()
+        req = self._reqs.get(req_id)
+        if req is None:
+            return False
+        self._release_match(req)
+        req.finished = True
+        if req.load is not None and req.load.job in self._promoting:
+            req.load.cancelled = True
+        if req.stores:
+            self._finished.append(req_id)
+            return True
+        self._forget(req_id, req)
+        return False
+
+    def build_plan(self) -> StepPlan:
+        """This step's loads (pages all on the host), stores, and finished requests."""
+        self._drain_io()
+        plan = StepPlan(finished=self._finished)
+        self._finished = []
+        for load in self._ready:
+            if load.cancelled:
+                self._end_load(load)
+                continue
+            pairs = [(b, s) for b, s in zip(load.block_ids, load.slots) if s is not None]
+            plan.loads.append(
+                LoadOp(load.job, load.req_id, tuple(b for b, _ in pairs), tuple(s for _, s in pairs), tuple(load.failed))
+            )
+            self._inflight[load.job] = load
+        self._ready = []
+        for st in self._stores:
+            plan.stores.append(StoreOp(st.job, st.req_id, tuple(st.block_ids), tuple(st.slots)))
+            self._inflight[st.job] = st
+        self._stores = []
+        self._update_gauges()
+        return plan
+
+    def update(self, report: WorkerReport) -> None:
+        """Take the workers' (merged) report: complete jobs every rank has finished."""
+        self._drain_io()
+        for counts, failed in ((report.done, False), (report.failed, True)):
+            for job, n in counts.items():
+                if job not in self._inflight:
+                    continue
+                acks = self._acks.setdefault(job, _Acks())
+                if failed:
+                    acks.failed += n
+                else:
+                    acks.done += n
+                if acks.done + acks.failed >= self.world_size:
+                    del self._acks[job]
+                    self._complete(self._inflight.pop(job), acks.failed > 0)
+        for direction, (nbytes, seconds) in report.moved.items():
+            self.metrics.bytes.labels(direction).inc(nbytes)
+            self.metrics.latency.labels(direction).observe(seconds)
+
+    def fail_inflight(self) -> set[int]:
+        """Give up on every job sent to workers (a worker died): returns the blocks whose loads failed."""
+        failed: set[int] = set()
+        for job in list(self._inflight):
+            op = self._inflight.pop(job)
+            self._acks.pop(job, None)
+            if isinstance(op, _Load):
+                failed.update(op.block_ids)
+            self._complete(op, True)
+        return failed
+
+    # -- tiers ---------------------------------------------------------------
+
+    def reset(self) -> int:
+        """Drop every unpinned page of every tier (vLLM's ``reset_cache``); returns how many went."""
+        self._drain_io()
+        n = 0
+        for tier in self.index.tiers:
+            idle = [k for k in self.index.keys(tier) if self.index.pins(k, tier) == 0]
+            self.index.remove(tier, idle)
+            n += len(idle)
+        if self.disk is not None and self.index.stats()[DISK].stored == 0:
+            self.disk.clear()
+        return n
+
+    def take_events(self) -> list[IndexEvent]:
+        """Stored/removed events since the last call (for KV-aware routing)."""
+        return self.index.drain_events()
+
+    def stats(self) -> dict[str, Any]:
+        """Tier occupancy and counters, JSON-able."""
+        self._drain_io()
+        out: dict[str, Any] = {t: vars(s) for t, s in self.index.stats().items()}
+        out["requests"] = len(self._reqs)
+        out["jobs_in_flight"] = len(self._inflight)
+        out["disk_writes_in_flight"] = self._writes
+        return out
+
+    def idle(self) -> bool:
+        """No job queued, in flight, or waiting on disk I/O."""
+        self._drain_io()
+        return not (self._inflight or self._ready or self._stores or self._promoting or self._writes)
+
+    def close(self) -> None:
+        """Wait for disk I/O, then release the tiers (the host pool is unlinked)."""
+        if self.disk is not None:
+            self.disk.close()
+            self._drain_io()
+            self.disk = None
+        self._host = memoryview(b"")
+        self.pool.close()
+        HostPool.unlink(self.pool_name)
+
+    def __enter__(self) -> Leader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------
+
+    def _host_page(self, slot: int) -> memoryview:
+        off = slot * self.page_stride
+        return self._host[off : off + self.geometry.page_bytes]
+
+    def _release_match(self, req: _Request) -> None:
+        for tier, _, key in req.match:
+            self.index.unpin(tier, [key])
+        req.match = []
+
+    def _forget(self, req_id: str, req: _Request) -> None:
+        if req.load is None and not req.stores:
+            self._reqs.pop(req_id, None)
+
+    def _promote(self, load: _Load, i: int, disk_slot: int, key: bytes) -> None:
+        """Read a disk page into a new host slot; the load waits for it."""
+        host_slot = self.index.location(key, HOST)
+        if host_slot is not None:  # stored to the host tier since the lookup
+            self.index.pin(HOST, [key])
+            self.index.unpin(DISK, [key])
+            load.slots[i] = host_slot
+            load.host_keys.append(key)
+            return
+        got = self.index.allocate(HOST, [key])
+        if not got:
+            self.index.unpin(DISK, [key])
+            load.failed.append(load.block_ids[i])
+            self.metrics.load_errors.labels("host_full").inc()
+            return
+        host_slot = got[0][1]
+        load.waiting += 1
+        fut = self.disk.read(disk_slot, key, self._host_page(host_slot))
+        fut.add_done_callback(lambda f: self._io.put(("read", load, i, key, host_slot, f)))
+
+    def _spill(self, keys: Sequence[bytes]) -> None:
+        """Write committed host pages through to disk, as the frequency filter and back-pressure allow."""
+        if self.disk is None:
+            return
+        for key in keys:
+            if self.index.holds(key, DISK):
+                continue
+            if not self.index.admits(key):
+                self.metrics.refused.labels(DISK, "filter").inc()
+                continue
+            if self._writes >= self._max_writes:
+                self.metrics.refused.labels(DISK, "busy").inc()
+                continue
+            host_slot = self.index.location(key, HOST)
+            if host_slot is None:
+                continue
+            before = self.index.stats()[DISK].evictions
+            got = self.index.allocate(DISK, [key])
+            self.metrics.evictions.labels(DISK).inc(self.index.stats()[DISK].evictions - before)
+            if not got:
+                self.metrics.refused.labels(DISK, "full").inc()
+                continue
+            self.index.pin(HOST, [key])
+            self._writes += 1
+            fut = self.disk.write(got[0][1], key, self._host_page(host_slot))
+            fut.add_done_callback(lambda f, key=key: self._io.put(("write", key, f)))
+
+    def _drain_io(self) -> None:
+        while True:
+            try:
+                item = self._io.get_nowait()
+            except queue.Empty:
+                return
+            if item[0] == "read":
+                self._read_done(*item[1:])
+            else:
+                self._write_done(*item[1:])
+
+    def _read_done(self, load: _Load, i: int, key: bytes, host_slot: int, fut: Future[None]) -> None:
+        exc = fut.exception()
+        self.index.unpin(DISK, [key])
+        if exc is None:
+            self.index.commit(HOST, [key])
+            self.index.pin(HOST, [key])
+            load.slots[i] = host_slot
+            load.host_keys.append(key)
+            self.metrics.pages.labels("disk_to_host").inc()
+            self.metrics.bytes.labels("disk_to_host").inc(self.geometry.page_bytes)
+        else:
+            log.warning("disk page %s failed to load (%s); its block is recomputed", key.hex(), exc)
+            self.index.remove(HOST, [key])
+            if self.index.pins(key, DISK) == 0:
+                self.index.remove(DISK, [key])
+            load.failed.append(load.block_ids[i])
+            self.metrics.load_errors.labels("disk").inc()
+        load.waiting -= 1
+        if load.waiting == 0:
+            self._promoting.pop(load.job, None)
+            self._ready.append(load)
+
+    def _write_done(self, key: bytes, fut: Future[None]) -> None:
+        self._writes -= 1
+        self.index.unpin(HOST, [key])
+        exc = fut.exception()
+        if exc is None:
+            self.index.commit(DISK, [key])
+            self.metrics.pages.labels("host_to_disk").inc()
+            self.metrics.bytes.labels("host_to_disk").inc(self.geometry.page_bytes)
+        else:
+            log.warning("disk write of page %s failed (%s); the page stays on the host only", key.hex(), exc)
+            self.index.remove(DISK, [key])
+            self.metrics.store_errors.labels(DISK).inc()
+
+    def _complete(self, op: _Load | _Store, failed: bool) -> None:
+        if isinstance(op, _Load):
+            if failed:
+                self.metrics.load_errors.labels("worker").inc(len(op.block_ids))
+            else:
+                self.metrics.pages.labels("h2d").inc(len(op.host_keys))
+            self._end_load(op)
+            if not failed and self.disk is not None:
+                self._spill(op.host_keys)
+            return
+        if failed:
+            self.index.remove(HOST, op.keys)
+            self.metrics.store_errors.labels(HOST).inc(len(op.keys))
+        else:
+            self.index.commit(HOST, op.keys)
+            self.metrics.pages.labels("d2h").inc(len(op.keys))
+            self._spill(op.keys)
+        req = self._reqs.get(op.req_id)
+        if req is not None:
+            req.stores.discard(op.job)
+            if req.finished:
+                self._forget(op.req_id, req)
+
+    def _end_load(self, load: _Load) -> None:
+        self.index.unpin(HOST, load.host_keys)
+        load.host_keys = []
+        req = self._reqs.get(load.req_id)
+        if req is not None and req.load is load:
+            req.load = None
+            if req.finished:
+                self._forget(load.req_id, req)
+
+    def _update_gauges(self) -> None:
+        for tier, s in self.index.stats().items():
+            self.metrics.occupancy.labels(tier, "stored").set(s.stored)
+            self.metrics.occupancy.labels(tier, "pending").set(s.pending)
+            self.metrics.occupancy.labels(tier, "pinned").set(s.pinned)
+

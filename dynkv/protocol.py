@@ -1,0 +1,123 @@
+"""What the leader tells the workers each step, and what they report back.
+
+Small picklable dataclasses: in vLLM they ride inside the connector's
+per-step metadata (leader -> workers) and worker metadata (workers ->
+leader); in the test harness they go through pipes. A *job* is one op of one
+step on every TP rank; it is complete when each rank has reported it done or
+failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from dynkv.keys import ModelFingerprint
+from dynkv.layout import PageGeometry
+
+__all__ = [
+    "PAGE_ALIGN",
+    "LoadOp",
+    "StepPlan",
+    "StoreOp",
+    "WorkerReport",
+    "page_stride",
+    "pool_name_for",
+]
+
+# Pages start on 4 KiB boundaries: O_DIRECT disk I/O straight from the pool,
+# and whole OS pages per pinned chunk.
+PAGE_ALIGN = 4096
+
+
+def page_stride(geometry: PageGeometry) -> int:
+    """Bytes between consecutive pages of the host pool."""
+    return -(-geometry.page_bytes // PAGE_ALIGN) * PAGE_ALIGN
+
+
+def pool_name_for(engine_id: str, fingerprint: ModelFingerprint) -> str:
+    """Shared-memory name of an engine's host pool; the leader and its workers derive the same."""
+    tag = hashlib.blake2b(f"{engine_id}\0".encode() + fingerprint.digest(), digest_size=8).hexdigest()
+    return f"dynkv-{tag}"
+
+
+@dataclass(frozen=True)
+class LoadOp:
+    """Copy host pages ``slots[i]`` into device blocks ``block_ids[i]``.
+
+    ``failed`` lists further blocks of the same request that the leader could
+    not bring to the host tier (a disk page failed its checks): workers copy
+    nothing into them and report them as load errors, so vLLM recomputes.
+    """
+
+    job: int
+    req_id: str
+    block_ids: tuple[int, ...]
+    slots: tuple[int, ...]
+    failed: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.block_ids) != len(self.slots):
+            raise ValueError(f"load job {self.job}: {len(self.block_ids)} blocks but {len(self.slots)} slots")
+
+
+@dataclass(frozen=True)
+class StoreOp:
+    """Copy device blocks ``block_ids[i]`` into host pages ``slots[i]`` after this step's forward."""
+
+    job: int
+    req_id: str
+    block_ids: tuple[int, ...]
+    slots: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.block_ids) != len(self.slots):
+            raise ValueError(f"store job {self.job}: {len(self.block_ids)} blocks but {len(self.slots)} slots")
+
+
+@dataclass
+class StepPlan:
+    """One step's work for every worker.
+
+    ``finished`` names requests vLLM finished while their stores were in
+    flight: a worker reports each in ``finished_sending`` once its own stores
+    for it are done, and vLLM then frees the blocks.
+    """
+
+    loads: list[LoadOp] = field(default_factory=list)
+    stores: list[StoreOp] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not (self.loads or self.stores or self.finished)
+
+
+@dataclass
+class WorkerReport:
+    """Jobs that completed on one or more ranks since the last report.
+
+    ``done[job]`` and ``failed[job]`` count ranks; ``failed_blocks`` are the
+    device blocks whose loads failed (vLLM recomputes them); ``moved`` sums
+    ``direction -> (bytes, seconds)`` of finished copies, for metrics.
+    """
+
+    done: dict[int, int] = field(default_factory=dict)
+    failed: dict[int, int] = field(default_factory=dict)
+    failed_blocks: set[int] = field(default_factory=set)
+    moved: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    def merge(self, other: WorkerReport) -> WorkerReport:
+        """Sum of both reports (the ranks of one engine); neither input changes."""
+        out = WorkerReport(dict(self.done), dict(self.failed), set(self.failed_blocks), dict(self.moved))
+        for job, n in other.done.items():
+            out.done[job] = out.done.get(job, 0) + n
+        for job, n in other.failed.items():
+            out.failed[job] = out.failed.get(job, 0) + n
+        out.failed_blocks |= other.failed_blocks
+        for d, (b, s) in other.moved.items():
+            b0, s0 = out.moved.get(d, (0, 0.0))
+            out.moved[d] = (b0 + b, s0 + s)
+        return out
+
+    def is_empty(self) -> bool:
+        return not (self.done or self.failed or self.failed_blocks)

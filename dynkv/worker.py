@@ -1,0 +1,282 @@
+"""The worker: one per TP rank, moving its head slice between device blocks and host pages.
+
+It attaches the leader's shared host pool by name, runs loads (host -> device)
+as soon as a step's plan arrives and stores (device -> host) once the step's
+forward has written the blocks, each on its own CUDA stream (on CPU: its own
+thread), and reports finished and failed jobs without ever blocking on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from dynkv.config import DynKVConfig
+from dynkv.layout import PagedView
+from dynkv.ops import HostPool, PageBuffer, chunk_for, gather, scatter
+from dynkv.protocol import LoadOp, StepPlan, StoreOp, WorkerReport, page_stride
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("dynkv.worker")
+
+
+@dataclass
+class _Job:
+    job: int
+    req_id: str
+    kind: str  # "load" or "store"
+    block_ids: tuple[int, ...]
+    failed_blocks: tuple[int, ...]
+    nbytes: int
+    started: float
+    handle: Any  # Future (CPU) or (start, end) CUDA events
+    error: BaseException | None = None
+
+
+class Worker:
+    """Device side of one TP rank.
+
+    Parameters
+    ----------
+    config
+        The engine's dynkv settings (``init_timeout_s`` bounds the wait for
+        the host pool).
+    rank, world_size
+        This rank of the engine's TP group.
+    pool_name
+        The leader's host pool (:attr:`dynkv.leader.Leader.pool_name`).
+    """
+
+    def __init__(self, config: DynKVConfig, *, rank: int, world_size: int, pool_name: str) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} of {world_size}: expected 0 <= rank < world_size")
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.pool_name = pool_name
+        self.view: PagedView | None = None
+        self._pages: PageBuffer | None = None
+        self._stores_next: list[StoreOp] = []
+        self._jobs: list[_Job] = []
+        self._report = WorkerReport()
+        self._recving: set[str] = set()
+        self._sending: set[str] = set()
+        self._errors: set[int] = set()
+        self._finishing: set[str] = set()
+        self._lock = threading.Lock()
+        self._streams: tuple[Any, Any] | None = None
+        self._threads: tuple[ThreadPoolExecutor, ThreadPoolExecutor] | None = None
+        self._writes_pages = True
+
+    def register(self, view: PagedView) -> None:
+        """The rank's KV cache; the host pool is attached at the first plan (the leader creates it later)."""
+        self.view = view
+        g = view.geometry
+        # Replicated heads (MLA, or more ranks than KV heads): the first replica stores, all load.
+        replicas = max(1, self.world_size // g.num_heads) if view.num_heads < g.num_heads or g.num_heads == 1 else 1
+        self._writes_pages = self.rank % replicas == 0
+        if view.device.type == "cuda":
+            import torch
+
+            self._streams = (torch.cuda.Stream(view.device), torch.cuda.Stream(view.device))
+        else:
+            self._threads = (
+                ThreadPoolExecutor(1, thread_name_prefix=f"dynkv-load{self.rank}"),
+                ThreadPoolExecutor(1, thread_name_prefix=f"dynkv-store{self.rank}"),
+            )
+
+    # -- per step ------------------------------------------------------------
+
+    def start(self, plan: StepPlan) -> None:
+        """Launch the plan's loads now; keep its stores for :meth:`after_forward`."""
+        self._finishing.update(plan.finished)
+        self._stores_next = list(plan.stores)
+        for op in plan.loads:
+            self._launch_load(op)
+
+    def after_forward(self) -> None:
+        """Launch this step's stores: the forward has written their blocks."""
+        ops, self._stores_next = self._stores_next, []
+        for op in ops:
+            self._launch_store(op)
+
+    def poll(self) -> WorkerReport:
+        """Jobs this rank finished since the last call (never blocks)."""
+        self._collect()
+        report, self._report = self._report, WorkerReport()
+        return report
+
+    def finished(self) -> tuple[set[str], set[str]]:
+        """``(finished_sending, finished_recving)`` request ids since the last call, as vLLM expects."""
+        self._collect()
+        busy = {j.req_id for j in self._jobs if j.kind == "store"}
+        done = {r for r in self._finishing if r not in busy}
+        self._finishing -= done
+        sending, self._sending = self._sending | done, set()
+        recving, self._recving = self._recving, set()
+        return sending, recving
+
+    def load_error_blocks(self) -> set[int]:
+        """Device blocks whose load failed since the last call (vLLM recomputes them)."""
+        self._collect()
+        errors, self._errors = self._errors, set()
+        return errors
+
+    def wait(self, req_ids: Iterable[str] | None = None) -> None:
+        """Block until the jobs of ``req_ids`` (default all) are done: before vLLM reuses their blocks."""
+        wanted = None if req_ids is None else set(req_ids)
+        for job in list(self._jobs):
+            if wanted is None or job.req_id in wanted:
+                _wait(job)
+        self._collect()
+
+    def close(self) -> None:
+        """Finish outstanding jobs and detach from the host pool (the leader unlinks it)."""
+        self.wait()
+        if self._threads is not None:
+            for ex in self._threads:
+                ex.shutdown(wait=True)
+        if self._pages is not None:
+            pool = self._pages.owner
+            self._pages = None
+            pool.close()
+
+    # -- internals -------------------------------------------------------------
+
+    def _page_buffer(self) -> PageBuffer:
+        if self._pages is None:
+            if self.view is None:
+                raise RuntimeError("dynkv worker got a plan before register(): no KV cache to copy into")
+            stride = page_stride(self.view.geometry)
+            deadline = time.monotonic() + self.config.init_timeout_s
+            while True:
+                try:
+                    t0 = time.perf_counter()
+                    pool = HostPool.attach(self.pool_name, chunk_bytes=chunk_for(stride))
+                    break
+                except ValueError as e:
+                    if "does not exist" not in str(e) and "No such file" not in str(e):
+                        raise
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(
+                            f"dynkv worker {self.rank}: host pool {self.pool_name!r} did not appear within "
+                            f"init_timeout_s={self.config.init_timeout_s:g} s; is the leader running?"
+                        ) from e
+                    time.sleep(0.05)
+            log.info("rank %d attached host pool %s (%.1f GiB, pinned=%s) in %.2f s",
+                     self.rank, self.pool_name, pool.nbytes / 2**30, pool.pinned, time.perf_counter() - t0)
+            self._pages = PageBuffer.from_pool(self.view.geometry, pool, page_stride=stride)
+        return self._pages
+
+    def _slice_bytes(self, n: int) -> int:
+        assert self.view is not None
+        return n * self.view.num_heads * self.view.geometry.num_layers * self.view.geometry.tile_bytes
+
+    def _launch_load(self, op: LoadOp) -> None:
+        self._launch(op.job, op.req_id, "load", op.block_ids, op.failed,
+                     lambda pages, stream: scatter(pages, self.view, op.slots, op.block_ids, stream=stream))
+
+    def _launch_store(self, op: StoreOp) -> None:
+        if not self._writes_pages:
+            self._launch(op.job, op.req_id, "store", op.block_ids, (), None)
+            return
+        self._launch(op.job, op.req_id, "store", op.block_ids, (),
+                     lambda pages, stream: gather(self.view, pages, op.block_ids, op.slots, stream=stream))
+
+    def _launch(
+        self,
+        job: int,
+        req_id: str,
+        kind: str,
+        block_ids: tuple[int, ...],
+        failed: tuple[int, ...],
+        copy: Callable[[PageBuffer, Any], None] | None,
+    ) -> None:
+        nbytes = self._slice_bytes(len(block_ids)) if copy is not None else 0
+        rec = _Job(job, req_id, kind, block_ids, failed, nbytes, time.perf_counter(), None)
+        try:
+            if copy is None or not block_ids:
+                rec.handle = _done_future()
+            elif self._streams is not None:
+                rec.handle = self._launch_cuda(kind, copy)
+            else:
+                assert self._threads is not None
+                ex = self._threads[0 if kind == "load" else 1]
+                pages = self._page_buffer()
+                rec.handle = ex.submit(copy, pages, None)
+        except Exception as e:  # bad ids, missing pool: the job fails, the step goes on
+            log.error("rank %d: %s job %d failed to start: %s", self.rank, kind, job, e)
+            rec.handle, rec.error = _done_future(), e
+        self._jobs.append(rec)
+
+    def _launch_cuda(self, kind: str, copy: Callable[[PageBuffer, Any], None]) -> Any:
+        import torch
+
+        assert self._streams is not None and self.view is not None
+        stream = self._streams[0 if kind == "load" else 1]
+        if kind == "store":  # read the blocks only after the forward that wrote them
+            stream.wait_stream(torch.cuda.current_stream(self.view.device))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        pages = self._page_buffer()
+        with torch.cuda.stream(stream):
+            start.record(stream)
+            copy(pages, stream)
+            end.record(stream)
+        return start, end
+
+    def _collect(self) -> None:
+        with self._lock:
+            still: list[_Job] = []
+            for job in self._jobs:
+                if not _ready(job):
+                    still.append(job)
+                    continue
+                self._finish(job)
+            self._jobs = still
+
+    def _finish(self, job: _Job) -> None:
+        error, seconds = job.error, time.perf_counter() - job.started
+        if isinstance(job.handle, Future):
+            error = error or job.handle.exception()
+        elif isinstance(job.handle, tuple):
+            seconds = job.handle[0].elapsed_time(job.handle[1]) / 1e3
+        r = self._report
+        if error is None:
+            r.done[job.job] = r.done.get(job.job, 0) + 1
+            direction = "h2d" if job.kind == "load" else "d2h"
+            b, s = r.moved.get(direction, (0, 0.0))
+            if job.nbytes:
+                r.moved[direction] = (b + job.nbytes, s + seconds)
+        else:
+            log.error("rank %d: %s job %d failed: %s", self.rank, job.kind, job.job, error)
+            r.failed[job.job] = r.failed.get(job.job, 0) + 1
+        if job.kind == "load":
+            bad = set(job.failed_blocks) | (set(job.block_ids) if error is not None else set())
+            r.failed_blocks |= bad
+            self._errors |= bad
+            self._recving.add(job.req_id)
+
+
+def _done_future() -> Future[None]:
+    f: Future[None] = Future()
+    f.set_result(None)
+    return f
+
+
+def _ready(job: _Job) -> bool:
+    if isinstance(job.handle, Future):
+        return job.handle.done()
+    return bool(job.handle[1].query())
+
+
+def _wait(job: _Job) -> None:
+    if isinstance(job.handle, Future):
+        job.handle.exception()
+    else:
+        job.handle[1].synchronize()
