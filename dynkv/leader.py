@@ -487,13 +487,14 @@ class Leader:
 
     def _complete(self, op: _Load | _Store, failed: bool) -> None:
         if isinstance(op, _Load):
+            keys = op.host_keys
             if failed:
                 self.metrics.load_errors.labels("worker").inc(len(op.block_ids))
             else:
-                self.metrics.pages.labels("h2d").inc(len(op.host_keys))
+                self.metrics.pages.labels("h2d").inc(len(keys))
             self._end_load(op)
-            if not failed and self.disk is not None:
-                self._spill(op.host_keys)
+            if not failed:  # a hit may have lifted the pages over the disk tier's admission threshold
+                self._spill(keys)
             return
         if failed:
             self.index.remove(HOST, op.keys)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,13 +228,18 @@ class Engine:
             self.errors |= errors
         self.leader.update(merged)
 
-    def drain(self, max_steps: int = 1000) -> None:
-        """Step until the leader has nothing queued or in flight."""
-        for _ in range(max_steps):
-            if self.leader.idle():
-                return
+    def step_until(self, done: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+        """Step (as an idle engine would, a millisecond apart) until ``done()``."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} after {timeout} s: {self.leader.stats()}")
             self.step()
-        raise AssertionError(f"leader not idle after {max_steps} steps: {self.leader.stats()}")
+            time.sleep(0.001)  # copy threads get the GIL, as they do between real forward passes
+
+    def drain(self) -> None:
+        """Step until the leader has nothing queued or in flight."""
+        self.step_until(self.leader.idle, "leader not idle")
 
     def serve(self, req_id: str, tokens: Sequence[int], *, verify: bool = True, finish: bool = True) -> Served:
         """Run one request to completion the way vLLM would with dynkv attached."""
@@ -245,12 +251,7 @@ class Engine:
         self.leader.begin_load(req_id, blocks[:loaded])
         self.leader.store(req_id, keys[loaded:], blocks[loaded:])
         self.step(writes=list(zip(blocks[loaded:], keys[loaded:])))
-        for _ in range(1000):
-            if not loaded or self.recving.get(req_id, 0) == self.tp:
-                break
-            self.step()
-        else:
-            raise AssertionError(f"load of {req_id} never finished")
+        self.step_until(lambda: not loaded or self.recving.get(req_id, 0) == self.tp, f"load of {req_id} not finished")
         self.recving.pop(req_id, None)
         out = Served(req_id, keys, blocks, loaded, {b for b in self.errors if b in blocks[:loaded]})
         self.errors -= out.load_errors
@@ -265,12 +266,7 @@ class Engine:
     def finish(self, req_id: str, blocks: list[int]) -> None:
         """vLLM finished the request: wait for its stores if the leader asks, then free its blocks."""
         if self.leader.request_finished(req_id):
-            for _ in range(1000):
-                if self.sending.get(req_id, 0) == self.tp:
-                    break
-                self.step()
-            else:
-                raise AssertionError(f"stores of {req_id} never finished")
+            self.step_until(lambda: self.sending.get(req_id, 0) == self.tp, f"stores of {req_id} not finished")
         self.sending.pop(req_id, None)
         self.free_blocks.extend(blocks)
 
