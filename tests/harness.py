@@ -40,6 +40,7 @@ class Model:
     head_size: int = 8
     block_size: int = 4
     dims: str = "LBHNC"  # physical order (L outermost: per-layer tensors), as vLLM allocates
+    device: str = "cpu"  # where the KV cache lives ("cuda" on a GPU machine)
 
     @property
     def shape(self) -> Shape:
@@ -72,14 +73,14 @@ class RankState:
         self.heads = dynkv.head_range(rank, tp, model.num_heads)
         rng = np.random.default_rng(1000 + rank)
         self.kv = make_rank_kv(rng, model.shape, dims=model.dims, form="separate", dtype=DTYPE, heads=self.heads,
-                               num_layers=model.num_layers, num_blocks=num_blocks)
+                               num_layers=model.num_layers, num_blocks=num_blocks, device=model.device)
         self.layers = self.kv.layers()
         self.worker = Worker(config, rank=rank, world_size=tp, pool_name=pool_name)
         self.worker.register(self.kv.view(num_heads_total=model.num_heads, head_start=self.heads[0]))
 
     def _expected(self, key: bytes, layer: int) -> torch.Tensor:
         h0, h1 = self.heads
-        return torch.from_numpy(page_content(key, self.geometry)[h0:h1, layer])
+        return torch.from_numpy(page_content(key, self.geometry)[h0:h1, layer]).to(self.model.device)
 
     def step(self, plan: StepPlan, writes: Sequence[tuple[int, bytes]]) -> None:
         self.worker.start(plan)

@@ -1,0 +1,36 @@
+"""The KVBM with the KV cache on a GPU: loads and stores through pinned host pages on CUDA streams."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from harness import Engine, Model, conversation_stream
+from test_kvbm import make_leader, serve_stream
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dims", ["LBHNC", "LBNHC"])
+def test_gpu_stream_in_process(rng: np.random.Generator, dims: str) -> None:
+    model = Model(dims=dims, device="cuda")
+    leader = make_leader(model, tp=2, host_pages=24)
+    engine = Engine(leader, model, tp=2, processes=False)
+    try:
+        totals = serve_stream(engine, conversation_stream(rng, num_prefixes=5, requests=30, block_size=model.block_size))
+        assert totals["loaded"] > 0
+        assert leader.metrics.value("dynkv_bytes_moved_total", direction="h2d") > 0
+    finally:
+        engine.close()
+        leader.close()
+
+
+def test_gpu_tp_processes(rng: np.random.Generator) -> None:
+    model = Model(dims="LBNHC", device="cuda")
+    leader = make_leader(model, tp=2, host_pages=32)
+    engine = Engine(leader, model, tp=2, processes=True)
+    try:
+        totals = serve_stream(engine, conversation_stream(rng, num_prefixes=3, requests=8, block_size=model.block_size))
+        assert totals["loaded"] > 0
+    finally:
+        engine.close()
+        leader.close()
