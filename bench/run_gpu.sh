@@ -28,6 +28,7 @@ if [[ $what == bench || $what == all ]]; then
     tar -czf "$OUT/results-$what.tar.gz" -C "$RES" .  # keep what finished if a later step runs out of time
   }
   k llama3-8b --preset llama3-8b --ctas 2,4,8,16,64,264 --backends kernel,dma,torch
+  k both --preset llama3-8b --directions both --backends kernel,hybrid,torch --ctas 8,16,64
   k gemm --preset llama3-8b --gemm --directions h2d --backends kernel,dma --ctas 2,4,8 --launch-bytes 0,2M,8M
   k tiles --preset llama3-8b --tile-sweep --directions h2d,d2h --backends kernel,dma --ctas 8
   k llama3-70b-tp8 --preset llama3-70b-tp8 --ctas 4,8,264 --directions h2d,d2h,d2d --backends kernel,dma,torch

@@ -47,7 +47,9 @@ DESCRIPTION = ("GB/s of dynkv's gather/scatter of random KV blocks of a model-sh
                "contiguous memcpy of the same bytes measured in the same run")
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 DIRECTIONS = ("h2d", "d2h", "d2d", "both")
-BACKENDS = ("kernel", "dma", "dma_loop", "torch")
+BACKENDS = ("kernel", "dma", "dma_loop", "torch", "hybrid")
+# hybrid: loads on the kernel, stores on the copy engines (DMA batch), so the
+# two directions of ``both`` do not share SMs; other directions skip it.
 _DTYPES = {1: "uint8", 2: "bfloat16", 4: "float32", 8: "float64"}
 # ~1 ms of GPU sleep before each timing: holds the streams until every op of the
 # case is enqueued, so the two ops of `both` start together.
@@ -362,6 +364,9 @@ def _ops_for(s: Setup, cfg: Config, direction: str, backend: str, ctas: int | No
     if backend == "torch":
         return [torch_op(s, k, on_device=d) for k, d in kinds]
     threads = cfg.threads if cfg.device == "cpu" else cfg.cta_threads
+    if backend == "hybrid":
+        return [dynkv_op(s, k, on_device=d, backend="kernel" if k == "load" else "dma", ctas=ctas, threads=threads)
+                for k, d in kinds]
     return [dynkv_op(s, k, on_device=d, backend=backend, ctas=ctas, threads=threads) for k, d in kinds]
 
 
@@ -377,8 +382,8 @@ def run_cases(s: Setup, cfg: Config) -> list[dict[str, Any]]:
     """Every (direction, backend, ctas) case, each after its direction's memcpy baseline."""
     from tqdm import tqdm
 
-    cases = [(d, b, c) for d in cfg.directions for b in cfg.backends
-             for c in (cfg.ctas if b == "kernel" and cfg.device == "cuda" else (None,))]
+    cases = [(d, b, c) for d in cfg.directions for b in cfg.backends if b != "hybrid" or d == "both"
+             for c in (cfg.ctas if b in ("kernel", "hybrid") and cfg.device == "cuda" else (None,))]
     rows: list[dict[str, Any]] = []
     with tqdm(total=len(cases) + len(cfg.directions), desc="bench", unit="case", leave=False, disable=None) as bar:
         for d in cfg.directions:
@@ -659,6 +664,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     cpu = device == "cpu"
     dirs = args.directions or (("h2d", "d2h") if cpu else DIRECTIONS)
     backends = args.backends or (("kernel", "torch") if cpu else BACKENDS)
+    if cpu:
+        backends = tuple(b for b in backends if b != "hybrid")
     if cpu:
         skipped = [d for d in dirs if d in ("d2d", "both")] + [b for b in backends if b in ("dma", "dma_loop")]
         if skipped:
