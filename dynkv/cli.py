@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_kernels.add_arguments(k)
     k.set_defaults(func=bench_kernels.run_from_args)
+    from dynkv import bench_disk
+
+    d = bsub.add_parser("disk", help="disk tier GB/s vs dd with O_DIRECT: table, JSON",
+                        description=bench_disk.DESCRIPTION)
+    bench_disk.add_arguments(d)
+    d.set_defaults(func=bench_disk.run_from_args)
     return p
 
 
