@@ -1,4 +1,4 @@
-"""The ``dynkv`` command line: ``env``, ``bench``."""
+"""The ``dynkv`` command line: ``env``, ``bench``, ``demo``."""
 
 from __future__ import annotations
 
@@ -80,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
                         description=bench_disk.DESCRIPTION)
     bench_disk.add_arguments(d)
     d.set_defaults(func=bench_disk.run_from_args)
+    from dynkv import bench_serve, demo
+
+    s = bsub.add_parser("serve", help="multi-turn TTFT against OpenAI-compatible servers: table, JSON, PNG",
+                        description=bench_serve.DESCRIPTION)
+    bench_serve.add_arguments(s)
+    s.set_defaults(func=bench_serve.run_from_args)
+    m = sub.add_parser("demo", help="vLLM without and with dynkv on a multi-turn workload",
+                       description=demo.DESCRIPTION)
+    demo.add_arguments(m)
+    m.set_defaults(func=demo.run_from_args)
     return p
 
 
