@@ -177,7 +177,8 @@ class DiskTier:
         f, index = self._locate(slot)
         return self._submit(self._write, f, slot, index, _check_key(key), self._check_buffer(src, "src"), f.epoch)
 
-    def read(self, slot: int, key: bytes, dst: memoryview) -> concurrent.futures.Future[None]:
+    def read(self, slot: int, key: bytes, dst: memoryview, *, invalidate_bad: bool = False
+             ) -> concurrent.futures.Future[None]:
         """Read the page of ``key`` from ``slot`` into ``dst`` in the background.
 
         Parameters
@@ -188,6 +189,9 @@ class DiskTier:
             The 16-byte key the slot must hold.
         dst
             ``page_bytes`` writable contiguous bytes.
+        invalidate_bad
+            When the record fails its checks, zero its header before the
+            future fails, so a restart does not find the page again.
 
         Returns
         -------
@@ -197,7 +201,8 @@ class DiskTier:
             with the ``OSError`` of the read.
         """
         f, index = self._locate(slot)
-        return self._submit(self._read, f, slot, index, _check_key(key), self._check_buffer(dst, "dst", True), f.epoch)
+        return self._submit(self._read, f, slot, index, _check_key(key), self._check_buffer(dst, "dst", True), f.epoch,
+                            invalidate_bad)
 
     def recover(self) -> list[tuple[int, bytes]]:
         """``(slot, key)`` of every record valid for this fingerprint, by slot.
@@ -345,7 +350,8 @@ class DiskTier:
             raise OSError(e.errno, f"writing disk page slot {slot} at offset {offset}: {e.strerror}", f.path) from e
         self._count(pages_written=1, bytes_written=n)
 
-    def _read(self, f: PageFile, slot: int, index: int, key: bytes, dst: memoryview, epoch: int) -> None:
+    def _read(self, f: PageFile, slot: int, index: int, key: bytes, dst: memoryview, epoch: int,
+              invalidate_bad: bool = False) -> None:
         n, offset = self.page_bytes, f.offset(index)
         where = f"disk page slot {slot} ({f.path}, offset {offset})"
         try:
@@ -370,11 +376,28 @@ class DiskTier:
                 self._count(bounce_copies=1)
         except DiskPageError:
             self._count(page_errors=1)
+            if invalidate_bad:
+                self._invalidate(f, index)
             raise
         except OSError as e:
             self._count(read_errors=1)
             raise OSError(e.errno, f"reading {where}: {e.strerror}", f.path) from e
         self._count(pages_read=1, bytes_read=n)
+
+    def _invalidate(self, f: PageFile, index: int) -> None:
+        """Zero a bad record's header, so a restart does not find the page again (best effort).
+
+        Runs before the failed read's future completes, so the leader cannot
+        have handed the slot to a new write yet.
+        """
+        buf, _ = self._buffer()
+        buf[:HEADER_BYTES] = bytes(HEADER_BYTES)
+        try:
+            pwritev_all(f.fd, [buf[:HEADER_BYTES]], f.offset(index))
+        except OSError as e:
+            log.warning("could not invalidate bad disk record %d of %s: %s", index, f.path, e)
+            return
+        self._count(records_invalidated=1)
 
     def _scan(self, f: PageFile, start: int, count: int) -> tuple[Counter[str], list[tuple[int, bytes]]]:
         """Check the headers of records ``[start, start + count)`` of ``f``: (counts by category, (index, key))."""

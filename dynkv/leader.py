@@ -409,7 +409,7 @@ class Leader:
             return
         host_slot = got[0][1]
         load.waiting += 1
-        fut = self.disk.read(disk_slot, key, self._host_page(host_slot))
+        fut = self.disk.read(disk_slot, key, self._host_page(host_slot), invalidate_bad=True)
         fut.add_done_callback(lambda f: self._io.put(("read", load, i, key, host_slot, f)))
 
     def _spill(self, keys: Sequence[bytes]) -> None:

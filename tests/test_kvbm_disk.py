@@ -135,12 +135,15 @@ def test_corrupted_page_is_a_load_error(tmp_path, rng: np.random.Generator, wher
     finally:
         engine.close()
         leader.close()
-    # After a restart the bad page is never served as good KV.
+    # After a restart the bad page is not found again. With a bad header, recovery dropped it before
+    # the first load, so that request recomputed and stored it anew; with a bad payload the record
+    # was invalidated when its read failed, and the hit ends before it.
     leader = leader_for(tmp_path, host_pages=32)
     engine = Engine(leader, MODEL, tp=1, processes=False)
     try:
         out = engine.serve("later", prompts[0])
-        assert out.mismatched == [] and out.load_errors <= {out.blocks[2]}
+        assert out.loaded == (5 if where == "header" else 2)
+        assert not out.load_errors and out.mismatched == []
     finally:
         engine.close()
         leader.close()
