@@ -1,0 +1,508 @@
+"""vLLM KV connector: a thin adapter from vLLM's connector API to dynkv.
+
+The scheduler-side connector drives a :class:`dynkv.leader.Leader` (prefix
+lookups, which full blocks to offload, each step's plan); the worker-side
+connector drives a :class:`dynkv.worker.Worker` (the copies). Plans travel in
+vLLM's per-step connector metadata and reports come back in its worker
+metadata: no extra socket. Policy (what to keep, where, for how long) lives in
+the leader; this module only translates.
+
+Enable it with ``--kv-transfer-config '{"kv_connector":"DynKVConnector",
+"kv_role":"kv_both","kv_connector_extra_config":{...}}'`` once dynkv is
+installed (:mod:`dynkv.plugin` registers the name), or add
+``"kv_connector_module_path":"dynkv.connector"``. The extra config takes the
+keys of :class:`dynkv.config.DynKVConfig`.
+
+One code base for vLLM 0.26 to 0.33: hooks that only some versions have are
+implemented and simply not called by the others. Where the worker -> scheduler
+metadata channel is missing, worker reports ride in the connector stats
+(:class:`DynKVStats`), which vLLM also carries from workers to the scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    SupportsHMA,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+
+from dynkv.config import DynKVConfig
+from dynkv.engine_info import distinct_layers, infer_dims, metric_samples, model_geometry
+from dynkv.keys import block_keys
+from dynkv.layout import PagedView, head_range
+from dynkv.protocol import StepPlan, WorkerReport, pool_name_for
+
+try:  # vLLM >= the worker -> scheduler metadata channel
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
+except ImportError:
+    KVConnectorWorkerMetadata = None  # type: ignore[assignment,misc]
+try:
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+except ImportError:
+    CacheHitSource = None  # type: ignore[assignment,misc]
+try:
+    from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys
+except ImportError:
+    generate_block_hash_extra_keys = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+__all__ = ["DynKVConnector", "DynKVMetadata", "DynKVPromMetrics", "DynKVStats", "DynKVWorkerMetadata"]
+
+log = logging.getLogger("dynkv.connector")
+
+# Token ids of recently stored pages, for KV events (older pages' events carry none).
+_EVENT_META_ENTRIES = 1 << 16
+_MEDIUM = {"host": "CPU", "disk": "STORAGE"}
+
+
+@dataclass
+class DynKVMetadata(KVConnectorMetadata):
+    """Scheduler -> workers, each step: the leader's plan and the requests vLLM preempted."""
+
+    plan: StepPlan
+    preempted: tuple[str, ...] = ()
+
+
+@dataclass
+class DynKVWorkerMetadata(KVConnectorWorkerMetadata or object):  # type: ignore[misc]
+    """Workers -> scheduler, each step: one rank's report; vLLM merges the ranks' with :meth:`aggregate`."""
+
+    report: WorkerReport = field(default_factory=WorkerReport)
+
+    def aggregate(self, other: Any) -> DynKVWorkerMetadata:
+        if not isinstance(other, DynKVWorkerMetadata):
+            raise TypeError(f"cannot merge {type(other).__name__} into dynkv worker metadata")
+        return DynKVWorkerMetadata(self.report.merge(other.report))
+
+
+class DynKVStats(KVConnectorStats):
+    """dynkv's counters since the last interval, and its gauges (``data["counters"]``, ``data["gauges"]``).
+
+    Keys are ``metric{label=value,...}`` samples of the leader's registry
+    (:mod:`dynkv.metrics`). On vLLM without worker metadata, ``data["report"]``
+    carries a worker report to the scheduler.
+    """
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> DynKVStats:
+        counters = self.data.setdefault("counters", {})
+        for k, v in other.data.get("counters", {}).items():
+            counters[k] = counters.get(k, 0) + v
+        self.data.setdefault("gauges", {}).update(other.data.get("gauges", {}))
+        if "report" in other.data:
+            self.data["report"] = _pack(self.take_report().merge(_unpack(other.data["report"])))
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = {}
+        for k, v in self.data.get("counters", {}).items():
+            out[k.removeprefix("dynkv_").replace("_total{", "{").replace("{}", "")] = v
+        return out
+
+    def is_empty(self) -> bool:
+        return not self.data.get("counters") and "report" not in self.data
+
+    @classmethod
+    def with_report(cls, report: WorkerReport) -> DynKVStats:
+        return cls(data={"report": _pack(report)})
+
+    def take_report(self) -> WorkerReport:
+        """The carried worker report (empty if none), removed from the stats."""
+        packed = self.data.pop("report", None)
+        return WorkerReport() if packed is None else _unpack(packed)
+
+
+def _pack(r: WorkerReport) -> dict[str, Any]:
+    # String keys: stats cross processes through msgpack and JSON.
+    return {
+        "done": {str(k): v for k, v in r.done.items()},
+        "failed": {str(k): v for k, v in r.failed.items()},
+        "failed_blocks": sorted(r.failed_blocks),
+        "moved": {d: [b, s] for d, (b, s) in r.moved.items()},
+    }
+
+
+def _unpack(d: dict[str, Any]) -> WorkerReport:
+    return WorkerReport(
+        {int(k): v for k, v in d["done"].items()},
+        {int(k): v for k, v in d["failed"].items()},
+        set(d["failed_blocks"]),
+        {k: (int(b), float(s)) for k, (b, s) in d["moved"].items()},
+    )
+
+
+class DynKVPromMetrics(KVConnectorPromMetrics):
+    """dynkv's counters and gauges in vLLM's Prometheus registry, as ``vllm:dynkv_*`` per engine."""
+
+    def __init__(self, vllm_config: VllmConfig, metric_types: dict[type, type], labelnames: list[str],
+                 per_engine_labelvalues: dict[int, list[object]]) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._metrics: dict[str, Any] = {}
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        engine = list(self.per_engine_labelvalues[engine_idx])
+        for kind, cls in (("counters", self._counter_cls), ("gauges", self._gauge_cls)):
+            for key, value in transfer_stats_data.get(kind, {}).items():
+                name, _, labels = key.partition("{")
+                pairs = [p.split("=", 1) for p in labels.rstrip("}").split(",") if p]
+                if kind == "counters":
+                    name = name.removesuffix("_total")
+                metric = self._metrics.get(name)
+                if metric is None:
+                    metric = self._metrics[name] = cls(
+                        name=f"vllm:{name}", documentation=f"dynkv {name.removeprefix('dynkv_')}",
+                        labelnames=self._labelnames + [k for k, _ in pairs],
+                    )
+                bound = metric.labels(*engine, *[v for _, v in pairs])
+                bound.inc(value) if kind == "counters" else bound.set(value)
+
+
+class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
+    """dynkv as a vLLM KV connector (``kv_role`` ``kv_both``).
+
+    Loads are asynchronous (the scheduler never waits on I/O); full blocks are
+    stored after the step that fills them; a finished request's blocks are
+    freed once its stores are done; blocks whose load failed are reported to
+    vLLM, which recomputes them.
+    """
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: KVCacheConfig | None = None) -> None:
+        if kv_cache_config is None:
+            super().__init__(vllm_config, role)  # vLLM whose connectors take no kv_cache_config
+        else:
+            super().__init__(vllm_config, role, kv_cache_config)
+        xfer = vllm_config.kv_transfer_config
+        try:
+            self.config = DynKVConfig.from_dict(xfer.kv_connector_extra_config)
+        except ValueError as e:
+            raise ValueError(f"DynKVConnector: bad kv_connector_extra_config: {e}") from None
+        if self.config.layerwise:
+            log.warning("dynkv: layerwise=true is not implemented by the connector yet; copies run per step")
+        if getattr(xfer, "kv_load_failure_policy", "recompute") != "recompute":
+            # dynkv is a cache: a page that fails its checks is recomputed, not
+            # a failed request. vLLM's scheduler reads the policy after creating
+            # its connector.
+            log.info("dynkv: kv_load_failure_policy %r -> 'recompute'", xfer.kv_load_failure_policy)
+            xfer.kv_load_failure_policy = "recompute"
+        self.geometry, self.fingerprint = model_geometry(vllm_config, kv_cache_config)
+        self.block_size = self.geometry.block_size
+        self.world_size = vllm_config.parallel_config.tensor_parallel_size
+        self.pool_name = pool_name_for(str(xfer.engine_id), self.fingerprint)
+        self.leader: Any = None
+        self.worker: Any = None
+        self._reqs: dict[str, _Req] = {}
+        self._counters: dict[str, float] = {}
+        events = getattr(vllm_config, "kv_events_config", None)
+        self._events_on = bool(getattr(events, "enable_kv_cache_events", False))
+        self._event_meta: OrderedDict[bytes, tuple[bytes | None, list[int], Any]] = OrderedDict()
+        if role == KVConnectorRole.SCHEDULER:
+            from dynkv.leader import Leader
+
+            self.leader = Leader(self.config, self.geometry, self.fingerprint, world_size=self.world_size,
+                                 engine_id=str(xfer.engine_id))
+        else:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            from dynkv.worker import Worker
+
+            self.rank = get_tensor_model_parallel_rank()
+            self.worker = Worker(self.config, rank=self.rank, world_size=self.world_size, pool_name=self.pool_name)
+
+    # -- worker side -----------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        layers = distinct_layers(kv_caches)
+        h0, h1 = head_range(self.rank, self.world_size, self.geometry.num_heads)
+        kcc = getattr(self, "_kv_cache_config", None)  # absent where connectors take no kv_cache_config
+        if kcc is not None:
+            num_blocks = kcc.num_blocks
+        else:
+            num_blocks = getattr(self._vllm_config.cache_config, "num_gpu_blocks", None) or layers[0].shape[0]
+        dims = infer_dims(layers[0], num_blocks, h1 - h0, self.block_size)
+        view = PagedView.from_tensors(layers, dims=dims, num_heads_total=self.geometry.num_heads, head_start=h0,
+                                      block_size=self.block_size)
+        if view.geometry != self.geometry:
+            raise ValueError(
+                f"dynkv: vLLM's KV tensors give page geometry {view.geometry} but the model config gives "
+                f"{self.geometry}; this KV-cache layout is not supported"
+            )
+        self.worker.register(view)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        # vLLM hands a preempted request's blocks to others at once: stores still reading them finish first.
+        if isinstance(kv_connector_metadata, DynKVMetadata) and kv_connector_metadata.preempted:
+            self.worker.wait(kv_connector_metadata.preempted)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        if isinstance(self._connector_metadata, DynKVMetadata):
+            self.worker.start(self._connector_metadata.plan)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return
+
+    def wait_for_save(self) -> None:
+        # Launches this step's stores; they run while the next step computes.
+        self.worker.after_forward()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        sending, recving = self.worker.finished()
+        return sending or None, recving or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker.load_error_blocks()
+
+    def build_connector_worker_meta(self) -> Any:
+        if KVConnectorWorkerMetadata is None:
+            return None
+        report = self.worker.poll()
+        return None if report.is_empty() and not report.moved else DynKVWorkerMetadata(report)
+
+    # -- scheduler side --------------------------------------------------------
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a cache, not a hand-off: a store lost to preemption is a later miss
+
+    def on_new_request(self, request: Request) -> None:
+        self._track(request)
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        st = self._track(request)
+        if st.keyless or getattr(request, "skip_reading_prefix_cache", False):
+            return 0, False
+        bs = self.block_size
+        base = -(-num_computed_tokens // bs)
+        limit = max(base, (request.num_tokens - 1) // bs)  # vLLM computes the prompt's last token itself
+        n = self.leader.lookup(request.request_id, self._keys(st, limit), base)
+        st.lookup_tokens = num_computed_tokens
+        if n == 0:
+            return 0, False
+        return (base + n) * bs - num_computed_tokens, True
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        st = self._reqs.get(request.request_id)
+        if st is None or st.lookup_tokens is None:
+            return  # the call after a finished load, or a request dynkv did not look up
+        computed, st.lookup_tokens = st.lookup_tokens, None
+        base = -(-computed // self.block_size)
+        n = max(0, (computed + num_external_tokens) // self.block_size - base) if num_external_tokens else 0
+        block_ids = list(blocks.get_block_ids()[0][base : base + n]) if n else []
+        st.load_tiers = {}
+        for key in st.keys[base : base + len(block_ids)]:
+            tier = "host" if self.leader.index.location(key, "host") is not None else "disk"
+            st.load_tiers[tier] = st.load_tiers.get(tier, 0) + 1
+        self.leader.begin_load(request.request_id, block_ids)  # also unpins what is not loaded
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
+        st = self._reqs.get(request.request_id)
+        if not num_external_tokens:
+            return {}
+        if st is None or not st.load_tiers:
+            return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
+        disk = min(num_external_tokens, st.load_tiers.get("disk", 0) * self.block_size)
+        out = {CacheHitSource.DISK: disk, CacheHitSource.HOST: num_external_tokens - disk}
+        return {k: v for k, v in out.items() if v}
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        self._update_block_ids(scheduler_output)
+        bs = self.block_size
+        for req_id, n in scheduler_output.num_scheduled_tokens.items():
+            st = self._reqs.get(req_id)
+            if st is None or st.keyless:
+                continue
+            req = st.request
+            # Blocks full once this step's tokens are written; tokens not known yet do not count.
+            full = min(min(req.num_computed_tokens + n, req.num_tokens) // bs, len(st.block_ids))
+            if full > st.stored:
+                keys = self._keys(st, full)
+                self.leader.store(req_id, keys[st.stored : full], st.block_ids[st.stored : full])
+                if self._events_on:
+                    self._remember(st, st.stored, full)
+                st.stored = full
+        preempted = tuple(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        return DynKVMetadata(self.leader.build_plan(), preempted)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(meta, DynKVWorkerMetadata):
+            self.leader.update(meta.report)
+        stats = getattr(connector_output, "kv_connector_stats", None)
+        if KVConnectorWorkerMetadata is None and isinstance(stats, DynKVStats):
+            self.leader.update(stats.take_report())
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._reqs.pop(request.request_id, None)
+        return self.leader.request_finished(request.request_id), None
+
+    def request_finished_all_groups(self, request: Request,
+                                    block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
+        return self.request_finished(request, list(block_ids[0]) if block_ids else [])
+
+    def has_pending_push_work(self) -> bool:
+        # Keeps the engine stepping until copies in flight are reported and
+        # delayed frees released, even with no request left to run.
+        return self.leader is not None and not self.leader.idle()
+
+    def take_events(self) -> Iterable[Any]:
+        if self.leader is None:
+            return ()
+        events = self.leader.take_events()  # drained even when nobody listens
+        if not self._events_on:
+            return ()
+        from vllm.distributed.kv_events import BlockRemoved, BlockStored
+
+        out: list[Any] = []
+        for ev in events:
+            if ev.kind == "removed":
+                out.append(BlockRemoved(block_hashes=[ev.key], medium=_MEDIUM.get(ev.tier)))
+                continue
+            parent, tokens, lora = self._event_meta.get(ev.key, (None, [], None))
+            fields = {
+                "block_hashes": [ev.key], "parent_block_hash": parent, "token_ids": tokens,
+                "block_size": self.block_size, "lora_id": getattr(lora, "lora_int_id", None),
+                "medium": _MEDIUM.get(ev.tier), "lora_name": getattr(lora, "lora_name", None),
+            }
+            out.append(BlockStored(**{k: v for k, v in fields.items() if k in BlockStored.__struct_fields__}))
+        return out
+
+    def reset_cache(self) -> bool | None:
+        self.leader.reset()
+        for st in self._reqs.values():
+            st.stored = 0  # running requests offload their blocks again
+        self._event_meta.clear()
+        return True
+
+    def get_kv_connector_stats(self) -> Any:
+        if self.leader is None:
+            if KVConnectorWorkerMetadata is None and self.worker is not None:
+                report = self.worker.poll()
+                return None if report.is_empty() and not report.moved else DynKVStats.with_report(report)
+            return None
+        counters, gauges = metric_samples(self.leader.metrics.registry)
+        last = self._counters
+        delta = {k: v - last.get(k, 0.0) for k, v in counters.items() if v != last.get(k, 0.0)}
+        self._counters = counters
+        return DynKVStats(data={"counters": delta, "gauges": gauges}) if delta else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> DynKVStats:
+        return DynKVStats(data=dict(data) if data is not None else {})
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[type, type], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> DynKVPromMetrics:
+        return DynKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+        if self.leader is not None:
+            self.leader.close()
+            self.leader = None
+
+    # -- internals -------------------------------------------------------------
+
+    def _track(self, request: Request) -> _Req:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            st = self._reqs[request.request_id] = _Req(request)
+        return st
+
+    def _keys(self, st: _Req, n: int) -> list[bytes]:
+        """The request's page keys, extended to at least ``n`` (when its tokens are known)."""
+        have = len(st.keys)
+        if n <= have or st.keyless:
+            return st.keys
+        bs, req = self.block_size, st.request
+        tokens = np.asarray(req.all_token_ids[have * bs : n * bs], dtype=np.int64)
+        extra: list[Any] | None = None
+        try:
+            if _has_extra_keys(req):
+                if generate_block_hash_extra_keys is None:
+                    raise TypeError("this vLLM has no generate_block_hash_extra_keys")
+                extra = []
+                for i in range(have, n):
+                    e, st.mm_idx = generate_block_hash_extra_keys(req, i * bs, (i + 1) * bs, st.mm_idx)
+                    extra.append(e)
+            st.keys.extend(block_keys(self.fingerprint, tokens, bs, extra, st.keys[-1] if st.keys else None))
+        except TypeError as e:
+            log.warning("dynkv: request %s has extra keys dynkv cannot hash (%s); it is not cached",
+                        req.request_id, e)
+            st.keyless, st.keys = True, []
+        return st.keys
+
+    def _update_block_ids(self, out: SchedulerOutput) -> None:
+        for data in out.scheduled_new_reqs:
+            st = self._reqs.get(data.req_id)
+            if st is not None:
+                st.block_ids = list(data.block_ids[0])
+        cached = out.scheduled_cached_reqs
+        resumed = getattr(cached, "resumed_req_ids", None)
+        if resumed is None:  # older vLLM: one flag per request
+            flags = getattr(cached, "resumed_from_preemption", ())
+            resumed = {r for r, f in zip(cached.req_ids, flags) if f}
+        for req_id, new in zip(cached.req_ids, cached.new_block_ids):
+            st = self._reqs.get(req_id)
+            if st is None:
+                continue
+            if req_id in resumed:
+                st.block_ids = list(new[0]) if new else []
+            elif new:
+                st.block_ids.extend(new[0])
+
+    def _remember(self, st: _Req, start: int, end: int) -> None:
+        bs, tokens = self.block_size, st.request.all_token_ids
+        for i in range(start, end):
+            parent = st.keys[i - 1] if i else None
+            self._event_meta[st.keys[i]] = (parent, list(tokens[i * bs : (i + 1) * bs]), st.request.lora_request)
+        while len(self._event_meta) > _EVENT_META_ENTRIES:
+            self._event_meta.popitem(last=False)
+
+
+@dataclass
+class _Req:
+    """Scheduler-side state of one request."""
+
+    request: Any
+    keys: list[bytes] = field(default_factory=list)
+    mm_idx: int = 0
+    keyless: bool = False  # extra keys dynkv cannot hash: never cached
+    block_ids: list[int] = field(default_factory=list)
+    stored: int = 0  # leading blocks handed to the leader for storing
+    lookup_tokens: int | None = None  # num_computed_tokens of a lookup awaiting its allocation
+    load_tiers: dict[str, int] = field(default_factory=dict)
+
+
+def _has_extra_keys(req: Any) -> bool:
+    return bool(
+        getattr(req, "lora_request", None)
+        or getattr(req, "mm_features", None)
+        or getattr(req, "cache_salt", None)
+        or getattr(req, "prompt_embeds", None) is not None
+    )

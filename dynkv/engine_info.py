@@ -1,0 +1,162 @@
+"""What the connector needs to know about the engine vLLM runs, without importing vLLM.
+
+Page geometry and model fingerprint from vLLM's config objects, the order and
+axes of the KV tensors vLLM registers, and the flat samples of a metrics
+registry that travel as connector stats. Everything here reads vLLM objects by
+attribute only, so it is testable with stand-ins and stays stable across the
+vLLM versions dynkv supports.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from dynkv.keys import ModelFingerprint
+from dynkv.layout import PageGeometry
+
+__all__ = ["distinct_layers", "infer_dims", "metric_samples", "model_geometry"]
+
+
+def _elem_bytes(dtype: Any) -> int:
+    return torch.empty(0, dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 1
+
+
+def model_geometry(vllm_config: Any, kv_cache_config: Any = None) -> tuple[PageGeometry, ModelFingerprint]:
+    """Page geometry and fingerprint of the model vLLM serves; scheduler and workers derive the same.
+
+    Parameters
+    ----------
+    vllm_config
+        vLLM's ``VllmConfig``.
+    kv_cache_config
+        vLLM's ``KVCacheConfig`` when the connector API passes it; else the
+        model config alone decides.
+
+    Raises
+    ------
+    ValueError
+        For KV caches dynkv cannot page: several KV-cache groups (hybrid
+        models), sliding-window or non-attention caches, pipeline parallelism.
+    """
+    model, cache, par = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+    if par.pipeline_parallel_size > 1:
+        raise ValueError(
+            f"dynkv: pipeline_parallel_size={par.pipeline_parallel_size} is not supported; use tensor parallelism"
+        )
+    mla = bool(getattr(model, "use_mla", False))
+    if kv_cache_config is not None:
+        groups = kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            raise ValueError(
+                f"dynkv: the model has {len(groups)} KV-cache groups (a hybrid model); dynkv pages models "
+                "with one full-attention group"
+            )
+        spec = groups[0].kv_cache_spec
+        if not hasattr(spec, "head_size") or getattr(spec, "sliding_window", None) is not None:
+            raise ValueError(f"dynkv: KV-cache spec {type(spec).__name__} is not full attention; not supported")
+        mla = mla or type(spec).__name__.startswith("MLA")
+        names = set(groups[0].layer_names)
+        owners = [t for t in getattr(kv_cache_config, "kv_cache_tensors", ()) if names & set(t.layers)]
+        num_layers = sum(len(set(t.layers) & names) for t in owners) or len(names)
+        head_size, block_size, dtype = spec.head_size, spec.block_size, spec.dtype
+        elem = _elem_bytes(dtype)
+        token_bytes = getattr(spec, "state_content_size_bytes", None) or (1 if mla else 2) * head_size * elem
+    else:
+        num_layers = model.get_num_layers(par)
+        head_size, block_size = model.get_head_size(), cache.block_size
+        dtype = model.dtype
+        elem = _elem_bytes(dtype) if cache.cache_dtype == "auto" else 1
+        token_bytes = (1 if mla else 2) * head_size * elem
+    num_heads = 1 if mla else model.get_total_num_kv_heads()
+    model_id = str(model.model)
+    if getattr(model, "revision", None):
+        model_id += f"@{model.revision}"
+    if getattr(model, "quantization", None):
+        model_id += f"+{model.quantization}"
+    kv_dtype = str(dtype) if cache.cache_dtype == "auto" else str(cache.cache_dtype)
+    geometry = PageGeometry(num_layers, num_heads, block_size, token_bytes, elem)
+    fingerprint = ModelFingerprint(model_id, kv_dtype, num_layers, num_heads, head_size, block_size)
+    return geometry, fingerprint
+
+
+def _layer_index(name: str) -> int:
+    # vLLM names attention layers "model.layers.<i>.self_attn.attn".
+    m = re.search(r"\.(\d+)\.", name) or re.search(r"(\d+)", name)
+    return int(m.group(1)) if m else 0
+
+
+def distinct_layers(kv_caches: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Per-layer KV tensors in model order, each once (layers sharing one KV cache count once)."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    out: list[torch.Tensor] = []
+    for name in sorted(kv_caches, key=lambda n: (_layer_index(n), n)):
+        t = kv_caches[name]
+        ident = (t.data_ptr(), tuple(t.stride()))
+        if ident not in seen:
+            seen.add(ident)
+            out.append(t)
+    if not out:
+        raise ValueError("dynkv: vLLM registered no KV cache tensors")
+    return out
+
+
+def infer_dims(t: torch.Tensor, num_blocks: int, num_heads: int, block_size: int) -> str:
+    """Axis names (for :meth:`PagedView.from_tensors`) of one layer's KV tensor as vLLM hands it over.
+
+    vLLM >= 0.32 hands logical ``[B, H, N, C]`` views; earlier versions hand
+    each attention backend's own shape, e.g. ``[2, B, N, H, D]`` (K/V split),
+    whose axes are told apart by size.
+
+    Raises
+    ------
+    ValueError
+        When the axes cannot be told apart, or the tensor splits vLLM's
+        blocks into smaller kernel blocks.
+    """
+    shape = tuple(t.shape)
+    if t.dim() == 4:
+        if shape[0] != num_blocks:
+            raise ValueError(
+                f"dynkv: a KV tensor of shape {shape} holds {shape[0]} blocks but vLLM manages {num_blocks}: "
+                "kernel block splitting is not supported; use a block size the attention backend takes whole"
+            )
+        return "BHNC"
+    if t.dim() == 5:
+        names = [""] * 5
+        for name, size in (("B", num_blocks), ("K", 2), ("N", block_size), ("H", num_heads)):
+            free = [i for i in range(4) if shape[i] == size and not names[i]]
+            if len(free) != 1:
+                break
+            names[free[0]] = name
+        else:
+            names[4] = "D"
+            return "".join(names)
+    raise ValueError(
+        f"dynkv: cannot tell the axes of a KV tensor of shape {shape} ({num_blocks} blocks, {num_heads} heads, "
+        f"{block_size} tokens per block); this vLLM version's KV layout is not supported"
+    )
+
+
+def metric_samples(registry: Any) -> tuple[dict[str, float], dict[str, float]]:
+    """``(counters, gauges)`` of a Prometheus registry, keyed ``name{label=value,...}``.
+
+    Counters include histograms' ``_sum`` and ``_count``; ``_created``
+    timestamps are left out.
+    """
+    counters: dict[str, float] = {}
+    gauges: dict[str, float] = {}
+    for metric in registry.collect():
+        for s in metric.samples:
+            if metric.type == "gauge":
+                target = gauges
+            elif s.name.endswith(("_total", "_sum", "_count")):
+                target = counters
+            else:
+                continue
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            target[f"{s.name}{{{labels}}}"] = float(s.value)
+    return counters, gauges

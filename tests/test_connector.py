@@ -1,0 +1,279 @@
+"""The vLLM connector's translation layer, without running an engine.
+
+The connector is built with stand-ins for vLLM's config, requests and scheduler
+output, around a real :class:`dynkv.leader.Leader`: which blocks it stores
+each step, what it looks up and loads, how partial local hits and preemption
+are handled, and the messages that carry plans, reports, stats and metrics.
+End-to-end runs in real vLLM are in ``test_connector_vllm.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import tomllib
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+import dynkv.connector as connector_mod
+from dynkv.connector import DynKVConnector, DynKVMetadata, DynKVPromMetrics, DynKVStats, DynKVWorkerMetadata
+from dynkv.engine_info import distinct_layers, infer_dims, model_geometry
+from dynkv.protocol import WorkerReport
+
+BS = 32
+LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(2)]
+
+
+def fake_config(extra: dict[str, Any] | None = None, *, groups: int = 1, pp: int = 1) -> tuple[Any, Any]:
+    spec = SimpleNamespace(head_size=4, block_size=BS, dtype=torch.float16, sliding_window=None,
+                           state_content_size_bytes=16)
+    kcc = SimpleNamespace(
+        kv_cache_groups=[SimpleNamespace(layer_names=list(LAYERS), kv_cache_spec=spec) for _ in range(groups)],
+        kv_cache_tensors=[SimpleNamespace(layers=[n]) for n in LAYERS],
+        num_blocks=64,
+    )
+    model = SimpleNamespace(model="/models/unit", revision=None, quantization=None, use_mla=False,
+                            get_total_num_kv_heads=lambda: 2)
+    vllm_config = SimpleNamespace(
+        model_config=model,
+        cache_config=SimpleNamespace(cache_dtype="auto", block_size=BS),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=pp, tensor_parallel_size=1),
+        kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra or {"host_pages": 16},
+                                           engine_id="unit-engine", kv_load_failure_policy="fail"),
+        kv_events_config=None,
+    )
+    return vllm_config, kcc
+
+
+class FakeRequest:
+    def __init__(self, rid: str, tokens: list[int]) -> None:
+        self.request_id = rid
+        self.all_token_ids = list(tokens)
+        self.num_computed_tokens = 0
+        self.lora_request = None
+        self.mm_features: list[Any] = []
+        self.cache_salt = None
+        self.prompt_embeds = None
+        self.skip_reading_prefix_cache = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+
+def blocks(ids: list[int]) -> Any:
+    return SimpleNamespace(get_block_ids=lambda: (list(ids),))
+
+
+def step(new: dict[str, list[int]] | None = None, scheduled: dict[str, int] | None = None,
+         cached: dict[str, list[int] | None] | None = None, resumed: set[str] = frozenset(),
+         preempted: set[str] = frozenset()) -> Any:
+    cached = cached or {}
+    return SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=r, block_ids=(b,)) for r, b in (new or {}).items()],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=list(cached), new_block_ids=[
+            None if b is None else (b,) for b in cached.values()], resumed_req_ids=set(resumed)),
+        num_scheduled_tokens=dict(scheduled or {}),
+        preempted_req_ids=set(preempted),
+    )
+
+
+def complete(conn: DynKVConnector, meta: DynKVMetadata) -> None:
+    """Every rank did every job of the plan."""
+    jobs = [op.job for op in meta.plan.loads + meta.plan.stores]
+    report = WorkerReport(done={j: 1 for j in jobs})
+    conn.update_connector_output(SimpleNamespace(kv_connector_worker_meta=DynKVWorkerMetadata(report)))
+
+
+@pytest.fixture
+def conn() -> Any:
+    vllm_config, kcc = fake_config()
+    c = DynKVConnector(vllm_config, KVConnectorRole.SCHEDULER, kcc)
+    yield c
+    c.shutdown()
+
+
+def tokens(rng: np.random.Generator, n: int) -> list[int]:
+    return rng.integers(16, 1000, size=n).tolist()
+
+
+def test_full_blocks_are_stored_after_the_step_that_fills_them(conn: Any, rng: np.random.Generator) -> None:
+    a = FakeRequest("a", tokens(rng, 100))
+    conn.on_new_request(a)
+    assert conn.get_num_new_matched_tokens(a, 0) == (0, False)
+    conn.update_state_after_alloc(a, blocks([5, 6, 7, 8]), 0)
+    meta = conn.build_connector_meta(step(new={"a": [5, 6, 7, 8]}, scheduled={"a": 100}))
+    assert [op.block_ids for op in meta.plan.stores] == [(5, 6, 7)]  # the fourth block holds 4 tokens
+    complete(conn, meta)
+    a.num_computed_tokens = 100
+    for _ in range(28):  # decode until the fourth block is full
+        a.all_token_ids.append(int(rng.integers(16, 1000)))
+        meta = conn.build_connector_meta(step(cached={"a": None}, scheduled={"a": 1}))
+        a.num_computed_tokens += 1
+        if a.num_computed_tokens < 128:
+            assert not meta.plan.stores
+    assert [op.block_ids for op in meta.plan.stores] == [(8,)]
+    assert conn.request_finished(a, [5, 6, 7, 8]) == (True, None)  # its last store is in flight
+    complete(conn, meta)
+    assert conn.leader.stats()["host"]["stored"] == 4
+
+
+def test_lookup_loads_the_shared_prefix_into_the_new_blocks(conn: Any, rng: np.random.Generator) -> None:
+    shared = tokens(rng, 2 * BS)
+    a = FakeRequest("a", shared + tokens(rng, 40))
+    conn.on_new_request(a)
+    conn.get_num_new_matched_tokens(a, 0)
+    complete(conn, conn.build_connector_meta(step(new={"a": [1, 2, 3]}, scheduled={"a": a.num_tokens})))
+    conn.request_finished(a, [1, 2, 3])
+
+    b = FakeRequest("b", shared + tokens(rng, 50))
+    conn.on_new_request(b)
+    assert conn.get_num_new_matched_tokens(b, 0) == (2 * BS, True)
+    assert conn.get_num_new_matched_tokens(b, BS) == (BS, True)  # a local hit of one block: load the next
+    assert conn.get_num_new_matched_tokens(b, 40) == (0, False)  # beyond what dynkv holds
+    assert conn.get_num_new_matched_tokens(b, 20) == (2 * BS - 20, True)  # a partial local block is kept
+    conn.update_state_after_alloc(b, blocks([9, 10, 11, 12]), 2 * BS - 20)
+    assert conn.get_external_cache_hit_sources(b, 2 * BS - 20) == {CacheHitSource.HOST: 2 * BS - 20}
+    conn.update_state_after_alloc(b, blocks([9, 10, 11, 12]), 0)  # vLLM's second call, after the load
+    meta = conn.build_connector_meta(step())
+    (load,) = meta.plan.loads
+    assert load.req_id == "b" and load.block_ids == (10,)  # block 0 was computed locally (20 tokens)
+
+
+def test_whole_prompt_hit_leaves_the_last_token_to_vllm(conn: Any, rng: np.random.Generator) -> None:
+    prompt = tokens(rng, 2 * BS)
+    a = FakeRequest("a", prompt)
+    conn.on_new_request(a)
+    complete(conn, conn.build_connector_meta(step(new={"a": [1, 2]}, scheduled={"a": 2 * BS})))
+    b = FakeRequest("b", prompt)
+    conn.on_new_request(b)
+    assert conn.get_num_new_matched_tokens(b, 0) == (BS, True)
+    conn.update_state_after_alloc(b, blocks([3, 4]), 0)  # vLLM chose not to load (e.g. no room)
+    assert conn.build_connector_meta(step()).plan.loads == []
+    assert conn.leader.stats()["host"]["pinned"] == 0
+
+
+def test_preemption_and_resumption(conn: Any, rng: np.random.Generator) -> None:
+    a = FakeRequest("a", tokens(rng, 3 * BS))
+    conn.on_new_request(a)
+    meta = conn.build_connector_meta(step(new={"a": [1, 2, 3]}, scheduled={"a": BS}))
+    assert [op.block_ids for op in meta.plan.stores] == [(1,)]
+    a.num_computed_tokens = BS
+    meta = conn.build_connector_meta(step(preempted={"a"}))
+    assert meta.preempted == ("a",)
+    a.num_computed_tokens = 0  # resumed with new blocks
+    meta = conn.build_connector_meta(step(cached={"a": [7, 8, 9]}, resumed={"a"}, scheduled={"a": 3 * BS - 1}))
+    assert [op.block_ids for op in meta.plan.stores] == [(8,)]  # block 0 is stored (or in flight) already
+
+
+def test_reset_cache_empties_the_tiers(conn: Any, rng: np.random.Generator) -> None:
+    a = FakeRequest("a", tokens(rng, 2 * BS + 1))
+    conn.on_new_request(a)
+    complete(conn, conn.build_connector_meta(step(new={"a": [1, 2, 3]}, scheduled={"a": a.num_tokens})))
+    assert conn.leader.stats()["host"]["stored"] == 2
+    assert conn.reset_cache() is True
+    assert conn.leader.stats()["host"]["stored"] == 0
+    a.num_computed_tokens = a.num_tokens
+    a.all_token_ids.append(17)
+    meta = conn.build_connector_meta(step(cached={"a": None}, scheduled={"a": 1}))
+    assert [op.block_ids for op in meta.plan.stores] == [(1, 2)]  # a running request offloads again
+
+
+def test_stats_carry_counter_deltas_and_gauges(conn: Any, rng: np.random.Generator) -> None:
+    a = FakeRequest("a", tokens(rng, 2 * BS + 1))
+    conn.on_new_request(a)
+    conn.get_num_new_matched_tokens(a, 0)
+    complete(conn, conn.build_connector_meta(step(new={"a": [1, 2, 3]}, scheduled={"a": a.num_tokens})))
+    stats = conn.get_kv_connector_stats()
+    assert stats.data["counters"]["dynkv_pages_moved_total{direction=d2h}"] == 2
+    assert stats.data["gauges"]["dynkv_tier_capacity_pages{tier=host}"] == 16
+    assert conn.get_kv_connector_stats() is None  # nothing new since
+    merged = DynKVStats(data={"counters": {"x_total{}": 1}}).aggregate(DynKVStats(data={"counters": {"x_total{}": 2}}))
+    assert merged.data["counters"] == {"x_total{}": 3} and merged.reduce() == {"x": 3}
+
+
+def test_worker_reports_without_a_worker_metadata_channel(conn: Any, rng: np.random.Generator,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM without worker metadata: the report rides in the stats, merged over ranks."""
+    monkeypatch.setattr(connector_mod, "KVConnectorWorkerMetadata", None)
+    a = FakeRequest("a", tokens(rng, BS + 1))
+    conn.on_new_request(a)
+    meta = conn.build_connector_meta(step(new={"a": [4, 5]}, scheduled={"a": a.num_tokens}))
+    (store,) = meta.plan.stores
+    halves = [DynKVStats.with_report(WorkerReport(done={store.job: 1})) for _ in range(2)]
+    carried = DynKVStats(data={}).aggregate(halves[0]).aggregate(halves[1])
+    assert carried.take_report().done == {store.job: 2}
+    conn.update_connector_output(SimpleNamespace(kv_connector_worker_meta=None, kv_connector_stats=halves[0]))
+    assert conn.leader.stats()["host"]["stored"] == 1
+
+
+def test_worker_metadata_merges_ranks() -> None:
+    a = DynKVWorkerMetadata(WorkerReport(done={1: 1}, failed_blocks={3}, moved={"h2d": (10, 0.5)}))
+    b = DynKVWorkerMetadata(WorkerReport(done={1: 1, 2: 1}, moved={"h2d": (5, 0.25)}))
+    m = a.aggregate(b)
+    assert m.report.done == {1: 2, 2: 1} and m.report.failed_blocks == {3} and m.report.moved["h2d"] == (15, 0.75)
+
+
+def test_prometheus_metrics_per_engine() -> None:
+    reg = CollectorRegistry()
+    types = {cls: functools.partial(cls, registry=reg) for cls in (Counter, Gauge, Histogram)}
+    prom = DynKVPromMetrics(SimpleNamespace(kv_transfer_config=None), types, ["engine"], {0: ["0"], 1: ["1"]})
+    prom.observe({"counters": {"dynkv_hits_total{tier=host}": 3}, "gauges": {"dynkv_tier_pages{state=stored,tier=disk}": 7}}, 1)
+    prom.observe({"counters": {"dynkv_hits_total{tier=host}": 2}}, 1)
+    assert reg.get_sample_value("vllm:dynkv_hits_total", {"engine": "1", "tier": "host"}) == 5
+    assert reg.get_sample_value("vllm:dynkv_tier_pages", {"engine": "1", "state": "stored", "tier": "disk"}) == 7
+
+
+def test_config_errors_name_the_key_and_load_failures_recompute() -> None:
+    with pytest.raises(ValueError, match=r"bad kv_connector_extra_config: .*unknown key 'host_gbb'"):
+        DynKVConnector(*fake_config({"host_gbb": 1})[:1], KVConnectorRole.SCHEDULER, fake_config()[1])
+    with pytest.raises(ValueError, match="2 KV-cache groups"):
+        model_geometry(*fake_config(groups=2))
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2"):
+        model_geometry(*fake_config(pp=2))
+    vllm_config, kcc = fake_config()
+    c = DynKVConnector(vllm_config, KVConnectorRole.SCHEDULER, kcc)
+    c.shutdown()
+    assert vllm_config.kv_transfer_config.kv_load_failure_policy == "recompute"
+
+
+def test_geometry_and_fingerprint_from_the_config() -> None:
+    geometry, fp = model_geometry(*fake_config())
+    assert (geometry.num_layers, geometry.num_heads, geometry.block_size, geometry.token_bytes) == (2, 2, BS, 16)
+    assert (fp.model_id, fp.dtype, fp.head_size) == ("/models/unit", "float16", 4)
+
+
+def test_kv_tensor_axes() -> None:
+    assert infer_dims(torch.empty(10, 2, BS, 8), 10, 2, BS) == "BHNC"
+    assert infer_dims(torch.empty(2, 10, BS, 4, 8), 10, 4, BS) == "KBNHD"  # flash-attn style
+    assert infer_dims(torch.empty(10, 2, 4, BS, 8), 10, 4, BS) == "BKHND"
+    with pytest.raises(ValueError, match="kernel block splitting"):
+        infer_dims(torch.empty(20, 2, 16, 8), 10, 2, 16)
+    with pytest.raises(ValueError, match="cannot tell the axes"):
+        infer_dims(torch.empty(2, 10, 4, 4, 8), 10, 4, 4)
+
+
+def test_layers_in_model_order_each_storage_once() -> None:
+    t = {f"model.layers.{i}.self_attn.attn": torch.full((1,), float(i)) for i in (10, 2, 1)}
+    t["model.layers.11.self_attn.attn"] = t["model.layers.10.self_attn.attn"]  # shares layer 10's cache
+    assert [float(x) for x in distinct_layers(t)] == [1.0, 2.0, 10.0]
+
+
+def test_plugin_registers_the_name_once() -> None:
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    from dynkv.plugin import register
+
+    register()
+    register()
+    assert KVConnectorFactory.get_connector_class_by_name("DynKVConnector") is DynKVConnector
+    pyproject = tomllib.loads(Path(__file__).parents[1].joinpath("pyproject.toml").read_text())
+    assert pyproject["project"]["entry-points"]["vllm.general_plugins"]["dynkv"] == "dynkv.plugin:register"
+
