@@ -13,6 +13,7 @@ to vLLM's own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -43,6 +44,9 @@ DESCRIPTION = (
     "tokens/s, hits per tier, bytes moved and whether outputs are identical."
 )
 BLOCK_SIZE = 32  # vLLM's CPU attention needs a multiple of 32; GPUs take it too.
+# vLLM's default (0) kills the engine at once on shutdown, before the KV
+# connector's shutdown() runs; a grace period lets dynkv release its tiers.
+SHUTDOWN_TIMEOUT_S = 10
 _SAMPLE = re.compile(r"^([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
@@ -90,7 +94,7 @@ def server_args(sizes: dict[str, int], *, gpu: bool, seed: int = 0) -> list[str]
     """``vllm serve`` flags of every demo run: float32, small block cache, deterministic."""
     args = ["--dtype", "float32", "--block-size", str(sizes["block_size"]), "--max-model-len",
             str(sizes["max_model_len"]), "--num-gpu-blocks-override", str(sizes["device_blocks"]),
-            "--seed", str(seed), "--served-model-name", "demo"]
+            "--seed", str(seed), "--served-model-name", "demo", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
     if not gpu:
         # Eager mode and an explicit cache size let vLLM's CPU worker skip
         # torch.compile and its warm-up profiling (minutes on two cores).
@@ -212,19 +216,29 @@ def _run_one(run: Run, model: Path, w: Workload, log_dir: Path, timeout_s: float
 
     log_path = log_dir / (re.sub(r"\W+", "-", run.name) + ".log")
     server = VLLMServer(str(model), run.args, log_path=log_path, name=run.name)
-    with server, tqdm(total=None, desc=f"{run.name}: starting vLLM", bar_format="{desc} {elapsed}",
-                      disable=None, leave=False) as bar:
-        run.startup_s = server.wait_ready(timeout_s, tick=lambda _: bar.update(0))
-        bar.close()
-        print(f"[{run.name}] vLLM ready in {run.startup_s:.0f} s on port {server.port}; running "
-              f"{w.num_requests} requests", flush=True)
-        run.result = run_workload({run.name: server.url}, w)[run.name]
-        # Let a last stats interval reach the metrics before scraping.
-        time.sleep(1.0)
-        samples = scrape_metrics([server.url + "/metrics", *run.metrics_urls])
-        run.metrics = tier_summary(samples)
-        run.metrics["samples"] = {n + ("{" + ",".join(f"{k}={v}" for k, v in lb) + "}" if lb else ""): v
-                                  for (n, lb), v in sorted(samples.items())}
+    pools: set[str] = set()
+    try:
+        with server, tqdm(total=None, desc=f"{run.name}: starting vLLM", bar_format="{desc} {elapsed}",
+                          disable=None, leave=False) as bar:
+            run.startup_s = server.wait_ready(timeout_s, tick=lambda _: bar.refresh())
+            bar.close()
+            pools = server.mapped_files("/dev/shm/dynkv-")
+            print(f"[{run.name}] vLLM ready in {run.startup_s:.0f} s on port {server.port}; running "
+                  f"{w.num_requests} requests", flush=True)
+            run.result = run_workload({run.name: server.url}, w)[run.name]
+            # Let a last stats interval reach the metrics before scraping.
+            time.sleep(1.0)
+            samples = scrape_metrics([server.url + "/metrics", *run.metrics_urls])
+            run.metrics = tier_summary(samples)
+            run.metrics["samples"] = {n + ("{" + ",".join(f"{k}={v}" for k, v in lb) + "}" if lb else ""): v
+                                      for (n, lb), v in sorted(samples.items())}
+    finally:
+        # A server killed before its connector shut down leaves dynkv's host
+        # pool in /dev/shm: memory held until reboot. Ours are gone now.
+        for path in pools:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                print(f"[{run.name}] removed host pool {path} left by the stopped server")
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:

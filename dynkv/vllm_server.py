@@ -162,6 +162,17 @@ class VLLMServer:
         except (urllib.error.URLError, OSError):
             return False
 
+    def mapped_files(self, prefix: str = "/dev/shm/") -> set[str]:
+        """Paths under ``prefix`` that the server's processes map now (Linux; empty elsewhere)."""
+        if self._proc is None or not os.path.isdir("/proc"):
+            return set()
+        out: set[str] = set()
+        for pid in _group_members(self._proc.pid):
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{pid}/maps") as f:
+                    out.update(p for line in f if (p := line.split(maxsplit=5)[-1].strip()).startswith(prefix))
+        return out
+
     def log_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of the server's log."""
         try:

@@ -11,6 +11,9 @@ TP="${TP:-1}"
 DTYPE="${DTYPE:-auto}"
 MAX_MODEL_LEN="${MAX_MODEL_LEN:-}"
 GPU_MEMORY_UTILIZATION="${GPU_MEMORY_UTILIZATION:-0.9}"
+# vLLM's default 0 kills the engine at once on shutdown, before dynkv can
+# release its host pool (/dev/shm) and flush the disk tier.
+SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-30}"
 PYTHON="${PYTHON:-python3}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
 
@@ -52,7 +55,8 @@ read -r -a serve <<<"$VLLM_SERVE"
 read -r -a extra <<<"$EXTRA_ARGS"
 
 args=(--host "$HOST" --port "$PORT" --tensor-parallel-size "$TP" --dtype "$DTYPE" --block-size "$BLOCK_SIZE"
-      --gpu-memory-utilization "$GPU_MEMORY_UTILIZATION" --kv-transfer-config "$KV_TRANSFER_CONFIG")
+      --gpu-memory-utilization "$GPU_MEMORY_UTILIZATION" --shutdown-timeout "$SHUTDOWN_TIMEOUT"
+      --kv-transfer-config "$KV_TRANSFER_CONFIG")
 [[ -n "$MAX_MODEL_LEN" ]] && args+=(--max-model-len "$MAX_MODEL_LEN")
 
 echo "dynkv: host ${DYNKV_HOST_GB} GiB, disk ${DYNKV_DISK_GB} GiB at '${DYNKV_DISK_PATHS}', block ${BLOCK_SIZE}" >&2
