@@ -225,7 +225,8 @@ def test_prometheus_metrics_per_engine() -> None:
     reg = CollectorRegistry()
     types = {cls: functools.partial(cls, registry=reg) for cls in (Counter, Gauge, Histogram)}
     prom = DynKVPromMetrics(SimpleNamespace(kv_transfer_config=None), types, ["engine"], {0: ["0"], 1: ["1"]})
-    prom.observe({"counters": {"dynkv_hits_total{tier=host}": 3}, "gauges": {"dynkv_tier_pages{state=stored,tier=disk}": 7}}, 1)
+    prom.observe({"counters": {"dynkv_hits_total{tier=host}": 3},
+                  "gauges": {"dynkv_tier_pages{state=stored,tier=disk}": 7}}, 1)
     prom.observe({"counters": {"dynkv_hits_total{tier=host}": 2}}, 1)
     assert reg.get_sample_value("vllm:dynkv_hits_total", {"engine": "1", "tier": "host"}) == 5
     assert reg.get_sample_value("vllm:dynkv_tier_pages", {"engine": "1", "state": "stored", "tier": "disk"}) == 7

@@ -210,9 +210,8 @@ def test_loading_wrong_pages_changes_the_output(model_dir: str, prompts: dict, b
     cold, _, host = out["phases"]
     check_same(cold, baseline)
     assert sample(host, "dynkv_hits_total", tier="host") == len(P) * FULL_BLOCKS
-    changed = host["tokens"] != baseline["tokens"] or max_diff(host["logprobs"], baseline["logprobs"]) > 1000 * \
-        baseline["tol"]
-    assert changed, "loading wrong pages left the output unchanged: the model cannot tell KV apart"
+    far = max_diff(host["logprobs"], baseline["logprobs"]) > 1000 * baseline["tol"]
+    assert host["tokens"] != baseline["tokens"] or far, "wrong pages left the output unchanged: a blind model"
     print("tokens changed:", sum(a != b for a, b in zip(host["tokens"], baseline["tokens"])), "of", len(P))
 
 
