@@ -284,7 +284,10 @@ class Leader:
         self._finished = []
         for load in self._ready:
             if load.cancelled:
+                # vLLM frees an aborted request's blocks only once every rank reports its load
+                # finished: send an empty op so they do.
                 self._end_load(load)
+                plan.loads.append(LoadOp(load.job, load.req_id, (), ()))
                 continue
             pairs = [(b, s) for b, s in zip(load.block_ids, load.slots) if s is not None]
             plan.loads.append(

@@ -213,3 +213,42 @@ def test_reset_clears_every_tier(tmp_path, rng: np.random.Generator) -> None:
         assert leader.stats()["disk"]["stored"] == 0, "a reset disk tier stays empty after a restart"
     finally:
         leader.close()
+
+
+def test_request_aborted_while_promoting_still_reports_its_load(tmp_path, rng: np.random.Generator) -> None:
+    """vLLM waits for finished_recving before freeing an aborted request's blocks: it must come."""
+    prompts = prompts_for(rng, 1)
+    leader = leader_for(tmp_path, host_pages=32)
+    engine = Engine(leader, MODEL, tp=1, processes=False)
+    try:
+        fill(engine, prompts)
+    finally:
+        engine.close()
+        leader.close()
+    leader = leader_for(tmp_path, host_pages=32)  # cold host tier: the hit is on disk
+    engine = Engine(leader, MODEL, tp=1, processes=False)
+    try:
+        keys = engine.keys(prompts[0])
+        blocks = [engine.free_blocks.pop() for _ in keys]
+        held: list[tuple[concurrent.futures.Future[None], concurrent.futures.Future[None]]] = []
+        real_read = leader.disk.read
+
+        def slow_read(*args, **kw):  # the reads finish only after the abort
+            outer: concurrent.futures.Future[None] = concurrent.futures.Future()
+            held.append((real_read(*args, **kw), outer))
+            return outer
+
+        leader.disk.read = slow_read
+        assert leader.lookup("gone", keys) == 5
+        leader.begin_load("gone", blocks)
+        assert leader.request_finished("gone") is False  # aborted while its pages come off disk
+        for inner, outer in held:
+            inner.result()
+            outer.set_result(None)
+        engine.step_until(lambda: engine.recving.get("gone", 0) == 1, "the aborted load is not reported")
+        engine.drain()
+        s = leader.stats()
+        assert s["host"]["pinned"] == 0 and s["disk"]["pinned"] == 0 and s["requests"] == 0
+    finally:
+        engine.close()
+        leader.close()
