@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import queue
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -35,7 +36,18 @@ from dynkv.keys import ModelFingerprint
 from dynkv.layout import PageGeometry
 from dynkv.metrics import Metrics
 from dynkv.ops import HostPool
-from dynkv.protocol import PAGE_ALIGN, LoadOp, StepPlan, StoreOp, WorkerReport, page_stride, pool_name_for
+from dynkv.protocol import (
+    PAGE_ALIGN,
+    SHM_DIR,
+    LoadOp,
+    StepPlan,
+    StoreOp,
+    WorkerReport,
+    page_stride,
+    pid_alive,
+    pool_name_for,
+    pool_owner,
+)
 
 __all__ = ["Leader"]
 
@@ -80,6 +92,18 @@ class _Request:
 class _Acks:
     done: int = 0
     failed: int = 0
+
+
+def _reap_stale_pools() -> None:
+    """Unlink host pools whose leader process is gone (an engine killed before its shutdown ran)."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return
+    for name in names:
+        owner = pool_owner(name)
+        if owner is not None and not pid_alive(owner[1]) and HostPool.unlink(name):
+            log.info("removed host pool %s left by a process that is gone (pid %d)", name, owner[1])
 
 
 def _host_pages(config: DynKVConfig, stride: int) -> int:
@@ -138,8 +162,9 @@ class Leader:
         self.metrics = metrics if metrics is not None else Metrics()
         self.page_stride = page_stride(geometry)
         self.num_host_pages = _host_pages(config, self.page_stride)
-        self.pool_name = pool_name_for(engine_id, fingerprint)
-        HostPool.unlink(self.pool_name)  # left by an engine that was killed
+        _reap_stale_pools()
+        self.pool_name = f"{pool_name_for(engine_id, fingerprint)}-{os.getpid()}"
+        HostPool.unlink(self.pool_name)
         # The leader never copies device memory, so it does not pin; each worker pins when it attaches.
         self.pool = HostPool.for_pages(
             geometry, self.num_host_pages, name=self.pool_name, pin=False, page_stride=self.page_stride

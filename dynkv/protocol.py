@@ -10,6 +10,8 @@ failed.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from dataclasses import dataclass, field
 
 from dynkv.keys import ModelFingerprint
@@ -36,9 +38,47 @@ def page_stride(geometry: PageGeometry) -> int:
 
 
 def pool_name_for(engine_id: str, fingerprint: ModelFingerprint) -> str:
-    """Shared-memory name of an engine's host pool; the leader and its workers derive the same."""
+    """Shared-memory name prefix of an engine's host pool; the leader and its workers derive the same.
+
+    The leader appends ``-<its pid>`` (see :func:`pool_owner`), so a pool left
+    behind by a killed engine can be told from a live one and removed.
+    """
     tag = hashlib.blake2b(f"{engine_id}\0".encode() + fingerprint.digest(), digest_size=8).hexdigest()
     return f"dynkv-{tag}"
+
+
+SHM_DIR = "/dev/shm"
+_POOL_RE = re.compile(r"^(dynkv-[0-9a-f]{16})-(\d+)$")
+
+
+def pool_owner(name: str) -> tuple[str, int] | None:
+    """``(prefix, pid)`` of a leader's pool name, or None for another name."""
+    m = _POOL_RE.match(name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def live_pools(prefix: str) -> list[str]:
+    """Names of live leaders' pools under ``prefix`` (normally one), newest first."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return []
+    found = []
+    for n in names:
+        owner = pool_owner(n)
+        if owner is not None and owner[0] == prefix and pid_alive(owner[1]):
+            found.append((os.stat(os.path.join(SHM_DIR, n)).st_mtime, n))
+    return [n for _, n in sorted(found, reverse=True)]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any
 from dynkv.config import DynKVConfig
 from dynkv.layout import PagedView
 from dynkv.ops import HostPool, PageBuffer, chunk_for, gather, scatter
-from dynkv.protocol import LoadOp, StepPlan, StoreOp, WorkerReport, page_stride
+from dynkv.protocol import LoadOp, StepPlan, StoreOp, WorkerReport, live_pools, page_stride, pool_owner
 
 __all__ = ["Worker"]
 
@@ -158,7 +158,7 @@ class Worker:
             while True:
                 try:
                     t0 = time.perf_counter()
-                    pool = HostPool.attach(self.pool_name, chunk_bytes=chunk_for(stride))
+                    pool = HostPool.attach(self._resolve_pool(), chunk_bytes=chunk_for(stride))
                     break
                 except ValueError as e:
                     if "does not exist" not in str(e) and "No such file" not in str(e):
@@ -173,6 +173,15 @@ class Worker:
                      self.rank, self.pool_name, pool.nbytes / 2**30, pool.pinned, time.perf_counter() - t0)
             self._pages = PageBuffer.from_pool(self.view.geometry, pool, page_stride=stride)
         return self._pages
+
+    def _resolve_pool(self) -> str:
+        """The live pool for ``pool_name``: an exact name, or a prefix the leader appended its pid to."""
+        if pool_owner(self.pool_name) is not None:
+            return self.pool_name
+        live = live_pools(self.pool_name)
+        if len(live) > 1:
+            log.warning("rank %d: %d live host pools under %s; attaching the newest", self.rank, len(live), self.pool_name)
+        return live[0] if live else self.pool_name
 
     def _slice_bytes(self, n: int) -> int:
         assert self.view is not None

@@ -202,3 +202,24 @@ def test_worker_killed_mid_transfer(rng: np.random.Generator) -> None:
     finally:
         engine.close()
         leader.close()
+
+
+def test_pools_of_dead_leaders_are_removed() -> None:
+    """A killed engine never ran its shutdown: the next leader unlinks its pool, and leaves live ones."""
+    import os
+
+    from dynkv.ops import HostPool
+    from dynkv.protocol import pid_alive
+
+    dead = next(p for p in range(4_000_000, 4_100_000) if not pid_alive(p))
+    stale = HostPool.create(4096, name=f"dynkv-00000000000000aa-{dead}", pin=False)
+    live = HostPool.create(4096, name=f"dynkv-00000000000000bb-{os.getpid()}", pin=False)
+    try:
+        leader = make_leader(Model())
+        leader.close()
+        assert not os.path.exists(f"/dev/shm/{stale.name}")
+        assert os.path.exists(f"/dev/shm/{live.name}")
+    finally:
+        stale.close()
+        live.close()
+        HostPool.unlink(live.name)
