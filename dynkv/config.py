@@ -132,6 +132,13 @@ def _parse_paths(value: Any, src: _Source) -> tuple[str, ...]:
     return paths
 
 
+def _parse_host(value: Any, src: _Source) -> str:
+    expected = "a host name or IP address to bind, e.g. '127.0.0.1' or '0.0.0.0'"
+    if isinstance(value, str) and value.strip() and not any(c.isspace() for c in value.strip()):
+        return value.strip()
+    raise src.error(value, expected)
+
+
 def _parse_eviction(value: Any, src: _Source) -> str:
     expected = f"one of {', '.join(repr(p) for p in EVICTION_POLICIES)}"
     if isinstance(value, str) and value.strip().lower() in EVICTION_POLICIES:
@@ -151,6 +158,10 @@ _PARSERS: dict[str, Callable[[Any, _Source], Any]] = {
     "init_timeout_s": _float_above(0.0, inclusive=False),
     "metrics_port": _optional(_int_in(1, 65535)),
     "layerwise": _parse_bool,
+    "side_channel_host": _parse_host,
+    "side_channel_port": _int_in(0, 65535),
+    "transfer_timeout_s": _float_above(0.0, inclusive=False),
+    "export_timeout_s": _float_above(0.0, inclusive=False),
 }
 
 
@@ -190,6 +201,21 @@ class DynKVConfig:
         Port of a standalone Prometheus endpoint, or None for none.
     layerwise
         Workers load and store KV layer by layer, overlapping the forward pass.
+    side_channel_host
+        Disaggregated prefill (``kv_role`` ``kv_producer``): the address the
+        side channel binds, where decode engines fetch the NIXL metadata and
+        release pages. Loopback unless set; ``0.0.0.0`` for decode engines on
+        other hosts (they are then told this host's address).
+    side_channel_port
+        Port of the side channel; 0 picks a free one (decode engines learn it
+        from each request's ``kv_transfer_params``).
+    transfer_timeout_s
+        Disaggregated decode: how long one pull of a request's pages may take,
+        waiting for the prefill engine included; past it the decode engine
+        recomputes those blocks.
+    export_timeout_s
+        Disaggregated prefill: how long exported pages stay pinned for a decode
+        engine that has not released them.
     """
 
     host_gb: float | None = None
@@ -203,6 +229,10 @@ class DynKVConfig:
     init_timeout_s: float = 120.0
     metrics_port: int | None = None
     layerwise: bool = False
+    side_channel_host: str = "127.0.0.1"
+    side_channel_port: int = 0
+    transfer_timeout_s: float = 30.0
+    export_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         for name, parse in _PARSERS.items():

@@ -21,6 +21,16 @@ def test_defaults() -> None:
     assert c.disk_direct_io is True and c.layerwise is False
 
 
+def test_disagg_keys() -> None:
+    c = DynKVConfig.from_dict(None, env={})
+    assert (c.side_channel_host, c.side_channel_port) == ("127.0.0.1", 0)
+    assert c.transfer_timeout_s == 30.0 and c.export_timeout_s == 120.0
+    c = DynKVConfig.from_dict({"side_channel_host": " 0.0.0.0 ", "transfer_timeout_s": "2.5"},
+                              env={"DYNKV_SIDE_CHANNEL_PORT": "5600", "DYNKV_EXPORT_TIMEOUT_S": "9"})
+    assert (c.side_channel_host, c.side_channel_port) == ("0.0.0.0", 5600)
+    assert c.transfer_timeout_s == 2.5 and c.export_timeout_s == 9.0
+
+
 def test_frozen() -> None:
     c = DynKVConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -169,6 +179,12 @@ BAD_VALUES = [
     ("layerwise", "maybe", "boolean"),
     ("layerwise", 1, "boolean"),
     ("disk_direct_io", None, "boolean"),
+    ("side_channel_host", "a b", "host name or IP"),
+    ("side_channel_host", 127, "host name or IP"),
+    ("side_channel_port", -1, r"\[0, 65535\]"),
+    ("side_channel_port", 70000, r"\[0, 65535\]"),
+    ("transfer_timeout_s", 0, "> 0"),
+    ("export_timeout_s", "later", "> 0"),
 ]
 
 
