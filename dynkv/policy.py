@@ -1,0 +1,214 @@
+"""The leader's allocation and eviction policies: slots, eviction order, admission to disk.
+
+:class:`SlotAllocator` hands out a tier's fixed slots; an :class:`EvictionPolicy`
+orders a tier's evictable pages (LRU by default, FIFO, or your own);
+:class:`FrequencyFilter` counts accesses so the disk tier admits only pages
+seen often enough. :class:`dynkv.index.PageIndex` composes them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from itertools import islice
+
+__all__ = ["EVICTION_POLICIES", "EvictionPolicy", "FIFOPolicy", "FrequencyFilter", "LRUPolicy", "SlotAllocator"]
+
+
+class SlotAllocator:
+    """Fixed-capacity slot numbers ``[0, capacity)``: a free stack and an in-use map.
+
+    Lowest slots go out first on a fresh allocator, which keeps a lightly used
+    pool's pages (and disk file offsets) compact.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"capacity={capacity!r}: expected an integer >= 0")
+        self.capacity = capacity
+        self._free = list(range(capacity - 1, -1, -1))
+        self._used = bytearray(capacity)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self) -> int | None:
+        """A free slot, or None when all are in use."""
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        self._used[slot] = 1
+        return slot
+
+    def take(self, slots: Iterable[int]) -> None:
+        """Claim particular free slots (pages found on disk after a restart); one pass over the free list."""
+        for slot in slots:
+            if not 0 <= slot < self.capacity or self._used[slot]:
+                raise ValueError(f"slot {slot} is not free (capacity {self.capacity})")
+            self._used[slot] = 1
+        self._free = [s for s in self._free if not self._used[s]]
+
+    def free(self, slot: int) -> None:
+        if not 0 <= slot < self.capacity or not self._used[slot]:
+            raise ValueError(f"slot {slot} is not in use (capacity {self.capacity}): double free?")
+        self._used[slot] = 0
+        self._free.append(slot)
+
+    def in_use(self, slot: int) -> bool:
+        return 0 <= slot < self.capacity and bool(self._used[slot])
+
+
+class EvictionPolicy(ABC):
+    """Orders a tier's evictable pages (stored, unpinned).
+
+    The index calls :meth:`add` when a page becomes evictable (committed, or
+    its last pin released: a pin is a use), :meth:`discard` when it stops being
+    one (pinned, removed), and :meth:`touch` when an evictable page is used.
+    """
+
+    @abstractmethod
+    def add(self, key: bytes) -> None: ...
+
+    @abstractmethod
+    def discard(self, key: bytes) -> None: ...
+
+    @abstractmethod
+    def touch(self, key: bytes) -> None: ...
+
+    @abstractmethod
+    def pop(self) -> bytes | None:
+        """Remove and return the next victim; None when nothing is evictable."""
+
+    @abstractmethod
+    def peek(self, n: int) -> list[bytes]:
+        """The next ``n`` victims, first first, without removing them."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __contains__(self, key: object) -> bool: ...
+
+
+class _OrderedPolicy(EvictionPolicy):
+    def __init__(self) -> None:
+        self._order: OrderedDict[bytes, None] = OrderedDict()
+
+    def add(self, key: bytes) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def discard(self, key: bytes) -> None:
+        self._order.pop(key, None)
+
+    def pop(self) -> bytes | None:
+        if not self._order:
+            return None
+        return self._order.popitem(last=False)[0]
+
+    def peek(self, n: int) -> list[bytes]:
+        return list(islice(self._order, n))
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._order
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._order)
+
+
+class LRUPolicy(_OrderedPolicy):
+    """Least recently used first."""
+
+    def touch(self, key: bytes) -> None:
+        self._order.move_to_end(key)
+
+
+class FIFOPolicy(_OrderedPolicy):
+    """First evictable first; uses do not reorder (a released pin re-queues)."""
+
+    def touch(self, key: bytes) -> None:
+        pass
+
+
+EVICTION_POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "fifo": FIFOPolicy}
+
+_M64 = (1 << 64) - 1
+# Odd 64-bit constants (digits of pi, e, sqrt 2, sqrt 3, golden ratio, ...).
+_ROW_MULTIPLIERS = (
+    0x243F6A8885A308D3,
+    0xB7E151628AED2A6B,
+    0x6A09E667F3BCC909,
+    0xBB67AE8584CAA73B,
+    0x9E3779B97F4A7C15,
+    0x3C6EF372FE94F82B,
+    0xA54FF53A5F1D36F1,
+    0x510E527FADE682D1,
+)
+
+
+class FrequencyFilter:
+    """Approximate access counts in bounded memory: a count-min sketch with aging.
+
+    ``depth`` rows of ``width`` counters; a key's count is the minimum of its
+    counters, never below the true count since the last aging. Increments are
+    conservative (only the minimal counters grow), which keeps estimates
+    tight. After ``sample`` recordings every counter is halved, so old
+    popularity fades (TinyLFU's reset).
+
+    Parameters
+    ----------
+    min_hits
+        :meth:`admits` is true from this estimate on; 0 admits everything.
+    width
+        Counters per row, rounded up to a power of two.
+    depth
+        Rows (independent hashes), 1 to 8.
+    sample
+        Recordings between halvings; default ``10 * width``.
+    """
+
+    def __init__(self, min_hits: int = 2, *, width: int = 1 << 16, depth: int = 4, sample: int | None = None) -> None:
+        if min_hits < 0:
+            raise ValueError(f"min_hits={min_hits}: expected >= 0")
+        if width < 1 or not 1 <= depth <= 8:
+            raise ValueError(f"width={width}, depth={depth}: expected width >= 1 and depth in [1, 8]")
+        self.min_hits = min_hits
+        self.width = 1 << max(0, (width - 1).bit_length())
+        self.depth = depth
+        self.sample = sample if sample is not None else 10 * self.width
+        self._rows = [[0] * self.width for _ in range(depth)]
+        self._shift = 64 - (self.width.bit_length() - 1)
+        self._recorded = 0
+
+    def _slots(self, key: bytes) -> list[int]:
+        # Keys need not be uniform (tests, other callers): fold them to 64 bits,
+        # then one multiplicative hash per row (its top bits are well mixed).
+        h = int.from_bytes(key, "little")
+        x = (h ^ (h >> 64) ^ (h >> 128)) & _M64
+        return [((x * m) & _M64) >> self._shift for m in _ROW_MULTIPLIERS[: self.depth]]
+
+    def record(self, key: bytes) -> None:
+        """Count one access to ``key``."""
+        rows = self._rows
+        slots = self._slots(key)
+        counts = [rows[r][s] for r, s in enumerate(slots)]
+        low = min(counts)
+        for r, s in enumerate(slots):
+            if counts[r] == low:
+                rows[r][s] = low + 1
+        self._recorded += 1
+        if self._recorded >= self.sample:
+            self._recorded = 0
+            self._rows = [[c >> 1 for c in row] for row in rows]
+
+    def estimate(self, key: bytes) -> int:
+        """Approximate accesses to ``key`` (never an undercount, before aging)."""
+        return min(self._rows[r][s] for r, s in enumerate(self._slots(key)))
+
+    def admits(self, key: bytes) -> bool:
+        return self.min_hits == 0 or self.estimate(key) >= self.min_hits
