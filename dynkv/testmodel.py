@@ -1,10 +1,11 @@
-"""Small random-weight Llama models that vLLM serves, written offline.
+"""Random-weight Llama models that vLLM serves, written offline.
 
-Tests and the demo need a real model without downloading one. :func:`write_model`
-writes a float32 Llama-architecture checkpoint (``config.json`` +
-``model.safetensors``) and a word-level tokenizer with a chat template, all
-from a seed: the same preset and seed give the same bytes, so a written model
-is reused (and a cache directory is safe to share between runs).
+Tests, the demo and the end-to-end bench need a real model without
+downloading one. :func:`write_model` writes a Llama-architecture checkpoint
+(``config.json`` + ``model.safetensors``) in the preset's dtype and a
+word-level tokenizer with a chat template, all from a seed: the same preset
+and seed give the same bytes, so a written model is reused (and a cache
+directory is safe to share between runs).
 
 The weights are drawn wider than a trained model's (``initializer_range``
 about 0.3): with the usual 0.02 a random model maps every prompt to nearly the
@@ -27,6 +28,7 @@ import shutil
 import tempfile
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,8 @@ _MARKER = "dynkv_model.json"
 _FORMAT_VERSION = 1
 _ONSETS = "b d f g h k l m n p r s t v z ch sh th".split()
 _VOWELS = "a e i o u".split()
+# dtype name -> (torch attribute, bytes per element)
+_DTYPES = {"float32": ("float32", 4), "bfloat16": ("bfloat16", 2)}
 _CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -65,10 +69,16 @@ class ModelSpec:
     vocab_size: int
     max_position_embeddings: int
     initializer_range: float = 0.3
+    dtype: str = "float32"  # "float32" or "bfloat16"
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def elem_bytes(self) -> int:
+        """Bytes of one weight (and KV) element in :attr:`dtype`."""
+        return _DTYPES[self.dtype][1]
 
     def kv_bytes_per_token(self, elem_bytes: int = 4) -> int:
         """Bytes of K and V of one token over all layers."""
@@ -86,6 +96,16 @@ PRESETS: dict[str, ModelSpec] = {
     "small": ModelSpec(
         num_layers=6, hidden_size=512, intermediate_size=1536, num_heads=8, num_kv_heads=4,
         vocab_size=2048, max_position_embeddings=8192,
+    ),
+    # The end-to-end GPU bench: Llama-3-8B's layers (KV: 32 layers, 8 KV
+    # heads of 128, 128 KiB per token in bf16) with the word tokenizer's
+    # vocabulary instead of 128k tokens, which would add 1.9 GiB of embeddings
+    # and change neither the KV bytes nor the prefill's cost per token. The
+    # narrower init keeps bf16 activations moderate over 32 layers of width
+    # 4096 while logits still spread by several nats (decisive greedy tokens).
+    "llama3-8b": ModelSpec(
+        num_layers=32, hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8,
+        vocab_size=8192, max_position_embeddings=131072, initializer_range=0.1, dtype="bfloat16",
     ),
 }
 
@@ -112,6 +132,8 @@ def _spec_for(preset: str, overrides: dict[str, Any]) -> ModelSpec:
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}: expected one of {sorted(PRESETS)}")
     spec = replace(PRESETS[preset], **overrides)
+    if spec.dtype not in _DTYPES:
+        raise ValueError(f"model dtype {spec.dtype!r}: expected one of {sorted(_DTYPES)}")
     if spec.hidden_size % spec.num_heads or spec.num_heads % spec.num_kv_heads:
         raise ValueError(
             f"model shape {spec}: hidden_size must divide by num_heads and num_heads by num_kv_heads"
@@ -119,8 +141,9 @@ def _spec_for(preset: str, overrides: dict[str, Any]) -> ModelSpec:
     return spec
 
 
-def write_model(path: str | os.PathLike[str], *, preset: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
-    """Write a random-weight float32 Llama model and its tokenizer to ``path``.
+def write_model(path: str | os.PathLike[str], *, preset: str = "tiny", seed: int = 0, threads: int | None = None,
+                **overrides: Any) -> Path:
+    """Write a random-weight Llama model (in the preset's dtype) and its tokenizer to ``path``.
 
     Parameters
     ----------
@@ -128,9 +151,13 @@ def write_model(path: str | os.PathLike[str], *, preset: str = "tiny", seed: int
         Directory to create. If it already holds the model of the same preset,
         overrides and seed, nothing is written.
     preset
-        ``"tiny"`` (tests) or ``"small"`` (demo); see :data:`PRESETS`.
+        ``"tiny"`` (tests), ``"small"`` (demo) or ``"llama3-8b"`` (GPU bench,
+        bf16, about 14 GiB); see :data:`PRESETS`.
     seed
         Seed of the weights; the same seed gives the same bytes.
+    threads
+        Threads drawing the weights (default: the CPU count, at most 32);
+        the bytes do not depend on it.
     **overrides
         :class:`ModelSpec` fields replacing the preset's (``num_layers=4``...).
 
@@ -141,7 +168,10 @@ def write_model(path: str | os.PathLike[str], *, preset: str = "tiny", seed: int
     """
     spec = _spec_for(preset, overrides)
     out = Path(path)
-    identity = {"format": _FORMAT_VERSION, "preset": preset, "seed": seed, "spec": asdict(spec)}
+    fields = asdict(spec)
+    if spec.dtype == "float32":
+        del fields["dtype"]  # models written before the field existed are float32: same identity
+    identity = {"format": _FORMAT_VERSION, "preset": preset, "seed": seed, "spec": fields}
     marker = out / _MARKER
     if marker.is_file():
         try:
@@ -159,7 +189,7 @@ def write_model(path: str | os.PathLike[str], *, preset: str = "tiny", seed: int
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _write_config(tmp, spec)
-        _write_weights(tmp, spec, seed)
+        _write_weights(tmp, spec, seed, threads or min(32, os.cpu_count() or 1))
         _write_tokenizer(tmp, spec)
         (tmp / _MARKER).write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
         if out.exists():
@@ -193,7 +223,7 @@ def _llama_config(spec: ModelSpec) -> Any:
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=3,
-        dtype="float32",
+        dtype=spec.dtype,
     )
 
 
@@ -206,22 +236,27 @@ def _write_config(out: Path, spec: ModelSpec) -> None:
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
 
 
-def _write_weights(out: Path, spec: ModelSpec, seed: int) -> None:
+def _write_weights(out: Path, spec: ModelSpec, seed: int, threads: int) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(_llama_config(spec)).state_dict().items()}
-    tensors = {}
-    for name in sorted(shapes):
+    dtype = getattr(torch, _DTYPES[spec.dtype][0])
+
+    def draw(name: str) -> Any:
         if name.endswith("norm.weight"):
-            tensors[name] = torch.ones(shapes[name], dtype=torch.float32)
-            continue
-        # One generator per tensor, seeded by its name: the bytes do not
-        # depend on the order transformers lists parameters in.
+            return torch.ones(shapes[name], dtype=dtype)
+        # One generator per tensor, seeded by its name: the bytes depend
+        # neither on the order transformers lists parameters in nor on threads.
         g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-        tensors[name] = torch.randn(shapes[name], generator=g, dtype=torch.float32) * spec.initializer_range
+        return (torch.randn(shapes[name], generator=g, dtype=torch.float32) * spec.initializer_range).to(dtype)
+
+    names = sorted(shapes)
+    # An 8B model is 7e9 draws: one tensor per thread (torch releases the GIL) makes it seconds, not minutes.
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        tensors = dict(zip(names, pool.map(draw, names)))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
