@@ -60,8 +60,11 @@ def model_geometry(vllm_config: Any, kv_cache_config: Any = None) -> tuple[PageG
             raise ValueError(f"dynkv: KV-cache spec {type(spec).__name__} is not full attention; not supported")
         mla = mla or type(spec).__name__.startswith("MLA")
         names = set(groups[0].layer_names)
-        owners = [t for t in getattr(kv_cache_config, "kv_cache_tensors", ()) if names & set(t.layers)]
-        num_layers = sum(len(set(t.layers) & names) for t in owners) or len(names)
+        tensors = getattr(kv_cache_config, "kv_cache_tensors", ())
+        # vLLM >= 0.32: a tensor holds ``layers`` (one each, or a packed span); earlier
+        # versions name ``shared_by`` the layers that share one tensor: one layer of KV.
+        num_layers = sum(len(set(t.layers) & names) if hasattr(t, "layers") else int(bool(set(t.shared_by) & names))
+                         for t in tensors) or len(names)
         head_size, block_size, dtype = spec.head_size, spec.block_size, spec.dtype
         elem = _elem_bytes(dtype)
         token_bytes = getattr(spec, "state_content_size_bytes", None) or (1 if mla else 2) * head_size * elem

@@ -251,6 +251,15 @@ def test_geometry_and_fingerprint_from_the_config() -> None:
     assert (fp.model_id, fp.dtype, fp.head_size) == ("/models/unit", "float16", 4)
 
 
+def test_geometry_from_vllm_0_26_kv_cache_tensors() -> None:
+    """vLLM 0.26 names a tensor's layers ``shared_by``: layers sharing one cache count once."""
+    vllm_config, kcc = fake_config()
+    kcc.kv_cache_tensors = [SimpleNamespace(shared_by=[n]) for n in LAYERS]
+    assert model_geometry(vllm_config, kcc)[0].num_layers == 2
+    kcc.kv_cache_tensors = [SimpleNamespace(shared_by=list(LAYERS))]
+    assert model_geometry(vllm_config, kcc)[0].num_layers == 1
+
+
 def test_kv_tensor_axes() -> None:
     assert infer_dims(torch.empty(10, 2, BS, 8), 10, 2, BS) == "BHNC"
     assert infer_dims(torch.empty(2, 10, BS, 4, 8), 10, 4, BS) == "KBNHD"  # flash-attn style
