@@ -15,6 +15,12 @@ Flow of a page::
               job goes out once every page is on the host (or has failed)
     update(): all ranks loaded -> pins released
 
+Disaggregated serving adds two paths (:mod:`dynkv.disagg`): a prefill engine
+exports a finished request's host pages to a decode engine (:meth:`export`,
+after :meth:`start_export`); a decode engine matches the pages a prefill
+engine exported (:meth:`match_remote`) and its load job first pulls them into
+fresh host slots, which become cached pages once every rank has its slice.
+
 A page whose disk read fails its checks is dropped from the disk tier and its
 block is reported as a load error, so vLLM recomputes it: never wrong KV.
 """
@@ -40,6 +46,7 @@ from dynkv.protocol import (
     PAGE_ALIGN,
     SHM_DIR,
     LoadOp,
+    PullSpec,
     StepPlan,
     StoreOp,
     WorkerReport,
@@ -54,6 +61,7 @@ __all__ = ["Leader"]
 log = logging.getLogger("dynkv.leader")
 
 HOST, DISK = "host", "disk"
+REMOTE = "remote"  # matched pages a prefill engine exported, pulled into fresh host slots
 # Disk writes in flight per I/O thread before write-through is skipped (and counted).
 _WRITES_PER_THREAD = 16
 
@@ -68,6 +76,9 @@ class _Load:
     failed: list[int] = field(default_factory=list)
     waiting: int = 0  # disk reads outstanding
     cancelled: bool = False
+    remote: Any = None  # the RemotePrefill pulled from
+    pulls: list[tuple[int, int]] = field(default_factory=list)  # (host slot, remote slot)
+    pulled_keys: list[bytes] = field(default_factory=list)  # pending in the host tier until pulled
 
 
 @dataclass
@@ -82,6 +93,8 @@ class _Store:
 @dataclass
 class _Request:
     match: list[tuple[str, int, bytes]] = field(default_factory=list)  # pinned by lookup, not yet loading
+    remote: Any = None  # RemotePrefill of REMOTE matches
+    remote_slots: dict[bytes, int] = field(default_factory=dict)
     looked_up: bool = False
     load: _Load | None = None
     stores: set[int] = field(default_factory=set)
@@ -159,6 +172,7 @@ class Leader:
         self.geometry = geometry
         self.fingerprint = fingerprint
         self.world_size = world_size
+        self.engine_id = engine_id
         self.metrics = metrics if metrics is not None else Metrics()
         self.page_stride = page_stride(geometry)
         self.num_host_pages = _host_pages(config, self.page_stride)
@@ -203,6 +217,8 @@ class Leader:
         self._inflight: dict[int, _Load | _Store] = {}
         self._acks: dict[int, _Acks] = {}
         self._io: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._importing: set[bytes] = set()  # host pages reserved for pulls
+        self.exporter: Any = None
         self._writes = 0
         self._max_writes = _WRITES_PER_THREAD * config.io_threads
         for tier, cap in tiers.items():
@@ -251,6 +267,11 @@ class Leader:
             if tier == HOST:
                 load.slots[i] = slot
                 load.host_keys.append(key)
+            elif tier == REMOTE:
+                load.slots[i] = slot
+                load.remote = req.remote
+                load.pulls.append((slot, req.remote_slots.pop(key)))
+                load.pulled_keys.append(key)
             else:
                 self._promote(load, i, slot, key)
         if load.waiting:
@@ -286,6 +307,68 @@ class Leader:
         self._reqs.setdefault(req_id, _Request()).stores.add(st.job)
         return len(st.keys)
 
+    def match_remote(self, req_id: str, keys: Sequence[bytes], start: int, remote: Any) -> int | None:
+        """Extend the request's :meth:`lookup` with pages a prefill engine exported.
+
+        ``keys[i]`` for ``i >= start`` is matched to ``remote.slots[i]`` (a
+        :class:`dynkv.disagg.RemotePrefill`) and gets a fresh host slot to be
+        pulled into; a page the host tier already stores is loaded from there
+        instead. Stops at the first page with no host slot to spare. Returns
+        how many pages were added, or None while another request is pulling
+        one of them: ask again later rather than pull it twice.
+        """
+        req = self._reqs.get(req_id)
+        if req is None or not req.looked_up:
+            raise ValueError(f"request {req_id!r}: match_remote() before lookup()")
+        added = 0
+        for i in range(start, min(len(keys), len(remote.slots))):
+            key = keys[i]
+            slot = self.index.location(key, HOST)
+            if slot is not None:
+                self.index.pin(HOST, [key])
+                req.match.append((HOST, slot, key))
+            elif self.index.holds(key, HOST):
+                if key in self._importing:
+                    self._release_match(req)
+                    return None
+                break  # still being stored here: recomputing the rest beats waiting
+            else:
+                got = self.index.allocate(HOST, [key])
+                if not got:
+                    self.metrics.refused.labels(HOST, "full").inc()
+                    break
+                self._importing.add(key)
+                req.match.append((REMOTE, got[0][1], key))
+                req.remote_slots[key] = remote.slots[i]
+            added += 1
+        req.remote = remote
+        return added
+
+    def start_export(self) -> tuple[str, int]:
+        """Serve this engine's host pages to decode engines (``kv_producer``); returns the side channel's address.
+
+        Raises
+        ------
+        dynkv.disagg.nixl.NixlUnavailable
+            NIXL is not installed.
+        ValueError
+            The side channel cannot bind its address.
+        """
+        from dynkv.disagg.exporter import Exporter
+
+        if self.exporter is None:
+            self.exporter = Exporter(pool=self.pool, geometry=self.geometry, fingerprint=self.fingerprint,
+                                     page_stride=self.page_stride, num_pages=self.num_host_pages,
+                                     engine_id=self.engine_id, config=self.config, metrics=self.metrics)
+        return self.exporter.host, self.exporter.port
+
+    def export(self, req_id: str, keys: Sequence[bytes]) -> dict[str, Any] | None:
+        """Pin a finished request's pages ``keys`` for a decode engine; its ``kv_transfer_params`` (or None)."""
+        if self.exporter is None:
+            raise RuntimeError(f"request {req_id!r}: export() before start_export()")
+        self._drain_io()
+        return self.exporter.export(req_id, keys, self.index)
+
     def request_finished(self, req_id: str) -> bool:
         """vLLM finished the request; True while its stores are in flight (delay freeing its blocks)."""
         self._drain_io()
@@ -315,9 +398,13 @@ class Leader:
                 plan.loads.append(LoadOp(load.job, load.req_id, (), ()))
                 continue
             pairs = [(b, s) for b, s in zip(load.block_ids, load.slots) if s is not None]
-            plan.loads.append(
-                LoadOp(load.job, load.req_id, tuple(b for b, _ in pairs), tuple(s for _, s in pairs), tuple(load.failed))
-            )
+            pull = None
+            if load.pulls:
+                r = load.remote
+                pull = PullSpec(r.engine_id, r.host, r.port, r.instance, r.transfer,
+                                tuple(s for s, _ in load.pulls), tuple(s for _, s in load.pulls))
+            plan.loads.append(LoadOp(load.job, load.req_id, tuple(b for b, _ in pairs), tuple(s for _, s in pairs),
+                                     tuple(load.failed), pull))
             self._inflight[load.job] = load
         self._ready = []
         for st in self._stores:
@@ -345,6 +432,8 @@ class Leader:
         for direction, (nbytes, seconds) in report.moved.items():
             self.metrics.bytes.labels(direction).inc(nbytes)
             self.metrics.latency.labels(direction).observe(seconds)
+        if self.exporter is not None:  # stores just committed may complete an export
+            self.exporter.poll(self.index)
 
     def fail_inflight(self) -> set[int]:
         """Give up on every job sent to workers (a worker died): returns the blocks whose loads failed."""
@@ -395,6 +484,9 @@ class Leader:
             self.disk.close()
             self._drain_io()
             self.disk = None
+        if self.exporter is not None:  # deregisters the pool from NIXL before it is unmapped
+            self.exporter.close()
+            self.exporter = None
         self._host = memoryview(b"")
         self.pool.close()
         HostPool.unlink(self.pool_name)
@@ -413,7 +505,12 @@ class Leader:
 
     def _release_match(self, req: _Request) -> None:
         for tier, _, key in req.match:
-            self.index.unpin(tier, [key])
+            if tier == REMOTE:
+                self.index.remove(HOST, [key])
+                self._importing.discard(key)
+                req.remote_slots.pop(key, None)
+            else:
+                self.index.unpin(tier, [key])
         req.match = []
 
     def _forget(self, req_id: str, req: _Request) -> None:
@@ -468,6 +565,8 @@ class Leader:
             fut.add_done_callback(lambda f, key=key: self._io.put(("write", key, f)))
 
     def _drain_io(self) -> None:
+        if self.exporter is not None:
+            self.exporter.poll(self.index)
         while True:
             try:
                 item = self._io.get_nowait()
@@ -490,7 +589,7 @@ class Leader:
             self.metrics.bytes.labels("disk_to_host").inc(self.geometry.page_bytes)
         else:
             log.warning("disk page %s failed to load (%s); its block is recomputed", key.hex(), exc)
-            self.index.remove(HOST, [key])
+            self._drop_host([key])
             if self.index.pins(key, DISK) == 0:
                 self.index.remove(DISK, [key])
             load.failed.append(load.block_ids[i])
@@ -515,17 +614,22 @@ class Leader:
 
     def _complete(self, op: _Load | _Store, failed: bool) -> None:
         if isinstance(op, _Load):
-            keys = op.host_keys
+            keys, pulled = op.host_keys, op.pulled_keys
             if failed:
-                self.metrics.load_errors.labels("worker").inc(len(op.block_ids))
+                self.metrics.load_errors.labels("remote" if pulled else "worker").inc(len(pulled or op.block_ids))
             else:
-                self.metrics.pages.labels("h2d").inc(len(keys))
+                self.metrics.pages.labels("h2d").inc(len(keys) + len(pulled))
+                if pulled:  # every rank wrote its slice: whole pages, cached from now on
+                    self.index.commit(HOST, pulled)
+                    self._importing.difference_update(pulled)
+                    self.metrics.pages.labels("remote_to_host").inc(len(pulled))
+                    op.pulled_keys = []
             self._end_load(op)
             if not failed:  # a hit may have lifted the pages over the disk tier's admission threshold
-                self._spill(keys)
+                self._spill(keys + pulled)
             return
         if failed:
-            self.index.remove(HOST, op.keys)
+            self._drop_host(op.keys)
             self.metrics.store_errors.labels(HOST).inc(len(op.keys))
         else:
             self.index.commit(HOST, op.keys)
@@ -540,11 +644,21 @@ class Leader:
     def _end_load(self, load: _Load) -> None:
         self.index.unpin(HOST, load.host_keys)
         load.host_keys = []
+        if load.pulled_keys:  # not pulled (failed or cancelled): give the slots back
+            self.index.remove(HOST, load.pulled_keys)
+            self._importing.difference_update(load.pulled_keys)
+            load.pulled_keys = []
         req = self._reqs.get(load.req_id)
         if req is not None and req.load is load:
             req.load = None
             if req.finished:
                 self._forget(load.req_id, req)
+
+    def _drop_host(self, keys: Sequence[bytes]) -> None:
+        """Remove host pages whose bytes never arrived; exports holding them give up their pins first."""
+        if self.exporter is not None:
+            self.exporter.forget(keys, self.index)
+        self.index.remove(HOST, keys)
 
     def _update_gauges(self) -> None:
         for tier, s in self.index.stats().items():

@@ -20,6 +20,7 @@ from dynkv.layout import PageGeometry
 __all__ = [
     "PAGE_ALIGN",
     "LoadOp",
+    "PullSpec",
     "StepPlan",
     "StoreOp",
     "WorkerReport",
@@ -82,12 +83,39 @@ def live_pools(prefix: str) -> list[str]:
 
 
 @dataclass(frozen=True)
+class PullSpec:
+    """Pages to pull from a prefill engine's host pool before a load (disaggregated serving).
+
+    Each rank reads its head slice of remote page ``remote_slots[i]`` of
+    ``transfer`` into local host page ``local_slots[i]``. ``host:port`` is the
+    prefill engine's side channel; ``instance`` names the run of that engine
+    (its handshake says the same), so an engine restarted at the same address
+    is told apart.
+    """
+
+    engine_id: str
+    host: str
+    port: int
+    instance: str
+    transfer: str
+    local_slots: tuple[int, ...]
+    remote_slots: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.local_slots) != len(self.remote_slots):
+            raise ValueError(f"pull of transfer {self.transfer!r}: {len(self.local_slots)} local slots but "
+                             f"{len(self.remote_slots)} remote slots")
+
+
+@dataclass(frozen=True)
 class LoadOp:
     """Copy host pages ``slots[i]`` into device blocks ``block_ids[i]``.
 
     ``failed`` lists further blocks of the same request that the leader could
     not bring to the host tier (a disk page failed its checks): workers copy
     nothing into them and report them as load errors, so vLLM recomputes.
+    With ``pull``, some of ``slots`` are first filled from a prefill engine;
+    when that fails, their blocks are load errors and the others still load.
     """
 
     job: int
@@ -95,10 +123,13 @@ class LoadOp:
     block_ids: tuple[int, ...]
     slots: tuple[int, ...]
     failed: tuple[int, ...] = ()
+    pull: PullSpec | None = None
 
     def __post_init__(self) -> None:
         if len(self.block_ids) != len(self.slots):
             raise ValueError(f"load job {self.job}: {len(self.block_ids)} blocks but {len(self.slots)} slots")
+        if self.pull is not None and not set(self.pull.local_slots) <= set(self.slots):
+            raise ValueError(f"load job {self.job}: pulls into host slots it does not load")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,9 @@ It attaches the leader's shared host pool by name, runs loads (host -> device)
 as soon as a step's plan arrives and stores (device -> host) once the step's
 forward has written the blocks, each on its own CUDA stream (on CPU: its own
 thread), and reports finished and failed jobs without ever blocking on them.
+A load that first pulls pages from a prefill engine (disaggregated serving)
+runs on a pull thread: NIXL read of this rank's slice into the host pool,
+then the scatter (:mod:`dynkv.disagg.puller`).
 """
 
 from __future__ import annotations
@@ -17,13 +20,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from dynkv.config import DynKVConfig
-from dynkv.layout import PagedView
+from dynkv.keys import ModelFingerprint
+from dynkv.layout import PagedView, head_range
 from dynkv.ops import HostPool, PageBuffer, chunk_for, gather, scatter
 from dynkv.protocol import LoadOp, StepPlan, StoreOp, WorkerReport, live_pools, page_stride, pool_owner
 
 __all__ = ["Worker"]
 
 log = logging.getLogger("dynkv.worker")
+
+# Pulls in flight per rank: several requests' pages cross the network at once.
+_PULL_THREADS = 4
 
 
 @dataclass
@@ -51,9 +58,13 @@ class Worker:
         This rank of the engine's TP group.
     pool_name
         The leader's host pool (:attr:`dynkv.leader.Leader.pool_name`).
+    fingerprint, engine_id
+        The engine's model and id: a prefill engine's pages are pulled only
+        when its handshake names the same model (needed for pulls only).
     """
 
-    def __init__(self, config: DynKVConfig, *, rank: int, world_size: int, pool_name: str) -> None:
+    def __init__(self, config: DynKVConfig, *, rank: int, world_size: int, pool_name: str,
+                 fingerprint: ModelFingerprint | None = None, engine_id: str = "dynkv") -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} of {world_size}: expected 0 <= rank < world_size")
         self.config = config
@@ -73,6 +84,11 @@ class Worker:
         self._streams: tuple[Any, Any] | None = None
         self._threads: tuple[ThreadPoolExecutor, ThreadPoolExecutor] | None = None
         self._writes_pages = True
+        self.fingerprint = fingerprint
+        self.engine_id = engine_id
+        self._puller: Any = None
+        self._pull_threads: ThreadPoolExecutor | None = None
+        self._puller_lock = threading.Lock()
 
     def register(self, view: PagedView) -> None:
         """The rank's KV cache; the host pool is attached at the first plan (the leader creates it later)."""
@@ -139,9 +155,12 @@ class Worker:
     def close(self) -> None:
         """Finish outstanding jobs and detach from the host pool (the leader unlinks it)."""
         self.wait()
-        if self._threads is not None:
-            for ex in self._threads:
+        for ex in (*(self._threads or ()), self._pull_threads):
+            if ex is not None:
                 ex.shutdown(wait=True)
+        if self._puller is not None:  # deregisters the pool from NIXL before it is unmapped
+            self._puller.close()
+            self._puller = None
         if self._pages is not None:
             pool = self._pages.owner
             self._pages = None
@@ -188,8 +207,68 @@ class Worker:
         return n * self.view.num_heads * self.view.geometry.num_layers * self.view.geometry.tile_bytes
 
     def _launch_load(self, op: LoadOp) -> None:
+        if op.pull is not None:
+            self._launch_pull(op)
+            return
         self._launch(op.job, op.req_id, "load", op.block_ids, op.failed,
                      lambda pages, stream: scatter(pages, self.view, op.slots, op.block_ids, stream=stream))
+
+    def _launch_pull(self, op: LoadOp) -> None:
+        rec = _Job(op.job, op.req_id, "load", op.block_ids, op.failed, self._slice_bytes(len(op.block_ids)),
+                   time.perf_counter(), None)
+        if self._pull_threads is None:
+            self._pull_threads = ThreadPoolExecutor(_PULL_THREADS, thread_name_prefix=f"dynkv-pull{self.rank}")
+        rec.handle = self._pull_threads.submit(self._pull_and_scatter, op)
+        self._jobs.append(rec)
+
+    def _pull_and_scatter(self, op: LoadOp) -> tuple[int, float]:
+        """Pull thread: this rank's slice of the remote pages, then the scatter; ``(bytes, seconds)`` pulled."""
+        from dynkv.disagg.puller import PullError
+
+        assert op.pull is not None and self.view is not None
+        pages = self._page_buffer()
+        t0 = time.perf_counter()
+        try:
+            nbytes = self._puller_for(pages).pull(op.pull)
+        except Exception as e:  # PullError, or NIXL missing: the pulled blocks are recomputed
+            pulled = set(op.pull.local_slots)
+            keep = [(b, s) for b, s in zip(op.block_ids, op.slots) if s not in pulled]
+            self._scatter_now(pages, [s for _, s in keep], [b for b, _ in keep])
+            lost = tuple(b for b, s in zip(op.block_ids, op.slots) if s in pulled)
+            raise PullError(str(e), lost) from None
+        seconds = time.perf_counter() - t0
+        self._scatter_now(pages, op.slots, op.block_ids)
+        return nbytes, seconds
+
+    def _scatter_now(self, pages: PageBuffer, slots: Any, block_ids: Any) -> None:
+        if not block_ids:
+            return
+        if self._streams is None:
+            scatter(pages, self.view, slots, block_ids)
+            return
+        import torch
+
+        stream = self._streams[0]
+        with torch.cuda.stream(stream):
+            scatter(pages, self.view, slots, block_ids, stream=stream)
+        stream.synchronize()
+
+    def _puller_for(self, pages: PageBuffer) -> Any:
+        with self._puller_lock:
+            if self._puller is None:
+                from dynkv.disagg.puller import Puller
+                from dynkv.disagg.wire import Handshake
+
+                if self.fingerprint is None or self.view is None:
+                    raise RuntimeError("dynkv worker was built without the model fingerprint: it cannot pull pages")
+                g, pool = self.view.geometry, pages.owner
+                local = Handshake.describe(engine_id=self.engine_id, fingerprint=self.fingerprint, geometry=g,
+                                           page_stride=pages.page_stride, num_pages=pages.num_pages,
+                                           pool_addr=pool.ptr)
+                self._puller = Puller(local, pool.nbytes, head_range(self.rank, self.world_size, g.num_heads),
+                                      rank=self.rank, world_size=self.world_size,
+                                      timeout_s=self.config.transfer_timeout_s)
+            return self._puller
 
     def _launch_store(self, op: StoreOp) -> None:
         if not self._writes_pages:
@@ -251,8 +330,10 @@ class Worker:
 
     def _finish(self, job: _Job) -> None:
         error, seconds = job.error, time.perf_counter() - job.started
+        pulled: Any = None
         if isinstance(job.handle, Future):
             error = error or job.handle.exception()
+            pulled = job.handle.result() if error is None else None
         elif isinstance(job.handle, tuple):
             seconds = job.handle[0].elapsed_time(job.handle[1]) / 1e3
         r = self._report
@@ -262,11 +343,15 @@ class Worker:
             b, s = r.moved.get(direction, (0, 0.0))
             if job.nbytes:
                 r.moved[direction] = (b + job.nbytes, s + seconds)
+            if pulled is not None:
+                b, s = r.moved.get("remote_to_host", (0, 0.0))
+                r.moved["remote_to_host"] = (b + pulled[0], s + pulled[1])
         else:
             log.error("rank %d: %s job %d failed: %s", self.rank, job.kind, job.job, error)
             r.failed[job.job] = r.failed.get(job.job, 0) + 1
         if job.kind == "load":
-            bad = set(job.failed_blocks) | (set(job.block_ids) if error is not None else set())
+            lost = getattr(error, "blocks", None)  # a failed pull: only the pulled blocks are lost
+            bad = set(job.failed_blocks) | (set(job.block_ids if lost is None else lost) if error is not None else set())
             r.failed_blocks |= bad
             self._errors |= bad
             self._recving.add(job.req_id)
