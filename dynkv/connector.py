@@ -13,6 +13,13 @@ installed (:mod:`dynkv.plugin` registers the name), or add
 ``"kv_connector_module_path":"dynkv.connector"``. The extra config takes the
 keys of :class:`dynkv.config.DynKVConfig`.
 
+Disaggregated prefill/decode (:mod:`dynkv.disagg`) follows ``kv_role``: a
+``kv_producer`` engine exports the pages of each request that asks for a
+remote decode (``kv_transfer_params`` ``do_remote_decode``) and returns
+``kv_transfer_params`` naming them; a ``kv_consumer`` (or ``kv_both``) engine
+given those params pulls the pages it does not hold with NIXL, and recomputes
+whatever could not be pulled.
+
 One code base for vLLM 0.26 to 0.33: hooks that only some versions have are
 implemented and simply not called by the others. Where the worker -> scheduler
 metadata channel is missing, worker reports ride in the connector stats
@@ -38,6 +45,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
 from dynkv.config import DynKVConfig
+from dynkv.disagg.params import ParamsError, RemotePrefill, asks_remote_decode
 from dynkv.engine_info import distinct_layers, infer_dims, metric_samples, model_geometry
 from dynkv.keys import block_keys
 from dynkv.layout import PagedView, head_range
@@ -69,6 +77,7 @@ __all__ = ["DynKVConnector", "DynKVMetadata", "DynKVPromMetrics", "DynKVStats", 
 
 log = logging.getLogger("dynkv.connector")
 
+_UNSET: Any = object()
 # Token ids of recently stored pages, for KV events (older pages' events carry none).
 _EVENT_META_ENTRIES = 1 << 16
 _MEDIUM = {"host": "CPU", "disk": "STORAGE"}
@@ -179,12 +188,13 @@ class DynKVPromMetrics(KVConnectorPromMetrics):
 
 
 class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
-    """dynkv as a vLLM KV connector (``kv_role`` ``kv_both``).
+    """dynkv as a vLLM KV connector (``kv_role`` ``kv_both``, ``kv_producer`` or ``kv_consumer``).
 
     Loads are asynchronous (the scheduler never waits on I/O); full blocks are
     stored after the step that fills them; a finished request's blocks are
     freed once its stores are done; blocks whose load failed are reported to
-    vLLM, which recomputes them.
+    vLLM, which recomputes them. A producer exports finished requests' pages
+    to decode engines; a consumer (or ``kv_both``) pulls them.
     """
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
@@ -210,6 +220,9 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         self.block_size = self.geometry.block_size
         self.world_size = vllm_config.parallel_config.tensor_parallel_size
         self.pool_name = pool_name_for(str(xfer.engine_id), self.fingerprint)
+        kv_role = getattr(xfer, "kv_role", None) or "kv_both"
+        self._exports = kv_role == "kv_producer"
+        self._imports = kv_role in ("kv_consumer", "kv_both")
         self.leader: Any = None
         self.worker: Any = None
         self._reqs: dict[str, _Req] = {}
@@ -222,13 +235,20 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
 
             self.leader = Leader(self.config, self.geometry, self.fingerprint, world_size=self.world_size,
                                  engine_id=str(xfer.engine_id))
+            if self._exports:
+                try:
+                    self.leader.start_export()
+                except BaseException:
+                    self.leader.close()
+                    raise
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
             from dynkv.worker import Worker
 
             self.rank = get_tensor_model_parallel_rank()
-            self.worker = Worker(self.config, rank=self.rank, world_size=self.world_size, pool_name=self.pool_name)
+            self.worker = Worker(self.config, rank=self.rank, world_size=self.world_size, pool_name=self.pool_name,
+                                 fingerprint=self.fingerprint, engine_id=str(xfer.engine_id))
 
     # -- worker side -----------------------------------------------------------
 
@@ -299,6 +319,12 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         base = -(-num_computed_tokens // bs)
         limit = max(base, (request.num_tokens - 1) // bs)  # vLLM computes the prompt's last token itself
         n = self.leader.lookup(request.request_id, self._keys(st, limit), base)
+        remote = self._remote(st)
+        if remote is not None:
+            more = self.leader.match_remote(request.request_id, st.keys[:limit], base + n, remote)
+            if more is None:
+                return None, False  # another request is pulling some of these pages: ask again next step
+            n += more
         st.lookup_tokens = num_computed_tokens
         if n == 0:
             return 0, False
@@ -313,8 +339,12 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         n = max(0, (computed + num_external_tokens) // self.block_size - base) if num_external_tokens else 0
         block_ids = list(blocks.get_block_ids()[0][base : base + n]) if n else []
         st.load_tiers = {}
+        index = self.leader.index
         for key in st.keys[base : base + len(block_ids)]:
-            tier = "host" if self.leader.index.location(key, "host") is not None else "disk"
+            if index.location(key, "host") is not None:
+                tier = "host"
+            else:  # a page still pending in the host tier is one a prefill engine is sending
+                tier = "remote" if index.holds(key, "host") else "disk"
             st.load_tiers[tier] = st.load_tiers.get(tier, 0) + 1
         self.leader.begin_load(request.request_id, block_ids)  # also unpins what is not loaded
 
@@ -325,7 +355,9 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         if st is None or not st.load_tiers:
             return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
         disk = min(num_external_tokens, st.load_tiers.get("disk", 0) * self.block_size)
-        out = {CacheHitSource.DISK: disk, CacheHitSource.HOST: num_external_tokens - disk}
+        remote = min(num_external_tokens - disk, st.load_tiers.get("remote", 0) * self.block_size)
+        p2p = getattr(CacheHitSource, "P2P", CacheHitSource.EXTERNAL_UNSPECIFIED)
+        out = {CacheHitSource.DISK: disk, p2p: remote, CacheHitSource.HOST: num_external_tokens - disk - remote}
         return {k: v for k, v in out.items() if v}
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
@@ -356,8 +388,17 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             self.leader.update(stats.take_report())
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._reqs.pop(request.request_id, None)
-        return self.leader.request_finished(request.request_id), None
+        st = self._reqs.pop(request.request_id, None)
+        params = None
+        if st is not None and asks_remote_decode(getattr(request, "kv_transfer_params", None)):
+            if self._exports:
+                full = len(getattr(request, "prompt_token_ids", None) or ()) // self.block_size
+                keys = self._keys(st, full)[:full]
+                params = self.leader.export(request.request_id, keys) if keys else None
+            else:
+                log.warning("dynkv: request %s asks for a remote decode but this engine's kv_role is not "
+                            "kv_producer; it exports nothing", request.request_id)
+        return self.leader.request_finished(request.request_id), params
 
     def request_finished_all_groups(self, request: Request,
                                     block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
@@ -457,6 +498,21 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             st.keyless, st.keys = True, []
         return st.keys
 
+    def _remote(self, st: _Req) -> RemotePrefill | None:
+        """The remote prefill the request's ``kv_transfer_params`` name, checked once (None: none usable)."""
+        if st.remote is _UNSET:
+            st.remote = None
+            params = getattr(st.request, "kv_transfer_params", None)
+            if self._imports and params:
+                try:
+                    remote = RemotePrefill.from_params(params)
+                    if remote is not None:
+                        remote.check(self.fingerprint, self._keys(st, len(remote.slots)))
+                    st.remote = remote
+                except ParamsError as e:
+                    log.warning("dynkv: request %s: %s; its prompt is recomputed here", st.request.request_id, e)
+        return st.remote
+
     def _update_block_ids(self, out: SchedulerOutput) -> None:
         for data in out.scheduled_new_reqs:
             st = self._reqs.get(data.req_id)
@@ -497,6 +553,7 @@ class _Req:
     stored: int = 0  # leading blocks handed to the leader for storing
     lookup_tokens: int | None = None  # num_computed_tokens of a lookup awaiting its allocation
     load_tiers: dict[str, int] = field(default_factory=dict)
+    remote: Any = _UNSET  # RemotePrefill of kv_transfer_params, None when none is usable
 
 
 def _has_extra_keys(req: Any) -> bool:
