@@ -1,4 +1,4 @@
-"""The ``dynkv`` command line: ``env``, ``bench``, ``demo``."""
+"""The ``dynkv`` command line: ``env``, ``bench``, ``demo``, ``proxy``."""
 
 from __future__ import annotations
 
@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description=demo.DESCRIPTION)
     demo.add_arguments(m)
     m.set_defaults(func=demo.run_from_args)
+    from dynkv import proxy
+
+    x = sub.add_parser("proxy", help="OpenAI-compatible proxy over prefill and decode engines (disaggregated)",
+                       description=proxy.DESCRIPTION)
+    proxy.add_arguments(x)
+    x.set_defaults(func=proxy.run_from_args)
     return p
 
 

@@ -1,0 +1,214 @@
+"""``dynkv proxy``: one OpenAI-compatible endpoint in front of prefill and decode engines.
+
+Each ``/v1/completions`` or ``/v1/chat/completions`` request goes first to a
+prefill engine (``kv_role`` ``kv_producer``) as a one-token, non-streaming
+request that asks for a remote decode; the ``kv_transfer_params`` in its
+answer go with the original request to a decode engine (``kv_consumer``),
+whose answer — streamed or not — is the client's. Engines of each kind are
+taken in turn (round robin). When the prefill engine fails, the decode engine
+gets the request without ``kv_transfer_params`` and computes the prompt
+itself: a slower answer, never a lost one.
+
+The proxy knows nothing of dynkv's params beyond passing them on, so it also
+fronts engines running vLLM's own NixlConnector.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["DESCRIPTION", "Proxy", "prefill_body"]
+
+log = logging.getLogger("dynkv.proxy")
+
+DESCRIPTION = (
+    "OpenAI-compatible proxy for disaggregated serving: each request is prefilled on a prefill engine "
+    "(max_tokens=1), then decoded on a decode engine with the returned kv_transfer_params; round robin over "
+    "several of each; streams the decode engine's answer."
+)
+_ROUTES = ("/v1/completions", "/v1/chat/completions")
+# Request headers passed on to the engines (the rest describe the client's connection, not the request).
+_PASS_HEADERS = ("authorization", "x-request-id")
+
+
+def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The request sent to a prefill engine: one output token, no streaming, a remote decode asked for."""
+    out = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "min_tokens")}
+    out["max_tokens"] = 1
+    if "max_completion_tokens" in out:
+        out["max_completion_tokens"] = 1
+    out["n"] = 1
+    out["kv_transfer_params"] = {"do_remote_decode": True, "do_remote_prefill": False}
+    return out
+
+
+class Proxy:
+    """The proxy's state: backends, their rotation, and counters.
+
+    Parameters
+    ----------
+    prefill, decode
+        Base URLs (``http://host:port``) of the prefill and decode engines.
+    timeout_s
+        Bound on one request to one engine.
+    """
+
+    def __init__(self, prefill: Sequence[str], decode: Sequence[str], *, timeout_s: float = 600.0) -> None:
+        if not prefill or not decode:
+            raise ValueError(f"proxy needs at least one prefill and one decode engine (got {len(prefill)} prefill, "
+                             f"{len(decode)} decode): pass --prefill URL and --decode URL")
+        for url in (*prefill, *decode):
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"engine URL {url!r}: expected http://host:port")
+        self.prefill = [u.rstrip("/") for u in prefill]
+        self.decode = [u.rstrip("/") for u in decode]
+        self.timeout_s = timeout_s
+        self._next_prefill = itertools.cycle(self.prefill)
+        self._next_decode = itertools.cycle(self.decode)
+        self.counts = {"requests": 0, "prefill_failed": 0, "no_kv_transfer_params": 0}
+        self._session: Any = None
+
+    def app(self) -> Any:
+        """The aiohttp application."""
+        from aiohttp import web
+
+        app = web.Application(client_max_size=1 << 28)
+        for route in _ROUTES:
+            app.router.add_post(route, self._generate)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/proxy/stats", self._stats)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, app: Any) -> None:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                                              connector=aiohttp.TCPConnector(limit=0), read_bufsize=1 << 24)
+
+    async def _stop(self, app: Any) -> None:
+        await self._session.close()
+
+    async def _generate(self, request: Any) -> Any:
+        import aiohttp
+        from aiohttp import web
+
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return web.json_response({"error": "request body is not JSON"}, status=400)
+        if not isinstance(body, dict):
+            return web.json_response({"error": "request body must be a JSON object"}, status=400)
+        self.counts["requests"] += 1
+        headers = {k: v for k, v in request.headers.items() if k.lower() in _PASS_HEADERS}
+        params = await self._prefill(request.path, body, headers)
+        decode = dict(body)
+        if params is not None:
+            decode["kv_transfer_params"] = params
+        else:
+            decode.pop("kv_transfer_params", None)
+        url = next(self._next_decode) + request.path
+        try:
+            async with self._session.post(url, json=decode, headers=headers) as resp:
+                if not body.get("stream"):
+                    return web.Response(body=await resp.read(), status=resp.status, content_type=resp.content_type)
+                out = web.StreamResponse(status=resp.status, headers={"Content-Type": resp.headers.get(
+                    "Content-Type", "text/event-stream"), "Cache-Control": "no-cache"})
+                await out.prepare(request)
+                async for chunk in resp.content.iter_any():
+                    await out.write(chunk)
+                await out.write_eof()
+                return out
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            log.warning("decode on %s failed: %s", url, e or type(e).__name__)
+            return web.json_response({"error": f"decode engine {url} failed: {e or type(e).__name__}"}, status=502)
+
+    async def _prefill(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any] | None:
+        import aiohttp
+
+        url = next(self._next_prefill) + path
+        try:
+            async with self._session.post(url, json=prefill_body(body), headers=headers) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:300]}")
+                answer = await resp.json()
+        except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError, json.JSONDecodeError) as e:
+            self.counts["prefill_failed"] += 1
+            log.warning("prefill on %s failed (%s); the decode engine computes the prompt", url, e or type(e).__name__)
+            return None
+        params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+        if not isinstance(params, dict):
+            self.counts["no_kv_transfer_params"] += 1
+            log.warning("prefill engine %s returned no kv_transfer_params: is it a kv_producer?", url)
+            return None
+        return params
+
+    async def _models(self, request: Any) -> Any:
+        from aiohttp import web
+
+        async with self._session.get(self.decode[0] + "/v1/models") as resp:
+            return web.Response(body=await resp.read(), status=resp.status, content_type=resp.content_type)
+
+    async def _health(self, request: Any) -> Any:
+        """200 when every engine answers its ``/health``, else 503 naming those that do not."""
+        import aiohttp
+        from aiohttp import web
+
+        async def ok(url: str) -> bool:
+            try:
+                async with self._session.get(url + "/health", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                    return r.status == 200
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                return False
+
+        urls = [*self.prefill, *self.decode]
+        down = [u for u, up in zip(urls, await asyncio.gather(*(ok(u) for u in urls))) if not up]
+        return web.json_response({"down": down}, status=503 if down else 200)
+
+    async def _stats(self, request: Any) -> Any:
+        from aiohttp import web
+
+        return web.json_response(self.counts)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``dynkv proxy``."""
+    p.add_argument("--prefill", action="append", required=True, metavar="URL",
+                   help="prefill engine (kv_producer), e.g. http://127.0.0.1:8100; repeat for several")
+    p.add_argument("--decode", action="append", required=True, metavar="URL",
+                   help="decode engine (kv_consumer), e.g. http://127.0.0.1:8200; repeat for several")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request to one engine")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Entry point of ``dynkv proxy``: serve until interrupted."""
+    from aiohttp import web
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    proxy = Proxy(args.prefill, args.decode, timeout_s=args.timeout)
+    log.info("dynkv proxy on %s:%d: prefill %s; decode %s", args.host, args.port, ", ".join(proxy.prefill),
+             ", ".join(proxy.decode))
+    web.run_app(proxy.app(), host=args.host, port=args.port, print=None)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dynkv.proxy [options]``: the same as ``dynkv proxy``."""
+    p = argparse.ArgumentParser(prog="dynkv proxy", description=DESCRIPTION)
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
