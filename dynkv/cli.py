@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description=bench_serve.DESCRIPTION)
     bench_serve.add_arguments(s)
     s.set_defaults(func=bench_serve.run_from_args)
+    from dynkv import bench_e2e
+
+    x = bsub.add_parser("e2e", help="TTFT per tier inside vLLM (offline API) vs vLLM's own caches: table, JSON, PNG",
+                        description=bench_e2e.DESCRIPTION)
+    bench_e2e.add_arguments(x)
+    x.set_defaults(func=bench_e2e.run_from_args)
     m = sub.add_parser("demo", help="vLLM without and with dynkv on a multi-turn workload",
                        description=demo.DESCRIPTION)
     demo.add_arguments(m)

@@ -1,0 +1,341 @@
+"""One engine of ``dynkv bench e2e``: TTFT per serving path, greedy tokens and decode tokens/s.
+
+Run as ``python -m dynkv.e2e_engine spec.json out.json`` by :mod:`dynkv.bench_e2e`,
+one process per engine so that each starts on a clean device. The engine core
+runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the KV
+connector can be read and the engine stepped between measurements. The
+report is rewritten after every measurement: a run cut short keeps what it
+measured.
+
+TTFT is the wall time of ``LLM.generate`` of one request with
+``max_tokens=1`` while the engine is otherwise idle (every earlier transfer
+reported, every disk write done). vLLM's request metrics split it: ``queue_s``
+(submit to queued: input processing), ``wait_s`` (queued to first scheduled:
+the wait for a connector's load), ``forward_s`` (scheduled to first token:
+prefill or the last block's recompute, and sampling) and ``tail_s`` (output
+processing).
+
+How each path is forced, per prompt length:
+
+- ``recompute`` / ``device`` (no connector): ``reset_prefix_cache()`` before
+  each run, or not.
+- ``host`` (dynkv): reset vLLM's prefix cache only (``reset_connector`` stays
+  False, so dynkv's tiers keep their pages).
+- ``disk`` (dynkv): first push the prompt out of the host tier with filler
+  prompts whose pages fill it (fillers are seen once, so the disk tier's
+  frequency filter keeps them off the disk), then reset vLLM's prefix cache.
+- ``offload`` (vLLM's ``OffloadingConnector``): reset vLLM's prefix cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+__all__ = ["run"]
+
+# Stepping an idle engine until its connector reports nothing in flight.
+_DRAIN_TIMEOUT_S = 300.0
+
+
+class _Engine:
+    """A ``vllm.LLM`` with its connector (if any), and the measurements the spec asks for."""
+
+    def __init__(self, spec: dict[str, Any], out_path: Path) -> None:
+        from vllm import LLM
+
+        self.spec = spec
+        self.out_path = out_path
+        self.report: dict[str, Any] = {"name": spec["name"], "lengths": {}, "errors": []}
+        kwargs = dict(spec["engine"])
+        kind = spec.get("connector")
+        if kind == "dynkv":
+            kwargs["kv_transfer_config"] = {"kv_connector": "DynKVConnector", "kv_role": "kv_both",
+                                            "kv_connector_module_path": "dynkv.connector",
+                                            "kv_connector_extra_config": spec["extra"]}
+        elif kind == "offload":
+            kwargs["kv_transfer_config"] = {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+                                            "kv_connector_extra_config": spec["extra"]}
+        t0 = time.perf_counter()
+        self.llm = LLM(model=spec["model"], **kwargs)
+        self.report["startup_s"] = time.perf_counter() - t0
+        core = self.llm.llm_engine.engine_core.engine_core
+        self.connector = core.scheduler.connector if kind else None
+        self.report["async_scheduling"] = bool(getattr(core.vllm_config.scheduler_config, "async_scheduling", False))
+        self.block_size = int(core.vllm_config.cache_config.block_size)
+        self._fillers = 0
+        self.save()
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def save(self) -> None:
+        tmp = self.out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.report, default=str))
+        tmp.replace(self.out_path)
+
+    def drain(self) -> None:
+        """Step the idle engine until the connector has nothing in flight (stores, loads, disk writes)."""
+        if self.connector is None:
+            return
+        deadline = time.monotonic() + _DRAIN_TIMEOUT_S
+        while self.connector.has_pending_push_work():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the connector still had work in flight after {_DRAIN_TIMEOUT_S:.0f} s")
+            self.llm.llm_engine.step()
+            time.sleep(0.001)
+
+    def reset_device_cache(self) -> None:
+        # reset_connector stays False: only vLLM's own prefix cache is emptied.
+        # vLLM refuses while any block is held, e.g. by a delayed free whose finished_sending
+        # arrives a step later: step the idle engine until it accepts.
+        deadline = time.monotonic() + _DRAIN_TIMEOUT_S
+        while not self.llm.reset_prefix_cache():
+            if time.monotonic() > deadline:
+                raise RuntimeError("vLLM refused to reset its prefix cache with no request running")
+            self.drain()
+            self.llm.llm_engine.step()
+            time.sleep(0.001)
+
+    def samples(self) -> dict[str, float]:
+        if self.spec.get("connector") != "dynkv":
+            return {}
+        from dynkv.engine_info import metric_samples
+
+        counters, gauges = metric_samples(self.connector.leader.metrics.registry)
+        return {**counters, **gauges}
+
+    # -- measurements ------------------------------------------------------------
+
+    def ttft(self, prompt: list[int]) -> dict[str, Any]:
+        """One request, ``max_tokens=1``, on an idle engine: wall time and vLLM's split of it."""
+        from vllm import SamplingParams
+
+        sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
+        before = self.samples()
+        m0, t0 = time.monotonic(), time.perf_counter()
+        out = self.llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
+        wall = time.perf_counter() - t0
+        rec: dict[str, Any] = {"ttft_s": wall, "token": out.outputs[0].token_ids[0],
+                               "cached_tokens": out.num_cached_tokens}
+        st = out.metrics
+        if st is not None and getattr(st, "first_token_ts", 0):
+            # Engine-core timestamps are time.monotonic() of this process (the core runs in it).
+            rec.update(queue_s=st.queued_ts - m0, wait_s=st.scheduled_ts - st.queued_ts,
+                       forward_s=st.first_token_ts - st.scheduled_ts, tail_s=wall - (st.first_token_ts - m0))
+        self.drain()
+        if before:
+            after = self.samples()
+            delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+            rec["hits"] = {t: delta.get(f"dynkv_hits_total{{tier={t}}}", 0.0) for t in ("device", "host", "disk")}
+            rec["h2d_s"] = delta.get("dynkv_transfer_seconds_sum{direction=h2d}", 0.0)
+            rec["h2d_bytes"] = delta.get("dynkv_bytes_moved_total{direction=h2d}", 0.0)
+            rec["disk_read_bytes"] = delta.get("dynkv_bytes_moved_total{direction=disk_to_host}", 0.0)
+        return rec
+
+    def profiled_ttft(self, prompt: list[int]) -> dict[str, Any]:
+        """:meth:`ttft` under ``cProfile``: where the engine's (and the connector's) Python time goes."""
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        rec = prof.runcall(self.ttft, prompt)
+        text = io.StringIO()
+        stats = pstats.Stats(prof, stream=text)
+        stats.sort_stats("cumulative").print_stats(40)
+        stats.sort_stats("tottime").print_stats(25)
+        rec["profile"] = text.getvalue()
+        return rec
+
+    def check(self, prompt: list[int]) -> dict[str, Any]:
+        """Greedy tokens with their top-2 logprobs, for comparing paths."""
+        from vllm import SamplingParams
+
+        sp = SamplingParams(max_tokens=self.spec["check_tokens"], temperature=0.0, ignore_eos=True, logprobs=2,
+                            detokenize=False)
+        out = self.llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
+        self.drain()
+        c = out.outputs[0]
+        logprobs, gaps = [], []
+        for tok, lp in zip(c.token_ids, c.logprobs or []):
+            logprobs.append(lp[tok].logprob)
+            top = sorted((v.logprob for v in lp.values()), reverse=True)
+            if len(top) >= 2:
+                gaps.append(top[0] - top[1])
+        return {"tokens": list(c.token_ids), "logprobs": logprobs, "top2_gaps": gaps,
+                "cached_tokens": out.num_cached_tokens}
+
+    def flush_host_tier(self) -> None:
+        """Fill dynkv's host tier with pages of fresh prompts, so older pages leave it (LRU)."""
+        import numpy as np
+        from vllm import SamplingParams
+
+        chunk, total, lo, hi = (self.spec["flush"][k] for k in ("chunk", "tokens", "token_lo", "token_hi"))
+        rng = np.random.default_rng(self.spec["seed"] + 7919 * (self._fillers + 1))
+        self._fillers += 1
+        prompts = [{"prompt_token_ids": rng.integers(lo, hi, size=chunk).tolist()} for _ in range(-(-total // chunk))]
+        sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
+        self.llm.generate(prompts, sp, use_tqdm=False)
+        self.drain()
+
+    def decode(self, prompts: list[list[int]], tokens: int) -> dict[str, Any]:
+        """Output tokens/s once every request has its first token, to the end (stepping the engine ourselves)."""
+        from vllm import SamplingParams
+
+        engine = self.llm.llm_engine
+        sp = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+        tag = f"decode-{time.monotonic_ns()}"
+        for i, p in enumerate(prompts):
+            engine.add_request(f"{tag}-{i}", {"prompt_token_ids": p}, sp)
+        before = self.samples()
+        counts: dict[str, int] = {}
+        t0 = time.perf_counter()
+        t_decode: float | None = None
+        n_decode = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                counts[out.request_id] = len(out.outputs[0].token_ids)
+            if t_decode is None and len(counts) == len(prompts) and min(counts.values()) >= 1:
+                t_decode, n_decode = time.perf_counter(), sum(counts.values())
+        t1 = time.perf_counter()
+        rec: dict[str, Any] = {"requests": len(prompts), "prompt_tokens": len(prompts[0]), "max_tokens": tokens,
+                               "total_s": t1 - t0, "output_tokens": sum(counts.values())}
+        if t_decode is not None and t1 > t_decode:
+            rec["decode_s"] = t1 - t_decode
+            rec["decode_tok_s"] = (sum(counts.values()) - n_decode) / (t1 - t_decode)
+        if before:
+            after = self.samples()
+            rec["d2h_bytes"] = after.get("dynkv_bytes_moved_total{direction=d2h}", 0.0) - before.get(
+                "dynkv_bytes_moved_total{direction=d2h}", 0.0)
+        self.drain()
+        return rec
+
+    def disk_records_dd(self, prompt: list[int], repeat: int) -> dict[str, Any]:
+        """``dd iflag=direct`` over the disk-tier records that hold ``prompt``'s pages."""
+        import numpy as np
+
+        from dynkv.keys import block_keys
+
+        leader = self.connector.leader
+        full = (len(prompt) - 1) // self.block_size
+        keys = block_keys(self.connector.fingerprint, np.asarray(prompt[: full * self.block_size], dtype=np.int64),
+                          self.block_size)
+        slots = [leader.index.location(k, "disk") for k in keys]
+        held = [s for s in slots if s is not None]
+        if not held:
+            return {"error": "none of the prompt's pages is on the disk tier"}
+        by_file: dict[str, list[int]] = {}
+        for s in held:
+            path, off = leader.disk.location(s)
+            by_file.setdefault(path, []).append(off)
+        record = leader.disk.record_bytes
+        runs = [(path, min(offs), max(offs) + record) for path, offs in by_file.items()]
+        span = sum(end - start for _, start, end in runs)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            for path, start, end in runs:
+                subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=64M", f"skip={start}", f"count={end - start}",
+                                "iflag=direct,skip_bytes,count_bytes", "status=none"], check=True)
+            times.append(time.perf_counter() - t0)
+        return {"pages": len(held), "pages_wanted": len(keys), "bytes": span, "payload_bytes": len(held) * record,
+                "seconds": times, "median_s": statistics.median(times), "gbps": span / statistics.median(times) / 1e9}
+
+
+def _guard(eng: _Engine, what: str, fn: Any, *args: Any) -> Any:
+    """Run one measurement; a failure is recorded and the run goes on to the next."""
+    try:
+        return fn(*args)
+    except Exception as e:  # one path failing must not lose the others' numbers
+        eng.report["errors"].append(f"{what}: {type(e).__name__}: {e}")
+        print(f"[{eng.spec['name']}] {what} failed: {e}", file=sys.stderr, flush=True)
+        return None
+
+
+def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int) -> None:
+    kind = eng.spec.get("connector")
+
+    def series(name: str, before: Any) -> None:
+        rec[name] = []
+        for _ in range(repeat):
+            before()
+            r = _guard(eng, f"{name} ttft", eng.ttft, prompt)
+            if r is not None:
+                rec[name].append(r)
+            eng.save()
+        if eng.spec.get("profile") and kind == "dynkv":
+            # One more run, profiled and kept apart: the profiler slows the Python it watches.
+            before()
+            rec[f"{name}_profiled"] = _guard(eng, f"{name} profiled ttft", eng.profiled_ttft, prompt)
+            eng.save()
+
+    def checked(name: str, before: Any) -> None:
+        before()
+        rec.setdefault("checks", {})[name] = _guard(eng, f"{name} check", eng.check, prompt)
+        eng.save()
+
+    if kind is None:
+        series("recompute", eng.reset_device_cache)
+        series("device", lambda: None)
+        checked("device", lambda: None)
+        checked("recompute", eng.reset_device_cache)
+        return
+    eng.reset_device_cache()
+    rec["miss"] = [r for r in [_guard(eng, "miss ttft", eng.ttft, prompt)] if r is not None]
+    eng.save()
+    if kind == "offload":
+        series("offload", eng.reset_device_cache)
+        checked("offload", eng.reset_device_cache)
+        return
+    series("host", eng.reset_device_cache)
+    checked("host", eng.reset_device_cache)
+
+    def off_host() -> None:
+        eng.flush_host_tier()
+        eng.reset_device_cache()
+
+    series("disk", off_host)
+    checked("disk", off_host)
+    if eng.spec.get("dd_repeat"):
+        rec["dd"] = _guard(eng, "dd", eng.disk_records_dd, prompt, eng.spec["dd_repeat"])
+        eng.save()
+
+
+def run(spec: dict[str, Any], out_path: Path) -> dict[str, Any]:
+    """Measure one engine as ``spec`` says (see :mod:`dynkv.bench_e2e`); the report is also written to ``out_path``."""
+    eng = _Engine(spec, out_path)
+    prompts = spec["prompts"]
+    print(f"[{spec['name']}] engine up in {eng.report['startup_s']:.1f} s", flush=True)
+    # Warm-up on a prompt of its own: Triton kernels compile for the first
+    # prefill, the first cached-prefix step and the first connector load.
+    warm = prompts["warmup"]
+    _guard(eng, "warm-up", eng.ttft, warm)
+    if spec.get("connector"):
+        eng.reset_device_cache()
+    _guard(eng, "warm-up revisit", eng.ttft, warm)
+    for length in spec["lengths"]:
+        rec: dict[str, Any] = {}
+        eng.report["lengths"][str(length)] = rec
+        t0 = time.perf_counter()
+        _paths(eng, prompts[str(length)], rec, spec["repeat"])
+        print(f"[{spec['name']}] {length} tokens measured in {time.perf_counter() - t0:.1f} s", flush=True)
+    dec = spec.get("decode")
+    if dec:
+        eng.report["decode"] = [r for r in (_guard(eng, "decode", eng.decode, p, dec["tokens"])
+                                            for p in prompts["decode"]) if r is not None]
+    eng.report["samples"] = eng.samples()
+    eng.save()
+    eng.llm.llm_engine.engine_core.shutdown()
+    return eng.report
+
+
+if __name__ == "__main__":
+    run(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]))

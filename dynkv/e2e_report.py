@@ -1,0 +1,225 @@
+"""Results of ``dynkv bench e2e``: per-path summaries, greedy comparisons, targets, table and plot.
+
+Works on the engines' JSON reports (:mod:`dynkv.e2e_engine`), so it is shared
+by the bench and its tests. The reference for greedy tokens is vLLM's own
+prefix-cache hit (the ``device`` path of the engine without a connector): a
+cached prefix is what every other path also serves, so the tokens must match
+it exactly; a full recompute may differ in the last bits.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PATHS", "TARGETS", "format_table", "plot", "summarize"]
+
+# (engine, path in that engine's report, label), in table order.
+PATHS = (
+    ("vllm", "recompute", "recompute (vLLM, no cache)"),
+    ("vllm", "device", "vLLM prefix cache (device)"),
+    ("dynkv", "host", "dynkv host tier"),
+    ("dynkv", "disk", "dynkv disk tier"),
+    ("offload", "offload", "vLLM OffloadingConnector (CPU)"),
+    ("dynkv", "miss", "dynkv miss (recompute + store)"),
+    ("offload", "miss", "OffloadingConnector miss"),
+)
+TARGETS = {
+    "host_ttft_s": 0.045,  # host-tier hit TTFT of an 8k prompt
+    "host_vs_offload": 0.7,  # ... and at most this fraction of OffloadingConnector's
+    "disk_vs_dd": 1.3,  # disk-tier hit TTFT within this factor of dd reading the same bytes
+    "decode_ratio": 0.98,  # decode tokens/s with dynkv storing, relative to plain vLLM
+}
+_SPLIT = ("queue_s", "wait_s", "forward_s", "tail_s", "h2d_s")
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def _path_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    ttft = [r["ttft_s"] for r in recs]
+    out: dict[str, Any] = {"n": len(recs), "ttft_s": _median(ttft), "min_s": min(ttft, default=None),
+                           "max_s": max(ttft, default=None), "all_s": ttft,
+                           "cached_tokens": [r.get("cached_tokens") for r in recs],
+                           "first_tokens": [r.get("token") for r in recs]}
+    for k in _SPLIT:
+        out[k] = _median([r[k] for r in recs if r.get(k) is not None])
+    hits = [r["hits"] for r in recs if "hits" in r]
+    if hits:
+        out["hits"] = {t: [h[t] for h in hits] for t in hits[0]}
+    return out
+
+
+def _compare(check: dict[str, Any] | None, ref: dict[str, Any] | None) -> dict[str, Any]:
+    if not check or not ref:
+        return {"identical": None}
+    a, b = check["tokens"], ref["tokens"]
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if first is None and len(a) != len(b):
+        first = min(len(a), len(b))
+    diffs = [abs(x - y) for x, y in zip(check["logprobs"], ref["logprobs"])]
+    out = {"identical": first is None, "first_difference": first, "max_logprob_diff": max(diffs, default=0.0)}
+    if first is not None and first < len(ref.get("top2_gaps", [])):
+        out["reference_gap_there"] = ref["top2_gaps"][first]
+    return out
+
+
+def summarize(reports: Mapping[str, dict[str, Any] | None], lengths: list[int]) -> dict[str, Any]:
+    """Per length and path: TTFT statistics, the split of the median, greedy comparison; decode; targets."""
+    out: dict[str, Any] = {"lengths": {}, "targets": []}
+    for length in lengths:
+        key = str(length)
+        ref = ((reports.get("vllm") or {}).get("lengths", {}).get(key, {}).get("checks") or {}).get("device")
+        rows: dict[str, Any] = {}
+        for engine, path, label in PATHS:
+            rec = ((reports.get(engine) or {}).get("lengths") or {}).get(key, {})
+            if not rec.get(path):
+                continue
+            row = _path_summary(rec[path])
+            row["label"] = label
+            checks = rec.get("checks") or {}
+            if engine == "vllm" and path == "device":
+                row["greedy"] = {"identical": None, "reference": True}
+            else:
+                row["greedy"] = {"identical": None} if path == "miss" else _compare(checks.get(path), ref)
+            recompute = ((reports.get("vllm") or {}).get("lengths", {}).get(key, {}).get("checks") or {}).get("recompute")
+            if path != "miss":
+                row["greedy_vs_recompute"] = _compare(checks.get(path), recompute)
+            if ref and row["first_tokens"]:
+                row["first_token_matches"] = all(t == ref["tokens"][0] for t in row["first_tokens"])
+            rows[f"{engine}/{path}"] = row
+        dd = ((reports.get("dynkv") or {}).get("lengths") or {}).get(key, {}).get("dd")
+        gaps = (ref or {}).get("top2_gaps") or []
+        out["lengths"][key] = {"paths": rows, "dd": dd, "top2_gap_min": min(gaps, default=None),
+                               "top2_gap_median": _median(gaps)}
+    out["decode"] = _decode(reports)
+    out["targets"] = _targets(out, lengths)
+    return out
+
+
+def _decode(reports: Mapping[str, dict[str, Any] | None]) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    for engine in ("vllm", "dynkv"):
+        recs = (reports.get(engine) or {}).get("decode") or []
+        rates = [r["decode_tok_s"] for r in recs if r.get("decode_tok_s")]
+        d[engine] = {"tok_s": _median(rates), "all": rates, "d2h_bytes": [r.get("d2h_bytes") for r in recs]}
+    plain, ours = d["vllm"]["tok_s"], d["dynkv"]["tok_s"]
+    d["ratio"] = ours / plain if plain and ours else None
+    return d
+
+
+def _targets(s: dict[str, Any], lengths: list[int]) -> list[dict[str, Any]]:
+    t: list[dict[str, Any]] = []
+    for length in lengths:
+        L = s["lengths"][str(length)]
+        paths = L["paths"]
+        host, disk, off = (paths.get(k, {}).get("ttft_s") for k in ("dynkv/host", "dynkv/disk", "offload/offload"))
+        if length == 8192 and host is not None:
+            t.append({"target": "host-tier hit TTFT, 8k prompt", "limit": f"<= {TARGETS['host_ttft_s'] * 1e3:.0f} ms",
+                      "measured": f"{host * 1e3:.1f} ms", "met": host <= TARGETS["host_ttft_s"]})
+        if host is not None and off:
+            t.append({"target": f"host-tier hit TTFT vs OffloadingConnector, {length} tokens",
+                      "limit": f"<= {TARGETS['host_vs_offload']}x", "measured": f"{host / off:.2f}x",
+                      "met": host / off <= TARGETS["host_vs_offload"]})
+        dd = L.get("dd") or {}
+        if disk is not None and dd.get("median_s"):
+            r = disk / dd["median_s"]
+            t.append({"target": f"disk-tier hit TTFT vs dd O_DIRECT of the same bytes, {length} tokens",
+                      "limit": f"<= {TARGETS['disk_vs_dd']}x", "measured": f"{r:.2f}x ({disk * 1e3:.0f} ms vs "
+                      f"{dd['median_s'] * 1e3:.0f} ms)", "met": r <= TARGETS["disk_vs_dd"]})
+        for key, row in paths.items():
+            g = row.get("greedy", {})
+            # Recompute is not a cached path: its tokens are shown, not held to the target.
+            if g.get("identical") is not None and key != "vllm/recompute":
+                t.append({"target": f"greedy tokens = vLLM prefix-cache hit: {row['label']}, {length} tokens",
+                          "limit": "identical", "measured": "identical" if g["identical"] else
+                          f"differ from token {g['first_difference']}", "met": bool(g["identical"])})
+    r = s["decode"]["ratio"]
+    if r is not None:
+        t.append({"target": "decode tokens/s with dynkv storing vs plain vLLM",
+                  "limit": f">= {TARGETS['decode_ratio']:.0%}", "measured": f"{r:.1%}", "met": r >= TARGETS["decode_ratio"]})
+    return t
+
+
+def _same(g: dict[str, Any] | None) -> str:
+    if not g or g.get("identical") is None:
+        return "-"
+    return "yes" if g["identical"] else f"no (from token {g['first_difference']})"
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 1e3:.1f}"
+
+
+def format_table(s: dict[str, Any]) -> str:
+    """Markdown tables: TTFT per path and length, dd, decode, top-2 gaps, targets."""
+    lines: list[str] = []
+    for length, L in s["lengths"].items():
+        lines += [f"### {length}-token prompt", "",
+                  "| path | TTFT ms (median) | min-max | queue | wait/load | forward | tail | dynkv H2D | "
+                  "cached tokens | greedy = prefix-cache hit | = recompute |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row in L["paths"].values():
+            g = row["greedy"]
+            same = _same(g)
+            if g.get("reference"):
+                same = "reference"
+            cached = sorted({c for c in row["cached_tokens"] if c is not None})
+            lines.append(f"| {row['label']} | {_ms(row['ttft_s'])} | {_ms(row['min_s'])}-{_ms(row['max_s'])} | "
+                         f"{_ms(row['queue_s'])} | {_ms(row['wait_s'])} | {_ms(row['forward_s'])} | "
+                         f"{_ms(row['tail_s'])} | {_ms(row['h2d_s']) if row['h2d_s'] else '-'} | "
+                         f"{','.join(map(str, cached)) or '-'} | {same} | {_same(row.get('greedy_vs_recompute'))} |")
+        dd = L.get("dd") or {}
+        if dd.get("median_s"):
+            lines.append(f"\ndd iflag=direct over the same disk records: {dd['median_s'] * 1e3:.1f} ms for "
+                         f"{dd['bytes'] / 2**20:.0f} MiB ({dd['gbps']:.2f} GB/s; {dd['pages']} of "
+                         f"{dd['pages_wanted']} pages on disk)")
+        elif dd.get("error"):
+            lines.append(f"\ndd: {dd['error']}")
+        if L["top2_gap_min"] is not None:
+            lines.append(f"\nreference top-2 logprob gap: min {L['top2_gap_min']:.3f}, median "
+                         f"{L['top2_gap_median']:.3f} nats")
+        lines.append("")
+    d = s["decode"]
+    if d["vllm"]["tok_s"] or d["dynkv"]["tok_s"]:
+        plain, ours = (f"{x:.0f}" if x else "n/a" for x in (d["vllm"]["tok_s"], d["dynkv"]["tok_s"]))
+        lines += ["### decode", "", f"plain vLLM {plain} tok/s, with dynkv storing {ours} tok/s"
+                  + (f" ({d['ratio']:.1%})" if d["ratio"] else ""), ""]
+    if s["targets"]:
+        lines += ["### targets", "", "| target | limit | measured | met |", "| --- | --- | --- | --- |"]
+        lines += [f"| {t['target']} | {t['limit']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |"
+                  for t in s["targets"]]
+    return "\n".join(lines)
+
+
+def plot(s: dict[str, Any], path: Path, title: str = "TTFT per serving path") -> None:
+    """PNG: median TTFT (bars, min-max whiskers) per path and prompt length, log scale; dd as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = list(s["lengths"])
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.8), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        rows = [r for r in s["lengths"][length]["paths"].values() if r["ttft_s"] is not None]
+        med = [r["ttft_s"] * 1e3 for r in rows]
+        err = [[m - r["min_s"] * 1e3 for m, r in zip(med, rows)], [r["max_s"] * 1e3 - m for m, r in zip(med, rows)]]
+        ax.barh(range(len(rows)), med, xerr=err, color="tab:blue")
+        ax.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=8)
+        ax.invert_yaxis()
+        dd = s["lengths"][length].get("dd") or {}
+        if dd.get("median_s"):
+            ax.axvline(dd["median_s"] * 1e3, color="tab:red", ls="--", label="dd O_DIRECT, same bytes")
+            ax.legend(fontsize=8)
+        for i, m in enumerate(med):
+            ax.text(m, i, f" {m:.0f}", va="center", fontsize=8)
+        ax.set(xscale="log", xlabel="TTFT (ms, median; whiskers min-max)", title=f"{length}-token prompt")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

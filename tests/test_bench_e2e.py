@@ -1,0 +1,28 @@
+"""`dynkv bench e2e` on vLLM's CPU build: every path runs, and dynkv's hits give vLLM's own tokens."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_e2e_cpu_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dynkv.cli", "bench", "e2e", "--device", "cpu", "--lengths", "256",
+           "--repeat", "1", "--check-tokens", "8", "--decode-requests", "2", "--decode-tokens", "16",
+           "--decode-repeat", "1", "--work-dir", str(tmp_path / "work"), "--out", str(out), "--no-plot"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((out / "e2e.json").read_text())
+    paths = report["summary"]["lengths"]["256"]["paths"]
+    for path in ("vllm/recompute", "vllm/device", "dynkv/host", "dynkv/disk"):
+        assert path in paths, f"path {path} missing from {sorted(paths)}"
+    greedy = {t["target"]: t["met"] for t in report["summary"]["targets"] if t["target"].startswith("greedy")}
+    assert greedy and all(greedy.values()), greedy
+    assert report["summary"]["decode"]["dynkv"]["tok_s"] > 0
