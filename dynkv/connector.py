@@ -317,7 +317,9 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             return 0, False
         bs = self.block_size
         base = -(-num_computed_tokens // bs)
-        limit = max(base, (request.num_tokens - 1) // bs)  # vLLM computes the prompt's last token itself
+        # Every full block, the last one included: after an asynchronous load that covers the whole
+        # prompt, vLLM rewinds one token and computes only that one (not the last block's 16 or 32).
+        limit = max(base, request.num_tokens // bs)
         n = self.leader.lookup(request.request_id, self._keys(st, limit), base)
         remote = self._remote(st)
         if remote is not None:

@@ -147,14 +147,15 @@ def test_lookup_loads_the_shared_prefix_into_the_new_blocks(conn: Any, rng: np.r
     assert load.req_id == "b" and load.block_ids == (10,)  # block 0 was computed locally (20 tokens)
 
 
-def test_whole_prompt_hit_leaves_the_last_token_to_vllm(conn: Any, rng: np.random.Generator) -> None:
+def test_whole_prompt_hit_loads_every_block(conn: Any, rng: np.random.Generator) -> None:
     prompt = tokens(rng, 2 * BS)
     a = FakeRequest("a", prompt)
     conn.on_new_request(a)
     complete(conn, conn.build_connector_meta(step(new={"a": [1, 2]}, scheduled={"a": 2 * BS})))
     b = FakeRequest("b", prompt)
     conn.on_new_request(b)
-    assert conn.get_num_new_matched_tokens(b, 0) == (BS, True)
+    # vLLM recomputes only the last token of a whole-prompt hit (it rewinds one after the load).
+    assert conn.get_num_new_matched_tokens(b, 0) == (2 * BS, True)
     conn.update_state_after_alloc(b, blocks([3, 4]), 0)  # vLLM chose not to load (e.g. no room)
     assert conn.build_connector_meta(step()).plan.loads == []
     assert conn.leader.stats()["host"]["pinned"] == 0
