@@ -95,6 +95,7 @@ class _Request:
     match: list[tuple[str, int, bytes]] = field(default_factory=list)  # pinned by lookup, not yet loading
     remote: Any = None  # RemotePrefill of REMOTE matches
     remote_slots: dict[bytes, int] = field(default_factory=dict)
+    pull_failed: bool = False  # vLLM reschedules the request: it recomputes rather than pulls again
     looked_up: bool = False
     load: _Load | None = None
     stores: set[int] = field(default_factory=set)
@@ -315,11 +316,15 @@ class Leader:
         pulled into; a page the host tier already stores is loaded from there
         instead. Stops at the first page with no host slot to spare. Returns
         how many pages were added, or None while another request is pulling
-        one of them: ask again later rather than pull it twice.
+        one of them: ask again later rather than pull it twice. A request
+        whose pull failed matches nothing more: vLLM reschedules it, and it
+        is recomputed rather than sent to a peer that just failed.
         """
         req = self._reqs.get(req_id)
         if req is None or not req.looked_up:
             raise ValueError(f"request {req_id!r}: match_remote() before lookup()")
+        if req.pull_failed:
+            return 0
         added = 0
         for i in range(start, min(len(keys), len(remote.slots))):
             key = keys[i]
@@ -617,6 +622,9 @@ class Leader:
             keys, pulled = op.host_keys, op.pulled_keys
             if failed:
                 self.metrics.load_errors.labels("remote" if pulled else "worker").inc(len(pulled or op.block_ids))
+                req = self._reqs.get(op.req_id)
+                if pulled and req is not None:
+                    req.pull_failed = True
             else:
                 self.metrics.pages.labels("h2d").inc(len(keys) + len(pulled))
                 if pulled:  # every rank wrote its slice: whole pages, cached from now on

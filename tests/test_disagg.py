@@ -25,7 +25,7 @@ from dynkv.disagg.params import MAX_PAGES, ParamsError, RemotePrefill, asks_remo
 from dynkv.disagg.puller import PullError, Puller
 from dynkv.disagg.wire import Handshake, IncompatibleError, SideChannelClient, SideChannelServer
 from dynkv.leader import Leader
-from dynkv.protocol import PullSpec
+from dynkv.protocol import PullSpec, WorkerReport
 
 pytest.importorskip("nixl", reason="disaggregated serving needs NIXL")
 
@@ -332,6 +332,31 @@ def test_exports_expire_when_never_pulled(rng: np.random.Generator) -> None:
         assert stats["exports"] == 0 and stats["outcomes"]["expired"] == 1 and stats["host"]["pinned"] == 0
     finally:
         prefill.close()
+
+
+def test_a_failed_pull_is_not_retried_for_the_same_request(rng: np.random.Generator) -> None:
+    """vLLM reschedules a request whose load failed and looks it up again: it must be recomputed, not re-pulled."""
+    model = Model()
+    engine = decode_engine(model, tp=1, processes=False)
+    leader = engine.leader
+    try:
+        keys = engine.keys(prompt(rng, model, 3))
+        remote = RemotePrefill("p", "127.0.0.1", 1, "i", "t", model.fingerprint().digest().hex(), keys[2].hex(),
+                               (10, 11, 12))
+        assert leader.lookup("a", keys, 0) == 0
+        assert leader.match_remote("a", keys, 0, remote) == 3
+        leader.begin_load("a", [5, 6, 7])
+        (load,) = leader.build_plan().loads
+        leader.update(WorkerReport(failed={load.job: 1}, failed_blocks={5, 6, 7}))
+        assert leader.lookup("a", keys, 0) == 0
+        assert leader.match_remote("a", keys, 0, remote) == 0
+        assert leader.match_remote("a", keys, 0, remote) == 0
+        assert leader.lookup("b", keys, 0) == 0 and leader.match_remote("b", keys, 0, remote) == 3  # others may
+        leader.request_finished("a")
+        leader.request_finished("b")
+        assert leader.stats()["host"]["pending"] == 0 and not leader._importing
+    finally:
+        close(engine)
 
 
 def test_a_page_being_pulled_is_waited_for_not_pulled_twice(rng: np.random.Generator) -> None:
