@@ -17,6 +17,7 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q "$(VLLM_SPEC)" "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-deps "nixl==1.5.1" "nixl-cu12==1.5.1"  # disaggregated serving; its deps would replace torch with a CUDA build
 	# vLLM pulls in torchvision/torchaudio/torchcodec built for another torch;
 	# they break transformers' imports and nothing here needs them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
