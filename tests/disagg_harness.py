@@ -139,13 +139,12 @@ def decode(engine: Engine, req_id: str, tokens: list[int], params: dict[str, Any
            timeout: float = 120.0) -> Decoded:
     """Serve a prompt on the decode engine as the connector does in vLLM, then check every block.
 
-    The last token is left for the engine to compute (vLLM computes it on the
-    decode side), so a prompt of ``n`` full blocks can load ``n - 1``;
-    blocks whose load failed are recomputed by the "forward".
+    Every full block may be loaded (vLLM then computes the last token
+    again); blocks whose load failed are recomputed by the "forward".
     """
     leader, bs = engine.leader, engine.model.block_size
     keys = engine.keys(tokens)
-    limit = (len(tokens) - 1) // bs
+    limit = len(tokens) // bs
     local = leader.lookup(req_id, keys[:limit], 0)
     pulled, refused = 0, None
     try:
