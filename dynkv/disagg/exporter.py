@@ -10,9 +10,10 @@ export when done. Pins go when every rank has released, or after
 ``export_timeout_s``. The device blocks were freed as soon as the stores
 finished: no GPU memory waits for a decode engine.
 
-Threads: the side channel answers on its own thread from a locked table; the
-index is only touched from the leader's thread (:meth:`poll`, called at each
-leader entry point).
+Threads: the side channel answers on its own thread from a locked table, and
+progresses the NIXL agent there (often while decode ranks are at work, rarely
+otherwise); the index is only touched from the leader's thread
+(:meth:`poll`, called at each leader entry point).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ log = logging.getLogger("dynkv.disagg")
 
 HOST = "host"
 _MAX_WORLD = 4096
+# Side-channel ticks (ms) while decode ranks may be connecting or reading, and how long "may" lasts (s).
+_BUSY_TICK_MS, _BUSY_S = 1, 5.0
 
 
 @dataclass
@@ -90,11 +93,13 @@ class Exporter:
         self._metadata = self._agent.metadata
         self._lock = threading.Lock()
         self._exports: dict[str, _Export] = {}
+        self._busy_until = 0.0
         self._outcomes = Counter("dynkv_exports", "Exports to decode engines, by outcome", ["outcome"],
                                  registry=metrics.registry)
         self._pages = Counter("dynkv_exported_pages", "Pages exported to decode engines", registry=metrics.registry)
         try:
-            self._server = SideChannelServer(config.side_channel_host, config.side_channel_port, self._serve)
+            self._server = SideChannelServer(config.side_channel_host, config.side_channel_port, self._serve,
+                                             self._progress)
         except BaseException:
             self._agent.close()
             raise
@@ -177,8 +182,14 @@ class Exporter:
 
     # -- side-channel thread ------------------------------------------------------
 
+    def _progress(self) -> int:
+        self._agent.progress()
+        return _BUSY_TICK_MS if time.monotonic() < self._busy_until else 100
+
     def _serve(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[bytes]]:
         op = msg.get("op")
+        if op in ("hello", "acquire"):  # a decode rank is about to connect or read
+            self._busy_until = time.monotonic() + _BUSY_S
         if op == "hello":
             return {"ok": True, "handshake": self.handshake.to_json()}, [self._metadata]
         transfer = msg.get("transfer")

@@ -52,6 +52,12 @@ class Agent:
         The host memory remote agents may read (prefill) or that READs land
         in (decode).
 
+    NIXL's own progress thread polls without pause, a whole core per agent,
+    so there is none: a transfer's initiator progresses it while it waits
+    (:meth:`read`), and a target calls :meth:`progress` now and then (new
+    connections need it; one-sided reads over shared memory or RDMA do not).
+    Calls are serialized by NIXL, so several threads may share an agent.
+
     Raises
     ------
     NixlUnavailable
@@ -60,7 +66,8 @@ class Agent:
 
     def __init__(self, name: str, ptr: int, nbytes: int) -> None:
         api = _api()
-        conf = api.nixl_agent_config(backends=["UCX"], sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+        conf = api.nixl_agent_config(backends=["UCX"], enable_prog_thread=False,
+                                     sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
         self.name = name
         self._agent = api.nixl_agent(name, conf)
         if "UCX" not in self._agent.backends:
@@ -75,6 +82,10 @@ class Agent:
     def metadata(self) -> bytes:
         """What a remote agent needs (:meth:`add_peer`) to read this agent's memory."""
         return bytes(self._agent.get_agent_metadata())
+
+    def progress(self) -> None:
+        """Let the backend accept connections and serve two-sided transfers (a target's duty)."""
+        self._agent.get_new_notifs()
 
     def add_peer(self, metadata: bytes) -> str:
         """Load a remote agent's metadata; returns its name."""

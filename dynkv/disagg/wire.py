@@ -162,6 +162,9 @@ class SideChannelServer:
     handler
         ``handler(request) -> (reply, blobs)``; an exception becomes an error
         reply naming it, never a dead thread.
+    tick
+        Called on the thread between requests; returns how many milliseconds
+        to wait for the next one before calling it again.
 
     Raises
     ------
@@ -169,7 +172,7 @@ class SideChannelServer:
         The address cannot be bound; the message names it.
     """
 
-    def __init__(self, host: str, port: int, handler: Handler) -> None:
+    def __init__(self, host: str, port: int, handler: Handler, tick: Callable[[], int] | None = None) -> None:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -190,13 +193,18 @@ class SideChannelServer:
             ) from None
         self.host = host
         self._handler = handler
+        self._tick = tick
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"dynkv-side-channel-{self.port}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        wait_ms = _TICK_MS
         while not self._stop.is_set():
-            if not self._sock.poll(_TICK_MS):
+            ready = self._sock.poll(wait_ms)
+            if self._tick is not None:
+                wait_ms = min(self._tick(), _TICK_MS)
+            if not ready:
                 continue
             frames = self._sock.recv_multipart()
             ident, body = frames[0], frames[1:]
