@@ -1,0 +1,284 @@
+"""Disaggregated serving on real vLLM (CPU build): ``worker/disagg_1p1d.sh`` with the tiny random model.
+
+The script starts a prefill engine (``kv_producer``), a decode engine
+(``kv_consumer``) and ``dynkv proxy``. Requests through the proxy must give
+the greedy tokens that aggregated serving gives (the prefill engine serving
+the same request by itself); the decode engine's metrics must show every full
+prompt block pulled over NIXL and only the last, partial block computed
+there. Then the prefill engine is killed after answering: the decode engine
+recomputes and the output is still the same. Last, a TP=2 prefill engine
+feeds a TP=1 decode engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import BASE_SEED
+
+from dynkv.testmodel import FIRST_WORD_ID, PRESETS, write_model
+from dynkv.vllm_server import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    __import__("importlib").util.find_spec("nixl") is None, reason="disaggregated serving needs NIXL")]
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = 32
+ENGINE_BLOCKS = 64
+
+
+class Deployment:
+    """``worker/disagg_1p1d.sh`` as a child process, and its endpoints."""
+
+    def __init__(self, model: str, log_dir: Path, **env: str) -> None:
+        self.ports = {k: free_port() for k in ("PROXY_PORT", "PREFILL_PORT", "DECODE_PORT")}
+        self.log_dir = log_dir
+        kv_bytes = ENGINE_BLOCKS * BLOCK * PRESETS["tiny"].kv_bytes_per_token()
+        extra = (f"--enforce-eager --seed 0 --served-model-name tiny --num-gpu-blocks-override {ENGINE_BLOCKS} "
+                 f"--kv-cache-memory-bytes {kv_bytes}")
+        self.env = {**os.environ, "MODEL": model, "PYTHON": str(ROOT / ".venv/bin/python"), "DTYPE": "float32",
+                    "BLOCK_SIZE": str(BLOCK), "MAX_MODEL_LEN": "512", "SHUTDOWN_TIMEOUT": "20", "EXTRA_ARGS": extra,
+                    "DYNKV_HOST_GB": "0.02", "DYNKV_TRANSFER_TIMEOUT_S": "5", "PROXY_HOST": "127.0.0.1",
+                    "LOG_DIR": str(log_dir), "STOP_TIMEOUT": "20", "SIDE_CHANNEL_PORT": "0",
+                    **{k: str(v) for k, v in self.ports.items()},
+                    **env}
+        self.proc = subprocess.Popen([str(ROOT / "worker/disagg_1p1d.sh")], env=self.env, stdout=subprocess.DEVNULL,
+                                     stderr=open(log_dir / "script.log", "wb"), start_new_session=True)
+
+    def url(self, which: str) -> str:
+        return f"http://127.0.0.1:{self.ports[which]}"
+
+    def wait_ready(self, timeout_s: float = 600) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"disagg_1p1d.sh exited ({self.proc.returncode}):\n{self.logs()}")
+            try:
+                with urllib.request.urlopen(self.url("PROXY_PORT") + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        pytest.fail(f"not ready after {timeout_s} s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        def tail(p: Path) -> str:  # without the reference-leak report some builds print at exit
+            lines = [x for x in p.read_text(errors="replace").splitlines() if "leaked" not in x and "nanobind" not in x]
+            return "\n".join(lines[-25:])
+
+        return "\n".join(f"== {p.name}\n{tail(p)}" for p in sorted(self.log_dir.glob("*.log")))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+    def engine_pgid(self, which: str) -> int:
+        """Process group of the engine listening on ``which`` (the script starts each in its own)."""
+        port = str(self.ports[which])
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                args = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--port" in args and args[args.index(b"--port") + 1] == port.encode():
+                return os.getpgid(int(entry.name))
+        raise AssertionError(f"no process listens on {which}={port}")
+
+
+def shm_files(pgid: int) -> set[str]:
+    """Files under /dev/shm that the processes of group ``pgid`` map."""
+    out: set[str] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != pgid:
+                continue
+            with open(f"/proc/{entry.name}/maps") as f:
+                out.update(p for line in f if (p := line.split(maxsplit=5)[-1].strip()).startswith("/dev/shm/"))
+        except OSError:
+            continue
+    return out
+
+
+def post(url: str, path: str, body: dict[str, Any]) -> Any:
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        raw = r.read().decode()
+    if not body.get("stream"):
+        return json.loads(raw)
+    events = [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: {")]
+    return [t for e in events for c in e["choices"] for t in (c.get("token_ids") or [])]
+
+
+def tokens_of(answer: Any) -> list[int]:
+    return answer if isinstance(answer, list) else answer["choices"][0]["token_ids"]
+
+
+def metrics(url: str) -> dict[str, float]:
+    """``name|label=value...`` -> value of a server's samples, without vLLM's engine and model labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = "".join(f"|{k}={v}" for k, v in sorted(s.labels.items()) if k not in ("engine", "model_name"))
+            out[s.name + labels] = out.get(s.name + labels, 0.0) + s.value
+    return out
+
+
+def completion(prompt: list[int], **over: Any) -> dict[str, Any]:
+    return {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True, **over}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(write_model(tmp_path_factory.mktemp("model") / "tiny", preset="tiny"))
+
+
+@pytest.fixture(scope="module")
+def deployment(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    d = Deployment(model_dir, tmp_path_factory.mktemp("disagg"))
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        d.stop()
+    assert d.proc.returncode is not None
+
+
+def draw(n: int, length: int, salt: int) -> list[list[int]]:
+    rng = np.random.default_rng(BASE_SEED + salt)
+    return rng.integers(FIRST_WORD_ID, 1024, size=(n, length)).tolist()
+
+
+def full_blocks(prompt: list[int]) -> int:
+    return len(prompt) // BLOCK
+
+
+def computed_on_decode(prompt: list[int]) -> int:
+    """Prompt tokens a decode engine counts as computed after pulling every full block: the partial block.
+
+    (For a prompt of whole blocks vLLM recomputes the last token to sample
+    the next one, but counts it as transferred.)
+    """
+    return len(prompt) - BLOCK * full_blocks(prompt)
+
+
+def test_1p1d_through_the_proxy_matches_aggregated(deployment: Deployment) -> None:
+    P, D, proxy = deployment.url("PREFILL_PORT"), deployment.url("DECODE_PORT"), deployment.url("PROXY_PORT")
+    prompts = draw(3, 200, 1) + draw(1, 160, 2)
+    before = metrics(D)
+    # Aggregated serving: the prefill engine answers each request by itself.
+    reference = [tokens_of(post(P, "/v1/completions", completion(p))) for p in prompts]
+    got = [tokens_of(post(proxy, "/v1/completions", completion(p, stream=i % 2 == 1)))
+           for i, p in enumerate(prompts)]
+    assert got == reference
+    # A second turn: the conversation so far is the decode engine's own; only the new blocks are pulled.
+    turn2 = prompts[0] + reference[0] + draw(1, 60, 3)[0]
+    assert tokens_of(post(proxy, "/v1/completions", completion(turn2))) == \
+        tokens_of(post(P, "/v1/completions", completion(turn2)))
+    after = metrics(D)
+
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    pulled = sum(full_blocks(p) for p in prompts) + full_blocks(turn2) - full_blocks(prompts[0])
+    print({k: v for k, v in after.items() if "dynkv" in k or "by_source" in k})
+    assert delta("vllm:dynkv_pages_moved_total|direction=remote_to_host") == pulled
+    assert delta("vllm:dynkv_hits_total|tier=remote") == pulled
+    assert delta("vllm:dynkv_load_errors_total|reason=remote") == 0
+    # No prefill computed on the decode engine beyond each prompt's last, partial block.
+    tails = sum(computed_on_decode(p) for p in [*prompts, turn2])
+    assert delta("vllm:prompt_tokens_by_source_total|source=local_compute") == tails
+    assert delta("vllm:prompt_tokens_cached_by_source_total|source=p2p") == pulled * BLOCK
+    # Every export was released by the decode engine: the prefill engine holds no pins for it.
+    assert metrics(P).get("vllm:dynkv_exports_total|outcome=expired", 0.0) == 0
+
+
+def test_chat_through_the_proxy(deployment: Deployment) -> None:
+    P, proxy = deployment.url("PREFILL_PORT"), deployment.url("PROXY_PORT")
+    words = " ".join(f"w{i}" for i in draw(1, 120, 4)[0])
+    body = {"model": "tiny", "messages": [{"role": "user", "content": words}], "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True}
+    ref = post(P, "/v1/chat/completions", body)["choices"][0]["message"]["content"]
+    assert post(proxy, "/v1/chat/completions", body)["choices"][0]["message"]["content"] == ref
+
+
+def test_prefill_killed_after_answering(deployment: Deployment) -> None:
+    """Runs last of the deployment's tests: it kills the prefill engine."""
+    P, D = deployment.url("PREFILL_PORT"), deployment.url("DECODE_PORT")
+    prompt = draw(1, 200, 5)[0]
+    reference = tokens_of(post(P, "/v1/completions", completion(prompt)))
+    answer = post(P, "/v1/completions", completion(prompt, max_tokens=1,
+                                                   kv_transfer_params={"do_remote_decode": True}))
+    params = answer["kv_transfer_params"]
+    assert params["do_remote_prefill"] and len(params["dynkv"]["slots"]) == len(prompt) // BLOCK
+    pgid = deployment.engine_pgid("PREFILL_PORT")
+    leftovers = shm_files(pgid)  # a killed engine unlinks nothing: its host pool, vLLM's queues
+    os.killpg(pgid, signal.SIGKILL)
+    for path in leftovers:
+        Path(path).unlink(missing_ok=True)
+    before = metrics(D)
+    assert tokens_of(post(D, "/v1/completions", completion(prompt, kv_transfer_params=params))) == reference
+    after = metrics(D)
+    lost = after.get("vllm:dynkv_load_errors_total|reason=remote", 0) - before.get(
+        "vllm:dynkv_load_errors_total|reason=remote", 0)
+    assert lost == full_blocks(prompt)
+    assert after["vllm:prompt_tokens_by_source_total|source=local_compute"] - before[
+        "vllm:prompt_tokens_by_source_total|source=local_compute"] == len(prompt)
+    # The proxy serves on without its prefill engine: the decode engine computes the prompt.
+    assert tokens_of(post(deployment.url("PROXY_PORT"), "/v1/completions", completion(prompt[:150]))) == \
+        tokens_of(post(D, "/v1/completions", completion(prompt[:150], cache_salt="recompute")))
+    deployment.stop()
+
+
+def test_prefill_tp2_feeds_decode_tp1(model_dir: str, tmp_path: Path) -> None:
+    """Heterogeneous TP on vLLM's CPU build: pages written by two ranks are read whole by one."""
+    d = Deployment(model_dir, tmp_path, PREFILL_TP="2", DECODE_TP="1",
+                   PREFILL_ENV="VLLM_CPU_OMP_THREADS_BIND=0|1", DECODE_ENV="VLLM_CPU_OMP_THREADS_BIND=1")
+    try:
+        d.wait_ready()
+        D, proxy = d.url("DECODE_PORT"), d.url("PROXY_PORT")
+        prompts = draw(2, 200, 6)
+        before = metrics(D)
+        got = [tokens_of(post(proxy, "/v1/completions", completion(p))) for p in prompts]
+        after = metrics(D)
+        # The decode engine (TP=1) recomputing by itself is the reference: TP=2 sums in another order.
+        reference = [tokens_of(post(D, "/v1/completions", completion(p, kv_transfer_params=None,
+                                                                      cache_salt="recompute"))) for p in prompts]
+        assert got == reference
+        pulled = after["vllm:dynkv_pages_moved_total|direction=remote_to_host"] - before.get(
+            "vllm:dynkv_pages_moved_total|direction=remote_to_host", 0)
+        assert pulled == sum(full_blocks(p) for p in prompts)
+        assert after.get("vllm:dynkv_load_errors_total|reason=remote", 0) == 0
+        pools = {f for w in ("PREFILL_PORT", "DECODE_PORT") for f in shm_files(d.engine_pgid(w)) if "/dynkv-" in f}
+        assert len(pools) == 2
+        d.stop()
+        assert not [f for f in pools if os.path.exists(f)], "a stopped engine left its host pool behind"
+    finally:
+        d.stop()
+        for name in os.listdir("/dev/shm"):  # vLLM's CPU TP group leaves these when it is stopped
+            if name.startswith("vllm_dist_"):
+                Path("/dev/shm", name).unlink(missing_ok=True)
