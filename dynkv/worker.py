@@ -218,15 +218,19 @@ class Worker:
                    time.perf_counter(), None)
         if self._pull_threads is None:
             self._pull_threads = ThreadPoolExecutor(_PULL_THREADS, thread_name_prefix=f"dynkv-pull{self.rank}")
-        rec.handle = self._pull_threads.submit(self._pull_and_scatter, op)
+        try:
+            pages = self._page_buffer()  # here, not on a pull thread: the pool is attached once
+            rec.handle = self._pull_threads.submit(self._pull_and_scatter, op, pages)
+        except Exception as e:  # no host pool: the job fails, the step goes on
+            log.error("rank %d: load job %d failed to start: %s", self.rank, op.job, e)
+            rec.handle, rec.error = _done_future(), e
         self._jobs.append(rec)
 
-    def _pull_and_scatter(self, op: LoadOp) -> tuple[int, float]:
+    def _pull_and_scatter(self, op: LoadOp, pages: PageBuffer) -> tuple[int, float]:
         """Pull thread: this rank's slice of the remote pages, then the scatter; ``(bytes, seconds)`` pulled."""
         from dynkv.disagg.puller import PullError
 
         assert op.pull is not None and self.view is not None
-        pages = self._page_buffer()
         t0 = time.perf_counter()
         try:
             nbytes = self._puller_for(pages).pull(op.pull)
