@@ -75,7 +75,7 @@ class RankState:
         self.kv = make_rank_kv(rng, model.shape, dims=model.dims, form="separate", dtype=DTYPE, heads=self.heads,
                                num_layers=model.num_layers, num_blocks=num_blocks, device=model.device)
         self.layers = self.kv.layers()
-        self.worker = Worker(config, rank=rank, world_size=tp, pool_name=pool_name)
+        self.worker = Worker(config, rank=rank, world_size=tp, pool_name=pool_name, fingerprint=model.fingerprint())
         self.worker.register(self.kv.view(num_heads_total=model.num_heads, head_start=self.heads[0]))
 
     def _expected(self, key: bytes, layer: int) -> torch.Tensor:
