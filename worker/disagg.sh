@@ -116,7 +116,7 @@ engine() {
   # Side channels: prefill engine i at SIDE_CHANNEL_PORT + i; NixlConnector's decode engines listen too, after them.
   local side=$((SIDE_CHANNEL_PORT ? SIDE_CHANNEL_PORT + i : 0))
   if [[ $KV_CONNECTOR == NixlConnector ]]; then
-    cfg="{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_both\",\"kv_buffer_device\":\"${KV_BUFFER_DEVICE:-cuda}\"}"
+    cfg="{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"$role\",\"kv_buffer_device\":\"${KV_BUFFER_DEVICE:-cuda}\"}"
     (( SIDE_CHANNEL_PORT )) || { echo "dynkv disagg: NixlConnector needs SIDE_CHANNEL_PORT > 0" >&2; exit 2; }
     [[ $role == kv_producer ]] || side=$((SIDE_CHANNEL_PORT + NUM_PREFILL + i))
   elif [[ $KV_CONNECTOR != DynKVConnector ]]; then
