@@ -248,7 +248,8 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
 
             self.rank = get_tensor_model_parallel_rank()
             self.worker = Worker(self.config, rank=self.rank, world_size=self.world_size, pool_name=self.pool_name,
-                                 fingerprint=self.fingerprint, engine_id=str(xfer.engine_id))
+                                 fingerprint=self.fingerprint, engine_id=str(xfer.engine_id),
+                                 prepare_pulls=kv_role == "kv_consumer")
 
     # -- worker side -----------------------------------------------------------
 

@@ -61,10 +61,15 @@ class Worker:
     fingerprint, engine_id
         The engine's model and id: a prefill engine's pages are pulled only
         when its handshake names the same model (needed for pulls only).
+    prepare_pulls
+        A decode engine's rank: attach the host pool and create the NIXL
+        agent in the background once registered, instead of at the first
+        pull (the agent alone takes about half a second to start).
     """
 
     def __init__(self, config: DynKVConfig, *, rank: int, world_size: int, pool_name: str,
-                 fingerprint: ModelFingerprint | None = None, engine_id: str = "dynkv") -> None:
+                 fingerprint: ModelFingerprint | None = None, engine_id: str = "dynkv",
+                 prepare_pulls: bool = False) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} of {world_size}: expected 0 <= rank < world_size")
         self.config = config
@@ -89,6 +94,9 @@ class Worker:
         self._puller: Any = None
         self._pull_threads: ThreadPoolExecutor | None = None
         self._puller_lock = threading.Lock()
+        self._prepare_pulls = prepare_pulls
+        self._attach_lock = threading.Lock()
+        self._closing = threading.Event()
 
     def register(self, view: PagedView) -> None:
         """The rank's KV cache; the host pool is attached at the first plan (the leader creates it later)."""
@@ -106,6 +114,8 @@ class Worker:
                 ThreadPoolExecutor(1, thread_name_prefix=f"dynkv-load{self.rank}"),
                 ThreadPoolExecutor(1, thread_name_prefix=f"dynkv-store{self.rank}"),
             )
+        if self._prepare_pulls:
+            threading.Thread(target=self._prepare, name=f"dynkv-pull-prep{self.rank}", daemon=True).start()
 
     # -- per step ------------------------------------------------------------
 
@@ -154,44 +164,59 @@ class Worker:
 
     def close(self) -> None:
         """Finish outstanding jobs and detach from the host pool (the leader unlinks it)."""
+        self._closing.set()
         self.wait()
         for ex in (*(self._threads or ()), self._pull_threads):
             if ex is not None:
                 ex.shutdown(wait=True)
-        if self._puller is not None:  # deregisters the pool from NIXL before it is unmapped
-            self._puller.close()
-            self._puller = None
-        if self._pages is not None:
-            pool = self._pages.owner
-            self._pages = None
-            pool.close()
+        with self._puller_lock:
+            puller, self._puller = self._puller, None
+        if puller is not None:  # deregisters the pool from NIXL before it is unmapped
+            puller.close()
+        with self._attach_lock:
+            pages, self._pages = self._pages, None
+        if pages is not None:
+            pages.owner.close()
 
     # -- internals -------------------------------------------------------------
 
     def _page_buffer(self) -> PageBuffer:
-        if self._pages is None:
-            if self.view is None:
-                raise RuntimeError("dynkv worker got a plan before register(): no KV cache to copy into")
-            stride = page_stride(self.view.geometry)
-            deadline = time.monotonic() + self.config.init_timeout_s
-            while True:
-                try:
-                    t0 = time.perf_counter()
-                    pool = HostPool.attach(self._resolve_pool(), chunk_bytes=chunk_for(stride))
-                    break
-                except ValueError as e:
-                    if "does not exist" not in str(e) and "No such file" not in str(e):
-                        raise
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(
-                            f"dynkv worker {self.rank}: host pool {self.pool_name!r} did not appear within "
-                            f"init_timeout_s={self.config.init_timeout_s:g} s; is the leader running?"
-                        ) from e
-                    time.sleep(0.05)
-            log.info("rank %d attached host pool %s (%.1f GiB, pinned=%s) in %.2f s",
-                     self.rank, self.pool_name, pool.nbytes / 2**30, pool.pinned, time.perf_counter() - t0)
-            self._pages = PageBuffer.from_pool(self.view.geometry, pool, page_stride=stride)
-        return self._pages
+        with self._attach_lock:  # the step's thread and the pull preparation may both ask first
+            if self._pages is None:
+                self._pages = self._attach()
+            return self._pages
+
+    def _attach(self) -> PageBuffer:
+        if self.view is None:
+            raise RuntimeError("dynkv worker got a plan before register(): no KV cache to copy into")
+        stride = page_stride(self.view.geometry)
+        deadline = time.monotonic() + self.config.init_timeout_s
+        while True:
+            try:
+                t0 = time.perf_counter()
+                pool = HostPool.attach(self._resolve_pool(), chunk_bytes=chunk_for(stride))
+                break
+            except ValueError as e:
+                if "does not exist" not in str(e) and "No such file" not in str(e):
+                    raise
+                if self._closing.is_set():
+                    raise RuntimeError(f"dynkv worker {self.rank} closed while waiting for its host pool") from e
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"dynkv worker {self.rank}: host pool {self.pool_name!r} did not appear within "
+                        f"init_timeout_s={self.config.init_timeout_s:g} s; is the leader running?"
+                    ) from e
+                time.sleep(0.05)
+        log.info("rank %d attached host pool %s (%.1f GiB, pinned=%s) in %.2f s",
+                 self.rank, self.pool_name, pool.nbytes / 2**30, pool.pinned, time.perf_counter() - t0)
+        return PageBuffer.from_pool(self.view.geometry, pool, page_stride=stride)
+
+    def _prepare(self) -> None:
+        """Background: attach the host pool and start the NIXL agent before the first pull needs them."""
+        try:
+            self._puller_for(self._page_buffer())
+        except Exception as e:  # the first pull tries again, and reports what fails
+            log.warning("rank %d: could not prepare pulls ahead (%s); the first pull will", self.rank, e)
 
     def _resolve_pool(self) -> str:
         """The live pool for ``pool_name``: an exact name, or a prefix the leader appended its pid to."""
@@ -259,6 +284,8 @@ class Worker:
 
     def _puller_for(self, pages: PageBuffer) -> Any:
         with self._puller_lock:
+            if self._closing.is_set():
+                raise RuntimeError(f"dynkv worker {self.rank} is closed: no more pulls")
             if self._puller is None:
                 from dynkv.disagg.puller import Puller
                 from dynkv.disagg.wire import Handshake

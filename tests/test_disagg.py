@@ -380,3 +380,34 @@ def test_a_page_being_pulled_is_waited_for_not_pulled_twice(rng: np.random.Gener
         assert leader.stats()["host"]["pending"] == 0
     finally:
         close(engine)
+
+
+def test_decode_ranks_prepare_pulls_before_the_first_one(rng: np.random.Generator) -> None:
+    """A kv_consumer rank attaches the pool and starts its NIXL agent in the background once registered."""
+    from harness import DTYPE
+    from kvtensors import make_rank_kv
+
+    from dynkv.worker import Worker
+
+    model = Model()
+    leader = Leader(DynKVConfig.from_dict({"host_pages": 8}, env={}), model.geometry(), model.fingerprint(),
+                    engine_id="prep")
+    kv = make_rank_kv(rng, model.shape, dims=model.dims, form="separate", dtype=DTYPE, heads=(0, model.num_heads),
+                      num_layers=model.num_layers, num_blocks=8)
+    worker = Worker(leader.config, rank=0, world_size=1, pool_name=leader.pool_name, fingerprint=model.fingerprint(),
+                    prepare_pulls=True)
+    try:
+        worker.register(kv.view(num_heads_total=model.num_heads, head_start=0))
+        wait_for(lambda: worker._puller is not None, "the NIXL agent was not prepared")
+        assert worker._pages is not None and worker._pages.owner.name == leader.pool_name
+    finally:
+        worker.close()
+        leader.close()
+    # A rank whose leader never comes: closing it stops the preparation's wait for the pool.
+    lonely = Worker(DynKVConfig.from_dict({"host_pages": 8, "init_timeout_s": 600}, env={}), rank=0, world_size=1,
+                    pool_name="dynkv-0000000000000000", fingerprint=model.fingerprint(), prepare_pulls=True)
+    lonely.register(kv.view(num_heads_total=model.num_heads, head_start=0))
+    closer = threading.Thread(target=lonely.close)
+    closer.start()
+    closer.join(60)
+    assert not closer.is_alive(), "close() waited for a host pool that never came"
