@@ -44,16 +44,15 @@ from dynkv.metrics import Metrics
 from dynkv.ops import HostPool
 from dynkv.protocol import (
     PAGE_ALIGN,
-    SHM_DIR,
     LoadOp,
     PullSpec,
     StepPlan,
     StoreOp,
     WorkerReport,
+    leader_pools,
     page_stride,
     pid_alive,
     pool_name_for,
-    pool_owner,
 )
 
 __all__ = ["Leader"]
@@ -110,14 +109,9 @@ class _Acks:
 
 def _reap_stale_pools() -> None:
     """Unlink host pools whose leader process is gone (an engine killed before its shutdown ran)."""
-    try:
-        names = os.listdir(SHM_DIR)
-    except OSError:
-        return
-    for name in names:
-        owner = pool_owner(name)
-        if owner is not None and not pid_alive(owner[1]) and HostPool.unlink(name):
-            log.info("removed host pool %s left by a process that is gone (pid %d)", name, owner[1])
+    for name, _, pid in leader_pools():
+        if not pid_alive(pid) and HostPool.unlink(name):
+            log.info("removed host pool %s left by a process that is gone (pid %d)", name, pid)
 
 
 def _host_pages(config: DynKVConfig, stride: int) -> int:
@@ -221,6 +215,7 @@ class Leader:
         self._importing: set[bytes] = set()  # host pages reserved for pulls
         self.exporter: Any = None
         self._writes = 0
+        self._counted: dict[str, tuple[int, int]] = {}
         self._max_writes = _WRITES_PER_THREAD * config.io_threads
         for tier, cap in tiers.items():
             self.metrics.capacity.labels(tier).set(cap)
@@ -290,11 +285,7 @@ class Leader:
         if len(keys) != len(block_ids):
             raise ValueError(f"store for {req_id!r}: {len(keys)} keys but {len(block_ids)} blocks")
         self._drain_io()
-        before = self.index.stats()[HOST]
         got = dict(self.index.allocate(HOST, keys))
-        after = self.index.stats()[HOST]
-        self.metrics.evictions.labels(HOST).inc(after.evictions - before.evictions)
-        self.metrics.refused.labels(HOST, "full").inc(after.refusals - before.refusals)
         if not got:
             return 0
         st = _Store(next(self._jobs), req_id, [], [], [])
@@ -558,11 +549,8 @@ class Leader:
             host_slot = self.index.location(key, HOST)
             if host_slot is None:
                 continue
-            before = self.index.stats()[DISK].evictions
             got = self.index.allocate(DISK, [key])
-            self.metrics.evictions.labels(DISK).inc(self.index.stats()[DISK].evictions - before)
             if not got:
-                self.metrics.refused.labels(DISK, "full").inc()
                 continue
             self.index.pin(HOST, [key])
             self._writes += 1
@@ -669,7 +657,13 @@ class Leader:
         self.index.remove(HOST, keys)
 
     def _update_gauges(self) -> None:
+        # Evictions and "full" refusals happen inside every allocate (stores, promotions,
+        # write-through); the index counts them, and the metrics follow its totals here.
         for tier, s in self.index.stats().items():
+            seen_evictions, seen_refusals = self._counted.get(tier, (0, 0))
+            self.metrics.evictions.labels(tier).inc(s.evictions - seen_evictions)
+            self.metrics.refused.labels(tier, "full").inc(s.refusals - seen_refusals)
+            self._counted[tier] = (s.evictions, s.refusals)
             self.metrics.occupancy.labels(tier, "stored").set(s.stored)
             self.metrics.occupancy.labels(tier, "pending").set(s.pending)
             self.metrics.occupancy.labels(tier, "pinned").set(s.pinned)

@@ -68,17 +68,19 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def live_pools(prefix: str) -> list[str]:
-    """Names of live leaders' pools under ``prefix`` (normally one), newest first."""
+def leader_pools() -> list[tuple[str, str, int]]:
+    """``(name, prefix, pid)`` of every leader's pool in ``/dev/shm``."""
     try:
         names = os.listdir(SHM_DIR)
     except OSError:
         return []
-    found = []
-    for n in names:
-        owner = pool_owner(n)
-        if owner is not None and owner[0] == prefix and pid_alive(owner[1]):
-            found.append((os.stat(os.path.join(SHM_DIR, n)).st_mtime, n))
+    return [(n, *owner) for n in names if (owner := pool_owner(n)) is not None]
+
+
+def live_pools(prefix: str) -> list[str]:
+    """Names of live leaders' pools under ``prefix`` (normally one), newest first."""
+    found = [(os.stat(os.path.join(SHM_DIR, n)).st_mtime, n)
+             for n, p, pid in leader_pools() if p == prefix and pid_alive(pid)]
     return [n for _, n in sorted(found, reverse=True)]
 
 
