@@ -100,23 +100,27 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "gather",
       [](const PageGeom& g, const BlockView& v, const PageSet& p, const I64Array& ids, const I64Array& slots,
-         const ExecConfig& cfg, int device, uint64_t ids_dev, uint64_t slots_dev) {
+         const ExecConfig& cfg, int device, uint64_t ids_dev, uint64_t slots_dev, int64_t layer_begin,
+         int64_t layer_end) {
         const IdList a = id_list(ids, ids_dev, "block_ids"), b = id_list(slots, slots_dev, "slots");
         py::gil_scoped_release nogil;
-        gather(g, v, p, a, b, cfg, device);
+        gather(g, v, p, a, b, cfg, device, LayerRange{layer_begin, layer_end});
       },
       py::arg("geom"), py::arg("view"), py::arg("pages"), py::arg("block_ids"), py::arg("slots"), py::arg("cfg"),
-      py::arg("device") = -1, py::arg("block_ids_dev") = 0, py::arg("slots_dev") = 0);
+      py::arg("device") = -1, py::arg("block_ids_dev") = 0, py::arg("slots_dev") = 0, py::arg("layer_begin") = 0,
+      py::arg("layer_end") = -1);
   m.def(
       "scatter",
       [](const PageGeom& g, const PageSet& p, const BlockView& v, const I64Array& slots, const I64Array& ids,
-         const ExecConfig& cfg, int device, uint64_t slots_dev, uint64_t ids_dev) {
+         const ExecConfig& cfg, int device, uint64_t slots_dev, uint64_t ids_dev, int64_t layer_begin,
+         int64_t layer_end) {
         const IdList a = id_list(slots, slots_dev, "slots"), b = id_list(ids, ids_dev, "block_ids");
         py::gil_scoped_release nogil;
-        scatter(g, p, v, a, b, cfg, device);
+        scatter(g, p, v, a, b, cfg, device, LayerRange{layer_begin, layer_end});
       },
       py::arg("geom"), py::arg("pages"), py::arg("view"), py::arg("slots"), py::arg("block_ids"), py::arg("cfg"),
-      py::arg("device") = -1, py::arg("slots_dev") = 0, py::arg("block_ids_dev") = 0);
+      py::arg("device") = -1, py::arg("slots_dev") = 0, py::arg("block_ids_dev") = 0, py::arg("layer_begin") = 0,
+      py::arg("layer_end") = -1);
   m.def(
       "copy_blocks",
       [](const PageGeom& g, const BlockView& src, const BlockView& dst, const I64Array& src_ids,

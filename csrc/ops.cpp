@@ -68,6 +68,19 @@ void check_view_matches(const PageGeom& g, const BlockView& v, const char* what)
               " heads");
 }
 
+// Narrows a transfer to layers [r.begin, r.end): the view keeps those layers' pointers and the pages'
+// base moves to the first one's tile. The page geometry keeps every layer, so a head's tiles stay
+// num_layers tiles apart.
+void select_layers(const PageGeom& g, BlockView& v, PageSet& p, LayerRange r) {
+  const int64_t end = r.end < 0 ? v.num_layers : r.end;
+  DYNKV_CHECK(r.begin >= 0 && r.begin < end && end <= v.num_layers, "layers [", r.begin, ", ", end,
+              ") is not a range of the view's ", v.num_layers, " layers");
+  if (r.begin == 0 && end == v.num_layers) return;
+  for (int64_t l = r.begin; l < end; ++l) v.layer_ptr[l - r.begin] = v.layer_ptr[l];
+  v.num_layers = end - r.begin;
+  p.base += static_cast<uint64_t>(r.begin * g.tile_bytes());
+}
+
 // Average contiguous run of the first entry: what Auto decides on.
 template <class Src, class Dst>
 int64_t first_entry_avg_run(const Transfer<Src, Dst>& t) {
@@ -181,9 +194,12 @@ Backend resolve_backend(const ExecConfig& cfg, int64_t avg_run_bytes) {
   return (cfg.dma_min_run > 0 && avg_run_bytes >= cfg.dma_min_run) ? Backend::DmaBatch : Backend::Kernel;
 }
 
-void gather(const PageGeom& geom, const BlockView& view, const PageSet& pages, const IdList& block_ids,
-            const IdList& slots, const ExecConfig& cfg, int device) {
-  check_view_matches(geom, view, "view");
+void gather(const PageGeom& geom, const BlockView& full_view, const PageSet& all_pages, const IdList& block_ids,
+            const IdList& slots, const ExecConfig& cfg, int device, LayerRange layers) {
+  check_view_matches(geom, full_view, "view");
+  BlockView view = full_view;
+  PageSet pages = all_pages;
+  select_layers(geom, view, pages, layers);
   check_lengths(block_ids, slots, "block_ids", "slots");
   check_ids(block_ids, view.num_blocks, "block_ids", "the view's blocks", false);
   check_ids(slots, pages.num_pages, "slots", "the page buffer's pages", true);
@@ -195,9 +211,12 @@ void gather(const PageGeom& geom, const BlockView& view, const PageSet& pages, c
   dispatch(t, cfg, device, block_ids.device, slots.device);
 }
 
-void scatter(const PageGeom& geom, const PageSet& pages, const BlockView& view, const IdList& slots,
-             const IdList& block_ids, const ExecConfig& cfg, int device) {
-  check_view_matches(geom, view, "view");
+void scatter(const PageGeom& geom, const PageSet& all_pages, const BlockView& full_view, const IdList& slots,
+             const IdList& block_ids, const ExecConfig& cfg, int device, LayerRange layers) {
+  check_view_matches(geom, full_view, "view");
+  BlockView view = full_view;
+  PageSet pages = all_pages;
+  select_layers(geom, view, pages, layers);
   check_lengths(slots, block_ids, "slots", "block_ids");
   check_ids(slots, pages.num_pages, "slots", "the page buffer's pages", false);
   check_ids(block_ids, view.num_blocks, "block_ids", "the view's blocks", true);

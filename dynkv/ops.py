@@ -6,6 +6,9 @@ gather
     device blocks -> this rank's head slice of pages (D2H, or D2D to staging)
 scatter
     the inverse (H2D / D2D)
+scatter_layers
+    a scatter in layer groups, one launch each (a forward pass can start on
+    the first layers while the rest are copied)
 copy_blocks
     block to block between two views of one geometry (D2D, H2H)
 memcpy_batch
@@ -22,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -46,6 +49,7 @@ __all__ = [
     "get_tuning",
     "memcpy_batch",
     "scatter",
+    "scatter_layers",
     "set_tuning",
 ]
 
@@ -412,8 +416,9 @@ def gather(
     num_ctas: int | None = None,
     threads: int | None = None,
     stream: Any = None,
+    layers: tuple[int, int] | None = None,
 ) -> None:
-    """Copy this rank's heads of ``block_ids`` into pages ``slots``.
+    """Copy this rank's heads of ``block_ids`` into pages ``slots`` (of ``layers`` ``[begin, end)``: all).
 
     Only the rank's head slice of each page is written; the rest of the page
     is untouched, so the ranks of one engine fill a page together.
@@ -424,7 +429,8 @@ def gather(
     ids, sl = _ids(block_ids), _ids(slots)
     cfg, dev = _exec(_direction(view.device, pages.device), gpu, backend, num_ctas, threads, stream)
     keep, ptrs = _maybe_upload(cfg, gpu, backend, ids, sl)
-    _C.gather(pages.geometry.c, view.c, pages.c, ids, sl, cfg, dev, *ptrs)
+    begin, end = layers or (0, -1)
+    _C.gather(pages.geometry.c, view.c, pages.c, ids, sl, cfg, dev, *ptrs, begin, end)
     del keep
 
 
@@ -438,15 +444,43 @@ def scatter(
     num_ctas: int | None = None,
     threads: int | None = None,
     stream: Any = None,
+    layers: tuple[int, int] | None = None,
 ) -> None:
-    """Copy this rank's head slice of pages ``slots`` into ``block_ids``."""
+    """Copy this rank's head slice of pages ``slots`` into ``block_ids`` (of ``layers`` ``[begin, end)``: all)."""
+    scatter_layers(pages, view, slots, block_ids, [layers or (0, view.geometry.num_layers)], backend=backend,
+                   num_ctas=num_ctas, threads=threads, stream=stream)
+
+
+def scatter_layers(
+    pages: PageBuffer,
+    view: PagedView,
+    slots: Sequence[int] | np.ndarray | torch.Tensor,
+    block_ids: Sequence[int] | np.ndarray | torch.Tensor,
+    groups: Sequence[tuple[int, int]],
+    *,
+    after: Callable[[int], None] | None = None,
+    backend: BackendName = "auto",
+    num_ctas: int | None = None,
+    threads: int | None = None,
+    stream: Any = None,
+) -> None:
+    """:func:`scatter` in layer groups ``[begin, end)``, in order; ``after(i)`` once group ``i`` is issued.
+
+    On a GPU each group is its own launch on ``stream`` (the ids travel to
+    the GPU once), so ``after`` can record an event that a forward pass waits
+    on before that group's layers; on the CPU each group has been copied when
+    ``after`` runs.
+    """
     _check_same_geometry(view.geometry, pages.geometry, "scatter")
     gpu = _gpu_of(view.device, pages.device)
     _check_host_side(gpu, backend, view, pages)
     sl, ids = _ids(slots), _ids(block_ids)
     cfg, dev = _exec(_direction(pages.device, view.device), gpu, backend, num_ctas, threads, stream)
     keep, ptrs = _maybe_upload(cfg, gpu, backend, sl, ids)
-    _C.scatter(pages.geometry.c, pages.c, view.c, sl, ids, cfg, dev, *ptrs)
+    for i, (begin, end) in enumerate(groups):
+        _C.scatter(pages.geometry.c, pages.c, view.c, sl, ids, cfg, dev, *ptrs, begin, end)
+        if after is not None:
+            after(i)
     del keep
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 import dynkv
@@ -324,7 +325,8 @@ def pool_pages(
 
 
 def expected_gather(
-    kv: KVCache, pages: Pages, head_start: int, block_ids: Sequence[int], slots: Sequence[int]
+    kv: KVCache, pages: Pages, head_start: int, block_ids: Sequence[int], slots: Sequence[int],
+    layer_range: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Page bytes after ``gather``: each slot's heads ``[h0, h0+H)`` hold the block, layers in order."""
     out = pages.flat.clone()
@@ -332,13 +334,14 @@ def expected_gather(
     layers = kv.layers()
     h1 = head_start + kv.num_heads
     for b, s in zip(block_ids, slots):
-        for l in range(len(layers)):
+        for l in range(*(layer_range or (0, len(layers)))):
             pv[s, head_start:h1, l].copy_(kv.block(layers, l, b))
     return out
 
 
 def expected_scatter(
-    pages: Pages, kv: KVCache, head_start: int, slots: Sequence[int], block_ids: Sequence[int]
+    pages: Pages, kv: KVCache, head_start: int, slots: Sequence[int], block_ids: Sequence[int],
+    layer_range: tuple[int, int] | None = None,
 ) -> list[torch.Tensor]:
     """KV storages after ``scatter``: each block takes the rank's heads of its page."""
     out = kv.snapshot()
@@ -346,7 +349,7 @@ def expected_scatter(
     pv = pages.pages()
     h1 = head_start + kv.num_heads
     for s, b in zip(slots, block_ids):
-        for l in range(len(layers)):
+        for l in range(*(layer_range or (0, len(layers)))):
             kv.set_block(layers, l, b, pv[s, head_start:h1, l])
     return out
 
@@ -481,6 +484,64 @@ def check_gather_scatter(
     _run(sync, dynkv.scatter, rpages.buffer, view3, rslots, dst3, **op)
     assert_bytes_equal(kv3.storages, want3, "scatter of random pages: KV")
     assert_bytes_equal(rpages.flat, page_bytes, "scatter of random pages: source pages")
+
+
+def check_layer_ranges(
+    rng: np.random.Generator,
+    shape: Shape,
+    *,
+    dims: str,
+    form: str,
+    dtype: torch.dtype,
+    tp: tuple[int, int],
+    device: Any = "cpu",
+    page_maker: PageMaker = cpu_pages,
+    sync: Callable[[], None] = no_sync,
+    **op: Any,
+) -> None:
+    """Gather and scatter of layer ranges touch those layers only; scatter_layers in groups equals one scatter."""
+    num_layers, num_blocks, num_pages = 5, 6, 5
+    h0, h1 = dynkv.head_range(tp[1], tp[0], shape.num_heads)
+
+    def new_kv() -> KVCache:
+        return make_rank_kv(rng, shape, dims=dims, form=form, dtype=dtype, heads=(h0, h1), num_layers=num_layers,
+                            num_blocks=num_blocks, device=device)
+
+    kv = new_kv()
+    view = kv.view(num_heads_total=shape.num_heads, head_start=h0)
+    pages = page_maker(view.geometry, num_pages)
+    ids, slots = [4, 0, 2], [1, 3, 0]
+    want = expected_gather(kv, pages, h0, ids, slots, (1, 3))
+    _run(sync, dynkv.gather, view, pages.buffer, ids, slots, layers=(1, 3), **op)
+    assert_bytes_equal(pages.flat, want, "gather of layers [1, 3): pages")
+
+    rpages = page_maker(view.geometry, num_pages, fill=rng)
+    dst = [5, 1, 3]
+    whole = new_kv()
+    whole.poison()
+    want_all = expected_scatter(rpages, whole, h0, slots, dst)
+    for groups in ([(0, 2), (2, 3), (3, 5)], [(l, l + 1) for l in range(num_layers)]):
+        kv2 = new_kv()
+        kv2.poison()
+        view2 = kv2.view(num_heads_total=shape.num_heads, head_start=h0)
+        issued: list[int] = []
+        _run(sync, dynkv.ops.scatter_layers, rpages.buffer, view2, slots, dst, groups, after=issued.append, **op)
+        assert issued == list(range(len(groups)))
+        assert_bytes_equal(kv2.storages, want_all, f"scatter in groups {groups}: KV")
+
+    kv3 = new_kv()
+    kv3.poison()
+    view3 = kv3.view(num_heads_total=shape.num_heads, head_start=h0)
+    want3 = expected_scatter(rpages, kv3, h0, slots, dst, (4, 5))
+    _run(sync, dynkv.scatter, rpages.buffer, view3, slots, dst, layers=(4, 5), **op)
+    assert_bytes_equal(kv3.storages, want3, "scatter of layer 4: KV")
+
+    before = kv3.snapshot()
+    for bad in ((3, 3), (-1, 2), (0, num_layers + 1), (5, 6)):
+        with pytest.raises(ValueError, match="is not a range of the view's 5 layers"):
+            dynkv.scatter(rpages.buffer, view3, slots, dst, layers=bad, **op)
+    sync()
+    assert_bytes_equal(kv3.storages, before, "refused layer ranges: KV")
 
 
 def check_copy_blocks(

@@ -25,6 +25,7 @@ from kvtensors import (
     assert_bytes_equal,
     check_copy_blocks,
     check_gather_scatter,
+    check_layer_ranges,
     dtype_id,
     elem_size,
     expected_gather,
@@ -53,6 +54,15 @@ def tp_id(tp: tuple[int, int]) -> str:
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gather_scatter_matrix(rng, layout, form, dtype, shape, tp):
     check_gather_scatter(rng, shape, dims=layout, form=form, dtype=dtype, tp=tp)
+
+
+@pytest.mark.parametrize("tp", [(1, 0), (4, 3)], ids=tp_id)
+@pytest.mark.parametrize("form", ["cross", "layers"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layer_ranges(rng, layout, form, tp):
+    """Layer ranges (layer-by-layer loads): only those layers move; groups in order equal one scatter."""
+    check_layer_ranges(rng, SHAPES[1], dims=layout, form=form, dtype=torch.bfloat16, tp=tp)
+    check_layer_ranges(rng, SHAPES[3], dims=layout, form=form, dtype=torch.uint8, tp=tp)
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16], ids=dtype_id)

@@ -27,6 +27,7 @@ from kvtensors import (
     block_choice,
     check_copy_blocks,
     check_gather_scatter,
+    check_layer_ranges,
     expected_gather,
     make_pages,
     make_rank_kv,
@@ -106,6 +107,16 @@ def test_gather_scatter_matrix(rng, side_stream, layout, backend, where):
             rng, shape, dims=layout, form=form, dtype=dtype, tp=tp, device=CUDA, page_maker=PAGES[where],
             sync=sync, backend=backend,
         )
+
+
+@pytest.mark.parametrize("where", ["pinned", "device"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["LBHNC", "BLNHC", "LHBNC"])
+def test_layer_ranges(rng, side_stream, layout, backend, where):
+    """Layer ranges and scatter_layers on the GPU: the kernel's page base moves, the DMA runs' too."""
+    for i, (shape, dtype, tp) in enumerate(CASES[:3]):
+        check_layer_ranges(rng, shape, dims=layout, form=("cross", "layers")[i % 2], dtype=dtype, tp=tp,
+                           device=CUDA, page_maker=PAGES[where], sync=sync, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

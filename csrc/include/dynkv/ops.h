@@ -27,12 +27,18 @@ BlockView make_view(const PageGeom& geom, const std::vector<uint64_t>& layer_ptr
 
 PageSet make_pages(const PageGeom& geom, uint64_t base, int64_t num_pages, int64_t page_stride);
 
+// Layers [begin, end) of a gather or scatter; end < 0 means the last layer.
+struct LayerRange {
+  int64_t begin = 0;
+  int64_t end = -1;
+};
+
 // gather: device blocks -> this rank's slice of pages.
 void gather(const PageGeom& geom, const BlockView& view, const PageSet& pages, const IdList& block_ids,
-            const IdList& slots, const ExecConfig& cfg, int device);
+            const IdList& slots, const ExecConfig& cfg, int device, LayerRange layers = {});
 // scatter: this rank's slice of pages -> device blocks.
 void scatter(const PageGeom& geom, const PageSet& pages, const BlockView& view, const IdList& slots,
-             const IdList& block_ids, const ExecConfig& cfg, int device);
+             const IdList& block_ids, const ExecConfig& cfg, int device, LayerRange layers = {});
 // copy_blocks: block to block between two views of the same geometry.
 void copy_blocks(const PageGeom& geom, const BlockView& src, const BlockView& dst, const IdList& src_ids,
                  const IdList& dst_ids, const ExecConfig& cfg, int device);
