@@ -200,7 +200,10 @@ class DynKVConfig:
     metrics_port
         Port of a standalone Prometheus endpoint, or None for none.
     layerwise
-        Workers load and store KV layer by layer, overlapping the forward pass.
+        Hits in the host tier load in the step that computes the request,
+        layer by layer, each layer waited for just before its attention (the
+        copy overlaps the forward pass). Off: every hit loads asynchronously,
+        and the request is computed a step after its load finishes.
     side_channel_host
         Disaggregated prefill (``kv_role`` ``kv_producer``): the address the
         side channel binds, where decode engines fetch the NIXL metadata and
@@ -228,7 +231,7 @@ class DynKVConfig:
     io_threads: int = 4
     init_timeout_s: float = 120.0
     metrics_port: int | None = None
-    layerwise: bool = False
+    layerwise: bool = True
     side_channel_host: str = "127.0.0.1"
     side_channel_port: int = 0
     transfer_timeout_s: float = 30.0

@@ -190,7 +190,10 @@ class DynKVPromMetrics(KVConnectorPromMetrics):
 class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
     """dynkv as a vLLM KV connector (``kv_role`` ``kv_both``, ``kv_producer`` or ``kv_consumer``).
 
-    Loads are asynchronous (the scheduler never waits on I/O); full blocks are
+    Hits in the host tier load in the step that computes the request, layer
+    by layer under its forward (``layerwise``, the default); hits on disk or
+    on a prefill engine load asynchronously (the scheduler never waits on
+    I/O), as every hit does with ``layerwise`` off. Full blocks are
     stored after the step that fills them; a finished request's blocks are
     freed once its stores are done; blocks whose load failed are reported to
     vLLM, which recomputes them. A producer exports finished requests' pages
@@ -208,8 +211,6 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             self.config = DynKVConfig.from_dict(xfer.kv_connector_extra_config)
         except ValueError as e:
             raise ValueError(f"DynKVConnector: bad kv_connector_extra_config: {e}") from None
-        if self.config.layerwise:
-            log.warning("dynkv: layerwise=true is not implemented by the connector yet; copies run per step")
         if getattr(xfer, "kv_load_failure_policy", "recompute") != "recompute":
             # dynkv is a cache: a page that fails its checks is recomputed, not
             # a failed request. vLLM's scheduler reads the policy after creating
@@ -269,7 +270,10 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
                 f"dynkv: vLLM's KV tensors give page geometry {view.geometry} but the model config gives "
                 f"{self.geometry}; this KV-cache layout is not supported"
             )
-        self.worker.register(view)
+        index = {(t.data_ptr(), tuple(t.stride())): i for i, t in enumerate(layers)}
+        names = {n: index[(t.data_ptr(), tuple(t.stride()))] for n, t in kv_caches.items()
+                 if (t.data_ptr(), tuple(t.stride())) in index}
+        self.worker.register(view, names)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         # vLLM hands a preempted request's blocks to others at once: stores still reading them finish first.
@@ -278,10 +282,12 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         if isinstance(self._connector_metadata, DynKVMetadata):
-            self.worker.start(self._connector_metadata.plan)
+            # A forward replayed as one full CUDA graph skips wait_for_layer_load: sync loads are waited for whole.
+            mode = getattr(forward_context, "cudagraph_runtime_mode", None)
+            self.worker.start(self._connector_metadata.plan, layer_hooks=getattr(mode, "name", "") != "FULL")
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return
+        self.worker.wait_for_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return
@@ -322,13 +328,20 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         # prompt, vLLM rewinds one token and computes only that one (not the last block's 16 or 32).
         limit = max(base, request.num_tokens // bs)
         n = self.leader.lookup(request.request_id, self._keys(st, limit), base)
-        remote = self._remote(st)
+        remote, more = self._remote(st), 0
         if remote is not None:
             more = self.leader.match_remote(request.request_id, st.keys[:limit], base + n, remote)
             if more is None:
                 return None, False  # another request is pulling some of these pages: ask again next step
             n += more
         st.lookup_tokens = num_computed_tokens
+        st.sync = False
+        if n and self.config.layerwise and (remote is None or more == 0) and self.leader.on_host(request.request_id, n):
+            # Host pages load in the step that computes the request, layer by layer under its forward. That
+            # step computes at least one token: a hit on the whole prompt leaves its last block out.
+            n = min(n, (request.num_tokens - 1) // bs - base)
+            st.sync = n > 0
+            return ((base + n) * bs - num_computed_tokens if n > 0 else 0), False
         if n == 0:
             return 0, False
         return (base + n) * bs - num_computed_tokens, True
@@ -349,7 +362,8 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             else:  # a page still pending in the host tier is one a prefill engine is sending
                 tier = "remote" if index.holds(key, "host") else "disk"
             st.load_tiers[tier] = st.load_tiers.get(tier, 0) + 1
-        self.leader.begin_load(request.request_id, block_ids)  # also unpins what is not loaded
+        self.leader.begin_load(request.request_id, block_ids, sync=st.sync)  # also unpins what is not loaded
+        st.sync = False
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
         st = self._reqs.get(request.request_id)
@@ -556,6 +570,7 @@ class _Req:
     stored: int = 0  # leading blocks handed to the leader for storing
     lookup_tokens: int | None = None  # num_computed_tokens of a lookup awaiting its allocation
     load_tiers: dict[str, int] = field(default_factory=dict)
+    sync: bool = False  # the pending lookup's pages load in the step that computes the request
     remote: Any = _UNSET  # RemotePrefill of kv_transfer_params, None when none is usable
 
 

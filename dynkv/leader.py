@@ -78,6 +78,7 @@ class _Load:
     remote: Any = None  # the RemotePrefill pulled from
     pulls: list[tuple[int, int]] = field(default_factory=list)  # (host slot, remote slot)
     pulled_keys: list[bytes] = field(default_factory=list)  # pending in the host tier until pulled
+    sync: bool = False  # computed in the step of its plan (LoadOp.sync)
 
 
 @dataclass
@@ -243,20 +244,31 @@ class Leader:
             self.metrics.misses.inc(len(todo) - m.num_keys)
         return m.num_keys
 
-    def begin_load(self, req_id: str, block_ids: Sequence[int]) -> None:
-        """Load the request's matched pages into ``block_ids`` (its first ``len(block_ids)`` matches)."""
+    def on_host(self, req_id: str, n: int) -> bool:
+        """True when the request's first ``n`` matched pages are all in the host tier (a sync load can take them)."""
+        req = self._reqs.get(req_id)
+        return req is not None and 0 < n <= len(req.match) and all(t == HOST for t, _, _ in req.match[:n])
+
+    def begin_load(self, req_id: str, block_ids: Sequence[int], *, sync: bool = False) -> None:
+        """Load the request's matched pages into ``block_ids`` (its first ``len(block_ids)`` matches).
+
+        ``sync``: vLLM computes the request in the step of the next plan, so
+        the load is in that plan; every page must be in the host tier.
+        """
         req = self._reqs.get(req_id)
         if req is None or len(block_ids) > len(req.match):
             have = 0 if req is None else len(req.match)
             raise ValueError(f"request {req_id!r}: {len(block_ids)} blocks to load but {have} pages were matched")
         if req.load is not None:
             raise ValueError(f"request {req_id!r} is already loading (job {req.load.job})")
+        if sync and block_ids and not self.on_host(req_id, len(block_ids)):
+            raise ValueError(f"request {req_id!r}: a synchronous load needs every page in the host tier")
         use, rest = req.match[: len(block_ids)], req.match[len(block_ids) :]
         req.match = rest
         self._release_match(req)
         if not use:
             return
-        load = _Load(next(self._jobs), req_id, [int(b) for b in block_ids], [None] * len(use))
+        load = _Load(next(self._jobs), req_id, [int(b) for b in block_ids], [None] * len(use), sync=sync)
         req.load = load
         for i, (tier, slot, key) in enumerate(use):
             self.metrics.hits.labels(tier).inc()
@@ -400,7 +412,7 @@ class Leader:
                 pull = PullSpec(r.engine_id, r.host, r.port, r.instance, r.transfer,
                                 tuple(s for s, _ in load.pulls), tuple(s for _, s in load.pulls))
             plan.loads.append(LoadOp(load.job, load.req_id, tuple(b for b, _ in pairs), tuple(s for _, s in pairs),
-                                     tuple(load.failed), pull))
+                                     tuple(load.failed), pull, load.sync))
             self._inflight[load.job] = load
         self._ready = []
         for st in self._stores:

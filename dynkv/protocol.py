@@ -118,6 +118,9 @@ class LoadOp:
     nothing into them and report them as load errors, so vLLM recomputes.
     With ``pull``, some of ``slots`` are first filled from a prefill engine;
     when that fails, their blocks are load errors and the others still load.
+    ``sync``: the request is computed in this same step (its pages are all
+    in the host tier), so the step's forward waits for the copy; it is not
+    reported as finished receiving.
     """
 
     job: int
@@ -126,12 +129,15 @@ class LoadOp:
     slots: tuple[int, ...]
     failed: tuple[int, ...] = ()
     pull: PullSpec | None = None
+    sync: bool = False
 
     def __post_init__(self) -> None:
         if len(self.block_ids) != len(self.slots):
             raise ValueError(f"load job {self.job}: {len(self.block_ids)} blocks but {len(self.slots)} slots")
         if self.pull is not None and not set(self.pull.local_slots) <= set(self.slots):
             raise ValueError(f"load job {self.job}: pulls into host slots it does not load")
+        if self.sync and (self.pull is not None or self.failed):
+            raise ValueError(f"load job {self.job}: a synchronous load copies host pages only")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,14 @@ thread), and reports finished and failed jobs without ever blocking on them.
 A load that first pulls pages from a prefill engine (disaggregated serving)
 runs on a pull thread: NIXL read of this rank's slice into the host pool,
 then the scatter (:mod:`dynkv.disagg.puller`).
+
+A *synchronous* load (:attr:`LoadOp.sync`: host pages of a request computed
+in the same step) feeds that step's forward pass. With ``layerwise`` it is
+copied layer by layer and the forward waits for each layer only where its
+attention needs it (:meth:`Worker.wait_for_layer`); otherwise the forward
+waits for the whole copy. Should a forward run without asking for a layer
+(a CUDA graph that captured the attention), its sync blocks are reported as
+load errors, vLLM recomputes them, and later steps wait for whole copies.
 """
 
 from __future__ import annotations
@@ -16,13 +24,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dynkv.config import DynKVConfig
 from dynkv.keys import ModelFingerprint
 from dynkv.layout import PagedView, head_range
-from dynkv.ops import HostPool, PageBuffer, chunk_for, gather, scatter
+from dynkv.ops import HostPool, PageBuffer, chunk_for, gather, scatter, scatter_layers
 from dynkv.protocol import LoadOp, StepPlan, StoreOp, WorkerReport, live_pools, page_stride, pool_owner
 
 __all__ = ["Worker"]
@@ -44,6 +52,17 @@ class _Job:
     started: float
     handle: Any  # Future (CPU) or (start, end) CUDA events
     error: BaseException | None = None
+    sync: bool = False  # feeds this step's forward: not reported as finished receiving
+
+
+@dataclass
+class _SyncStep:
+    """This step's synchronous loads: one event per layer group, which the forward waits on."""
+
+    jobs: list[_Job]
+    groups: list[tuple[int, int]]
+    events: list[Any]  # CUDA events (GPU) or threading.Events (CPU), one per group
+    waited: set[int] = field(default_factory=set)
 
 
 class Worker:
@@ -97,10 +116,19 @@ class Worker:
         self._prepare_pulls = prepare_pulls
         self._attach_lock = threading.Lock()
         self._closing = threading.Event()
+        self._layer_of: dict[str, int] = {}
+        self._sync: _SyncStep | None = None
+        self._layerwise = config.layerwise
 
-    def register(self, view: PagedView) -> None:
-        """The rank's KV cache; the host pool is attached at the first plan (the leader creates it later)."""
+    def register(self, view: PagedView, layer_names: dict[str, int] | None = None) -> None:
+        """The rank's KV cache; the host pool is attached at the first plan (the leader creates it later).
+
+        ``layer_names`` maps vLLM's attention layer names to layers of
+        ``view`` (layers sharing one KV cache map to the same), for
+        :meth:`wait_for_layer`.
+        """
         self.view = view
+        self._layer_of = dict(layer_names or {})
         g = view.geometry
         # Replicated heads (MLA, or more ranks than KV heads): the first replica stores, all load.
         replicas = max(1, self.world_size // g.num_heads) if view.num_heads < g.num_heads or g.num_heads == 1 else 1
@@ -119,15 +147,37 @@ class Worker:
 
     # -- per step ------------------------------------------------------------
 
-    def start(self, plan: StepPlan) -> None:
-        """Launch the plan's loads now; keep its stores for :meth:`after_forward`."""
+    def start(self, plan: StepPlan, *, layer_hooks: bool = True) -> None:
+        """Launch the plan's loads now; keep its stores for :meth:`after_forward`.
+
+        ``layer_hooks``: this step's forward calls :meth:`wait_for_layer` for
+        every attention layer (False for a forward replayed as one CUDA
+        graph: it then waits for the whole of this step's sync loads).
+        """
         self._finishing.update(plan.finished)
         self._stores_next = list(plan.stores)
+        self._end_sync_step()  # a step whose forward never ran (vLLM calls nothing in between)
+        sync = [op for op in plan.loads if op.sync and op.block_ids]
         for op in plan.loads:
-            self._launch_load(op)
+            if not (op.sync and op.block_ids):
+                self._launch_load(op)
+        if sync:
+            self._launch_sync(sync, per_layer=self._layerwise and layer_hooks and bool(self._layer_of))
+
+    def wait_for_layer(self, layer_name: str) -> None:
+        """Before the attention of ``layer_name``: its layer of this step's sync loads is in (GPU: stream-ordered)."""
+        st = self._sync
+        if st is None or len(st.groups) == 1:
+            return
+        layer = self._layer_of.get(layer_name)
+        if layer is None or layer in st.waited:
+            return
+        st.waited.add(layer)
+        self._wait_event(st.events[layer])
 
     def after_forward(self) -> None:
         """Launch this step's stores: the forward has written their blocks."""
+        self._end_sync_step()
         ops, self._stores_next = self._stores_next, []
         for op in ops:
             self._launch_store(op)
@@ -150,6 +200,7 @@ class Worker:
 
     def load_error_blocks(self) -> set[int]:
         """Device blocks whose load failed since the last call (vLLM recomputes them)."""
+        self._end_sync_step()
         self._collect()
         errors, self._errors = self._errors, set()
         return errors
@@ -301,6 +352,93 @@ class Worker:
                                       timeout_s=self.config.transfer_timeout_s)
             return self._puller
 
+    def _launch_sync(self, ops: list[LoadOp], *, per_layer: bool) -> None:
+        """This step's sync loads as one scatter, in layer groups; the forward waits on each group's event."""
+        assert self.view is not None
+        num_layers = self.view.geometry.num_layers
+        groups = [(l, l + 1) for l in range(num_layers)] if per_layer else [(0, num_layers)]
+        now = time.perf_counter()
+        slots = [s for op in ops for s in op.slots]
+        blocks = [b for op in ops for b in op.block_ids]
+        # One copy for all: its bytes and time go with the first job.
+        jobs = [_Job(op.job, op.req_id, "load", op.block_ids, op.failed, self._slice_bytes(len(blocks)) if not i else 0,
+                     now, None, sync=True) for i, op in enumerate(ops)]
+        step = _SyncStep(jobs, groups, [])
+        try:
+            pages = self._page_buffer()
+            if self._streams is not None:
+                handle = self._launch_sync_cuda(pages, slots, blocks, step)
+            else:
+                handle = self._launch_sync_cpu(pages, slots, blocks, step)
+        except Exception as e:  # no pool, bad ids: nothing was copied, vLLM recomputes these blocks
+            log.error("rank %d: synchronous load of %d blocks failed to start: %s", self.rank, len(blocks), e)
+            for job in jobs:
+                job.handle, job.error = _done_future(), e
+            self._jobs.extend(jobs)
+            return
+        for job in jobs:
+            job.handle = handle
+        self._jobs.extend(jobs)
+        self._sync = step
+        if len(groups) == 1:
+            self._wait_event(step.events[0])
+
+    def _launch_sync_cuda(self, pages: PageBuffer, slots: list[int], blocks: list[int], step: _SyncStep) -> Any:
+        import torch
+
+        assert self._streams is not None and self.view is not None
+        stream = self._streams[0]
+        stream.wait_stream(torch.cuda.current_stream(self.view.device))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        step.events = [torch.cuda.Event() for _ in step.groups[:-1]] + [end]
+        with torch.cuda.stream(stream):
+            start.record(stream)
+            scatter_layers(pages, self.view, slots, blocks, step.groups, stream=stream,
+                           after=lambda i: step.events[i].record(stream))
+        return start, end
+
+    def _launch_sync_cpu(self, pages: PageBuffer, slots: list[int], blocks: list[int], step: _SyncStep) -> Any:
+        assert self._threads is not None
+        step.events = [threading.Event() for _ in step.groups]
+
+        def run() -> None:
+            try:
+                scatter_layers(pages, self.view, slots, blocks, step.groups, after=lambda i: step.events[i].set())
+            finally:  # a failed copy still lets the forward go on; its blocks are load errors
+                for ev in step.events:
+                    ev.set()
+
+        return self._threads[0].submit(run)
+
+    def _wait_event(self, ev: Any) -> None:
+        if isinstance(ev, threading.Event):
+            ev.wait()
+            return
+        import torch
+
+        assert self.view is not None
+        torch.cuda.current_stream(self.view.device).wait_event(ev)
+
+    def _end_sync_step(self) -> None:
+        """After the forward: check that it waited for every layer of its sync loads."""
+        st, self._sync = self._sync, None
+        if st is None:
+            return
+        if isinstance(st.jobs[0].handle, Future):
+            st.jobs[0].handle.exception()  # CPU: the copy is over (its events are set); its errors count this step
+        if len(st.groups) == 1 or len(st.waited) == len(st.groups):
+            return
+        missed = sorted(set(range(len(st.groups))) - st.waited)
+        log.warning(
+            "rank %d: the forward did not wait for layers %s of its synchronous loads (a CUDA graph captured the "
+            "attention?): their %d blocks are recomputed, and later steps wait for whole loads",
+            self.rank, missed[:8], sum(len(j.block_ids) for j in st.jobs))
+        self._layerwise = False
+        self._wait_event(st.events[-1])  # later work on these blocks comes after the copy
+        for job in st.jobs:
+            self._errors |= set(job.block_ids)
+            self._report.failed_blocks |= set(job.block_ids)
+
     def _launch_store(self, op: StoreOp) -> None:
         if not self._writes_pages:
             self._launch(op.job, op.req_id, "store", op.block_ids, (), None)
@@ -339,8 +477,9 @@ class Worker:
 
         assert self._streams is not None and self.view is not None
         stream = self._streams[0 if kind == "load" else 1]
-        if kind == "store":  # read the blocks only after the forward that wrote them
-            stream.wait_stream(torch.cuda.current_stream(self.view.device))
+        # A store reads blocks only after the forward that wrote them; a load writes blocks only after
+        # work already queued on them (vLLM zeroes fresh blocks; a freed block's last reader).
+        stream.wait_stream(torch.cuda.current_stream(self.view.device))
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         pages = self._page_buffer()
         with torch.cuda.stream(stream):
@@ -385,7 +524,8 @@ class Worker:
             bad = set(job.failed_blocks) | (set(job.block_ids if lost is None else lost) if error is not None else set())
             r.failed_blocks |= bad
             self._errors |= bad
-            self._recving.add(job.req_id)
+            if not job.sync:
+                self._recving.add(job.req_id)
 
 
 def _done_future() -> Future[None]:

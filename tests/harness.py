@@ -57,6 +57,11 @@ class Model:
                                 self.block_size)
 
 
+def layer_name(layer: int) -> str:
+    """vLLM's name of a layer's attention."""
+    return f"model.layers.{layer}.self_attn.attn"
+
+
 def page_content(key: bytes, geometry: dynkv.PageGeometry) -> np.ndarray:
     """The page stored under ``key``: ``[H, L, N, C]`` bytes drawn from the key."""
     rng = np.random.default_rng(int.from_bytes(key, "little"))
@@ -76,18 +81,32 @@ class RankState:
                                num_layers=model.num_layers, num_blocks=num_blocks, device=model.device)
         self.layers = self.kv.layers()
         self.worker = Worker(config, rank=rank, world_size=tp, pool_name=pool_name, fingerprint=model.fingerprint())
-        self.worker.register(self.kv.view(num_heads_total=model.num_heads, head_start=self.heads[0]))
+        self.worker.register(self.kv.view(num_heads_total=model.num_heads, head_start=self.heads[0]),
+                             {layer_name(i): i for i in range(model.num_layers)})
 
     def _expected(self, key: bytes, layer: int) -> torch.Tensor:
         h0, h1 = self.heads
         return torch.from_numpy(page_content(key, self.geometry)[h0:h1, layer]).to(self.model.device)
 
-    def step(self, plan: StepPlan, writes: Sequence[tuple[int, bytes]]) -> None:
-        self.worker.start(plan)
-        for block, key in writes:  # the forward pass computes these blocks
-            for layer in range(self.model.num_layers):
+    def step(self, plan: StepPlan, writes: Sequence[tuple[int, bytes]], reads: Sequence[tuple[int, bytes]] = (),
+             hooks: str = "all", layer_hooks: bool = True) -> list[tuple[int, int]]:
+        """One forward: per layer, ask for the layer (``hooks``: "all", "none", "even"), read ``reads``, write.
+
+        Returns the ``(layer, block)`` of ``reads`` that did not hold their
+        page when the forward read them (a sync load that arrived late).
+        """
+        self.worker.start(plan, layer_hooks=layer_hooks)
+        late = []
+        for layer in range(self.model.num_layers):
+            if hooks == "all" or (hooks == "even" and layer % 2 == 0):
+                self.worker.wait_for_layer(layer_name(layer))
+            for block, key in reads:  # on a GPU, ordered after the wait like attention is
+                if not torch.equal(self.kv.block(self.layers, layer, block), self._expected(key, layer)):
+                    late.append((layer, block))
+            for block, key in writes:  # the forward pass computes these blocks
                 self.kv.set_block(self.layers, layer, block, self._expected(key, layer))
         self.worker.after_forward()
+        return late
 
     def poll(self) -> tuple[WorkerReport, tuple[set[str], set[str]], set[int]]:
         report = self.worker.poll()
@@ -182,6 +201,7 @@ class Served:
     loaded: int  # leading blocks loaded from dynkv
     load_errors: set[int] = field(default_factory=set)
     mismatched: list[int] = field(default_factory=list)
+    late: list[tuple[int, int]] = field(default_factory=list)  # (layer, block) read before it arrived (sync loads)
 
 
 class Engine:
@@ -211,13 +231,21 @@ class Engine:
     def keys(self, tokens: Sequence[int]) -> list[bytes]:
         return block_keys(self.fingerprint, np.asarray(tokens, dtype=np.int64))
 
-    def step(self, writes: Sequence[tuple[int, bytes]] = ()) -> None:
-        """One engine step: the leader's plan to every rank, a forward, then the merged reports back."""
+    def step(self, writes: Sequence[tuple[int, bytes]] = (), reads: Sequence[tuple[int, bytes]] = (),
+             **forward: Any) -> list[tuple[int, int]]:
+        """One engine step: the leader's plan to every rank, a forward, then the merged reports back.
+
+        ``reads``: blocks of sync loads the forward reads (checked layer by
+        layer); ``forward``: how it asks for layers (:meth:`RankState.step`).
+        Returns the reads that found their block not yet loaded, on any rank.
+        """
         plan = self.leader.build_plan()
         for r in self.ranks:
-            r.send("step", plan, list(writes))
+            r.send("step", plan, list(writes), list(reads), forward.get("hooks", "all"),
+                   forward.get("layer_hooks", True))
+        late: list[tuple[int, int]] = []
         for r in self.ranks:
-            r.recv()
+            late += r.recv()
         merged = WorkerReport()
         for r in self.ranks:
             report, (sending, recving), errors = r.call("poll")
@@ -228,6 +256,7 @@ class Engine:
                 self.recving[req] = self.recving.get(req, 0) + 1
             self.errors |= errors
         self.leader.update(merged)
+        return late
 
     def step_until(self, done: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
         """Step (as an idle engine would, a millisecond apart) until ``done()``."""
@@ -242,19 +271,29 @@ class Engine:
         """Step until the leader has nothing queued or in flight."""
         self.step_until(self.leader.idle, "leader not idle")
 
-    def serve(self, req_id: str, tokens: Sequence[int], *, verify: bool = True, finish: bool = True) -> Served:
-        """Run one request to completion the way vLLM would with dynkv attached."""
+    def serve(self, req_id: str, tokens: Sequence[int], *, verify: bool = True, finish: bool = True,
+              sync: bool = False, **forward: Any) -> Served:
+        """Run one request to completion the way vLLM would with dynkv attached.
+
+        ``sync``: a hit all in the host tier loads in the step that computes
+        the request (the connector's layer-by-layer path); ``forward`` says
+        how that step's forward asks for layers (:meth:`RankState.step`).
+        """
         keys = self.keys(tokens)
         loaded = self.leader.lookup(req_id, keys, 0)
         if len(keys) > len(self.free_blocks):
             raise RuntimeError("harness engine out of device blocks")
         blocks = [self.free_blocks.pop() for _ in keys]
-        self.leader.begin_load(req_id, blocks[:loaded])
+        sync = sync and self.leader.on_host(req_id, loaded)
+        self.leader.begin_load(req_id, blocks[:loaded], sync=sync)
         self.leader.store(req_id, keys[loaded:], blocks[loaded:])
-        self.step(writes=list(zip(blocks[loaded:], keys[loaded:])))
-        self.step_until(lambda: not loaded or self.recving.get(req_id, 0) == self.tp, f"load of {req_id} not finished")
+        reads = list(zip(blocks[:loaded], keys[:loaded])) if sync else []
+        late = self.step(writes=list(zip(blocks[loaded:], keys[loaded:])), reads=reads, **forward)
+        if not sync:
+            self.step_until(lambda: not loaded or self.recving.get(req_id, 0) == self.tp,
+                            f"load of {req_id} not finished")
         self.recving.pop(req_id, None)
-        out = Served(req_id, keys, blocks, loaded, {b for b in self.errors if b in blocks[:loaded]})
+        out = Served(req_id, keys, blocks, loaded, {b for b in self.errors if b in blocks[:loaded]}, late=late)
         self.errors -= out.load_errors
         if verify:
             good = [(b, k) for b, k in zip(blocks, keys) if b not in out.load_errors]

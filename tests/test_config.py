@@ -18,7 +18,7 @@ def test_defaults() -> None:
     assert c.eviction == "lru"
     assert c.disk_admit_min_hits == 2 and c.io_threads == 4
     assert c.init_timeout_s == 120.0 and c.metrics_port is None
-    assert c.disk_direct_io is True and c.layerwise is False
+    assert c.disk_direct_io is True and c.layerwise is True
 
 
 def test_disagg_keys() -> None:
@@ -53,7 +53,7 @@ def test_dict_values() -> None:
             "io_threads": 16,
             "init_timeout_s": 30,
             "metrics_port": 9400,
-            "layerwise": True,
+            "layerwise": False,
             "disk_direct_io": "off",
         },
         env={},
@@ -64,7 +64,7 @@ def test_dict_values() -> None:
     assert c.eviction == "fifo"
     assert c.disk_admit_min_hits == 0 and c.io_threads == 16
     assert c.init_timeout_s == 30.0 and c.metrics_port == 9400
-    assert c.layerwise is True and c.disk_direct_io is False
+    assert c.layerwise is False and c.disk_direct_io is False
 
 
 def test_env_values() -> None:
@@ -77,7 +77,7 @@ def test_env_values() -> None:
         "DYNKV_IO_THREADS": " 8 ",
         "DYNKV_INIT_TIMEOUT_S": "0.5",
         "DYNKV_METRICS_PORT": "9100",
-        "DYNKV_LAYERWISE": "Yes",
+        "DYNKV_LAYERWISE": " No",
         "DYNKV_DISK_DIRECT_IO": "0",
         "DYNKV_TEST_SEED": "7",  # other DYNKV_ variables are not config keys
         "DYNKV_CUDA": "OFF",
@@ -87,7 +87,7 @@ def test_env_values() -> None:
     assert c.disk_paths == ("/a", "/b", "/c")
     assert c.eviction == "fifo" and c.disk_admit_min_hits == 3 and c.io_threads == 8
     assert c.init_timeout_s == 0.5 and c.metrics_port == 9100
-    assert c.layerwise is True and c.disk_direct_io is False
+    assert c.layerwise is False and c.disk_direct_io is False
 
 
 def test_dict_overrides_env() -> None:

@@ -34,3 +34,17 @@ def test_gpu_tp_processes(rng: np.random.Generator) -> None:
     finally:
         engine.close()
         leader.close()
+
+
+@pytest.mark.parametrize("tp,processes", [(1, False), (2, True)])
+def test_gpu_sync_layer_by_layer_loads(rng: np.random.Generator, tp: int, processes: bool) -> None:
+    """Each layer's reads, queued on the compute stream after its wait, see the loaded pages."""
+    from test_sync_loads import check_sync_loads
+
+    check_sync_loads(rng, Model(dims="LBNHC", device="cuda", num_layers=8), tp=tp, processes=processes)
+
+
+def test_gpu_forward_without_layer_hooks_gets_load_errors(rng: np.random.Generator) -> None:
+    from test_sync_loads import check_skipped_hooks
+
+    check_skipped_hooks(rng, "even", device="cuda")

@@ -1,0 +1,150 @@
+"""Synchronous, layer-by-layer loads: host pages copied in the step that computes the request.
+
+The harness forward reads every loaded block at each layer right after asking
+for that layer (as attention does), so a layer that arrives late is caught;
+a forward that does not ask (a captured CUDA graph) must turn into load
+errors, never into wrong KV. Runs on CPU; ``test_kvbm_gpu.py`` runs the same
+checks with the KV cache on a GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from harness import Engine, Model
+from test_kvbm import make_leader
+
+import dynkv.worker
+from dynkv.protocol import LoadOp
+
+
+def _prompt(rng: np.random.Generator, model: Model, blocks: int) -> list[int]:
+    return rng.integers(0, 1000, blocks * model.block_size).tolist()
+
+
+def check_sync_loads(rng: np.random.Generator, model: Model, *, tp: int, processes: bool) -> None:
+    leader = make_leader(model, tp=tp)
+    engine = Engine(leader, model, tp=tp, num_blocks=96, processes=processes)
+    try:
+        prompts = [_prompt(rng, model, 6) for _ in range(3)]
+        for i, p in enumerate(prompts):
+            engine.serve(f"first{i}", p)
+        engine.drain()
+        for i, p in enumerate(prompts):
+            out = engine.serve(f"again{i}", p + [7] * model.block_size, sync=True)
+            assert out.loaded == 6
+            assert out.late == [], f"the forward read layers before they arrived: {out.late[:8]}"
+            assert out.load_errors == set() and out.mismatched == []
+            assert f"again{i}" not in engine.recving, "a sync load is not reported as finished receiving"
+        engine.drain()
+        assert leader.stats()["host"]["pinned"] == 0, "every sync load was acknowledged and unpinned"
+        assert leader.metrics.value("dynkv_hits_total", tier="host") == 18
+    finally:
+        engine.close()
+        leader.close()
+
+
+@pytest.mark.parametrize("dims", ["LBHNC", "LBNHC"])
+def test_sync_loads_in_process(rng: np.random.Generator, dims: str) -> None:
+    check_sync_loads(rng, Model(dims=dims, num_layers=6), tp=1, processes=False)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_sync_loads_tp_processes(rng: np.random.Generator, tp: int) -> None:
+    check_sync_loads(rng, Model(num_layers=5), tp=tp, processes=True)
+
+
+@pytest.mark.parametrize("hooks", ["none", "even"])
+def test_forward_that_skips_layers_gets_load_errors_then_whole_loads(rng: np.random.Generator, hooks: str) -> None:
+    """Layers the forward never asked for may have been read early: those blocks are recomputed."""
+    check_skipped_hooks(rng, hooks)
+
+
+def check_skipped_hooks(rng: np.random.Generator, hooks: str, device: str = "cpu") -> None:
+    model = Model(num_layers=4, device=device)
+    leader = make_leader(model)
+    engine = Engine(leader, model, tp=1, processes=False)
+    try:
+        a, b = _prompt(rng, model, 5), _prompt(rng, model, 5)
+        engine.serve("a", a)
+        engine.serve("b", b)
+        engine.drain()
+        out = engine.serve("a2", a + [1] * model.block_size, sync=True, hooks=hooks, verify=False)
+        assert out.loaded == 5
+        assert out.load_errors == set(out.blocks[:5]), "every block of the unasked step is a load error"
+        # From now on the forward waits for whole loads before it starts: right without any hook.
+        out = engine.serve("b2", b + [1] * model.block_size, sync=True, hooks="none")
+        assert out.loaded == 5 and out.late == [] and out.load_errors == set() and out.mismatched == []
+        engine.drain()
+        assert leader.stats()["host"]["pinned"] == 0
+    finally:
+        engine.close()
+        leader.close()
+
+
+def test_full_graph_step_waits_for_the_whole_load(rng: np.random.Generator) -> None:
+    """A forward replayed as one CUDA graph (no per-layer hooks) waits for the copy before it starts."""
+    model = Model(num_layers=4)
+    leader = make_leader(model)
+    engine = Engine(leader, model, tp=1, processes=False)
+    try:
+        a = _prompt(rng, model, 4)
+        engine.serve("a", a)
+        engine.drain()
+        out = engine.serve("a2", a + [3], sync=True, hooks="none", layer_hooks=False)
+        assert out.loaded == 4 and out.late == [] and out.load_errors == set() and out.mismatched == []
+    finally:
+        engine.close()
+        leader.close()
+
+
+def test_failed_copy_lets_the_forward_go_on_and_reports_errors(rng: np.random.Generator, monkeypatch) -> None:
+    model = Model(num_layers=4)
+    leader = make_leader(model)
+    engine = Engine(leader, model, tp=1, processes=False)
+    real = dynkv.worker.scatter_layers
+
+    def fail_after_two_layers(pages, view, slots, blocks, groups, *, after=None, **kw):
+        real(pages, view, slots, blocks, groups[:2], after=after, **kw)
+        raise RuntimeError("copy failed at layer 2")
+
+    try:
+        a = _prompt(rng, model, 4)
+        engine.serve("a", a)
+        engine.drain()
+        monkeypatch.setattr(dynkv.worker, "scatter_layers", fail_after_two_layers)
+        out = engine.serve("a2", a + [3], sync=True, verify=False)  # would hang if layers 2-3 never came
+        assert out.loaded == 4 and out.load_errors == set(out.blocks[:4])
+        engine.drain()
+        assert leader.stats()["host"]["pinned"] == 0
+    finally:
+        engine.close()
+        leader.close()
+
+
+def test_sync_load_needs_every_page_on_the_host(tmp_path, rng: np.random.Generator) -> None:
+    model = Model()
+    leader = make_leader(model, tmp_path, host_pages=8, disk_paths=[str(tmp_path)], disk_gb=0.01,
+                         disk_admit_min_hits=0)
+    engine = Engine(leader, model, tp=1, processes=False)
+    try:
+        a = _prompt(rng, model, 6)
+        engine.serve("a", a)
+        for i in range(3):  # push a's pages out of the 8-page host tier, onto disk
+            engine.serve(f"f{i}", _prompt(rng, model, 6))
+        engine.drain()
+        keys = engine.keys(a)
+        n = leader.lookup("a2", keys)
+        assert n > 0 and not leader.on_host("a2", n)
+        with pytest.raises(ValueError, match="synchronous load needs every page in the host tier"):
+            leader.begin_load("a2", list(range(n)), sync=True)
+        leader.request_finished("a2")
+        assert leader.stats()["host"]["pinned"] == 0
+    finally:
+        engine.close()
+        leader.close()
+
+
+def test_sync_load_op_copies_host_pages_only() -> None:
+    with pytest.raises(ValueError, match="copies host pages only"):
+        LoadOp(1, "r", (1,), (2,), failed=(3,), sync=True)
