@@ -15,7 +15,11 @@ engine per configuration, each in its own process (:mod:`dynkv.e2e_engine`):
   capacity as dynkv's host tier; CUDA only).
 
 Every path also generates ``--check-tokens`` greedy tokens with top-2
-logprobs, compared with the reference. Output: a table, JSON, a PNG, and one
+logprobs, compared with the reference. Random weights put near-ties in the
+top two logits (in bf16, an exact tie flips with any change of summation
+order, vLLM's own prefix cache included), so the ``vllm`` engine first
+recomputes ``--prompt-candidates`` prompts per length and the run measures
+the one whose smallest top-2 gap is largest. Output: a table, JSON, a PNG, and one
 log per engine.
 """
 
@@ -44,7 +48,7 @@ DESCRIPTION = (
 ENGINES = ("vllm", "dynkv", "offload")
 # (option, default on a GPU, default on CPU): the CPU build runs a small model on few cores.
 _DEFAULTS = (("lengths", [8192, 32768], [512, 1024]), ("decode_requests", 32, 4), ("decode_prompt", 1024, 128),
-             ("decode_tokens", 256, 32))
+             ("decode_tokens", 256, 32), ("prompt_candidates", 4, 2))
 _RECORD_HEADER = 4096  # a disk-tier record is a 4 KiB header and the page (dynkv.diskfile)
 
 
@@ -90,7 +94,9 @@ def engine_args(gpu: bool, sizes: dict[str, int], max_seqs: int, extra: dict[str
     return args
 
 
-def _prompts(seed: int, lengths: list[int], vocab: int, decode: dict[str, int] | None) -> dict[str, Any]:
+def _prompts(seed: int, lengths: list[int], vocab: int, decode: dict[str, int] | None,
+             candidates: int = 1) -> dict[str, Any]:
+    """Prompts of the run: ``str(length)`` is the first of ``candidates[str(length)]``."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -98,7 +104,10 @@ def _prompts(seed: int, lengths: list[int], vocab: int, decode: dict[str, int] |
     def draw(n: int) -> list[int]:
         return rng.integers(FIRST_WORD_ID, vocab, size=n).tolist()
 
-    out: dict[str, Any] = {"warmup": draw(min(lengths)), **{str(n): draw(n) for n in lengths}}
+    cands = {str(n): [draw(n) for _ in range(candidates)] for n in lengths}
+    out: dict[str, Any] = {"warmup": draw(min(lengths)), **{n: c[0] for n, c in cands.items()}}
+    if candidates > 1:
+        out["candidates"] = cands
     if decode:
         out["decode"] = [[draw(decode["prompt"]) for _ in range(decode["requests"])] for _ in range(decode["repeat"])]
     return out
@@ -153,14 +162,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{sizes['page_bytes'] / 2**20:.2f} MiB", flush=True)
     decode = None if args.decode_requests <= 0 else {"requests": args.decode_requests, "prompt": args.decode_prompt,
                                                      "tokens": args.decode_tokens, "repeat": args.decode_repeat}
-    prompts = _prompts(args.seed, args.lengths, spec.vocab_size, decode)
+    prompts = _prompts(args.seed, args.lengths, spec.vocab_size, decode, args.prompt_candidates)
+    candidates = prompts.pop("candidates", None)
     extra = dict(kv.split("=", 1) for kv in args.engine_arg)
     eargs = engine_args(gpu, sizes, max(16, args.decode_requests), {k: _value(v) for k, v in extra.items()})
     disk_dir = Path(args.disk_path or work / "disk").resolve()
     base = {"model": str(model), "engine": eargs, "lengths": args.lengths, "repeat": args.repeat,
             "check_tokens": args.check_tokens, "seed": args.seed, "prompts": prompts, "profile": args.profile}
     specs = {
-        "vllm": {**base, "name": "vllm", "connector": None, "decode": decode},
+        "vllm": {**base, "name": "vllm", "connector": None, "decode": decode, "candidates": candidates},
         "dynkv": {**base, "name": "dynkv", "connector": "dynkv", "decode": decode, "dd_repeat": args.repeat,
                   "extra": {"host_pages": sizes["host_pages"], "disk_gb": math.ceil(sizes["disk_bytes"] / 2**30 * 1e3)
                             / 1e3, "disk_paths": [str(disk_dir)], "io_threads": sizes["io_threads"]},
@@ -183,6 +193,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for f in disk_dir.glob("*.pages"):
                     f.unlink()
             reports[name] = _run_engine(name, specs[name], work, out / "logs", args.engine_timeout)
+        if name == "vllm" and candidates:
+            # Every later engine measures the prompts the reference chose (its specs share this dict).
+            for n, i in reports[name].get("chosen", {}).items():
+                prompts[n] = candidates[n][i]
         # Written after every engine: a run cut short keeps the engines it finished.
         doc = _document(head, reports, args.lengths)
         json_path.write_text(json.dumps(doc, indent=1, default=str))
@@ -262,6 +276,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true",
                    help="one extra dynkv host and disk hit per length under cProfile (text in the JSON)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts")
+    p.add_argument("--prompt-candidates", type=int,
+                   help="prompts per length the vllm engine recomputes to pick the one with the largest smallest "
+                        "top-2 logprob gap (default 4 on a GPU, 2 on CPU; 1: no choice)")
     p.add_argument("--work-dir", default="dynkv-bench/e2e-work", help="model, specs and (default) disk tier")
     p.add_argument("--model-dir", help="where the model is written (default under --work-dir; reused if there)")
     p.add_argument("--disk-path", help="directory of dynkv's disk tier (default <work-dir>/disk; emptied first)")
@@ -272,8 +289,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    if args.repeat < 1 or args.check_tokens < 1:
-        raise SystemExit("--repeat and --check-tokens must be at least 1")
+    if args.repeat < 1 or args.check_tokens < 1 or (args.prompt_candidates is not None and args.prompt_candidates < 1):
+        raise SystemExit("--repeat, --check-tokens and --prompt-candidates must be at least 1")
     doc = run(args)
     failed = [k for k, v in doc["engines"].items() if not str(v.get("status", "")).startswith(("ok", "skipped"))]
     return 1 if failed else 0

@@ -309,6 +309,22 @@ def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int) ->
         eng.save()
 
 
+def _choose(eng: _Engine, cands: list[list[int]], rec: dict[str, Any], length: str) -> int:
+    """Index of the candidate whose smallest top-2 logprob gap under recompute is largest (recorded in ``rec``)."""
+    gaps: list[float | None] = []
+    for i, p in enumerate(cands):
+        eng.reset_device_cache()
+        r = _guard(eng, f"candidate {i} check", eng.check, p)
+        gaps.append(min(r["top2_gaps"], default=None) if r else None)
+    best = max(range(len(cands)), key=lambda i: -1.0 if gaps[i] is None else gaps[i])
+    rec["prompt_choice"] = {"min_top2_gaps": gaps, "chosen": best}
+    eng.report.setdefault("chosen", {})[length] = best
+    print(f"[{eng.spec['name']}] {length} tokens: smallest top-2 gaps of {len(cands)} candidate prompts "
+          f"{[None if g is None else round(g, 3) for g in gaps]}; measuring candidate {best}", flush=True)
+    eng.reset_device_cache()
+    return best
+
+
 def run(spec: dict[str, Any], out_path: Path) -> dict[str, Any]:
     """Measure one engine as ``spec`` says (see :mod:`dynkv.bench_e2e`); the report is also written to ``out_path``."""
     eng = _Engine(spec, out_path)
@@ -325,7 +341,11 @@ def run(spec: dict[str, Any], out_path: Path) -> dict[str, Any]:
         rec: dict[str, Any] = {}
         eng.report["lengths"][str(length)] = rec
         t0 = time.perf_counter()
-        _paths(eng, prompts[str(length)], rec, spec["repeat"])
+        prompt = prompts[str(length)]
+        cands = (spec.get("candidates") or {}).get(str(length))
+        if cands:
+            prompt = cands[_choose(eng, cands, rec, str(length))]
+        _paths(eng, prompt, rec, spec["repeat"])
         print(f"[{spec['name']}] {length} tokens measured in {time.perf_counter() - t0:.1f} s", flush=True)
     dec = spec.get("decode")
     if dec:

@@ -93,8 +93,9 @@ def summarize(reports: Mapping[str, dict[str, Any] | None], lengths: list[int]) 
             rows[f"{engine}/{path}"] = row
         dd = ((reports.get("dynkv") or {}).get("lengths") or {}).get(key, {}).get("dd")
         gaps = (ref or {}).get("top2_gaps") or []
+        choice = ((reports.get("vllm") or {}).get("lengths") or {}).get(key, {}).get("prompt_choice")
         out["lengths"][key] = {"paths": rows, "dd": dd, "top2_gap_min": min(gaps, default=None),
-                               "top2_gap_median": _median(gaps)}
+                               "top2_gap_median": _median(gaps), "prompt_choice": choice}
     out["decode"] = _decode(reports)
     out["targets"] = _targets(out, lengths)
     return out
@@ -182,6 +183,11 @@ def format_table(s: dict[str, Any]) -> str:
         if L["top2_gap_min"] is not None:
             lines.append(f"\nreference top-2 logprob gap: min {L['top2_gap_min']:.3f}, median "
                          f"{L['top2_gap_median']:.3f} nats")
+        choice = L.get("prompt_choice")
+        if choice:
+            gaps = ", ".join("failed" if g is None else f"{g:.3f}" for g in choice["min_top2_gaps"])
+            lines.append(f"prompt: candidate {choice['chosen']} of {len(choice['min_top2_gaps'])} (smallest top-2 gap "
+                         f"under recompute per candidate: {gaps})")
         lines.append("")
     d = s["decode"]
     if d["vllm"]["tok_s"] or d["dynkv"]["tok_s"]:

@@ -9,6 +9,8 @@ End-to-end runs in real vLLM are in ``test_connector_vllm.py``.
 
 from __future__ import annotations
 
+import time
+
 import functools
 import tomllib
 from pathlib import Path
@@ -94,7 +96,17 @@ def complete(conn: DynKVConnector, meta: DynKVMetadata) -> None:
 
 @pytest.fixture
 def conn() -> Any:
-    vllm_config, kcc = fake_config()
+    """Every hit loads asynchronously (``layerwise`` off): the protocol vLLM drives across steps."""
+    vllm_config, kcc = fake_config({"host_pages": 16, "layerwise": False})
+    c = DynKVConnector(vllm_config, KVConnectorRole.SCHEDULER, kcc)
+    yield c
+    c.shutdown()
+
+
+@pytest.fixture
+def sync_conn() -> Any:
+    """The default: host-tier hits load in the step that computes the request."""
+    vllm_config, kcc = fake_config({"host_pages": 16})
     c = DynKVConnector(vllm_config, KVConnectorRole.SCHEDULER, kcc)
     yield c
     c.shutdown()
@@ -159,6 +171,74 @@ def test_whole_prompt_hit_loads_every_block(conn: Any, rng: np.random.Generator)
     conn.update_state_after_alloc(b, blocks([3, 4]), 0)  # vLLM chose not to load (e.g. no room)
     assert conn.build_connector_meta(step()).plan.loads == []
     assert conn.leader.stats()["host"]["pinned"] == 0
+
+
+def test_host_hit_loads_in_the_step_that_computes_it(sync_conn: Any, rng: np.random.Generator) -> None:
+    conn = sync_conn
+    shared = tokens(rng, 2 * BS)
+    a = FakeRequest("a", shared + tokens(rng, 40))
+    conn.on_new_request(a)
+    conn.get_num_new_matched_tokens(a, 0)
+    complete(conn, conn.build_connector_meta(step(new={"a": [1, 2, 3]}, scheduled={"a": a.num_tokens})))
+    conn.request_finished(a, [1, 2, 3])
+    b = FakeRequest("b", shared + tokens(rng, 5))
+    conn.on_new_request(b)
+    assert conn.get_num_new_matched_tokens(b, 0) == (2 * BS, False)  # not async: computed this step
+    conn.update_state_after_alloc(b, blocks([9, 10, 11]), 2 * BS)
+    assert conn.get_external_cache_hit_sources(b, 2 * BS) == {CacheHitSource.HOST: 2 * BS}
+    meta = conn.build_connector_meta(step(new={"b": [9, 10, 11]}, scheduled={"b": 5}))
+    (load,) = meta.plan.loads
+    assert load.sync and load.block_ids == (9, 10) and load.req_id == "b"
+    complete(conn, meta)
+    assert conn.leader.stats()["host"]["pinned"] == 0
+
+
+def test_whole_prompt_host_hit_leaves_the_last_block_to_compute(sync_conn: Any, rng: np.random.Generator) -> None:
+    """The step that computes a sync hit computes at least one token: the last block of a whole-prompt hit."""
+    conn = sync_conn
+    prompt = tokens(rng, 3 * BS)
+    a = FakeRequest("a", prompt)
+    conn.on_new_request(a)
+    complete(conn, conn.build_connector_meta(step(new={"a": [1, 2, 3]}, scheduled={"a": 3 * BS})))
+    b = FakeRequest("b", prompt)
+    conn.on_new_request(b)
+    assert conn.get_num_new_matched_tokens(b, 0) == (2 * BS, False)
+    assert conn.get_num_new_matched_tokens(b, BS) == (BS, False)
+    assert conn.get_num_new_matched_tokens(b, 2 * BS) == (0, False)  # nothing left but the block to compute
+    conn.update_state_after_alloc(b, blocks([4, 5, 6]), 0)
+    assert conn.build_connector_meta(step()).plan.loads == []
+    assert conn.leader.stats()["host"]["pinned"] == 0
+    c = FakeRequest("c", prompt + [20])  # one more token: every stored block loads
+    conn.on_new_request(c)
+    assert conn.get_num_new_matched_tokens(c, 0) == (3 * BS, False)
+
+
+def test_disk_hit_stays_asynchronous(tmp_path, rng: np.random.Generator) -> None:
+    vllm_config, kcc = fake_config({"host_pages": 4, "disk_paths": [str(tmp_path)], "disk_gb": 0.01,
+                                    "disk_admit_min_hits": 0})
+    conn = DynKVConnector(vllm_config, KVConnectorRole.SCHEDULER, kcc)
+
+    def serve(req: FakeRequest, block_ids: list[int]) -> None:
+        conn.on_new_request(req)
+        complete(conn, conn.build_connector_meta(step(new={req.request_id: block_ids},
+                                                      scheduled={req.request_id: req.num_tokens})))
+        conn.request_finished(req, block_ids)
+        deadline = time.monotonic() + 10
+        while not conn.leader.idle():  # write-through to disk
+            assert time.monotonic() < deadline, conn.leader.stats()
+            complete(conn, conn.build_connector_meta(step()))
+            time.sleep(0.01)
+
+    try:
+        prompt = tokens(rng, 3 * BS)
+        serve(FakeRequest("a", prompt), [1, 2, 3])
+        for i in range(2):  # fillers push a's pages from the 4-page host tier (they stay on disk)
+            serve(FakeRequest(f"f{i}", tokens(rng, 3 * BS)), [4, 5, 6])
+        b = FakeRequest("b", prompt + [20])
+        conn.on_new_request(b)
+        assert conn.get_num_new_matched_tokens(b, 0) == (3 * BS, True), "pages on disk load asynchronously"
+    finally:
+        conn.shutdown()
 
 
 def test_preemption_and_resumption(conn: Any, rng: np.random.Generator) -> None:
