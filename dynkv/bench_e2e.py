@@ -57,9 +57,10 @@ def plan(preset: str, lengths: list[int], block_size: int, elem_bytes: int, chec
 
     dynkv's host tier (and the OffloadingConnector's CPU tier, the same size)
     holds the longest prompt with a margin; pushing a prompt out of it takes
-    fillers worth one tier plus a few pages. Disk writes in flight are
-    bounded at 16 per I/O thread (:mod:`dynkv.leader`), so the thread count is
-    chosen to let one whole prompt be written through at once.
+    fillers worth one tier plus a few pages. 16 disk I/O threads: the disk
+    tier's best on the H200 host (``dynkv bench disk``: 3.5 GB/s reads, more
+    than one dd stream); disk writes in flight are bounded by a quarter of the
+    host tier (:mod:`dynkv.leader`), enough for a prefill chunk.
     """
     spec = PRESETS[preset]
     page_bytes = spec.kv_bytes_per_token(elem_bytes) * block_size
@@ -72,7 +73,7 @@ def plan(preset: str, lengths: list[int], block_size: int, elem_bytes: int, chec
     return {"block_size": block_size, "page_bytes": page_bytes, "max_model_len": max_model_len,
             "host_pages": host_pages, "disk_pages": disk_pages,
             "disk_bytes": disk_pages * (_RECORD_HEADER + page_bytes),
-            "io_threads": min(256, max(4, math.ceil(max_pages / 16))),
+            "io_threads": 16,
             "flush_tokens": (host_pages + 16) * block_size, "flush_chunk": chunk}
 
 

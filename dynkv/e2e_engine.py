@@ -138,6 +138,7 @@ class _Engine:
             rec["h2d_s"] = delta.get("dynkv_transfer_seconds_sum{direction=h2d}", 0.0)
             rec["h2d_bytes"] = delta.get("dynkv_bytes_moved_total{direction=h2d}", 0.0)
             rec["disk_read_bytes"] = delta.get("dynkv_bytes_moved_total{direction=disk_to_host}", 0.0)
+            rec["disk_read_s"] = delta.get("dynkv_transfer_seconds_sum{direction=disk_to_host}", 0.0)
         return rec
 
     def profiled_ttft(self, prompt: list[int]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ TARGETS = {
     "disk_vs_dd": 1.3,  # disk-tier hit TTFT within this factor of dd reading the same bytes
     "decode_ratio": 0.98,  # decode tokens/s with dynkv storing, relative to plain vLLM
 }
-_SPLIT = ("queue_s", "wait_s", "forward_s", "tail_s", "h2d_s")
+_SPLIT = ("queue_s", "wait_s", "forward_s", "tail_s", "h2d_s", "disk_read_s")
 
 
 def _median(xs: list[float]) -> float | None:
@@ -160,9 +160,9 @@ def format_table(s: dict[str, Any]) -> str:
     lines: list[str] = []
     for length, L in s["lengths"].items():
         lines += [f"### {length}-token prompt", "",
-                  "| path | TTFT ms (median) | min-max | queue | wait/load | forward | tail | dynkv H2D | "
-                  "cached tokens | greedy = prefix-cache hit | = recompute |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| path | TTFT ms (median) | min-max | queue | wait/load | forward | tail | dynkv disk read | "
+                  "dynkv H2D | cached tokens | greedy = prefix-cache hit | = recompute |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in L["paths"].values():
             g = row["greedy"]
             same = _same(g)
@@ -171,7 +171,8 @@ def format_table(s: dict[str, Any]) -> str:
             cached = sorted({c for c in row["cached_tokens"] if c is not None})
             lines.append(f"| {row['label']} | {_ms(row['ttft_s'])} | {_ms(row['min_s'])}-{_ms(row['max_s'])} | "
                          f"{_ms(row['queue_s'])} | {_ms(row['wait_s'])} | {_ms(row['forward_s'])} | "
-                         f"{_ms(row['tail_s'])} | {_ms(row['h2d_s']) if row['h2d_s'] else '-'} | "
+                         f"{_ms(row['tail_s'])} | {_ms(row['disk_read_s']) if row.get('disk_read_s') else '-'} | "
+                         f"{_ms(row['h2d_s']) if row['h2d_s'] else '-'} | "
                          f"{','.join(map(str, cached)) or '-'} | {same} | {_same(row.get('greedy_vs_recompute'))} |")
         dd = L.get("dd") or {}
         if dd.get("median_s"):

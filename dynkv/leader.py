@@ -31,6 +31,7 @@ import itertools
 import logging
 import os
 import queue
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -61,8 +62,10 @@ log = logging.getLogger("dynkv.leader")
 
 HOST, DISK = "host", "disk"
 REMOTE = "remote"  # matched pages a prefill engine exported, pulled into fresh host slots
-# Disk writes in flight per I/O thread before write-through is skipped (and counted).
+# Disk writes in flight before write-through is skipped (and counted): 16 per I/O thread, or a
+# quarter of the host tier if more (a write pins its host page until it is on disk).
 _WRITES_PER_THREAD = 16
+_WRITES_HOST_SHARE = 4
 
 
 @dataclass
@@ -79,6 +82,8 @@ class _Load:
     pulls: list[tuple[int, int]] = field(default_factory=list)  # (host slot, remote slot)
     pulled_keys: list[bytes] = field(default_factory=list)  # pending in the host tier until pulled
     sync: bool = False  # computed in the step of its plan (LoadOp.sync)
+    started: float = 0.0  # perf_counter at begin_load
+    read_until: float = 0.0  # perf_counter when its last disk read completed
 
 
 @dataclass
@@ -217,7 +222,7 @@ class Leader:
         self.exporter: Any = None
         self._writes = 0
         self._counted: dict[str, tuple[int, int]] = {}
-        self._max_writes = _WRITES_PER_THREAD * config.io_threads
+        self._max_writes = max(_WRITES_PER_THREAD * config.io_threads, tiers[HOST] // _WRITES_HOST_SHARE)
         for tier, cap in tiers.items():
             self.metrics.capacity.labels(tier).set(cap)
         if config.metrics_port is not None:
@@ -268,7 +273,8 @@ class Leader:
         self._release_match(req)
         if not use:
             return
-        load = _Load(next(self._jobs), req_id, [int(b) for b in block_ids], [None] * len(use), sync=sync)
+        load = _Load(next(self._jobs), req_id, [int(b) for b in block_ids], [None] * len(use), sync=sync,
+                     started=time.perf_counter())
         req.load = load
         for i, (tier, slot, key) in enumerate(use):
             self.metrics.hits.labels(tier).inc()
@@ -543,7 +549,7 @@ class Leader:
         host_slot = got[0][1]
         load.waiting += 1
         fut = self.disk.read(disk_slot, key, self._host_page(host_slot), invalidate_bad=True)
-        fut.add_done_callback(lambda f: self._io.put(("read", load, i, key, host_slot, f)))
+        fut.add_done_callback(lambda f: self._io.put(("read", load, i, key, host_slot, f, time.perf_counter())))
 
     def _spill(self, keys: Sequence[bytes]) -> None:
         """Write committed host pages through to disk, as the frequency filter and back-pressure allow."""
@@ -582,8 +588,9 @@ class Leader:
             else:
                 self._write_done(*item[1:])
 
-    def _read_done(self, load: _Load, i: int, key: bytes, host_slot: int, fut: Future[None]) -> None:
+    def _read_done(self, load: _Load, i: int, key: bytes, host_slot: int, fut: Future[None], when: float) -> None:
         exc = fut.exception()
+        load.read_until = max(load.read_until, when)
         self.index.unpin(DISK, [key])
         if exc is None:
             self.index.commit(HOST, [key])
@@ -601,6 +608,8 @@ class Leader:
             self.metrics.load_errors.labels("disk").inc()
         load.waiting -= 1
         if load.waiting == 0:
+            # The disk phase of the load: from begin_load until its last page was in the host tier.
+            self.metrics.latency.labels("disk_to_host").observe(load.read_until - load.started)
             self._promoting.pop(load.job, None)
             self._ready.append(load)
 

@@ -26,3 +26,9 @@ def test_bench_e2e_cpu_smoke(tmp_path: Path) -> None:
     greedy = {t["target"]: t["met"] for t in report["summary"]["targets"] if t["target"].startswith("greedy")}
     assert greedy and all(greedy.values()), greedy
     assert report["summary"]["decode"]["dynkv"]["tok_s"] > 0
+    choice = report["summary"]["lengths"]["256"]["prompt_choice"]
+    gaps = choice["min_top2_gaps"]
+    assert len(gaps) == 2 and None not in gaps, choice
+    assert gaps[choice["chosen"]] == max(gaps), "the measured prompt is the candidate with the widest top-2 gap"
+    assert paths["dynkv/disk"]["disk_read_s"] > 0 and not paths["dynkv/host"]["disk_read_s"]
+    assert paths["dynkv/host"]["hits"]["host"] == [256 // 32 - 1] * 1, "a sync hit leaves the last block to compute"

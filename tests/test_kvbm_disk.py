@@ -252,3 +252,33 @@ def test_request_aborted_while_promoting_still_reports_its_load(tmp_path, rng: n
     finally:
         engine.close()
         leader.close()
+
+
+@pytest.mark.parametrize("host_pages,bound", [(64, 16), (160, 40)])
+def test_disk_writes_in_flight_are_bounded(tmp_path, rng: np.random.Generator, host_pages: int, bound: int) -> None:
+    """16 writes per I/O thread, or a quarter of the host tier: past that, write-through is skipped and counted."""
+    leader = leader_for(tmp_path, host_pages=host_pages, io_threads=1, disk_gb=0.05)
+    engine = Engine(leader, MODEL, tp=1, num_blocks=64, processes=False)
+    held: list[tuple[concurrent.futures.Future[None], concurrent.futures.Future[None]]] = []
+    write = leader.disk.write
+
+    def slow_write(slot: int, key: bytes, src: memoryview) -> concurrent.futures.Future[None]:
+        f: concurrent.futures.Future[None] = concurrent.futures.Future()  # reported done only once released
+        held.append((write(slot, key, src), f))
+        return f
+
+    leader.disk.write = slow_write
+    try:
+        tokens = rng.integers(0, 1000, 48 * MODEL.block_size).tolist()
+        engine.serve("big", tokens, finish=False)
+        engine.step()
+        assert leader.stats()["disk_writes_in_flight"] == bound
+        assert leader.metrics.value("dynkv_admissions_refused_total", tier="disk", reason="busy") == 48 - bound
+        for real, f in held:
+            real.result()
+            f.set_result(None)
+        engine.drain()
+        assert leader.stats()["disk_writes_in_flight"] == 0 and leader.stats()["disk"]["stored"] == bound
+    finally:
+        engine.close()
+        leader.close()

@@ -67,9 +67,9 @@ def _shift_loads() -> None:
 
     start = Worker.start
 
-    def start_shifted(self: Worker, plan: Any) -> None:
+    def start_shifted(self: Worker, plan: Any, **kw: Any) -> None:
         plan.loads = [replace(op, slots=tuple(s + 1 for s in op.slots)) for op in plan.loads]
-        start(self, plan)
+        start(self, plan, **kw)
 
     Worker.start = start_shifted  # type: ignore[method-assign]
 
