@@ -35,9 +35,11 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 
+from dynkv import _C
 from dynkv.diskfile import (
     ALIGN,
     HEADER_BYTES,
@@ -144,6 +146,7 @@ class DiskTier:
                         "(through the page cache)", ", ".join(refused))
         self.direct_io_active = direct_io and not refused
         self._pool = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="dynkv-disk")
+        self._io_threads = io_threads
 
     # -------------------------------------------------------------- public API
 
@@ -203,6 +206,33 @@ class DiskTier:
         f, index = self._locate(slot)
         return self._submit(self._read, f, slot, index, _check_key(key), self._check_buffer(dst, "dst", True), f.epoch,
                             invalidate_bad)
+
+    def read_many(self, reads: Sequence[tuple[int, bytes, memoryview]], *, invalidate_bad: bool = False
+                  ) -> list[concurrent.futures.Future[None]]:
+        """:meth:`read` of many pages ``(slot, key, dst)``, one future each, in batches.
+
+        The pages are split into one batch per I/O thread; a batch's reads and
+        payload checksums run in one call that holds no Python lock, so they
+        keep their pace next to a busy scheduler thread. Pages whose ``dst``
+        an ``O_DIRECT`` read cannot fill in place go through :meth:`read`.
+        """
+        checked = []
+        for slot, key, dst in reads:
+            f, index = self._locate(slot)
+            checked.append((f, int(slot), index, _check_key(key), self._check_buffer(dst, "dst", True), f.epoch))
+        futures: list[concurrent.futures.Future[None]] = [concurrent.futures.Future() for _ in checked]
+        batch = []
+        for item, fut in zip(checked, futures):
+            if self._in_place(item[0], address(item[4])):
+                batch.append((*item, fut))
+            else:
+                self._submit(self._read, *item, invalidate_bad).add_done_callback(
+                    lambda r, fut=fut: _chain(r, fut))
+        if batch:
+            per = -(-len(batch) // self._io_threads)
+            for i in range(0, len(batch), per):
+                self._submit(self._read_batch, batch[i : i + per], invalidate_bad)
+        return futures
 
     def recover(self) -> list[tuple[int, bytes]]:
         """``(slot, key)`` of every record valid for this fingerprint, by slot.
@@ -353,36 +383,78 @@ class DiskTier:
     def _read(self, f: PageFile, slot: int, index: int, key: bytes, dst: memoryview, epoch: int,
               invalidate_bad: bool = False) -> None:
         n, offset = self.page_bytes, f.offset(index)
-        where = f"disk page slot {slot} ({f.path}, offset {offset})"
         try:
             f.check_linked()
             buf, buf_addr = self._buffer()
             dst_addr = address(dst)
             in_place = self._in_place(f, dst_addr)
             got = preadv_all(f.fd, [buf[:HEADER_BYTES], dst] if in_place else [buf], offset)
+            payload = dst if in_place else buf[HEADER_BYTES : HEADER_BYTES + n]
+            self._verify(f, slot, index, key, epoch, got, buf[:HEADER_BYTES], lambda: zlib.crc32(payload),
+                         invalidate_bad)
+            if not in_place:
+                ctypes.memmove(dst_addr, buf_addr + HEADER_BYTES, n)
+                self._count(bounce_copies=1)
+        except DiskPageError:
+            raise
+        except OSError as e:
+            self._count(read_errors=1)
+            raise OSError(e.errno, f"reading disk page slot {slot} ({f.path}, offset {offset}): {e.strerror}",
+                          f.path) from e
+        self._count(pages_read=1, bytes_read=n)
+
+    def _verify(self, f: PageFile, slot: int, index: int, key: bytes, epoch: int, got: int, header: memoryview,
+                crc: Callable[[], int], invalidate_bad: bool) -> None:
+        """Raise :class:`DiskPageError` unless the record read holds exactly the page of ``key``."""
+        n = self.page_bytes
+        where = f"disk page slot {slot} ({f.path}, offset {f.offset(index)})"
+        try:
             if got < HEADER_BYTES + n:
                 raise DiskPageError(f"{where}: short read, {got} of {HEADER_BYTES + n} bytes (file truncated?)")
-            problem, hdr = check_header(buf[:HEADER_BYTES], self._fp, n, index, epoch)
+            problem, hdr = check_header(header, self._fp, n, index, epoch)
             if problem is not None:
                 raise DiskPageError(f"{where}: {problem}")
             if hdr.key != key:
                 raise DiskPageError(f"{where}: holds key {hdr.key.hex()}, not the requested {key.hex()}")
-            crc = zlib.crc32(dst if in_place else buf[HEADER_BYTES : HEADER_BYTES + n])
-            if crc != hdr.crc:
-                raise DiskPageError(f"{where}: payload checksum mismatch (crc32 {crc:#010x}, header says "
+            got_crc = crc()
+            if got_crc != hdr.crc:
+                raise DiskPageError(f"{where}: payload checksum mismatch (crc32 {got_crc:#010x}, header says "
                                     f"{hdr.crc:#010x}): a torn write or corrupted media")
-            if not in_place:
-                ctypes.memmove(dst_addr, buf_addr + HEADER_BYTES, n)
-                self._count(bounce_copies=1)
         except DiskPageError:
             self._count(page_errors=1)
             if invalidate_bad:
                 self._invalidate(f, index)
             raise
-        except OSError as e:
-            self._count(read_errors=1)
-            raise OSError(e.errno, f"reading {where}: {e.strerror}", f.path) from e
-        self._count(pages_read=1, bytes_read=n)
+
+    def _read_batch(self, batch: list[tuple[PageFile, int, int, bytes, memoryview, int, Any]],
+                    invalidate_bad: bool) -> None:
+        """I/O thread: a batch of in-place reads in one lock-free call, then each page's checks and future."""
+        n = self.page_bytes
+        headers = memoryview(mmap.mmap(-1, HEADER_BYTES * len(batch)))  # page-aligned, as O_DIRECT wants
+        try:
+            for f in {id(b[0]): b[0] for b in batch}.values():
+                f.check_linked()
+            with_crc = _C.record_crc_available()
+            results = _C.read_records([b[0].fd for b in batch], [b[0].offset(b[2]) for b in batch],
+                                      address(headers), HEADER_BYTES, [address(b[4]) for b in batch], n, with_crc)
+        except Exception as e:  # a file gone or replaced: every page of the batch fails
+            self._count(read_errors=len(batch))
+            for b in batch:
+                b[6].set_exception(e)
+            return
+        for i, ((f, slot, index, key, dst, epoch, fut), (got, err, crc)) in enumerate(zip(batch, results)):
+            try:
+                if err:
+                    self._count(read_errors=1)
+                    raise OSError(err, f"reading disk page slot {slot} ({f.path}, offset {f.offset(index)}): "
+                                       f"{os.strerror(err)}", f.path)
+                self._verify(f, slot, index, key, epoch, got, headers[i * HEADER_BYTES : (i + 1) * HEADER_BYTES],
+                             (lambda crc=crc: crc) if with_crc else (lambda dst=dst: zlib.crc32(dst)), invalidate_bad)
+            except OSError as e:  # DiskPageError included
+                fut.set_exception(e)
+                continue
+            self._count(pages_read=1, bytes_read=n)
+            fut.set_result(None)
 
     def _invalidate(self, f: PageFile, index: int) -> None:
         """Zero a bad record's header, so a restart does not find the page again (best effort).
@@ -427,6 +499,14 @@ class _Buffer(threading.local):
 
     view: memoryview | None = None
     addr: int = 0
+
+
+def _chain(src: concurrent.futures.Future[None], dst: concurrent.futures.Future[None]) -> None:
+    exc = src.exception()
+    if exc is None:
+        dst.set_result(None)
+    else:
+        dst.set_exception(exc)
 
 
 def _check_key(key: bytes) -> bytes:

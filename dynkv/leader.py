@@ -276,6 +276,7 @@ class Leader:
         load = _Load(next(self._jobs), req_id, [int(b) for b in block_ids], [None] * len(use), sync=sync,
                      started=time.perf_counter())
         req.load = load
+        reads: list[tuple[int, int, bytes, int]] = []
         for i, (tier, slot, key) in enumerate(use):
             self.metrics.hits.labels(tier).inc()
             if tier == HOST:
@@ -287,7 +288,12 @@ class Leader:
                 load.pulls.append((slot, req.remote_slots.pop(key)))
                 load.pulled_keys.append(key)
             else:
-                self._promote(load, i, slot, key)
+                self._promote(load, i, slot, key, reads)
+        if reads:
+            futs = self.disk.read_many([(d, key, self._host_page(h)) for _, d, key, h in reads], invalidate_bad=True)
+            for (i, _, key, h), fut in zip(reads, futs):
+                fut.add_done_callback(
+                    lambda f, i=i, key=key, h=h: self._io.put(("read", load, i, key, h, f, time.perf_counter())))
         if load.waiting:
             self._promoting[load.job] = load
         else:
@@ -531,8 +537,9 @@ class Leader:
         if req.load is None and not req.stores:
             self._reqs.pop(req_id, None)
 
-    def _promote(self, load: _Load, i: int, disk_slot: int, key: bytes) -> None:
-        """Read a disk page into a new host slot; the load waits for it."""
+    def _promote(self, load: _Load, i: int, disk_slot: int, key: bytes, reads: list[tuple[int, int, bytes, int]]
+                 ) -> None:
+        """Give a disk page a new host slot and queue its read in ``reads``; the load waits for it."""
         host_slot = self.index.location(key, HOST)
         if host_slot is not None:  # stored to the host tier since the lookup
             self.index.pin(HOST, [key])
@@ -546,10 +553,8 @@ class Leader:
             load.failed.append(load.block_ids[i])
             self.metrics.load_errors.labels("host_full").inc()
             return
-        host_slot = got[0][1]
         load.waiting += 1
-        fut = self.disk.read(disk_slot, key, self._host_page(host_slot), invalidate_bad=True)
-        fut.add_done_callback(lambda f: self._io.put(("read", load, i, key, host_slot, f, time.perf_counter())))
+        reads.append((i, disk_slot, key, got[0][1]))
 
     def _spill(self, keys: Sequence[bytes]) -> None:
         """Write committed host pages through to disk, as the frequency filter and back-pressure allow."""

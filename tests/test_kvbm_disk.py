@@ -271,7 +271,7 @@ def test_disk_writes_in_flight_are_bounded(tmp_path, rng: np.random.Generator, h
     try:
         tokens = rng.integers(0, 1000, 48 * MODEL.block_size).tolist()
         engine.serve("big", tokens, finish=False)
-        engine.step()
+        engine.step_until(lambda: leader.stats()["host"]["stored"] == 48, "stores of big not committed")
         assert leader.stats()["disk_writes_in_flight"] == bound
         assert leader.metrics.value("dynkv_admissions_refused_total", tier="disk", reason="busy") == 48 - bound
         for real, f in held:

@@ -1,0 +1,30 @@
+// Disk-tier record reads with the interpreter lock released for a whole batch.
+//
+// The disk tier's I/O threads share the Python process of vLLM's scheduler,
+// whose thread stays busy while a disk hit loads: a read that takes the lock
+// back after every system call waits for it each time. This reads a batch of
+// records (a 4 KiB header into a header buffer, the payload into its
+// destination, one preadv each) and checksums the payloads in one call; Python
+// checks the headers afterwards.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace dynkv {
+
+struct RecordRead {
+  int64_t got = 0;     // bytes read (header + payload); short at end of file
+  int err = 0;         // errno of a failed read, else 0
+  uint32_t crc32 = 0;  // CRC-32 (zlib's) of the payload, when read whole and checksums are on
+};
+
+// True when this build checksums payloads (linked with zlib); else crc32 stays 0.
+bool record_crc_available();
+
+// Record i: preadv(fds[i], {header_base + i * header_bytes: header_bytes, dsts[i]: payload_bytes}, offsets[i]).
+std::vector<RecordRead> read_records(const std::vector<int>& fds, const std::vector<int64_t>& offsets,
+                                     uint64_t header_base, int64_t header_bytes, const std::vector<uint64_t>& dsts,
+                                     int64_t payload_bytes, bool checksum);
+
+}  // namespace dynkv
