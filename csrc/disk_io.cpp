@@ -2,7 +2,9 @@
 
 #include <sys/uio.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <climits>
 
 #include "dynkv/check.h"
 
@@ -22,30 +24,33 @@ bool record_crc_available() {
 
 namespace {
 
-// preadv until both buffers are full, end of file, or an error other than EINTR.
-RecordRead read_one(int fd, int64_t offset, char* header, int64_t header_bytes, char* dst, int64_t payload_bytes) {
-  RecordRead r;
-  const int64_t want = header_bytes + payload_bytes;
-  while (r.got < want) {
-    iovec iov[2];
-    int n = 0;
-    if (r.got < header_bytes) {
-      iov[n++] = {header + r.got, static_cast<size_t>(header_bytes - r.got)};
-      iov[n++] = {dst, static_cast<size_t>(payload_bytes)};
-    } else {
-      const int64_t done = r.got - header_bytes;
-      iov[n++] = {dst + done, static_cast<size_t>(payload_bytes - done)};
-    }
-    const ssize_t got = preadv(fd, iov, n, offset + r.got);
+// Records read in one request at most: adjacent records coalesce into reads of up to 64 MiB, the size
+// dd streams at; every record still lands in its own header slot and destination.
+constexpr int64_t kMaxRequestBytes = int64_t{64} << 20;
+
+// preadv of iov[0..n) from `offset` until full, end of file, or an error other than EINTR; bytes read.
+int64_t read_all(int fd, std::vector<iovec> iov, int64_t offset, int* err) {
+  int64_t total = 0;
+  size_t first = 0;
+  while (first < iov.size()) {
+    const int count = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
+    const ssize_t got = preadv(fd, iov.data() + first, count, offset + total);
     if (got < 0) {
       if (errno == EINTR) continue;
-      r.err = errno;
-      return r;
+      *err = errno;
+      return total;
     }
-    if (got == 0) return r;  // end of file: a short record
-    r.got += got;
+    if (got == 0) return total;  // end of file: the last records are short
+    total += got;
+    for (size_t left = static_cast<size_t>(got); left > 0 && first < iov.size();) {
+      const size_t take = std::min(left, iov[first].iov_len);
+      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + take;
+      iov[first].iov_len -= take;
+      left -= take;
+      if (iov[first].iov_len == 0) ++first;
+    }
   }
-  return r;
+  return total;
 }
 
 }  // namespace
@@ -58,20 +63,39 @@ std::vector<RecordRead> read_records(const std::vector<int>& fds, const std::vec
   DYNKV_CHECK(header_bytes > 0 && payload_bytes > 0, "header_bytes=", header_bytes, " payload_bytes=",
               payload_bytes, ": expected both > 0");
   DYNKV_CHECK(header_base != 0 || fds.empty(), "header buffer pointer is null");
+  for (size_t i = 0; i < dsts.size(); ++i) DYNKV_CHECK(dsts[i] != 0, "destination ", i, " is null");
+  const int64_t record = header_bytes + payload_bytes;
+  const size_t per_request = static_cast<size_t>(std::max<int64_t>(1, kMaxRequestBytes / record));
   std::vector<RecordRead> out(fds.size());
-  for (size_t i = 0; i < fds.size(); ++i) {
-    DYNKV_CHECK(dsts[i] != 0, "destination ", i, " is null");
-    char* header = reinterpret_cast<char*>(header_base + i * static_cast<uint64_t>(header_bytes));
-    char* dst = reinterpret_cast<char*>(dsts[i]);
-    out[i] = read_one(fds[i], offsets[i], header, header_bytes, dst, payload_bytes);
-#if defined(DYNKV_HAVE_ZLIB)
-    if (checksum && out[i].err == 0 && out[i].got == header_bytes + payload_bytes) {
-      out[i].crc32 = static_cast<uint32_t>(
-          crc32_z(crc32_z(0L, Z_NULL, 0), reinterpret_cast<const Bytef*>(dst), static_cast<z_size_t>(payload_bytes)));
+  for (size_t i = 0; i < fds.size();) {
+    // records i..j-1: one file, back to back
+    size_t j = i + 1;
+    while (j < fds.size() && j - i < per_request && fds[j] == fds[i] &&
+           offsets[j] == offsets[j - 1] + record)
+      ++j;
+    std::vector<iovec> iov;
+    iov.reserve(2 * (j - i));
+    for (size_t k = i; k < j; ++k) {
+      iov.push_back({reinterpret_cast<char*>(header_base + k * static_cast<uint64_t>(header_bytes)),
+                     static_cast<size_t>(header_bytes)});
+      iov.push_back({reinterpret_cast<char*>(dsts[k]), static_cast<size_t>(payload_bytes)});
     }
+    int err = 0;
+    const int64_t total = read_all(fds[i], std::move(iov), offsets[i], &err);
+    for (size_t k = i; k < j; ++k) {
+      RecordRead& r = out[k];
+      r.got = std::clamp<int64_t>(total - static_cast<int64_t>(k - i) * record, 0, record);
+      if (r.got < record) r.err = err;  // a record the failed read did not complete
+#if defined(DYNKV_HAVE_ZLIB)
+      if (checksum && r.err == 0 && r.got == record) {
+        r.crc32 = static_cast<uint32_t>(crc32_z(crc32_z(0L, Z_NULL, 0), reinterpret_cast<const Bytef*>(dsts[k]),
+                                                static_cast<z_size_t>(payload_bytes)));
+      }
 #else
-    (void)checksum;
+      (void)checksum;
 #endif
+    }
+    i = j;
   }
   return out;
 }

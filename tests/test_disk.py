@@ -706,3 +706,27 @@ def test_read_many_matches_read_and_fails_page_by_page(make, monkeypatch, direct
     assert st["pages_read"] == 7 and st["page_errors"] == 4
     assert [k for _, k in t.recover()] == [key_of(s) for s in (0, 1, 2, 3, 5, 7, 8)], \
         "records that failed their checks were invalidated, as read() does"
+
+
+def test_read_many_coalesces_back_to_back_records(make) -> None:
+    """One file, one thread: records next to each other go in one request; a cut-off tail fails alone."""
+    t = make(num_pages=40, page_bytes=2 * 4096, paths=1, io_threads=1)
+    n = t.page_bytes
+    write_keys(t, {s: s for s in range(40)})
+    path, off = t.location(3)
+    poke(path, off + HEADER_BYTES + 5, bytes([content(key_of(3), n)[5] ^ 0x80]))
+    path, off = t.location(37)
+    os.truncate(path, off + 4096 + 512)  # record 37 cut inside its payload; 38, 39 gone
+    dsts = [aligned(n) for _ in range(40)]
+    futs = t.read_many([(s, key_of(s), dsts[s]) for s in range(40)])
+    for s in range(40):
+        if s == 3:
+            with pytest.raises(DiskPageError, match="payload checksum mismatch"):
+                result(futs[s])
+        elif s >= 37:
+            with pytest.raises(DiskPageError, match="short read"):
+                result(futs[s])
+        else:
+            result(futs[s])
+            assert bytes(dsts[s]) == content(key_of(s), n), f"slot {s}"
+    assert t.stats()["pages_read"] == 36
