@@ -40,12 +40,20 @@ def main() -> None:
     p.add_argument("--pages", type=int, default=192)
     p.add_argument("--threads", type=int, default=4, help="disk I/O threads")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--dest", choices=["anon", "pool"], default="anon",
+                   help="read into anonymous memory, or into a named host pool (shared memory, pinned on a GPU host)")
     p.add_argument("--json")
     a = p.parse_args()
     root = a.dir or tempfile.mkdtemp(prefix="dynkv-disk-gil-", dir=".")
     n = a.pages
-    buf = mmap.mmap(-1, PAGE * n)
-    view = memoryview(buf)
+    if a.dest == "pool":
+        from dynkv.ops import HostPool
+
+        pool = HostPool.create(PAGE * n, name=f"dynkv-disk-gil-{os.getpid()}")
+        view = memoryview(pool.as_tensor().numpy())
+        print(f"destination: host pool {pool.name} (pinned={pool.pinned})", flush=True)
+    else:
+        view = memoryview(mmap.mmap(-1, PAGE * n))
     for i in range(n):
         view[i * PAGE : (i + 1) * PAGE] = os.urandom(16) * (PAGE // 16)
     keys = [hashlib.blake2b(str(i).encode(), digest_size=16).digest() for i in range(n)]
@@ -88,7 +96,7 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"pages": n, "page_bytes": PAGE, "threads": a.threads, "gbps": results,
+            json.dump({"pages": n, "page_bytes": PAGE, "threads": a.threads, "dest": a.dest, "gbps": results,
                        "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}, f, indent=1)
 
 
