@@ -14,6 +14,10 @@ engine per configuration, each in its own process (:mod:`dynkv.e2e_engine`):
 - ``offload``: vLLM's ``OffloadingConnector`` (CPU tier of the same
   capacity as dynkv's host tier; CUDA only).
 
+Each engine also measures the next turn of a conversation: the cached prompt
+followed by ``--turn-tokens`` new tokens, served from vLLM's prefix cache,
+dynkv's host tier or OffloadingConnector's CPU tier.
+
 Every path also generates ``--check-tokens`` greedy tokens with top-2
 logprobs, compared with the reference. Random weights put near-ties in the
 top two logits (in bf16, an exact tie flips with any change of summation
@@ -48,11 +52,12 @@ DESCRIPTION = (
 ENGINES = ("vllm", "dynkv", "offload")
 # (option, default on a GPU, default on CPU): the CPU build runs a small model on few cores.
 _DEFAULTS = (("lengths", [8192, 32768], [512, 1024]), ("decode_requests", 32, 4), ("decode_prompt", 1024, 128),
-             ("decode_tokens", 256, 32), ("prompt_candidates", 4, 2))
+             ("decode_tokens", 256, 32), ("prompt_candidates", 4, 2), ("turn_tokens", 512, 64))
 _RECORD_HEADER = 4096  # a disk-tier record is a 4 KiB header and the page (dynkv.diskfile)
 
 
-def plan(preset: str, lengths: list[int], block_size: int, elem_bytes: int, check_tokens: int) -> dict[str, int]:
+def plan(preset: str, lengths: list[int], block_size: int, elem_bytes: int, check_tokens: int,
+         turn_tokens: int = 0) -> dict[str, int]:
     """Sizes of the run: tiers, fillers, disk I/O threads, the engine's max_model_len.
 
     dynkv's host tier (and the OffloadingConnector's CPU tier, the same size)
@@ -66,7 +71,7 @@ def plan(preset: str, lengths: list[int], block_size: int, elem_bytes: int, chec
     page_bytes = spec.kv_bytes_per_token(elem_bytes) * block_size
     max_pages = math.ceil(max(lengths) / block_size)
     host_pages = max_pages + max(16, max_pages // 20)
-    max_model_len = math.ceil((max(lengths) + check_tokens + block_size) / block_size) * block_size
+    max_model_len = math.ceil((max(lengths) + max(check_tokens, turn_tokens + 1) + block_size) / block_size) * block_size
     # Every prompt and the warm-up can reach the disk (a second sighting admits them), twice over for slack.
     disk_pages = 2 * (sum(math.ceil(n / block_size) for n in lengths) + math.ceil(min(lengths) / block_size))
     chunk = min(8192, max_model_len - block_size) // block_size * block_size
@@ -151,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     preset = args.preset or ("llama3-8b" if gpu else "tiny")
     spec = PRESETS[preset]
     block_size = args.block_size or (16 if gpu else 32)
-    sizes = plan(preset, args.lengths, block_size, spec.elem_bytes if gpu else 4, args.check_tokens)
+    sizes = plan(preset, args.lengths, block_size, spec.elem_bytes if gpu else 4, args.check_tokens, args.turn_tokens)
     work = Path(args.work_dir).resolve()
     out = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -169,7 +174,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     eargs = engine_args(gpu, sizes, max(16, args.decode_requests), {k: _value(v) for k, v in extra.items()})
     disk_dir = Path(args.disk_path or work / "disk").resolve()
     base = {"model": str(model), "engine": eargs, "lengths": args.lengths, "repeat": args.repeat,
-            "check_tokens": args.check_tokens, "seed": args.seed, "prompts": prompts, "profile": args.profile}
+            "check_tokens": args.check_tokens, "seed": args.seed, "prompts": prompts, "profile": args.profile,
+            "turn_tokens": args.turn_tokens, "vocab": [FIRST_WORD_ID, spec.vocab_size]}
     specs = {
         "vllm": {**base, "name": "vllm", "connector": None, "decode": decode, "candidates": candidates},
         "dynkv": {**base, "name": "dynkv", "connector": "dynkv", "decode": decode, "dd_repeat": args.repeat,
@@ -268,6 +274,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-prompt", type=int, help="prompt tokens of each decode request (default 1024 / 128)")
     p.add_argument("--decode-tokens", type=int, help="output tokens of each decode request (default 256 / 32)")
     p.add_argument("--decode-repeat", type=int, default=2, help="decode runs per engine (median)")
+    p.add_argument("--turn-tokens", type=int,
+                   help="new tokens of the next-turn paths: the cached prompt plus this many fresh tokens "
+                        "(0: none; default 512 on a GPU, 64 on CPU)")
     p.add_argument("--engines", type=_engines, default=list(ENGINES), help="engines to run (default all)")
     p.add_argument("--block-size", type=int, help="tokens per KV block (default 16 on a GPU, 32 on CPU)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",

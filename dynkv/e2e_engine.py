@@ -174,6 +174,14 @@ class _Engine:
         return {"tokens": list(c.token_ids), "logprobs": logprobs, "top2_gaps": gaps,
                 "cached_tokens": out.num_cached_tokens}
 
+    def turn(self, i: int) -> list[int]:
+        """New tokens of the ``i``-th next turn (the same in every engine of the run)."""
+        import numpy as np
+
+        lo, hi = self.spec["vocab"]
+        rng = np.random.default_rng(self.spec["seed"] + 104729 * (i + 1))
+        return rng.integers(lo, hi, size=self.spec["turn_tokens"]).tolist()
+
     def flush_host_tier(self) -> None:
         """Fill dynkv's host tier with pages of fresh prompts, so older pages leave it (LRU)."""
         import numpy as np
@@ -283,11 +291,24 @@ def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int) ->
         rec.setdefault("checks", {})[name] = _guard(eng, f"{name} check", eng.check, prompt)
         eng.save()
 
+    def turns(name: str, before: Any) -> None:
+        # The next turn of a conversation: the cached prompt and new tokens (fresh ones each time).
+        if not eng.spec.get("turn_tokens"):
+            return
+        rec[name] = []
+        for i in range(repeat):
+            before()
+            r = _guard(eng, f"{name} ttft", eng.ttft, prompt + eng.turn(i))
+            if r is not None:
+                rec[name].append(r)
+            eng.save()
+
     if kind is None:
         series("recompute", eng.reset_device_cache)
         series("device", lambda: None)
         checked("device", lambda: None)
         checked("recompute", eng.reset_device_cache)
+        turns("turn_device", lambda: None)
         return
     eng.reset_device_cache()
     rec["miss"] = [r for r in [_guard(eng, "miss ttft", eng.ttft, prompt)] if r is not None]
@@ -295,9 +316,11 @@ def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int) ->
     if kind == "offload":
         series("offload", eng.reset_device_cache)
         checked("offload", eng.reset_device_cache)
+        turns("turn_offload", eng.reset_device_cache)
         return
     series("host", eng.reset_device_cache)
     checked("host", eng.reset_device_cache)
+    turns("turn_host", eng.reset_device_cache)
 
     def off_host() -> None:
         eng.flush_host_tier()

@@ -25,6 +25,9 @@ PATHS = (
     ("offload", "offload", "vLLM OffloadingConnector (CPU)"),
     ("dynkv", "miss", "dynkv miss (recompute + store)"),
     ("offload", "miss", "OffloadingConnector miss"),
+    ("vllm", "turn_device", "next turn: vLLM prefix cache"),
+    ("dynkv", "turn_host", "next turn: dynkv host tier"),
+    ("offload", "turn_offload", "next turn: OffloadingConnector"),
 )
 TARGETS = {
     "host_ttft_s": 0.045,  # host-tier hit TTFT of an 8k prompt
@@ -86,9 +89,9 @@ def summarize(reports: Mapping[str, dict[str, Any] | None], lengths: list[int]) 
             else:
                 row["greedy"] = {"identical": None} if path == "miss" else _compare(checks.get(path), ref)
             recompute = ((reports.get("vllm") or {}).get("lengths", {}).get(key, {}).get("checks") or {}).get("recompute")
-            if path != "miss":
+            if path != "miss" and not path.startswith("turn_"):
                 row["greedy_vs_recompute"] = _compare(checks.get(path), recompute)
-            if ref and row["first_tokens"]:
+            if ref and row["first_tokens"] and not path.startswith("turn_"):
                 row["first_token_matches"] = all(t == ref["tokens"][0] for t in row["first_tokens"])
             rows[f"{engine}/{path}"] = row
         dd = ((reports.get("dynkv") or {}).get("lengths") or {}).get(key, {}).get("dd")
@@ -184,6 +187,10 @@ def format_table(s: dict[str, Any]) -> str:
         if L["top2_gap_min"] is not None:
             lines.append(f"\nreference top-2 logprob gap: min {L['top2_gap_min']:.3f}, median "
                          f"{L['top2_gap_median']:.3f} nats")
+        turn = [L["paths"].get(k, {}).get("ttft_s") for k in ("dynkv/turn_host", "offload/turn_offload")]
+        if all(turn):
+            lines.append(f"\nnext turn (prompt + new tokens): dynkv host tier {turn[0] * 1e3:.1f} ms, "
+                         f"OffloadingConnector {turn[1] * 1e3:.1f} ms ({turn[0] / turn[1]:.2f}x)")
         choice = L.get("prompt_choice")
         if choice:
             gaps = ", ".join("failed" if g is None else f"{g:.3f}" for g in choice["min_top2_gaps"])

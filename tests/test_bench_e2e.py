@@ -32,3 +32,7 @@ def test_bench_e2e_cpu_smoke(tmp_path: Path) -> None:
     assert gaps[choice["chosen"]] == max(gaps), "the measured prompt is the candidate with the widest top-2 gap"
     assert paths["dynkv/disk"]["disk_read_s"] > 0 and not paths["dynkv/host"]["disk_read_s"]
     assert paths["dynkv/host"]["hits"]["host"] == [256 // 32 - 1] * 1, "a sync hit leaves the last block to compute"
+    for path in ("vllm/turn_device", "dynkv/turn_host"):
+        assert path in paths, f"next-turn path {path} missing"
+    assert paths["dynkv/turn_host"]["hits"]["host"] == [256 // 32], "the next turn loads the whole cached prompt"
+    assert paths["vllm/turn_device"]["cached_tokens"] == [256], "vLLM's own cache serves the prompt of the next turn"
