@@ -102,19 +102,18 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "read_records",
       [](const std::vector<int>& fds, const std::vector<int64_t>& offsets, uint64_t header_base,
-         int64_t header_bytes, const std::vector<uint64_t>& dsts, int64_t payload_bytes, bool checksum,
-         int threads) {
+         int64_t header_bytes, const std::vector<uint64_t>& dsts, int64_t payload_bytes, bool checksum) {
         std::vector<RecordRead> rs;
         {
           py::gil_scoped_release nogil;
-          rs = read_records(fds, offsets, header_base, header_bytes, dsts, payload_bytes, checksum, threads);
+          rs = read_records(fds, offsets, header_base, header_bytes, dsts, payload_bytes, checksum);
         }
         py::list out;
         for (const RecordRead& r : rs) out.append(py::make_tuple(r.got, r.err, r.crc32));
         return out;
       },
       py::arg("fds"), py::arg("offsets"), py::arg("header_base"), py::arg("header_bytes"), py::arg("dsts"),
-      py::arg("payload_bytes"), py::arg("checksum") = true, py::arg("threads") = 1,
+      py::arg("payload_bytes"), py::arg("checksum") = true,
       "Read disk-tier records (header, payload) with the GIL released; [(bytes read, errno, payload crc32)].");
   m.def(
       "gather",

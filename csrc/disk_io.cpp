@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <climits>
-#include <thread>
 
 #include "dynkv/check.h"
 
@@ -58,54 +57,46 @@ int64_t read_all(int fd, std::vector<iovec> iov, int64_t offset, int* err) {
 
 std::vector<RecordRead> read_records(const std::vector<int>& fds, const std::vector<int64_t>& offsets,
                                      uint64_t header_base, int64_t header_bytes, const std::vector<uint64_t>& dsts,
-                                     int64_t payload_bytes, bool checksum, int threads) {
+                                     int64_t payload_bytes, bool checksum) {
   DYNKV_CHECK(fds.size() == offsets.size() && fds.size() == dsts.size(), "length mismatch: ", fds.size(),
               " files, ", offsets.size(), " offsets, ", dsts.size(), " destinations");
   DYNKV_CHECK(header_bytes > 0 && payload_bytes > 0, "header_bytes=", header_bytes, " payload_bytes=",
               payload_bytes, ": expected both > 0");
   DYNKV_CHECK(header_base != 0 || fds.empty(), "header buffer pointer is null");
-  DYNKV_CHECK(threads >= 1 && threads <= 1024, "threads=", threads, " is not valid: expected 1..1024");
   for (size_t i = 0; i < dsts.size(); ++i) DYNKV_CHECK(dsts[i] != 0, "destination ", i, " is null");
   const int64_t record = header_bytes + payload_bytes;
   const size_t per_request = static_cast<size_t>(std::max<int64_t>(1, kMaxRequestBytes / record));
   std::vector<RecordRead> out(fds.size());
-  // Records [lo, hi): runs of back-to-back records of one file, one request each.
-  auto read_range = [&](size_t lo, size_t hi) {
-    for (size_t i = lo; i < hi;) {
-      size_t j = i + 1;
-      while (j < hi && j - i < per_request && fds[j] == fds[i] && offsets[j] == offsets[j - 1] + record) ++j;
-      std::vector<iovec> iov;
-      iov.reserve(2 * (j - i));
-      for (size_t k = i; k < j; ++k) {
-        iov.push_back({reinterpret_cast<char*>(header_base + k * static_cast<uint64_t>(header_bytes)),
-                       static_cast<size_t>(header_bytes)});
-        iov.push_back({reinterpret_cast<char*>(dsts[k]), static_cast<size_t>(payload_bytes)});
-      }
-      int err = 0;
-      const int64_t total = read_all(fds[i], std::move(iov), offsets[i], &err);
-      for (size_t k = i; k < j; ++k) {
-        RecordRead& r = out[k];
-        r.got = std::clamp<int64_t>(total - static_cast<int64_t>(k - i) * record, 0, record);
-        if (r.got < record) r.err = err;  // a record the failed read did not complete
-#if defined(DYNKV_HAVE_ZLIB)
-        if (checksum && r.err == 0 && r.got == record) {
-          r.crc32 = static_cast<uint32_t>(crc32_z(crc32_z(0L, Z_NULL, 0), reinterpret_cast<const Bytef*>(dsts[k]),
-                                                  static_cast<z_size_t>(payload_bytes)));
-        }
-#else
-        (void)checksum;
-#endif
-      }
-      i = j;
+  for (size_t i = 0; i < fds.size();) {
+    // records i..j-1: one file, back to back
+    size_t j = i + 1;
+    while (j < fds.size() && j - i < per_request && fds[j] == fds[i] &&
+           offsets[j] == offsets[j - 1] + record)
+      ++j;
+    std::vector<iovec> iov;
+    iov.reserve(2 * (j - i));
+    for (size_t k = i; k < j; ++k) {
+      iov.push_back({reinterpret_cast<char*>(header_base + k * static_cast<uint64_t>(header_bytes)),
+                     static_cast<size_t>(header_bytes)});
+      iov.push_back({reinterpret_cast<char*>(dsts[k]), static_cast<size_t>(payload_bytes)});
     }
-  };
-  // `threads` contiguous shares, read in parallel (the disk's queue depth); the caller's thread takes the first.
-  const size_t n = fds.size();
-  const size_t parts = std::min<size_t>(static_cast<size_t>(threads), n);
-  std::vector<std::thread> helpers;
-  for (size_t t = 1; t < parts; ++t) helpers.emplace_back(read_range, n * t / parts, n * (t + 1) / parts);
-  if (parts > 0) read_range(0, n / parts);
-  for (std::thread& h : helpers) h.join();
+    int err = 0;
+    const int64_t total = read_all(fds[i], std::move(iov), offsets[i], &err);
+    for (size_t k = i; k < j; ++k) {
+      RecordRead& r = out[k];
+      r.got = std::clamp<int64_t>(total - static_cast<int64_t>(k - i) * record, 0, record);
+      if (r.got < record) r.err = err;  // a record the failed read did not complete
+#if defined(DYNKV_HAVE_ZLIB)
+      if (checksum && r.err == 0 && r.got == record) {
+        r.crc32 = static_cast<uint32_t>(crc32_z(crc32_z(0L, Z_NULL, 0), reinterpret_cast<const Bytef*>(dsts[k]),
+                                                static_cast<z_size_t>(payload_bytes)));
+      }
+#else
+      (void)checksum;
+#endif
+    }
+    i = j;
+  }
   return out;
 }
 

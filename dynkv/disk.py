@@ -209,14 +209,12 @@ class DiskTier:
 
     def read_many(self, reads: Sequence[tuple[int, bytes, memoryview]], *, invalidate_bad: bool = False
                   ) -> list[concurrent.futures.Future[None]]:
-        """:meth:`read` of many pages ``(slot, key, dst)``, one future each, in one batch.
+        """:meth:`read` of many pages ``(slot, key, dst)``, one future each, in batches.
 
-        The batch's reads and payload checksums run in one C++ call, spread
-        over ``io_threads`` threads of its own, that holds no Python lock: a
-        busy scheduler thread in the same process slows neither the reads nor
-        their start (each Python thread that starts waits for the lock). Pages
-        whose ``dst`` an ``O_DIRECT`` read cannot fill in place go through
-        :meth:`read`.
+        The pages are split into one batch per I/O thread; a batch's reads and
+        payload checksums run in one call that holds no Python lock, so they
+        keep their pace next to a busy scheduler thread. Pages whose ``dst``
+        an ``O_DIRECT`` read cannot fill in place go through :meth:`read`.
         """
         checked = []
         for slot, key, dst in reads:
@@ -231,7 +229,9 @@ class DiskTier:
                 self._submit(self._read, *item, invalidate_bad).add_done_callback(
                     lambda r, fut=fut: _chain(r, fut))
         if batch:
-            self._submit(self._read_batch, batch, invalidate_bad)
+            per = -(-len(batch) // self._io_threads)
+            for i in range(0, len(batch), per):
+                self._submit(self._read_batch, batch[i : i + per], invalidate_bad)
         return futures
 
     def recover(self) -> list[tuple[int, bytes]]:
@@ -428,7 +428,7 @@ class DiskTier:
 
     def _read_batch(self, batch: list[tuple[PageFile, int, int, bytes, memoryview, int, Any]],
                     invalidate_bad: bool) -> None:
-        """I/O thread: in-place reads in one lock-free call (``io_threads`` wide), then each page's checks and future."""
+        """I/O thread: a batch of in-place reads in one lock-free call, then each page's checks and future."""
         n = self.page_bytes
         headers = memoryview(mmap.mmap(-1, HEADER_BYTES * len(batch)))  # page-aligned, as O_DIRECT wants
         try:
@@ -436,8 +436,7 @@ class DiskTier:
                 f.check_linked()
             with_crc = _C.record_crc_available()
             results = _C.read_records([b[0].fd for b in batch], [b[0].offset(b[2]) for b in batch],
-                                      address(headers), HEADER_BYTES, [address(b[4]) for b in batch], n, with_crc,
-                                      self._io_threads)
+                                      address(headers), HEADER_BYTES, [address(b[4]) for b in batch], n, with_crc)
         except Exception as e:  # a file gone or replaced: every page of the batch fails
             self._count(read_errors=len(batch))
             for b in batch:

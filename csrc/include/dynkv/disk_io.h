@@ -23,10 +23,9 @@ struct RecordRead {
 bool record_crc_available();
 
 // Record i: its header_bytes at offsets[i] go to header_base + i * header_bytes, its payload_bytes after
-// them to dsts[i]. Records back to back in one file are read with one preadv (up to 64 MiB); the
-// records are split into `threads` contiguous shares read at once (so one call keeps the disk busy).
+// them to dsts[i]. Records back to back in one file are read with one preadv (up to 64 MiB).
 std::vector<RecordRead> read_records(const std::vector<int>& fds, const std::vector<int64_t>& offsets,
                                      uint64_t header_base, int64_t header_bytes, const std::vector<uint64_t>& dsts,
-                                     int64_t payload_bytes, bool checksum, int threads = 1);
+                                     int64_t payload_bytes, bool checksum);
 
 }  // namespace dynkv
