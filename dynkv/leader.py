@@ -33,7 +33,6 @@ import os
 import queue
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +40,7 @@ from dynkv.config import DynKVConfig
 from dynkv.index import IndexEvent, PageIndex
 from dynkv.keys import ModelFingerprint
 from dynkv.layout import PageGeometry
+from dynkv.leader_disk import DISK, HOST, DiskFlow, max_disk_writes
 from dynkv.metrics import Metrics
 from dynkv.ops import HostPool
 from dynkv.protocol import (
@@ -60,12 +60,7 @@ __all__ = ["Leader"]
 
 log = logging.getLogger("dynkv.leader")
 
-HOST, DISK = "host", "disk"
 REMOTE = "remote"  # matched pages a prefill engine exported, pulled into fresh host slots
-# Disk writes in flight before write-through is skipped (and counted): 16 per I/O thread, or a
-# quarter of the host tier if more (a write pins its host page until it is on disk).
-_WRITES_PER_THREAD = 16
-_WRITES_HOST_SHARE = 4
 
 
 @dataclass
@@ -132,7 +127,7 @@ def _host_pages(config: DynKVConfig, stride: int) -> int:
     return n
 
 
-class Leader:
+class Leader(DiskFlow):
     """Page index, host and disk tiers, and the per-step plan of one engine.
 
     Parameters
@@ -222,7 +217,7 @@ class Leader:
         self.exporter: Any = None
         self._writes = 0
         self._counted: dict[str, tuple[int, int]] = {}
-        self._max_writes = max(_WRITES_PER_THREAD * config.io_threads, tiers[HOST] // _WRITES_HOST_SHARE)
+        self._max_writes = max_disk_writes(config.io_threads, tiers[HOST])
         for tier, cap in tiers.items():
             self.metrics.capacity.labels(tier).set(cap)
         if config.metrics_port is not None:
@@ -290,10 +285,7 @@ class Leader:
             else:
                 self._promote(load, i, slot, key, reads)
         if reads:
-            futs = self.disk.read_many([(d, key, self._host_page(h)) for _, d, key, h in reads], invalidate_bad=True)
-            for (i, _, key, h), fut in zip(reads, futs):
-                fut.add_done_callback(
-                    lambda f, i=i, key=key, h=h: self._io.put(("read", load, i, key, h, f, time.perf_counter())))
+            self._read_pages(load, reads)
         if load.waiting:
             self._promoting[load.job] = load
         else:
@@ -536,100 +528,6 @@ class Leader:
     def _forget(self, req_id: str, req: _Request) -> None:
         if req.load is None and not req.stores:
             self._reqs.pop(req_id, None)
-
-    def _promote(self, load: _Load, i: int, disk_slot: int, key: bytes, reads: list[tuple[int, int, bytes, int]]
-                 ) -> None:
-        """Give a disk page a new host slot and queue its read in ``reads``; the load waits for it."""
-        host_slot = self.index.location(key, HOST)
-        if host_slot is not None:  # stored to the host tier since the lookup
-            self.index.pin(HOST, [key])
-            self.index.unpin(DISK, [key])
-            load.slots[i] = host_slot
-            load.host_keys.append(key)
-            return
-        got = self.index.allocate(HOST, [key])
-        if not got:
-            self.index.unpin(DISK, [key])
-            load.failed.append(load.block_ids[i])
-            self.metrics.load_errors.labels("host_full").inc()
-            return
-        load.waiting += 1
-        reads.append((i, disk_slot, key, got[0][1]))
-
-    def _spill(self, keys: Sequence[bytes]) -> None:
-        """Write committed host pages through to disk, as the frequency filter and back-pressure allow."""
-        if self.disk is None:
-            return
-        for key in keys:
-            if self.index.holds(key, DISK):
-                continue
-            if not self.index.admits(key):
-                self.metrics.refused.labels(DISK, "filter").inc()
-                continue
-            if self._writes >= self._max_writes:
-                self.metrics.refused.labels(DISK, "busy").inc()
-                continue
-            host_slot = self.index.location(key, HOST)
-            if host_slot is None:
-                continue
-            got = self.index.allocate(DISK, [key])
-            if not got:
-                continue
-            self.index.pin(HOST, [key])
-            self._writes += 1
-            fut = self.disk.write(got[0][1], key, self._host_page(host_slot))
-            fut.add_done_callback(lambda f, key=key: self._io.put(("write", key, f)))
-
-    def _drain_io(self) -> None:
-        if self.exporter is not None:
-            self.exporter.poll(self.index)
-        while True:
-            try:
-                item = self._io.get_nowait()
-            except queue.Empty:
-                return
-            if item[0] == "read":
-                self._read_done(*item[1:])
-            else:
-                self._write_done(*item[1:])
-
-    def _read_done(self, load: _Load, i: int, key: bytes, host_slot: int, fut: Future[None], when: float) -> None:
-        exc = fut.exception()
-        load.read_until = max(load.read_until, when)
-        self.index.unpin(DISK, [key])
-        if exc is None:
-            self.index.commit(HOST, [key])
-            self.index.pin(HOST, [key])
-            load.slots[i] = host_slot
-            load.host_keys.append(key)
-            self.metrics.pages.labels("disk_to_host").inc()
-            self.metrics.bytes.labels("disk_to_host").inc(self.geometry.page_bytes)
-        else:
-            log.warning("disk page %s failed to load (%s); its block is recomputed", key.hex(), exc)
-            self._drop_host([key])
-            if self.index.pins(key, DISK) == 0:
-                self.index.remove(DISK, [key])
-            load.failed.append(load.block_ids[i])
-            self.metrics.load_errors.labels("disk").inc()
-        load.waiting -= 1
-        if load.waiting == 0:
-            # The disk phase of the load: from begin_load until its last page was in the host tier.
-            self.metrics.latency.labels("disk_to_host").observe(load.read_until - load.started)
-            self._promoting.pop(load.job, None)
-            self._ready.append(load)
-
-    def _write_done(self, key: bytes, fut: Future[None]) -> None:
-        self._writes -= 1
-        self.index.unpin(HOST, [key])
-        exc = fut.exception()
-        if exc is None:
-            self.index.commit(DISK, [key])
-            self.metrics.pages.labels("host_to_disk").inc()
-            self.metrics.bytes.labels("host_to_disk").inc(self.geometry.page_bytes)
-        else:
-            log.warning("disk write of page %s failed (%s); the page stays on the host only", key.hex(), exc)
-            self.index.remove(DISK, [key])
-            self.metrics.store_errors.labels(DISK).inc()
 
     def _complete(self, op: _Load | _Store, failed: bool) -> None:
         if isinstance(op, _Load):

@@ -1,0 +1,162 @@
+"""The leader's disk-tier traffic: promotions (disk -> host) and write-through (host -> disk).
+
+A part of :class:`dynkv.leader.Leader` (a base class of it), kept apart
+because it is the one part that deals with I/O completions. Reads and writes
+run on the disk tier's threads; each completion is queued and applied at the
+leader's next call (:meth:`DiskFlow._drain_io`), so the caller never waits on
+I/O. A page read that fails its checks is dropped from the disk tier and its
+block becomes a load error (vLLM recomputes it); a failed write leaves the
+page on the host only.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dynkv.disk import DiskTier
+    from dynkv.index import PageIndex
+    from dynkv.layout import PageGeometry
+    from dynkv.leader import _Load
+    from dynkv.metrics import Metrics
+
+__all__ = ["DISK", "HOST", "DiskFlow", "max_disk_writes"]
+
+log = logging.getLogger("dynkv.leader")
+
+HOST, DISK = "host", "disk"
+# Disk writes in flight before write-through is skipped (and counted): 16 per I/O thread, or a
+# quarter of the host tier if more (a write pins its host page until it is on disk).
+_WRITES_PER_THREAD = 16
+_WRITES_HOST_SHARE = 4
+
+
+def max_disk_writes(io_threads: int, host_pages: int) -> int:
+    """Bound on disk writes in flight for a leader with these I/O threads and host tier."""
+    return max(_WRITES_PER_THREAD * io_threads, host_pages // _WRITES_HOST_SHARE)
+
+
+class DiskFlow:
+    """Disk-tier half of the leader; :class:`dynkv.leader.Leader` sets these attributes up."""
+
+    disk: DiskTier | None
+    index: PageIndex
+    metrics: Metrics
+    geometry: PageGeometry
+    exporter: Any
+    _io: queue.SimpleQueue[tuple[Any, ...]]
+    _writes: int
+    _max_writes: int
+    _promoting: dict[int, _Load]
+    _ready: list[_Load]
+
+    if TYPE_CHECKING:
+        def _host_page(self, slot: int) -> memoryview: ...
+        def _drop_host(self, keys: Sequence[bytes]) -> None: ...
+
+    def _promote(self, load: _Load, i: int, disk_slot: int, key: bytes, reads: list[tuple[int, int, bytes, int]]
+                 ) -> None:
+        """Give a disk page a new host slot and queue its read in ``reads``; the load waits for it."""
+        host_slot = self.index.location(key, HOST)
+        if host_slot is not None:  # stored to the host tier since the lookup
+            self.index.pin(HOST, [key])
+            self.index.unpin(DISK, [key])
+            load.slots[i] = host_slot
+            load.host_keys.append(key)
+            return
+        got = self.index.allocate(HOST, [key])
+        if not got:
+            self.index.unpin(DISK, [key])
+            load.failed.append(load.block_ids[i])
+            self.metrics.load_errors.labels("host_full").inc()
+            return
+        load.waiting += 1
+        reads.append((i, disk_slot, key, got[0][1]))
+
+    def _read_pages(self, load: _Load, reads: list[tuple[int, int, bytes, int]]) -> None:
+        """Read a load's disk pages ``(index in the load, disk slot, key, host slot)`` into their host slots."""
+        assert self.disk is not None
+        futs = self.disk.read_many([(d, key, self._host_page(h)) for _, d, key, h in reads], invalidate_bad=True)
+        for (i, _, key, h), fut in zip(reads, futs):
+            fut.add_done_callback(
+                lambda f, i=i, key=key, h=h: self._io.put(("read", load, i, key, h, f, time.perf_counter())))
+
+    def _spill(self, keys: Sequence[bytes]) -> None:
+        """Write committed host pages through to disk, as the frequency filter and back-pressure allow."""
+        if self.disk is None:
+            return
+        for key in keys:
+            if self.index.holds(key, DISK):
+                continue
+            if not self.index.admits(key):
+                self.metrics.refused.labels(DISK, "filter").inc()
+                continue
+            if self._writes >= self._max_writes:
+                self.metrics.refused.labels(DISK, "busy").inc()
+                continue
+            host_slot = self.index.location(key, HOST)
+            if host_slot is None:
+                continue
+            got = self.index.allocate(DISK, [key])
+            if not got:
+                continue
+            self.index.pin(HOST, [key])
+            self._writes += 1
+            fut = self.disk.write(got[0][1], key, self._host_page(host_slot))
+            fut.add_done_callback(lambda f, key=key: self._io.put(("write", key, f)))
+
+    def _drain_io(self) -> None:
+        if self.exporter is not None:
+            self.exporter.poll(self.index)
+        while True:
+            try:
+                item = self._io.get_nowait()
+            except queue.Empty:
+                return
+            if item[0] == "read":
+                self._read_done(*item[1:])
+            else:
+                self._write_done(*item[1:])
+
+    def _read_done(self, load: _Load, i: int, key: bytes, host_slot: int, fut: Future[None], when: float) -> None:
+        exc = fut.exception()
+        load.read_until = max(load.read_until, when)
+        self.index.unpin(DISK, [key])
+        if exc is None:
+            self.index.commit(HOST, [key])
+            self.index.pin(HOST, [key])
+            load.slots[i] = host_slot
+            load.host_keys.append(key)
+            self.metrics.pages.labels("disk_to_host").inc()
+            self.metrics.bytes.labels("disk_to_host").inc(self.geometry.page_bytes)
+        else:
+            log.warning("disk page %s failed to load (%s); its block is recomputed", key.hex(), exc)
+            self._drop_host([key])
+            if self.index.pins(key, DISK) == 0:
+                self.index.remove(DISK, [key])
+            load.failed.append(load.block_ids[i])
+            self.metrics.load_errors.labels("disk").inc()
+        load.waiting -= 1
+        if load.waiting == 0:
+            # The disk phase of the load: from begin_load until its last page was in the host tier.
+            self.metrics.latency.labels("disk_to_host").observe(load.read_until - load.started)
+            self._promoting.pop(load.job, None)
+            self._ready.append(load)
+
+    def _write_done(self, key: bytes, fut: Future[None]) -> None:
+        self._writes -= 1
+        self.index.unpin(HOST, [key])
+        exc = fut.exception()
+        if exc is None:
+            self.index.commit(DISK, [key])
+            self.metrics.pages.labels("host_to_disk").inc()
+            self.metrics.bytes.labels("host_to_disk").inc(self.geometry.page_bytes)
+        else:
+            log.warning("disk write of page %s failed (%s); the page stays on the host only", key.hex(), exc)
+            self.index.remove(DISK, [key])
+            self.metrics.store_errors.labels(DISK).inc()
