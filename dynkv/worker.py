@@ -5,8 +5,7 @@ as soon as a step's plan arrives and stores (device -> host) once the step's
 forward has written the blocks, each on its own CUDA stream (on CPU: its own
 thread), and reports finished and failed jobs without ever blocking on them.
 A load that first pulls pages from a prefill engine (disaggregated serving)
-runs on a pull thread: NIXL read of this rank's slice into the host pool,
-then the scatter (:mod:`dynkv.disagg.puller`).
+runs on a pull thread (:mod:`dynkv.worker_pull`).
 
 A *synchronous* load (:attr:`LoadOp.sync`: host pages of a request computed
 in the same step) feeds that step's forward pass. With ``layerwise`` it is
@@ -29,31 +28,18 @@ from typing import Any
 
 from dynkv.config import DynKVConfig
 from dynkv.keys import ModelFingerprint
-from dynkv.layout import PagedView, head_range
+from dynkv.layout import PagedView
 from dynkv.ops import HostPool, PageBuffer, chunk_for, gather, scatter, scatter_layers
 from dynkv.protocol import LoadOp, StepPlan, StoreOp, WorkerReport, live_pools, page_stride, pool_owner
+from dynkv.worker_jobs import Job as _Job
+from dynkv.worker_jobs import done_future as _done_future
+from dynkv.worker_jobs import is_ready as _ready
+from dynkv.worker_jobs import wait_for as _wait
+from dynkv.worker_pull import PullFlow
 
 __all__ = ["Worker"]
 
 log = logging.getLogger("dynkv.worker")
-
-# Pulls in flight per rank: several requests' pages cross the network at once.
-_PULL_THREADS = 4
-
-
-@dataclass
-class _Job:
-    job: int
-    req_id: str
-    kind: str  # "load" or "store"
-    block_ids: tuple[int, ...]
-    failed_blocks: tuple[int, ...]
-    nbytes: int
-    started: float
-    handle: Any  # Future (CPU) or (start, end) CUDA events
-    error: BaseException | None = None
-    sync: bool = False  # feeds this step's forward: not reported as finished receiving
-
 
 @dataclass
 class _SyncStep:
@@ -65,7 +51,7 @@ class _SyncStep:
     waited: set[int] = field(default_factory=set)
 
 
-class Worker:
+class Worker(PullFlow):
     """Device side of one TP rank.
 
     Parameters
@@ -262,13 +248,6 @@ class Worker:
                  self.rank, self.pool_name, pool.nbytes / 2**30, pool.pinned, time.perf_counter() - t0)
         return PageBuffer.from_pool(self.view.geometry, pool, page_stride=stride)
 
-    def _prepare(self) -> None:
-        """Background: attach the host pool and start the NIXL agent before the first pull needs them."""
-        try:
-            self._puller_for(self._page_buffer())
-        except Exception as e:  # the first pull tries again, and reports what fails
-            log.warning("rank %d: could not prepare pulls ahead (%s); the first pull will", self.rank, e)
-
     def _resolve_pool(self) -> str:
         """The live pool for ``pool_name``: an exact name, or a prefix the leader appended its pid to."""
         if pool_owner(self.pool_name) is not None:
@@ -288,69 +267,6 @@ class Worker:
             return
         self._launch(op.job, op.req_id, "load", op.block_ids, op.failed,
                      lambda pages, stream: scatter(pages, self.view, op.slots, op.block_ids, stream=stream))
-
-    def _launch_pull(self, op: LoadOp) -> None:
-        rec = _Job(op.job, op.req_id, "load", op.block_ids, op.failed, self._slice_bytes(len(op.block_ids)),
-                   time.perf_counter(), None)
-        if self._pull_threads is None:
-            self._pull_threads = ThreadPoolExecutor(_PULL_THREADS, thread_name_prefix=f"dynkv-pull{self.rank}")
-        try:
-            pages = self._page_buffer()  # here, not on a pull thread: the pool is attached once
-            rec.handle = self._pull_threads.submit(self._pull_and_scatter, op, pages)
-        except Exception as e:  # no host pool: the job fails, the step goes on
-            log.error("rank %d: load job %d failed to start: %s", self.rank, op.job, e)
-            rec.handle, rec.error = _done_future(), e
-        self._jobs.append(rec)
-
-    def _pull_and_scatter(self, op: LoadOp, pages: PageBuffer) -> tuple[int, float]:
-        """Pull thread: this rank's slice of the remote pages, then the scatter; ``(bytes, seconds)`` pulled."""
-        from dynkv.disagg.puller import PullError
-
-        assert op.pull is not None and self.view is not None
-        t0 = time.perf_counter()
-        try:
-            nbytes = self._puller_for(pages).pull(op.pull)
-        except Exception as e:  # PullError, or NIXL missing: the pulled blocks are recomputed
-            pulled = set(op.pull.local_slots)
-            keep = [(b, s) for b, s in zip(op.block_ids, op.slots) if s not in pulled]
-            self._scatter_now(pages, [s for _, s in keep], [b for b, _ in keep])
-            lost = tuple(b for b, s in zip(op.block_ids, op.slots) if s in pulled)
-            raise PullError(str(e), lost) from None
-        seconds = time.perf_counter() - t0
-        self._scatter_now(pages, op.slots, op.block_ids)
-        return nbytes, seconds
-
-    def _scatter_now(self, pages: PageBuffer, slots: Any, block_ids: Any) -> None:
-        if not block_ids:
-            return
-        if self._streams is None:
-            scatter(pages, self.view, slots, block_ids)
-            return
-        import torch
-
-        stream = self._streams[0]
-        with torch.cuda.stream(stream):
-            scatter(pages, self.view, slots, block_ids, stream=stream)
-        stream.synchronize()
-
-    def _puller_for(self, pages: PageBuffer) -> Any:
-        with self._puller_lock:
-            if self._closing.is_set():
-                raise RuntimeError(f"dynkv worker {self.rank} is closed: no more pulls")
-            if self._puller is None:
-                from dynkv.disagg.puller import Puller
-                from dynkv.disagg.wire import Handshake
-
-                if self.fingerprint is None or self.view is None:
-                    raise RuntimeError("dynkv worker was built without the model fingerprint: it cannot pull pages")
-                g, pool = self.view.geometry, pages.owner
-                local = Handshake.describe(engine_id=self.engine_id, fingerprint=self.fingerprint, geometry=g,
-                                           page_stride=pages.page_stride, num_pages=pages.num_pages,
-                                           pool_addr=pool.ptr)
-                self._puller = Puller(local, pool.nbytes, head_range(self.rank, self.world_size, g.num_heads),
-                                      rank=self.rank, world_size=self.world_size,
-                                      timeout_s=self.config.transfer_timeout_s)
-            return self._puller
 
     def _launch_sync(self, ops: list[LoadOp], *, per_layer: bool) -> None:
         """This step's sync loads as one scatter, in layer groups; the forward waits on each group's event."""
@@ -526,22 +442,3 @@ class Worker:
             self._errors |= bad
             if not job.sync:
                 self._recving.add(job.req_id)
-
-
-def _done_future() -> Future[None]:
-    f: Future[None] = Future()
-    f.set_result(None)
-    return f
-
-
-def _ready(job: _Job) -> bool:
-    if isinstance(job.handle, Future):
-        return job.handle.done()
-    return bool(job.handle[1].query())
-
-
-def _wait(job: _Job) -> None:
-    if isinstance(job.handle, Future):
-        job.handle.exception()
-    else:
-        job.handle[1].synchronize()

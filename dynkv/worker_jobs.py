@@ -1,0 +1,42 @@
+"""A worker's record of one job on its rank, and how to tell it is done (:mod:`dynkv.worker`)."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Job", "done_future", "is_ready", "wait_for"]
+
+
+@dataclass
+class Job:
+    job: int
+    req_id: str
+    kind: str  # "load" or "store"
+    block_ids: tuple[int, ...]
+    failed_blocks: tuple[int, ...]
+    nbytes: int
+    started: float
+    handle: Any  # Future (CPU) or (start, end) CUDA events
+    error: BaseException | None = None
+    sync: bool = False  # feeds this step's forward: not reported as finished receiving
+
+
+def done_future() -> Future[None]:
+    f: Future[None] = Future()
+    f.set_result(None)
+    return f
+
+
+def is_ready(job: Job) -> bool:
+    if isinstance(job.handle, Future):
+        return job.handle.done()
+    return bool(job.handle[1].query())
+
+
+def wait_for(job: Job) -> None:
+    if isinstance(job.handle, Future):
+        job.handle.exception()
+    else:
+        job.handle[1].synchronize()
