@@ -68,17 +68,25 @@ void check_view_matches(const PageGeom& g, const BlockView& v, const char* what)
               " heads");
 }
 
-// Narrows a transfer to layers [r.begin, r.end): the view keeps those layers' pointers and the pages'
+// A transfer narrowed to layers [r.begin, r.end): the view keeps those layers' pointers and the pages'
 // base moves to the first one's tile. The page geometry keeps every layer, so a head's tiles stay
 // num_layers tiles apart.
-void select_layers(const PageGeom& g, BlockView& v, PageSet& p, LayerRange r) {
+struct LayerSlice {
+  BlockView view;
+  PageSet pages;
+};
+
+LayerSlice select_layers(const PageGeom& g, const BlockView& v, const PageSet& p, LayerRange r) {
+  check_view_matches(g, v, "view");
   const int64_t end = r.end < 0 ? v.num_layers : r.end;
   DYNKV_CHECK(r.begin >= 0 && r.begin < end && end <= v.num_layers, "layers [", r.begin, ", ", end,
               ") is not a range of the view's ", v.num_layers, " layers");
-  if (r.begin == 0 && end == v.num_layers) return;
-  for (int64_t l = r.begin; l < end; ++l) v.layer_ptr[l - r.begin] = v.layer_ptr[l];
-  v.num_layers = end - r.begin;
-  p.base += static_cast<uint64_t>(r.begin * g.tile_bytes());
+  LayerSlice s{v, p};
+  if (r.begin == 0 && end == v.num_layers) return s;
+  for (int64_t l = r.begin; l < end; ++l) s.view.layer_ptr[l - r.begin] = v.layer_ptr[l];
+  s.view.num_layers = end - r.begin;
+  s.pages.base += static_cast<uint64_t>(r.begin * g.tile_bytes());
+  return s;
 }
 
 // Average contiguous run of the first entry: what Auto decides on.
@@ -196,10 +204,7 @@ Backend resolve_backend(const ExecConfig& cfg, int64_t avg_run_bytes) {
 
 void gather(const PageGeom& geom, const BlockView& full_view, const PageSet& all_pages, const IdList& block_ids,
             const IdList& slots, const ExecConfig& cfg, int device, LayerRange layers) {
-  check_view_matches(geom, full_view, "view");
-  BlockView view = full_view;
-  PageSet pages = all_pages;
-  select_layers(geom, view, pages, layers);
+  const auto [view, pages] = select_layers(geom, full_view, all_pages, layers);
   check_lengths(block_ids, slots, "block_ids", "slots");
   check_ids(block_ids, view.num_blocks, "block_ids", "the view's blocks", false);
   check_ids(slots, pages.num_pages, "slots", "the page buffer's pages", true);
@@ -213,10 +218,7 @@ void gather(const PageGeom& geom, const BlockView& full_view, const PageSet& all
 
 void scatter(const PageGeom& geom, const PageSet& all_pages, const BlockView& full_view, const IdList& slots,
              const IdList& block_ids, const ExecConfig& cfg, int device, LayerRange layers) {
-  check_view_matches(geom, full_view, "view");
-  BlockView view = full_view;
-  PageSet pages = all_pages;
-  select_layers(geom, view, pages, layers);
+  const auto [view, pages] = select_layers(geom, full_view, all_pages, layers);
   check_lengths(slots, block_ids, "slots", "block_ids");
   check_ids(slots, pages.num_pages, "slots", "the page buffer's pages", false);
   check_ids(block_ids, view.num_blocks, "block_ids", "the view's blocks", true);

@@ -220,14 +220,14 @@ class DiskTier:
         for slot, key, dst in reads:
             f, index = self._locate(slot)
             checked.append((f, int(slot), index, _check_key(key), self._check_buffer(dst, "dst", True), f.epoch))
-        futures: list[concurrent.futures.Future[None]] = [concurrent.futures.Future() for _ in checked]
+        futures: list[concurrent.futures.Future[None]] = []
         batch = []
-        for item, fut in zip(checked, futures):
+        for item in checked:
             if self._in_place(item[0], address(item[4])):
-                batch.append((*item, fut))
+                futures.append(concurrent.futures.Future())
+                batch.append((*item, futures[-1]))
             else:
-                self._submit(self._read, *item, invalidate_bad).add_done_callback(
-                    lambda r, fut=fut: _chain(r, fut))
+                futures.append(self._submit(self._read, *item, invalidate_bad))
         if batch:
             per = -(-len(batch) // self._io_threads)
             for i in range(0, len(batch), per):
@@ -499,14 +499,6 @@ class _Buffer(threading.local):
 
     view: memoryview | None = None
     addr: int = 0
-
-
-def _chain(src: concurrent.futures.Future[None], dst: concurrent.futures.Future[None]) -> None:
-    exc = src.exception()
-    if exc is None:
-        dst.set_result(None)
-    else:
-        dst.set_exception(exc)
 
 
 def _check_key(key: bytes) -> bytes:
