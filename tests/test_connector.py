@@ -94,6 +94,17 @@ def complete(conn: DynKVConnector, meta: DynKVMetadata) -> None:
     conn.update_connector_output(SimpleNamespace(kv_connector_worker_meta=DynKVWorkerMetadata(report)))
 
 
+def served(conn: DynKVConnector, rid: str, toks: list[int], block_ids: list[int], *, finish: bool = True) -> FakeRequest:
+    """A request computed in one step (looked up, every full block stored) and, with ``finish``, finished."""
+    req = FakeRequest(rid, toks)
+    conn.on_new_request(req)
+    conn.get_num_new_matched_tokens(req, 0)
+    complete(conn, conn.build_connector_meta(step(new={rid: block_ids}, scheduled={rid: req.num_tokens})))
+    if finish:
+        conn.request_finished(req, block_ids)
+    return req
+
+
 @pytest.fixture
 def conn() -> Any:
     """Every hit loads asynchronously (``layerwise`` off): the protocol vLLM drives across steps."""
@@ -139,11 +150,7 @@ def test_full_blocks_are_stored_after_the_step_that_fills_them(conn: Any, rng: n
 
 def test_lookup_loads_the_shared_prefix_into_the_new_blocks(conn: Any, rng: np.random.Generator) -> None:
     shared = tokens(rng, 2 * BS)
-    a = FakeRequest("a", shared + tokens(rng, 40))
-    conn.on_new_request(a)
-    conn.get_num_new_matched_tokens(a, 0)
-    complete(conn, conn.build_connector_meta(step(new={"a": [1, 2, 3]}, scheduled={"a": a.num_tokens})))
-    conn.request_finished(a, [1, 2, 3])
+    served(conn, "a", shared + tokens(rng, 40), [1, 2, 3])
 
     b = FakeRequest("b", shared + tokens(rng, 50))
     conn.on_new_request(b)
@@ -176,11 +183,7 @@ def test_whole_prompt_hit_loads_every_block(conn: Any, rng: np.random.Generator)
 def test_host_hit_loads_in_the_step_that_computes_it(sync_conn: Any, rng: np.random.Generator) -> None:
     conn = sync_conn
     shared = tokens(rng, 2 * BS)
-    a = FakeRequest("a", shared + tokens(rng, 40))
-    conn.on_new_request(a)
-    conn.get_num_new_matched_tokens(a, 0)
-    complete(conn, conn.build_connector_meta(step(new={"a": [1, 2, 3]}, scheduled={"a": a.num_tokens})))
-    conn.request_finished(a, [1, 2, 3])
+    served(conn, "a", shared + tokens(rng, 40), [1, 2, 3])
     b = FakeRequest("b", shared + tokens(rng, 5))
     conn.on_new_request(b)
     assert conn.get_num_new_matched_tokens(b, 0) == (2 * BS, False)  # not async: computed this step
@@ -197,9 +200,7 @@ def test_whole_prompt_host_hit_leaves_the_last_block_to_compute(sync_conn: Any, 
     """The step that computes a sync hit computes at least one token: the last block of a whole-prompt hit."""
     conn = sync_conn
     prompt = tokens(rng, 3 * BS)
-    a = FakeRequest("a", prompt)
-    conn.on_new_request(a)
-    complete(conn, conn.build_connector_meta(step(new={"a": [1, 2, 3]}, scheduled={"a": 3 * BS})))
+    served(conn, "a", prompt, [1, 2, 3], finish=False)
     b = FakeRequest("b", prompt)
     conn.on_new_request(b)
     assert conn.get_num_new_matched_tokens(b, 0) == (2 * BS, False)
@@ -218,11 +219,8 @@ def test_disk_hit_stays_asynchronous(tmp_path, rng: np.random.Generator) -> None
                                     "disk_admit_min_hits": 0})
     conn = DynKVConnector(vllm_config, KVConnectorRole.SCHEDULER, kcc)
 
-    def serve(req: FakeRequest, block_ids: list[int]) -> None:
-        conn.on_new_request(req)
-        complete(conn, conn.build_connector_meta(step(new={req.request_id: block_ids},
-                                                      scheduled={req.request_id: req.num_tokens})))
-        conn.request_finished(req, block_ids)
+    def serve(rid: str, toks: list[int], block_ids: list[int]) -> None:
+        served(conn, rid, toks, block_ids)
         deadline = time.monotonic() + 10
         while not conn.leader.idle():  # write-through to disk
             assert time.monotonic() < deadline, conn.leader.stats()
@@ -231,9 +229,9 @@ def test_disk_hit_stays_asynchronous(tmp_path, rng: np.random.Generator) -> None
 
     try:
         prompt = tokens(rng, 3 * BS)
-        serve(FakeRequest("a", prompt), [1, 2, 3])
+        serve("a", prompt, [1, 2, 3])
         for i in range(2):  # fillers push a's pages from the 4-page host tier (they stay on disk)
-            serve(FakeRequest(f"f{i}", tokens(rng, 3 * BS)), [4, 5, 6])
+            serve(f"f{i}", tokens(rng, 3 * BS), [4, 5, 6])
         b = FakeRequest("b", prompt + [20])
         conn.on_new_request(b)
         assert conn.get_num_new_matched_tokens(b, 0) == (3 * BS, True), "pages on disk load asynchronously"
