@@ -4,9 +4,11 @@ Inside vLLM the scheduler's thread stays busy while a disk-tier hit loads, and
 the disk tier's I/O threads share its interpreter lock. This measures what
 that costs: a thread that only spins (holding the lock between switches) next
 to the readers, against a spinning separate process (the same CPU load, no
-shared lock).
+shared lock). Batched reads run once per ``--chunks`` value (how many pages
+in a row one thread reads, :attr:`DiskTier.read_chunk`; 0: one contiguous
+share per thread), and ``dd iflag=direct`` reads the same records for scale.
 
-    python bench/disk_gil.py [--dir DIR] [--pages 192] [--threads 4] [--json out.json]
+    python bench/disk_gil.py [--dir DIR] [--pages 192] [--threads 4] [--chunks 0,4] [--json out.json]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import mmap
 import multiprocessing as mp
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -42,6 +45,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--dest", choices=["anon", "pool"], default="anon",
                    help="read into anonymous memory, or into a named host pool (shared memory, pinned on a GPU host)")
+    p.add_argument("--chunks", default="0", help="read_chunk values of the batched reads, comma-separated")
+    p.add_argument("--modes", default="idle,busy thread,busy process", help="what runs beside the readers")
     p.add_argument("--json")
     a = p.parse_args()
     root = a.dir or tempfile.mkdtemp(prefix="dynkv-disk-gil-", dir=".")
@@ -65,7 +70,14 @@ def main() -> None:
 
         def read_all(api: str) -> float:
             t0 = time.perf_counter()
-            if api == "read_many":
+            if api == "dd":
+                path, off = tier.location(0)
+                subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=64M", f"skip={off}",
+                                f"count={n * tier.record_bytes}", "iflag=direct,skip_bytes,count_bytes",
+                                "status=none"], check=True)
+                return time.perf_counter() - t0
+            if api.startswith("read_many"):
+                tier.read_chunk = int(api.split("=")[1])
                 futs = tier.read_many([(i, keys[i], view[i * PAGE : (i + 1) * PAGE]) for i in range(n)])
             else:
                 futs = [tier.read(i, keys[i], view[i * PAGE : (i + 1) * PAGE]) for i in range(n)]
@@ -73,7 +85,8 @@ def main() -> None:
                 f.result()
             return time.perf_counter() - t0
 
-        for mode in ("idle", "busy thread", "busy process") * 2:
+        apis = ["dd", "read"] + [f"read_many chunk={c}" for c in a.chunks.split(",")]
+        for mode in a.modes.split(",") * 2:
             stop: Any = threading.Event() if mode != "busy process" else mp.Event()
             other: Any = None
             if mode == "busy thread":
@@ -82,10 +95,10 @@ def main() -> None:
                 other = mp.Process(target=_spin, args=(stop,))
             if other is not None:
                 other.start()
-            for api in ("read", "read_many"):
+            for api in apis:
                 best = min(read_all(api) for _ in range(a.repeat))
                 results.setdefault(f"{mode}, {api}", []).append(n * PAGE / best / 1e9)
-                print(f"{mode:>13}, {api:>9}: {n * PAGE / best / 1e9:.2f} GB/s ({best * 1e3:.0f} ms for {n} pages "
+                print(f"{mode:>13}, {api:>20}: {n * PAGE / best / 1e9:.2f} GB/s ({best * 1e3:.0f} ms for {n} pages "
                       f"of 2 MiB, {a.threads} I/O threads)", flush=True)
             stop.set()
             if other is not None:

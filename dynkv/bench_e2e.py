@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dynkv.e2e_probe import parse_variant
 from dynkv.e2e_report import format_table, plot, summarize
 from dynkv.testmodel import FIRST_WORD_ID, PRESETS, write_model
 
@@ -175,10 +176,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     disk_dir = Path(args.disk_path or work / "disk").resolve()
     base = {"model": str(model), "engine": eargs, "lengths": args.lengths, "repeat": args.repeat,
             "check_tokens": args.check_tokens, "seed": args.seed, "prompts": prompts, "profile": args.profile,
+            "trace_dir": str(out / "logs") if args.trace else None,
             "turn_tokens": args.turn_tokens, "vocab": [FIRST_WORD_ID, spec.vocab_size]}
     specs = {
         "vllm": {**base, "name": "vllm", "connector": None, "decode": decode, "candidates": candidates},
         "dynkv": {**base, "name": "dynkv", "connector": "dynkv", "decode": decode, "dd_repeat": args.repeat,
+                  "variants": dict(args.variant),
                   "extra": {"host_pages": sizes["host_pages"], "disk_gb": math.ceil(sizes["disk_bytes"] / 2**30 * 1e3)
                             / 1e3, "disk_paths": [str(disk_dir)], "io_threads": sizes["io_threads"]},
                   "flush": {"tokens": sizes["flush_tokens"], "chunk": sizes["flush_chunk"],
@@ -255,6 +258,13 @@ def _ints(text: str) -> list[int]:
     return out
 
 
+def _variant(text: str) -> tuple[str, dict[str, Any]]:
+    try:
+        return parse_variant(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _engines(text: str) -> list[str]:
     out = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in out if x not in ENGINES]
@@ -285,6 +295,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-timeout", type=float, default=1800, help="seconds per engine before it is killed")
     p.add_argument("--profile", action="store_true",
                    help="one extra dynkv host and disk hit per length under cProfile (text in the JSON)")
+    p.add_argument("--variant", type=_variant, action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="dynkv's host and disk hits of the first length again with copy knobs changed in place: "
+                        "priority (load stream), ctas (H2D kernel), read_chunk (disk), paths (host, disk, host+disk); "
+                        "e.g. normal:priority=0 (repeatable; see dynkv.e2e_probe)")
+    p.add_argument("--trace", action="store_true",
+                   help="one hit per path of the first length under torch.profiler: Chrome traces in <out>/logs, "
+                        "summaries (copy and compute streams) in the table")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts")
     p.add_argument("--prompt-candidates", type=int,
                    help="prompts per length the vllm engine recomputes to pick the one with the largest smallest "

@@ -25,12 +25,14 @@ page-aligned ``mmap`` buffer per I/O thread.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import ctypes
 import logging
 import mmap
 import os
 import threading
+import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -61,6 +63,7 @@ __all__ = ["DiskPageError", "DiskTier", "file_name", "record_size"]
 
 log = logging.getLogger("dynkv.disk")
 _SCAN_CHUNK = 256  # headers per recover() task
+READ_CHUNK = 0  # DiskTier.read_chunk's default
 
 
 class DiskPageError(OSError):
@@ -95,6 +98,11 @@ class DiskTier:
         :attr:`direct_io_active` tells which happened.
     io_threads
         Threads of the I/O pool.
+    read_chunk
+        :meth:`read_many` deals its pages to the I/O threads in runs of this
+        many (in file order, run ``r`` to thread ``r % io_threads``), so the
+        requests in flight stay close together on the device; 0 gives each
+        thread one contiguous share instead.
 
     Raises
     ------
@@ -107,12 +115,13 @@ class DiskTier:
     """
 
     def __init__(self, paths: Sequence[str], num_pages: int, page_bytes: int, *, fingerprint: bytes,
-                 direct_io: bool = True, io_threads: int = 4) -> None:
+                 direct_io: bool = True, io_threads: int = 4, read_chunk: int = READ_CHUNK) -> None:
         if isinstance(paths, (str, bytes)) or not paths:
             raise ValueError(f"paths={paths!r}: expected a non-empty sequence of directories")
-        for name, v in (("num_pages", num_pages), ("page_bytes", page_bytes), ("io_threads", io_threads)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r}: expected an integer >= 1")
+        for name, v, low in (("num_pages", num_pages, 1), ("page_bytes", page_bytes, 1),
+                             ("io_threads", io_threads, 1), ("read_chunk", read_chunk, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name}={v!r}: expected an integer >= {low}")
         if not isinstance(fingerprint, (bytes, bytearray)) or not fingerprint:
             raise ValueError(f"fingerprint={fingerprint!r}: expected non-empty bytes (ModelFingerprint.digest())")
         self.num_pages = num_pages
@@ -147,6 +156,9 @@ class DiskTier:
         self.direct_io_active = direct_io and not refused
         self._pool = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="dynkv-disk")
         self._io_threads = io_threads
+        self.read_chunk = read_chunk
+        # (submitted, started, read, done, pages, runs of adjacent records) per batch of read_many, perf_counter seconds.
+        self.read_log: collections.deque[tuple[float, float, float, float, int, int]] = collections.deque(maxlen=4096)
 
     # -------------------------------------------------------------- public API
 
@@ -211,10 +223,12 @@ class DiskTier:
                   ) -> list[concurrent.futures.Future[None]]:
         """:meth:`read` of many pages ``(slot, key, dst)``, one future each, in batches.
 
-        The pages are split into one batch per I/O thread; a batch's reads and
-        payload checksums run in one call that holds no Python lock, so they
-        keep their pace next to a busy scheduler thread. Pages whose ``dst``
-        an ``O_DIRECT`` read cannot fill in place go through :meth:`read`.
+        The pages, in file order, are dealt to the I/O threads in runs of
+        :attr:`read_chunk`; a thread's reads and payload checksums run in one
+        call that holds no Python lock, so they keep their pace next to a busy
+        scheduler thread. Pages whose ``dst`` an ``O_DIRECT`` read cannot fill
+        in place go through :meth:`read`. :attr:`read_log` keeps the timing of
+        each thread's batch.
         """
         checked = []
         for slot, key, dst in reads:
@@ -228,11 +242,21 @@ class DiskTier:
                 batch.append((*item, futures[-1]))
             else:
                 futures.append(self._submit(self._read, *item, invalidate_bad))
-        if batch:
-            per = -(-len(batch) // self._io_threads)
-            for i in range(0, len(batch), per):
-                self._submit(self._read_batch, batch[i : i + per], invalidate_bad)
+        for share in self._deal(batch):
+            self._submit(self._read_batch, share, invalidate_bad, time.perf_counter())
         return futures
+
+    def _deal(self, batch: list[Any]) -> list[list[Any]]:
+        """``batch`` in file order, in runs of :attr:`read_chunk` pages dealt round-robin to the I/O threads."""
+        if not batch:
+            return []
+        batch = sorted(batch, key=lambda b: (b[0].path, b[2]))
+        chunk = self.read_chunk or -(-len(batch) // self._io_threads)
+        runs = [batch[i : i + chunk] for i in range(0, len(batch), chunk)]
+        shares: list[list[Any]] = [[] for _ in range(min(self._io_threads, len(runs)))]
+        for r, run in enumerate(runs):
+            shares[r % len(shares)].extend(run)
+        return shares
 
     def recover(self) -> list[tuple[int, bytes]]:
         """``(slot, key)`` of every record valid for this fingerprint, by slot.
@@ -427,8 +451,9 @@ class DiskTier:
             raise
 
     def _read_batch(self, batch: list[tuple[PageFile, int, int, bytes, memoryview, int, Any]],
-                    invalidate_bad: bool) -> None:
+                    invalidate_bad: bool, submitted: float) -> None:
         """I/O thread: a batch of in-place reads in one lock-free call, then each page's checks and future."""
+        started = time.perf_counter()
         n = self.page_bytes
         headers = memoryview(mmap.mmap(-1, HEADER_BYTES * len(batch)))  # page-aligned, as O_DIRECT wants
         try:
@@ -442,6 +467,7 @@ class DiskTier:
             for b in batch:
                 b[6].set_exception(e)
             return
+        read = time.perf_counter()
         for i, ((f, slot, index, key, dst, epoch, fut), (got, err, crc)) in enumerate(zip(batch, results)):
             try:
                 if err:
@@ -455,6 +481,9 @@ class DiskTier:
                 continue
             self._count(pages_read=1, bytes_read=n)
             fut.set_result(None)
+        runs = 1 + sum(1 for a, b in zip(batch, batch[1:]) if a[0] is not b[0] or b[0].offset(b[2]) !=
+                           a[0].offset(a[2]) + self.record_bytes)
+        self.read_log.append((submitted, started, read, time.perf_counter(), len(batch), runs))
 
     def _invalidate(self, f: PageFile, index: int) -> None:
         """Zero a bad record's header, so a restart does not find the page again (best effort).

@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dynkv.e2e_probe import apply_variant, disk_batches, traced, variant_paths
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 __all__ = ["run"]
@@ -123,6 +125,7 @@ class _Engine:
         m0, t0 = time.monotonic(), time.perf_counter()
         out = self.llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
         wall = time.perf_counter() - t0
+        batches = disk_batches(self.connector, t0) if self.connector is not None else []
         rec: dict[str, Any] = {"ttft_s": wall, "token": out.outputs[0].token_ids[0],
                                "cached_tokens": out.num_cached_tokens}
         st = out.metrics
@@ -139,6 +142,8 @@ class _Engine:
             rec["h2d_bytes"] = delta.get("dynkv_bytes_moved_total{direction=h2d}", 0.0)
             rec["disk_read_bytes"] = delta.get("dynkv_bytes_moved_total{direction=disk_to_host}", 0.0)
             rec["disk_read_s"] = delta.get("dynkv_transfer_seconds_sum{direction=disk_to_host}", 0.0)
+        if batches:
+            rec["disk_batches"] = batches  # [submitted, started, read, done] ms, pages, runs
         return rec
 
     def profiled_ttft(self, prompt: list[int]) -> dict[str, Any]:
@@ -269,10 +274,11 @@ def _guard(eng: _Engine, what: str, fn: Any, *args: Any) -> Any:
         return None
 
 
-def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int) -> None:
+def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int, length: int) -> None:
     kind = eng.spec.get("connector")
+    first = length == eng.spec["lengths"][0]
 
-    def series(name: str, before: Any) -> None:
+    def series(name: str, before: Any, probe: bool = True) -> None:
         rec[name] = []
         for _ in range(repeat):
             before()
@@ -280,7 +286,12 @@ def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int) ->
             if r is not None:
                 rec[name].append(r)
             eng.save()
-        if eng.spec.get("profile") and kind == "dynkv":
+        if eng.spec.get("trace_dir") and first and probe:
+            before()
+            trace = Path(eng.spec["trace_dir"]) / f"trace-{eng.spec['name']}-{name}-{length}.json.gz"
+            rec[f"{name}_traced"] = _guard(eng, f"{name} traced ttft", traced, lambda: eng.ttft(prompt), trace)
+            eng.save()
+        if eng.spec.get("profile") and kind == "dynkv" and probe:
             # One more run, profiled and kept apart: the profiler slows the Python it watches.
             before()
             rec[f"{name}_profiled"] = _guard(eng, f"{name} profiled ttft", eng.profiled_ttft, prompt)
@@ -331,6 +342,16 @@ def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int) ->
     if eng.spec.get("dd_repeat"):
         rec["dd"] = _guard(eng, "dd", eng.disk_records_dd, prompt, eng.spec["dd_repeat"])
         eng.save()
+    for name, knobs in (eng.spec.get("variants") or {}).items() if first else ():
+        # The same hits with dynkv's copy knobs changed in place (dynkv.e2e_probe).
+        restore = _guard(eng, f"variant {name}", apply_variant, eng.connector, knobs)
+        if restore is None:
+            continue
+        try:
+            for path in variant_paths(knobs):
+                series(f"{path}@{name}", eng.reset_device_cache if path == "host" else off_host, probe=False)
+        finally:
+            restore()
 
 
 def _choose(eng: _Engine, cands: list[list[int]], rec: dict[str, Any], length: str) -> int:
@@ -369,7 +390,7 @@ def run(spec: dict[str, Any], out_path: Path) -> dict[str, Any]:
         cands = (spec.get("candidates") or {}).get(str(length))
         if cands:
             prompt = cands[_choose(eng, cands, rec, str(length))]
-        _paths(eng, prompt, rec, spec["repeat"])
+        _paths(eng, prompt, rec, spec["repeat"], length)
         print(f"[{spec['name']}] {length} tokens measured in {time.perf_counter() - t0:.1f} s", flush=True)
     dec = spec.get("decode")
     if dec:

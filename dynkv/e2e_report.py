@@ -50,6 +50,9 @@ def _path_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
                            "first_tokens": [r.get("token") for r in recs]}
     for k in _SPLIT:
         out[k] = _median([r[k] for r in recs if r.get(k) is not None])
+    batches = [r["disk_batches"] for r in recs if r.get("disk_batches")]
+    if batches:
+        out["disk_batches"] = batches[-1]
     hits = [r["hits"] for r in recs if "hits" in r]
     if hits:
         out["hits"] = {t: [h[t] for h in hits] for t in hits[0]}
@@ -94,10 +97,21 @@ def summarize(reports: Mapping[str, dict[str, Any] | None], lengths: list[int]) 
             if ref and row["first_tokens"] and not path.startswith("turn_"):
                 row["first_token_matches"] = all(t == ref["tokens"][0] for t in row["first_tokens"])
             rows[f"{engine}/{path}"] = row
-        dd = ((reports.get("dynkv") or {}).get("lengths") or {}).get(key, {}).get("dd")
+        dyn = ((reports.get("dynkv") or {}).get("lengths") or {}).get(key, {})
+        for name, recs in dyn.items():
+            if "@" in name and isinstance(recs, list) and recs:  # a variant of dynkv's copy knobs (e2e_probe)
+                path, variant = name.split("@", 1)
+                rows[f"dynkv/{name}"] = {**_path_summary(recs), "label": f"dynkv {path} tier, variant {variant}",
+                                         "greedy": {"identical": None}}
+        traces = {}
+        for engine, rep in reports.items():
+            for name, r in (((rep or {}).get("lengths") or {}).get(key) or {}).items():
+                if name.endswith("_traced") and r and r.get("trace"):
+                    traces[f"{engine}/{name[: -len('_traced')]}"] = {"ttft_s": r["ttft_s"], **r["trace"]}
+        dd = dyn.get("dd")
         gaps = (ref or {}).get("top2_gaps") or []
         choice = ((reports.get("vllm") or {}).get("lengths") or {}).get(key, {}).get("prompt_choice")
-        out["lengths"][key] = {"paths": rows, "dd": dd, "top2_gap_min": min(gaps, default=None),
+        out["lengths"][key] = {"paths": rows, "dd": dd, "traces": traces, "top2_gap_min": min(gaps, default=None),
                                "top2_gap_median": _median(gaps), "prompt_choice": choice}
     out["decode"] = _decode(reports)
     out["targets"] = _targets(out, lengths)
@@ -191,6 +205,11 @@ def format_table(s: dict[str, Any]) -> str:
         if all(turn):
             lines.append(f"\nnext turn (prompt + new tokens): dynkv host tier {turn[0] * 1e3:.1f} ms, "
                          f"OffloadingConnector {turn[1] * 1e3:.1f} ms ({turn[0] / turn[1]:.2f}x)")
+        for name, t in (L.get("traces") or {}).items():
+            lines.append(_trace_line(name, t))
+        disk = L["paths"].get("dynkv/disk")
+        if disk and disk.get("disk_batches"):
+            lines.append(_batches_line(disk["disk_batches"]))
         choice = L.get("prompt_choice")
         if choice:
             gaps = ", ".join("failed" if g is None else f"{g:.3f}" for g in choice["min_top2_gaps"])
@@ -207,6 +226,29 @@ def format_table(s: dict[str, Any]) -> str:
         lines += [f"| {t['target']} | {t['limit']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |"
                   for t in s["targets"]]
     return "\n".join(lines)
+
+
+def _trace_line(name: str, t: dict[str, Any]) -> str:
+    """One traced hit: the compute stream's span and idle time, dynkv's copy kernels."""
+    text = f"trace {name}: TTFT {t['ttft_s'] * 1e3:.1f} ms, {t.get('kernels', 0)} kernels"
+    c = (t.get("streams") or {}).get(str(t.get("compute_stream")))
+    if c:
+        text += f"; compute stream {c['span_ms']:.1f} ms from first to last kernel, {c['idle_ms']:.1f} ms idle"
+    if t.get("copy"):
+        cp = t["copy"]
+        text += (f"; dynkv copies {cp['kernels']} kernels from {cp['first_ms']:.1f} to {cp['last_ms']:.1f} ms, "
+                 f"{cp['busy_ms']:.1f} ms busy")
+    return text
+
+
+def _batches_line(batches: list[list[float]]) -> str:
+    """The disk tier's read batches of one disk-tier hit (e2e_probe.disk_batches)."""
+    started = [b[1] for b in batches]
+    done = [b[3] for b in batches]
+    return (f"disk read batches of the last disk hit: {len(batches)}, {sum(int(b[4]) for b in batches)} pages in "
+            f"{sum(int(b[5]) for b in batches)} runs; started {min(started):.1f}-{max(started):.1f} ms, "
+            f"read {min(b[2] - b[1] for b in batches):.1f}-{max(b[2] - b[1] for b in batches):.1f} ms each, "
+            f"all done at {max(done):.1f} ms")
 
 
 def plot(s: dict[str, Any], path: Path, title: str = "TTFT per serving path") -> None:

@@ -37,9 +37,10 @@ from dynkv.worker_jobs import is_ready as _ready
 from dynkv.worker_jobs import wait_for as _wait
 from dynkv.worker_pull import PullFlow
 
-__all__ = ["Worker"]
+__all__ = ["LOAD_PRIORITY", "Worker"]
 
 log = logging.getLogger("dynkv.worker")
+LOAD_PRIORITY = -1  # CUDA stream priority of loads: above vLLM's compute stream (0); stores stay at 0
 
 @dataclass
 class _SyncStep:
@@ -105,6 +106,7 @@ class Worker(PullFlow):
         self._layer_of: dict[str, int] = {}
         self._sync: _SyncStep | None = None
         self._layerwise = config.layerwise
+        self._load_priority = LOAD_PRIORITY
 
     def register(self, view: PagedView, layer_names: dict[str, int] | None = None) -> None:
         """The rank's KV cache; the host pool is attached at the first plan (the leader creates it later).
@@ -122,7 +124,8 @@ class Worker(PullFlow):
         if view.device.type == "cuda":
             import torch
 
-            self._streams = (torch.cuda.Stream(view.device), torch.cuda.Stream(view.device))
+            self._streams = (torch.cuda.Stream(view.device, priority=self._load_priority),
+                             torch.cuda.Stream(view.device))
         else:
             self._threads = (
                 ThreadPoolExecutor(1, thread_name_prefix=f"dynkv-load{self.rank}"),
@@ -130,6 +133,24 @@ class Worker(PullFlow):
             )
         if self._prepare_pulls:
             threading.Thread(target=self._prepare, name=f"dynkv-pull-prep{self.rank}", daemon=True).start()
+
+    @property
+    def load_priority(self) -> int:
+        return self._load_priority
+
+    def set_load_priority(self, priority: int) -> None:
+        """Priority of the GPU stream that loads run on (lower is more urgent; vLLM computes at 0).
+
+        Loads sit on the path to a request's first token and stores do not, so
+        loads default to :data:`LOAD_PRIORITY`: the copy kernel's CTAs get SMs
+        as soon as the forward frees some. Waits for copies in flight first.
+        """
+        self._load_priority = int(priority)
+        if self._streams is not None and self.view is not None:
+            import torch
+
+            self._streams[0].synchronize()
+            self._streams = (torch.cuda.Stream(self.view.device, priority=self._load_priority), self._streams[1])
 
     # -- per step ------------------------------------------------------------
 

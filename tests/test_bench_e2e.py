@@ -16,7 +16,8 @@ def test_bench_e2e_cpu_smoke(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "dynkv.cli", "bench", "e2e", "--device", "cpu", "--lengths", "256",
            "--repeat", "1", "--check-tokens", "8", "--decode-requests", "2", "--decode-tokens", "16",
-           "--decode-repeat", "1", "--work-dir", str(tmp_path / "work"), "--out", str(out), "--no-plot"]
+           "--decode-repeat", "1", "--work-dir", str(tmp_path / "work"), "--out", str(out), "--no-plot",
+           "--variant", "chunk1:read_chunk=1,priority=0", "--trace"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((out / "e2e.json").read_text())
@@ -36,3 +37,15 @@ def test_bench_e2e_cpu_smoke(tmp_path: Path) -> None:
         assert path in paths, f"next-turn path {path} missing"
     assert paths["dynkv/turn_host"]["hits"]["host"] == [256 // 32], "the next turn loads the whole cached prompt"
     assert paths["vllm/turn_device"]["cached_tokens"] == [256], "vLLM's own cache serves the prompt of the next turn"
+    # The variant ran both hits with its knobs: one page per run of the disk tier's reads (dealt round-robin).
+    assert paths["dynkv/host@chunk1"]["hits"]["host"] == [256 // 32 - 1]
+    pages = paths["dynkv/disk"]["hits"]["disk"]
+    assert paths["dynkv/disk@chunk1"]["hits"]["disk"] == pages and pages[0] > 1
+    chunked, whole = paths["dynkv/disk@chunk1"]["disk_batches"], paths["dynkv/disk"]["disk_batches"]
+    assert sum(b[4] for b in chunked) == sum(b[4] for b in whole) == pages[0]
+    assert all(b[5] == b[4] for b in chunked) and len(chunked) > 1, chunked
+    assert all(b[5] == 1 for b in whole), "by default each thread reads one run of adjacent records"
+    traces = report["summary"]["lengths"]["256"]["traces"]
+    assert {"vllm/device", "dynkv/host", "dynkv/disk"} <= set(traces), sorted(traces)
+    for name in ("vllm-device", "dynkv-host", "dynkv-disk"):
+        assert (out / "logs" / f"trace-{name}-256.json.gz").stat().st_size > 0

@@ -730,3 +730,27 @@ def test_read_many_coalesces_back_to_back_records(make) -> None:
             result(futs[s])
             assert bytes(dsts[s]) == content(key_of(s), n), f"slot {s}"
     assert t.stats()["pages_read"] == 36
+
+
+@pytest.mark.parametrize("read_chunk, shares", [(0, [(4, 1), (4, 2), (4, 1)]), (2, [(4, 2), (4, 2), (4, 2)]),
+                                                (5, [(5, 1), (5, 2), (2, 1)])])
+def test_read_many_deals_runs_of_pages_to_threads(make, read_chunk: int, shares: list[tuple[int, int]]) -> None:
+    """Pages in any order are read in file order, dealt to the threads in runs of read_chunk; every byte lands."""
+    t = make(num_pages=12, page_bytes=4096, paths=2, io_threads=3, read_chunk=read_chunk)
+    n = t.page_bytes
+    write_keys(t, {s: s for s in range(12)})
+    order = [7, 0, 11, 4, 2, 9, 1, 5, 10, 3, 8, 6]
+    dsts = {s: aligned(n) for s in order}
+    futs = t.read_many([(s, key_of(s), dsts[s]) for s in order])
+    for s, fut in zip(order, futs):
+        result(fut)
+        assert bytes(dsts[s]) == content(key_of(s), n), f"slot {s}"
+    # Slots alternate between the two files: file order is the even slots, then the odd ones.
+    got = sorted((pages, runs) for _, _, _, _, pages, runs in t.read_log)
+    assert got == sorted(shares)
+    assert all(sub <= start <= read <= done for sub, start, read, done, _, _ in t.read_log)
+
+
+def test_read_chunk_must_be_a_count(make) -> None:
+    with pytest.raises(ValueError, match="read_chunk=-1"):
+        make(num_pages=4, page_bytes=4096, read_chunk=-1)

@@ -44,6 +44,15 @@ def test_gpu_sync_layer_by_layer_loads(rng: np.random.Generator, tp: int, proces
     check_sync_loads(rng, Model(dims="LBNHC", device="cuda", num_layers=8), tp=tp, processes=processes)
 
 
+@pytest.mark.parametrize("priority", [0, -1])
+def test_gpu_sync_loads_at_either_load_priority(rng: np.random.Generator, priority: int) -> None:
+    """The load stream's priority changes when copies run, never what the forward reads."""
+    from test_sync_loads import check_sync_loads
+
+    check_sync_loads(rng, Model(dims="LBHNC", device="cuda", num_layers=8), tp=1, processes=False,
+                     load_priority=priority)
+
+
 def test_gpu_forward_without_layer_hooks_gets_load_errors(rng: np.random.Generator) -> None:
     from test_sync_loads import check_skipped_hooks
 

@@ -22,10 +22,16 @@ def _prompt(rng: np.random.Generator, model: Model, blocks: int) -> list[int]:
     return rng.integers(0, 1000, blocks * model.block_size).tolist()
 
 
-def check_sync_loads(rng: np.random.Generator, model: Model, *, tp: int, processes: bool) -> None:
+def check_sync_loads(rng: np.random.Generator, model: Model, *, tp: int, processes: bool,
+                     load_priority: int | None = None) -> None:
     leader = make_leader(model, tp=tp)
     engine = Engine(leader, model, tp=tp, num_blocks=96, processes=processes)
     try:
+        if load_priority is not None:  # in-process ranks only
+            for r in engine.ranks:
+                w = r.state.worker
+                w.set_load_priority(load_priority)
+                assert w._streams is None or (w._streams[0].priority < 0) == (load_priority < 0)
         prompts = [_prompt(rng, model, 6) for _ in range(3)]
         for i, p in enumerate(prompts):
             engine.serve(f"first{i}", p)
