@@ -270,14 +270,7 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         base = -(-computed // self.block_size)
         n = max(0, (computed + num_external_tokens) // self.block_size - base) if num_external_tokens else 0
         block_ids = list(blocks.get_block_ids()[0][base : base + n]) if n else []
-        st.load_tiers = {}
-        index = self.leader.index
-        for key in st.keys[base : base + len(block_ids)]:
-            if index.location(key, "host") is not None:
-                tier = "host"
-            else:  # a page still pending in the host tier is one a prefill engine is sending
-                tier = "remote" if index.holds(key, "host") else "disk"
-            st.load_tiers[tier] = st.load_tiers.get(tier, 0) + 1
+        st.load_tiers = self.leader.matched_tiers(request.request_id, len(block_ids))
         self.leader.begin_load(request.request_id, block_ids, sync=st.sync)  # also unpins what is not loaded
         st.sync = False
 

@@ -176,12 +176,12 @@ class PageIndex:
                 break
             locations.append((tier.name, entry.slot))
             tier.hits += 1
-            if touch:
-                self.frequency.record(key)
-                if entry.pins == 0:
-                    tier.policy.touch(key)
+            if touch and entry.pins == 0:
+                tier.policy.touch(key)
             if pin:
                 self._pin(tier, key, entry)
+        if touch:
+            self.frequency.record_many(keys[: len(locations)])
         return PrefixMatch(len(locations), tuple(locations))
 
     def location(self, key: bytes, tier: str, *, pending: bool = False) -> int | None:
@@ -248,8 +248,8 @@ class PageIndex:
                 t.refusals += len(wanted) - i
                 break
             t.entries[key] = _Entry(slot)
-            self.frequency.record(key)
             out.append((key, slot))
+        self.frequency.record_many(k for k, _ in out)
         return out
 
     def adopt(self, tier: str, pages: Iterable[tuple[bytes, int]]) -> int:
@@ -308,8 +308,9 @@ class PageIndex:
 
     def touch(self, keys: Iterable[bytes]) -> None:
         """Count pages as used, in every tier that stores them (recency and frequency)."""
+        keys = list(keys)
+        self.frequency.record_many(keys)
         for key in keys:
-            self.frequency.record(key)
             for t in self._tiers.values():
                 entry = t.entries.get(key)
                 if entry is not None and entry.stored and entry.pins == 0:

@@ -32,6 +32,7 @@ import logging
 import os
 import queue
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -249,6 +250,11 @@ class Leader(DiskFlow):
         req = self._reqs.get(req_id)
         return req is not None and 0 < n <= len(req.match) and all(t == HOST for t, _, _ in req.match[:n])
 
+    def matched_tiers(self, req_id: str, n: int) -> dict[str, int]:
+        """Of the request's first ``n`` matched pages: how many each tier (host, disk, remote) holds."""
+        req = self._reqs.get(req_id)
+        return dict(Counter(t for t, _, _ in req.match[:n])) if req is not None else {}
+
     def begin_load(self, req_id: str, block_ids: Sequence[int], *, sync: bool = False) -> None:
         """Load the request's matched pages into ``block_ids`` (its first ``len(block_ids)`` matches).
 
@@ -272,8 +278,9 @@ class Leader(DiskFlow):
                      started=time.perf_counter())
         req.load = load
         reads: list[tuple[int, int, bytes, int]] = []
+        for tier, n in Counter(t for t, _, _ in use).items():
+            self.metrics.hits.labels(tier).inc(n)
         for i, (tier, slot, key) in enumerate(use):
-            self.metrics.hits.labels(tier).inc()
             if tier == HOST:
                 load.slots[i] = slot
                 load.host_keys.append(key)

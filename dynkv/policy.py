@@ -9,9 +9,11 @@ seen often enough. :class:`dynkv.index.PageIndex` composes them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
+
+import numpy as np
 
 __all__ = ["EVICTION_POLICIES", "EvictionPolicy", "FIFOPolicy", "FrequencyFilter", "LRUPolicy", "SlotAllocator"]
 
@@ -151,6 +153,11 @@ _ROW_MULTIPLIERS = (
 )
 
 
+def _fold(key: bytes) -> int:
+    h = int.from_bytes(key, "little")
+    return (h ^ (h >> 64) ^ (h >> 128)) & _M64
+
+
 class FrequencyFilter:
     """Approximate access counts in bounded memory: a count-min sketch with aging.
 
@@ -181,34 +188,53 @@ class FrequencyFilter:
         self.width = 1 << max(0, (width - 1).bit_length())
         self.depth = depth
         self.sample = sample if sample is not None else 10 * self.width
-        self._rows = [[0] * self.width for _ in range(depth)]
+        self._rows = np.zeros((depth, self.width), dtype=np.int64)
+        self._rowidx = np.arange(depth)
         self._shift = 64 - (self.width.bit_length() - 1)
+        self._mults = np.array(_ROW_MULTIPLIERS[:depth], dtype=np.uint64)
         self._recorded = 0
 
-    def _slots(self, key: bytes) -> list[int]:
-        # Keys need not be uniform (tests, other callers): fold them to 64 bits,
-        # then one multiplicative hash per row (its top bits are well mixed).
-        h = int.from_bytes(key, "little")
-        x = (h ^ (h >> 64) ^ (h >> 128)) & _M64
-        return [((x * m) & _M64) >> self._shift for m in _ROW_MULTIPLIERS[: self.depth]]
+    def _cells(self, keys: Sequence[bytes]) -> np.ndarray:
+        """``(len(keys), depth)`` counter indices: each key folded to 64 bits, one multiplicative hash per row."""
+        if all(len(k) == 16 for k in keys):
+            words = np.frombuffer(b"".join(keys), dtype="<u8").reshape(-1, 2)
+            x = words[:, 0] ^ words[:, 1]
+        else:  # keys need not be 16 bytes (tests, other callers)
+            x = np.array([_fold(k) for k in keys], dtype=np.uint64)
+        if self._shift >= 64:  # a single counter per row
+            return np.zeros((len(keys), self.depth), dtype=np.intp)
+        return ((x[:, None] * self._mults[None, :]) >> np.uint64(self._shift)).astype(np.intp)
 
     def record(self, key: bytes) -> None:
         """Count one access to ``key``."""
+        self.record_many((key,))
+
+    def record_many(self, keys: Iterable[bytes]) -> None:
+        """Count one access to each of ``keys`` (a key listed twice counts twice), in one vectorized update.
+
+        Each key's minimal counters rise to its minimum plus its count; a counter
+        two keys share takes the larger value, so no key is ever undercounted.
+        """
+        counted = Counter(keys)
+        if not counted:
+            return
+        uniq = list(counted)
+        cells = self._cells(uniq)
         rows = self._rows
-        slots = self._slots(key)
-        counts = [rows[r][s] for r, s in enumerate(slots)]
-        low = min(counts)
-        for r, s in enumerate(slots):
-            if counts[r] == low:
-                rows[r][s] = low + 1
-        self._recorded += 1
+        counts = rows[self._rowidx, cells]
+        low = counts.min(axis=1, keepdims=True)
+        grow = counts == low
+        new = low + np.fromiter(counted.values(), dtype=rows.dtype, count=len(uniq))[:, None]
+        np.maximum.at(rows, (np.broadcast_to(self._rowidx, cells.shape)[grow], cells[grow]),
+                      np.broadcast_to(new, cells.shape)[grow])
+        self._recorded += sum(counted.values())
         if self._recorded >= self.sample:
             self._recorded = 0
-            self._rows = [[c >> 1 for c in row] for row in rows]
+            rows >>= 1
 
     def estimate(self, key: bytes) -> int:
         """Approximate accesses to ``key`` (never an undercount, before aging)."""
-        return min(self._rows[r][s] for r, s in enumerate(self._slots(key)))
+        return int(self._rows[self._rowidx, self._cells((key,))[0]].min())
 
     def admits(self, key: bytes) -> bool:
         return self.min_hits == 0 or self.estimate(key) >= self.min_hits

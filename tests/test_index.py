@@ -245,6 +245,21 @@ def test_frequency_filter_never_undercounts(rng: np.random.Generator) -> None:
     assert f.width == 256 and len(f._rows) == 4  # bounded memory
 
 
+def test_frequency_filter_batches_never_undercount(rng: np.random.Generator) -> None:
+    """record_many over a shuffled multiset (keys repeated, counters shared) counts like record, or more."""
+    f = FrequencyFilter(width=128, depth=4, sample=10**9)
+    counts = rng.integers(0, 6, size=1500)
+    batch = [k(i) for i, c in enumerate(counts) for _ in range(c)]
+    rng.shuffle(batch)
+    for i in range(0, len(batch), 700):
+        f.record_many(batch[i : i + 700])
+    est = np.array([f.estimate(k(i)) for i in range(len(counts))])
+    assert (est >= counts).all()
+    alone = FrequencyFilter(width=1 << 16, depth=4)
+    alone.record_many([k(1), k(2), k(1)])
+    assert (alone.estimate(k(1)), alone.estimate(k(2)), alone.estimate(k(3))) == (2, 1, 0)
+
+
 def test_frequency_filter_ages() -> None:
     f = FrequencyFilter(min_hits=2, width=64, sample=100)
     for _ in range(8):
