@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     specs = {
         "vllm": {**base, "name": "vllm", "connector": None, "decode": decode, "candidates": candidates},
         "dynkv": {**base, "name": "dynkv", "connector": "dynkv", "decode": decode, "dd_repeat": args.repeat,
-                  "variants": dict(args.variant),
+                  "variants": dict(args.variant), "disk_probe": args.disk_probe,
                   "extra": {"host_pages": sizes["host_pages"], "disk_gb": math.ceil(sizes["disk_bytes"] / 2**30 * 1e3)
                             / 1e3, "disk_paths": [str(disk_dir)], "io_threads": sizes["io_threads"]},
                   "flush": {"tokens": sizes["flush_tokens"], "chunk": sizes["flush_chunk"],
@@ -302,6 +302,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", action="store_true",
                    help="one hit per path of the first length under torch.profiler: Chrome traces in <out>/logs, "
                         "summaries (copy and compute streams) in the table")
+    p.add_argument("--disk-probe", action="store_true",
+                   help="after the disk-tier hits of the first length: the same records read by the disk tier with "
+                        "the engine idle, into anonymous and pinned scratch memory, per read_chunk and next to a "
+                        "spinning thread (GB/s in the JSON and the table)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts")
     p.add_argument("--prompt-candidates", type=int,
                    help="prompts per length the vllm engine recomputes to pick the one with the largest smallest "

@@ -232,18 +232,69 @@ class _Engine:
         self.drain()
         return rec
 
-    def disk_records_dd(self, prompt: list[int], repeat: int) -> dict[str, Any]:
-        """``dd iflag=direct`` over the disk-tier records that hold ``prompt``'s pages."""
+    def _disk_records(self, prompt: list[int]) -> tuple[list[bytes], list[tuple[int, bytes]]]:
+        """The prompt's page keys, and ``(disk slot, key)`` of those the disk tier holds."""
         import numpy as np
 
         from dynkv.keys import block_keys
 
-        leader = self.connector.leader
         full = (len(prompt) - 1) // self.block_size
         keys = block_keys(self.connector.fingerprint, np.asarray(prompt[: full * self.block_size], dtype=np.int64),
                           self.block_size)
-        slots = [leader.index.location(k, "disk") for k in keys]
-        held = [s for s in slots if s is not None]
+        located = ((self.connector.leader.index.location(k, "disk"), k) for k in keys)
+        return keys, [(s, k) for s, k in located if s is not None]
+
+    def disk_probe(self, prompt: list[int], repeat: int) -> dict[str, Any]:
+        """The disk tier's batched reads of ``prompt``'s records with the engine idle (not stepping), in GB/s.
+
+        Into scratch memory (anonymous, and pinned like the host tier), per
+        ``read_chunk``, and next to a spinning Python thread (as vLLM's
+        scheduler loop spins during a disk hit): which of these the in-engine
+        read phase is missing.
+        """
+        import mmap
+        import threading
+
+        from dynkv.ops import HostPool
+
+        disk = self.connector.leader.disk
+        _, held = self._disk_records(prompt)
+        if not held:
+            return {"error": "none of the prompt's pages is on the disk tier"}
+        n, page = len(held), disk.page_bytes
+        pinned = HostPool.create(n * page, name=None)
+        dests = {"anonymous": memoryview(mmap.mmap(-1, n * page)), "pinned": memoryview(pinned.as_tensor().numpy())}
+        out: dict[str, Any] = {"pages": n, "pinned": pinned.pinned}
+        old_chunk = disk.read_chunk
+        try:
+            for dest, chunk, spin in (("anonymous", 0, False), ("pinned", 0, False), ("pinned", 8, False),
+                                      ("pinned", 0, True)):
+                stop = threading.Event()
+                spinner = threading.Thread(target=_spin, args=(stop,), daemon=True) if spin else None
+                if spinner is not None:
+                    spinner.start()
+                disk.read_chunk = chunk
+                buf, times = dests[dest], []
+                for _ in range(repeat):
+                    t0 = time.perf_counter()
+                    for f in disk.read_many([(s, k, buf[i * page : (i + 1) * page]) for i, (s, k) in enumerate(held)]):
+                        f.result()
+                    times.append(time.perf_counter() - t0)
+                stop.set()
+                if spinner is not None:
+                    spinner.join()
+                label = f"{dest}, read_chunk={chunk}" + (", busy thread" if spin else "")
+                out[label] = round(n * page / statistics.median(times) / 1e9, 3)
+        finally:
+            disk.read_chunk = old_chunk
+            pinned.close()
+        return out
+
+    def disk_records_dd(self, prompt: list[int], repeat: int) -> dict[str, Any]:
+        """``dd iflag=direct`` over the disk-tier records that hold ``prompt``'s pages."""
+        leader = self.connector.leader
+        keys, located = self._disk_records(prompt)
+        held = [s for s, _ in located]
         if not held:
             return {"error": "none of the prompt's pages is on the disk tier"}
         by_file: dict[str, list[int]] = {}
@@ -262,6 +313,12 @@ class _Engine:
             times.append(time.perf_counter() - t0)
         return {"pages": len(held), "pages_wanted": len(keys), "bytes": span, "payload_bytes": len(held) * record,
                 "seconds": times, "median_s": statistics.median(times), "gbps": span / statistics.median(times) / 1e9}
+
+
+def _spin(stop: Any) -> None:
+    x = 0
+    while not stop.is_set():
+        x += 1
 
 
 def _guard(eng: _Engine, what: str, fn: Any, *args: Any) -> Any:
@@ -341,6 +398,9 @@ def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int, le
     checked("disk", off_host)
     if eng.spec.get("dd_repeat"):
         rec["dd"] = _guard(eng, "dd", eng.disk_records_dd, prompt, eng.spec["dd_repeat"])
+        eng.save()
+    if eng.spec.get("disk_probe") and first:
+        rec["disk_probe"] = _guard(eng, "disk probe", eng.disk_probe, prompt, eng.spec["repeat"])
         eng.save()
     for name, knobs in (eng.spec.get("variants") or {}).items() if first else ():
         # The same hits with dynkv's copy knobs changed in place (dynkv.e2e_probe).

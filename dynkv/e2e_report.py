@@ -111,7 +111,7 @@ def summarize(reports: Mapping[str, dict[str, Any] | None], lengths: list[int]) 
         dd = dyn.get("dd")
         gaps = (ref or {}).get("top2_gaps") or []
         choice = ((reports.get("vllm") or {}).get("lengths") or {}).get(key, {}).get("prompt_choice")
-        out["lengths"][key] = {"paths": rows, "dd": dd, "traces": traces, "top2_gap_min": min(gaps, default=None),
+        out["lengths"][key] = {"paths": rows, "dd": dd, "traces": traces, "disk_probe": dyn.get("disk_probe"), "top2_gap_min": min(gaps, default=None),
                                "top2_gap_median": _median(gaps), "prompt_choice": choice}
     out["decode"] = _decode(reports)
     out["targets"] = _targets(out, lengths)
@@ -205,6 +205,10 @@ def format_table(s: dict[str, Any]) -> str:
         if all(turn):
             lines.append(f"\nnext turn (prompt + new tokens): dynkv host tier {turn[0] * 1e3:.1f} ms, "
                          f"OffloadingConnector {turn[1] * 1e3:.1f} ms ({turn[0] / turn[1]:.2f}x)")
+        probe = L.get("disk_probe")
+        if probe and not probe.get("error"):
+            rates = ", ".join(f"{k} {v:.2f}" for k, v in probe.items() if isinstance(v, float))
+            lines.append(f"disk tier's batched reads of the same records, engine idle (GB/s): {rates}")
         for name, t in (L.get("traces") or {}).items():
             lines.append(_trace_line(name, t))
         disk = L["paths"].get("dynkv/disk")

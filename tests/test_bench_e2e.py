@@ -17,7 +17,7 @@ def test_bench_e2e_cpu_smoke(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "dynkv.cli", "bench", "e2e", "--device", "cpu", "--lengths", "256",
            "--repeat", "1", "--check-tokens", "8", "--decode-requests", "2", "--decode-tokens", "16",
            "--decode-repeat", "1", "--work-dir", str(tmp_path / "work"), "--out", str(out), "--no-plot",
-           "--variant", "chunk1:read_chunk=1,priority=0", "--trace"]
+           "--variant", "chunk1:read_chunk=1,priority=0", "--trace", "--disk-probe"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((out / "e2e.json").read_text())
@@ -49,3 +49,5 @@ def test_bench_e2e_cpu_smoke(tmp_path: Path) -> None:
     assert {"vllm/device", "dynkv/host", "dynkv/disk"} <= set(traces), sorted(traces)
     for name in ("vllm-device", "dynkv-host", "dynkv-disk"):
         assert (out / "logs" / f"trace-{name}-256.json.gz").stat().st_size > 0
+    probe = report["summary"]["lengths"]["256"]["disk_probe"]
+    assert probe["pages"] == pages[0] - 1 and probe["pinned, read_chunk=8"] > 0, probe
