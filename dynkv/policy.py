@@ -140,6 +140,7 @@ class FIFOPolicy(_OrderedPolicy):
 EVICTION_POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "fifo": FIFOPolicy}
 
 _M64 = (1 << 64) - 1
+_BATCH = 32  # FrequencyFilter.record_many: from this many keys on, one vectorized update
 # Odd 64-bit constants (digits of pi, e, sqrt 2, sqrt 3, golden ratio, ...).
 _ROW_MULTIPLIERS = (
     0x243F6A8885A308D3,
@@ -215,9 +216,13 @@ class FrequencyFilter:
         Each key's minimal counters rise to its minimum plus its count; a counter
         two keys share takes the larger value, so no key is ever undercounted.
         """
-        counted = Counter(keys)
-        if not counted:
+        if not isinstance(keys, (list, tuple)):
+            keys = list(keys)
+        if len(keys) < _BATCH:  # a few keys (a decode step's stores): numpy's per-call cost would dominate
+            for key in keys:
+                self._record_one(key)
             return
+        counted = Counter(keys)
         uniq = list(counted)
         cells = self._cells(uniq)
         rows = self._rows
@@ -232,9 +237,28 @@ class FrequencyFilter:
             self._recorded = 0
             rows >>= 1
 
+    def _slots(self, key: bytes) -> list[int]:
+        x = _fold(key)
+        if self._shift >= 64:
+            return [0] * self.depth
+        return [((x * m) & _M64) >> self._shift for m in _ROW_MULTIPLIERS[: self.depth]]
+
+    def _record_one(self, key: bytes) -> None:
+        rows = self._rows
+        cells = list(enumerate(self._slots(key)))
+        low = min(rows.item(r, s) for r, s in cells)
+        for r, s in cells:
+            if rows.item(r, s) == low:
+                rows[r, s] = low + 1
+        self._recorded += 1
+        if self._recorded >= self.sample:
+            self._recorded = 0
+            rows >>= 1
+
     def estimate(self, key: bytes) -> int:
         """Approximate accesses to ``key`` (never an undercount, before aging)."""
-        return int(self._rows[self._rowidx, self._cells((key,))[0]].min())
+        rows = self._rows
+        return min(rows.item(r, s) for r, s in enumerate(self._slots(key)))
 
     def admits(self, key: bytes) -> bool:
         return self.min_hits == 0 or self.estimate(key) >= self.min_hits
