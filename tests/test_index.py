@@ -258,6 +258,12 @@ def test_frequency_filter_batches_never_undercount(rng: np.random.Generator) -> 
     alone = FrequencyFilter(width=1 << 16, depth=4)
     alone.record_many([k(1), k(2), k(1)])
     assert (alone.estimate(k(1)), alone.estimate(k(2)), alone.estimate(k(3))) == (2, 1, 0)
+    one_by_one, batched = FrequencyFilter(width=1 << 16), FrequencyFilter(width=1 << 16)
+    keys = [k(i) for i in range(100)] * 2
+    for key in keys:
+        one_by_one.record(key)
+    batched.record_many(keys)  # the vectorized path hashes keys to the same counters
+    assert [one_by_one.estimate(x) for x in keys] == [batched.estimate(x) for x in keys] == [2] * 200
 
 
 def test_frequency_filter_ages() -> None:
