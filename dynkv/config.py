@@ -162,6 +162,7 @@ _PARSERS: dict[str, Callable[[Any, _Source], Any]] = {
     "side_channel_port": _int_in(0, 65535),
     "transfer_timeout_s": _float_above(0.0, inclusive=False),
     "export_timeout_s": _float_above(0.0, inclusive=False),
+    "stats_interval_s": _float_above(0.0, inclusive=True),
 }
 
 
@@ -219,6 +220,13 @@ class DynKVConfig:
     export_timeout_s
         Disaggregated prefill: how long exported pages stay pinned for a decode
         engine that has not released them.
+    stats_interval_s
+        How often the scheduler also reads dynkv's latency histogram for
+        vLLM's stats (``get_kv_connector_stats``, asked at every step on the
+        way to the step's output). Counters and gauges are read at every
+        step; the histogram is most of the samples, and its sums and counts
+        are reported up to this much later (at the next step after it). 0
+        reads everything at every step.
     """
 
     host_gb: float | None = None
@@ -236,6 +244,7 @@ class DynKVConfig:
     side_channel_port: int = 0
     transfer_timeout_s: float = 30.0
     export_timeout_s: float = 120.0
+    stats_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         for name, parse in _PARSERS.items():

@@ -29,6 +29,7 @@ metadata channel is missing, worker reports ride in the connector stats
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -144,6 +145,7 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         self.worker: Any = None
         self._reqs: dict[str, _Req] = {}
         self._counters: dict[str, float] = {}
+        self._stats_at = float("-inf")
         events = getattr(vllm_config, "kv_events_config", None)
         self._events_on = bool(getattr(events, "enable_kv_cache_events", False))
         self._event_meta: OrderedDict[bytes, tuple[bytes | None, list[int], Any]] = OrderedDict()
@@ -370,10 +372,16 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
                 report = self.worker.poll()
                 return None if report.is_empty() and not report.moved else DynKVStats.with_report(report)
             return None
-        counters, gauges = metric_samples(self.leader.metrics.registry)
+        # Counters and gauges at every step; the latency histogram (most of the samples) at most once per
+        # stats_interval_s (see DynKVConfig): its sums and counts accumulate in between.
+        m, now = self.leader.metrics, time.monotonic()
+        whole = now - self._stats_at >= self.config.stats_interval_s
+        if whole:
+            self._stats_at = now
+        counters, gauges = metric_samples(m.registry if whole else m.steady)
         last = self._counters
         delta = {k: v - last.get(k, 0.0) for k, v in counters.items() if v != last.get(k, 0.0)}
-        self._counters = counters
+        last.update(counters)
         return DynKVStats(data={"counters": delta, "gauges": gauges}) if delta else None
 
     @classmethod

@@ -40,6 +40,11 @@ class Metrics:
         )
         self.load_errors = Counter("dynkv_load_errors", "Blocks whose load failed (recomputed)", ["reason"], registry=r)
         self.store_errors = Counter("dynkv_store_errors", "Pages whose store failed", ["tier"], registry=r)
+        # The same counters and gauges without the histogram: cheap enough to read at every step.
+        self.steady = CollectorRegistry(auto_describe=False)
+        for m in (self.hits, self.misses, self.pages, self.bytes, self.occupancy, self.capacity, self.evictions,
+                  self.refused, self.load_errors, self.store_errors):
+            self.steady.register(m)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         """Expose the registry over HTTP (``/metrics``) on ``addr:port``."""

@@ -278,6 +278,26 @@ def test_stats_carry_counter_deltas_and_gauges(conn: Any, rng: np.random.Generat
     assert merged.data["counters"] == {"x_total{}": 3} and merged.reduce() == {"x": 3}
 
 
+def test_stats_read_the_histogram_at_most_once_per_interval_and_lose_nothing(rng: np.random.Generator) -> None:
+    vllm_config, kcc = fake_config({"host_pages": 16, "stats_interval_s": 3600})
+    conn = DynKVConnector(vllm_config, KVConnectorRole.SCHEDULER, kcc)
+    try:
+        conn.get_kv_connector_stats()  # reads everything: the interval starts
+        served(conn, "a", tokens(rng, 2 * BS + 1), [1, 2, 3])
+        conn.leader.metrics.latency.labels("d2h").observe(0.01)
+        stats = conn.get_kv_connector_stats()
+        assert stats.data["counters"]["dynkv_pages_moved_total{direction=d2h}"] == 2, "counters at every step"
+        assert not any(k.startswith("dynkv_transfer_seconds") for k in stats.data["counters"])
+        conn._stats_at -= 3600
+        served(conn, "b", tokens(rng, BS + 1), [4, 5])
+        conn.leader.metrics.latency.labels("d2h").observe(0.02)
+        stats = conn.get_kv_connector_stats()
+        assert stats.data["counters"]["dynkv_pages_moved_total{direction=d2h}"] == 1
+        assert stats.data["counters"]["dynkv_transfer_seconds_count{direction=d2h}"] == 2, "both observations"
+    finally:
+        conn.shutdown()
+
+
 def test_worker_reports_without_a_worker_metadata_channel(conn: Any, rng: np.random.Generator,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """vLLM without worker metadata: the report rides in the stats, merged over ranks."""
