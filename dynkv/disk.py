@@ -63,7 +63,7 @@ __all__ = ["DiskPageError", "DiskTier", "file_name", "record_size"]
 
 log = logging.getLogger("dynkv.disk")
 _SCAN_CHUNK = 256  # headers per recover() task
-READ_CHUNK = 8  # DiskTier.read_chunk's default: 16 MiB requests for 2 MiB pages (docs/perf.md, "Disk tier")
+READ_CHUNK = 0  # DiskTier.read_chunk's default (runs of 8 pages measured no faster inside vLLM: docs/perf.md)
 
 
 class DiskPageError(OSError):

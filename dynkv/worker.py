@@ -40,7 +40,7 @@ from dynkv.worker_pull import PullFlow
 __all__ = ["LOAD_PRIORITY", "Worker"]
 
 log = logging.getLogger("dynkv.worker")
-LOAD_PRIORITY = -1  # CUDA stream priority of loads: above vLLM's compute stream (0); stores stay at 0
+LOAD_PRIORITY = 0  # CUDA stream priority of loads (vLLM computes at 0; -1, above it, measured no faster: docs/perf.md)
 
 @dataclass
 class _SyncStep:
@@ -141,9 +141,10 @@ class Worker(PullFlow):
     def set_load_priority(self, priority: int) -> None:
         """Priority of the GPU stream that loads run on (lower is more urgent; vLLM computes at 0).
 
-        Loads sit on the path to a request's first token and stores do not, so
-        loads default to :data:`LOAD_PRIORITY`: the copy kernel's CTAs get SMs
-        as soon as the forward frees some. Waits for copies in flight first.
+        A higher priority (-1) lets the copy kernel's CTAs take SMs first as
+        the forward frees them; inside vLLM it measured no faster than the
+        default :data:`LOAD_PRIORITY` (docs/perf.md). Waits for copies in
+        flight first.
         """
         self._load_priority = int(priority)
         if self._streams is not None and self.view is not None:
