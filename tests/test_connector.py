@@ -33,8 +33,9 @@ BS = 32
 LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(2)]
 
 
-def fake_config(extra: dict[str, Any] | None = None, *, groups: int = 1, pp: int = 1) -> tuple[Any, Any]:
-    spec = SimpleNamespace(head_size=4, block_size=BS, dtype=torch.float16, sliding_window=None,
+def fake_config(extra: dict[str, Any] | None = None, *, groups: int = 1, pp: int = 1,
+                block_size: int = BS) -> tuple[Any, Any]:
+    spec = SimpleNamespace(head_size=4, block_size=block_size, dtype=torch.float16, sliding_window=None,
                            state_content_size_bytes=16)
     kcc = SimpleNamespace(
         kv_cache_groups=[SimpleNamespace(layer_names=list(LAYERS), kv_cache_spec=spec) for _ in range(groups)],
@@ -45,7 +46,7 @@ def fake_config(extra: dict[str, Any] | None = None, *, groups: int = 1, pp: int
                             get_total_num_kv_heads=lambda: 2)
     vllm_config = SimpleNamespace(
         model_config=model,
-        cache_config=SimpleNamespace(cache_dtype="auto", block_size=BS),
+        cache_config=SimpleNamespace(cache_dtype="auto", block_size=block_size),
         parallel_config=SimpleNamespace(pipeline_parallel_size=pp, tensor_parallel_size=1),
         kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra or {"host_pages": 16},
                                            engine_id="unit-engine", kv_load_failure_policy="fail"),
