@@ -19,7 +19,8 @@ Disaggregated serving adds two paths (:mod:`dynkv.disagg`): a prefill engine
 exports a finished request's host pages to a decode engine (:meth:`export`,
 after :meth:`start_export`); a decode engine matches the pages a prefill
 engine exported (:meth:`match_remote`) and its load job first pulls them into
-fresh host slots, which become cached pages once every rank has its slice.
+fresh host slots, which become cached pages once every rank has its slice
+(:mod:`dynkv.leader_remote`).
 
 A page whose disk read fails its checks is dropped from the disk tier and its
 block is reported as a load error, so vLLM recomputes it: never wrong KV.
@@ -42,6 +43,7 @@ from dynkv.index import IndexEvent, PageIndex
 from dynkv.keys import ModelFingerprint
 from dynkv.layout import PageGeometry
 from dynkv.leader_disk import DISK, HOST, DiskFlow, max_disk_writes
+from dynkv.leader_remote import REMOTE, RemoteFlow
 from dynkv.metrics import Metrics
 from dynkv.ops import HostPool
 from dynkv.protocol import (
@@ -60,8 +62,6 @@ from dynkv.protocol import (
 __all__ = ["Leader"]
 
 log = logging.getLogger("dynkv.leader")
-
-REMOTE = "remote"  # matched pages a prefill engine exported, pulled into fresh host slots
 
 
 @dataclass
@@ -128,7 +128,7 @@ def _host_pages(config: DynKVConfig, stride: int) -> int:
     return n
 
 
-class Leader(DiskFlow):
+class Leader(DiskFlow, RemoteFlow):
     """Page index, host and disk tiers, and the per-step plan of one engine.
 
     Parameters
@@ -321,72 +321,6 @@ class Leader(DiskFlow):
         self._stores.append(st)
         self._reqs.setdefault(req_id, _Request()).stores.add(st.job)
         return len(st.keys)
-
-    def match_remote(self, req_id: str, keys: Sequence[bytes], start: int, remote: Any) -> int | None:
-        """Extend the request's :meth:`lookup` with pages a prefill engine exported.
-
-        ``keys[i]`` for ``i >= start`` is matched to ``remote.slots[i]`` (a
-        :class:`dynkv.disagg.RemotePrefill`) and gets a fresh host slot to be
-        pulled into; a page the host tier already stores is loaded from there
-        instead. Stops at the first page with no host slot to spare. Returns
-        how many pages were added, or None while another request is pulling
-        one of them: ask again later rather than pull it twice. A request
-        whose pull failed matches nothing more: vLLM reschedules it, and it
-        is recomputed rather than sent to a peer that just failed.
-        """
-        req = self._reqs.get(req_id)
-        if req is None or not req.looked_up:
-            raise ValueError(f"request {req_id!r}: match_remote() before lookup()")
-        if req.pull_failed:
-            return 0
-        added = 0
-        for i in range(start, min(len(keys), len(remote.slots))):
-            key = keys[i]
-            slot = self.index.location(key, HOST)
-            if slot is not None:
-                self.index.pin(HOST, [key])
-                req.match.append((HOST, slot, key))
-            elif self.index.holds(key, HOST):
-                if key in self._importing:
-                    self._release_match(req)
-                    return None
-                break  # still being stored here: recomputing the rest beats waiting
-            else:
-                got = self.index.allocate(HOST, [key])
-                if not got:
-                    self.metrics.refused.labels(HOST, "full").inc()
-                    break
-                self._importing.add(key)
-                req.match.append((REMOTE, got[0][1], key))
-                req.remote_slots[key] = remote.slots[i]
-            added += 1
-        req.remote = remote
-        return added
-
-    def start_export(self) -> tuple[str, int]:
-        """Serve this engine's host pages to decode engines (``kv_producer``); returns the side channel's address.
-
-        Raises
-        ------
-        dynkv.disagg.nixl.NixlUnavailable
-            NIXL is not installed.
-        ValueError
-            The side channel cannot bind its address.
-        """
-        from dynkv.disagg.exporter import Exporter
-
-        if self.exporter is None:
-            self.exporter = Exporter(pool=self.pool, geometry=self.geometry, fingerprint=self.fingerprint,
-                                     page_stride=self.page_stride, num_pages=self.num_host_pages,
-                                     engine_id=self.engine_id, config=self.config, metrics=self.metrics)
-        return self.exporter.host, self.exporter.port
-
-    def export(self, req_id: str, keys: Sequence[bytes]) -> dict[str, Any] | None:
-        """Pin a finished request's pages ``keys`` for a decode engine; its ``kv_transfer_params`` (or None)."""
-        if self.exporter is None:
-            raise RuntimeError(f"request {req_id!r}: export() before start_export()")
-        self._drain_io()
-        return self.exporter.export(req_id, keys, self.index)
 
     def request_finished(self, req_id: str) -> bool:
         """vLLM finished the request; True while its stores are in flight (delay freeing its blocks)."""
