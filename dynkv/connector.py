@@ -188,9 +188,11 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
                 f"dynkv: vLLM's KV tensors give page geometry {view.geometry} but the model config gives "
                 f"{self.geometry}; this KV-cache layout is not supported"
             )
-        index = {(t.data_ptr(), tuple(t.stride())): i for i, t in enumerate(layers)}
-        names = {n: index[(t.data_ptr(), tuple(t.stride()))] for n, t in kv_caches.items()
-                 if (t.data_ptr(), tuple(t.stride())) in index}
+        def storage(t: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+            return t.data_ptr(), tuple(t.stride())
+
+        index = {storage(t): i for i, t in enumerate(layers)}
+        names = {n: index[storage(t)] for n, t in kv_caches.items() if storage(t) in index}
         self.worker.register(view, names)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
@@ -272,8 +274,8 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         base = -(-computed // self.block_size)
         n = max(0, (computed + num_external_tokens) // self.block_size - base) if num_external_tokens else 0
         block_ids = list(blocks.get_block_ids()[0][base : base + n]) if n else []
-        st.load_tiers = self.leader.matched_tiers(request.request_id, len(block_ids))
-        self.leader.begin_load(request.request_id, block_ids, sync=st.sync)  # also unpins what is not loaded
+        # begin_load also unpins what is not loaded
+        st.load_tiers = self.leader.begin_load(request.request_id, block_ids, sync=st.sync)
         st.sync = False
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:

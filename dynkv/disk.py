@@ -231,7 +231,7 @@ class DiskTier:
         each thread's batch.
         """
         checked = []
-        for slot, key, dst in reads:
+        for slot, key, dst in reads:  # every argument checked before any read starts
             f, index = self._locate(slot)
             checked.append((f, int(slot), index, _check_key(key), self._check_buffer(dst, "dst", True), f.epoch))
         futures: list[concurrent.futures.Future[None]] = []
@@ -468,6 +468,7 @@ class DiskTier:
                 b[6].set_exception(e)
             return
         read = time.perf_counter()
+        good = []
         for i, ((f, slot, index, key, dst, epoch, fut), (got, err, crc)) in enumerate(zip(batch, results)):
             try:
                 if err:
@@ -479,7 +480,9 @@ class DiskTier:
             except OSError as e:  # DiskPageError included
                 fut.set_exception(e)
                 continue
-            self._count(pages_read=1, bytes_read=n)
+            good.append(fut)
+        self._count(pages_read=len(good), bytes_read=n * len(good))  # before the futures: callers see the counts
+        for fut in good:
             fut.set_result(None)
         runs = 1 + sum(1 for a, b in zip(batch, batch[1:]) if a[0] is not b[0] or b[0].offset(b[2]) !=
                            a[0].offset(a[2]) + self.record_bytes)

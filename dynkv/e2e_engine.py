@@ -341,11 +341,11 @@ def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int, le
     kind = eng.spec.get("connector")
     first = length == eng.spec["lengths"][0]
 
-    def series(name: str, before: Any, probe: bool = True) -> None:
+    def series(name: str, before: Any, probe: bool = True, prompt_of: Any = lambda i: prompt) -> None:
         rec[name] = []
-        for _ in range(repeat):
+        for i in range(repeat):
             before()
-            r = _guard(eng, f"{name} ttft", eng.ttft, prompt)
+            r = _guard(eng, f"{name} ttft", eng.ttft, prompt_of(i))
             if r is not None:
                 rec[name].append(r)
             eng.save()
@@ -367,15 +367,8 @@ def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int, le
 
     def turns(name: str, before: Any) -> None:
         # The next turn of a conversation: the cached prompt and new tokens (fresh ones each time).
-        if not eng.spec.get("turn_tokens"):
-            return
-        rec[name] = []
-        for i in range(repeat):
-            before()
-            r = _guard(eng, f"{name} ttft", eng.ttft, prompt + eng.turn(i))
-            if r is not None:
-                rec[name].append(r)
-            eng.save()
+        if eng.spec.get("turn_tokens"):
+            series(name, before, probe=False, prompt_of=lambda i: prompt + eng.turn(i))
 
     if kind is None:
         series("recompute", eng.reset_device_cache)

@@ -154,11 +154,12 @@ def trace_summary(trace: dict[str, Any]) -> dict[str, Any]:
     t0 = min(e["ts"] for e in kernels)
     streams: dict[int, dict[str, Any]] = {}
     copies: list[tuple[float, float]] = []
+    other_ms: dict[int, float] = {}  # per stream: time in kernels that are not dynkv's copies
     for e in kernels:
         a, b = (e["ts"] - t0) / 1e3, (e["ts"] + e["dur"] - t0) / 1e3
-        s = streams.setdefault(int((e.get("args") or {}).get("stream", -1)),
-                               {"kernels": 0, "busy_ms": 0.0, "first_ms": a, "last_ms": b, "copy_kernels": 0,
-                                "spans": []})
+        sid = int((e.get("args") or {}).get("stream", -1))
+        s = streams.setdefault(sid, {"kernels": 0, "busy_ms": 0.0, "first_ms": a, "last_ms": b, "copy_kernels": 0,
+                                     "spans": []})
         s["kernels"] += 1
         s["busy_ms"] += b - a
         s["first_ms"], s["last_ms"] = min(s["first_ms"], a), max(s["last_ms"], b)
@@ -166,8 +167,9 @@ def trace_summary(trace: dict[str, Any]) -> dict[str, Any]:
         if COPY_KERNEL in e.get("name", ""):
             s["copy_kernels"] += 1
             copies.append((a, b))
-    compute_id = max((k for k, s in streams.items() if s["copy_kernels"] < s["kernels"]),
-                     key=lambda k: streams[k]["busy_ms"] if streams[k]["copy_kernels"] == 0 else 0.0, default=None)
+        else:
+            other_ms[sid] = other_ms.get(sid, 0.0) + b - a
+    compute_id = max(other_ms, key=other_ms.__getitem__, default=None)
     out: dict[str, Any] = {"kernels": len(kernels), "streams": {}}
     for k, s in streams.items():
         spans = s.pop("spans")

@@ -250,16 +250,12 @@ class Leader(DiskFlow, RemoteFlow):
         req = self._reqs.get(req_id)
         return req is not None and 0 < n <= len(req.match) and all(t == HOST for t, _, _ in req.match[:n])
 
-    def matched_tiers(self, req_id: str, n: int) -> dict[str, int]:
-        """Of the request's first ``n`` matched pages: how many each tier (host, disk, remote) holds."""
-        req = self._reqs.get(req_id)
-        return dict(Counter(t for t, _, _ in req.match[:n])) if req is not None else {}
-
-    def begin_load(self, req_id: str, block_ids: Sequence[int], *, sync: bool = False) -> None:
+    def begin_load(self, req_id: str, block_ids: Sequence[int], *, sync: bool = False) -> dict[str, int]:
         """Load the request's matched pages into ``block_ids`` (its first ``len(block_ids)`` matches).
 
         ``sync``: vLLM computes the request in the step of the next plan, so
         the load is in that plan; every page must be in the host tier.
+        Returns how many of the loaded pages each tier (host, disk, remote) supplies.
         """
         req = self._reqs.get(req_id)
         if req is None or len(block_ids) > len(req.match):
@@ -273,12 +269,13 @@ class Leader(DiskFlow, RemoteFlow):
         req.match = rest
         self._release_match(req)
         if not use:
-            return
+            return {}
         load = _Load(next(self._jobs), req_id, [int(b) for b in block_ids], [None] * len(use), sync=sync,
                      started=time.perf_counter())
         req.load = load
         reads: list[tuple[int, int, bytes, int]] = []
-        for tier, n in Counter(t for t, _, _ in use).items():
+        tiers = Counter(t for t, _, _ in use)
+        for tier, n in tiers.items():
             self.metrics.hits.labels(tier).inc(n)
         for i, (tier, slot, key) in enumerate(use):
             if tier == HOST:
@@ -297,6 +294,7 @@ class Leader(DiskFlow, RemoteFlow):
             self._promoting[load.job] = load
         else:
             self._ready.append(load)
+        return dict(tiers)
 
     def store(self, req_id: str, keys: Sequence[bytes], block_ids: Sequence[int]) -> int:
         """Offload full blocks ``block_ids`` (with page ``keys``) to the host tier.

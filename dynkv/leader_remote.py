@@ -80,8 +80,7 @@ class RemoteFlow:
                 break  # still being stored here: recomputing the rest beats waiting
             else:
                 got = self.index.allocate(HOST, [key])
-                if not got:
-                    self.metrics.refused.labels(HOST, "full").inc()
+                if not got:  # the index counts the refusal (Leader._update_gauges reports it)
                     break
                 self._importing.add(key)
                 req.match.append((REMOTE, got[0][1], key))

@@ -232,15 +232,10 @@ class FrequencyFilter:
         new = low + np.fromiter(counted.values(), dtype=rows.dtype, count=len(uniq))[:, None]
         np.maximum.at(rows, (np.broadcast_to(self._rowidx, cells.shape)[grow], cells[grow]),
                       np.broadcast_to(new, cells.shape)[grow])
-        self._recorded += sum(counted.values())
-        if self._recorded >= self.sample:
-            self._recorded = 0
-            rows >>= 1
+        self._recorded_more(len(keys))
 
     def _slots(self, key: bytes) -> list[int]:
-        x = _fold(key)
-        if self._shift >= 64:
-            return [0] * self.depth
+        x = _fold(key)  # x >> 64 is 0: a single counter per row needs no special case here
         return [((x * m) & _M64) >> self._shift for m in _ROW_MULTIPLIERS[: self.depth]]
 
     def _record_one(self, key: bytes) -> None:
@@ -250,10 +245,14 @@ class FrequencyFilter:
         for r, s in cells:
             if rows.item(r, s) == low:
                 rows[r, s] = low + 1
-        self._recorded += 1
+        self._recorded_more(1)
+
+    def _recorded_more(self, n: int) -> None:
+        """TinyLFU's reset: every ``sample`` recordings, halve every counter."""
+        self._recorded += n
         if self._recorded >= self.sample:
             self._recorded = 0
-            rows >>= 1
+            self._rows >>= 1
 
     def estimate(self, key: bytes) -> int:
         """Approximate accesses to ``key`` (never an undercount, before aging)."""

@@ -165,9 +165,11 @@ class Worker(PullFlow):
         self._finishing.update(plan.finished)
         self._stores_next = list(plan.stores)
         self._end_sync_step()  # a step whose forward never ran (vLLM calls nothing in between)
-        sync = [op for op in plan.loads if op.sync and op.block_ids]
+        sync = []
         for op in plan.loads:
-            if not (op.sync and op.block_ids):
+            if op.sync and op.block_ids:
+                sync.append(op)
+            else:
                 self._launch_load(op)
         if sync:
             self._launch_sync(sync, per_layer=self._layerwise and layer_hooks and bool(self._layer_of))
@@ -303,11 +305,15 @@ class Worker(PullFlow):
                      now, None, sync=True) for i, op in enumerate(ops)]
         step = _SyncStep(jobs, groups, [])
         try:
-            pages = self._page_buffer()
             if self._streams is not None:
-                handle = self._launch_sync_cuda(pages, slots, blocks, step)
+                import torch
+
+                step.events = [torch.cuda.Event() for _ in groups]
+                handle = self._launch_cuda("load", lambda pages, stream: scatter_layers(
+                    pages, self.view, slots, blocks, groups, stream=stream,
+                    after=lambda i: step.events[i].record(stream)))
             else:
-                handle = self._launch_sync_cpu(pages, slots, blocks, step)
+                handle = self._launch_sync_cpu(self._page_buffer(), slots, blocks, step)
         except Exception as e:  # no pool, bad ids: nothing was copied, vLLM recomputes these blocks
             log.error("rank %d: synchronous load of %d blocks failed to start: %s", self.rank, len(blocks), e)
             for job in jobs:
@@ -320,20 +326,6 @@ class Worker(PullFlow):
         self._sync = step
         if len(groups) == 1:
             self._wait_event(step.events[0])
-
-    def _launch_sync_cuda(self, pages: PageBuffer, slots: list[int], blocks: list[int], step: _SyncStep) -> Any:
-        import torch
-
-        assert self._streams is not None and self.view is not None
-        stream = self._streams[0]
-        stream.wait_stream(torch.cuda.current_stream(self.view.device))
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        step.events = [torch.cuda.Event() for _ in step.groups[:-1]] + [end]
-        with torch.cuda.stream(stream):
-            start.record(stream)
-            scatter_layers(pages, self.view, slots, blocks, step.groups, stream=stream,
-                           after=lambda i: step.events[i].record(stream))
-        return start, end
 
     def _launch_sync_cpu(self, pages: PageBuffer, slots: list[int], blocks: list[int], step: _SyncStep) -> Any:
         assert self._threads is not None
