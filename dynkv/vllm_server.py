@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import os
+import random
 import shutil
 import signal
 import socket
@@ -33,9 +34,38 @@ class ServerError(RuntimeError):
     """vLLM failed to start or died; the message carries its log's tail."""
 
 
+_PORT_FLOOR = 10000  # free_port() looks from here up to the kernel's ephemeral range
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for ports a socket gets without asking (Linux; the usual default elsewhere)."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free now (the kernel's choice)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port that is free now, outside the kernel's ephemeral range.
+
+    The port is handed to a server that binds it later, sometimes minutes
+    later (after vLLM starts). A port from the ephemeral range can be taken
+    meanwhile by any socket that lets the kernel pick (an outgoing connection,
+    an engine's internal endpoint); below that range only an explicit bind
+    takes it.
+    """
+    lo, _ = _ephemeral_ports()
+    candidates = list(range(_PORT_FLOOR, lo)) if lo - _PORT_FLOOR >= 1000 else []
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # no room below the range: the kernel's choice
         s.bind((host, 0))
         return int(s.getsockname()[1])
 

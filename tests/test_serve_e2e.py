@@ -71,3 +71,19 @@ def test_vllm_multiturn_deterministic(tmp_path: Path) -> None:
     assert c["identical"], c
     # Different conversations give different answers (the model is prompt-sensitive).
     assert len({tuple(r.token_ids) for r in first.requests}) == w.num_requests
+
+
+def test_free_port_is_bindable_and_outside_the_ephemeral_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port handed to a server that binds it minutes later cannot be one any socket may get on its own."""
+    import socket
+
+    import dynkv.vllm_server as vs
+
+    lo, hi = vs._ephemeral_ports()
+    ports = {vs.free_port() for _ in range(20)}
+    for port in ports:
+        assert not lo <= port <= hi and port >= vs._PORT_FLOOR, (port, lo, hi)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+    monkeypatch.setattr(vs, "_ephemeral_ports", lambda: (vs._PORT_FLOOR + 10, 65000))
+    assert vs.free_port() > 0, "no room below the range: the kernel picks"
