@@ -74,3 +74,56 @@ def test_scheduler_side_of_an_8k_host_hit(benchmark) -> None:
         assert benchmark(revisit) == 8176  # every page but the last block's, loaded layer by layer
     finally:
         conn.shutdown()
+
+
+def test_scheduler_side_of_an_8k_disk_hit(benchmark, tmp_path) -> None:
+    """The leader's part of a revisit whose 512 pages are all on the disk tier: lookup, then begin_load
+    (a host slot per page, each read submitted). The reads themselves run on the I/O threads, untimed."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from harness import Engine, Model
+
+    from dynkv.config import DynKVConfig
+    from dynkv.leader import Leader
+
+    model = Model(num_layers=2, num_heads=2, head_size=8, block_size=4, dims="LBNHC")
+    cfg = {"host_pages": 2048, "disk_gb": 0.05, "disk_paths": [str(tmp_path / "d")], "disk_direct_io": False,
+           "disk_admit_min_hits": 0}
+    leader = Leader(DynKVConfig.from_dict(cfg, env={}), model.geometry(), model.fingerprint(),
+                    engine_id=f"bench-disk-{tmp_path.name}")
+    engine = Engine(leader, model, tp=1, num_blocks=1100, processes=False)
+    prompt = np.random.default_rng(0).integers(0, 1000, 512 * model.block_size).tolist()
+    keys = engine.keys(prompt)
+    rounds = iter(range(10**9))
+    live: list[tuple[str, list[int]]] = []
+
+    def finish_previous() -> None:
+        while live:
+            req, blocks = live.pop()
+            engine.step_until(lambda: engine.recving.get(req, 0) == 1, f"load of {req} not finished")
+            engine.recving.pop(req, None)
+            engine.finish(req, blocks)
+        engine.drain()
+        leader.index.remove("host", keys)  # the next revisit finds every page on disk only
+
+    def revisit() -> int:
+        req = f"r{next(rounds)}"
+        n = leader.lookup(req, keys)
+        blocks = [engine.free_blocks.pop() for _ in range(n)]
+        live.append((req, blocks))
+        leader.begin_load(req, blocks)
+        return n
+
+    try:
+        engine.serve("first", prompt)
+        engine.drain()
+        assert leader.stats()["disk"]["stored"] == 512
+        finish_previous()
+        assert benchmark.pedantic(revisit, setup=finish_previous, rounds=30) == 512
+        finish_previous()
+        assert leader.metrics.value("dynkv_load_errors_total", reason="disk") == 0
+    finally:
+        engine.close()
+        leader.close()

@@ -104,17 +104,28 @@ PYBIND11_MODULE(_C, m) {
       [](const std::vector<int>& fds, const std::vector<int64_t>& offsets, uint64_t header_base,
          int64_t header_bytes, const std::vector<uint64_t>& dsts, int64_t payload_bytes, bool checksum) {
         std::vector<RecordRead> rs;
+        ReadCost cost;
         {
           py::gil_scoped_release nogil;
-          rs = read_records(fds, offsets, header_base, header_bytes, dsts, payload_bytes, checksum);
+          rs = read_records(fds, offsets, header_base, header_bytes, dsts, payload_bytes, checksum, &cost);
         }
         py::list out;
         for (const RecordRead& r : rs) out.append(py::make_tuple(r.got, r.err, r.crc32));
-        return out;
+        py::dict c;
+        c["read_ms"] = cost.read_ns / 1e6;
+        c["crc_ms"] = cost.crc_ns / 1e6;
+        c["user_ms"] = cost.user_us / 1e3;
+        c["sys_ms"] = cost.sys_us / 1e3;
+        c["minor_faults"] = cost.minor_faults;
+        c["voluntary_switches"] = cost.voluntary_switches;
+        c["involuntary_switches"] = cost.involuntary_switches;
+        return py::make_tuple(out, c);
       },
       py::arg("fds"), py::arg("offsets"), py::arg("header_base"), py::arg("header_bytes"), py::arg("dsts"),
       py::arg("payload_bytes"), py::arg("checksum") = true,
-      "Read disk-tier records (header, payload) with the GIL released; [(bytes read, errno, payload crc32)].");
+      "Read disk-tier records (header, payload) with the GIL released: ([(bytes read, errno, payload crc32)], "
+      "the call's cost to its thread (read_ms, crc_ms, user_ms, sys_ms, minor_faults, voluntary_switches, "
+      "involuntary_switches)).");
   m.def(
       "gather",
       [](const PageGeom& g, const BlockView& v, const PageSet& p, const I64Array& ids, const I64Array& slots,

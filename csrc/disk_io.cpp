@@ -1,8 +1,10 @@
 #include "dynkv/disk_io.h"
 
+#include <sys/resource.h>
 #include <sys/uio.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cerrno>
 #include <climits>
 
@@ -53,11 +55,26 @@ int64_t read_all(int fd, std::vector<iovec> iov, int64_t offset, int* err) {
   return total;
 }
 
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+rusage thread_usage() {
+  rusage u{};
+#if defined(RUSAGE_THREAD)
+  getrusage(RUSAGE_THREAD, &u);
+#endif
+  return u;
+}
+
+int64_t micros(const timeval& t) { return int64_t{t.tv_sec} * 1000000 + t.tv_usec; }
+
 }  // namespace
 
 std::vector<RecordRead> read_records(const std::vector<int>& fds, const std::vector<int64_t>& offsets,
                                      uint64_t header_base, int64_t header_bytes, const std::vector<uint64_t>& dsts,
-                                     int64_t payload_bytes, bool checksum) {
+                                     int64_t payload_bytes, bool checksum, ReadCost* cost) {
   DYNKV_CHECK(fds.size() == offsets.size() && fds.size() == dsts.size(), "length mismatch: ", fds.size(),
               " files, ", offsets.size(), " offsets, ", dsts.size(), " destinations");
   DYNKV_CHECK(header_bytes > 0 && payload_bytes > 0, "header_bytes=", header_bytes, " payload_bytes=",
@@ -67,6 +84,8 @@ std::vector<RecordRead> read_records(const std::vector<int>& fds, const std::vec
   const int64_t record = header_bytes + payload_bytes;
   const size_t per_request = static_cast<size_t>(std::max<int64_t>(1, kMaxRequestBytes / record));
   std::vector<RecordRead> out(fds.size());
+  const rusage before = cost != nullptr ? thread_usage() : rusage{};
+  int64_t read_ns = 0, crc_ns = 0;
   for (size_t i = 0; i < fds.size();) {
     // records i..j-1: one file, back to back
     size_t j = i + 1;
@@ -81,7 +100,10 @@ std::vector<RecordRead> read_records(const std::vector<int>& fds, const std::vec
       iov.push_back({reinterpret_cast<char*>(dsts[k]), static_cast<size_t>(payload_bytes)});
     }
     int err = 0;
+    const int64_t t0 = now_ns();
     const int64_t total = read_all(fds[i], std::move(iov), offsets[i], &err);
+    const int64_t t1 = now_ns();
+    read_ns += t1 - t0;
     for (size_t k = i; k < j; ++k) {
       RecordRead& r = out[k];
       r.got = std::clamp<int64_t>(total - static_cast<int64_t>(k - i) * record, 0, record);
@@ -95,7 +117,18 @@ std::vector<RecordRead> read_records(const std::vector<int>& fds, const std::vec
       (void)checksum;
 #endif
     }
+    crc_ns += now_ns() - t1;
     i = j;
+  }
+  if (cost != nullptr) {
+    const rusage after = thread_usage();
+    cost->read_ns = read_ns;
+    cost->crc_ns = crc_ns;
+    cost->user_us = micros(after.ru_utime) - micros(before.ru_utime);
+    cost->sys_us = micros(after.ru_stime) - micros(before.ru_stime);
+    cost->minor_faults = after.ru_minflt - before.ru_minflt;
+    cost->voluntary_switches = after.ru_nvcsw - before.ru_nvcsw;
+    cost->involuntary_switches = after.ru_nivcsw - before.ru_nivcsw;
   }
   return out;
 }

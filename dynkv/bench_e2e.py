@@ -297,15 +297,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="one extra dynkv host and disk hit per length under cProfile (text in the JSON)")
     p.add_argument("--variant", type=_variant, action="append", default=[], metavar="NAME:KEY=VALUE,...",
                    help="dynkv's host and disk hits of the first length again with copy knobs changed in place: "
-                        "priority (load stream), ctas (H2D kernel), read_chunk (disk), paths (host, disk, host+disk); "
+                        "priority (load stream), ctas (H2D kernel), read_chunk and io_threads (disk), paths (host, disk, "
+                        "host+disk); "
                         "e.g. normal:priority=0 (repeatable; see dynkv.e2e_probe)")
     p.add_argument("--trace", action="store_true",
                    help="one hit per path of the first length under torch.profiler: Chrome traces in <out>/logs, "
                         "summaries (copy and compute streams) in the table")
     p.add_argument("--disk-probe", action="store_true",
                    help="after the disk-tier hits of the first length: the same records read by the disk tier with "
-                        "the engine idle, into anonymous and pinned scratch memory, per read_chunk and next to a "
-                        "spinning thread (GB/s in the JSON and the table)")
+                        "no request running, into anonymous and pinned scratch memory and into the host-tier pages "
+                        "that hold them, and while the idle engine steps (GB/s, with the device's, CPUs' and "
+                        "threads' activity, in the JSON and the table)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts")
     p.add_argument("--prompt-candidates", type=int,
                    help="prompts per length the vllm engine recomputes to pick the one with the largest smallest "

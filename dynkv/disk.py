@@ -157,8 +157,10 @@ class DiskTier:
         self._pool = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="dynkv-disk")
         self._io_threads = io_threads
         self.read_chunk = read_chunk
-        # (submitted, started, read, done, pages, runs of adjacent records) per batch of read_many, perf_counter seconds.
-        self.read_log: collections.deque[tuple[float, float, float, float, int, int]] = collections.deque(maxlen=4096)
+        # Per batch of read_many: submitted, started, read, done (perf_counter seconds), pages, runs of adjacent
+        # records, and what the read call cost its thread (_C.read_records: read_ms, crc_ms, user_ms, sys_ms, ...).
+        self.read_log: collections.deque[tuple[float, float, float, float, int, int, dict[str, float]]] = (
+            collections.deque(maxlen=4096))
 
     # -------------------------------------------------------------- public API
 
@@ -166,6 +168,19 @@ class DiskTier:
     def files(self) -> list[str]:
         """The tier's files, one per path, in slot-stripe order."""
         return list(self._names)
+
+    @property
+    def io_threads(self) -> int:
+        return self._io_threads
+
+    def set_io_threads(self, n: int) -> None:
+        """Use ``n`` I/O threads from now on; work already submitted finishes on the old ones."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"io_threads={n!r}: expected an integer >= 1")
+        self._check_open()
+        old, self._pool = self._pool, concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="dynkv-disk")
+        self._io_threads = n
+        old.shutdown(wait=False)  # its queued work still runs; its threads exit after
 
     def location(self, slot: int) -> tuple[str, int]:
         """The file holding ``slot`` and the byte offset of its record there."""
@@ -460,8 +475,9 @@ class DiskTier:
             for f in {id(b[0]): b[0] for b in batch}.values():
                 f.check_linked()
             with_crc = _C.record_crc_available()
-            results = _C.read_records([b[0].fd for b in batch], [b[0].offset(b[2]) for b in batch],
-                                      address(headers), HEADER_BYTES, [address(b[4]) for b in batch], n, with_crc)
+            results, cost = _C.read_records([b[0].fd for b in batch], [b[0].offset(b[2]) for b in batch],
+                                            address(headers), HEADER_BYTES, [address(b[4]) for b in batch], n,
+                                            with_crc)
         except Exception as e:  # a file gone or replaced: every page of the batch fails
             self._count(read_errors=len(batch))
             for b in batch:
@@ -486,7 +502,7 @@ class DiskTier:
             fut.set_result(None)
         runs = 1 + sum(1 for a, b in zip(batch, batch[1:]) if a[0] is not b[0] or b[0].offset(b[2]) !=
                            a[0].offset(a[2]) + self.record_bytes)
-        self.read_log.append((submitted, started, read, time.perf_counter(), len(batch), runs))
+        self.read_log.append((submitted, started, read, time.perf_counter(), len(batch), runs, cost))
 
     def _invalidate(self, f: PageFile, index: int) -> None:
         """Zero a bad record's header, so a restart does not find the page again (best effort).

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dynkv.e2e_probe import apply_variant, disk_batches, traced, variant_paths
+from dynkv.e2e_probe import HostSample, apply_variant, disk_batches, traced, variant_paths
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -114,6 +114,17 @@ class _Engine:
         counters, gauges = metric_samples(self.connector.leader.metrics.registry)
         return {**counters, **gauges}
 
+    def host_sample(self) -> HostSample | None:
+        """A snapshot of the disk tier's device, the CPUs and this process's threads (dynkv with a disk tier)."""
+        disk = getattr(getattr(self.connector, "leader", None), "disk", None)
+        if disk is None:
+            return None
+        if not hasattr(self, "_device"):
+            from dynkv.e2e_probe import _block_device
+
+            self._device = _block_device(disk.files[0])
+        return HostSample(self._device)
+
     # -- measurements ------------------------------------------------------------
 
     def ttft(self, prompt: list[int]) -> dict[str, Any]:
@@ -123,10 +134,12 @@ class _Engine:
 
         sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
         before = self.samples()
+        host0 = self.host_sample()
         m0, t0 = time.monotonic(), time.perf_counter()
         with record_function("dynkv.bench.generate"):  # marks the measured call in a --trace trace
             out = self.llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
         wall = time.perf_counter() - t0
+        host = HostSample.delta(host0, HostSample(host0.device)) if host0 is not None else None
         batches = disk_batches(self.connector, t0) if self.connector is not None else []
         rec: dict[str, Any] = {"ttft_s": wall, "token": out.outputs[0].token_ids[0],
                                "cached_tokens": out.num_cached_tokens}
@@ -145,7 +158,8 @@ class _Engine:
             rec["disk_read_bytes"] = delta.get("dynkv_bytes_moved_total{direction=disk_to_host}", 0.0)
             rec["disk_read_s"] = delta.get("dynkv_transfer_seconds_sum{direction=disk_to_host}", 0.0)
         if batches:
-            rec["disk_batches"] = batches  # [submitted, started, read, done] ms, pages, runs
+            rec["disk_batches"] = batches  # [submitted, started, read, done] ms, pages, runs, cost
+            rec["host"] = host  # the device, CPUs and threads during the request
         return rec
 
     def profiled_ttft(self, prompt: list[int]) -> dict[str, Any]:
@@ -248,51 +262,51 @@ class _Engine:
         return keys, [(s, k) for s, k in located if s is not None]
 
     def disk_probe(self, prompt: list[int], repeat: int) -> dict[str, Any]:
-        """The disk tier's batched reads of ``prompt``'s records with the engine idle (not stepping), in GB/s.
+        """The disk tier's batched reads of ``prompt``'s records with no request running, in GB/s.
 
-        Into scratch memory (anonymous, and pinned like the host tier), per
-        ``read_chunk``, and next to a spinning Python thread (as vLLM's
-        scheduler loop spins during a disk hit): which of these the in-engine
-        read phase is missing.
+        Into scratch memory (anonymous, and pinned like the host tier), into
+        the host-tier pages that hold those very pages now (the destination of
+        a disk hit; the bytes read are the bytes there), and while the idle
+        engine steps: which of these the in-engine read phase is missing.
+        Each case carries what the device, the CPUs and the threads did
+        (:class:`HostSample`) in its median run.
         """
         import mmap
-        import threading
 
         from dynkv.ops import HostPool
 
-        disk = self.connector.leader.disk
-        _, held = self._disk_records(prompt)
+        leader = self.connector.leader
+        disk = leader.disk
+        keys, held = self._disk_records(prompt)
         if not held:
             return {"error": "none of the prompt's pages is on the disk tier"}
         n, page = len(held), disk.page_bytes
         pinned = HostPool.create(n * page, name=None)
-        dests = {"anonymous": memoryview(mmap.mmap(-1, n * page)), "pinned": memoryview(pinned.as_tensor().numpy())}
-        out: dict[str, Any] = {"pages": n, "pinned": pinned.pinned}
-        old_chunk = disk.read_chunk
+        scratch = {"anonymous": memoryview(mmap.mmap(-1, n * page)), "pinned": memoryview(pinned.as_tensor().numpy())}
+        dests = {name: [buf[i * page : (i + 1) * page] for i in range(n)] for name, buf in scratch.items()}
+        host_slots = [leader.index.location(k, "host") for _, k in held]
+        if all(s is not None for s in host_slots):  # the hits just before left every page in the host tier
+            dests["host tier"] = [leader._host_page(s) for s in host_slots]
+        out: dict[str, Any] = {"pages": n, "pinned": pinned.pinned, "host": {}}
         try:
-            for dest, chunk, beside in (("anonymous", 0, ""), ("pinned", 0, ""), ("pinned", 8, ""),
-                                        ("pinned", 0, "busy thread"), ("pinned", 0, "engine stepping")):
-                stop = threading.Event()
-                spinner = threading.Thread(target=_spin, args=(stop,), daemon=True) if beside == "busy thread" else None
-                if spinner is not None:
-                    spinner.start()
-                disk.read_chunk = chunk
-                buf, times = dests[dest], []
+            for dest, beside in (("anonymous", ""), ("pinned", ""), ("host tier", ""), ("pinned", "engine stepping")):
+                if dest not in dests:
+                    continue
+                times, hosts = [], []
                 for _ in range(repeat):
+                    host0 = self.host_sample()
                     t0 = time.perf_counter()
-                    futs = disk.read_many([(s, k, buf[i * page : (i + 1) * page]) for i, (s, k) in enumerate(held)])
-                    while beside == "engine stepping" and not all(f.done() for f in futs):
+                    futs = disk.read_many([(s, k, dst) for (s, k), dst in zip(held, dests[dest])])
+                    while beside and not all(f.done() for f in futs):
                         self.llm.llm_engine.step()  # the idle engine's loop, as while a disk hit waits
                     for f in futs:
                         f.result()
                     times.append(time.perf_counter() - t0)
-                stop.set()
-                if spinner is not None:
-                    spinner.join()
-                label = f"{dest}, read_chunk={chunk}" + (f", {beside}" if beside else "")
+                    hosts.append(HostSample.delta(host0, HostSample(host0.device)) if host0 is not None else None)
+                label = dest + (f", {beside}" if beside else "")
                 out[label] = round(n * page / statistics.median(times) / 1e9, 3)
+                out["host"][label] = hosts[_median_index(times)]
         finally:
-            disk.read_chunk = old_chunk
             pinned.close()
         return out
 
@@ -310,21 +324,25 @@ class _Engine:
         record = leader.disk.record_bytes
         runs = [(path, min(offs), max(offs) + record) for path, offs in by_file.items()]
         span = sum(end - start for _, start, end in runs)
-        times = []
+        times, hosts = [], []
         for _ in range(repeat):
+            host0 = self.host_sample()
             t0 = time.perf_counter()
             for path, start, end in runs:
                 subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=64M", f"skip={start}", f"count={end - start}",
                                 "iflag=direct,skip_bytes,count_bytes", "status=none"], check=True)
             times.append(time.perf_counter() - t0)
+            if host0 is not None:
+                hosts.append(HostSample.delta(host0, HostSample(host0.device)))
         return {"pages": len(held), "pages_wanted": len(keys), "bytes": span, "payload_bytes": len(held) * record,
-                "seconds": times, "median_s": statistics.median(times), "gbps": span / statistics.median(times) / 1e9}
+                "seconds": times, "median_s": statistics.median(times), "gbps": span / statistics.median(times) / 1e9,
+                "host": hosts[_median_index(times)] if len(hosts) == len(times) else None}
 
 
-def _spin(stop: Any) -> None:
-    x = 0
-    while not stop.is_set():
-        x += 1
+def _median_index(times: list[float]) -> int:
+    """Index of the run closest to the median."""
+    med = statistics.median(times)
+    return min(range(len(times)), key=lambda i: abs(times[i] - med))
 
 
 def _guard(eng: _Engine, what: str, fn: Any, *args: Any) -> Any:

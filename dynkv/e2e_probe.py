@@ -6,7 +6,8 @@
   one run on one engine. Keys: ``priority`` (CUDA priority of the worker's
   load stream, :meth:`dynkv.worker.Worker.set_load_priority`), ``ctas``
   (CTAs of host-to-GPU copies, :func:`dynkv.ops.set_tuning`), ``read_chunk``
-  (:attr:`dynkv.disk.DiskTier.read_chunk`), ``paths`` (``host``, ``disk`` or
+  (:attr:`dynkv.disk.DiskTier.read_chunk`), ``io_threads`` (the disk tier's
+  I/O threads, :meth:`dynkv.disk.DiskTier.set_io_threads`), ``paths`` (``host``, ``disk`` or
   ``host+disk``, the default). ``priority`` needs the worker in the engine's
   process (one GPU, ``distributed_executor_backend=uni``).
 - **Traces** (``--trace``): one hit per path of the first length under
@@ -14,22 +15,28 @@
   written next to the report and summarized by :func:`trace_summary`.
 - **Disk batches**: each dynkv TTFT record carries the disk tier's read
   batches of that request (:attr:`dynkv.disk.DiskTier.read_log`), in ms from
-  the request's start.
+  the request's start, with what each batch's read call cost its thread.
+- **Host activity** (:class:`HostSample`): each dynkv TTFT record, ``dd``
+  and the disk probe carry what the disk tier's block device, the CPUs and
+  this process's threads did meanwhile.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KNOBS", "apply_variant", "disk_batches", "parse_variant", "trace_summary", "traced"]
+__all__ = ["KNOBS", "HostSample", "apply_variant", "disk_batches", "parse_variant", "trace_summary", "traced"]
 
 # knob -> (parse, lowest value)
 KNOBS: dict[str, tuple[Callable[[str], Any], int | None]] = {
-    "priority": (int, None), "ctas": (int, 1), "read_chunk": (int, 0), "paths": (str, None)}
+    "priority": (int, None), "ctas": (int, 1), "read_chunk": (int, 0), "io_threads": (int, 1), "paths": (str, None)}
 _PATHS = {"host": ("host",), "disk": ("disk",), "host+disk": ("host", "disk")}
 COPY_KERNEL = "copy_tiles_kernel"
 
@@ -81,13 +88,17 @@ def apply_variant(connector: Any, knobs: dict[str, Any]) -> Callable[[], None]:
             old_ctas = dict(ops.get_tuning().ctas)
             ops.set_tuning(ctas={**old_ctas, "h2d": knobs["ctas"]})
             undo.append(lambda: ops.set_tuning(ctas=old_ctas))
+        disk = connector.leader.disk
+        if ("read_chunk" in knobs or "io_threads" in knobs) and disk is None:
+            raise RuntimeError("read_chunk, io_threads: this engine has no disk tier")
         if "read_chunk" in knobs:
-            disk = connector.leader.disk
-            if disk is None:
-                raise RuntimeError("read_chunk: this engine has no disk tier")
             old_chunk = disk.read_chunk
             disk.read_chunk = knobs["read_chunk"]
             undo.append(lambda: setattr(disk, "read_chunk", old_chunk))
+        if "io_threads" in knobs:
+            old_threads = disk.io_threads
+            disk.set_io_threads(knobs["io_threads"])
+            undo.append(lambda: disk.set_io_threads(old_threads))
         if "priority" in knobs:
             worker = _worker()
             old_priority = worker.load_priority
@@ -182,3 +193,103 @@ def trace_summary(trace: dict[str, Any]) -> dict[str, Any]:
         out["copy"] = {"kernels": len(copies), "first_ms": round(min(a for a, _ in copies), 3),
                        "last_ms": round(max(b for _, b in copies), 3), "busy_ms": round(_union(copies), 3)}
     return out
+
+
+def _block_device(path: str) -> str | None:
+    """The /proc/diskstats name of the whole device under ``path`` (``vda`` for ``vda1``), or None."""
+    try:
+        st = os.stat(path)
+        sys_dir = os.path.realpath(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+    except OSError:
+        return None
+    if not os.path.isdir(sys_dir):
+        return None
+    if os.path.exists(os.path.join(sys_dir, "partition")):
+        sys_dir = os.path.dirname(sys_dir)
+    return os.path.basename(sys_dir)
+
+
+class HostSample:
+    """A snapshot of what the host does: one block device's counters, the CPUs, this process's threads.
+
+    ``HostSample.delta(a, b)`` says what happened between two snapshots: the
+    device's MB read, requests, mean request size, busy share and mean queue
+    depth (``/proc/diskstats``); the cores busy and in I/O wait
+    (``/proc/stat``); and the CPU time of this process's threads, summed by
+    thread name (``/proc/self/task``), most first. Linux only; elsewhere the
+    parts it cannot read are left out.
+    """
+
+    def __init__(self, device: str | None) -> None:
+        self.device = device
+        self.t = time.perf_counter()
+        self.disk = self._diskstats(device)
+        self.cpu = self._cpu()
+        self.threads = self._threads()
+
+    @staticmethod
+    def _diskstats(device: str | None) -> list[int] | None:
+        if device is None:
+            return None
+        try:
+            for line in Path("/proc/diskstats").read_text().splitlines():
+                f = line.split()
+                if len(f) >= 14 and f[2] == device:
+                    return [int(x) for x in f[3:14]]
+        except OSError:
+            pass
+        return None
+
+    @staticmethod
+    def _cpu() -> list[int] | None:
+        try:
+            f = Path("/proc/stat").read_text().splitlines()[0].split()
+            return [int(x) for x in f[1:9]]  # user nice system idle iowait irq softirq steal
+        except (OSError, IndexError, ValueError):
+            return None
+
+    @staticmethod
+    def _threads() -> dict[int, tuple[str, int]]:
+        out: dict[int, tuple[str, int]] = {}
+        try:
+            tids = os.listdir("/proc/self/task")
+        except OSError:
+            return out
+        # Python threads by their Python names (the kernel knows them all as the process); others by the kernel's.
+        named = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+        for tid in tids:
+            try:
+                raw = Path(f"/proc/self/task/{tid}/stat").read_text()
+            except OSError:
+                continue  # the thread ended
+            name = named.get(int(tid)) or raw[raw.index("(") + 1 : raw.rindex(")")]
+            rest = raw[raw.rindex(")") + 2 :].split()
+            out[int(tid)] = (name, int(rest[11]) + int(rest[12]))  # utime + stime, clock ticks
+        return out
+
+    @staticmethod
+    def delta(a: HostSample, b: HostSample) -> dict[str, Any]:
+        wall_ms = (b.t - a.t) * 1e3
+        out: dict[str, Any] = {"wall_ms": round(wall_ms, 1)}
+        if a.disk is not None and b.disk is not None and wall_ms > 0:
+            d = [y - x for x, y in zip(a.disk, b.disk)]
+            # reads, merged, sectors, ms reading, writes, merged, sectors, ms writing, in flight, ms busy, weighted ms
+            out["device"] = {"name": a.device, "read_mb": round(d[2] * 512 / 1e6, 1), "reads": d[0],
+                             "mean_read_kb": round(d[2] * 512 / 1024 / d[0], 1) if d[0] else 0.0,
+                             "write_mb": round(d[6] * 512 / 1e6, 1), "busy_pct": round(100 * d[9] / wall_ms, 1),
+                             "mean_queue": round(d[10] / wall_ms, 2)}
+        if a.cpu is not None and b.cpu is not None:
+            d = [y - x for x, y in zip(a.cpu, b.cpu)]
+            total = sum(d) or 1
+            cores = os.cpu_count() or 1
+            out["cpu"] = {"busy_cores": round(cores * (total - d[3] - d[4]) / total, 2),
+                          "iowait_cores": round(cores * d[4] / total, 2)}
+        tick_ms = 1e3 / os.sysconf("SC_CLK_TCK")
+        by_name: dict[str, float] = {}
+        for tid, (name, ticks) in b.threads.items():
+            used = (ticks - a.threads.get(tid, (name, 0))[1]) * tick_ms
+            if used > 0:
+                key = name.rstrip("0123456789_") or name  # dynkv-disk_3 and dynkv-disk_7 count together
+                by_name[key] = by_name.get(key, 0.0) + used
+        out["threads_cpu_ms"] = {k: round(v, 1) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:10]}
+        return out

@@ -50,9 +50,10 @@ def _path_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
                            "first_tokens": [r.get("token") for r in recs]}
     for k in _SPLIT:
         out[k] = _median([r[k] for r in recs if r.get(k) is not None])
-    batches = [r["disk_batches"] for r in recs if r.get("disk_batches")]
-    if batches:
-        out["disk_batches"] = batches[-1]
+    batches = [r for r in recs if r.get("disk_batches")]
+    if batches:  # the last disk hit's read batches, and what the host did during it
+        out["disk_batches"] = batches[-1]["disk_batches"]
+        out["host"] = batches[-1].get("host")
     hits = [r["hits"] for r in recs if "hits" in r]
     if hits:
         out["hits"] = {t: [h[t] for h in hits] for t in hits[0]}
@@ -208,12 +209,17 @@ def format_table(s: dict[str, Any]) -> str:
         probe = L.get("disk_probe")
         if probe and not probe.get("error"):
             rates = ", ".join(f"{k} {v:.2f}" for k, v in probe.items() if isinstance(v, float))
-            lines.append(f"disk tier's batched reads of the same records, engine idle (GB/s): {rates}")
+            lines.append(f"disk tier's batched reads of the same records, no request running (GB/s): {rates}")
+            for label, host in (probe.get("host") or {}).items():
+                lines.append(_host_line(f"probe, {label}", host))
         for name, t in (L.get("traces") or {}).items():
             lines.append(_trace_line(name, t))
         disk = L["paths"].get("dynkv/disk")
         if disk and disk.get("disk_batches"):
             lines.append(_batches_line(disk["disk_batches"]))
+            lines.append(_host_line("the last disk hit", disk.get("host")))
+        if dd.get("host"):
+            lines.append(_host_line("dd", dd["host"]))
         choice = L.get("prompt_choice")
         if choice:
             gaps = ", ".join("failed" if g is None else f"{g:.3f}" for g in choice["min_top2_gaps"])
@@ -245,14 +251,40 @@ def _trace_line(name: str, t: dict[str, Any]) -> str:
     return text
 
 
-def _batches_line(batches: list[list[float]]) -> str:
+def _batches_line(batches: list[list[Any]]) -> str:
     """The disk tier's read batches of one disk-tier hit (e2e_probe.disk_batches)."""
     started = [b[1] for b in batches]
     done = [b[3] for b in batches]
-    return (f"disk read batches of the last disk hit: {len(batches)}, {sum(int(b[4]) for b in batches)} pages in "
+    text = (f"disk read batches of the last disk hit: {len(batches)}, {sum(int(b[4]) for b in batches)} pages in "
             f"{sum(int(b[5]) for b in batches)} runs; started {min(started):.1f}-{max(started):.1f} ms, "
             f"read {min(b[2] - b[1] for b in batches):.1f}-{max(b[2] - b[1] for b in batches):.1f} ms each, "
             f"all done at {max(done):.1f} ms")
+    costs = [b[6] for b in batches if len(b) > 6 and isinstance(b[6], dict)]
+    if costs:
+        tot = {k: sum(c[k] for c in costs) for k in costs[0]}
+        text += (f"; summed over the batches: {tot['read_ms']:.0f} ms in preadv, {tot['crc_ms']:.0f} ms in CRC, "
+                 f"CPU {tot['user_ms']:.0f} ms user + {tot['sys_ms']:.0f} ms system, "
+                 f"{tot['minor_faults']:.0f} minor faults, {tot['voluntary_switches']:.0f} voluntary and "
+                 f"{tot['involuntary_switches']:.0f} involuntary context switches")
+    return text
+
+
+def _host_line(what: str, host: dict[str, Any] | None) -> str:
+    """What the disk tier's device, the CPUs and the process's threads did (e2e_probe.HostSample.delta)."""
+    if not host:
+        return f"host during {what}: not sampled"
+    parts = [f"{host['wall_ms']:.0f} ms"]
+    d = host.get("device")
+    if d:
+        parts.append(f"{d['name']} read {d['read_mb']:.0f} MB in {d['reads']} requests of {d['mean_read_kb']:.0f} KiB, "
+                     f"busy {d['busy_pct']:.0f}%, mean queue {d['mean_queue']:.1f}")
+    c = host.get("cpu")
+    if c:
+        parts.append(f"{c['busy_cores']:.1f} cores busy, {c['iowait_cores']:.1f} in I/O wait")
+    threads = host.get("threads_cpu_ms") or {}
+    if threads:
+        parts.append("thread CPU ms " + ", ".join(f"{k} {v:.0f}" for k, v in list(threads.items())[:6]))
+    return f"host during {what}: " + "; ".join(parts)
 
 
 def plot(s: dict[str, Any], path: Path, title: str = "TTFT per serving path") -> None:

@@ -172,6 +172,7 @@ class Leader(DiskFlow, RemoteFlow):
         self.engine_id = engine_id
         self.metrics = metrics if metrics is not None else Metrics()
         self.page_stride = page_stride(geometry)
+        self._page_bytes = geometry.page_bytes
         self.num_host_pages = _host_pages(config, self.page_stride)
         _reap_stale_pools()
         self.pool_name = f"{pool_name_for(engine_id, fingerprint)}-{os.getpid()}"
@@ -273,10 +274,10 @@ class Leader(DiskFlow, RemoteFlow):
         load = _Load(next(self._jobs), req_id, [int(b) for b in block_ids], [None] * len(use), sync=sync,
                      started=time.perf_counter())
         req.load = load
-        reads: list[tuple[int, int, bytes, int]] = []
         tiers = Counter(t for t, _, _ in use)
         for tier, n in tiers.items():
             self.metrics.hits.labels(tier).inc(n)
+        on_disk: list[tuple[int, int, bytes]] = []
         for i, (tier, slot, key) in enumerate(use):
             if tier == HOST:
                 load.slots[i] = slot
@@ -287,9 +288,9 @@ class Leader(DiskFlow, RemoteFlow):
                 load.pulls.append((slot, req.remote_slots.pop(key)))
                 load.pulled_keys.append(key)
             else:
-                self._promote(load, i, slot, key, reads)
-        if reads:
-            self._read_pages(load, reads)
+                on_disk.append((i, slot, key))
+        if on_disk:
+            self._promote(load, on_disk)
         if load.waiting:
             self._promoting[load.job] = load
         else:
@@ -452,7 +453,7 @@ class Leader(DiskFlow, RemoteFlow):
 
     def _host_page(self, slot: int) -> memoryview:
         off = slot * self.page_stride
-        return self._host[off : off + self.geometry.page_bytes]
+        return self._host[off : off + self._page_bytes]
 
     def _release_match(self, req: _Request) -> None:
         for tier, _, key in req.match:

@@ -59,28 +59,35 @@ class DiskFlow:
         def _host_page(self, slot: int) -> memoryview: ...
         def _drop_host(self, keys: Sequence[bytes]) -> None: ...
 
-    def _promote(self, load: _Load, i: int, disk_slot: int, key: bytes, reads: list[tuple[int, int, bytes, int]]
-                 ) -> None:
-        """Give a disk page a new host slot and queue its read in ``reads``; the load waits for it."""
-        host_slot = self.index.location(key, HOST)
-        if host_slot is not None:  # stored to the host tier since the lookup
+    def _promote(self, load: _Load, pages: list[tuple[int, int, bytes]]) -> None:
+        """Give disk pages ``(index in the load, disk slot, key)`` new host slots and read them there.
+
+        The load waits for the reads. A page stored to the host tier since the
+        lookup is taken from there; one that gets no host slot (every host page
+        pinned or pending) fails, and its block is recomputed.
+        """
+        assert self.disk is not None
+        fresh = []
+        for i, disk_slot, key in pages:
+            host_slot = self.index.location(key, HOST)
+            if host_slot is None:
+                fresh.append((i, disk_slot, key))
+                continue
             self.index.pin(HOST, [key])
             self.index.unpin(DISK, [key])
             load.slots[i] = host_slot
             load.host_keys.append(key)
-            return
-        got = self.index.allocate(HOST, [key])
-        if not got:
-            self.index.unpin(DISK, [key])
-            load.failed.append(load.block_ids[i])
-            self.metrics.load_errors.labels("host_full").inc()
-            return
-        load.waiting += 1
-        reads.append((i, disk_slot, key, got[0][1]))
-
-    def _read_pages(self, load: _Load, reads: list[tuple[int, int, bytes, int]]) -> None:
-        """Read a load's disk pages ``(index in the load, disk slot, key, host slot)`` into their host slots."""
-        assert self.disk is not None
+        got = dict(self.index.allocate(HOST, [key for _, _, key in fresh]))
+        reads = []
+        for i, disk_slot, key in fresh:
+            host_slot = got.pop(key, None)  # a key listed twice gets one slot; its second block is recomputed
+            if host_slot is None:
+                self.index.unpin(DISK, [key])
+                load.failed.append(load.block_ids[i])
+                self.metrics.load_errors.labels("host_full").inc()
+                continue
+            reads.append((i, disk_slot, key, host_slot))
+        load.waiting += len(reads)
         futs = self.disk.read_many([(d, key, self._host_page(h)) for _, d, key, h in reads], invalidate_bad=True)
         for (i, _, key, h), fut in zip(reads, futs):
             fut.add_done_callback(

@@ -49,5 +49,11 @@ def test_bench_e2e_cpu_smoke(tmp_path: Path) -> None:
     assert {"vllm/device", "dynkv/host", "dynkv/disk"} <= set(traces), sorted(traces)
     for name in ("vllm-device", "dynkv-host", "dynkv-disk"):
         assert (out / "logs" / f"trace-{name}-256.json.gz").stat().st_size > 0
+    for b in whole:  # each batch says what its read call cost its thread
+        assert b[6]["read_ms"] > 0 and b[6]["user_ms"] + b[6]["sys_ms"] >= 0, b
+    host = paths["dynkv/disk"]["host"]
+    assert host["wall_ms"] > 0 and isinstance(host["threads_cpu_ms"], dict), host
     probe = report["summary"]["lengths"]["256"]["disk_probe"]
-    assert probe["pages"] == pages[0] - 1 and probe["pinned, read_chunk=8"] > 0, probe
+    # Into scratch memory and into the host-tier pages the hits left (the destination of a disk hit).
+    assert probe["pages"] == pages[0] - 1 and probe["host tier"] > 0 and probe["pinned"] > 0, probe
+    assert set(probe["host"]) == {"anonymous", "pinned", "host tier", "pinned, engine stepping"}, probe["host"]

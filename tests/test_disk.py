@@ -746,9 +746,12 @@ def test_read_many_deals_runs_of_pages_to_threads(make, read_chunk: int, shares:
         result(fut)
         assert bytes(dsts[s]) == content(key_of(s), n), f"slot {s}"
     # Slots alternate between the two files: file order is the even slots, then the odd ones.
-    got = sorted((pages, runs) for _, _, _, _, pages, runs in t.read_log)
+    got = sorted((pages, runs) for _, _, _, _, pages, runs, _ in t.read_log)
     assert got == sorted(shares)
-    assert all(sub <= start <= read <= done for sub, start, read, done, _, _ in t.read_log)
+    assert all(sub <= start <= read <= done for sub, start, read, done, _, _, _ in t.read_log)
+    for *_, cost in t.read_log:  # each batch's cost to its thread: time in preadv and checksums, CPU time
+        assert cost["read_ms"] > 0 and cost["crc_ms"] >= 0 and cost["user_ms"] >= 0 and cost["sys_ms"] >= 0
+        assert cost["minor_faults"] >= 0 and cost["voluntary_switches"] >= 0
 
 
 def test_read_chunk_must_be_a_count(make) -> None:

@@ -19,6 +19,20 @@ struct RecordRead {
   uint32_t crc32 = 0;  // CRC-32 (zlib's) of the payload, when read whole and checksums are on
 };
 
+// What one read_records call cost its thread: wall time in preadv and in checksums, and the thread's
+// own getrusage(RUSAGE_THREAD) over the call (CPU time, page faults, context switches). Tells a read
+// that waits on the device (little CPU, voluntary switches) from one starved of a core (involuntary
+// switches) or busy in the kernel (system time: pinning destination pages).
+struct ReadCost {
+  int64_t read_ns = 0;
+  int64_t crc_ns = 0;
+  int64_t user_us = 0;
+  int64_t sys_us = 0;
+  int64_t minor_faults = 0;
+  int64_t voluntary_switches = 0;
+  int64_t involuntary_switches = 0;
+};
+
 // True when this build checksums payloads (linked with zlib); else crc32 stays 0.
 bool record_crc_available();
 
@@ -26,6 +40,6 @@ bool record_crc_available();
 // them to dsts[i]. Records back to back in one file are read with one preadv (up to 64 MiB).
 std::vector<RecordRead> read_records(const std::vector<int>& fds, const std::vector<int64_t>& offsets,
                                      uint64_t header_base, int64_t header_bytes, const std::vector<uint64_t>& dsts,
-                                     int64_t payload_bytes, bool checksum);
+                                     int64_t payload_bytes, bool checksum, ReadCost* cost = nullptr);
 
 }  // namespace dynkv

@@ -1,0 +1,94 @@
+"""The probes of `dynkv bench e2e` that run without vLLM: variant parsing, trace summaries, host samples."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from dynkv.e2e_probe import HostSample, parse_variant, trace_summary
+
+
+def test_parse_variant_reads_knobs_and_names_what_is_wrong() -> None:
+    assert parse_variant("hi:priority=-1,ctas=16") == ("hi", {"priority": -1, "ctas": 16})
+    assert parse_variant("d:paths=disk,read_chunk=0") == ("d", {"paths": "disk", "read_chunk": 0})
+    for bad, words in (("nocolon", "NAME:key=value"), ("x:color=red", "'color=red'"), ("x:ctas=0", "below 1"),
+                       ("x:ctas=many", "not a int"), ("x:paths=gpu", "paths='gpu'")):
+        with pytest.raises(ValueError, match=words):
+            parse_variant(bad)
+
+
+def test_trace_summary_finds_the_compute_stream_and_its_idle_time() -> None:
+    def k(name: str, ts: float, dur: float, stream: int) -> dict:
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+    trace = {"traceEvents": [
+        k("copy_tiles_kernel<8>", 0, 1000, 20), k("gemm", 1000, 500, 7), k("copy_tiles_kernel<8>", 1000, 1000, 20),
+        k("attention", 2000, 1000, 7), {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 9}]}
+    s = trace_summary(trace)
+    assert s["kernels"] == 4 and s["compute_stream"] == 7
+    assert s["streams"]["7"]["span_ms"] == 2.0 and s["streams"]["7"]["idle_ms"] == 0.5
+    assert s["copy"] == {"kernels": 2, "first_ms": 0.0, "last_ms": 2.0, "busy_ms": 2.0}
+    assert trace_summary({"traceEvents": []}) == {"kernels": 0}
+
+
+def test_host_sample_charges_cpu_to_the_thread_that_used_it() -> None:
+    stop = threading.Event()
+
+    def spin() -> None:
+        x = 0
+        while not stop.is_set():
+            x += 1
+
+    a = HostSample(None)
+    spinners = [threading.Thread(target=spin, name=f"probe-spin_{i}") for i in range(2)]
+    for t in spinners:
+        t.start()
+    time.sleep(0.3)
+    b = HostSample(None)  # while they run: a thread that ended has left /proc
+    stop.set()
+    for t in spinners:
+        t.join()
+    d = HostSample.delta(a, b)
+    assert d["wall_ms"] >= 300 and "device" not in d
+    # Python threads show up under their own names; both spinners count under one.
+    assert sum(v for k, v in d["threads_cpu_ms"].items() if k.startswith("probe-spin")) >= 100, d
+    assert 0 <= d["cpu"]["busy_cores"] and 0 <= d["cpu"]["iowait_cores"]
+
+
+def test_host_sample_device_arithmetic() -> None:
+    a, b = object.__new__(HostSample), object.__new__(HostSample)
+    for s, t, disk in ((a, 10.0, [0] * 11), (b, 10.5, [100, 0, 204800, 0, 0, 0, 2048, 0, 0, 400, 8000])):
+        s.device, s.t, s.disk, s.cpu, s.threads = "vdz", t, disk, None, {}
+    d = HostSample.delta(a, b)["device"]
+    # 100 reads of 204800 sectors: 104.9 MB, 1024 KiB each; busy 400 of 500 ms; 8000 weighted ms / 500 ms.
+    assert d == {"name": "vdz", "read_mb": 104.9, "reads": 100, "mean_read_kb": 1024.0, "write_mb": 1.0,
+                 "busy_pct": 80.0, "mean_queue": 16.0}
+
+
+def test_io_threads_variant_swaps_the_disk_pool_and_puts_it_back(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from dynkv.disk import DiskTier
+    from dynkv.e2e_probe import apply_variant
+
+    disk = DiskTier([str(tmp_path)], 8, 4096, fingerprint=b"f" * 16, direct_io=False, io_threads=4)
+    try:
+        conn = SimpleNamespace(leader=SimpleNamespace(disk=disk))
+        restore = apply_variant(conn, {"io_threads": 2, "read_chunk": 1})
+        assert disk.io_threads == 2 and disk.read_chunk == 1
+        key = bytes(range(16))
+        disk.write(3, key, memoryview(bytearray(b"x" * 4096))).result()
+        dst = bytearray(4096)
+        [f] = disk.read_many([(3, key, memoryview(dst))])
+        f.result()
+        assert dst == b"x" * 4096
+        restore()
+        assert disk.io_threads == 4 and disk.read_chunk == 0
+        with pytest.raises(ValueError, match="io_threads=0"):
+            disk.set_io_threads(0)
+    finally:
+        disk.close()
+    with pytest.raises(RuntimeError, match="no disk tier"):
+        apply_variant(SimpleNamespace(leader=SimpleNamespace(disk=None)), {"io_threads": 2})
