@@ -74,6 +74,15 @@ class _Engine:
         self.report["async_scheduling"] = bool(getattr(core.vllm_config.scheduler_config, "async_scheduling", False))
         self.block_size = int(core.vllm_config.cache_config.block_size)
         self._fillers = 0
+        self.steps = 0  # scheduler steps the connector saw (each builds its metadata)
+        if self.connector is not None:
+            build = self.connector.build_connector_meta
+
+            def counted(scheduler_output: Any) -> Any:
+                self.steps += 1
+                return build(scheduler_output)
+
+            self.connector.build_connector_meta = counted
         self.save()
 
     # -- plumbing ----------------------------------------------------------------
@@ -135,6 +144,7 @@ class _Engine:
         sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
         before = self.samples()
         host0 = self.host_sample()
+        steps0 = self.steps
         m0, t0 = time.monotonic(), time.perf_counter()
         with record_function("dynkv.bench.generate"):  # marks the measured call in a --trace trace
             out = self.llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
@@ -142,7 +152,7 @@ class _Engine:
         host = HostSample.delta(host0, HostSample(host0.device)) if host0 is not None else None
         batches = disk_batches(self.connector, t0) if self.connector is not None else []
         rec: dict[str, Any] = {"ttft_s": wall, "token": out.outputs[0].token_ids[0],
-                               "cached_tokens": out.num_cached_tokens}
+                               "cached_tokens": out.num_cached_tokens, "steps": self.steps - steps0}
         st = out.metrics
         if st is not None and getattr(st, "first_token_ts", 0):
             # Engine-core timestamps are time.monotonic() of this process (the core runs in it).
@@ -261,13 +271,15 @@ class _Engine:
         located = ((self.connector.leader.index.location(k, "disk"), k) for k in keys)
         return keys, [(s, k) for s, k in located if s is not None]
 
-    def disk_probe(self, prompt: list[int], repeat: int) -> dict[str, Any]:
+    def disk_probe(self, prompt: list[int], repeat: int, before: Any = None) -> dict[str, Any]:
         """The disk tier's batched reads of ``prompt``'s records with no request running, in GB/s.
 
         Into scratch memory (anonymous, and pinned like the host tier), into
         the host-tier pages that hold those very pages now (the destination of
         a disk hit; the bytes read are the bytes there), and while the idle
-        engine steps: which of these the in-engine read phase is missing.
+        engine steps, and into pinned memory right after ``before`` (the
+        filler pass of each disk-tier hit; it runs last, as it empties the
+        host tier): which of these the in-engine read phase is missing.
         Each case carries what the device, the CPUs and the threads did
         (:class:`HostSample`) in its median run.
         """
@@ -289,15 +301,18 @@ class _Engine:
             dests["host tier"] = [leader._host_page(s) for s in host_slots]
         out: dict[str, Any] = {"pages": n, "pinned": pinned.pinned, "host": {}}
         try:
-            for dest, beside in (("anonymous", ""), ("pinned", ""), ("host tier", ""), ("pinned", "engine stepping")):
-                if dest not in dests:
+            for dest, beside in (("anonymous", ""), ("pinned", ""), ("host tier", ""), ("pinned", "engine stepping"),
+                                 ("pinned", "after fillers")):
+                if dest not in dests or (beside == "after fillers" and before is None):
                     continue
                 times, hosts = [], []
                 for _ in range(repeat):
+                    if beside == "after fillers":
+                        before()
                     host0 = self.host_sample()
                     t0 = time.perf_counter()
                     futs = disk.read_many([(s, k, dst) for (s, k), dst in zip(held, dests[dest])])
-                    while beside and not all(f.done() for f in futs):
+                    while beside == "engine stepping" and not all(f.done() for f in futs):
                         self.llm.llm_engine.step()  # the idle engine's loop, as while a disk hit waits
                     for f in futs:
                         f.result()
@@ -310,8 +325,12 @@ class _Engine:
             pinned.close()
         return out
 
-    def disk_records_dd(self, prompt: list[int], repeat: int) -> dict[str, Any]:
-        """``dd iflag=direct`` over the disk-tier records that hold ``prompt``'s pages."""
+    def disk_records_dd(self, prompt: list[int], repeat: int, before: Any = None) -> dict[str, Any]:
+        """``dd iflag=direct`` over the disk-tier records that hold ``prompt``'s pages.
+
+        ``before``: called before each run (outside its time), e.g. the filler
+        pass that precedes each disk-tier hit, so dd reads in the same state.
+        """
         leader = self.connector.leader
         keys, located = self._disk_records(prompt)
         held = [s for s, _ in located]
@@ -326,6 +345,8 @@ class _Engine:
         span = sum(end - start for _, start, end in runs)
         times, hosts = [], []
         for _ in range(repeat):
+            if before is not None:
+                before()
             host0 = self.host_sample()
             t0 = time.perf_counter()
             for path, start, end in runs:
@@ -413,12 +434,6 @@ def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int, le
 
     series("disk", off_host)
     checked("disk", off_host)
-    if eng.spec.get("dd_repeat"):
-        rec["dd"] = _guard(eng, "dd", eng.disk_records_dd, prompt, eng.spec["dd_repeat"])
-        eng.save()
-    if eng.spec.get("disk_probe") and first:
-        rec["disk_probe"] = _guard(eng, "disk probe", eng.disk_probe, prompt, eng.spec["repeat"])
-        eng.save()
     for name, knobs in (eng.spec.get("variants") or {}).items() if first else ():
         # The same hits with dynkv's copy knobs changed in place (dynkv.e2e_probe).
         restore = _guard(eng, f"variant {name}", apply_variant, eng.connector, knobs)
@@ -429,6 +444,18 @@ def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int, le
                 series(f"{path}@{name}", eng.reset_device_cache if path == "host" else off_host, probe=False)
         finally:
             restore()
+
+    # After the hits (the probe reads into the host-tier pages they left), and last: the probe's and dd's
+    # filler passes leave the prompt out of the host tier.
+    if eng.spec.get("disk_probe") and first:
+        rec["disk_probe"] = _guard(eng, "disk probe", eng.disk_probe, prompt, eng.spec["repeat"], off_host)
+        eng.save()
+    if eng.spec.get("dd_repeat"):
+        # dd right after the filler pass each disk-tier hit follows (the hit's state), then back to back.
+        rec["dd_after_fillers"] = _guard(eng, "dd after fillers", eng.disk_records_dd, prompt, eng.spec["dd_repeat"],
+                                         off_host)
+        rec["dd"] = _guard(eng, "dd", eng.disk_records_dd, prompt, eng.spec["dd_repeat"])
+        eng.save()
 
 
 def _choose(eng: _Engine, cands: list[list[int]], rec: dict[str, Any], length: str) -> int:

@@ -56,4 +56,9 @@ def test_bench_e2e_cpu_smoke(tmp_path: Path) -> None:
     probe = report["summary"]["lengths"]["256"]["disk_probe"]
     # Into scratch memory and into the host-tier pages the hits left (the destination of a disk hit).
     assert probe["pages"] == pages[0] - 1 and probe["host tier"] > 0 and probe["pinned"] > 0, probe
-    assert set(probe["host"]) == {"anonymous", "pinned", "host tier", "pinned, engine stepping"}, probe["host"]
+    assert set(probe["host"]) == {"anonymous", "pinned", "host tier", "pinned, engine stepping",
+                                  "pinned, after fillers"}, probe["host"]
+    summary = report["summary"]["lengths"]["256"]
+    assert summary["dd"]["median_s"] > 0 and summary["dd_after_fillers"]["median_s"] > 0
+    targets = [t["target"] for t in report["summary"]["targets"] if t["target"].startswith("disk-tier hit")]
+    assert len(targets) == 2 and "after the same filler pass" in targets[1], targets
