@@ -163,6 +163,7 @@ _PARSERS: dict[str, Callable[[Any, _Source], Any]] = {
     "transfer_timeout_s": _float_above(0.0, inclusive=False),
     "export_timeout_s": _float_above(0.0, inclusive=False),
     "stats_interval_s": _float_above(0.0, inclusive=True),
+    "disk_wait_ms": _float_above(0.0, inclusive=True),
 }
 
 
@@ -227,6 +228,11 @@ class DynKVConfig:
         step; the histogram is most of the samples, and its sums and counts
         are reported up to this much later (at the next step after it). 0
         reads everything at every step.
+    disk_wait_ms
+        When a scheduler step schedules no tokens while a disk-tier load is
+        reading, the scheduler blocks up to this long for a read to land
+        instead of returning at once (vLLM's loop otherwise spins on the
+        waiting request). A read landing ends the wait at once; 0 never waits.
     """
 
     host_gb: float | None = None
@@ -245,6 +251,7 @@ class DynKVConfig:
     transfer_timeout_s: float = 30.0
     export_timeout_s: float = 120.0
     stats_interval_s: float = 1.0
+    disk_wait_ms: float = 0.0
 
     def __post_init__(self) -> None:
         for name, parse in _PARSERS.items():

@@ -146,6 +146,7 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         self._reqs: dict[str, _Req] = {}
         self._counters: dict[str, float] = {}
         self._stats_at = float("-inf")
+        self.disk_wait_s = self.config.disk_wait_ms / 1e3  # see DynKVConfig.disk_wait_ms
         events = getattr(vllm_config, "kv_events_config", None)
         self._events_on = bool(getattr(events, "enable_kv_cache_events", False))
         self._event_meta: OrderedDict[bytes, tuple[bytes | None, list[int], Any]] = OrderedDict()
@@ -291,6 +292,8 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         return {k: v for k, v in out.items() if v}
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        if self.disk_wait_s and not any(scheduler_output.num_scheduled_tokens.values()):
+            self.leader.wait_disk(self.disk_wait_s)  # nothing to compute: wait for a disk read, not spin
         self._update_block_ids(scheduler_output)
         bs = self.block_size
         for req_id, n in scheduler_output.num_scheduled_tokens.items():

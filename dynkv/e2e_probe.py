@@ -7,7 +7,8 @@
   load stream, :meth:`dynkv.worker.Worker.set_load_priority`), ``ctas``
   (CTAs of host-to-GPU copies, :func:`dynkv.ops.set_tuning`), ``read_chunk``
   (:attr:`dynkv.disk.DiskTier.read_chunk`), ``io_threads`` (the disk tier's
-  I/O threads, :meth:`dynkv.disk.DiskTier.set_io_threads`), ``paths`` (``host``, ``disk`` or
+  I/O threads, :meth:`dynkv.disk.DiskTier.set_io_threads`), ``disk_wait_ms``
+  (:attr:`dynkv.config.DynKVConfig.disk_wait_ms`), ``paths`` (``host``, ``disk`` or
   ``host+disk``, the default). ``priority`` needs the worker in the engine's
   process (one GPU, ``distributed_executor_backend=uni``).
 - **Traces** (``--trace``): one hit per path of the first length under
@@ -36,7 +37,8 @@ __all__ = ["KNOBS", "HostSample", "apply_variant", "disk_batches", "parse_varian
 
 # knob -> (parse, lowest value)
 KNOBS: dict[str, tuple[Callable[[str], Any], int | None]] = {
-    "priority": (int, None), "ctas": (int, 1), "read_chunk": (int, 0), "io_threads": (int, 1), "paths": (str, None)}
+    "priority": (int, None), "ctas": (int, 1), "read_chunk": (int, 0), "io_threads": (int, 1), "disk_wait_ms": (float, 0),
+    "paths": (str, None)}
 _PATHS = {"host": ("host",), "disk": ("disk",), "host+disk": ("host", "disk")}
 COPY_KERNEL = "copy_tiles_kernel"
 
@@ -95,6 +97,10 @@ def apply_variant(connector: Any, knobs: dict[str, Any]) -> Callable[[], None]:
             old_chunk = disk.read_chunk
             disk.read_chunk = knobs["read_chunk"]
             undo.append(lambda: setattr(disk, "read_chunk", old_chunk))
+        if "disk_wait_ms" in knobs:
+            old_wait = connector.disk_wait_s
+            connector.disk_wait_s = knobs["disk_wait_ms"] / 1e3
+            undo.append(lambda: setattr(connector, "disk_wait_s", old_wait))
         if "io_threads" in knobs:
             old_threads = disk.io_threads
             disk.set_io_threads(knobs["io_threads"])

@@ -117,6 +117,22 @@ class DiskFlow:
             fut = self.disk.write(got[0][1], key, self._host_page(host_slot))
             fut.add_done_callback(lambda f, key=key: self._io.put(("write", key, f)))
 
+    def wait_disk(self, timeout_s: float) -> bool:
+        """Block up to ``timeout_s`` for a disk read or write to complete while a load reads; True if one did.
+
+        For a scheduler step with nothing to compute: the alternative is
+        returning at once, and vLLM's loop spins on the waiting request.
+        """
+        if not self._promoting or timeout_s <= 0:
+            return False
+        try:
+            item = self._io.get(timeout=timeout_s)
+        except queue.Empty:
+            return False
+        self._apply_io(item)
+        self._drain_io()
+        return True
+
     def _drain_io(self) -> None:
         if self.exporter is not None:
             self.exporter.poll(self.index)
@@ -125,10 +141,13 @@ class DiskFlow:
                 item = self._io.get_nowait()
             except queue.Empty:
                 return
-            if item[0] == "read":
-                self._read_done(*item[1:])
-            else:
-                self._write_done(*item[1:])
+            self._apply_io(item)
+
+    def _apply_io(self, item: tuple[Any, ...]) -> None:
+        if item[0] == "read":
+            self._read_done(*item[1:])
+        else:
+            self._write_done(*item[1:])
 
     def _read_done(self, load: _Load, i: int, key: bytes, host_slot: int, fut: Future[None], when: float) -> None:
         exc = fut.exception()

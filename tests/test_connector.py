@@ -215,9 +215,10 @@ def test_whole_prompt_host_hit_leaves_the_last_block_to_compute(sync_conn: Any, 
     assert conn.get_num_new_matched_tokens(c, 0) == (3 * BS, False)
 
 
-def test_disk_hit_stays_asynchronous(tmp_path, rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("disk_wait_ms", [0.0, 10_000.0])
+def test_disk_hit_stays_asynchronous(tmp_path, rng: np.random.Generator, disk_wait_ms: float) -> None:
     vllm_config, kcc = fake_config({"host_pages": 4, "disk_paths": [str(tmp_path)], "disk_gb": 0.01,
-                                    "disk_admit_min_hits": 0})
+                                    "disk_admit_min_hits": 0, "disk_wait_ms": disk_wait_ms})
     conn = DynKVConnector(vllm_config, KVConnectorRole.SCHEDULER, kcc)
 
     def serve(rid: str, toks: list[int], block_ids: list[int]) -> None:
@@ -236,6 +237,18 @@ def test_disk_hit_stays_asynchronous(tmp_path, rng: np.random.Generator) -> None
         b = FakeRequest("b", prompt + [20])
         conn.on_new_request(b)
         assert conn.get_num_new_matched_tokens(b, 0) == (3 * BS, True), "pages on disk load asynchronously"
+        if disk_wait_ms:
+            # Steps that schedule nothing wait for the disk reads instead of returning at once: each such step
+            # takes in at least one landed read, so within three steps the load of the 3 pages is in a plan.
+            conn.update_state_after_alloc(b, blocks([7, 8, 9, 10]), 3 * BS)
+            loads = []
+            for _ in range(3):
+                meta = conn.build_connector_meta(step())
+                loads += meta.plan.loads
+                if loads:
+                    break
+            assert [op.block_ids for op in loads] == [(7, 8, 9)], conn.leader.stats()
+            assert not conn.leader.wait_disk(10.0), "nothing reading: returns at once"
     finally:
         conn.shutdown()
 
