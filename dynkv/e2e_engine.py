@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dynkv.e2e_probe import HostSample, apply_variant, disk_batches, traced, variant_paths
+from dynkv.e2e_probe import HostSample, apply_variant, block_device, disk_batches, traced, variant_paths
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -75,6 +75,9 @@ class _Engine:
         self.block_size = int(core.vllm_config.cache_config.block_size)
         self._fillers = 0
         self.steps = 0  # scheduler steps the connector saw (each builds its metadata)
+        disk = getattr(getattr(self.connector, "leader", None), "disk", None)
+        self._has_disk = disk is not None
+        self._disk_device = block_device(disk.files[0]) if disk is not None else None
         if self.connector is not None:
             build = self.connector.build_connector_meta
 
@@ -125,14 +128,7 @@ class _Engine:
 
     def host_sample(self) -> HostSample | None:
         """A snapshot of the disk tier's device, the CPUs and this process's threads (dynkv with a disk tier)."""
-        disk = getattr(getattr(self.connector, "leader", None), "disk", None)
-        if disk is None:
-            return None
-        if not hasattr(self, "_device"):
-            from dynkv.e2e_probe import _block_device
-
-            self._device = _block_device(disk.files[0])
-        return HostSample(self._device)
+        return HostSample(self._disk_device) if self._has_disk else None
 
     # -- measurements ------------------------------------------------------------
 
@@ -149,7 +145,7 @@ class _Engine:
         with record_function("dynkv.bench.generate"):  # marks the measured call in a --trace trace
             out = self.llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
         wall = time.perf_counter() - t0
-        host = HostSample.delta(host0, HostSample(host0.device)) if host0 is not None else None
+        host = host0.since() if host0 is not None else None
         batches = disk_batches(self.connector, t0) if self.connector is not None else []
         rec: dict[str, Any] = {"ttft_s": wall, "token": out.outputs[0].token_ids[0],
                                "cached_tokens": out.num_cached_tokens, "steps": self.steps - steps0}
@@ -289,7 +285,7 @@ class _Engine:
 
         leader = self.connector.leader
         disk = leader.disk
-        keys, held = self._disk_records(prompt)
+        _, held = self._disk_records(prompt)
         if not held:
             return {"error": "none of the prompt's pages is on the disk tier"}
         n, page = len(held), disk.page_bytes
@@ -317,7 +313,7 @@ class _Engine:
                     for f in futs:
                         f.result()
                     times.append(time.perf_counter() - t0)
-                    hosts.append(HostSample.delta(host0, HostSample(host0.device)) if host0 is not None else None)
+                    hosts.append(host0.since() if host0 is not None else None)
                 label = dest + (f", {beside}" if beside else "")
                 out[label] = round(n * page / statistics.median(times) / 1e9, 3)
                 out["host"][label] = hosts[_median_index(times)]
@@ -353,11 +349,10 @@ class _Engine:
                 subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=64M", f"skip={start}", f"count={end - start}",
                                 "iflag=direct,skip_bytes,count_bytes", "status=none"], check=True)
             times.append(time.perf_counter() - t0)
-            if host0 is not None:
-                hosts.append(HostSample.delta(host0, HostSample(host0.device)))
+            hosts.append(host0.since() if host0 is not None else None)
         return {"pages": len(held), "pages_wanted": len(keys), "bytes": span, "payload_bytes": len(held) * record,
                 "seconds": times, "median_s": statistics.median(times), "gbps": span / statistics.median(times) / 1e9,
-                "host": hosts[_median_index(times)] if len(hosts) == len(times) else None}
+                "host": hosts[_median_index(times)]}
 
 
 def _median_index(times: list[float]) -> int:

@@ -33,12 +33,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KNOBS", "HostSample", "apply_variant", "disk_batches", "parse_variant", "trace_summary", "traced"]
+__all__ = ["KNOBS", "HostSample", "apply_variant", "block_device", "disk_batches", "parse_variant", "trace_summary", "traced"]
 
 # knob -> (parse, lowest value)
 KNOBS: dict[str, tuple[Callable[[str], Any], int | None]] = {
-    "priority": (int, None), "ctas": (int, 1), "read_chunk": (int, 0), "io_threads": (int, 1), "disk_wait_ms": (float, 0),
-    "paths": (str, None)}
+    "priority": (int, None), "ctas": (int, 1), "read_chunk": (int, 0), "io_threads": (int, 1),
+    "disk_wait_ms": (float, 0), "paths": (str, None)}
 _PATHS = {"host": ("host",), "disk": ("disk",), "host+disk": ("host", "disk")}
 COPY_KERNEL = "copy_tiles_kernel"
 
@@ -201,7 +201,7 @@ def trace_summary(trace: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _block_device(path: str) -> str | None:
+def block_device(path: str) -> str | None:
     """The /proc/diskstats name of the whole device under ``path`` (``vda`` for ``vda1``), or None."""
     try:
         st = os.stat(path)
@@ -272,6 +272,10 @@ class HostSample:
             rest = raw[raw.rindex(")") + 2 :].split()
             out[int(tid)] = (name, int(rest[11]) + int(rest[12]))  # utime + stime, clock ticks
         return out
+
+    def since(self) -> dict[str, Any]:
+        """What happened from this snapshot until now (:meth:`delta`)."""
+        return HostSample.delta(self, HostSample(self.device))
 
     @staticmethod
     def delta(a: HostSample, b: HostSample) -> dict[str, Any]:
