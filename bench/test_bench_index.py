@@ -127,3 +127,67 @@ def test_scheduler_side_of_an_8k_disk_hit(benchmark, tmp_path) -> None:
     finally:
         engine.close()
         leader.close()
+
+
+def test_scheduler_side_of_decode_steps(benchmark) -> None:
+    """The connector's scheduler calls of 16 decode steps of 32 running requests (1024-token prompts), on vLLM
+    stand-ins: each step's plan and the workers' report, the step's stats and events; one step in 16 fills a
+    block of every request and stores it. vLLM makes these calls at every step, so they add to each step."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import test_connector as tc
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from dynkv.connector import DynKVConnector
+
+    running, prompt, bs, steps = 32, 1024, 16, 16
+    vllm_config, kcc = tc.fake_config({"host_pages": 4096}, block_size=bs)
+    kcc.num_blocks = 8192
+    conn = DynKVConnector(vllm_config, KVConnectorRole.SCHEDULER, kcc)
+    rng = np.random.default_rng(0)
+    reqs, next_block = [], 0
+    for i in range(running):
+        req = tc.FakeRequest(f"d{i}", rng.integers(0, 30_000, size=prompt).tolist())
+        conn.on_new_request(req)
+        conn.get_num_new_matched_tokens(req, 0)
+        conn.update_state_after_alloc(req, tc.blocks([]), 0)
+        blocks = list(range(next_block, next_block + prompt // bs))
+        next_block += len(blocks)
+        reqs.append((req, blocks))
+    tc.complete(conn, conn.build_connector_meta(tc.step(new={r.request_id: b for r, b in reqs},
+                                                         scheduled={r.request_id: prompt for r, _ in reqs})))
+    for req, _ in reqs:
+        req.num_computed_tokens = prompt
+    stored: list[int] = []  # stores planned by each call
+    drawn = iter(rng.integers(0, 30_000, size=1 << 22).tolist())
+
+    def decode_steps() -> None:
+        nonlocal next_block
+        stored.append(0)
+        for _ in range(steps):
+            new = {}
+            for req, blocks in reqs:  # the token this step computes, and a block for it when one fills
+                req.all_token_ids.append(next(drawn))
+                new[req.request_id] = None
+                if req.num_computed_tokens // bs >= len(blocks):
+                    new[req.request_id] = [next_block]
+                    blocks.append(next_block)
+                    next_block += 1
+            meta = conn.build_connector_meta(tc.step(cached=new, scheduled={r.request_id: 1 for r, _ in reqs}))
+            stored[-1] += len(meta.plan.stores)
+            tc.complete(conn, meta)
+            conn.get_kv_connector_stats()
+            conn.take_events()
+            conn.has_pending_push_work()
+            for req, _ in reqs:
+                req.num_computed_tokens += 1
+
+    try:
+        benchmark(decode_steps)
+        assert stored and set(stored) == {running}, "every call stores one block of every request"
+        if benchmark.stats:
+            benchmark.extra_info["us per step"] = benchmark.stats["median"] / steps * 1e6
+    finally:
+        conn.shutdown()

@@ -224,10 +224,10 @@ class DynKVConfig:
     stats_interval_s
         How often the scheduler also reads dynkv's latency histogram for
         vLLM's stats (``get_kv_connector_stats``, asked at every step on the
-        way to the step's output). Counters and gauges are read at every
-        step; the histogram is most of the samples, and its sums and counts
-        are reported up to this much later (at the next step after it). 0
-        reads everything at every step.
+        way to the step's output). Counters and gauges are reported at every
+        step where one changed; the histogram is most of the samples, and its
+        sums and counts are reported up to this much later (at the next step
+        after it). 0 reads everything at every step.
     disk_wait_ms
         When a scheduler step schedules no tokens while a disk-tier load is
         reading, the scheduler blocks up to this long for a read to land

@@ -146,6 +146,7 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         self._reqs: dict[str, _Req] = {}
         self._counters: dict[str, float] = {}
         self._stats_at = float("-inf")
+        self._stats_version = -1
         self.disk_wait_s = self.config.disk_wait_ms / 1e3  # see DynKVConfig.disk_wait_ms
         events = getattr(vllm_config, "kv_events_config", None)
         self._events_on = bool(getattr(events, "enable_kv_cache_events", False))
@@ -295,20 +296,25 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         if self.disk_wait_s and not any(scheduler_output.num_scheduled_tokens.values()):
             self.leader.wait_disk(self.disk_wait_s)  # nothing to compute: wait for a disk read, not spin
         self._update_block_ids(scheduler_output)
-        bs = self.block_size
+        bs, reqs, stores = self.block_size, self._reqs, []
         for req_id, n in scheduler_output.num_scheduled_tokens.items():
-            st = self._reqs.get(req_id)
+            st = reqs.get(req_id)
             if st is None or st.keyless:
                 continue
             req = st.request
+            reach = req.num_computed_tokens + n
+            if reach < (st.stored + 1) * bs:
+                continue  # no block fills this step (most decode steps)
             # Blocks full once this step's tokens are written; tokens not known yet do not count.
-            full = min(min(req.num_computed_tokens + n, req.num_tokens) // bs, len(st.block_ids))
+            full = min(min(reach, req.num_tokens) // bs, len(st.block_ids))
             if full > st.stored:
                 keys = self._keys(st, full)
-                self.leader.store(req_id, keys[st.stored : full], st.block_ids[st.stored : full])
+                stores.append((req_id, keys[st.stored : full], st.block_ids[st.stored : full]))
                 if self._events_on:
                     self._remember(st, st.stored, full)
                 st.stored = full
+        if stores:
+            self.leader.store_many(stores)
         preempted = tuple(getattr(scheduler_output, "preempted_req_ids", None) or ())
         return DynKVMetadata(self.leader.build_plan(), preempted)
 
@@ -377,13 +383,17 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
                 report = self.worker.poll()
                 return None if report.is_empty() and not report.moved else DynKVStats.with_report(report)
             return None
-        # Counters and gauges at every step; the latency histogram (most of the samples) at most once per
-        # stats_interval_s (see DynKVConfig): its sums and counts accumulate in between.
+        # Counters and gauges at every step where one changed (a version check when none did); the latency
+        # histogram (most of the samples) at most once per stats_interval_s (see DynKVConfig): its sums and
+        # counts accumulate in between.
         m, now = self.leader.metrics, time.monotonic()
         whole = now - self._stats_at >= self.config.stats_interval_s
+        if not whole and m.version == self._stats_version:
+            return None
+        self._stats_version = m.version
         if whole:
             self._stats_at = now
-        counters, gauges = metric_samples(m.registry if whole else m.steady)
+        counters, gauges = metric_samples(m.registry) if whole else m.samples()
         last = self._counters
         delta = {k: v - last.get(k, 0.0) for k, v in counters.items() if v != last.get(k, 0.0)}
         last.update(counters)
@@ -420,7 +430,9 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         if n <= have or st.keyless:
             return st.keys
         bs, req = self.block_size, st.request
-        tokens = np.asarray(req.all_token_ids[have * bs : n * bs], dtype=np.int64)
+        tokens = req.all_token_ids[have * bs : n * bs]
+        if not isinstance(tokens, list) or len(tokens) > 256:
+            tokens = np.asarray(tokens, dtype=np.int64)  # long prompts: numpy packs them faster
         extra: list[Any] | None = None
         try:
             if _has_extra_keys(req):

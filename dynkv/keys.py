@@ -16,8 +16,10 @@ restarts. Changing anything here changes every key; bump
 
 from __future__ import annotations
 
+import array
 import hashlib
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -141,7 +143,21 @@ class ModelFingerprint:
         return self._digest
 
 
+# Token lists up to this long are packed with the array module instead of numpy.
+_SHORT_LIST = 256 if array.array("I").itemsize == 4 else 0
+
+
 def _token_bytes(token_ids: Sequence[int] | np.ndarray, block_size: int) -> tuple[bytes, int]:
+    if type(token_ids) is list and len(token_ids) <= _SHORT_LIST:
+        # A decode step's few blocks: numpy's per-call cost would be most of the key's.
+        n_full = len(token_ids) // block_size
+        try:
+            packed = array.array("I", token_ids[: n_full * block_size])
+        except (OverflowError, TypeError) as e:
+            raise ValueError(f"token ids ({e}): expected integer ids in [0, 2**32)") from None
+        if sys.byteorder != "little":
+            packed.byteswap()
+        return packed.tobytes(), n_full
     arr = np.asarray(token_ids)
     if arr.ndim != 1:
         raise ValueError(f"token_ids has shape {arr.shape}: expected one dimension")

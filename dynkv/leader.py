@@ -304,22 +304,38 @@ class Leader(DiskFlow, RemoteFlow):
         pinned or pending pages the rest are refused (counted). Returns how
         many pages will be stored.
         """
-        if len(keys) != len(block_ids):
-            raise ValueError(f"store for {req_id!r}: {len(keys)} keys but {len(block_ids)} blocks")
+        return self.store_many([(req_id, keys, block_ids)])[0]
+
+    def store_many(self, stores: Sequence[tuple[str, Sequence[bytes], Sequence[int]]]) -> list[int]:
+        """:meth:`store` of several requests ``(req_id, keys, block_ids)`` (a decode step's), one host allocation.
+
+        A page two of them store is stored once, for the first. Returns how
+        many pages each will store.
+        """
+        for req_id, keys, block_ids in stores:  # every argument checked before anything is allocated
+            if len(keys) != len(block_ids):
+                raise ValueError(f"store for {req_id!r}: {len(keys)} keys but {len(block_ids)} blocks")
         self._drain_io()
-        got = dict(self.index.allocate(HOST, keys))
-        if not got:
-            return 0
-        st = _Store(next(self._jobs), req_id, [], [], [])
-        for key, block in zip(keys, block_ids):
-            slot = got.pop(key, None)
-            if slot is not None:
-                st.keys.append(key)
-                st.block_ids.append(int(block))
-                st.slots.append(slot)
-        self._stores.append(st)
-        self._reqs.setdefault(req_id, _Request()).stores.add(st.job)
-        return len(st.keys)
+        got = dict(self.index.allocate(HOST, [k for _, keys, _ in stores for k in keys]))
+        counts = []
+        for req_id, keys, block_ids in stores:
+            st = _Store(0, req_id, [], [], [])
+            for key, block in zip(keys, block_ids):
+                slot = got.pop(key, None) if got else None
+                if slot is not None:
+                    st.keys.append(key)
+                    st.block_ids.append(int(block))
+                    st.slots.append(slot)
+            counts.append(len(st.keys))
+            if not st.keys:
+                continue
+            st.job = next(self._jobs)
+            self._stores.append(st)
+            req = self._reqs.get(req_id)
+            if req is None:
+                req = self._reqs[req_id] = _Request()
+            req.stores.add(st.job)
+        return counts
 
     def request_finished(self, req_id: str) -> bool:
         """vLLM finished the request; True while its stores are in flight (delay freeing its blocks)."""

@@ -3,15 +3,80 @@
 Each leader owns a :class:`Metrics` on its own ``CollectorRegistry``, so
 several engines (or tests) in one process never collide; the standalone
 endpoint (``metrics_port``) and vLLM's hooks both read that registry.
+
+Counters and gauges are plain numbers behind a Prometheus custom collector:
+vLLM asks for the connector's stats at every scheduler step, and reading
+them is then a version check (nothing changed) or a copy of a small dict,
+where collecting Prometheus metric objects cost most of a decode step's
+connector time. The latency histogram stays a ``prometheus_client``
+``Histogram``.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 __all__ = ["Metrics"]
 
 _LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _Series:
+    """One labelled series of a counter or gauge."""
+
+    __slots__ = ("_family", "key", "labels", "value")
+
+    def __init__(self, family: _Family, labels: tuple[str, ...]) -> None:
+        self._family = family
+        self.labels = labels
+        self.value = 0.0
+        pairs = ",".join(f"{k}={v}" for k, v in sorted(zip(family.labelnames, labels)))
+        self.key = f"{family.sample}{{{pairs}}}"  # the key metric_samples gives the same sample
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError(f"{self._family.name}: counters only go up (inc by {amount})")
+        if amount:
+            self._family.owner._change(self, self.value + amount)
+
+    def set(self, value: float) -> None:
+        if value != self.value:
+            self._family.owner._change(self, float(value))
+
+
+class _Family:
+    """A counter or gauge and its series, by label values."""
+
+    def __init__(self, owner: Metrics, kind: str, name: str, doc: str, labelnames: tuple[str, ...] = ()) -> None:
+        self.owner, self.kind, self.name, self.doc, self.labelnames = owner, kind, name, doc, labelnames
+        self.sample = f"{name}_total" if kind == "counter" else name
+        self._series: dict[tuple[str, ...], _Series] = {}
+
+    def labels(self, *values: str) -> _Series:
+        s = self._series.get(values)
+        if s is None:
+            if len(values) != len(self.labelnames) or not all(isinstance(v, str) for v in values):
+                raise ValueError(f"{self.name} takes string labels {self.labelnames}, got {values!r}")
+            s = self._series[values] = _Series(self, values)
+        return s
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.labels().inc(amount)
+
+    def series(self) -> list[_Series]:
+        return list(self._series.values())
+
+    def family(self) -> CounterMetricFamily | GaugeMetricFamily:
+        cls = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        fam = cls(self.name, self.doc, labels=list(self.labelnames))
+        for s in self.series():
+            fam.add_metric(list(s.labels), s.value)
+        return fam
 
 
 class Metrics:
@@ -19,32 +84,57 @@ class Metrics:
 
     Labels: ``tier`` (``device``/``host``/``disk``), ``direction``
     (``h2d``, ``d2h``, ``host_to_disk``, ``disk_to_host``), ``reason``.
+    Counters and gauges take ``.labels(...).inc(n)`` / ``.set(v)`` as in
+    ``prometheus_client``.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
-        self.hits = Counter("dynkv_hits", "Blocks found in a tier at lookup", ["tier"], registry=r)
-        self.misses = Counter("dynkv_misses", "Blocks looked up and found in no dynkv tier", registry=r)
-        self.pages = Counter("dynkv_pages_moved", "Pages (or page slices) moved", ["direction"], registry=r)
-        self.bytes = Counter("dynkv_bytes_moved", "Bytes moved", ["direction"], registry=r)
+        self._lock = threading.Lock()
+        self.version = 0  # bumped by every change of a counter or gauge
+        self._families: list[_Family] = []
+
+        def counter(name: str, doc: str, *labels: str) -> _Family:
+            self._families.append(_Family(self, "counter", name, doc, labels))
+            return self._families[-1]
+
+        def gauge(name: str, doc: str, *labels: str) -> _Family:
+            self._families.append(_Family(self, "gauge", name, doc, labels))
+            return self._families[-1]
+
+        self.hits = counter("dynkv_hits", "Blocks found in a tier at lookup", "tier")
+        self.misses = counter("dynkv_misses", "Blocks looked up and found in no dynkv tier")
+        self.pages = counter("dynkv_pages_moved", "Pages (or page slices) moved", "direction")
+        self.bytes = counter("dynkv_bytes_moved", "Bytes moved", "direction")
+        self.occupancy = gauge("dynkv_tier_pages", "Pages held per tier and state", "tier", "state")
+        self.capacity = gauge("dynkv_tier_capacity_pages", "Capacity of each tier in pages", "tier")
+        self.evictions = counter("dynkv_evictions", "Pages evicted", "tier")
+        self.refused = counter("dynkv_admissions_refused", "Pages not admitted to a tier (full, filtered, or busy)",
+                               "tier", "reason")
+        self.load_errors = counter("dynkv_load_errors", "Blocks whose load failed (recomputed)", "reason")
+        self.store_errors = counter("dynkv_store_errors", "Pages whose store failed", "tier")
+        self.misses.labels()  # exposed at 0 from the start, as prometheus_client does for unlabelled metrics
+        self.registry.register(_Collector(self))
         self.latency = Histogram(
-            "dynkv_transfer_seconds", "Time of one transfer job", ["direction"], buckets=_LATENCY_BUCKETS, registry=r
+            "dynkv_transfer_seconds", "Time of one transfer job", ["direction"], buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
-        self.occupancy = Gauge("dynkv_tier_pages", "Pages held per tier and state", ["tier", "state"], registry=r)
-        self.capacity = Gauge("dynkv_tier_capacity_pages", "Capacity of each tier in pages", ["tier"], registry=r)
-        self.evictions = Counter("dynkv_evictions", "Pages evicted", ["tier"], registry=r)
-        self.refused = Counter(
-            "dynkv_admissions_refused", "Pages not admitted to a tier (full, filtered, or busy)", ["tier", "reason"],
-            registry=r,
-        )
-        self.load_errors = Counter("dynkv_load_errors", "Blocks whose load failed (recomputed)", ["reason"], registry=r)
-        self.store_errors = Counter("dynkv_store_errors", "Pages whose store failed", ["tier"], registry=r)
-        # The same counters and gauges without the histogram: cheap enough to read at every step.
-        self.steady = CollectorRegistry(auto_describe=False)
-        for m in (self.hits, self.misses, self.pages, self.bytes, self.occupancy, self.capacity, self.evictions,
-                  self.refused, self.load_errors, self.store_errors):
-            self.steady.register(m)
+
+    def _change(self, series: _Series, value: float) -> None:
+        with self._lock:
+            series.value = value
+            self.version += 1
+
+    def samples(self) -> tuple[dict[str, float], dict[str, float]]:
+        """``(counters, gauges)`` of the counters and gauges (no histogram), keyed as ``metric_samples`` keys them."""
+        counters: dict[str, float] = {}
+        gauges: dict[str, float] = {}
+        with self._lock:
+            for fam in self._families:
+                target = counters if fam.kind == "counter" else gauges
+                for s in fam.series():
+                    target[s.key] = s.value
+        return counters, gauges
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         """Expose the registry over HTTP (``/metrics``) on ``addr:port``."""
@@ -54,3 +144,20 @@ class Metrics:
         """Current value of a sample, e.g. ``value("dynkv_hits_total", tier="host")``; 0 when absent."""
         v = self.registry.get_sample_value(name, labels or None)
         return 0.0 if v is None else float(v)
+
+
+class _Collector:
+    """The counters and gauges of a :class:`Metrics`, as Prometheus metric families."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterator[Any]:
+        for fam in self._metrics._families:
+            yield (CounterMetricFamily if fam.kind == "counter" else GaugeMetricFamily)(
+                fam.name, fam.doc, labels=list(fam.labelnames))
+
+    def collect(self) -> Iterator[Any]:
+        with self._metrics._lock:
+            families = [fam.family() for fam in self._metrics._families]
+        yield from families

@@ -105,6 +105,25 @@ def test_numpy_input_matches_list(rng: np.random.Generator, dtype: type) -> None
     assert block_keys(FP, tokens.astype(dtype), BS) == block_keys(FP, tokens.tolist(), BS)
 
 
+@pytest.mark.parametrize("blocks", [1, 3, 300 // BS + 1])
+def test_short_and_long_lists_key_alike(rng: np.random.Generator, blocks: int) -> None:
+    """Short lists (a decode step's blocks) are packed without numpy; every input form keys the same."""
+    tokens = rng.integers(0, 2**32, size=blocks * BS + 3, dtype=np.uint64)
+    tokens[0] = 2**32 - 1
+    as_list = [int(t) for t in tokens]
+    want = block_keys(FP, tokens.astype(np.uint32), BS)
+    assert block_keys(FP, as_list, BS) == want
+    assert block_keys(FP, [np.int64(t) for t in as_list], BS) == want
+    assert block_keys(FP, tokens, BS) == want
+
+
+@pytest.mark.parametrize("n", [BS, 300])
+@pytest.mark.parametrize("bad", [-1, 2**32, 1.5])
+def test_out_of_range_ids_fail_in_short_and_long_lists(n: int, bad: object) -> None:
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*32\)|expected integers"):
+        block_keys(FP, [bad] + [0] * (n - 1), BS)
+
+
 def test_partial_trailing_block_gets_no_key(rng: np.random.Generator) -> None:
     tokens = _tokens(rng, 3 * BS)
     full = block_keys(FP, tokens, BS)

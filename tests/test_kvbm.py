@@ -133,6 +133,41 @@ def test_request_finished_while_storing_delays_the_free(rng: np.random.Generator
         leader.close()
 
 
+def test_one_steps_stores_of_several_requests(rng: np.random.Generator) -> None:
+    """store_many (a decode step's stores): one job per request, a page two requests store stored once, exact."""
+    model = Model()
+    leader = make_leader(model)
+    engine = Engine(leader, model, tp=1, processes=False)
+    try:
+        shared = rng.integers(0, 1000, 2 * model.block_size).tolist()
+        own = [rng.integers(0, 1000, model.block_size).tolist() for _ in range(2)]
+        keys = [engine.keys(shared + tail) for tail in own]
+        assert keys[0][:2] == keys[1][:2] and keys[0][2] != keys[1][2]
+        blocks = [[engine.free_blocks.pop() for _ in k] for k in keys]
+        for rid, k in zip("ab", keys):
+            assert leader.lookup(rid, k) == 0
+            leader.begin_load(rid, [])
+        with pytest.raises(ValueError, match="'b': 3 keys but 2 blocks"):
+            leader.store_many([("a", keys[0], blocks[0]), ("b", keys[1], blocks[1][:2])])
+        assert leader.stats()["host"]["pending"] == 0, "a bad call allocates nothing"
+        assert leader.store_many([("a", keys[0], blocks[0]), ("b", keys[1], blocks[1])]) == [3, 1]
+        assert leader.store_many([("a", keys[0], blocks[0])]) == [0], "pages already pending are skipped"
+        plans, build = [], leader.build_plan
+        leader.build_plan = lambda: plans.append(build()) or plans[-1]  # type: ignore[method-assign]
+        engine.step(writes=[*zip(blocks[0], keys[0]), *zip(blocks[1], keys[1])])
+        leader.build_plan = build  # type: ignore[method-assign]
+        assert [(op.req_id, len(op.slots)) for op in plans[0].stores] == [("a", 3), ("b", 1)]
+        for rid, b in zip("ab", blocks):
+            engine.finish(rid, b)
+        engine.drain()
+        for i, tail in enumerate(own):
+            out = engine.serve(f"again{i}", shared + tail + [1])
+            assert out.loaded == 3 and out.mismatched == []
+    finally:
+        engine.close()
+        leader.close()
+
+
 def test_lookup_again_releases_earlier_pins(rng: np.random.Generator) -> None:
     model = Model()
     leader = make_leader(model)
