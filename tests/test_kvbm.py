@@ -133,18 +133,19 @@ def test_request_finished_while_storing_delays_the_free(rng: np.random.Generator
         leader.close()
 
 
-def test_one_steps_stores_of_several_requests(rng: np.random.Generator) -> None:
-    """store_many (a decode step's stores): one job per request, a page two requests store stored once, exact."""
-    model = Model()
+def check_one_steps_stores(rng: np.random.Generator, device: str = "cpu") -> None:
+    """store_many (a decode step's stores): one job per request, launched as one copy; a page two requests store
+    is stored once; every loaded byte exact. A step whose copy cannot start stores none of its pages."""
+    model = Model(device=device)
     leader = make_leader(model)
     engine = Engine(leader, model, tp=1, processes=False)
     try:
         shared = rng.integers(0, 1000, 2 * model.block_size).tolist()
-        own = [rng.integers(0, 1000, model.block_size).tolist() for _ in range(2)]
+        own = [rng.integers(0, 1000, model.block_size).tolist() for _ in range(3)]
         keys = [engine.keys(shared + tail) for tail in own]
         assert keys[0][:2] == keys[1][:2] and keys[0][2] != keys[1][2]
         blocks = [[engine.free_blocks.pop() for _ in k] for k in keys]
-        for rid, k in zip("ab", keys):
+        for rid, k in zip("abc", keys):
             assert leader.lookup(rid, k) == 0
             leader.begin_load(rid, [])
         with pytest.raises(ValueError, match="'b': 3 keys but 2 blocks"):
@@ -155,17 +156,32 @@ def test_one_steps_stores_of_several_requests(rng: np.random.Generator) -> None:
         plans, build = [], leader.build_plan
         leader.build_plan = lambda: plans.append(build()) or plans[-1]  # type: ignore[method-assign]
         engine.step(writes=[*zip(blocks[0], keys[0]), *zip(blocks[1], keys[1])])
+        # c's last block id is past the KV cache: the step's one copy fails to start, for c and for a2.
+        a2 = rng.integers(0, 1000, model.block_size).tolist()
+        k2 = engine.keys(shared + own[0] + a2)[3]
+        assert leader.store_many([("a", [k2], [engine.free_blocks[-1]]),
+                                  ("c", keys[2][2:], [10**6])]) == [1, 1]
+        engine.step(writes=[(engine.free_blocks[-1], k2)])
         leader.build_plan = build  # type: ignore[method-assign]
         assert [(op.req_id, len(op.slots)) for op in plans[0].stores] == [("a", 3), ("b", 1)]
-        for rid, b in zip("ab", blocks):
+        assert [op.req_id for op in plans[1].stores] == ["a", "c"]
+        for rid, b in zip("abc", blocks):
             engine.finish(rid, b)
         engine.drain()
-        for i, tail in enumerate(own):
+        assert leader.metrics.value("dynkv_store_errors_total", tier="host") == 2
+        assert leader.lookup("probe", [*keys[0], k2]) == 3 and leader.lookup("probe2", keys[2]) == 2
+        leader.request_finished("probe")
+        leader.request_finished("probe2")
+        for i, tail in enumerate(own[:2]):
             out = engine.serve(f"again{i}", shared + tail + [1])
             assert out.loaded == 3 and out.mismatched == []
     finally:
         engine.close()
         leader.close()
+
+
+def test_one_steps_stores_of_several_requests(rng: np.random.Generator) -> None:
+    check_one_steps_stores(rng)
 
 
 def test_lookup_again_releases_earlier_pins(rng: np.random.Generator) -> None:

@@ -24,6 +24,12 @@ def test_gpu_stream_in_process(rng: np.random.Generator, dims: str) -> None:
         leader.close()
 
 
+def test_gpu_one_steps_stores_of_several_requests(rng: np.random.Generator) -> None:
+    from test_kvbm import check_one_steps_stores
+
+    check_one_steps_stores(rng, "cuda")
+
+
 def test_gpu_tp_processes(rng: np.random.Generator) -> None:
     model = Model(dims="LBNHC", device="cuda")
     leader = make_leader(model, tp=2, host_pages=32)
