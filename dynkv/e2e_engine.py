@@ -431,6 +431,8 @@ def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int, le
     checked("disk", off_host)
     for name, knobs in (eng.spec.get("variants") or {}).items() if first else ():
         # The same hits with dynkv's copy knobs changed in place (dynkv.e2e_probe).
+        if "decode" in variant_paths(knobs):
+            continue  # run after the decode runs
         restore = _guard(eng, f"variant {name}", apply_variant, eng.connector, knobs)
         if restore is None:
             continue
@@ -493,8 +495,21 @@ def run(spec: dict[str, Any], out_path: Path) -> dict[str, Any]:
         print(f"[{spec['name']}] {length} tokens measured in {time.perf_counter() - t0:.1f} s", flush=True)
     dec = spec.get("decode")
     if dec:
-        eng.report["decode"] = [r for r in (_guard(eng, "decode", eng.decode, p, dec["tokens"])
-                                            for p in prompts["decode"]) if r is not None]
+        def decode_runs() -> list[dict[str, Any]]:
+            return [r for r in (_guard(eng, "decode", eng.decode, p, dec["tokens"]) for p in prompts["decode"])
+                    if r is not None]
+
+        eng.report["decode"] = decode_runs()
+        for name, knobs in (spec.get("variants") or {}).items():
+            if "decode" not in variant_paths(knobs):
+                continue
+            restore = _guard(eng, f"variant {name}", apply_variant, eng.connector, knobs)
+            if restore is not None:
+                try:
+                    eng.report[f"decode@{name}"] = decode_runs()
+                finally:
+                    restore()
+            eng.save()
     eng.report["samples"] = eng.samples()
     eng.save()
     eng.llm.llm_engine.engine_core.shutdown()

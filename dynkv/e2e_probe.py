@@ -8,9 +8,11 @@
   (CTAs of host-to-GPU copies, :func:`dynkv.ops.set_tuning`), ``read_chunk``
   (:attr:`dynkv.disk.DiskTier.read_chunk`), ``io_threads`` (the disk tier's
   I/O threads, :meth:`dynkv.disk.DiskTier.set_io_threads`), ``disk_wait_ms``
-  (:attr:`dynkv.config.DynKVConfig.disk_wait_ms`), ``paths`` (``host``, ``disk`` or
-  ``host+disk``, the default). ``priority`` needs the worker in the engine's
-  process (one GPU, ``distributed_executor_backend=uni``).
+  (:attr:`dynkv.config.DynKVConfig.disk_wait_ms`), ``store_launch_kib``
+  (launch size of the stores' copies, :attr:`dynkv.ops.Tuning.launch_bytes`;
+  0: one launch), ``paths`` (``host``, ``disk``, ``host+disk``, the
+  default, or ``decode``: the decode runs again). ``priority`` needs the
+  worker in the engine's process (one GPU, ``distributed_executor_backend=uni``).
 - **Traces** (``--trace``): one hit per path of the first length under
   ``torch.profiler`` (CUDA kernels with their streams); the Chrome trace is
   written next to the report and summarized by :func:`trace_summary`.
@@ -38,8 +40,8 @@ __all__ = ["KNOBS", "HostSample", "apply_variant", "block_device", "disk_batches
 # knob -> (parse, lowest value)
 KNOBS: dict[str, tuple[Callable[[str], Any], int | None]] = {
     "priority": (int, None), "ctas": (int, 1), "read_chunk": (int, 0), "io_threads": (int, 1),
-    "disk_wait_ms": (float, 0), "paths": (str, None)}
-_PATHS = {"host": ("host",), "disk": ("disk",), "host+disk": ("host", "disk")}
+    "disk_wait_ms": (float, 0), "store_launch_kib": (int, 0), "paths": (str, None)}
+_PATHS = {"host": ("host",), "disk": ("disk",), "host+disk": ("host", "disk"), "decode": ("decode",)}
 COPY_KERNEL = "copy_tiles_kernel"
 
 
@@ -90,6 +92,10 @@ def apply_variant(connector: Any, knobs: dict[str, Any]) -> Callable[[], None]:
             old_ctas = dict(ops.get_tuning().ctas)
             ops.set_tuning(ctas={**old_ctas, "h2d": knobs["ctas"]})
             undo.append(lambda: ops.set_tuning(ctas=old_ctas))
+        if "store_launch_kib" in knobs:
+            old_launches = dict(ops.get_tuning().launch_bytes or {})
+            ops.set_tuning(launch_bytes={**old_launches, "d2h": knobs["store_launch_kib"] << 10})
+            undo.append(lambda: ops.set_tuning(launch_bytes=old_launches))
         disk = connector.leader.disk
         if ("read_chunk" in knobs or "io_threads" in knobs) and disk is None:
             raise RuntimeError("read_chunk, io_threads: this engine has no disk tier")

@@ -74,27 +74,31 @@ class Tuning:
 
     ``ctas``: CTAs of the copy kernel (small, so copies leave the SMs to
     attention and GEMMs; PCIe saturates with 4 to 8 on an H200; 0 means two
-    per SM, for device-to-device copies that are bound by HBM); ``launch_bytes``:
-    split kernel transfers into launches of about this size (0: one launch),
-    so a GEMM launched meanwhile waits at most one launch for its SMs; ``threads``: threads per CTA; ``dma_min_run``: in
-    ``auto``, transfers whose average contiguous run reaches this many bytes go
-    to the copy engines instead (0: never).
+    per SM, for device-to-device copies that are bound by HBM);
+    ``launch_bytes``: split kernel transfers into launches of about this
+    size (0: one launch), so a GEMM launched meanwhile waits at most one
+    launch for its SMs. Stores (``d2h``) run beside the next steps' compute
+    and are split; loads feed the step that waits for them and are not.
+    ``threads``: threads per CTA; ``dma_min_run``: in ``auto``, transfers
+    whose average contiguous run reaches this many bytes go to the copy
+    engines instead (0: never).
     """
 
     ctas: dict[str, int]
     threads: int = 512
     dma_min_run: dict[str, int] | None = None
-    launch_bytes: int = 0
+    launch_bytes: dict[str, int] | None = None
 
-    def for_direction(self, d: Direction) -> tuple[int, int, int]:
-        runs = self.dma_min_run or {}
-        return self.ctas.get(d, 8), self.threads, runs.get(d, 0)
+    def for_direction(self, d: Direction) -> tuple[int, int, int, int]:
+        runs, launches = self.dma_min_run or {}, self.launch_bytes or {}
+        return self.ctas.get(d, 8), self.threads, runs.get(d, 0), launches.get(d, 0)
 
 
 _TUNING = Tuning(
     ctas={"h2d": 8, "d2h": 8, "d2d": 0, "h2h": 8},
     threads=512,
     dma_min_run={"h2d": 0, "d2h": 0, "d2d": 0, "h2h": 0},
+    launch_bytes={"h2d": 0, "d2h": 2 << 20, "d2d": 0, "h2h": 0},
 )
 
 
@@ -103,8 +107,13 @@ def get_tuning() -> Tuning:
 
 
 def set_tuning(**changes: Any) -> Tuning:
-    """Replace fields of the process-wide :class:`Tuning`; returns the new one."""
+    """Replace fields of the process-wide :class:`Tuning`; returns the new one.
+
+    ``launch_bytes`` may be one size for every direction.
+    """
     global _TUNING
+    if isinstance(changes.get("launch_bytes"), int):
+        changes["launch_bytes"] = dict.fromkeys(_TUNING.ctas, changes["launch_bytes"])
     _TUNING = replace(_TUNING, **changes)
     return _TUNING
 
@@ -325,7 +334,7 @@ def _exec(
         raise ValueError(f"backend={backend!r} is not valid: expected one of {', '.join(BACKENDS)}")
     if gpu is None:
         return _C.ExecConfig(backend=BACKENDS[backend], threads=threads or 0), -1
-    ctas, tpb, dma_min_run = _TUNING.for_direction(direction)
+    ctas, tpb, dma_min_run, launch_bytes = _TUNING.for_direction(direction)
     if not ctas:
         ctas = 2 * _num_sms(gpu)
     return (
@@ -335,7 +344,7 @@ def _exec(
             threads=threads or tpb,
             stream=_stream_handle(stream, gpu),
             dma_min_run=dma_min_run,
-            launch_bytes=_TUNING.launch_bytes,
+            launch_bytes=launch_bytes,
         ),
         gpu.index if gpu.index is not None else 0,
     )

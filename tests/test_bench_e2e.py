@@ -17,7 +17,8 @@ def test_bench_e2e_cpu_smoke(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "dynkv.cli", "bench", "e2e", "--device", "cpu", "--lengths", "256",
            "--repeat", "1", "--check-tokens", "8", "--decode-requests", "2", "--decode-tokens", "16",
            "--decode-repeat", "1", "--work-dir", str(tmp_path / "work"), "--out", str(out), "--no-plot",
-           "--variant", "chunk1:read_chunk=1,priority=0", "--trace", "--disk-probe"]
+           "--variant", "chunk1:read_chunk=1,priority=0", "--variant", "whole:store_launch_kib=0,paths=decode",
+           "--trace", "--disk-probe"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((out / "e2e.json").read_text())
@@ -27,6 +28,9 @@ def test_bench_e2e_cpu_smoke(tmp_path: Path) -> None:
     greedy = {t["target"]: t["met"] for t in report["summary"]["targets"] if t["target"].startswith("greedy")}
     assert greedy and all(greedy.values()), greedy
     assert report["summary"]["decode"]["dynkv"]["tok_s"] > 0
+    assert report["summary"]["decode"]["variants"]["whole"]["tok_s"] > 0, "the decode variant ran the decode again"
+    assert "dynkv/disk@whole" not in report["summary"]["lengths"]["256"]["paths"], "a decode variant runs no hits"
+    assert "variant whole:" in run.stdout
     choice = report["summary"]["lengths"]["256"]["prompt_choice"]
     gaps = choice["min_top2_gaps"]
     assert len(gaps) == 2 and None not in gaps, choice

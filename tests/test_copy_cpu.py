@@ -274,3 +274,20 @@ def test_kv_builder_covers_every_byte(rng):
             pad_bytes = sum(int((s == SENTINEL).sum()) for s in kv.storages)
             total = sum(s.numel() for s in kv.storages)
             assert pad_bytes * 5 == total, (layout, form)  # one padding element per four content elements
+
+
+def test_stores_split_into_bounded_launches_by_default() -> None:
+    """Stores run beside later steps' compute, in launches a GEMM can wait out; loads go in one launch."""
+    from dynkv import ops
+
+    saved = ops.get_tuning()
+    try:
+        assert saved.for_direction("d2h")[3] == 2 << 20 and saved.for_direction("h2d")[3] == 0
+        t = ops.set_tuning(launch_bytes=1 << 16)
+        assert {d: t.for_direction(d)[3] for d in ("h2d", "d2h", "d2d", "h2h")} == dict.fromkeys(
+            ("h2d", "d2h", "d2d", "h2h"), 1 << 16)
+        t = ops.set_tuning(launch_bytes={**saved.launch_bytes, "d2h": 0})
+        assert t.for_direction("d2h")[3] == 0 and t.ctas == saved.ctas
+    finally:
+        ops.set_tuning(launch_bytes=saved.launch_bytes)
+    assert ops.get_tuning() == saved

@@ -218,7 +218,8 @@ def test_kernel_grid_stride_and_thread_counts(rng, side_stream):
 @pytest.mark.parametrize("launch_bytes", [1, 3000, 1 << 16])
 def test_split_launches_copy_exactly(rng, side_stream, monkeypatch, launch_bytes):
     """Transfers split into many short launches (down to one tile each) move the same bytes."""
-    monkeypatch.setattr(ops, "_TUNING", replace(ops.get_tuning(), launch_bytes=launch_bytes))
+    every = dict.fromkeys(ops.get_tuning().ctas, launch_bytes)
+    monkeypatch.setattr(ops, "_TUNING", replace(ops.get_tuning(), launch_bytes=every))
     for where in ("pinned", "device"):
         check_gather_scatter(
             rng, SHAPES[0], dims="LBNHC", form="layers", dtype=torch.bfloat16, tp=(2, 1), device=CUDA,

@@ -13,6 +13,7 @@ from dynkv.e2e_probe import HostSample, parse_variant, trace_summary
 def test_parse_variant_reads_knobs_and_names_what_is_wrong() -> None:
     assert parse_variant("hi:priority=-1,ctas=16") == ("hi", {"priority": -1, "ctas": 16})
     assert parse_variant("d:paths=disk,read_chunk=0") == ("d", {"paths": "disk", "read_chunk": 0})
+    assert parse_variant("w:store_launch_kib=0,paths=decode") == ("w", {"store_launch_kib": 0, "paths": "decode"})
     for bad, words in (("nocolon", "NAME:key=value"), ("x:color=red", "'color=red'"), ("x:ctas=0", "below 1"),
                        ("x:ctas=many", "not a int"), ("x:paths=gpu", "paths='gpu'")):
         with pytest.raises(ValueError, match=words):
@@ -92,3 +93,19 @@ def test_io_threads_variant_swaps_the_disk_pool_and_puts_it_back(tmp_path) -> No
         disk.close()
     with pytest.raises(RuntimeError, match="no disk tier"):
         apply_variant(SimpleNamespace(leader=SimpleNamespace(disk=None)), {"io_threads": 2})
+
+
+def test_store_launch_variant_sets_the_stores_launch_size_and_puts_it_back() -> None:
+    from types import SimpleNamespace
+
+    from dynkv import ops
+    from dynkv.e2e_probe import apply_variant
+
+    before = ops.get_tuning()
+    restore = apply_variant(SimpleNamespace(leader=SimpleNamespace(disk=None)), {"store_launch_kib": 8192})
+    try:
+        assert ops.get_tuning().for_direction("d2h")[3] == 8 << 20
+        assert ops.get_tuning().for_direction("h2d")[3] == before.for_direction("h2d")[3]
+    finally:
+        restore()
+    assert ops.get_tuning() == before
