@@ -298,7 +298,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", type=_variant, action="append", default=[], metavar="NAME:KEY=VALUE,...",
                    help="dynkv's host and disk hits of the first length again with copy knobs changed in place: "
                         "priority (load stream), ctas (H2D kernel), read_chunk, io_threads and disk_wait_ms (disk), "
-                        "paths (host, disk, host+disk); "
+                        "store_launch_kib (stores' launch size), paths (host, disk, host+disk, or decode: a decode "
+                        "run with fresh prompts after each default one); "
                         "e.g. normal:priority=0 (repeatable; see dynkv.e2e_probe)")
     p.add_argument("--trace", action="store_true",
                    help="one hit per path of the first length under torch.profiler: Chrome traces in <out>/logs, "

@@ -471,6 +471,37 @@ def _choose(eng: _Engine, cands: list[list[int]], rec: dict[str, Any], length: s
     return best
 
 
+def _decode_runs(eng: _Engine, prompt_sets: list[list[list[int]]], tokens: int) -> None:
+    """The decode runs, each followed by one per decode variant (``paths=decode``), in turn.
+
+    A variant's runs take fresh prompts of the same lengths: the engine's own
+    prefix cache (and dynkv's tiers) would otherwise hold them, and their
+    prefill and stores would not be the same work.
+    """
+    import numpy as np
+
+    variants = {n: k for n, k in (eng.spec.get("variants") or {}).items() if "decode" in variant_paths(k)}
+    lo, hi = eng.spec["vocab"]
+    eng.report["decode"] = []
+    for i, prompts in enumerate(prompt_sets):
+        rec = _guard(eng, "decode", eng.decode, prompts, tokens)
+        if rec is not None:
+            eng.report["decode"].append(rec)
+        for j, (name, knobs) in enumerate(variants.items()):
+            rng = np.random.default_rng(eng.spec["seed"] + 7_368_787 * (1 + i * len(variants) + j))
+            fresh = [rng.integers(lo, hi, size=len(p)).tolist() for p in prompts]
+            restore = _guard(eng, f"variant {name}", apply_variant, eng.connector, knobs)
+            if restore is None:
+                continue
+            try:
+                rec = _guard(eng, f"decode, variant {name}", eng.decode, fresh, tokens)
+            finally:
+                restore()
+            if rec is not None:
+                eng.report.setdefault(f"decode@{name}", []).append(rec)
+        eng.save()
+
+
 def run(spec: dict[str, Any], out_path: Path) -> dict[str, Any]:
     """Measure one engine as ``spec`` says (see :mod:`dynkv.bench_e2e`); the report is also written to ``out_path``."""
     eng = _Engine(spec, out_path)
@@ -495,21 +526,7 @@ def run(spec: dict[str, Any], out_path: Path) -> dict[str, Any]:
         print(f"[{spec['name']}] {length} tokens measured in {time.perf_counter() - t0:.1f} s", flush=True)
     dec = spec.get("decode")
     if dec:
-        def decode_runs() -> list[dict[str, Any]]:
-            return [r for r in (_guard(eng, "decode", eng.decode, p, dec["tokens"]) for p in prompts["decode"])
-                    if r is not None]
-
-        eng.report["decode"] = decode_runs()
-        for name, knobs in (spec.get("variants") or {}).items():
-            if "decode" not in variant_paths(knobs):
-                continue
-            restore = _guard(eng, f"variant {name}", apply_variant, eng.connector, knobs)
-            if restore is not None:
-                try:
-                    eng.report[f"decode@{name}"] = decode_runs()
-                finally:
-                    restore()
-            eng.save()
+        _decode_runs(eng, prompts["decode"], dec["tokens"])
     eng.report["samples"] = eng.samples()
     eng.save()
     eng.llm.llm_engine.engine_core.shutdown()
