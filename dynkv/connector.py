@@ -35,7 +35,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -430,9 +429,7 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         if n <= have or st.keyless:
             return st.keys
         bs, req = self.block_size, st.request
-        tokens = req.all_token_ids[have * bs : n * bs]
-        if not isinstance(tokens, list) or len(tokens) > 256:
-            tokens = np.asarray(tokens, dtype=np.int64)  # long prompts: numpy packs them faster
+        tokens = req.all_token_ids[have * bs : n * bs]  # a list: block_keys packs short ones without numpy
         extra: list[Any] | None = None
         try:
             if _has_extra_keys(req):
