@@ -53,7 +53,7 @@ def test_worker_launches_a_decode_steps_stores(benchmark, device: str, mode: str
             worker.after_forward()
         else:
             for op in batch:
-                worker._launch_store(op)
+                worker._launch_stores([op])
         worker.wait()
         report = worker.poll()
         return len(report.done) if not report.failed else -1

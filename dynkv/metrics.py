@@ -42,11 +42,11 @@ class _Series:
         if amount < 0:
             raise ValueError(f"{self._family.name}: counters only go up (inc by {amount})")
         if amount:
-            self._family.owner._change(self, self.value + amount)
+            self._family.owner._update(self, amount, add=True)
 
     def set(self, value: float) -> None:
         if value != self.value:
-            self._family.owner._change(self, float(value))
+            self._family.owner._update(self, float(value), add=False)
 
 
 class _Family:
@@ -94,25 +94,21 @@ class Metrics:
         self.version = 0  # bumped by every change of a counter or gauge
         self._families: list[_Family] = []
 
-        def counter(name: str, doc: str, *labels: str) -> _Family:
-            self._families.append(_Family(self, "counter", name, doc, labels))
+        def add(kind: str, name: str, doc: str, *labels: str) -> _Family:
+            self._families.append(_Family(self, kind, name, doc, labels))
             return self._families[-1]
 
-        def gauge(name: str, doc: str, *labels: str) -> _Family:
-            self._families.append(_Family(self, "gauge", name, doc, labels))
-            return self._families[-1]
-
-        self.hits = counter("dynkv_hits", "Blocks found in a tier at lookup", "tier")
-        self.misses = counter("dynkv_misses", "Blocks looked up and found in no dynkv tier")
-        self.pages = counter("dynkv_pages_moved", "Pages (or page slices) moved", "direction")
-        self.bytes = counter("dynkv_bytes_moved", "Bytes moved", "direction")
-        self.occupancy = gauge("dynkv_tier_pages", "Pages held per tier and state", "tier", "state")
-        self.capacity = gauge("dynkv_tier_capacity_pages", "Capacity of each tier in pages", "tier")
-        self.evictions = counter("dynkv_evictions", "Pages evicted", "tier")
-        self.refused = counter("dynkv_admissions_refused", "Pages not admitted to a tier (full, filtered, or busy)",
-                               "tier", "reason")
-        self.load_errors = counter("dynkv_load_errors", "Blocks whose load failed (recomputed)", "reason")
-        self.store_errors = counter("dynkv_store_errors", "Pages whose store failed", "tier")
+        self.hits = add("counter", "dynkv_hits", "Blocks found in a tier at lookup", "tier")
+        self.misses = add("counter", "dynkv_misses", "Blocks looked up and found in no dynkv tier")
+        self.pages = add("counter", "dynkv_pages_moved", "Pages (or page slices) moved", "direction")
+        self.bytes = add("counter", "dynkv_bytes_moved", "Bytes moved", "direction")
+        self.occupancy = add("gauge", "dynkv_tier_pages", "Pages held per tier and state", "tier", "state")
+        self.capacity = add("gauge", "dynkv_tier_capacity_pages", "Capacity of each tier in pages", "tier")
+        self.evictions = add("counter", "dynkv_evictions", "Pages evicted", "tier")
+        self.refused = add("counter", "dynkv_admissions_refused",
+                           "Pages not admitted to a tier (full, filtered, or busy)", "tier", "reason")
+        self.load_errors = add("counter", "dynkv_load_errors", "Blocks whose load failed (recomputed)", "reason")
+        self.store_errors = add("counter", "dynkv_store_errors", "Pages whose store failed", "tier")
         self.misses.labels()  # exposed at 0 from the start, as prometheus_client does for unlabelled metrics
         self.registry.register(_Collector(self))
         self.latency = Histogram(
@@ -120,9 +116,9 @@ class Metrics:
             registry=self.registry,
         )
 
-    def _change(self, series: _Series, value: float) -> None:
-        with self._lock:
-            series.value = value
+    def _update(self, series: _Series, value: float, *, add: bool) -> None:
+        with self._lock:  # a read-modify-write: increments from two threads both count
+            series.value = series.value + value if add else value
             self.version += 1
 
     def samples(self) -> tuple[dict[str, float], dict[str, float]]:
@@ -153,9 +149,7 @@ class _Collector:
         self._metrics = metrics
 
     def describe(self) -> Iterator[Any]:
-        for fam in self._metrics._families:
-            yield (CounterMetricFamily if fam.kind == "counter" else GaugeMetricFamily)(
-                fam.name, fam.doc, labels=list(fam.labelnames))
+        return self.collect()  # the registry reads only the names
 
     def collect(self) -> Iterator[Any]:
         with self._metrics._lock:

@@ -189,11 +189,8 @@ class Worker(PullFlow):
         """Launch this step's stores: the forward has written their blocks."""
         self._end_sync_step()
         ops, self._stores_next = self._stores_next, []
-        if len(ops) > 1 and self._writes_pages:
+        if ops:
             self._launch_stores(ops)
-            return
-        for op in ops:
-            self._launch_store(op)
 
     def poll(self) -> WorkerReport:
         """Jobs this rank finished since the last call (never blocks)."""
@@ -372,21 +369,15 @@ class Worker(PullFlow):
             self._errors |= set(job.block_ids)
             self._report.failed_blocks |= set(job.block_ids)
 
-    def _launch_store(self, op: StoreOp) -> None:
-        if not self._writes_pages:
-            self._launch(op.job, op.req_id, "store", op.block_ids, (), None)
-            return
-        self._launch(op.job, op.req_id, "store", op.block_ids, (),
-                     lambda pages, stream: gather(self.view, pages, op.block_ids, op.slots, stream=stream))
-
     def _launch_stores(self, ops: list[StoreOp]) -> None:
         """A step's stores (a decode step fills a block of every running request) as one gather.
 
         One launch instead of one per request; the jobs share its handle, and
         its bytes and time go with the first job. A failure fails them all:
-        their pages are not stored.
+        their pages are not stored. A replica that stores nothing (replicated
+        heads: the first replica writes the pages) reports the jobs done.
         """
-        blocks = [b for op in ops for b in op.block_ids]
+        blocks = [b for op in ops for b in op.block_ids] if self._writes_pages else []
         slots = [s for op in ops for s in op.slots]
         now, error, handle = time.perf_counter(), None, None
         try:
