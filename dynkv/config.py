@@ -164,6 +164,7 @@ _PARSERS: dict[str, Callable[[Any, _Source], Any]] = {
     "export_timeout_s": _float_above(0.0, inclusive=False),
     "stats_interval_s": _float_above(0.0, inclusive=True),
     "disk_wait_ms": _float_above(0.0, inclusive=True),
+    "early_loads": _parse_bool,
 }
 
 
@@ -233,6 +234,12 @@ class DynKVConfig:
         reading, the scheduler blocks up to this long for a read to land
         instead of returning at once (vLLM's loop otherwise spins on the
         waiting request). A read landing ends the wait at once; 0 never waits.
+    early_loads
+        With ``layerwise``: a step's host-tier loads start when vLLM hands
+        the step to the workers (its ``handle_preemptions`` hook), so the
+        copy runs while vLLM prepares the step's inputs. Steps in which vLLM
+        itself writes KV blocks first (zeroing fresh blocks, copying blocks)
+        start them after that, as with this off.
     """
 
     host_gb: float | None = None
@@ -252,6 +259,7 @@ class DynKVConfig:
     export_timeout_s: float = 120.0
     stats_interval_s: float = 1.0
     disk_wait_ms: float = 0.0
+    early_loads: bool = True
 
     def __post_init__(self) -> None:
         for name, parse in _PARSERS.items():

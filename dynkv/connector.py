@@ -89,6 +89,7 @@ class DynKVMetadata(KVConnectorMetadata):
 
     plan: StepPlan
     preempted: tuple[str, ...] = ()
+    early: bool = False  # workers launch the plan's sync loads in handle_preemptions, before input preparation
 
 
 @dataclass
@@ -147,6 +148,7 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         self._stats_at = float("-inf")
         self._stats_version = -1
         self.disk_wait_s = self.config.disk_wait_ms / 1e3  # see DynKVConfig.disk_wait_ms
+        self.early_loads = self.config.early_loads
         events = getattr(vllm_config, "kv_events_config", None)
         self._events_on = bool(getattr(events, "enable_kv_cache_events", False))
         self._event_meta: OrderedDict[bytes, tuple[bytes | None, list[int], Any]] = OrderedDict()
@@ -197,9 +199,14 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         self.worker.register(view, names)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
-        # vLLM hands a preempted request's blocks to others at once: stores still reading them finish first.
-        if isinstance(kv_connector_metadata, DynKVMetadata) and kv_connector_metadata.preempted:
+        # vLLM calls this first in a step, before it prepares the step's inputs.
+        if not isinstance(kv_connector_metadata, DynKVMetadata):
+            return
+        if kv_connector_metadata.preempted:
+            # vLLM hands a preempted request's blocks to others at once: stores still reading them finish first.
             self.worker.wait(kv_connector_metadata.preempted)
+        if kv_connector_metadata.early:
+            self.worker.start_early(kv_connector_metadata.plan)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         if isinstance(self._connector_metadata, DynKVMetadata):
@@ -315,7 +322,10 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         if stores:
             self.leader.store_many(stores)
         preempted = tuple(getattr(scheduler_output, "preempted_req_ids", None) or ())
-        return DynKVMetadata(self.leader.build_plan(), preempted)
+        plan = self.leader.build_plan()
+        early = self.early_loads and any(op.sync and op.block_ids for op in plan.loads) \
+            and not _writes_blocks_first(scheduler_output)
+        return DynKVMetadata(plan, preempted, early)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
@@ -503,6 +513,15 @@ class _Req:
     load_tiers: dict[str, int] = field(default_factory=dict)
     sync: bool = False  # the pending lookup's pages load in the step that computes the request
     remote: Any = _UNSET  # RemotePrefill of kv_transfer_params, None when none is usable
+
+
+def _writes_blocks_first(out: SchedulerOutput) -> bool:
+    """Whether vLLM writes KV blocks in this step's input preparation (zeroes fresh ones, copies some).
+
+    A sync load launched before that could land first and be overwritten;
+    such a step's loads start where vLLM starts them, after it.
+    """
+    return bool(getattr(out, "new_block_ids_to_zero", None) or getattr(out, "kv_cache_block_copies", None))
 
 
 def _has_extra_keys(req: Any) -> bool:

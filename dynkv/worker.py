@@ -105,6 +105,7 @@ class Worker(PullFlow):
         self._closing = threading.Event()
         self._layer_of: dict[str, int] = {}
         self._sync: _SyncStep | None = None
+        self._early: StepPlan | None = None  # the plan whose sync loads start_early launched
         self._layerwise = config.layerwise
         self._load_priority = LOAD_PRIORITY
 
@@ -155,23 +156,44 @@ class Worker(PullFlow):
 
     # -- per step ------------------------------------------------------------
 
+    def start_early(self, plan: StepPlan) -> None:
+        """Launch the plan's sync loads now, before vLLM prepares the step's inputs.
+
+        For a plan whose sync blocks nothing else writes before the forward
+        (the connector checks that vLLM zeroes or copies none of this step's
+        blocks): the copy then runs while vLLM prepares the inputs instead of
+        after. :meth:`start` of the same plan launches the rest.
+        """
+        self._end_sync_step()  # a step whose forward never ran (vLLM calls nothing in between)
+        self._early = plan
+        sync = [op for op in plan.loads if op.sync and op.block_ids]
+        if sync:
+            self._launch_sync(sync, per_layer=self._layerwise and bool(self._layer_of))
+
     def start(self, plan: StepPlan, *, layer_hooks: bool = True) -> None:
         """Launch the plan's loads now; keep its stores for :meth:`after_forward`.
 
         ``layer_hooks``: this step's forward calls :meth:`wait_for_layer` for
         every attention layer (False for a forward replayed as one CUDA
         graph: it then waits for the whole of this step's sync loads).
+        Sync loads that :meth:`start_early` launched for this plan are not
+        launched again.
         """
         self._finishing.update(plan.finished)
         self._stores_next = list(plan.stores)
-        self._end_sync_step()  # a step whose forward never ran (vLLM calls nothing in between)
+        early, self._early = self._early is plan, None
+        if not early:
+            self._end_sync_step()  # a step whose forward never ran (vLLM calls nothing in between)
         sync = []
         for op in plan.loads:
             if op.sync and op.block_ids:
                 sync.append(op)
             else:
                 self._launch_load(op)
-        if sync:
+        if early:
+            if not layer_hooks:
+                self._wait_whole_sync()
+        elif sync:
             self._launch_sync(sync, per_layer=self._layerwise and layer_hooks and bool(self._layer_of))
 
     def wait_for_layer(self, layer_name: str) -> None:
@@ -348,6 +370,14 @@ class Worker(PullFlow):
 
         assert self.view is not None
         torch.cuda.current_stream(self.view.device).wait_event(ev)
+
+    def _wait_whole_sync(self) -> None:
+        """The forward asks for no layer: it waits for the whole of this step's sync loads before it starts."""
+        st = self._sync
+        if st is None or len(st.groups) == 1:
+            return
+        self._wait_event(st.events[-1])  # the groups are copied in order: the last one ends the copy
+        st.waited.update(range(len(st.groups)))
 
     def _end_sync_step(self) -> None:
         """After the forward: check that it waited for every layer of its sync loads."""

@@ -89,12 +89,17 @@ class RankState:
         return torch.from_numpy(page_content(key, self.geometry)[h0:h1, layer]).to(self.model.device)
 
     def step(self, plan: StepPlan, writes: Sequence[tuple[int, bytes]], reads: Sequence[tuple[int, bytes]] = (),
-             hooks: str = "all", layer_hooks: bool = True) -> list[tuple[int, int]]:
+             hooks: str = "all", layer_hooks: bool = True, early: bool = False) -> list[tuple[int, int]]:
         """One forward: per layer, ask for the layer (``hooks``: "all", "none", "even"), read ``reads``, write.
 
-        Returns the ``(layer, block)`` of ``reads`` that did not hold their
-        page when the forward read them (a sync load that arrived late).
+        ``early``: the sync loads start before the step's inputs are
+        prepared (the connector's ``handle_preemptions``), the rest at the
+        forward. Returns the ``(layer, block)`` of ``reads`` that did not
+        hold their page when the forward read them (a sync load that
+        arrived late).
         """
+        if early:
+            self.worker.start_early(plan)
         self.worker.start(plan, layer_hooks=layer_hooks)
         late = []
         for layer in range(self.model.num_layers):
@@ -242,7 +247,7 @@ class Engine:
         plan = self.leader.build_plan()
         for r in self.ranks:
             r.send("step", plan, list(writes), list(reads), forward.get("hooks", "all"),
-                   forward.get("layer_hooks", True))
+                   forward.get("layer_hooks", True), forward.get("early", False))
         late: list[tuple[int, int]] = []
         for r in self.ranks:
             late += r.recv()

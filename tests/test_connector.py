@@ -27,7 +27,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 import dynkv.connector as connector_mod
 from dynkv.connector import DynKVConnector, DynKVMetadata, DynKVPromMetrics, DynKVStats, DynKVWorkerMetadata
 from dynkv.engine_info import distinct_layers, infer_dims, model_geometry
-from dynkv.protocol import WorkerReport
+from dynkv.protocol import StepPlan, WorkerReport
 
 BS = 32
 LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(2)]
@@ -195,6 +195,45 @@ def test_host_hit_loads_in_the_step_that_computes_it(sync_conn: Any, rng: np.ran
     assert load.sync and load.block_ids == (9, 10) and load.req_id == "b"
     complete(conn, meta)
     assert conn.leader.stats()["host"]["pinned"] == 0
+
+
+@pytest.mark.parametrize("first", [None, "zero", "copy", "off"])
+def test_host_hit_loads_start_before_input_preparation(rng: np.random.Generator, first: str | None) -> None:
+    """A step's sync loads start in handle_preemptions, unless vLLM writes blocks in that step's preparation."""
+    vllm_config, kcc = fake_config({"host_pages": 16, "early_loads": first != "off"})
+    conn = DynKVConnector(vllm_config, KVConnectorRole.SCHEDULER, kcc)
+    try:
+        shared = tokens(rng, 2 * BS)
+        served(conn, "a", shared + tokens(rng, 40), [1, 2, 3])
+        out = step(new={"x": [20]}, scheduled={"x": 8})  # a request dynkv does not know: no loads
+        assert conn.build_connector_meta(out).early is False
+        b = FakeRequest("b", shared + tokens(rng, 5))
+        conn.on_new_request(b)
+        assert conn.get_num_new_matched_tokens(b, 0) == (2 * BS, False)
+        conn.update_state_after_alloc(b, blocks([9, 10, 11]), 2 * BS)
+        out = step(new={"b": [9, 10, 11]}, scheduled={"b": 5})
+        if first == "zero":
+            out.new_block_ids_to_zero = [9, 10, 11]
+        elif first == "copy":
+            out.kv_cache_block_copies = [SimpleNamespace(src=4, dst=11)]
+        meta = conn.build_connector_meta(out)
+        assert [op.block_ids for op in meta.plan.loads] == [(9, 10)]
+        assert meta.early is (first is None)
+    finally:
+        conn.shutdown()
+
+
+def test_worker_side_starts_early_loads_after_waiting_for_preempted_stores() -> None:
+    calls: list[Any] = []
+    conn = DynKVConnector.__new__(DynKVConnector)  # the worker side's hook alone, on a recording worker
+    conn.worker = SimpleNamespace(wait=lambda ids: calls.append(("wait", tuple(ids))),
+                                  start_early=lambda plan: calls.append(("start_early", plan)))
+    plan = StepPlan()
+    conn.handle_preemptions(DynKVMetadata(plan, ("p",), True))
+    assert calls == [("wait", ("p",)), ("start_early", plan)]
+    calls.clear()
+    conn.handle_preemptions(DynKVMetadata(plan, (), False))
+    assert calls == []
 
 
 def test_whole_prompt_host_hit_leaves_the_last_block_to_compute(sync_conn: Any, rng: np.random.Generator) -> None:

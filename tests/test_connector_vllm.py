@@ -129,7 +129,7 @@ def check_same(phase: dict, baseline: dict) -> float:
 def test_host_tier_serves_evicted_prefixes(model_dir: str, prompts: dict, baseline: dict, tmp_path: Path) -> None:
     P, F = prompts["P"], prompts["F"]
     out = run_engine(tmp_path, {
-        "model": model_dir, "by_name": True, "record_events": True,
+        "model": model_dir, "by_name": True, "record_events": True, "record_sync_starts": True,
         "engine": {**ENGINE, "disable_log_stats": False,
                    "kv_events_config": {"enable_kv_cache_events": True, "publisher": "null"}},
         "dynkv": {"host_pages": 64},
@@ -156,6 +156,8 @@ def test_host_tier_serves_evicted_prefixes(model_dir: str, prompts: dict, baseli
     hits = {dict(k[1]).get("tier"): v for k, v in vm.items() if k[0] == "vllm:dynkv_hits"}
     assert hits["host"] == n
     assert out["events"].get("BlockStored:CPU", 0) >= len(P + F) * FULL_BLOCKS
+    # Every host hit's copy started as the worker received the step, before vLLM prepared its inputs.
+    assert out["sync_starts"] == {"early": n}
 
 
 def test_disk_tier_survives_restart_and_bad_pages_are_recomputed(

@@ -14,7 +14,9 @@ def test_parse_variant_reads_knobs_and_names_what_is_wrong() -> None:
     assert parse_variant("hi:priority=-1,ctas=16") == ("hi", {"priority": -1, "ctas": 16})
     assert parse_variant("d:paths=disk,read_chunk=0") == ("d", {"paths": "disk", "read_chunk": 0})
     assert parse_variant("w:store_launch_kib=0,paths=decode") == ("w", {"store_launch_kib": 0, "paths": "decode"})
+    assert parse_variant("late:early=0,paths=host") == ("late", {"early": 0, "paths": "host"})
     for bad, words in (("nocolon", "NAME:key=value"), ("x:color=red", "'color=red'"), ("x:ctas=0", "below 1"),
+                       ("x:early=2", "expected 0 or 1"),
                        ("x:ctas=many", "not a int"), ("x:paths=gpu", "paths='gpu'")):
         with pytest.raises(ValueError, match=words):
             parse_variant(bad)
@@ -109,3 +111,15 @@ def test_store_launch_variant_sets_the_stores_launch_size_and_puts_it_back() -> 
     finally:
         restore()
     assert ops.get_tuning() == before
+
+
+def test_early_variant_switches_the_connectors_early_loads_and_puts_it_back() -> None:
+    from types import SimpleNamespace
+
+    from dynkv.e2e_probe import apply_variant
+
+    conn = SimpleNamespace(leader=SimpleNamespace(disk=None), early_loads=True)
+    restore = apply_variant(conn, {"early": 0})
+    assert conn.early_loads is False
+    restore()
+    assert conn.early_loads is True

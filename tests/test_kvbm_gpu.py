@@ -42,12 +42,14 @@ def test_gpu_tp_processes(rng: np.random.Generator) -> None:
         leader.close()
 
 
-@pytest.mark.parametrize("tp,processes", [(1, False), (2, True)])
-def test_gpu_sync_layer_by_layer_loads(rng: np.random.Generator, tp: int, processes: bool) -> None:
+@pytest.mark.parametrize("tp,processes,early", [(1, False, False), (2, True, False), (1, False, True),
+                                                (2, True, True)])
+def test_gpu_sync_layer_by_layer_loads(rng: np.random.Generator, tp: int, processes: bool, early: bool) -> None:
     """Each layer's reads, queued on the compute stream after its wait, see the loaded pages."""
     from test_sync_loads import check_sync_loads
 
-    check_sync_loads(rng, Model(dims="LBNHC", device="cuda", num_layers=8), tp=tp, processes=processes)
+    check_sync_loads(rng, Model(dims="LBNHC", device="cuda", num_layers=8), tp=tp, processes=processes,
+                     early=early)
 
 
 @pytest.mark.parametrize("priority", [0, -1])

@@ -23,7 +23,7 @@ def _prompt(rng: np.random.Generator, model: Model, blocks: int) -> list[int]:
 
 
 def check_sync_loads(rng: np.random.Generator, model: Model, *, tp: int, processes: bool,
-                     load_priority: int | None = None) -> None:
+                     load_priority: int | None = None, early: bool = False) -> None:
     leader = make_leader(model, tp=tp)
     engine = Engine(leader, model, tp=tp, num_blocks=96, processes=processes)
     try:
@@ -37,7 +37,7 @@ def check_sync_loads(rng: np.random.Generator, model: Model, *, tp: int, process
             engine.serve(f"first{i}", p)
         engine.drain()
         for i, p in enumerate(prompts):
-            out = engine.serve(f"again{i}", p + [7] * model.block_size, sync=True)
+            out = engine.serve(f"again{i}", p + [7] * model.block_size, sync=True, early=early)
             assert out.loaded == 6
             assert out.late == [], f"the forward read layers before they arrived: {out.late[:8]}"
             assert out.load_errors == set() and out.mismatched == []
@@ -50,14 +50,61 @@ def check_sync_loads(rng: np.random.Generator, model: Model, *, tp: int, process
         leader.close()
 
 
+@pytest.mark.parametrize("early", [False, True])
 @pytest.mark.parametrize("dims", ["LBHNC", "LBNHC"])
-def test_sync_loads_in_process(rng: np.random.Generator, dims: str) -> None:
-    check_sync_loads(rng, Model(dims=dims, num_layers=6), tp=1, processes=False)
+def test_sync_loads_in_process(rng: np.random.Generator, dims: str, early: bool) -> None:
+    check_sync_loads(rng, Model(dims=dims, num_layers=6), tp=1, processes=False, early=early)
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-def test_sync_loads_tp_processes(rng: np.random.Generator, tp: int) -> None:
-    check_sync_loads(rng, Model(num_layers=5), tp=tp, processes=True)
+@pytest.mark.parametrize("tp,early", [(2, False), (4, False), (2, True)])
+def test_sync_loads_tp_processes(rng: np.random.Generator, tp: int, early: bool) -> None:
+    check_sync_loads(rng, Model(num_layers=5), tp=tp, processes=True, early=early)
+
+
+@pytest.mark.parametrize("layer_hooks", [True, False])
+def test_early_sync_loads_launch_once_before_the_forward(rng: np.random.Generator, monkeypatch,
+                                                         layer_hooks: bool) -> None:
+    """start_early launches the step's sync loads; start of the same plan launches only the rest."""
+    model = Model(num_layers=4)
+    leader = make_leader(model)
+    engine = Engine(leader, model, tp=1, processes=False)
+    worker = engine.ranks[0].state.worker
+    launches: list[tuple[str, bool]] = []
+    real_sync = dynkv.worker.Worker._launch_sync
+    in_start = []
+
+    def launch_sync(self, ops, *, per_layer):
+        launches.append(("sync", bool(in_start)))
+        return real_sync(self, ops, per_layer=per_layer)
+
+    def start(plan, *, layer_hooks=True, _real=worker.start):
+        in_start.append(1)
+        try:
+            return _real(plan, layer_hooks=layer_hooks)
+        finally:
+            in_start.clear()
+
+    monkeypatch.setattr(dynkv.worker.Worker, "_launch_sync", launch_sync)
+    monkeypatch.setattr(worker, "start", start)
+    try:
+        a = _prompt(rng, model, 4)
+        engine.serve("a", a)
+        engine.drain()
+        launches.clear()
+        out = engine.serve("a2", a + [3], sync=True, early=True, layer_hooks=layer_hooks,
+                           hooks="all" if layer_hooks else "none")
+        assert launches == [("sync", False)], "one launch, from start_early, none from start"
+        assert out.loaded == 4 and out.late == [] and out.load_errors == set() and out.mismatched == []
+        # A plan start_early did not see is launched by start, as before.
+        launches.clear()
+        out = engine.serve("a3", a + [4], sync=True)
+        assert launches == [("sync", True)]
+        assert out.loaded == 4 and out.late == [] and out.load_errors == set() and out.mismatched == []
+        engine.drain()
+        assert leader.stats()["host"]["pinned"] == 0
+    finally:
+        engine.close()
+        leader.close()
 
 
 @pytest.mark.parametrize("hooks", ["none", "even"])

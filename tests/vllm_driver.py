@@ -65,13 +65,20 @@ def _shift_loads() -> None:
 
     from dynkv.worker import Worker
 
-    start = Worker.start
+    def shifted(op: Any) -> Any:
+        return replace(op, slots=tuple(s + 1 for s in op.slots))
 
-    def start_shifted(self: Worker, plan: Any, **kw: Any) -> None:
-        plan.loads = [replace(op, slots=tuple(s + 1 for s in op.slots)) for op in plan.loads]
-        start(self, plan, **kw)
+    launch_load, launch_sync = Worker._launch_load, Worker._launch_sync
 
-    Worker.start = start_shifted  # type: ignore[method-assign]
+    def launch_load_shifted(self: Worker, op: Any) -> None:
+        launch_load(self, shifted(op))
+
+    def launch_sync_shifted(self: Worker, ops: Any, **kw: Any) -> None:
+        launch_sync(self, [shifted(op) for op in ops], **kw)
+
+    # Both launch paths: async loads, and sync loads whether start_early or start launches them.
+    Worker._launch_load = launch_load_shifted  # type: ignore[method-assign]
+    Worker._launch_sync = launch_sync_shifted  # type: ignore[method-assign]
 
 
 def _record_events(counts: dict[str, int]) -> None:
@@ -88,6 +95,20 @@ def _record_events(counts: dict[str, int]) -> None:
         return events
 
     DynKVConnector.take_events = take_counted  # type: ignore[method-assign]
+
+
+def _record_sync_starts(counts: dict[str, int]) -> None:
+    """Patch the worker to count sync-load blocks by where they were launched (``early``: start_early)."""
+    from dynkv.worker import Worker
+
+    launch_sync = Worker._launch_sync
+
+    def launch_sync_counted(self: Worker, ops: Any, **kw: Any) -> None:
+        where = "late" if self._early is None else "early"
+        counts[where] = counts.get(where, 0) + sum(len(op.block_ids) for op in ops)
+        launch_sync(self, ops, **kw)
+
+    Worker._launch_sync = launch_sync_counted  # type: ignore[method-assign]
 
 
 def _connector(llm: Any) -> Any:
@@ -116,6 +137,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     events: dict[str, int] = {}
     if spec.get("record_events"):
         _record_events(events)
+    sync_starts: dict[str, int] = {}
+    if spec.get("record_sync_starts"):
+        _record_sync_starts(sync_starts)
     from vllm import LLM, SamplingParams
 
     kwargs: dict[str, Any] = dict(dtype="float32", block_size=32, enforce_eager=True, enable_prefix_caching=True,
@@ -162,6 +186,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     if conn is not None:
         out["pool_name"] = conn.leader.pool_name
     out["events"] = events
+    out["sync_starts"] = sync_starts
     llm.llm_engine.engine_core.shutdown()
     return out
 
