@@ -90,6 +90,9 @@ class DynKVMetadata(KVConnectorMetadata):
     plan: StepPlan
     preempted: tuple[str, ...] = ()
     early: bool = False  # workers launch the plan's sync loads in handle_preemptions, before input preparation
+    # A uniform decode batch, which vLLM may replay as one full CUDA graph (no per-layer hooks): sync loads are
+    # waited for whole. Some model runners start loads outside the forward context, where the mode is not shown.
+    whole: bool = False
 
 
 @dataclass
@@ -149,6 +152,8 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         self._stats_version = -1
         self.disk_wait_s = self.config.disk_wait_ms / 1e3  # see DynKVConfig.disk_wait_ms
         self.early_loads = self.config.early_loads
+        spec = getattr(vllm_config, "speculative_config", None)
+        self._decode_query_len = 1 + (getattr(spec, "num_speculative_tokens", None) or 0)
         events = getattr(vllm_config, "kv_events_config", None)
         self._events_on = bool(getattr(events, "enable_kv_cache_events", False))
         self._event_meta: OrderedDict[bytes, tuple[bytes | None, list[int], Any]] = OrderedDict()
@@ -206,13 +211,14 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             # vLLM hands a preempted request's blocks to others at once: stores still reading them finish first.
             self.worker.wait(kv_connector_metadata.preempted)
         if kv_connector_metadata.early:
-            self.worker.start_early(kv_connector_metadata.plan)
+            self.worker.start_early(kv_connector_metadata.plan, layer_hooks=not kv_connector_metadata.whole)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        if isinstance(self._connector_metadata, DynKVMetadata):
+        meta = self._connector_metadata
+        if isinstance(meta, DynKVMetadata):
             # A forward replayed as one full CUDA graph skips wait_for_layer_load: sync loads are waited for whole.
             mode = getattr(forward_context, "cudagraph_runtime_mode", None)
-            self.worker.start(self._connector_metadata.plan, layer_hooks=getattr(mode, "name", "") != "FULL")
+            self.worker.start(meta.plan, layer_hooks=getattr(mode, "name", "") != "FULL" and not meta.whole)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         self.worker.wait_for_layer(layer_name)
@@ -323,9 +329,13 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             self.leader.store_many(stores)
         preempted = tuple(getattr(scheduler_output, "preempted_req_ids", None) or ())
         plan = self.leader.build_plan()
-        early = self.early_loads and any(op.sync and op.block_ids for op in plan.loads) \
-            and not _writes_blocks_first(scheduler_output)
-        return DynKVMetadata(plan, preempted, early)
+        if not any(op.sync and op.block_ids for op in plan.loads):
+            return DynKVMetadata(plan, preempted)
+        early = self.early_loads and not _writes_blocks_first(scheduler_output)
+        # vLLM's uniform decode batch: every request computes 1 + (speculative tokens) tokens.
+        counts = scheduler_output.num_scheduled_tokens.values()
+        whole = all(n == self._decode_query_len for n in counts)
+        return DynKVMetadata(plan, preempted, early, whole)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = getattr(connector_output, "kv_connector_worker_meta", None)

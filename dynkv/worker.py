@@ -156,19 +156,21 @@ class Worker(PullFlow):
 
     # -- per step ------------------------------------------------------------
 
-    def start_early(self, plan: StepPlan) -> None:
+    def start_early(self, plan: StepPlan, *, layer_hooks: bool = True) -> None:
         """Launch the plan's sync loads now, before vLLM prepares the step's inputs.
 
         For a plan whose sync blocks nothing else writes before the forward
         (the connector checks that vLLM zeroes or copies none of this step's
         blocks): the copy then runs while vLLM prepares the inputs instead of
         after. :meth:`start` of the same plan launches the rest.
+        ``layer_hooks`` as for :meth:`start`, as far as known this early.
         """
         self._end_sync_step()  # a step whose forward never ran (vLLM calls nothing in between)
         self._early = plan
         sync = [op for op in plan.loads if op.sync and op.block_ids]
         if sync:
-            self._launch_sync(sync, per_layer=self._layerwise and bool(self._layer_of))
+            # A copy waited for whole is waited for in start: vLLM's input preparation need not wait for it.
+            self._launch_sync(sync, per_layer=self._layerwise and layer_hooks and bool(self._layer_of), wait=False)
 
     def start(self, plan: StepPlan, *, layer_hooks: bool = True) -> None:
         """Launch the plan's loads now; keep its stores for :meth:`after_forward`.
@@ -191,7 +193,7 @@ class Worker(PullFlow):
             else:
                 self._launch_load(op)
         if early:
-            if not layer_hooks:
+            if not layer_hooks or (self._sync is not None and len(self._sync.groups) == 1):
                 self._wait_whole_sync()
         elif sync:
             self._launch_sync(sync, per_layer=self._layerwise and layer_hooks and bool(self._layer_of))
@@ -314,8 +316,11 @@ class Worker(PullFlow):
         self._launch(op.job, op.req_id, "load", op.block_ids, op.failed,
                      lambda pages, stream: scatter(pages, self.view, op.slots, op.block_ids, stream=stream))
 
-    def _launch_sync(self, ops: list[LoadOp], *, per_layer: bool) -> None:
-        """This step's sync loads as one scatter, in layer groups; the forward waits on each group's event."""
+    def _launch_sync(self, ops: list[LoadOp], *, per_layer: bool, wait: bool = True) -> None:
+        """This step's sync loads as one scatter, in layer groups; the forward waits on each group's event.
+
+        One group (not ``per_layer``) is waited for at once, unless ``wait`` is False.
+        """
         assert self.view is not None
         num_layers = self.view.geometry.num_layers
         groups = [(l, l + 1) for l in range(num_layers)] if per_layer else [(0, num_layers)]
@@ -346,8 +351,8 @@ class Worker(PullFlow):
             job.handle = handle
         self._jobs.extend(jobs)
         self._sync = step
-        if len(groups) == 1:
-            self._wait_event(step.events[0])
+        if len(groups) == 1 and wait:
+            self._wait_whole_sync()
 
     def _launch_sync_cpu(self, pages: PageBuffer, slots: list[int], blocks: list[int], step: _SyncStep) -> Any:
         assert self._threads is not None
@@ -374,7 +379,7 @@ class Worker(PullFlow):
     def _wait_whole_sync(self) -> None:
         """The forward asks for no layer: it waits for the whole of this step's sync loads before it starts."""
         st = self._sync
-        if st is None or len(st.groups) == 1:
+        if st is None or len(st.waited) == len(st.groups):
             return
         self._wait_event(st.events[-1])  # the groups are copied in order: the last one ends the copy
         st.waited.update(range(len(st.groups)))
@@ -386,7 +391,10 @@ class Worker(PullFlow):
             return
         if isinstance(st.jobs[0].handle, Future):
             st.jobs[0].handle.exception()  # CPU: the copy is over (its events are set); its errors count this step
-        if len(st.groups) == 1 or len(st.waited) == len(st.groups):
+        if len(st.waited) == len(st.groups):
+            return
+        if len(st.groups) == 1:  # a whole copy launched early whose start never came: later work still follows it
+            self._wait_event(st.events[0])
             return
         missed = sorted(set(range(len(st.groups))) - st.waited)
         log.warning(

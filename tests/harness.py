@@ -99,7 +99,7 @@ class RankState:
         arrived late).
         """
         if early:
-            self.worker.start_early(plan)
+            self.worker.start_early(plan, layer_hooks=layer_hooks)
         self.worker.start(plan, layer_hooks=layer_hooks)
         late = []
         for layer in range(self.model.num_layers):

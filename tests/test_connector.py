@@ -223,17 +223,50 @@ def test_host_hit_loads_start_before_input_preparation(rng: np.random.Generator,
         conn.shutdown()
 
 
+@pytest.mark.parametrize("others,whole", [({}, True), ({"d": 1}, True), ({"p": 5}, False)])
+def test_sync_loads_of_a_uniform_decode_step_are_waited_for_whole(rng: np.random.Generator, others: dict,
+                                                                   whole: bool) -> None:
+    """A step of one-token requests may run as one CUDA graph (no layer hooks): its sync loads go whole."""
+    vllm_config, kcc = fake_config({"host_pages": 16})
+    conn = DynKVConnector(vllm_config, KVConnectorRole.SCHEDULER, kcc)
+    try:
+        prompt = tokens(rng, 2 * BS)
+        served(conn, "a", prompt, [1, 2])
+        b = FakeRequest("b", prompt + [20])  # both blocks load; the step computes the one token after them
+        conn.on_new_request(b)
+        assert conn.get_num_new_matched_tokens(b, 0) == (2 * BS, False)
+        conn.update_state_after_alloc(b, blocks([9, 10, 11]), 2 * BS)
+        meta = conn.build_connector_meta(step(new={"b": [9, 10, 11]}, scheduled={"b": 1, **others}))
+        assert [op.block_ids for op in meta.plan.loads] == [(9, 10)]
+        assert meta.whole is whole and meta.early is True
+    finally:
+        conn.shutdown()
+
+
 def test_worker_side_starts_early_loads_after_waiting_for_preempted_stores() -> None:
     calls: list[Any] = []
     conn = DynKVConnector.__new__(DynKVConnector)  # the worker side's hook alone, on a recording worker
-    conn.worker = SimpleNamespace(wait=lambda ids: calls.append(("wait", tuple(ids))),
-                                  start_early=lambda plan: calls.append(("start_early", plan)))
+    conn.worker = SimpleNamespace(
+        wait=lambda ids: calls.append(("wait", tuple(ids))),
+        start_early=lambda plan, layer_hooks: calls.append(("start_early", plan, layer_hooks)),
+        start=lambda plan, layer_hooks: calls.append(("start", plan, layer_hooks)))
     plan = StepPlan()
     conn.handle_preemptions(DynKVMetadata(plan, ("p",), True))
-    assert calls == [("wait", ("p",)), ("start_early", plan)]
+    assert calls == [("wait", ("p",)), ("start_early", plan, True)]
     calls.clear()
     conn.handle_preemptions(DynKVMetadata(plan, (), False))
     assert calls == []
+    # A uniform decode step: whole loads, whether the forward context shows the graph mode or not.
+    meta = DynKVMetadata(plan, (), True, whole=True)
+    conn.handle_preemptions(meta)
+    conn._connector_metadata = meta
+    conn.start_load_kv(SimpleNamespace())
+    assert calls == [("start_early", plan, False), ("start", plan, False)]
+    calls.clear()
+    conn._connector_metadata = DynKVMetadata(plan)
+    conn.start_load_kv(SimpleNamespace(cudagraph_runtime_mode=SimpleNamespace(name="FULL")))
+    conn.start_load_kv(SimpleNamespace(cudagraph_runtime_mode=SimpleNamespace(name="PIECEWISE")))
+    assert calls == [("start", plan, False), ("start", plan, True)]
 
 
 def test_whole_prompt_host_hit_leaves_the_last_block_to_compute(sync_conn: Any, rng: np.random.Generator) -> None:

@@ -64,6 +64,7 @@ def test_sync_loads_tp_processes(rng: np.random.Generator, tp: int, early: bool)
 @pytest.mark.parametrize("layer_hooks", [True, False])
 def test_early_sync_loads_launch_once_before_the_forward(rng: np.random.Generator, monkeypatch,
                                                          layer_hooks: bool) -> None:
+    # layer_hooks False: a uniform decode step (whole copy, launched early, waited for at the forward)
     """start_early launches the step's sync loads; start of the same plan launches only the rest."""
     model = Model(num_layers=4)
     leader = make_leader(model)
@@ -73,9 +74,9 @@ def test_early_sync_loads_launch_once_before_the_forward(rng: np.random.Generato
     real_sync = dynkv.worker.Worker._launch_sync
     in_start = []
 
-    def launch_sync(self, ops, *, per_layer):
+    def launch_sync(self, ops, **kw):
         launches.append(("sync", bool(in_start)))
-        return real_sync(self, ops, per_layer=per_layer)
+        return real_sync(self, ops, **kw)
 
     def start(plan, *, layer_hooks=True, _real=worker.start):
         in_start.append(1)
