@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -44,6 +43,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from dynkv.config import DynKVConfig
+from dynkv.connector_events import KVEvents
 from dynkv.connector_stats import DynKVPromMetrics, DynKVStats
 from dynkv.disagg.params import ParamsError, RemotePrefill, asks_remote_decode
 from dynkv.engine_info import distinct_layers, infer_dims, metric_samples, model_geometry
@@ -78,9 +78,6 @@ __all__ = ["DynKVConnector", "DynKVMetadata", "DynKVPromMetrics", "DynKVStats", 
 log = logging.getLogger("dynkv.connector")
 
 _UNSET: Any = object()
-# Token ids of recently stored pages, for KV events (older pages' events carry none).
-_EVENT_META_ENTRIES = 1 << 16
-_MEDIUM = {"host": "CPU", "disk": "STORAGE"}
 
 
 @dataclass
@@ -154,9 +151,7 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         self.early_loads = self.config.early_loads
         spec = getattr(vllm_config, "speculative_config", None)
         self._decode_query_len = 1 + (getattr(spec, "num_speculative_tokens", None) or 0)
-        events = getattr(vllm_config, "kv_events_config", None)
-        self._events_on = bool(getattr(events, "enable_kv_cache_events", False))
-        self._event_meta: OrderedDict[bytes, tuple[bytes | None, list[int], Any]] = OrderedDict()
+        self._events = KVEvents(vllm_config, self.block_size)
         if role == KVConnectorRole.SCHEDULER:
             from dynkv.leader import Leader
 
@@ -322,8 +317,8 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             if full > st.stored:
                 keys = self._keys(st, full)
                 stores.append((req_id, keys[st.stored : full], st.block_ids[st.stored : full]))
-                if self._events_on:
-                    self._remember(st, st.stored, full)
+                if self._events.on:
+                    self._events.remember(st.keys, req.all_token_ids, req.lora_request, st.stored, full)
                 st.stored = full
         if stores:
             self.leader.store_many(stores)
@@ -370,30 +365,13 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
     def take_events(self) -> Iterable[Any]:
         if self.leader is None:
             return ()
-        events = self.leader.take_events()  # drained even when nobody listens
-        if not self._events_on:
-            return ()
-        from vllm.distributed.kv_events import BlockRemoved, BlockStored
-
-        out: list[Any] = []
-        for ev in events:
-            if ev.kind == "removed":
-                out.append(BlockRemoved(block_hashes=[ev.key], medium=_MEDIUM.get(ev.tier)))
-                continue
-            parent, tokens, lora = self._event_meta.get(ev.key, (None, [], None))
-            fields = {
-                "block_hashes": [ev.key], "parent_block_hash": parent, "token_ids": tokens,
-                "block_size": self.block_size, "lora_id": getattr(lora, "lora_int_id", None),
-                "medium": _MEDIUM.get(ev.tier), "lora_name": getattr(lora, "lora_name", None),
-            }
-            out.append(BlockStored(**{k: v for k, v in fields.items() if k in BlockStored.__struct_fields__}))
-        return out
+        return self._events.convert(self.leader.take_events())  # drained even when nobody listens
 
     def reset_cache(self) -> bool | None:
         self.leader.reset()
         for st in self._reqs.values():
             st.stored = 0  # running requests offload their blocks again
-        self._event_meta.clear()
+        self._events.clear()
         return True
 
     def get_kv_connector_stats(self) -> Any:
@@ -499,14 +477,6 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
                 st.block_ids = list(new[0]) if new else []
             elif new:
                 st.block_ids.extend(new[0])
-
-    def _remember(self, st: _Req, start: int, end: int) -> None:
-        bs, tokens = self.block_size, st.request.all_token_ids
-        for i in range(start, end):
-            parent = st.keys[i - 1] if i else None
-            self._event_meta[st.keys[i]] = (parent, list(tokens[i * bs : (i + 1) * bs]), st.request.lora_request)
-        while len(self._event_meta) > _EVENT_META_ENTRIES:
-            self._event_meta.popitem(last=False)
 
 
 @dataclass

@@ -472,3 +472,25 @@ def test_plugin_registers_the_name_once() -> None:
     pyproject = tomllib.loads(Path(__file__).parents[1].joinpath("pyproject.toml").read_text())
     assert pyproject["project"]["entry-points"]["vllm.general_plugins"]["dynkv"] == "dynkv.plugin:register"
 
+
+
+def test_kv_events_carry_parent_tokens_and_medium() -> None:
+    from vllm.distributed.kv_events import BlockRemoved, BlockStored
+
+    from dynkv.connector_events import KVEvents
+    from dynkv.index import IndexEvent
+
+    on = SimpleNamespace(kv_events_config=SimpleNamespace(enable_kv_cache_events=True))
+    ev = KVEvents(on, block_size=2)
+    keys, toks = [b"k0", b"k1", b"k2"], [10, 11, 12, 13, 14, 15]
+    ev.remember(keys, toks, SimpleNamespace(lora_int_id=7, lora_name="l"), 1, 3)
+    out = ev.convert([IndexEvent("stored", "host", b"k1"), IndexEvent("stored", "disk", b"k2"),
+                      IndexEvent("removed", "host", b"k1"), IndexEvent("stored", "host", b"k0")])
+    assert [type(e) for e in out] == [BlockStored, BlockStored, BlockRemoved, BlockStored]
+    assert (out[0].parent_block_hash, out[0].token_ids, out[0].medium, out[0].lora_id) == (b"k0", [12, 13], "CPU", 7)
+    assert (out[1].parent_block_hash, out[1].token_ids, out[1].medium) == (b"k1", [14, 15], "STORAGE")
+    assert out[2].block_hashes == [b"k1"] and out[2].medium == "CPU"
+    assert out[3].token_ids == [] and out[3].parent_block_hash is None  # not remembered: no tokens
+    ev.clear()
+    assert ev.convert([IndexEvent("stored", "host", b"k1")])[0].token_ids == []
+    assert KVEvents(SimpleNamespace(), block_size=2).convert([IndexEvent("stored", "host", b"k1")]) == []
