@@ -236,10 +236,12 @@ class DynKVConfig:
         waiting request). A read landing ends the wait at once; 0 never waits.
     early_loads
         With ``layerwise``: a step's host-tier loads start when vLLM hands
-        the step to the workers (its ``handle_preemptions`` hook), so the
-        copy runs while vLLM prepares the step's inputs. Steps in which vLLM
-        itself writes KV blocks first (zeroing fresh blocks, copying blocks)
-        start them after that, as with this off.
+        the step to the workers (its ``handle_preemptions`` hook). With
+        vLLM's V1 model runner the copy then runs while vLLM prepares the
+        step's inputs; its V2 runner calls that hook after preparing them,
+        where this changes nothing. Steps in which vLLM itself writes KV
+        blocks first (zeroing fresh blocks, copying blocks) start them after
+        that, as with this off.
     """
 
     host_gb: float | None = None

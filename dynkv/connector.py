@@ -199,7 +199,8 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         self.worker.register(view, names)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
-        # vLLM calls this first in a step, before it prepares the step's inputs.
+        # vLLM's V1 model runner calls this first in a step, before it prepares the inputs; its V2 runner calls
+        # it right before start_load_kv.
         if not isinstance(kv_connector_metadata, DynKVMetadata):
             return
         if kv_connector_metadata.preempted:

@@ -159,10 +159,10 @@ class Worker(PullFlow):
     def start_early(self, plan: StepPlan, *, layer_hooks: bool = True) -> None:
         """Launch the plan's sync loads now, before vLLM prepares the step's inputs.
 
-        For a plan whose sync blocks nothing else writes before the forward
-        (the connector checks that vLLM zeroes or copies none of this step's
-        blocks): the copy then runs while vLLM prepares the inputs instead of
-        after. :meth:`start` of the same plan launches the rest.
+        For a step in which nothing else writes KV blocks before the forward
+        (the connector checks that vLLM zeroes and copies no blocks in it):
+        the copy then runs while vLLM prepares the inputs instead of after.
+        :meth:`start` of the same plan launches the rest.
         ``layer_hooks`` as for :meth:`start`, as far as known this early.
         """
         self._end_sync_step()  # a step whose forward never ran (vLLM calls nothing in between)
