@@ -147,7 +147,7 @@ class _Engine:
         wall = time.perf_counter() - t0
         host = host0.since() if host0 is not None else None
         batches = disk_batches(self.connector, t0) if self.connector is not None else []
-        rec: dict[str, Any] = {"ttft_s": wall, "token": out.outputs[0].token_ids[0],
+        rec: dict[str, Any] = {"ttft_s": wall, "token": out.outputs[0].token_ids[0], "at_s": m0,
                                "cached_tokens": out.num_cached_tokens, "steps": self.steps - steps0}
         st = out.metrics
         if st is not None and getattr(st, "first_token_ts", 0):
@@ -375,14 +375,18 @@ def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int, le
     kind = eng.spec.get("connector")
     first = length == eng.spec["lengths"][0]
 
+    def one(name: str, before: Any, p: list[int]) -> None:
+        runs = rec.setdefault(name, [])
+        before()
+        r = _guard(eng, f"{name} ttft", eng.ttft, p)
+        if r is not None:
+            runs.append(r)
+        eng.save()
+
     def series(name: str, before: Any, probe: bool = True, prompt_of: Any = lambda i: prompt) -> None:
         rec[name] = []
         for i in range(repeat):
-            before()
-            r = _guard(eng, f"{name} ttft", eng.ttft, prompt_of(i))
-            if r is not None:
-                rec[name].append(r)
-            eng.save()
+            one(name, before, prompt_of(i))
         if eng.spec.get("trace_dir") and first and probe:
             before()
             trace = Path(eng.spec["trace_dir"]) / f"trace-{eng.spec['name']}-{name}-{length}.json.gz"
@@ -429,18 +433,20 @@ def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int, le
 
     series("disk", off_host)
     checked("disk", off_host)
-    for name, knobs in (eng.spec.get("variants") or {}).items() if first else ():
-        # The same hits with dynkv's copy knobs changed in place (dynkv.e2e_probe).
-        if "decode" in variant_paths(knobs):
-            continue  # run after the decode runs
-        restore = _guard(eng, f"variant {name}", apply_variant, eng.connector, knobs)
-        if restore is None:
-            continue
-        try:
-            for path in variant_paths(knobs):
-                series(f"{path}@{name}", eng.reset_device_cache if path == "host" else off_host, probe=False)
-        finally:
-            restore()
+    # The same hits with dynkv's copy knobs changed in place (dynkv.e2e_probe), the variants taking turns
+    # hit by hit, so that a drift of the host over the run touches them alike. Decode variants run after
+    # the decode runs.
+    hits = [(n, k) for n, k in (eng.spec.get("variants") or {}).items() if "decode" not in variant_paths(k)]
+    for _ in range(repeat) if first else ():
+        for name, knobs in hits:
+            restore = _guard(eng, f"variant {name}", apply_variant, eng.connector, knobs)
+            if restore is None:
+                continue
+            try:
+                for path in variant_paths(knobs):
+                    one(f"{path}@{name}", eng.reset_device_cache if path == "host" else off_host, prompt)
+            finally:
+                restore()
 
     # After the hits (the probe reads into the host-tier pages they left), and last: the probe's and dd's
     # filler passes leave the prompt out of the host tier.

@@ -3,7 +3,7 @@
 - **Variants** (``--variant NAME:key=value,...``): the dynkv engine runs its
   host-tier (and disk-tier) hits of the first prompt length again with
   dynkv's copy knobs changed in place, so several settings are compared in
-  one run on one engine. Keys: ``priority`` (CUDA priority of the worker's
+  one run on one engine; the variants take turns hit by hit. Keys: ``priority`` (CUDA priority of the worker's
   load stream, :meth:`dynkv.worker.Worker.set_load_priority`), ``ctas``
   (CTAs of host-to-GPU copies, :func:`dynkv.ops.set_tuning`), ``read_chunk``
   (:attr:`dynkv.disk.DiskTier.read_chunk`), ``io_threads`` (the disk tier's

@@ -123,3 +123,38 @@ def test_early_variant_switches_the_connectors_early_loads_and_puts_it_back() ->
     assert conn.early_loads is False
     restore()
     assert conn.early_loads is True
+
+
+def test_variant_hits_take_turns_and_put_the_knobs_back() -> None:
+    """`bench e2e`'s variants run one hit each per round (a drifting host touches them alike)."""
+    from types import SimpleNamespace
+
+    from dynkv import e2e_engine
+
+    order: list[tuple[str, bool]] = []
+    conn = SimpleNamespace(leader=SimpleNamespace(disk=None), early_loads=True)
+
+    class FakeEngine:
+        spec = {"connector": "dynkv", "name": "dynkv", "lengths": [64], "variants": {
+            "late": {"early": 0, "paths": "host"}, "early": {"early": 1, "paths": "host"},
+            "dec": {"early": 0, "paths": "decode"}}}
+        connector = conn
+        report: dict = {"errors": []}
+
+        def ttft(self, prompt: list[int]) -> dict:
+            order.append(("hit", conn.early_loads))
+            return {"ttft_s": 0.01}
+
+        def check(self, prompt: list[int]) -> dict:
+            return {}
+
+        def reset_device_cache(self) -> None: ...
+        def flush_host_tier(self) -> None: ...
+        def save(self) -> None: ...
+
+    rec: dict = {}
+    e2e_engine._paths(FakeEngine(), [1, 2, 3], rec, 3, 64)
+    assert len(rec["host@late"]) == len(rec["host@early"]) == 3 and "host@dec" not in rec
+    variant_hits = order[-6:]  # after the default paths' hits: late, early, late, early, ...
+    assert variant_hits == [("hit", False), ("hit", True)] * 3, variant_hits
+    assert conn.early_loads is True, "every variant's knobs were put back"
