@@ -325,7 +325,7 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             self.leader.store_many(stores)
         preempted = tuple(getattr(scheduler_output, "preempted_req_ids", None) or ())
         plan = self.leader.build_plan()
-        if not any(op.sync and op.block_ids for op in plan.loads):
+        if not plan.sync_loads():
             return DynKVMetadata(plan, preempted)
         early = self.early_loads and not _writes_blocks_first(scheduler_output)
         # vLLM's uniform decode batch: every request computes 1 + (speculative tokens) tokens.

@@ -371,6 +371,17 @@ def _guard(eng: _Engine, what: str, fn: Any, *args: Any) -> Any:
         return None
 
 
+def _in_variant(eng: _Engine, name: str, knobs: dict[str, Any], fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` with the variant's knobs set on the engine, then put back; None if they could not be set."""
+    restore = _guard(eng, f"variant {name}", apply_variant, eng.connector, knobs)
+    if restore is None:
+        return None
+    try:
+        return fn(*args)
+    finally:
+        restore()
+
+
 def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int, length: int) -> None:
     kind = eng.spec.get("connector")
     first = length == eng.spec["lengths"][0]
@@ -439,14 +450,9 @@ def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int, le
     hits = [(n, k) for n, k in (eng.spec.get("variants") or {}).items() if "decode" not in variant_paths(k)]
     for _ in range(repeat) if first else ():
         for name, knobs in hits:
-            restore = _guard(eng, f"variant {name}", apply_variant, eng.connector, knobs)
-            if restore is None:
-                continue
-            try:
-                for path in variant_paths(knobs):
-                    one(f"{path}@{name}", eng.reset_device_cache if path == "host" else off_host, prompt)
-            finally:
-                restore()
+            _in_variant(eng, name, knobs, lambda: [
+                one(f"{path}@{name}", eng.reset_device_cache if path == "host" else off_host, prompt)
+                for path in variant_paths(knobs)])
 
     # After the hits (the probe reads into the host-tier pages they left), and last: the probe's and dd's
     # filler passes leave the prompt out of the host tier.
@@ -496,13 +502,7 @@ def _decode_runs(eng: _Engine, prompt_sets: list[list[list[int]]], tokens: int) 
         for j, (name, knobs) in enumerate(variants.items()):
             rng = np.random.default_rng(eng.spec["seed"] + 7_368_787 * (1 + i * len(variants) + j))
             fresh = [rng.integers(lo, hi, size=len(p)).tolist() for p in prompts]
-            restore = _guard(eng, f"variant {name}", apply_variant, eng.connector, knobs)
-            if restore is None:
-                continue
-            try:
-                rec = _guard(eng, f"decode, variant {name}", eng.decode, fresh, tokens)
-            finally:
-                restore()
+            rec = _in_variant(eng, name, knobs, _guard, eng, f"decode, variant {name}", eng.decode, fresh, tokens)
             if rec is not None:
                 eng.report.setdefault(f"decode@{name}", []).append(rec)
         eng.save()

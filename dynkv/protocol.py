@@ -170,6 +170,10 @@ class StepPlan:
     def is_empty(self) -> bool:
         return not (self.loads or self.stores or self.finished)
 
+    def sync_loads(self) -> list[LoadOp]:
+        """The loads that feed this step's forward (:attr:`LoadOp.sync`, with blocks to copy)."""
+        return [op for op in self.loads if op.sync and op.block_ids]
+
 
 @dataclass
 class WorkerReport:

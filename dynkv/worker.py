@@ -167,7 +167,7 @@ class Worker(PullFlow):
         """
         self._end_sync_step()  # a step whose forward never ran (vLLM calls nothing in between)
         self._early = plan
-        sync = [op for op in plan.loads if op.sync and op.block_ids]
+        sync = plan.sync_loads()
         if sync:
             # A copy waited for whole is waited for in start: vLLM's input preparation need not wait for it.
             self._launch_sync(sync, per_layer=self._layerwise and layer_hooks and bool(self._layer_of), wait=False)
@@ -186,11 +186,9 @@ class Worker(PullFlow):
         early, self._early = self._early is plan, None
         if not early:
             self._end_sync_step()  # a step whose forward never ran (vLLM calls nothing in between)
-        sync = []
+        sync = plan.sync_loads()
         for op in plan.loads:
-            if op.sync and op.block_ids:
-                sync.append(op)
-            else:
+            if op not in sync:
                 self._launch_load(op)
         if early:
             if not layer_hooks or (self._sync is not None and len(self._sync.groups) == 1):

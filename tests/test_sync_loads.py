@@ -64,8 +64,8 @@ def test_sync_loads_tp_processes(rng: np.random.Generator, tp: int, early: bool)
 @pytest.mark.parametrize("layer_hooks", [True, False])
 def test_early_sync_loads_launch_once_before_the_forward(rng: np.random.Generator, monkeypatch,
                                                          layer_hooks: bool) -> None:
-    # layer_hooks False: a uniform decode step (whole copy, launched early, waited for at the forward)
     """start_early launches the step's sync loads; start of the same plan launches only the rest."""
+    # layer_hooks False: a uniform decode step (whole copy, launched early, waited for at the forward)
     model = Model(num_layers=4)
     leader = make_leader(model)
     engine = Engine(leader, model, tp=1, processes=False)
