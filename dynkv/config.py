@@ -165,6 +165,7 @@ _PARSERS: dict[str, Callable[[Any, _Source], Any]] = {
     "stats_interval_s": _float_above(0.0, inclusive=True),
     "disk_wait_ms": _float_above(0.0, inclusive=True),
     "early_loads": _parse_bool,
+    "load_last_block": _parse_bool,
 }
 
 
@@ -242,6 +243,17 @@ class DynKVConfig:
         where this changes nothing. Steps in which vLLM itself writes KV
         blocks first (zeroing fresh blocks, copying blocks) start them after
         that, as with this off.
+    load_last_block
+        An asynchronous hit (disk tier, or host tier without ``layerwise``)
+        on the whole prompt also loads the prompt's last full block, and vLLM
+        computes one token instead of that block: a shorter step after the
+        load (at 32k tokens on an H200, a one-token step takes a quarter of a
+        16-token one). The last block's KV then comes from the prompt's first
+        prefill, where vLLM's own prefix-cache hit computes it again, so greedy
+        tokens can differ from that hit where the model's top two logits
+        nearly tie. Off (the default): every local hit stops where vLLM's own
+        prefix cache would. Pages pulled from a prefill engine always load
+        whole.
     """
 
     host_gb: float | None = None
@@ -262,6 +274,7 @@ class DynKVConfig:
     stats_interval_s: float = 1.0
     disk_wait_ms: float = 0.0
     early_loads: bool = True
+    load_last_block: bool = False
 
     def __post_init__(self) -> None:
         for name, parse in _PARSERS.items():

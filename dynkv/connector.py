@@ -149,6 +149,7 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         self._stats_version = -1
         self.disk_wait_s = self.config.disk_wait_ms / 1e3  # see DynKVConfig.disk_wait_ms
         self.early_loads = self.config.early_loads
+        self.load_last_block = self.config.load_last_block
         spec = getattr(vllm_config, "speculative_config", None)
         self._decode_query_len = 1 + (getattr(spec, "num_speculative_tokens", None) or 0)
         self._events = KVEvents(vllm_config, self.block_size)
@@ -254,8 +255,8 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             return 0, False
         bs = self.block_size
         base = -(-num_computed_tokens // bs)
-        # Every full block, the last one included: after an asynchronous load that covers the whole
-        # prompt, vLLM rewinds one token and computes only that one (not the last block's 16 or 32).
+        # Every full block, the last one included: pulls from a prefill engine (and load_last_block) load it,
+        # and after an asynchronous load that covers the whole prompt vLLM rewinds one token and computes that.
         limit = max(base, request.num_tokens // bs)
         n = self.leader.lookup(request.request_id, self._keys(st, limit), base)
         remote, more = self._remote(st), 0
@@ -272,7 +273,11 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             n = min(n, (request.num_tokens - 1) // bs - base)
             st.sync = n > 0
             return ((base + n) * bs - num_computed_tokens if n > 0 else 0), False
-        if n == 0:
+        if n and not (self.load_last_block or more):
+            # Stop where vLLM's own prefix cache would: the last block is computed, not loaded (the same KV,
+            # the same tokens as vLLM's hit). With load_last_block, vLLM rewinds one token and computes that.
+            n = min(n, (request.num_tokens - 1) // bs - base)
+        if n <= 0:
             return 0, False
         return (base + n) * bs - num_computed_tokens, True
 

@@ -10,7 +10,8 @@
   I/O threads, :meth:`dynkv.disk.DiskTier.set_io_threads`), ``disk_wait_ms``
   (:attr:`dynkv.config.DynKVConfig.disk_wait_ms`), ``store_launch_kib``
   (launch size of the stores' copies, :attr:`dynkv.ops.Tuning.launch_bytes`;
-  0: one launch), ``early`` (1 or 0: :attr:`dynkv.config.DynKVConfig.early_loads`), ``paths`` (``host``, ``disk``, ``host+disk``, the
+  0: one launch), ``early`` (1 or 0: :attr:`dynkv.config.DynKVConfig.early_loads`),
+  ``last_block`` (1 or 0: :attr:`dynkv.config.DynKVConfig.load_last_block`), ``paths`` (``host``, ``disk``, ``host+disk``, the
   default, or ``decode``: the decode runs again). ``priority`` needs the
   worker in the engine's process (one GPU, ``distributed_executor_backend=uni``).
 - **Traces** (``--trace``): one hit per path of the first length under
@@ -40,7 +41,10 @@ __all__ = ["KNOBS", "HostSample", "apply_variant", "block_device", "disk_batches
 # knob -> (parse, lowest value)
 KNOBS: dict[str, tuple[Callable[[str], Any], int | None]] = {
     "priority": (int, None), "ctas": (int, 1), "read_chunk": (int, 0), "io_threads": (int, 1),
-    "disk_wait_ms": (float, 0), "store_launch_kib": (int, 0), "early": (int, 0), "paths": (str, None)}
+    "disk_wait_ms": (float, 0), "store_launch_kib": (int, 0), "early": (int, 0), "last_block": (int, 0),
+    "paths": (str, None)}
+# on/off knobs -> the connector's attribute they set
+_SWITCHES = {"early": "early_loads", "last_block": "load_last_block"}
 _PATHS = {"host": ("host",), "disk": ("disk",), "host+disk": ("host", "disk"), "decode": ("decode",)}
 COPY_KERNEL = "copy_tiles_kernel"
 
@@ -62,8 +66,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
             raise ValueError(f"{text!r}: {key}={value!r} is not a {parse.__name__}") from None
         if low is not None and v < low:
             raise ValueError(f"{text!r}: {key}={v} is below {low}")
-        if key == "early" and v not in (0, 1):
-            raise ValueError(f"{text!r}: early={v}: expected 0 or 1")
+        if key in _SWITCHES and v not in (0, 1):
+            raise ValueError(f"{text!r}: {key}={v}: expected 0 or 1")
         if key == "paths" and v not in _PATHS:
             raise ValueError(f"{text!r}: paths={v!r}: expected one of {', '.join(_PATHS)}")
         knobs[key] = v
@@ -109,10 +113,10 @@ def apply_variant(connector: Any, knobs: dict[str, Any]) -> Callable[[], None]:
             old_wait = connector.disk_wait_s
             connector.disk_wait_s = knobs["disk_wait_ms"] / 1e3
             undo.append(lambda: setattr(connector, "disk_wait_s", old_wait))
-        if "early" in knobs:
-            old_early = connector.early_loads
-            connector.early_loads = bool(knobs["early"])
-            undo.append(lambda: setattr(connector, "early_loads", old_early))
+        for knob, attr in _SWITCHES.items():
+            if knob in knobs:
+                undo.append(lambda attr=attr, old=getattr(connector, attr): setattr(connector, attr, old))
+                setattr(connector, attr, bool(knobs[knob]))
         if "io_threads" in knobs:
             old_threads = disk.io_threads
             disk.set_io_threads(knobs["io_threads"])

@@ -167,18 +167,36 @@ def test_lookup_loads_the_shared_prefix_into_the_new_blocks(conn: Any, rng: np.r
     assert load.req_id == "b" and load.block_ids == (10,)  # block 0 was computed locally (20 tokens)
 
 
-def test_whole_prompt_hit_loads_every_block(conn: Any, rng: np.random.Generator) -> None:
-    prompt = tokens(rng, 2 * BS)
-    a = FakeRequest("a", prompt)
-    conn.on_new_request(a)
-    complete(conn, conn.build_connector_meta(step(new={"a": [1, 2]}, scheduled={"a": 2 * BS})))
-    b = FakeRequest("b", prompt)
-    conn.on_new_request(b)
-    # vLLM recomputes only the last token of a whole-prompt hit (it rewinds one after the load).
-    assert conn.get_num_new_matched_tokens(b, 0) == (2 * BS, True)
-    conn.update_state_after_alloc(b, blocks([3, 4]), 0)  # vLLM chose not to load (e.g. no room)
-    assert conn.build_connector_meta(step()).plan.loads == []
-    assert conn.leader.stats()["host"]["pinned"] == 0
+@pytest.mark.parametrize("last_block", [False, True])
+def test_whole_prompt_async_hit_stops_where_vllms_prefix_cache_would(rng: np.random.Generator,
+                                                                    last_block: bool) -> None:
+    """By default an asynchronous whole-prompt hit leaves the last block to compute, as vLLM's own hit does.
+
+    With ``load_last_block`` it loads every full block and vLLM recomputes only the last token (it rewinds
+    one after the load).
+    """
+    vllm_config, kcc = fake_config({"host_pages": 16, "layerwise": False, "load_last_block": last_block})
+    conn = DynKVConnector(vllm_config, KVConnectorRole.SCHEDULER, kcc)
+    try:
+        prompt = tokens(rng, 2 * BS)
+        a = FakeRequest("a", prompt)
+        conn.on_new_request(a)
+        complete(conn, conn.build_connector_meta(step(new={"a": [1, 2]}, scheduled={"a": 2 * BS})))
+        b = FakeRequest("b", prompt)
+        conn.on_new_request(b)
+        loaded = 2 * BS if last_block else BS
+        assert conn.get_num_new_matched_tokens(b, 0) == (loaded, True)
+        assert conn.get_num_new_matched_tokens(b, BS) == ((BS, True) if last_block else (0, False))
+        c = FakeRequest("c", prompt + [7])  # one token more: the second block is no longer the last
+        conn.on_new_request(c)
+        assert conn.get_num_new_matched_tokens(c, 0) == (2 * BS, True)
+        conn.update_state_after_alloc(c, blocks([5, 6, 7]), 0)
+        assert conn.get_num_new_matched_tokens(b, 0) == (loaded, True)
+        conn.update_state_after_alloc(b, blocks([3, 4]), 0)  # vLLM chose not to load (e.g. no room)
+        assert conn.build_connector_meta(step()).plan.loads == []
+        assert conn.leader.stats()["host"]["pinned"] == 0
+    finally:
+        conn.shutdown()
 
 
 def test_host_hit_loads_in_the_step_that_computes_it(sync_conn: Any, rng: np.random.Generator) -> None:

@@ -15,8 +15,9 @@ def test_parse_variant_reads_knobs_and_names_what_is_wrong() -> None:
     assert parse_variant("d:paths=disk,read_chunk=0") == ("d", {"paths": "disk", "read_chunk": 0})
     assert parse_variant("w:store_launch_kib=0,paths=decode") == ("w", {"store_launch_kib": 0, "paths": "decode"})
     assert parse_variant("late:early=0,paths=host") == ("late", {"early": 0, "paths": "host"})
+    assert parse_variant("lb:last_block=1,paths=disk") == ("lb", {"last_block": 1, "paths": "disk"})
     for bad, words in (("nocolon", "NAME:key=value"), ("x:color=red", "'color=red'"), ("x:ctas=0", "below 1"),
-                       ("x:early=2", "expected 0 or 1"),
+                       ("x:early=2", "expected 0 or 1"), ("x:last_block=3", "last_block=3: expected 0 or 1"),
                        ("x:ctas=many", "not a int"), ("x:paths=gpu", "paths='gpu'")):
         with pytest.raises(ValueError, match=words):
             parse_variant(bad)
@@ -113,16 +114,19 @@ def test_store_launch_variant_sets_the_stores_launch_size_and_puts_it_back() -> 
     assert ops.get_tuning() == before
 
 
-def test_early_variant_switches_the_connectors_early_loads_and_puts_it_back() -> None:
+def test_switch_variants_set_the_connectors_attributes_and_put_them_back() -> None:
     from types import SimpleNamespace
 
     from dynkv.e2e_probe import apply_variant
 
-    conn = SimpleNamespace(leader=SimpleNamespace(disk=None), early_loads=True)
-    restore = apply_variant(conn, {"early": 0})
-    assert conn.early_loads is False
+    conn = SimpleNamespace(leader=SimpleNamespace(disk=None), early_loads=True, load_last_block=False)
+    restore = apply_variant(conn, {"early": 0, "last_block": 1})
+    assert conn.early_loads is False and conn.load_last_block is True
     restore()
-    assert conn.early_loads is True
+    assert conn.early_loads is True and conn.load_last_block is False
+    with pytest.raises(RuntimeError, match="no disk tier"):  # a failed variant leaves nothing changed
+        apply_variant(conn, {"last_block": 1, "read_chunk": 4})
+    assert conn.load_last_block is False
 
 
 def test_variant_hits_take_turns_and_put_the_knobs_back() -> None:
