@@ -176,10 +176,15 @@ class PageIndex:
                 break
             locations.append((tier.name, entry.slot))
             tier.hits += 1
-            if touch and entry.pins == 0:
-                tier.policy.touch(key)
             if pin:
-                self._pin(tier, key, entry)
+                # A page pinned here leaves its policy, and its last unpin puts it back as the newest:
+                # that is its touch.
+                if entry.pins == 0:
+                    tier.num_pinned += 1
+                    tier.policy.discard(key)
+                entry.pins += 1
+            elif touch and entry.pins == 0:
+                tier.policy.touch(key)
         if touch:
             self.frequency.record_many(keys[: len(locations)])
         return PrefixMatch(len(locations), tuple(locations))
@@ -296,15 +301,16 @@ class PageIndex:
     def unpin(self, tier: str, keys: Iterable[bytes]) -> None:
         """Release one pin of each page; a stored page with none left is evictable again."""
         t = self._tier(tier)
+        entries, add = t.entries, t.policy.add
         for key in keys:
-            entry = self._entry(t, key)
+            entry = entries.get(key) or self._entry(t, key)  # _entry names a page the tier lacks
             if entry.pins == 0:
                 raise ValueError(f"page {key.hex()} in tier {tier!r} is not pinned")
             entry.pins -= 1
             if entry.pins == 0:
                 t.num_pinned -= 1
                 if entry.stored:
-                    t.policy.add(key)
+                    add(key)
 
     def touch(self, keys: Iterable[bytes]) -> None:
         """Count pages as used, in every tier that stores them (recency and frequency)."""

@@ -41,6 +41,7 @@ KEY_BYTES = 16
 PAGE_FORMAT_VERSION = 1
 _PERSON_MODEL = b"dynkv.model"
 _PERSON_BLOCK = b"dynkv.block"
+_BLOCK_HASHER = hashlib.blake2b(digest_size=KEY_BYTES, person=_PERSON_BLOCK)  # copied for each block
 _U32 = struct.Struct("<I")
 
 
@@ -143,13 +144,12 @@ class ModelFingerprint:
         return self._digest
 
 
-# Token lists up to this long are packed with the array module instead of numpy.
-_SHORT_LIST = 256 if array.array("I").itemsize == 4 else 0
+# Token lists are packed with the array module (4x numpy's conversion of a list) where its "I" is 32 bits.
+_ARRAY_U32 = array.array("I").itemsize == 4
 
 
 def _token_bytes(token_ids: Sequence[int] | np.ndarray, block_size: int) -> tuple[bytes, int]:
-    if type(token_ids) is list and len(token_ids) <= _SHORT_LIST:
-        # A decode step's few blocks: numpy's per-call cost would be most of the key's.
+    if type(token_ids) is list and _ARRAY_U32:
         n_full = len(token_ids) // block_size
         try:
             packed = array.array("I", token_ids[: n_full * block_size])
@@ -231,10 +231,14 @@ def block_keys(
     width = 4 * block_size
     view = memoryview(data)
     keys: list[bytes] = []
+    # Copying a set-up hasher is cheaper than making one per block; the digest is the same.
+    fresh = _BLOCK_HASHER.copy
+    no_extra = encode_extra(None)
     for i in range(n_full):
-        h = hashlib.blake2b(parent, digest_size=KEY_BYTES, person=_PERSON_BLOCK)
+        h = fresh()
+        h.update(parent)
         h.update(view[i * width : (i + 1) * width])
-        h.update(encode_extra(None if extra_keys is None else extra_keys[i]))
+        h.update(no_extra if extra_keys is None else encode_extra(extra_keys[i]))
         parent = h.digest()
         keys.append(parent)
     return keys
