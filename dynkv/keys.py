@@ -191,8 +191,9 @@ def block_keys(
     fingerprint
         The model; its digest seeds the chain when ``parent`` is None.
     token_ids
-        Token ids, a sequence of ints or a 1-D integer numpy array (the fast
-        path: no per-token Python work). Each id must lie in ``[0, 2**32)``.
+        Token ids: a list of ints or a 1-D integer numpy array (both packed
+        without per-token Python work), or another sequence of ints. Each id
+        must lie in ``[0, 2**32)``.
     block_size
         Tokens per block; default and only accepted value
         ``fingerprint.block_size``.
