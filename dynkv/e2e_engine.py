@@ -447,12 +447,14 @@ def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int, le
     # The same hits with dynkv's copy knobs changed in place (dynkv.e2e_probe), the variants taking turns
     # hit by hit, so that a drift of the host over the run touches them alike. Decode variants run after
     # the decode runs.
+    def variant_hits(name: str, knobs: dict[str, Any]) -> None:
+        for path in variant_paths(knobs):
+            one(f"{path}@{name}", eng.reset_device_cache if path == "host" else off_host, prompt)
+
     hits = [(n, k) for n, k in (eng.spec.get("variants") or {}).items() if "decode" not in variant_paths(k)]
     for _ in range(repeat) if first else ():
         for name, knobs in hits:
-            _in_variant(eng, name, knobs, lambda: [
-                one(f"{path}@{name}", eng.reset_device_cache if path == "host" else off_host, prompt)
-                for path in variant_paths(knobs)])
+            _in_variant(eng, name, knobs, variant_hits, name, knobs)
 
     # After the hits (the probe reads into the host-tier pages they left), and last: the probe's and dd's
     # filler passes leave the prompt out of the host tier.
