@@ -177,7 +177,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base = {"model": str(model), "engine": eargs, "lengths": args.lengths, "repeat": args.repeat,
             "check_tokens": args.check_tokens, "seed": args.seed, "prompts": prompts, "profile": args.profile,
             "trace_dir": str(out / "logs") if args.trace else None,
-            "turn_tokens": args.turn_tokens, "vocab": [FIRST_WORD_ID, spec.vocab_size]}
+            "turn_tokens": args.turn_tokens, "vocab": [FIRST_WORD_ID, spec.vocab_size],
+            "verify_kv": not args.no_kv_check}
     specs = {
         "vllm": {**base, "name": "vllm", "connector": None, "decode": decode, "candidates": candidates},
         "dynkv": {**base, "name": "dynkv", "connector": "dynkv", "decode": decode, "dd_repeat": args.repeat,
@@ -309,6 +310,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "no request running, into anonymous and pinned scratch memory and into the host-tier pages "
                         "that hold them, and while the idle engine steps (GB/s, with the device's, CPUs' and "
                         "threads' activity, in the JSON and the table)")
+    p.add_argument("--no-kv-check", action="store_true",
+                   help="skip the KV check: by default the first request of each path has a CRC-32 taken of each "
+                        "of its KV blocks on every rank (and of the dynkv pages it stored or loaded), compared "
+                        "with vLLM's own KV of the prompt")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts")
     p.add_argument("--prompt-candidates", type=int,
                    help="prompts per length the vllm engine recomputes to pick the one with the largest smallest "

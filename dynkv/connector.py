@@ -46,9 +46,8 @@ from dynkv.config import DynKVConfig
 from dynkv.connector_events import KVEvents
 from dynkv.connector_stats import DynKVPromMetrics, DynKVStats
 from dynkv.disagg.params import ParamsError, RemotePrefill, asks_remote_decode
-from dynkv.engine_info import distinct_layers, infer_dims, metric_samples, model_geometry
+from dynkv.engine_info import distinct_layers, metric_samples, model_geometry, paged_view
 from dynkv.keys import block_keys
-from dynkv.layout import PagedView, head_range
 from dynkv.protocol import StepPlan, WorkerReport, pool_name_for
 
 try:  # vLLM >= the worker -> scheduler metadata channel
@@ -178,20 +177,13 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layers = distinct_layers(kv_caches)
-        h0, h1 = head_range(self.rank, self.world_size, self.geometry.num_heads)
         kcc = getattr(self, "_kv_cache_config", None)  # absent where connectors take no kv_cache_config
         if kcc is not None:
             num_blocks = kcc.num_blocks
         else:
             num_blocks = getattr(self._vllm_config.cache_config, "num_gpu_blocks", None) or layers[0].shape[0]
-        dims = infer_dims(layers[0], num_blocks, h1 - h0, self.block_size)
-        view = PagedView.from_tensors(layers, dims=dims, num_heads_total=self.geometry.num_heads, head_start=h0,
-                                      block_size=self.block_size)
-        if view.geometry != self.geometry:
-            raise ValueError(
-                f"dynkv: vLLM's KV tensors give page geometry {view.geometry} but the model config gives "
-                f"{self.geometry}; this KV-cache layout is not supported"
-            )
+        view = paged_view(layers, num_blocks, self.geometry, self.rank, self.world_size)
+
         def storage(t: torch.Tensor) -> tuple[int, tuple[int, ...]]:
             return t.data_ptr(), tuple(t.stride())
 

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dynkv.e2e_kv import KVWatch, digests, start_trace, stop_trace
 from dynkv.e2e_probe import HostSample, apply_variant, block_device, disk_batches, traced, variant_paths
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -46,6 +47,8 @@ __all__ = ["run"]
 
 # Stepping an idle engine until its connector reports nothing in flight.
 _DRAIN_TIMEOUT_S = 300.0
+# Paths whose first request's KV is digested (with spec["verify_kv"]): vLLM's own KV of the prompt, and dynkv's.
+_KV_CHECKED = ("recompute", "device", "miss", "host", "disk")
 
 
 class _Engine:
@@ -78,6 +81,9 @@ class _Engine:
         disk = getattr(getattr(self.connector, "leader", None), "disk", None)
         self._has_disk = disk is not None
         self._disk_device = block_device(disk.files[0]) if disk is not None else None
+        # The workers run in this process (one GPU, the uni executor): one trace sees the scheduler and the GPU.
+        self.in_process = getattr(core.vllm_config.parallel_config, "world_size", 1) == 1
+        self.watch = KVWatch(core.scheduler, self.connector) if spec.get("verify_kv") else None
         if self.connector is not None:
             build = self.connector.build_connector_meta
 
@@ -138,6 +144,8 @@ class _Engine:
         from vllm import SamplingParams
 
         sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
+        if self.watch is not None:
+            self.watch.take()  # what came before is not this request's
         before = self.samples()
         host0 = self.host_sample()
         steps0 = self.steps
@@ -166,6 +174,23 @@ class _Engine:
         if batches:
             rec["disk_batches"] = batches  # [submitted, started, read, done] ms, pages, runs, cost
             rec["host"] = host  # the device, CPUs and threads during the request
+        return rec
+
+    def kv_digests(self, prompt: list[int]) -> dict[str, Any]:
+        """Digests of the KV of the request :meth:`ttft` just ran, and of the dynkv pages it stored or loaded."""
+        assert self.watch is not None
+        return digests(self.llm, self.watch.take(), len(prompt) // self.block_size)
+
+    def traced(self, fn: Any, path: Path) -> dict[str, Any]:
+        """``fn()`` traced where its GPU work is launched: this process, or every worker process."""
+        if self.in_process:
+            return traced(fn, path)
+        self.llm.collective_rpc(start_trace)
+        try:
+            rec = fn()
+        finally:
+            ranks = sorted(self.llm.collective_rpc(stop_trace, args=(str(path),)), key=lambda r: r["rank"])
+        rec["trace"] = {**ranks[0], "other_ranks": ranks[1:]}
         return rec
 
     def profiled_ttft(self, prompt: list[int]) -> dict[str, Any]:
@@ -392,6 +417,8 @@ def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int, le
         r = _guard(eng, f"{name} ttft", eng.ttft, p)
         if r is not None:
             runs.append(r)
+            if eng.watch is not None and name in _KV_CHECKED and name not in rec.setdefault("kv", {}):
+                rec["kv"][name] = _guard(eng, f"{name} KV digests", eng.kv_digests, p)
         eng.save()
 
     def series(name: str, before: Any, probe: bool = True, prompt_of: Any = lambda i: prompt) -> None:
@@ -401,7 +428,7 @@ def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int, le
         if eng.spec.get("trace_dir") and first and probe:
             before()
             trace = Path(eng.spec["trace_dir"]) / f"trace-{eng.spec['name']}-{name}-{length}.json.gz"
-            rec[f"{name}_traced"] = _guard(eng, f"{name} traced ttft", traced, lambda: eng.ttft(prompt), trace)
+            rec[f"{name}_traced"] = _guard(eng, f"{name} traced ttft", eng.traced, lambda: eng.ttft(prompt), trace)
             eng.save()
         if eng.spec.get("profile") and kind == "dynkv" and probe:
             # One more run, profiled and kept apart: the profiler slows the Python it watches.
@@ -426,9 +453,7 @@ def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int, le
         checked("recompute", eng.reset_device_cache)
         turns("turn_device", lambda: None)
         return
-    eng.reset_device_cache()
-    rec["miss"] = [r for r in [_guard(eng, "miss ttft", eng.ttft, prompt)] if r is not None]
-    eng.save()
+    one("miss", eng.reset_device_cache, prompt)
     if kind == "offload":
         series("offload", eng.reset_device_cache)
         checked("offload", eng.reset_device_cache)

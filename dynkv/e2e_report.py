@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dynkv.e2e_kv import compare
+
 __all__ = ["PATHS", "TARGETS", "format_table", "plot", "summarize"]
 
 # (engine, path in that engine's report, label), in table order.
@@ -114,12 +116,57 @@ def summarize(reports: Mapping[str, dict[str, Any] | None], lengths: list[int]) 
         gaps = (ref or {}).get("top2_gaps") or []
         choice = ((reports.get("vllm") or {}).get("lengths") or {}).get(key, {}).get("prompt_choice")
         out["lengths"][key] = {"paths": rows, "dd": dd, "dd_after_fillers": dyn.get("dd_after_fillers"),
-                               "traces": traces, "disk_probe": dyn.get("disk_probe"),
+                               "traces": traces, "disk_probe": dyn.get("disk_probe"), "kv": _kv(reports, key),
                                "top2_gap_min": min(gaps, default=None), "top2_gap_median": _median(gaps),
                                "prompt_choice": choice}
     out["decode"] = _decode(reports)
     out["targets"] = _targets(out, lengths)
     return out
+
+
+# (engine, path, reference path in the vllm engine): a full prefill against vLLM's full prefill, a hit against
+# vLLM's prefix-cache hit (both compute the prompt's last block in a step of their own).
+_KV_PAIRS = (("vllm", "device", "recompute"), ("dynkv", "miss", "recompute"), ("dynkv", "host", "device"),
+             ("dynkv", "disk", "device"), ("offload", "miss", "recompute"))
+
+
+def _kv(reports: Mapping[str, dict[str, Any] | None], key: str) -> dict[str, Any]:
+    """The KV checks of one length (:func:`dynkv.e2e_kv.compare`), per ``engine/path``."""
+    def kv(engine: str) -> dict[str, Any]:
+        return ((((reports.get(engine) or {}).get("lengths") or {}).get(key) or {}).get("kv")) or {}
+
+    ref = kv("vllm")
+    out: dict[str, Any] = {}
+    for engine, path, ref_path in _KV_PAIRS:
+        d = kv(engine).get(path)
+        if d:
+            try:
+                out[f"{engine}/{path}"] = compare(d, ref.get(ref_path))
+            except ValueError as e:
+                out[f"{engine}/{path}"] = {"error": str(e)}
+    return out
+
+
+def _kv_lines(kv: dict[str, Any]) -> list[str]:
+    words = {"stored": "pages stored = blocks computed", "loaded": "blocks loaded = pages",
+             "vs_reference": "blocks = vLLM's"}
+    lines = []
+    for name, c in kv.items():
+        if c.get("error"):
+            lines.append(f"KV {name}: {c['error']}")
+            continue
+        parts = []
+        for k, what in words.items():
+            r = c.get(k)
+            if r is None:
+                continue
+            ref = f" {'prefix-cache hit' if name.endswith(('host', 'disk', 'device')) else 'full prefill'}" \
+                if k == "vs_reference" else ""
+            diff = "" if r["first_differing"] is None else f", first differing block {r['first_differing']}"
+            parts.append(f"{what}{ref} {r['equal']} of {r['of']}{diff}")
+        if parts:
+            lines.append(f"KV {name} (CRC-32 per block, every rank): " + "; ".join(parts))
+    return lines
 
 
 def _decode(reports: Mapping[str, dict[str, Any] | None]) -> dict[str, Any]:
@@ -168,6 +215,13 @@ def _targets(s: dict[str, Any], lengths: list[int]) -> list[dict[str, Any]]:
                 t.append({"target": f"greedy tokens = vLLM prefix-cache hit: {row['label']}, {length} tokens",
                           "limit": "identical", "measured": "identical" if g["identical"] else
                           f"differ from token {g['first_difference']}", "met": bool(g["identical"])})
+        for name, c in (L.get("kv") or {}).items():
+            for kind, what in (("stored", "pages stored = blocks computed"), ("loaded", "blocks loaded = pages")):
+                k = c.get(kind)
+                if name.startswith("dynkv/") and k:
+                    t.append({"target": f"KV check, {name.removeprefix('dynkv/')}: {what}, {length} tokens",
+                              "limit": "every block", "measured": f"{k['equal']} of {k['of']}",
+                              "met": k["equal"] == k["of"]})
     r = s["decode"]["ratio"]
     if r is not None:
         t.append({"target": "decode tokens/s with dynkv storing vs plain vLLM",
@@ -228,8 +282,11 @@ def format_table(s: dict[str, Any]) -> str:
             lines.append(f"disk tier's batched reads of the same records, no request running (GB/s): {rates}")
             for label, host in (probe.get("host") or {}).items():
                 lines.append(_host_line(f"probe, {label}", host))
+        lines += _kv_lines(L.get("kv") or {})
         for name, t in (L.get("traces") or {}).items():
             lines.append(_trace_line(name, t))
+            for other in t.get("other_ranks") or ():
+                lines.append(_trace_line(f"{name}, rank {other['rank']}", {"ttft_s": t["ttft_s"], **other}))
         disk = L["paths"].get("dynkv/disk")
         if disk and disk.get("disk_batches"):
             lines.append(_batches_line(disk["disk_batches"]))

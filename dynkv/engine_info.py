@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from dynkv.keys import ModelFingerprint
-from dynkv.layout import PageGeometry
+from dynkv.layout import PagedView, PageGeometry, head_range
 
-__all__ = ["distinct_layers", "infer_dims", "metric_samples", "model_geometry"]
+__all__ = ["distinct_layers", "infer_dims", "metric_samples", "model_geometry", "paged_view"]
 
 
 def _elem_bytes(dtype: Any) -> int:
@@ -142,6 +142,29 @@ def infer_dims(t: torch.Tensor, num_blocks: int, num_heads: int, block_size: int
         f"dynkv: cannot tell the axes of a KV tensor of shape {shape} ({num_blocks} blocks, {num_heads} heads, "
         f"{block_size} tokens per block); this vLLM version's KV layout is not supported"
     )
+
+
+def paged_view(layers: list[torch.Tensor], num_blocks: int, geometry: PageGeometry, rank: int,
+               world_size: int) -> PagedView:
+    """One TP rank's KV tensors (:func:`distinct_layers`) as a :class:`PagedView` of ``geometry``.
+
+    Raises
+    ------
+    ValueError
+        When the tensors' axes cannot be told apart, or they give another
+        geometry than the model config (a KV-cache layout dynkv does not
+        support).
+    """
+    h0, h1 = head_range(rank, world_size, geometry.num_heads)
+    dims = infer_dims(layers[0], num_blocks, h1 - h0, geometry.block_size)
+    view = PagedView.from_tensors(layers, dims=dims, num_heads_total=geometry.num_heads, head_start=h0,
+                                  block_size=geometry.block_size)
+    if view.geometry != geometry:
+        raise ValueError(
+            f"dynkv: vLLM's KV tensors give page geometry {view.geometry} but the model config gives "
+            f"{geometry}; this KV-cache layout is not supported"
+        )
+    return view
 
 
 def metric_samples(registry: Any) -> tuple[dict[str, float], dict[str, float]]:

@@ -261,6 +261,10 @@ class Worker(PullFlow):
         if pages is not None:
             pages.owner.close()
 
+    def host_pages(self) -> PageBuffer:
+        """The leader's host pool as this rank's pages (attached at the first call)."""
+        return self._page_buffer()
+
     # -- internals -------------------------------------------------------------
 
     def _page_buffer(self) -> PageBuffer:

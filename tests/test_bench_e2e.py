@@ -70,3 +70,16 @@ def test_bench_e2e_cpu_smoke(tmp_path: Path) -> None:
     assert summary["dd"]["median_s"] > 0 and summary["dd_after_fillers"]["median_s"] > 0
     targets = [t["target"] for t in report["summary"]["targets"] if t["target"].startswith("disk-tier hit")]
     assert len(targets) == 2 and "after the same filler pass" in targets[1], targets
+    # The KV check: dynkv stored what vLLM computed and loaded what it stored, block for block; its first prefill
+    # and its hits hold vLLM's own KV of the prompt (a CRC-32 per block on the one CPU rank).
+    kv = summary["kv"]
+    assert kv["dynkv/miss"]["stored"] == {"equal": 256 // 32, "of": 256 // 32, "first_differing": None}, kv
+    for path in ("dynkv/host", "dynkv/disk"):
+        assert kv[path]["loaded"] == {"equal": 256 // 32 - 1, "of": 256 // 32 - 1, "first_differing": None}, kv
+    for path in ("dynkv/miss", "dynkv/host", "dynkv/disk"):
+        assert kv[path]["vs_reference"]["first_differing"] is None, kv
+    # The disk hit stores the last block again (the filler pass pushed its page out of the host tier).
+    assert kv["dynkv/disk"]["stored"]["of"] == 1 and "stored" not in kv["dynkv/host"], kv
+    checks = [t for t in report["summary"]["targets"] if t["target"].startswith("KV check")]
+    assert len(checks) == 4 and all(t["met"] for t in checks), checks
+    assert "KV dynkv/host (CRC-32 per block, every rank): blocks loaded = pages 7 of 7" in run.stdout

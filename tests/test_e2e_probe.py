@@ -144,6 +144,7 @@ def test_variant_hits_take_turns_and_put_the_knobs_back() -> None:
             "dec": {"early": 0, "paths": "decode"}}}
         connector = conn
         report: dict = {"errors": []}
+        watch = None  # no KV check
 
         def ttft(self, prompt: list[int]) -> dict:
             order.append(("hit", conn.early_loads))
