@@ -47,6 +47,8 @@ KNOBS: dict[str, tuple[Callable[[str], Any], int | None]] = {
 _SWITCHES = {"early": "early_loads", "last_block": "load_last_block"}
 _PATHS = {"host": ("host",), "disk": ("disk",), "host+disk": ("host", "disk"), "decode": ("decode",)}
 COPY_KERNEL = "copy_tiles_kernel"
+ATTENTION_OP = "vllm::unified_attention_with_output"  # vLLM's attention op, once per layer and forward
+_REDUCE_KERNELS = ("cross_device_reduce", "AllReduce", "all_reduce", "allreduce")
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -214,7 +216,29 @@ def trace_summary(trace: dict[str, Any]) -> dict[str, Any]:
     if copies:
         out["copy"] = {"kernels": len(copies), "first_ms": round(min(a for a, _ in copies), 3),
                        "last_ms": round(max(b for _, b in copies), 3), "busy_ms": round(_union(copies), 3)}
+    # TP: a rank that launches late holds the others in the all-reduce, whose kernels wait for every rank.
+    reduce_ms = sum(e["dur"] for e in kernels if any(w in e.get("name", "") for w in _REDUCE_KERNELS)) / 1e3
+    if reduce_ms:
+        out["allreduce_ms"] = round(reduce_ms, 3)
+    # The CPU's pace through the last forward: from one attention layer's launch to the next.
+    attn = sorted(e["ts"] for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("name") == ATTENTION_OP)
+    if len(attn) > 1:
+        last = attn[-_layers_of_last_forward(attn):]
+        if len(last) > 1:
+            out["cpu_ms_per_layer"] = round((last[-1] - last[0]) / (len(last) - 1) / 1e3, 3)
     return out
+
+
+def _layers_of_last_forward(starts: list[float]) -> int:
+    """Attention launches of the last forward: the run after the last gap far wider than the median step."""
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    typical = sorted(gaps)[len(gaps) // 2]
+    n = 1
+    for g in reversed(gaps):
+        if g > 10 * typical:
+            break
+        n += 1
+    return n
 
 
 def block_device(path: str) -> str | None:

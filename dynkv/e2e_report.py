@@ -327,6 +327,10 @@ def _trace_line(name: str, t: dict[str, Any]) -> str:
         cp = t["copy"]
         text += (f"; dynkv copies {cp['kernels']} kernels from {cp['first_ms']:.1f} to {cp['last_ms']:.1f} ms, "
                  f"{cp['busy_ms']:.1f} ms busy")
+    if t.get("cpu_ms_per_layer"):
+        text += f"; CPU {t['cpu_ms_per_layer']:.2f} ms per layer of the last forward"
+    if t.get("allreduce_ms"):
+        text += f"; all-reduce kernels {t['allreduce_ms']:.1f} ms"
     return text
 
 

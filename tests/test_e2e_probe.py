@@ -35,6 +35,21 @@ def test_trace_summary_finds_the_compute_stream_and_its_idle_time() -> None:
     assert s["streams"]["7"]["span_ms"] == 2.0 and s["streams"]["7"]["idle_ms"] == 0.5
     assert s["copy"] == {"kernels": 2, "first_ms": 0.0, "last_ms": 2.0, "busy_ms": 2.0}
     assert trace_summary({"traceEvents": []}) == {"kernels": 0}
+    assert "allreduce_ms" not in s and "cpu_ms_per_layer" not in s
+
+
+def test_trace_summary_measures_the_all_reduce_and_the_cpu_pace_of_the_last_forward() -> None:
+    def ev(name: str, ts: float, dur: float = 10, cat: str = "cpu_op") -> dict:
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"stream": 7}}
+
+    attn = "vllm::unified_attention_with_output"
+    # Two forwards of 3 layers: the first 100 us a layer, the last 500 us; 50 ms between them.
+    events = [ev(attn, t) for t in (0, 100, 200, 50_000, 50_500, 51_000)]
+    events += [ev("void vllm::cross_device_reduce_1stage<bf16, 2>", 0, 2000, "kernel"),
+               ev("ncclDevKernel_AllReduce_RING_LL", 3000, 1000, "kernel"), ev("gemm", 5000, 100, "kernel")]
+    s = trace_summary({"traceEvents": events})
+    assert s["allreduce_ms"] == 3.0
+    assert s["cpu_ms_per_layer"] == 0.5
 
 
 def test_host_sample_charges_cpu_to_the_thread_that_used_it() -> None:
