@@ -16,8 +16,6 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 import zlib
 from pathlib import Path
 from typing import Any
@@ -67,7 +65,6 @@ def rank_digests(worker: Any, block_ids: list[int], slots: list[int] | None = No
     ``slots`` needs the dynkv connector (its host pool); ``None`` or an
     empty list: blocks only. Waits for the connector's copies in flight.
     """
-    import numpy as np
     import torch
 
     from dynkv.ops import PageBuffer, gather
@@ -83,18 +80,20 @@ def rank_digests(worker: Any, block_ids: list[int], slots: list[int] | None = No
     if view.device.type == "cuda":
         torch.cuda.synchronize(view.device)
     blocks: list[int] = []
-    for i in range(0, len(block_ids), _CHUNK_PAGES):
-        ids = [int(b) for b in block_ids[i: i + _CHUNK_PAGES]]
-        scratch = torch.zeros(len(ids) * g.page_bytes, dtype=torch.uint8, device=view.device)
-        gather(view, PageBuffer.from_tensor(g, scratch, g.page_bytes), ids, list(range(len(ids))))
-        rows = scratch.view(len(ids), g.page_bytes)[:, lo:hi].cpu().contiguous().numpy()
+    chunk = max(1, min(_CHUNK_PAGES, len(block_ids)))
+    scratch = torch.empty(chunk * g.page_bytes, dtype=torch.uint8, device=view.device)  # only [lo, hi) is read
+    pages_scratch = PageBuffer.from_tensor(g, scratch, g.page_bytes)
+    for i in range(0, len(block_ids), chunk):
+        ids = [int(b) for b in block_ids[i: i + chunk]]
+        gather(view, pages_scratch, ids, list(range(len(ids))))
+        rows = scratch.view(chunk, g.page_bytes)[: len(ids), lo:hi].cpu().contiguous().numpy()
         blocks += [zlib.crc32(row) for row in rows]
     pages: list[int] | None = None
     if slots:
         if dyn is None:
             raise ValueError("page digests need the dynkv connector's host pool; this engine runs none")
         buf = dyn.host_pages()
-        pool = np.asarray(buf.owner.as_tensor().numpy())
+        pool = buf.owner.as_tensor().numpy()
         stride = buf.page_stride
         pages = [zlib.crc32(pool[s * stride + lo: s * stride + hi]) for s in slots]
     return {"rank": rank, "world_size": world, "heads": [view.head_start, view.head_start + view.num_heads],
@@ -209,13 +208,11 @@ def compare(d: dict[str, Any], ref: dict[str, Any] | None = None) -> dict[str, A
 
 def start_trace(worker: Any) -> int:
     """On one worker: start ``torch.profiler`` (CPU and CUDA); :func:`stop_trace` ends it. Returns the rank."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+    from dynkv.e2e_probe import profiler
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     if "prof" in _profiler:
         raise RuntimeError("a trace is already running in this worker")
-    prof = profile(activities=acts)
+    prof = profiler()
     prof.start()
     _profiler["prof"] = prof
     return _rank(worker)[0]
@@ -223,7 +220,7 @@ def start_trace(worker: Any) -> int:
 
 def stop_trace(worker: Any, path: str) -> dict[str, Any]:
     """On one worker: end the trace, write it to ``path`` with ``-rank{r}`` before the suffix (gzip), summarize it."""
-    from dynkv.e2e_probe import trace_summary
+    from dynkv.e2e_probe import export_trace
 
     prof = _profiler.pop("prof", None)
     if prof is None:
@@ -231,10 +228,4 @@ def stop_trace(worker: Any, path: str) -> dict[str, Any]:
     prof.stop()
     rank = _rank(worker)[0]
     out = Path(path)
-    out = out.with_name(out.name.replace(".json.gz", f"-rank{rank}.json.gz"))
-    raw = out.with_suffix("")
-    prof.export_chrome_trace(str(raw))
-    data = raw.read_bytes()
-    out.write_bytes(gzip.compress(data))
-    raw.unlink()
-    return {"rank": rank, "file": out.name, **trace_summary(json.loads(data))}
+    return {"rank": rank, **export_trace(prof, out.with_name(out.name.replace(".json.gz", f"-rank{rank}.json.gz")))}

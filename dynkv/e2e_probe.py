@@ -36,7 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KNOBS", "HostSample", "apply_variant", "block_device", "disk_batches", "parse_variant", "trace_summary", "traced"]
+__all__ = ["KNOBS", "HostSample", "apply_variant", "block_device", "disk_batches", "export_trace", "parse_variant",
+           "profiler", "trace_summary", "traced"]
 
 # knob -> (parse, lowest value)
 KNOBS: dict[str, tuple[Callable[[str], Any], int | None]] = {
@@ -149,20 +150,29 @@ def disk_batches(connector: Any, since: float) -> list[list[float]]:
             for row in list(disk.read_log) if row[0] >= since]
 
 
-def traced(fn: Callable[[], dict[str, Any]], path: Path) -> dict[str, Any]:
-    """``fn()`` under ``torch.profiler`` (CPU and CUDA); the trace goes to ``path`` (gzip), its summary in the record."""
+def profiler() -> Any:
+    """A ``torch.profiler`` of CPU and (where there is one) CUDA activity, not yet started."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=acts) as prof:
-        rec = fn()
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+
+
+def export_trace(prof: Any, path: Path) -> dict[str, Any]:
+    """A stopped profiler's Chrome trace, gzipped to ``path``: its file name and :func:`trace_summary`."""
     raw = path.with_suffix("")
     prof.export_chrome_trace(str(raw))
     data = raw.read_bytes()
     path.write_bytes(gzip.compress(data))
     raw.unlink()
-    rec["trace"] = {"file": path.name, **trace_summary(json.loads(data))}
+    return {"file": path.name, **trace_summary(json.loads(data))}
+
+
+def traced(fn: Callable[[], dict[str, Any]], path: Path) -> dict[str, Any]:
+    """``fn()`` under ``torch.profiler`` (CPU and CUDA); the trace goes to ``path`` (gzip), its summary in the record."""
+    with profiler() as prof:
+        rec = fn()
+    rec["trace"] = export_trace(prof, path)
     return rec
 
 

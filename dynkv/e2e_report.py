@@ -128,6 +128,7 @@ def summarize(reports: Mapping[str, dict[str, Any] | None], lengths: list[int]) 
 # vLLM's prefix-cache hit (both compute the prompt's last block in a step of their own).
 _KV_PAIRS = (("vllm", "device", "recompute"), ("dynkv", "miss", "recompute"), ("dynkv", "host", "device"),
              ("dynkv", "disk", "device"), ("offload", "miss", "recompute"))
+_KV_REFERENCE = {"recompute": "full prefill", "device": "prefix-cache hit"}
 
 
 def _kv(reports: Mapping[str, dict[str, Any] | None], key: str) -> dict[str, Any]:
@@ -141,7 +142,7 @@ def _kv(reports: Mapping[str, dict[str, Any] | None], key: str) -> dict[str, Any
         d = kv(engine).get(path)
         if d:
             try:
-                out[f"{engine}/{path}"] = compare(d, ref.get(ref_path))
+                out[f"{engine}/{path}"] = {**compare(d, ref.get(ref_path)), "reference": ref_path}
             except ValueError as e:
                 out[f"{engine}/{path}"] = {"error": str(e)}
     return out
@@ -160,8 +161,7 @@ def _kv_lines(kv: dict[str, Any]) -> list[str]:
             r = c.get(k)
             if r is None:
                 continue
-            ref = f" {'prefix-cache hit' if name.endswith(('host', 'disk', 'device')) else 'full prefill'}" \
-                if k == "vs_reference" else ""
+            ref = f" {_KV_REFERENCE[c['reference']]}" if k == "vs_reference" else ""
             diff = "" if r["first_differing"] is None else f", first differing block {r['first_differing']}"
             parts.append(f"{what}{ref} {r['equal']} of {r['of']}{diff}")
         if parts:
