@@ -299,7 +299,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", type=_variant, action="append", default=[], metavar="NAME:KEY=VALUE,...",
                    help="dynkv's host and disk hits of the first length again with copy knobs changed in place: "
                         "priority (load stream), ctas (H2D kernel), read_chunk, io_threads and disk_wait_ms (disk), "
-                        "store_launch_kib (stores' launch size), paths (host, disk, host+disk, or decode: a decode "
+                        "store_launch_kib (stores' launch size), early, sched and last_block (0/1: the connector's "
+                        "early_loads, loads launched by the scheduler, load_last_block), paths (host, disk, host+disk, or decode: a decode "
                         "run with fresh prompts after each default one); "
                         "e.g. normal:priority=0 (repeatable; see dynkv.e2e_probe)")
     p.add_argument("--trace", action="store_true",

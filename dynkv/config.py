@@ -236,13 +236,16 @@ class DynKVConfig:
         instead of returning at once (vLLM's loop otherwise spins on the
         waiting request). A read landing ends the wait at once; 0 never waits.
     early_loads
-        With ``layerwise``: a step's host-tier loads start when vLLM hands
-        the step to the workers (its ``handle_preemptions`` hook). With
-        vLLM's V1 model runner the copy then runs while vLLM prepares the
-        step's inputs; its V2 runner calls that hook after preparing them,
-        where this changes nothing. Steps in which vLLM itself writes KV
-        blocks first (zeroing fresh blocks, copying blocks) start them after
-        that, as with this off.
+        With ``layerwise``: a step's host-tier loads start before vLLM
+        prepares the step's inputs, so the copy runs meanwhile. Where the
+        engine's only worker runs in the scheduler's thread (one GPU, vLLM's
+        uni executor), the scheduler launches them as it builds the step,
+        ordered after every earlier step's GPU work. Otherwise they start
+        when vLLM hands the step to the workers (its ``handle_preemptions``
+        hook): before input preparation in vLLM's V1 model runner, after it
+        in the V2 runner, where that changes nothing. Steps in which vLLM
+        itself writes KV blocks first (zeroing fresh blocks, copying blocks)
+        start them after that, as with this off.
     load_last_block
         An asynchronous hit (disk tier, or host tier without ``layerwise``)
         on the whole prompt also loads the prompt's last full block, and vLLM

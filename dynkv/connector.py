@@ -49,6 +49,7 @@ from dynkv.disagg.params import ParamsError, RemotePrefill, asks_remote_decode
 from dynkv.engine_info import distinct_layers, metric_samples, model_geometry, paged_view
 from dynkv.keys import block_keys
 from dynkv.protocol import StepPlan, WorkerReport, pool_name_for
+from dynkv.worker import in_process
 
 try:  # vLLM >= the worker -> scheduler metadata channel
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
@@ -148,6 +149,7 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         self._stats_version = -1
         self.disk_wait_s = self.config.disk_wait_ms / 1e3  # see DynKVConfig.disk_wait_ms
         self.early_loads = self.config.early_loads
+        self.scheduler_loads = True  # with early_loads: launched by the scheduler where the worker shares its thread
         self.load_last_block = self.config.load_last_block
         spec = getattr(vllm_config, "speculative_config", None)
         self._decode_query_len = 1 + (getattr(spec, "num_speculative_tokens", None) or 0)
@@ -328,6 +330,12 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         # vLLM's uniform decode batch: every request computes 1 + (speculative tokens) tokens.
         counts = scheduler_output.num_scheduled_tokens.values()
         whole = all(n == self._decode_query_len for n in counts)
+        if early and self.scheduler_loads:
+            # TP=1 under the uni executor: the worker shares this thread, and the copy starts now, before vLLM
+            # hands the step over (its own hook then finds it launched).
+            worker = in_process(self.pool_name)
+            if worker is not None:
+                worker.start_scheduled(plan, preempted, layer_hooks=not whole)
         return DynKVMetadata(plan, preempted, early, whole)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:

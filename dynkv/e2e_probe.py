@@ -42,10 +42,10 @@ __all__ = ["KNOBS", "HostSample", "apply_variant", "block_device", "disk_batches
 # knob -> (parse, lowest value)
 KNOBS: dict[str, tuple[Callable[[str], Any], int | None]] = {
     "priority": (int, None), "ctas": (int, 1), "read_chunk": (int, 0), "io_threads": (int, 1),
-    "disk_wait_ms": (float, 0), "store_launch_kib": (int, 0), "early": (int, 0), "last_block": (int, 0),
-    "paths": (str, None)}
+    "disk_wait_ms": (float, 0), "store_launch_kib": (int, 0), "early": (int, 0), "sched": (int, 0),
+    "last_block": (int, 0), "paths": (str, None)}
 # on/off knobs -> the connector's attribute they set
-_SWITCHES = {"early": "early_loads", "last_block": "load_last_block"}
+_SWITCHES = {"early": "early_loads", "sched": "scheduler_loads", "last_block": "load_last_block"}
 _PATHS = {"host": ("host",), "disk": ("disk",), "host+disk": ("host", "disk"), "decode": ("decode",)}
 COPY_KERNEL = "copy_tiles_kernel"
 ATTENTION_OP = "vllm::unified_attention_with_output"  # vLLM's attention op, once per layer and forward

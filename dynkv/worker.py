@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,10 +38,22 @@ from dynkv.worker_jobs import is_ready as _ready
 from dynkv.worker_jobs import wait_for as _wait
 from dynkv.worker_pull import PullFlow
 
-__all__ = ["LOAD_PRIORITY", "Worker"]
+__all__ = ["LOAD_PRIORITY", "Worker", "in_process"]
 
 log = logging.getLogger("dynkv.worker")
 LOAD_PRIORITY = 0  # CUDA stream priority of loads (vLLM computes at 0; -1, above it, measured no faster: docs/perf.md)
+# Single-rank workers by pool name, for a scheduler in the same process (vLLM's uni executor).
+_IN_PROCESS: weakref.WeakValueDictionary[str, Worker] = weakref.WeakValueDictionary()
+
+
+def in_process(pool_name: str) -> Worker | None:
+    """The engine's only worker if it lives in this process (TP=1, vLLM's uni executor), else None."""
+    return _IN_PROCESS.get(pool_name)
+
+
+def _same_step(a: StepPlan | None, b: StepPlan) -> bool:
+    """Whether two plans are one step's (the same object, or a copy of it: the same load jobs)."""
+    return a is b or (a is not None and bool(a.loads) and [op.job for op in a.loads] == [op.job for op in b.loads])
 
 @dataclass
 class _SyncStep:
@@ -106,6 +119,9 @@ class Worker(PullFlow):
         self._layer_of: dict[str, int] = {}
         self._sync: _SyncStep | None = None
         self._early: StepPlan | None = None  # the plan whose sync loads start_early launched
+        self._step_thread: int | None = None  # the thread of the last start(), and its current stream
+        self._step_stream: Any = None
+        self.sync_launches: dict[str, int] = {}  # blocks of sync loads by where they were launched
         self._layerwise = config.layerwise
         self._load_priority = LOAD_PRIORITY
 
@@ -132,6 +148,8 @@ class Worker(PullFlow):
                 ThreadPoolExecutor(1, thread_name_prefix=f"dynkv-load{self.rank}"),
                 ThreadPoolExecutor(1, thread_name_prefix=f"dynkv-store{self.rank}"),
             )
+        if self.world_size == 1:
+            _IN_PROCESS[self.pool_name] = self
         if self._prepare_pulls:
             threading.Thread(target=self._prepare, name=f"dynkv-pull-prep{self.rank}", daemon=True).start()
 
@@ -156,21 +174,44 @@ class Worker(PullFlow):
 
     # -- per step ------------------------------------------------------------
 
-    def start_early(self, plan: StepPlan, *, layer_hooks: bool = True) -> None:
+    def start_early(self, plan: StepPlan, *, layer_hooks: bool = True, site: str = "early") -> None:
         """Launch the plan's sync loads now, before vLLM prepares the step's inputs.
 
         For a step in which nothing else writes KV blocks before the forward
         (the connector checks that vLLM zeroes and copies no blocks in it):
         the copy then runs while vLLM prepares the inputs instead of after.
-        :meth:`start` of the same plan launches the rest.
+        :meth:`start` of the same plan launches the rest; a second call for
+        the same plan does nothing.
         ``layer_hooks`` as for :meth:`start`, as far as known this early.
         """
+        if _same_step(self._early, plan):
+            return
         self._end_sync_step()  # a step whose forward never ran (vLLM calls nothing in between)
         self._early = plan
         sync = plan.sync_loads()
         if sync:
             # A copy waited for whole is waited for in start: vLLM's input preparation need not wait for it.
-            self._launch_sync(sync, per_layer=self._layerwise and layer_hooks and bool(self._layer_of), wait=False)
+            self._launch_sync(sync, per_layer=self._layerwise and layer_hooks and bool(self._layer_of), wait=False,
+                              site=site)
+
+    def start_scheduled(self, plan: StepPlan, preempted: Iterable[str] = (), *, layer_hooks: bool = True) -> bool:
+        """From the scheduler, as it builds the step: launch the plan's sync loads now; False where it may not.
+
+        Only where the scheduler runs in the thread that runs this worker's
+        steps (TP=1 under vLLM's uni executor): every earlier step's GPU work
+        is then queued, and the copy is ordered after it (after the stream
+        the last step computed on too). It then runs while vLLM hands the
+        step over and prepares its inputs. Stores still reading blocks of
+        ``preempted`` requests finish first, as in vLLM's own hook.
+        """
+        if self._step_thread != threading.get_ident() or self.view is None:
+            return False
+        if preempted:
+            self.wait(preempted)
+        if self._streams is not None and self._step_stream is not None:
+            self._streams[0].wait_stream(self._step_stream)
+        self.start_early(plan, layer_hooks=layer_hooks, site="scheduler")
+        return True
 
     def start(self, plan: StepPlan, *, layer_hooks: bool = True) -> None:
         """Launch the plan's loads now; keep its stores for :meth:`after_forward`.
@@ -183,7 +224,12 @@ class Worker(PullFlow):
         """
         self._finishing.update(plan.finished)
         self._stores_next = list(plan.stores)
-        early, self._early = self._early is plan, None
+        self._step_thread = threading.get_ident()
+        if self._streams is not None and self.view is not None:
+            import torch
+
+            self._step_stream = torch.cuda.current_stream(self.view.device)
+        early, self._early = _same_step(self._early, plan), None
         if not early:
             self._end_sync_step()  # a step whose forward never ran (vLLM calls nothing in between)
         sync = plan.sync_loads()
@@ -318,10 +364,12 @@ class Worker(PullFlow):
         self._launch(op.job, op.req_id, "load", op.block_ids, op.failed,
                      lambda pages, stream: scatter(pages, self.view, op.slots, op.block_ids, stream=stream))
 
-    def _launch_sync(self, ops: list[LoadOp], *, per_layer: bool, wait: bool = True) -> None:
+    def _launch_sync(self, ops: list[LoadOp], *, per_layer: bool, wait: bool = True, site: str = "late") -> None:
         """This step's sync loads as one scatter, in layer groups; the forward waits on each group's event.
 
-        One group (not ``per_layer``) is waited for at once, unless ``wait`` is False.
+        One group (not ``per_layer``) is waited for at once, unless ``wait`` is False. ``site``: where
+        it was launched, counted in :attr:`sync_launches` (``scheduler``, ``early``: vLLM's
+        ``handle_preemptions``, ``late``: ``start_load_kv``).
         """
         assert self.view is not None
         num_layers = self.view.geometry.num_layers
@@ -329,6 +377,7 @@ class Worker(PullFlow):
         now = time.perf_counter()
         slots = [s for op in ops for s in op.slots]
         blocks = [b for op in ops for b in op.block_ids]
+        self.sync_launches[site] = self.sync_launches.get(site, 0) + len(blocks)
         # One copy for all: its bytes and time go with the first job.
         jobs = [_Job(op.job, op.req_id, "load", op.block_ids, op.failed, self._slice_bytes(len(blocks)) if not i else 0,
                      now, None, sync=True) for i, op in enumerate(ops)]

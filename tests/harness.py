@@ -89,15 +89,18 @@ class RankState:
         return torch.from_numpy(page_content(key, self.geometry)[h0:h1, layer]).to(self.model.device)
 
     def step(self, plan: StepPlan, writes: Sequence[tuple[int, bytes]], reads: Sequence[tuple[int, bytes]] = (),
-             hooks: str = "all", layer_hooks: bool = True, early: bool = False) -> list[tuple[int, int]]:
+             hooks: str = "all", layer_hooks: bool = True, early: bool | str = False) -> list[tuple[int, int]]:
         """One forward: per layer, ask for the layer (``hooks``: "all", "none", "even"), read ``reads``, write.
 
         ``early``: the sync loads start before the step's inputs are
         prepared (the connector's ``handle_preemptions``), the rest at the
-        forward. Returns the ``(layer, block)`` of ``reads`` that did not
-        hold their page when the forward read them (a sync load that
-        arrived late).
+        forward; ``"scheduler"``: before that, from the scheduler (the
+        worker's thread; vLLM's hook then comes too). Returns the
+        ``(layer, block)`` of ``reads`` that did not hold their page when
+        the forward read them (a sync load that arrived late).
         """
+        if early == "scheduler":
+            assert self.worker.start_scheduled(plan, layer_hooks=layer_hooks), "the scheduler may not launch"
         if early:
             self.worker.start_early(plan, layer_hooks=layer_hooks)
         self.worker.start(plan, layer_hooks=layer_hooks)

@@ -25,6 +25,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 import dynkv.connector as connector_mod
+import dynkv.worker
 from dynkv.connector import DynKVConnector, DynKVMetadata, DynKVPromMetrics, DynKVStats, DynKVWorkerMetadata
 from dynkv.engine_info import distinct_layers, infer_dims, model_geometry
 from dynkv.protocol import StepPlan, WorkerReport
@@ -237,6 +238,43 @@ def test_host_hit_loads_start_before_input_preparation(rng: np.random.Generator,
         meta = conn.build_connector_meta(out)
         assert [op.block_ids for op in meta.plan.loads] == [(9, 10)]
         assert meta.early is (first is None)
+    finally:
+        conn.shutdown()
+
+
+@pytest.mark.parametrize("first", [None, "zero", "off"])
+def test_scheduler_launches_host_hit_loads_on_a_worker_in_its_process(rng: np.random.Generator, monkeypatch,
+                                                                       first: str | None) -> None:
+    """TP=1 under the uni executor: the step's sync loads start as the scheduler builds the step."""
+    vllm_config, kcc = fake_config({"host_pages": 16})
+    conn = DynKVConnector(vllm_config, KVConnectorRole.SCHEDULER, kcc)
+    calls: list[Any] = []
+
+    class Worker:  # the engine's worker, in this process
+        def start_scheduled(self, plan: StepPlan, preempted: Any, *, layer_hooks: bool) -> bool:
+            calls.append((plan, tuple(preempted), layer_hooks))
+            return True
+
+    worker = Worker()
+    monkeypatch.setitem(dynkv.worker._IN_PROCESS, conn.pool_name, worker)
+    conn.scheduler_loads = first != "off"
+    try:
+        shared = tokens(rng, 2 * BS)
+        served(conn, "a", shared + tokens(rng, 40), [1, 2, 3])
+        assert calls == [], "steps without sync loads launch nothing"
+        b = FakeRequest("b", shared + tokens(rng, 5))
+        conn.on_new_request(b)
+        assert conn.get_num_new_matched_tokens(b, 0) == (2 * BS, False)
+        conn.update_state_after_alloc(b, blocks([9, 10, 11]), 2 * BS)
+        out = step(new={"b": [9, 10, 11]}, scheduled={"b": 5})
+        out.preempted_req_ids = {"p"}
+        if first == "zero":
+            out.new_block_ids_to_zero = [9, 10, 11]
+        meta = conn.build_connector_meta(out)
+        assert [op.block_ids for op in meta.plan.loads] == [(9, 10)]
+        assert meta.early is (first != "zero")
+        # vLLM zeroes blocks in that step's input preparation: the loads wait for it (start_load_kv).
+        assert calls == ([(meta.plan, ("p",), True)] if first is None else [])
     finally:
         conn.shutdown()
 

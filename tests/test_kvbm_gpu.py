@@ -43,8 +43,9 @@ def test_gpu_tp_processes(rng: np.random.Generator) -> None:
 
 
 @pytest.mark.parametrize("tp,processes,early", [(1, False, False), (2, True, False), (1, False, True),
-                                                (2, True, True)])
-def test_gpu_sync_layer_by_layer_loads(rng: np.random.Generator, tp: int, processes: bool, early: bool) -> None:
+                                                (2, True, True), (1, False, "scheduler")])
+def test_gpu_sync_layer_by_layer_loads(rng: np.random.Generator, tp: int, processes: bool,
+                                       early: bool | str) -> None:
     """Each layer's reads, queued on the compute stream after its wait, see the loaded pages."""
     from test_sync_loads import check_sync_loads
 
@@ -65,3 +66,51 @@ def test_gpu_forward_without_layer_hooks_gets_load_errors(rng: np.random.Generat
     from test_sync_loads import check_skipped_hooks
 
     check_skipped_hooks(rng, "even", device="cuda")
+
+
+def test_gpu_scheduler_launch_follows_work_queued_on_the_steps_stream(rng: np.random.Generator) -> None:
+    """A load the scheduler launches lands after work already queued on the stream the steps compute on.
+
+    The steps run on a side stream, as a model runner's may. Before the hit's step, that stream
+    still writes junk into the very blocks the hit loads, behind a long sleep (a freed block's
+    last writer); the scheduler then launches the load from the default stream. The forward,
+    on the side stream, must read the pages, not the junk.
+    """
+    import torch
+
+    from test_sync_loads import _prompt
+
+    model = Model(dims="LBNHC", device="cuda", num_layers=4)
+    leader = make_leader(model)
+    engine = Engine(leader, model, tp=1, processes=False)
+    state = engine.ranks[0].state
+    side = torch.cuda.Stream()
+    real_step = state.step
+    junked: list[int] = []
+
+    def step(plan, writes, reads, *forward):
+        if reads:
+            with torch.cuda.stream(side):
+                torch.cuda._sleep(100_000_000)
+                for block, key in reads:
+                    for layer in range(model.num_layers):
+                        state.kv.set_block(state.layers, layer, block, torch.full_like(state._expected(key, layer), 7))
+                    junked.append(block)
+            assert state.worker.start_scheduled(plan), "the scheduler shares the steps' thread"
+        with torch.cuda.stream(side):
+            return real_step(plan, writes, reads, *forward)
+
+    state.step = step
+    try:
+        a = _prompt(rng, model, 5)
+        engine.serve("a", a)
+        engine.drain()
+        out = engine.serve("a2", a + [9] * model.block_size, sync=True)
+        torch.cuda.synchronize()
+        assert sorted(junked) == sorted(out.blocks[:5])
+        assert state.worker.sync_launches == {"scheduler": 5}
+        assert out.late == [], f"the forward read junk: the load landed before the junk {out.late[:8]}"
+        assert out.loaded == 5 and out.load_errors == set() and out.mismatched == []
+    finally:
+        engine.close()
+        leader.close()

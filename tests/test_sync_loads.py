@@ -9,6 +9,9 @@ checks with the KV cache on a GPU.
 
 from __future__ import annotations
 
+import copy
+import threading
+
 import numpy as np
 import pytest
 from harness import Engine, Model
@@ -23,7 +26,7 @@ def _prompt(rng: np.random.Generator, model: Model, blocks: int) -> list[int]:
 
 
 def check_sync_loads(rng: np.random.Generator, model: Model, *, tp: int, processes: bool,
-                     load_priority: int | None = None, early: bool = False) -> None:
+                     load_priority: int | None = None, early: bool | str = False) -> None:
     leader = make_leader(model, tp=tp)
     engine = Engine(leader, model, tp=tp, num_blocks=96, processes=processes)
     try:
@@ -50,7 +53,7 @@ def check_sync_loads(rng: np.random.Generator, model: Model, *, tp: int, process
         leader.close()
 
 
-@pytest.mark.parametrize("early", [False, True])
+@pytest.mark.parametrize("early", [False, True, "scheduler"])
 @pytest.mark.parametrize("dims", ["LBHNC", "LBNHC"])
 def test_sync_loads_in_process(rng: np.random.Generator, dims: str, early: bool) -> None:
     check_sync_loads(rng, Model(dims=dims, num_layers=6), tp=1, processes=False, early=early)
@@ -61,10 +64,11 @@ def test_sync_loads_tp_processes(rng: np.random.Generator, tp: int, early: bool)
     check_sync_loads(rng, Model(num_layers=5), tp=tp, processes=True, early=early)
 
 
+@pytest.mark.parametrize("where", ["early", "scheduler"])
 @pytest.mark.parametrize("layer_hooks", [True, False])
 def test_early_sync_loads_launch_once_before_the_forward(rng: np.random.Generator, monkeypatch,
-                                                         layer_hooks: bool) -> None:
-    """start_early launches the step's sync loads; start of the same plan launches only the rest."""
+                                                         layer_hooks: bool, where: str) -> None:
+    """start_early (or start_scheduled, then vLLM's hook) launches the sync loads once; start only the rest."""
     # layer_hooks False: a uniform decode step (whole copy, launched early, waited for at the forward)
     model = Model(num_layers=4)
     leader = make_leader(model)
@@ -92,15 +96,66 @@ def test_early_sync_loads_launch_once_before_the_forward(rng: np.random.Generato
         engine.serve("a", a)
         engine.drain()
         launches.clear()
-        out = engine.serve("a2", a + [3], sync=True, early=True, layer_hooks=layer_hooks,
+        early = True if where == "early" else where
+        out = engine.serve("a2", a + [3], sync=True, early=early, layer_hooks=layer_hooks,
                            hooks="all" if layer_hooks else "none")
-        assert launches == [("sync", False)], "one launch, from start_early, none from start"
+        assert launches == [("sync", False)], "one launch, before start, none from start"
+        assert worker.sync_launches == {where: 4}
         assert out.loaded == 4 and out.late == [] and out.load_errors == set() and out.mismatched == []
-        # A plan start_early did not see is launched by start, as before.
+        # A plan launched before it was not seen is launched by start, as before.
         launches.clear()
         out = engine.serve("a3", a + [4], sync=True)
         assert launches == [("sync", True)]
+        assert worker.sync_launches == {where: 4, "late": 4}
         assert out.loaded == 4 and out.late == [] and out.load_errors == set() and out.mismatched == []
+        engine.drain()
+        assert leader.stats()["host"]["pinned"] == 0
+    finally:
+        engine.close()
+        leader.close()
+
+
+def test_scheduler_launches_only_in_the_thread_that_runs_the_steps(rng: np.random.Generator) -> None:
+    """start_scheduled refuses before any step and from another thread; a copy of the plan counts as the plan."""
+    model = Model(num_layers=3)
+    leader = make_leader(model)
+    engine = Engine(leader, model, tp=1, processes=False)
+    worker = engine.ranks[0].state.worker
+    try:
+        a = _prompt(rng, model, 3)
+        assert worker.start_scheduled(leader.build_plan()) is False, "no step has run: its thread is unknown"
+        engine.serve("a", a)
+        engine.drain()
+        assert dynkv.worker.in_process(worker.pool_name) is worker
+        # The hit's plan, offered from another thread: refused, nothing launched; the step then loads as before.
+        real_step = engine.ranks[0].state.step
+        refused = []
+
+        def step(plan, *args, **kw):
+            t = threading.Thread(target=lambda: refused.append(worker.start_scheduled(plan)))
+            t.start()
+            t.join()
+            return real_step(plan, *args, **kw)
+
+        engine.ranks[0].state.step = step
+        out = engine.serve("a2", a + [5], sync=True)
+        assert False in refused and True not in refused
+        assert worker.sync_launches == {"late": 3}
+        assert out.loaded == 3 and out.late == [] and out.load_errors == set() and out.mismatched == []
+        # Launched from the scheduler; vLLM's own hook and start then get a copy of the plan (no relaunch).
+        engine.ranks[0].state.step = real_step
+        copies = []
+
+        def step_copy(plan, *args, **kw):
+            assert worker.start_scheduled(plan) is True
+            twin = copy.deepcopy(plan)
+            copies.append(twin)
+            return real_step(twin, *args, **kw)
+
+        engine.ranks[0].state.step = step_copy
+        out = engine.serve("a3", a + [6], sync=True, early=True)
+        assert copies and worker.sync_launches == {"late": 3, "scheduler": 3}
+        assert out.loaded == 3 and out.late == [] and out.load_errors == set() and out.mismatched == []
         engine.drain()
         assert leader.stats()["host"]["pinned"] == 0
     finally:

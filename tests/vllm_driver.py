@@ -97,20 +97,6 @@ def _record_events(counts: dict[str, int]) -> None:
     DynKVConnector.take_events = take_counted  # type: ignore[method-assign]
 
 
-def _record_sync_starts(counts: dict[str, int]) -> None:
-    """Patch the worker to count sync-load blocks by where they were launched (``early``: start_early)."""
-    from dynkv.worker import Worker
-
-    launch_sync = Worker._launch_sync
-
-    def launch_sync_counted(self: Worker, ops: Any, **kw: Any) -> None:
-        where = "late" if self._early is None else "early"
-        counts[where] = counts.get(where, 0) + sum(len(op.block_ids) for op in ops)
-        launch_sync(self, ops, **kw)
-
-    Worker._launch_sync = launch_sync_counted  # type: ignore[method-assign]
-
-
 def _connector(llm: Any) -> Any:
     return llm.llm_engine.engine_core.engine_core.scheduler.connector
 
@@ -137,9 +123,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     events: dict[str, int] = {}
     if spec.get("record_events"):
         _record_events(events)
-    sync_starts: dict[str, int] = {}
-    if spec.get("record_sync_starts"):
-        _record_sync_starts(sync_starts)
     from vllm import LLM, SamplingParams
 
     kwargs: dict[str, Any] = dict(dtype="float32", block_size=32, enforce_eager=True, enable_prefix_caching=True,
@@ -186,7 +169,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     if conn is not None:
         out["pool_name"] = conn.leader.pool_name
     out["events"] = events
-    out["sync_starts"] = sync_starts
+    if conn is not None and spec.get("record_sync_starts"):
+        from dynkv.worker import in_process
+
+        out["sync_starts"] = dict(in_process(conn.pool_name).sync_launches)  # the engine's worker, this process
     llm.llm_engine.engine_core.shutdown()
     return out
 
