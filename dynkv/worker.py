@@ -14,6 +14,7 @@ attention needs it (:meth:`Worker.wait_for_layer`); otherwise the forward
 waits for the whole copy. Should a forward run without asking for a layer
 (a CUDA graph that captured the attention), its sync blocks are reported as
 load errors, vLLM recomputes them, and later steps wait for whole copies.
+Those loads live in :mod:`dynkv.worker_sync`.
 """
 
 from __future__ import annotations
@@ -24,19 +25,19 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from dynkv.config import DynKVConfig
 from dynkv.keys import ModelFingerprint
 from dynkv.layout import PagedView
-from dynkv.ops import HostPool, PageBuffer, chunk_for, gather, scatter, scatter_layers
+from dynkv.ops import HostPool, PageBuffer, chunk_for, gather, scatter
 from dynkv.protocol import LoadOp, StepPlan, StoreOp, WorkerReport, live_pools, page_stride, pool_owner
 from dynkv.worker_jobs import Job as _Job
 from dynkv.worker_jobs import done_future as _done_future
 from dynkv.worker_jobs import is_ready as _ready
 from dynkv.worker_jobs import wait_for as _wait
 from dynkv.worker_pull import PullFlow
+from dynkv.worker_sync import SyncLoads, SyncStep, same_step
 
 __all__ = ["LOAD_PRIORITY", "Worker", "in_process"]
 
@@ -51,21 +52,7 @@ def in_process(pool_name: str) -> Worker | None:
     return _IN_PROCESS.get(pool_name)
 
 
-def _same_step(a: StepPlan | None, b: StepPlan) -> bool:
-    """Whether two plans are one step's (the same object, or a copy of it: the same load jobs)."""
-    return a is b or (a is not None and bool(a.loads) and [op.job for op in a.loads] == [op.job for op in b.loads])
-
-@dataclass
-class _SyncStep:
-    """This step's synchronous loads: one event per layer group, which the forward waits on."""
-
-    jobs: list[_Job]
-    groups: list[tuple[int, int]]
-    events: list[Any]  # CUDA events (GPU) or threading.Events (CPU), one per group
-    waited: set[int] = field(default_factory=set)
-
-
-class Worker(PullFlow):
+class Worker(SyncLoads, PullFlow):
     """Device side of one TP rank.
 
     Parameters
@@ -117,7 +104,7 @@ class Worker(PullFlow):
         self._attach_lock = threading.Lock()
         self._closing = threading.Event()
         self._layer_of: dict[str, int] = {}
-        self._sync: _SyncStep | None = None
+        self._sync: SyncStep | None = None
         self._early: StepPlan | None = None  # the plan whose sync loads start_early launched
         self._step_thread: int | None = None  # the thread of the last start(), and its current stream
         self._step_stream: Any = None
@@ -174,45 +161,6 @@ class Worker(PullFlow):
 
     # -- per step ------------------------------------------------------------
 
-    def start_early(self, plan: StepPlan, *, layer_hooks: bool = True, site: str = "early") -> None:
-        """Launch the plan's sync loads now, before vLLM prepares the step's inputs.
-
-        For a step in which nothing else writes KV blocks before the forward
-        (the connector checks that vLLM zeroes and copies no blocks in it):
-        the copy then runs while vLLM prepares the inputs instead of after.
-        :meth:`start` of the same plan launches the rest; a second call for
-        the same plan does nothing.
-        ``layer_hooks`` as for :meth:`start`, as far as known this early.
-        """
-        if _same_step(self._early, plan):
-            return
-        self._end_sync_step()  # a step whose forward never ran (vLLM calls nothing in between)
-        self._early = plan
-        sync = plan.sync_loads()
-        if sync:
-            # A copy waited for whole is waited for in start: vLLM's input preparation need not wait for it.
-            self._launch_sync(sync, per_layer=self._layerwise and layer_hooks and bool(self._layer_of), wait=False,
-                              site=site)
-
-    def start_scheduled(self, plan: StepPlan, preempted: Iterable[str] = (), *, layer_hooks: bool = True) -> bool:
-        """From the scheduler, as it builds the step: launch the plan's sync loads now; False where it may not.
-
-        Only where the scheduler runs in the thread that runs this worker's
-        steps (TP=1 under vLLM's uni executor): every earlier step's GPU work
-        is then queued, and the copy is ordered after it (after the stream
-        the last step computed on too). It then runs while vLLM hands the
-        step over and prepares its inputs. Stores still reading blocks of
-        ``preempted`` requests finish first, as in vLLM's own hook.
-        """
-        if self._step_thread != threading.get_ident() or self.view is None:
-            return False
-        if preempted:
-            self.wait(preempted)
-        if self._streams is not None and self._step_stream is not None:
-            self._streams[0].wait_stream(self._step_stream)
-        self.start_early(plan, layer_hooks=layer_hooks, site="scheduler")
-        return True
-
     def start(self, plan: StepPlan, *, layer_hooks: bool = True) -> None:
         """Launch the plan's loads now; keep its stores for :meth:`after_forward`.
 
@@ -229,7 +177,7 @@ class Worker(PullFlow):
             import torch
 
             self._step_stream = torch.cuda.current_stream(self.view.device)
-        early, self._early = _same_step(self._early, plan), None
+        early, self._early = same_step(self._early, plan), None
         if not early:
             self._end_sync_step()  # a step whose forward never ran (vLLM calls nothing in between)
         sync = plan.sync_loads()
@@ -241,17 +189,6 @@ class Worker(PullFlow):
                 self._wait_whole_sync()
         elif sync:
             self._launch_sync(sync, per_layer=self._layerwise and layer_hooks and bool(self._layer_of))
-
-    def wait_for_layer(self, layer_name: str) -> None:
-        """Before the attention of ``layer_name``: its layer of this step's sync loads is in (GPU: stream-ordered)."""
-        st = self._sync
-        if st is None or len(st.groups) == 1:
-            return
-        layer = self._layer_of.get(layer_name)
-        if layer is None or layer in st.waited:
-            return
-        st.waited.add(layer)
-        self._wait_event(st.events[layer])
 
     def after_forward(self) -> None:
         """Launch this step's stores: the forward has written their blocks."""
@@ -363,100 +300,6 @@ class Worker(PullFlow):
             return
         self._launch(op.job, op.req_id, "load", op.block_ids, op.failed,
                      lambda pages, stream: scatter(pages, self.view, op.slots, op.block_ids, stream=stream))
-
-    def _launch_sync(self, ops: list[LoadOp], *, per_layer: bool, wait: bool = True, site: str = "late") -> None:
-        """This step's sync loads as one scatter, in layer groups; the forward waits on each group's event.
-
-        One group (not ``per_layer``) is waited for at once, unless ``wait`` is False. ``site``: where
-        it was launched, counted in :attr:`sync_launches` (``scheduler``, ``early``: vLLM's
-        ``handle_preemptions``, ``late``: ``start_load_kv``).
-        """
-        assert self.view is not None
-        num_layers = self.view.geometry.num_layers
-        groups = [(l, l + 1) for l in range(num_layers)] if per_layer else [(0, num_layers)]
-        now = time.perf_counter()
-        slots = [s for op in ops for s in op.slots]
-        blocks = [b for op in ops for b in op.block_ids]
-        self.sync_launches[site] = self.sync_launches.get(site, 0) + len(blocks)
-        # One copy for all: its bytes and time go with the first job.
-        jobs = [_Job(op.job, op.req_id, "load", op.block_ids, op.failed, self._slice_bytes(len(blocks)) if not i else 0,
-                     now, None, sync=True) for i, op in enumerate(ops)]
-        step = _SyncStep(jobs, groups, [])
-        try:
-            if self._streams is not None:
-                import torch
-
-                step.events = [torch.cuda.Event() for _ in groups]
-                handle = self._launch_cuda("load", lambda pages, stream: scatter_layers(
-                    pages, self.view, slots, blocks, groups, stream=stream,
-                    after=lambda i: step.events[i].record(stream)))
-            else:
-                handle = self._launch_sync_cpu(self._page_buffer(), slots, blocks, step)
-        except Exception as e:  # no pool, bad ids: nothing was copied, vLLM recomputes these blocks
-            log.error("rank %d: synchronous load of %d blocks failed to start: %s", self.rank, len(blocks), e)
-            for job in jobs:
-                job.handle, job.error = _done_future(), e
-            self._jobs.extend(jobs)
-            return
-        for job in jobs:
-            job.handle = handle
-        self._jobs.extend(jobs)
-        self._sync = step
-        if len(groups) == 1 and wait:
-            self._wait_whole_sync()
-
-    def _launch_sync_cpu(self, pages: PageBuffer, slots: list[int], blocks: list[int], step: _SyncStep) -> Any:
-        assert self._threads is not None
-        step.events = [threading.Event() for _ in step.groups]
-
-        def run() -> None:
-            try:
-                scatter_layers(pages, self.view, slots, blocks, step.groups, after=lambda i: step.events[i].set())
-            finally:  # a failed copy still lets the forward go on; its blocks are load errors
-                for ev in step.events:
-                    ev.set()
-
-        return self._threads[0].submit(run)
-
-    def _wait_event(self, ev: Any) -> None:
-        if isinstance(ev, threading.Event):
-            ev.wait()
-            return
-        import torch
-
-        assert self.view is not None
-        torch.cuda.current_stream(self.view.device).wait_event(ev)
-
-    def _wait_whole_sync(self) -> None:
-        """The forward asks for no layer: it waits for the whole of this step's sync loads before it starts."""
-        st = self._sync
-        if st is None or len(st.waited) == len(st.groups):
-            return
-        self._wait_event(st.events[-1])  # the groups are copied in order: the last one ends the copy
-        st.waited.update(range(len(st.groups)))
-
-    def _end_sync_step(self) -> None:
-        """After the forward: check that it waited for every layer of its sync loads."""
-        st, self._sync = self._sync, None
-        if st is None:
-            return
-        if isinstance(st.jobs[0].handle, Future):
-            st.jobs[0].handle.exception()  # CPU: the copy is over (its events are set); its errors count this step
-        if len(st.waited) == len(st.groups):
-            return
-        if len(st.groups) == 1:  # a whole copy launched early whose start never came: later work still follows it
-            self._wait_event(st.events[0])
-            return
-        missed = sorted(set(range(len(st.groups))) - st.waited)
-        log.warning(
-            "rank %d: the forward did not wait for layers %s of its synchronous loads (a CUDA graph captured the "
-            "attention?): their %d blocks are recomputed, and later steps wait for whole loads",
-            self.rank, missed[:8], sum(len(j.block_ids) for j in st.jobs))
-        self._layerwise = False
-        self._wait_event(st.events[-1])  # later work on these blocks comes after the copy
-        for job in st.jobs:
-            self._errors |= set(job.block_ids)
-            self._report.failed_blocks |= set(job.block_ids)
 
     def _launch_stores(self, ops: list[StoreOp]) -> None:
         """A step's stores (a decode step fills a block of every running request) as one gather.

@@ -18,6 +18,7 @@ from harness import Engine, Model
 from test_kvbm import make_leader
 
 import dynkv.worker
+import dynkv.worker_sync
 from dynkv.protocol import LoadOp
 
 
@@ -211,7 +212,7 @@ def test_failed_copy_lets_the_forward_go_on_and_reports_errors(rng: np.random.Ge
     model = Model(num_layers=4)
     leader = make_leader(model)
     engine = Engine(leader, model, tp=1, processes=False)
-    real = dynkv.worker.scatter_layers
+    real = dynkv.worker_sync.scatter_layers
 
     def fail_after_two_layers(pages, view, slots, blocks, groups, *, after=None, **kw):
         real(pages, view, slots, blocks, groups[:2], after=after, **kw)
@@ -221,7 +222,7 @@ def test_failed_copy_lets_the_forward_go_on_and_reports_errors(rng: np.random.Ge
         a = _prompt(rng, model, 4)
         engine.serve("a", a)
         engine.drain()
-        monkeypatch.setattr(dynkv.worker, "scatter_layers", fail_after_two_layers)
+        monkeypatch.setattr(dynkv.worker_sync, "scatter_layers", fail_after_two_layers)
         out = engine.serve("a2", a + [3], sync=True, verify=False)  # would hang if layers 2-3 never came
         assert out.loaded == 4 and out.load_errors == set(out.blocks[:4])
         engine.drain()
