@@ -231,6 +231,8 @@ class Worker(SyncLoads, PullFlow):
     def close(self) -> None:
         """Finish outstanding jobs and detach from the host pool (the leader unlinks it)."""
         self._closing.set()
+        if _IN_PROCESS.get(self.pool_name) is self:
+            del _IN_PROCESS[self.pool_name]  # the scheduler launches nothing more on it
         self.wait()
         for ex in (*(self._threads or ()), self._pull_threads):
             if ex is not None:
@@ -360,8 +362,12 @@ class Worker(SyncLoads, PullFlow):
         assert self._streams is not None and self.view is not None
         stream = self._streams[0 if kind == "load" else 1]
         # A store reads blocks only after the forward that wrote them; a load writes blocks only after
-        # work already queued on them (vLLM zeroes fresh blocks; a freed block's last reader).
-        stream.wait_stream(torch.cuda.current_stream(self.view.device))
+        # work already queued on them (vLLM zeroes fresh blocks; a freed block's last reader). Launched from
+        # outside a step (the scheduler's launch), that work may sit on the stream the steps compute on.
+        current = torch.cuda.current_stream(self.view.device)
+        stream.wait_stream(current)
+        if self._step_stream is not None and self._step_stream != current:
+            stream.wait_stream(self._step_stream)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         pages = self._page_buffer()
         with torch.cuda.stream(stream):

@@ -62,7 +62,6 @@ class SyncLoads:
     _sync: SyncStep | None
     _early: StepPlan | None
     _step_thread: int | None
-    _step_stream: Any
     sync_launches: dict[str, int]
     _launch_cuda: Callable[[str, Callable[[PageBuffer, Any], None]], Any]
     _page_buffer: Callable[[], PageBuffer]
@@ -94,17 +93,15 @@ class SyncLoads:
 
         Only where the scheduler runs in the thread that runs this worker's
         steps (TP=1 under vLLM's uni executor): every earlier step's GPU work
-        is then queued, and the copy is ordered after it (after the stream
-        the last step computed on too). It then runs while vLLM hands the
-        step over and prepares its inputs. Stores still reading blocks of
-        ``preempted`` requests finish first, as in vLLM's own hook.
+        is then queued, and the copy is ordered after it (after the current
+        stream and the stream the last step computed on). It then runs while
+        vLLM hands the step over and prepares its inputs. Stores still reading
+        blocks of ``preempted`` requests finish first, as in vLLM's own hook.
         """
         if self._step_thread != threading.get_ident() or self.view is None:
             return False
         if preempted:
             self.wait(preempted)
-        if self._streams is not None and self._step_stream is not None:
-            self._streams[0].wait_stream(self._step_stream)
         self.start_early(plan, layer_hooks=layer_hooks, site="scheduler")
         return True
 

@@ -162,6 +162,7 @@ def test_scheduler_launches_only_in_the_thread_that_runs_the_steps(rng: np.rando
     finally:
         engine.close()
         leader.close()
+    assert dynkv.worker.in_process(worker.pool_name) is None, "a closed worker is no longer offered to the scheduler"
 
 
 @pytest.mark.parametrize("hooks", ["none", "even"])
