@@ -53,17 +53,19 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<ExecConfig>(m, "ExecConfig")
       .def(py::init([](Backend backend, int num_ctas, int threads, uint64_t stream, int64_t dma_min_run,
-                       int64_t launch_bytes) {
-             return ExecConfig{backend, num_ctas, threads, stream, dma_min_run, launch_bytes};
+                       int64_t launch_bytes, int64_t smem_bytes) {
+             return ExecConfig{backend, num_ctas, threads, stream, dma_min_run, launch_bytes, smem_bytes};
            }),
            py::arg("backend") = Backend::Auto, py::arg("num_ctas") = 0, py::arg("threads") = 0,
-           py::arg("stream") = 0, py::arg("dma_min_run") = 0, py::arg("launch_bytes") = 0)
+           py::arg("stream") = 0, py::arg("dma_min_run") = 0, py::arg("launch_bytes") = 0,
+           py::arg("smem_bytes") = 0)
       .def_readonly("backend", &ExecConfig::backend)
       .def_readonly("num_ctas", &ExecConfig::num_ctas)
       .def_readonly("threads", &ExecConfig::threads)
       .def_readonly("stream", &ExecConfig::stream)
       .def_readonly("dma_min_run", &ExecConfig::dma_min_run)
-      .def_readonly("launch_bytes", &ExecConfig::launch_bytes);
+      .def_readonly("launch_bytes", &ExecConfig::launch_bytes)
+      .def_readonly("smem_bytes", &ExecConfig::smem_bytes);
 
   py::class_<PageGeom>(m, "PageGeom")
       .def_readonly("num_layers", &PageGeom::num_layers)

@@ -26,13 +26,21 @@ namespace {
 
 constexpr int kDefaultCtas = 8;
 constexpr int kDefaultThreads = 512;
+constexpr int64_t kStaticSmemLimit = 48 << 10;
 
 template <int V, class Src, class Dst>
-void launch_v(const Transfer<Src, Dst>& t, int ctas, int threads, int64_t per_launch, cudaStream_t stream) {
+void launch_v(const Transfer<Src, Dst>& t, int ctas, int threads, int64_t per_launch, int64_t smem,
+              cudaStream_t stream) {
   const int64_t ntiles = t.space.num_tiles();
+  if (smem > kStaticSmemLimit) {
+    // Above 48 KiB a kernel must opt in; the GPU refuses what it cannot hold (a clear error, no copy).
+    DYNKV_CUDA_CHECK(cudaFuncSetAttribute(copy_tiles_kernel<V, Src, Dst>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
   for (int64_t first = 0; first < ntiles; first += per_launch) {
     const int64_t end = std::min(ntiles, first + per_launch);
-    copy_tiles_kernel<V, Src, Dst><<<ctas, threads, 0, stream>>>(t.src, t.dst, t.space, t.tile_bytes, first, end);
+    copy_tiles_kernel<V, Src, Dst><<<ctas, threads, static_cast<size_t>(smem), stream>>>(
+        t.src, t.dst, t.space, t.tile_bytes, first, end);
     DYNKV_CUDA_CHECK(cudaGetLastError());
   }
 }
@@ -51,12 +59,19 @@ void launch_kernel(const Transfer<Src, Dst>& t, const ExecConfig& cfg) {
   const int64_t wanted = (std::min(ntiles, per_launch) + warps - 1) / warps;
   const int ctas = static_cast<int>(std::min<int64_t>(cfg.num_ctas > 0 ? cfg.num_ctas : kDefaultCtas, wanted));
   auto stream = reinterpret_cast<cudaStream_t>(cfg.stream);
+  if (cfg.smem_bytes > 0) {
+    int device = 0, optin = 0;
+    DYNKV_CUDA_CHECK(cudaGetDevice(&device));
+    DYNKV_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    DYNKV_CHECK(cfg.smem_bytes <= optin, "smem_bytes=", cfg.smem_bytes,
+                " is more shared memory than this GPU gives one CTA (", optin, " bytes)");
+  }
   switch (t.align) {
-    case 16: launch_v<16>(t, ctas, threads, per_launch, stream); break;
-    case 8: launch_v<8>(t, ctas, threads, per_launch, stream); break;
-    case 4: launch_v<4>(t, ctas, threads, per_launch, stream); break;
-    case 2: launch_v<2>(t, ctas, threads, per_launch, stream); break;
-    default: launch_v<1>(t, ctas, threads, per_launch, stream); break;
+    case 16: launch_v<16>(t, ctas, threads, per_launch, cfg.smem_bytes, stream); break;
+    case 8: launch_v<8>(t, ctas, threads, per_launch, cfg.smem_bytes, stream); break;
+    case 4: launch_v<4>(t, ctas, threads, per_launch, cfg.smem_bytes, stream); break;
+    case 2: launch_v<2>(t, ctas, threads, per_launch, cfg.smem_bytes, stream); break;
+    default: launch_v<1>(t, ctas, threads, per_launch, cfg.smem_bytes, stream); break;
   }
 }
 

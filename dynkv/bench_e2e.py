@@ -298,7 +298,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="one extra dynkv host and disk hit per length under cProfile (text in the JSON)")
     p.add_argument("--variant", type=_variant, action="append", default=[], metavar="NAME:KEY=VALUE,...",
                    help="dynkv's host and disk hits of the first length again with copy knobs changed in place: "
-                        "priority (load stream), ctas (H2D kernel), read_chunk, io_threads and disk_wait_ms (disk), "
+                        "priority (load stream), ctas, threads and smem_kib (H2D kernel: CTAs, threads per CTA, shared memory "
+                        "reserved per CTA), read_chunk, io_threads and disk_wait_ms (disk), "
                         "store_launch_kib (stores' launch size), early, sched and last_block (0/1: the connector's "
                         "early_loads, loads launched by the scheduler, load_last_block), paths (host, disk, host+disk, or decode: a decode "
                         "run with fresh prompts after each default one); "

@@ -132,6 +132,15 @@ class _Engine:
         counters, gauges = metric_samples(self.connector.leader.metrics.registry)
         return {**counters, **gauges}
 
+    def sync_launch_s(self) -> dict[str, float]:
+        """The in-process dynkv worker's time launching sync loads, by site ({} elsewhere)."""
+        if self.connector is None:
+            return {}
+        from dynkv.worker import in_process
+
+        worker = in_process(self.connector.pool_name)
+        return dict(worker.sync_launch_s) if worker is not None else {}
+
     def host_sample(self) -> HostSample | None:
         """A snapshot of the disk tier's device, the CPUs and this process's threads (dynkv with a disk tier)."""
         return HostSample(self._disk_device) if self._has_disk else None
@@ -147,6 +156,7 @@ class _Engine:
         if self.watch is not None:
             self.watch.take()  # what came before is not this request's
         before = self.samples()
+        launched0 = self.sync_launch_s()
         host0 = self.host_sample()
         steps0 = self.steps
         m0, t0 = time.monotonic(), time.perf_counter()
@@ -163,6 +173,10 @@ class _Engine:
             rec.update(queue_s=st.queued_ts - m0, wait_s=st.scheduled_ts - st.queued_ts,
                        forward_s=st.first_token_ts - st.scheduled_ts, tail_s=wall - (st.first_token_ts - m0))
         self.drain()
+        launched = self.sync_launch_s()
+        if launched:  # the CPU time of this request's sync-load launches, by where they were launched
+            rec["launch_ms"] = {k: round((v - launched0.get(k, 0.0)) * 1e3, 3) for k, v in launched.items()
+                                if v > launched0.get(k, 0.0)}
         if before:
             after = self.samples()
             delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
@@ -273,6 +287,10 @@ class _Engine:
         if t_decode is not None and t1 > t_decode:
             rec["decode_s"] = t1 - t_decode
             rec["decode_tok_s"] = (sum(counts.values()) - n_decode) / (t1 - t_decode)
+        launched = self.sync_launch_s()
+        if launched:  # the CPU time of this request's sync-load launches, by where they were launched
+            rec["launch_ms"] = {k: round((v - launched0.get(k, 0.0)) * 1e3, 3) for k, v in launched.items()
+                                if v > launched0.get(k, 0.0)}
         if before:
             after = self.samples()
             rec["d2h_bytes"] = after.get("dynkv_bytes_moved_total{direction=d2h}", 0.0) - before.get(

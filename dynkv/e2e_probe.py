@@ -5,7 +5,9 @@
   dynkv's copy knobs changed in place, so several settings are compared in
   one run on one engine; the variants take turns hit by hit. Keys: ``priority`` (CUDA priority of the worker's
   load stream, :meth:`dynkv.worker.Worker.set_load_priority`), ``ctas``
-  (CTAs of host-to-GPU copies, :func:`dynkv.ops.set_tuning`), ``read_chunk``
+  (CTAs of host-to-GPU copies, :func:`dynkv.ops.set_tuning`), ``threads``
+  (their threads per CTA), ``smem_kib`` (shared memory each of their CTAs
+  reserves so that it holds its SM alone, :attr:`dynkv.ops.Tuning.smem_bytes`), ``read_chunk``
   (:attr:`dynkv.disk.DiskTier.read_chunk`), ``io_threads`` (the disk tier's
   I/O threads, :meth:`dynkv.disk.DiskTier.set_io_threads`), ``disk_wait_ms``
   (:attr:`dynkv.config.DynKVConfig.disk_wait_ms`), ``store_launch_kib``
@@ -41,8 +43,8 @@ __all__ = ["KNOBS", "HostSample", "apply_variant", "block_device", "disk_batches
 
 # knob -> (parse, lowest value)
 KNOBS: dict[str, tuple[Callable[[str], Any], int | None]] = {
-    "priority": (int, None), "ctas": (int, 1), "read_chunk": (int, 0), "io_threads": (int, 1),
-    "disk_wait_ms": (float, 0), "store_launch_kib": (int, 0), "early": (int, 0), "sched": (int, 0),
+    "priority": (int, None), "ctas": (int, 1), "threads": (int, 32), "smem_kib": (int, 0), "read_chunk": (int, 0),
+    "io_threads": (int, 1), "disk_wait_ms": (float, 0), "store_launch_kib": (int, 0), "early": (int, 0), "sched": (int, 0),
     "last_block": (int, 0), "paths": (str, None)}
 # on/off knobs -> the connector's attribute they set
 _SWITCHES = {"early": "early_loads", "sched": "scheduler_loads", "last_block": "load_last_block"}
@@ -71,6 +73,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
             raise ValueError(f"{text!r}: {key}={v} is below {low}")
         if key in _SWITCHES and v not in (0, 1):
             raise ValueError(f"{text!r}: {key}={v}: expected 0 or 1")
+        if key == "threads" and (v % 32 or v > 1024):
+            raise ValueError(f"{text!r}: threads={v}: expected a multiple of 32 up to 1024")
         if key == "paths" and v not in _PATHS:
             raise ValueError(f"{text!r}: paths={v!r}: expected one of {', '.join(_PATHS)}")
         knobs[key] = v
@@ -101,6 +105,16 @@ def apply_variant(connector: Any, knobs: dict[str, Any]) -> Callable[[], None]:
             old_ctas = dict(ops.get_tuning().ctas)
             ops.set_tuning(ctas={**old_ctas, "h2d": knobs["ctas"]})
             undo.append(lambda: ops.set_tuning(ctas=old_ctas))
+        if "threads" in knobs:
+            t = ops.get_tuning()
+            old_threads = t.threads
+            per = dict(old_threads) if isinstance(old_threads, dict) else dict.fromkeys(t.ctas, old_threads)
+            ops.set_tuning(threads={**per, "h2d": knobs["threads"]})
+            undo.append(lambda: ops.set_tuning(threads=old_threads))
+        if "smem_kib" in knobs:
+            old_smem = dict(ops.get_tuning().smem_bytes or {})
+            ops.set_tuning(smem_bytes={**old_smem, "h2d": knobs["smem_kib"] << 10})
+            undo.append(lambda: ops.set_tuning(smem_bytes=old_smem))
         if "store_launch_kib" in knobs:
             old_launches = dict(ops.get_tuning().launch_bytes or {})
             ops.set_tuning(launch_bytes={**old_launches, "d2h": knobs["store_launch_kib"] << 10})

@@ -52,6 +52,10 @@ def _path_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
                            "first_tokens": [r.get("token") for r in recs]}
     for k in _SPLIT:
         out[k] = _median([r[k] for r in recs if r.get(k) is not None])
+    launches = [r["launch_ms"] for r in recs if r.get("launch_ms")]
+    if launches:  # the CPU time of the sync-load launches (in-process worker), and where they were made
+        out["launch_ms"] = _median([sum(x.values()) for x in launches])
+        out["launch_sites"] = sorted({k for x in launches for k in x})
     batches = [r for r in recs if r.get("disk_batches")]
     if batches:  # the last disk hit's read batches, and what the host did during it
         out["disk_batches"] = batches[-1]["disk_batches"]
@@ -258,6 +262,11 @@ def format_table(s: dict[str, Any]) -> str:
                          f"{_ms(row['tail_s'])} | {_ms(row['disk_read_s']) if row.get('disk_read_s') else '-'} | "
                          f"{_ms(row['h2d_s']) if row['h2d_s'] else '-'} | "
                          f"{','.join(map(str, cached)) or '-'} | {same} | {_same(row.get('greedy_vs_recompute'))} |")
+        launched = [f"{row['label']} {row['launch_ms']:.2f} ms ({', '.join(row['launch_sites'])})"
+                    for row in L["paths"].values() if row.get("launch_ms") is not None]
+        if launched:
+            lines.append("\nCPU time of dynkv's sync-load launches per hit (median; where launched): "
+                         + "; ".join(launched))
         dd = L.get("dd") or {}
         if dd.get("median_s"):
             lines.append(f"\ndd iflag=direct over the same disk records: {dd['median_s'] * 1e3:.1f} ms for "

@@ -79,19 +79,24 @@ class Tuning:
     size (0: one launch), so a GEMM launched meanwhile waits at most one
     launch for its SMs. Stores (``d2h``) run beside the next steps' compute
     and are split; loads feed the step that waits for them and are not.
-    ``threads``: threads per CTA; ``dma_min_run``: in ``auto``, transfers
-    whose average contiguous run reaches this many bytes go to the copy
-    engines instead (0: never).
+    ``threads``: threads per CTA, one number for every direction or one per
+    direction; ``smem_bytes``: dynamic shared memory each copy CTA reserves
+    and never uses, so that no other kernel's CTA shares its SM (0: none);
+    ``dma_min_run``: in ``auto``, transfers whose average contiguous run
+    reaches this many bytes go to the copy engines instead (0: never).
     """
 
     ctas: dict[str, int]
-    threads: int = 512
+    threads: int | dict[str, int] = 512
     dma_min_run: dict[str, int] | None = None
     launch_bytes: dict[str, int] | None = None
+    smem_bytes: dict[str, int] | None = None
 
-    def for_direction(self, d: Direction) -> tuple[int, int, int, int]:
-        runs, launches = self.dma_min_run or {}, self.launch_bytes or {}
-        return self.ctas.get(d, 8), self.threads, runs.get(d, 0), launches.get(d, 0)
+    def for_direction(self, d: Direction) -> tuple[int, int, int, int, int]:
+        """``(ctas, threads, dma_min_run, launch_bytes, smem_bytes)`` of direction ``d``."""
+        runs, launches, smem = self.dma_min_run or {}, self.launch_bytes or {}, self.smem_bytes or {}
+        threads = self.threads.get(d, 512) if isinstance(self.threads, dict) else self.threads
+        return self.ctas.get(d, 8), threads, runs.get(d, 0), launches.get(d, 0), smem.get(d, 0)
 
 
 _TUNING = Tuning(
@@ -99,6 +104,7 @@ _TUNING = Tuning(
     threads=512,
     dma_min_run={"h2d": 0, "d2h": 0, "d2d": 0, "h2h": 0},
     launch_bytes={"h2d": 0, "d2h": 2 << 20, "d2d": 0, "h2h": 0},
+    smem_bytes={"h2d": 0, "d2h": 0, "d2d": 0, "h2h": 0},
 )
 
 
@@ -109,11 +115,12 @@ def get_tuning() -> Tuning:
 def set_tuning(**changes: Any) -> Tuning:
     """Replace fields of the process-wide :class:`Tuning`; returns the new one.
 
-    ``launch_bytes`` may be one size for every direction.
+    ``launch_bytes`` and ``smem_bytes`` may be one size for every direction.
     """
     global _TUNING
-    if isinstance(changes.get("launch_bytes"), int):
-        changes["launch_bytes"] = dict.fromkeys(_TUNING.ctas, changes["launch_bytes"])
+    for key in ("launch_bytes", "smem_bytes"):
+        if isinstance(changes.get(key), int):
+            changes[key] = dict.fromkeys(_TUNING.ctas, changes[key])
     _TUNING = replace(_TUNING, **changes)
     return _TUNING
 
@@ -334,7 +341,7 @@ def _exec(
         raise ValueError(f"backend={backend!r} is not valid: expected one of {', '.join(BACKENDS)}")
     if gpu is None:
         return _C.ExecConfig(backend=BACKENDS[backend], threads=threads or 0), -1
-    ctas, tpb, dma_min_run, launch_bytes = _TUNING.for_direction(direction)
+    ctas, tpb, dma_min_run, launch_bytes, smem_bytes = _TUNING.for_direction(direction)
     if not ctas:
         ctas = 2 * _num_sms(gpu)
     return (
@@ -345,6 +352,7 @@ def _exec(
             stream=_stream_handle(stream, gpu),
             dma_min_run=dma_min_run,
             launch_bytes=launch_bytes,
+            smem_bytes=smem_bytes,
         ),
         gpu.index if gpu.index is not None else 0,
     )

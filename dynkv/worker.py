@@ -109,6 +109,7 @@ class Worker(SyncLoads, PullFlow):
         self._step_thread: int | None = None  # the thread of the last start(), and its current stream
         self._step_stream: Any = None
         self.sync_launches: dict[str, int] = {}  # blocks of sync loads by where they were launched
+        self.sync_launch_s: dict[str, float] = {}  # the launching thread's time in them, by the same sites
         self._layerwise = config.layerwise
         self._load_priority = LOAD_PRIORITY
 

@@ -63,6 +63,7 @@ class SyncLoads:
     _early: StepPlan | None
     _step_thread: int | None
     sync_launches: dict[str, int]
+    sync_launch_s: dict[str, float]
     _launch_cuda: Callable[[str, Callable[[PageBuffer, Any], None]], Any]
     _page_buffer: Callable[[], PageBuffer]
     _slice_bytes: Callable[[int], int]
@@ -121,7 +122,8 @@ class SyncLoads:
 
         One group (not ``per_layer``) is waited for at once, unless ``wait`` is False. ``site``: where
         it was launched, counted in :attr:`sync_launches` (``scheduler``, ``early``: vLLM's
-        ``handle_preemptions``, ``late``: ``start_load_kv``).
+        ``handle_preemptions``, ``late``: ``start_load_kv``), and the time the launch took the
+        calling thread in :attr:`sync_launch_s`.
         """
         assert self.view is not None
         num_layers = self.view.geometry.num_layers
@@ -154,6 +156,7 @@ class SyncLoads:
             job.handle = handle
         self._jobs.extend(jobs)
         self._sync = step
+        self.sync_launch_s[site] = self.sync_launch_s.get(site, 0.0) + time.perf_counter() - now
         if len(groups) == 1 and wait:
             self._wait_whole_sync()
 

@@ -38,6 +38,9 @@ def test_bench_e2e_cpu_smoke(tmp_path: Path) -> None:
     assert gaps[choice["chosen"]] == max(gaps), "the measured prompt is the candidate with the widest top-2 gap"
     assert paths["dynkv/disk"]["disk_read_s"] > 0 and not paths["dynkv/host"]["disk_read_s"]
     assert paths["dynkv/host"]["hits"]["host"] == [256 // 32 - 1] * 1, "a sync hit leaves the last block to compute"
+    # The host hit's copy was launched by the scheduler (one CPU rank, in this process), and its launch was timed.
+    assert paths["dynkv/host"]["launch_sites"] == ["scheduler"] and paths["dynkv/host"]["launch_ms"] > 0, paths
+    assert "CPU time of dynkv's sync-load launches" in run.stdout
     for path in ("vllm/turn_device", "dynkv/turn_host"):
         assert path in paths, f"next-turn path {path} missing"
     assert paths["dynkv/turn_host"]["hits"]["host"] == [256 // 32], "the next turn loads the whole cached prompt"

@@ -288,6 +288,8 @@ def test_stores_split_into_bounded_launches_by_default() -> None:
             ("h2d", "d2h", "d2d", "h2h"), 1 << 16)
         t = ops.set_tuning(launch_bytes={**saved.launch_bytes, "d2h": 0})
         assert t.for_direction("d2h")[3] == 0 and t.ctas == saved.ctas
+        t = ops.set_tuning(smem_bytes=1 << 10, threads={"h2d": 1024})
+        assert t.for_direction("h2d")[1::3] == (1024, 1 << 10) and t.for_direction("d2h")[1::3] == (512, 1 << 10)
     finally:
-        ops.set_tuning(launch_bytes=saved.launch_bytes)
+        ops.set_tuning(launch_bytes=saved.launch_bytes, smem_bytes=saved.smem_bytes, threads=saved.threads)
     assert ops.get_tuning() == saved

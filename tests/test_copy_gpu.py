@@ -228,6 +228,19 @@ def test_split_launches_copy_exactly(rng, side_stream, monkeypatch, launch_bytes
         )
 
 
+@pytest.mark.parametrize("smem_kib", [1, 100, 200])
+def test_reserved_shared_memory_copies_exactly(rng, side_stream, monkeypatch, smem_kib):
+    """Copy CTAs that reserve shared memory (above 48 KiB by opting in) move the same bytes."""
+    every = dict.fromkeys(ops.get_tuning().ctas, smem_kib << 10)
+    monkeypatch.setattr(ops, "_TUNING", replace(ops.get_tuning(), smem_bytes=every))
+    for where in ("pinned", "device"):
+        check_gather_scatter(
+            rng, SHAPES[0], dims="LBNHC", form="layers", dtype=torch.bfloat16, tp=(2, 1), device=CUDA,
+            page_maker=PAGES[where], sync=sync, backend="kernel", num_layers=4, num_blocks=24, num_pages=20,
+            entries=16, threads=1024,
+        )
+
+
 def test_pool_pages_must_not_straddle_pinned_chunks():
     geom = dynkv.PageGeometry.for_model(num_layers=5, num_kv_heads=3, head_size=64, block_size=16, elem_bytes=2)
     pool = dynkv.HostPool.create(8 * 4096 * 10, pin=True, chunk_bytes=4 * 4096)
@@ -292,6 +305,14 @@ def test_bad_launch_and_ids_copy_nothing(rng):
         match = rf"threads={threads} per CTA is not valid: expected a multiple of 32 in \[32, 1024\]"
         with pytest.raises(ValueError, match=match):
             dynkv.gather(view, pages.buffer, [0, 1], [0, 1], backend="kernel", threads=threads)
+    saved = ops.get_tuning()
+    for smem in (1 << 20, 2 << 20):  # more than any GPU gives a CTA; above the bound dynkv takes at all
+        with pytest.raises(ValueError, match=rf"smem_bytes={smem} is"):
+            ops.set_tuning(smem_bytes=smem)
+            try:
+                dynkv.gather(view, pages.buffer, [0, 1], [0, 1], backend="kernel")
+            finally:
+                ops.set_tuning(smem_bytes=saved.smem_bytes)
     for backend in BACKENDS:
         with pytest.raises(ValueError, match=r"block_ids\[1\]=6 is out of range"):
             dynkv.gather(view, pages.buffer, [0, 6], [0, 1], backend=backend)

@@ -16,9 +16,12 @@ def test_parse_variant_reads_knobs_and_names_what_is_wrong() -> None:
     assert parse_variant("w:store_launch_kib=0,paths=decode") == ("w", {"store_launch_kib": 0, "paths": "decode"})
     assert parse_variant("late:early=0,paths=host") == ("late", {"early": 0, "paths": "host"})
     assert parse_variant("lb:last_block=1,paths=disk") == ("lb", {"last_block": 1, "paths": "disk"})
+    assert parse_variant("x:ctas=4,threads=1024,smem_kib=200") == ("x", {"ctas": 4, "threads": 1024, "smem_kib": 200})
     for bad, words in (("nocolon", "NAME:key=value"), ("x:color=red", "'color=red'"), ("x:ctas=0", "below 1"),
                        ("x:early=2", "expected 0 or 1"), ("x:last_block=3", "last_block=3: expected 0 or 1"),
-                       ("x:ctas=many", "not a int"), ("x:paths=gpu", "paths='gpu'")):
+                       ("x:ctas=many", "not a int"), ("x:paths=gpu", "paths='gpu'"), ("x:threads=16", "below 32"),
+                       ("x:threads=100", "multiple of 32"), ("x:threads=2048", "up to 1024"),
+                       ("x:smem_kib=-1", "below 0")):
         with pytest.raises(ValueError, match=words):
             parse_variant(bad)
 
@@ -178,3 +181,21 @@ def test_variant_hits_take_turns_and_put_the_knobs_back() -> None:
     variant_hits = order[-6:]  # after the default paths' hits: late, early, late, early, ...
     assert variant_hits == [("hit", False), ("hit", True)] * 3, variant_hits
     assert conn.early_loads is True, "every variant's knobs were put back"
+
+
+def test_copy_footprint_variant_sets_the_loads_threads_and_reserved_smem_and_puts_them_back() -> None:
+    """``threads`` and ``smem_kib`` change host-to-GPU copies only, and the old tuning comes back whole."""
+    from types import SimpleNamespace
+
+    from dynkv import ops
+    from dynkv.e2e_probe import apply_variant
+
+    before = ops.get_tuning()
+    restore = apply_variant(SimpleNamespace(leader=SimpleNamespace(disk=None)), {"threads": 1024, "smem_kib": 200})
+    try:
+        h2d, d2h = ops.get_tuning().for_direction("h2d"), ops.get_tuning().for_direction("d2h")
+        assert h2d[1] == 1024 and h2d[4] == 200 << 10
+        assert d2h[1] == before.for_direction("d2h")[1] and d2h[4] == before.for_direction("d2h")[4] == 0
+    finally:
+        restore()
+    assert ops.get_tuning() == before

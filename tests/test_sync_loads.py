@@ -108,6 +108,7 @@ def test_early_sync_loads_launch_once_before_the_forward(rng: np.random.Generato
         out = engine.serve("a3", a + [4], sync=True)
         assert launches == [("sync", True)]
         assert worker.sync_launches == {where: 4, "late": 4}
+        assert set(worker.sync_launch_s) == {where, "late"} and all(t > 0 for t in worker.sync_launch_s.values())
         assert out.loaded == 4 and out.late == [] and out.load_errors == set() and out.mismatched == []
         engine.drain()
         assert leader.stats()["host"]["pinned"] == 0

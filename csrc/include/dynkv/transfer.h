@@ -23,6 +23,11 @@ struct ExecConfig {
   // (0: one launch). Short launches let a GEMM launched meanwhile get its
   // SMs back within one launch instead of waiting for the whole transfer.
   int64_t launch_bytes = 0;
+  // Kernel path: dynamic shared memory reserved by each CTA (never used), so
+  // no other kernel's CTA fits beside a copy CTA on its SM and the forward's
+  // kernels are placed on the other SMs instead of sharing one with a copy
+  // that stalls on PCIe (0: none).
+  int64_t smem_bytes = 0;
 };
 
 // One contiguous copy.
