@@ -153,6 +153,22 @@ PYBIND11_MODULE(_C, m) {
       py::arg("device") = -1, py::arg("slots_dev") = 0, py::arg("block_ids_dev") = 0, py::arg("layer_begin") = 0,
       py::arg("layer_end") = -1);
   m.def(
+      "scatter_groups",
+      [](const PageGeom& g, const PageSet& p, const BlockView& v, const I64Array& slots, const I64Array& ids,
+         const ExecConfig& cfg, int device, uint64_t slots_dev, uint64_t ids_dev,
+         const std::vector<std::pair<int64_t, int64_t>>& groups, const std::vector<uint64_t>& events) {
+        const IdList a = id_list(slots, slots_dev, "slots"), b = id_list(ids, ids_dev, "block_ids");
+        std::vector<LayerRange> ranges;
+        ranges.reserve(groups.size());
+        for (const auto& [begin, end] : groups) ranges.push_back(LayerRange{begin, end});
+        py::gil_scoped_release nogil;
+        scatter_groups(g, p, v, a, b, cfg, device, ranges, events);
+      },
+      py::arg("geom"), py::arg("pages"), py::arg("view"), py::arg("slots"), py::arg("block_ids"), py::arg("cfg"),
+      py::arg("device"), py::arg("slots_dev"), py::arg("block_ids_dev"), py::arg("groups"),
+      py::arg("events") = std::vector<uint64_t>{},
+      "scatter in layer groups [begin, end), one call: each group one launch, events[i] recorded after group i.");
+  m.def(
       "copy_blocks",
       [](const PageGeom& g, const BlockView& src, const BlockView& dst, const I64Array& src_ids,
          const I64Array& dst_ids, const ExecConfig& cfg, int device, uint64_t src_dev, uint64_t dst_dev) {

@@ -232,6 +232,18 @@ void scatter(const PageGeom& geom, const PageSet& all_pages, const BlockView& fu
   dispatch(t, cfg, device, slots.device, block_ids.device);
 }
 
+void scatter_groups(const PageGeom& geom, const PageSet& pages, const BlockView& view, const IdList& slots,
+                    const IdList& block_ids, const ExecConfig& cfg, int device,
+                    const std::vector<LayerRange>& groups, const std::vector<uint64_t>& events) {
+  DYNKV_CHECK(events.empty() || events.size() == groups.size(), "scatter_groups got ", events.size(),
+              " events for ", groups.size(), " layer groups: expected one per group, or none");
+  DYNKV_CHECK(events.empty() || device >= 0, "events are recorded on a GPU stream; this scatter runs on the CPU");
+  for (size_t i = 0; i < groups.size(); ++i) {
+    scatter(geom, pages, view, slots, block_ids, cfg, device, groups[i]);
+    if (!events.empty()) cuda_event_record(events[i], cfg.stream);
+  }
+}
+
 void copy_blocks(const PageGeom& geom, const BlockView& src, const BlockView& dst, const IdList& src_ids,
                  const IdList& dst_ids, const ExecConfig& cfg, int device) {
   check_view_matches(geom, src, "source view");

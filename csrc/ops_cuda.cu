@@ -136,6 +136,10 @@ void cuda_set_device(int device) {
   if (device >= 0) DYNKV_CUDA_CHECK(cudaSetDevice(device));
 }
 
+void cuda_event_record(uint64_t event, uint64_t stream) {
+  DYNKV_CUDA_CHECK(cudaEventRecord(reinterpret_cast<cudaEvent_t>(event), reinterpret_cast<cudaStream_t>(stream)));
+}
+
 void cuda_host_register(void* ptr, size_t bytes) {
   DYNKV_CUDA_CHECK(cudaHostRegister(ptr, bytes, cudaHostRegisterPortable | cudaHostRegisterMapped));
 }

@@ -28,6 +28,7 @@ template void launch_kernel(const Transfer<ViewEndpoint, ViewEndpoint>&, const E
 void memcpy_runs_cuda(const std::vector<Run>&, const ExecConfig&) { no_cuda(); }
 bool cuda_batch_memcpy_available() { return false; }
 void cuda_set_device(int) { no_cuda(); }
+void cuda_event_record(uint64_t, uint64_t) { no_cuda(); }
 void cuda_host_register(void*, size_t) { no_cuda(); }
 void cuda_host_unregister(void*) { no_cuda(); }
 int cuda_device_count() { return 0; }

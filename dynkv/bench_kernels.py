@@ -100,8 +100,9 @@ def run_cases(s: Setup, cfg: Config) -> list[dict[str, Any]]:
     """Every (direction, backend, ctas) case, each after its direction's memcpy baseline."""
     from tqdm import tqdm
 
-    cases = [(d, b, c) for d in cfg.directions for b in cfg.backends if b != "hybrid" or d == "both"
-             for c in (cfg.ctas if b in ("kernel", "hybrid") and cfg.device == "cuda" else (None,))]
+    cases = [(d, b, c) for d in cfg.directions for b in cfg.backends
+             if (b != "hybrid" or d == "both") and (b != "layers" or d == "h2d")
+             for c in (cfg.ctas if b in ("kernel", "hybrid", "layers") and cfg.device == "cuda" else (None,))]
     rows: list[dict[str, Any]] = []
     with tqdm(total=len(cases) + len(cfg.directions), desc="bench", unit="case", leave=False, disable=None) as bar:
         for d in cfg.directions:
@@ -383,7 +384,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     dirs = args.directions or (("h2d", "d2h") if cpu else DIRECTIONS)
     backends = args.backends or (("kernel", "torch") if cpu else BACKENDS)
     if cpu:
-        backends = tuple(b for b in backends if b != "hybrid")
+        backends = tuple(b for b in backends if b not in ("hybrid", "layers"))
     if cpu:
         skipped = [d for d in dirs if d in ("d2d", "both")] + [b for b in backends if b in ("dma", "dma_loop")]
         if skipped:

@@ -26,9 +26,11 @@ __all__ = ["BACKENDS", "DIRECTIONS", "PRESETS", "Preset", "Setup", "baseline_fns
            "time_fns", "torch_op"]
 
 DIRECTIONS = ("h2d", "d2h", "d2d", "both")
-BACKENDS = ("kernel", "dma", "dma_loop", "torch", "hybrid")
+BACKENDS = ("kernel", "dma", "dma_loop", "torch", "hybrid", "layers")
 # hybrid: loads on the kernel, stores on the copy engines (DMA batch), so the
 # two directions of ``both`` do not share SMs; other directions skip it.
+# layers: loads on the kernel, one launch per layer with an event recorded
+# after each, as a worker's synchronous loads go; h2d only.
 _DTYPES = {1: "uint8", 2: "bfloat16", 4: "float32", 8: "float64"}
 # ~1 ms of GPU sleep before each timing: holds the streams until every op of the
 # case is enqueued, so the two ops of `both` start together.
@@ -210,6 +212,20 @@ def dynkv_op(s: Setup, kind: str, *, on_device: bool = False, backend: str = "ke
         raise ValueError("this setup has no device pages: build it with device_pages=True")
     ids, slots = s.ids[0 if kind == "load" else 1], s.slots(kind)
     kw: dict[str, Any] = {"backend": backend, "num_ctas": ctas, "threads": threads}
+    if backend == "layers":
+        if kind != "load" or s.device.type != "cuda":
+            raise ValueError("backend 'layers' is the GPU's per-layer load: h2d on cuda only")
+        import torch
+
+        groups = [(layer, layer + 1) for layer in range(s.geometry.num_layers)]
+        events = [torch.cuda.Event() for _ in groups]
+        kw["backend"] = "kernel"
+
+        def per_layer() -> None:
+            stream = torch.cuda.current_stream(s.device)
+            dynkv.ops.scatter_layers(pages, s.view, slots, ids, groups, after=lambda i: events[i].record(stream), **kw)
+
+        return per_layer
     if kind == "load":
         return lambda: dynkv.scatter(pages, s.view, slots, ids, **kw)
     return lambda: dynkv.gather(s.view, pages, ids, slots, **kw)

@@ -132,13 +132,17 @@ class _Engine:
         counters, gauges = metric_samples(self.connector.leader.metrics.registry)
         return {**counters, **gauges}
 
-    def sync_launch_s(self) -> dict[str, float]:
-        """The in-process dynkv worker's time launching sync loads, by site ({} elsewhere)."""
+    def dynkv_worker(self) -> Any:
+        """The dynkv worker of this engine when it runs in this process (one GPU, the uni executor), else None."""
         if self.connector is None:
-            return {}
+            return None
         from dynkv.worker import in_process
 
-        worker = in_process(self.connector.pool_name)
+        return in_process(self.connector.pool_name)
+
+    def sync_launch_s(self) -> dict[str, float]:
+        """The in-process dynkv worker's time launching sync loads, by site ({} elsewhere)."""
+        worker = self.dynkv_worker()
         return dict(worker.sync_launch_s) if worker is not None else {}
 
     def host_sample(self) -> HostSample | None:
@@ -172,6 +176,10 @@ class _Engine:
             # Engine-core timestamps are time.monotonic() of this process (the core runs in it).
             rec.update(queue_s=st.queued_ts - m0, wait_s=st.scheduled_ts - st.queued_ts,
                        forward_s=st.first_token_ts - st.scheduled_ts, tail_s=wall - (st.first_token_ts - m0))
+            worker = self.dynkv_worker()
+            at = worker.sync_launch_at if worker is not None else None
+            if at is not None and at >= m0:  # when this request's sync loads began to launch
+                rec["launch_after_scheduled_s"] = at - st.scheduled_ts
         self.drain()
         launched = self.sync_launch_s()
         if launched:  # the CPU time of this request's sync-load launches, by where they were launched

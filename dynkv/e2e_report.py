@@ -37,7 +37,7 @@ TARGETS = {
     "disk_vs_dd": 1.3,  # disk-tier hit TTFT within this factor of dd reading the same bytes
     "decode_ratio": 0.98,  # decode tokens/s with dynkv storing, relative to plain vLLM
 }
-_SPLIT = ("queue_s", "wait_s", "forward_s", "tail_s", "h2d_s", "disk_read_s")
+_SPLIT = ("queue_s", "wait_s", "forward_s", "tail_s", "h2d_s", "disk_read_s", "launch_after_scheduled_s")
 
 
 def _median(xs: list[float]) -> float | None:
@@ -262,7 +262,9 @@ def format_table(s: dict[str, Any]) -> str:
                          f"{_ms(row['tail_s'])} | {_ms(row['disk_read_s']) if row.get('disk_read_s') else '-'} | "
                          f"{_ms(row['h2d_s']) if row['h2d_s'] else '-'} | "
                          f"{','.join(map(str, cached)) or '-'} | {same} | {_same(row.get('greedy_vs_recompute'))} |")
-        launched = [f"{row['label']} {row['launch_ms']:.2f} ms ({', '.join(row['launch_sites'])})"
+        launched = [f"{row['label']} {row['launch_ms']:.2f} ms ({', '.join(row['launch_sites'])}"
+                    + (f", began {_ms(row['launch_after_scheduled_s'])} ms after vLLM scheduled the request"
+                       if row.get("launch_after_scheduled_s") is not None else "") + ")"
                     for row in L["paths"].values() if row.get("launch_ms") is not None]
         if launched:
             lines.append("\nCPU time of dynkv's sync-load launches per hit (median; where launched): "

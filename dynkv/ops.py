@@ -476,6 +476,7 @@ def scatter_layers(
     groups: Sequence[tuple[int, int]],
     *,
     after: Callable[[int], None] | None = None,
+    events: Sequence[Any] = (),
     backend: BackendName = "auto",
     num_ctas: int | None = None,
     threads: int | None = None,
@@ -484,19 +485,28 @@ def scatter_layers(
     """:func:`scatter` in layer groups ``[begin, end)``, in order; ``after(i)`` once group ``i`` is issued.
 
     On a GPU each group is its own launch on ``stream`` (the ids travel to
-    the GPU once), so ``after`` can record an event that a forward pass waits
-    on before that group's layers; on the CPU each group has been copied when
-    ``after`` runs.
+    the GPU once), so a forward pass can wait for each group before its
+    layers: ``events`` (``torch.cuda.Event``\ s already created, e.g. by a
+    first ``record``; one per group) are recorded after each group's launch
+    from one C++ call, without a return to Python per group. On the CPU each
+    group has been copied when ``after`` runs.
     """
     _check_same_geometry(view.geometry, pages.geometry, "scatter")
     gpu = _gpu_of(view.device, pages.device)
     _check_host_side(gpu, backend, view, pages)
+    if events and (gpu is None or after is not None):
+        raise ValueError("events are recorded on a GPU stream, in place of after: a GPU scatter without after")
+    handles = [int(e.cuda_event) for e in events]
+    if 0 in handles:
+        raise ValueError("every event must exist already (torch creates a CUDA event at its first record)")
     sl, ids = _ids(slots), _ids(block_ids)
     cfg, dev = _exec(_direction(pages.device, view.device), gpu, backend, num_ctas, threads, stream)
     keep, ptrs = _maybe_upload(cfg, gpu, backend, sl, ids)
-    for i, (begin, end) in enumerate(groups):
-        _C.scatter(pages.geometry.c, pages.c, view.c, sl, ids, cfg, dev, *ptrs, begin, end)
-        if after is not None:
+    if after is None:
+        _C.scatter_groups(pages.geometry.c, pages.c, view.c, sl, ids, cfg, dev, *ptrs, list(groups), handles)
+    else:
+        for i, (begin, end) in enumerate(groups):
+            _C.scatter(pages.geometry.c, pages.c, view.c, sl, ids, cfg, dev, *ptrs, begin, end)
             after(i)
     del keep
 

@@ -64,6 +64,8 @@ class SyncLoads:
     _step_thread: int | None
     sync_launches: dict[str, int]
     sync_launch_s: dict[str, float]
+    sync_launch_at: float | None
+    _event_sets: list[list[Any]]
     _launch_cuda: Callable[[str, Callable[[PageBuffer, Any], None]], Any]
     _page_buffer: Callable[[], PageBuffer]
     _slice_bytes: Callable[[int], int]
@@ -123,12 +125,14 @@ class SyncLoads:
         One group (not ``per_layer``) is waited for at once, unless ``wait`` is False. ``site``: where
         it was launched, counted in :attr:`sync_launches` (``scheduler``, ``early``: vLLM's
         ``handle_preemptions``, ``late``: ``start_load_kv``), and the time the launch took the
-        calling thread in :attr:`sync_launch_s`.
+        calling thread in :attr:`sync_launch_s`; :attr:`sync_launch_at` is when the last one began
+        (``time.monotonic()``).
         """
         assert self.view is not None
         num_layers = self.view.geometry.num_layers
         groups = [(l, l + 1) for l in range(num_layers)] if per_layer else [(0, num_layers)]
         now = time.perf_counter()
+        self.sync_launch_at = time.monotonic()
         slots = [s for op in ops for s in op.slots]
         blocks = [b for op in ops for b in op.block_ids]
         self.sync_launches[site] = self.sync_launches.get(site, 0) + len(blocks)
@@ -140,10 +144,9 @@ class SyncLoads:
             if self._streams is not None:
                 import torch
 
-                step.events = [torch.cuda.Event() for _ in groups]
+                step.events = self._layer_events(len(groups))
                 handle = self._launch_cuda("load", lambda pages, stream: scatter_layers(
-                    pages, self.view, slots, blocks, groups, stream=stream,
-                    after=lambda i: step.events[i].record(stream)))
+                    pages, self.view, slots, blocks, groups, stream=stream, events=step.events))
             else:
                 handle = self._launch_sync_cpu(self._page_buffer(), slots, blocks, step)
         except Exception as e:  # no pool, bad ids: nothing was copied, vLLM recomputes these blocks
@@ -172,6 +175,26 @@ class SyncLoads:
                     ev.set()
 
         return self._threads[0].submit(run)
+
+    def _layer_events(self, n: int) -> list[Any]:
+        """``n`` CUDA events for a step's layer groups, created once and reused every other step.
+
+        Two sets take turns, so a step never re-records the events the step
+        before handed its forward (whose waits are all queued by then anyway:
+        a step's sync loads end before the next one's launch).
+        """
+        import torch
+
+        assert self._streams is not None
+        sets = self._event_sets
+        sets.reverse()
+        if len(sets[0]) < n:
+            stream = self._streams[0]
+            for _ in range(n - len(sets[0])):
+                ev = torch.cuda.Event()
+                ev.record(stream)  # torch creates the CUDA event at its first record
+                sets[0].append(ev)
+        return sets[0][:n]
 
     def _wait_event(self, ev: Any) -> None:
         if isinstance(ev, threading.Event):

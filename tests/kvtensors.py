@@ -528,6 +528,22 @@ def check_layer_ranges(
         _run(sync, dynkv.ops.scatter_layers, rpages.buffer, view2, slots, dst, groups, after=issued.append, **op)
         assert issued == list(range(len(groups)))
         assert_bytes_equal(kv2.storages, want_all, f"scatter in groups {groups}: KV")
+        if view2.device.type == "cuda":  # the same groups from one C++ call, an event recorded after each
+            kv2.poison()
+            events = [torch.cuda.Event() for _ in groups]
+            for ev in events:
+                ev.record()  # created: torch makes the CUDA event at its first record
+            _run(sync, dynkv.ops.scatter_layers, rpages.buffer, view2, slots, dst, groups, events=events, **op)
+            assert all(ev.query() for ev in events)
+            assert_bytes_equal(kv2.storages, want_all, f"scatter in groups {groups} with events: KV")
+            with pytest.raises(ValueError, match="every event must exist already"):
+                dynkv.ops.scatter_layers(rpages.buffer, view2, slots, dst, groups,
+                                         events=[torch.cuda.Event() for _ in groups], **op)
+            with pytest.raises(ValueError, match=f"got 1 events for {len(groups)} layer groups"):
+                dynkv.ops.scatter_layers(rpages.buffer, view2, slots, dst, groups, events=events[:1], **op)
+        else:
+            with pytest.raises(ValueError, match="events are recorded on a GPU stream"):
+                dynkv.ops.scatter_layers(rpages.buffer, view2, slots, dst, groups, events=[object()], **op)
 
     kv3 = new_kv()
     kv3.poison()

@@ -24,6 +24,8 @@ struct CudaInfo {
 
 bool cuda_batch_memcpy_available();
 void cuda_set_device(int device);
+// cudaEventRecord of an event created elsewhere (torch), both as integers.
+void cuda_event_record(uint64_t event, uint64_t stream);
 void cuda_host_register(void* ptr, size_t bytes);
 void cuda_host_unregister(void* ptr);
 int cuda_device_count();

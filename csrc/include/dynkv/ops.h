@@ -39,6 +39,11 @@ void gather(const PageGeom& geom, const BlockView& view, const PageSet& pages, c
 // scatter: this rank's slice of pages -> device blocks.
 void scatter(const PageGeom& geom, const PageSet& pages, const BlockView& view, const IdList& slots,
              const IdList& block_ids, const ExecConfig& cfg, int device, LayerRange layers = {});
+// scatter_groups: scatter in layer groups, one launch each and in order; on a GPU,
+// events[i] (if given) is recorded on cfg.stream once group i is launched.
+void scatter_groups(const PageGeom& geom, const PageSet& pages, const BlockView& view, const IdList& slots,
+                    const IdList& block_ids, const ExecConfig& cfg, int device,
+                    const std::vector<LayerRange>& groups, const std::vector<uint64_t>& events);
 // copy_blocks: block to block between two views of the same geometry.
 void copy_blocks(const PageGeom& geom, const BlockView& src, const BlockView& dst, const IdList& src_ids,
                  const IdList& dst_ids, const ExecConfig& cfg, int device);
