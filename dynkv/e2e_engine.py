@@ -134,11 +134,12 @@ class _Engine:
 
     def dynkv_worker(self) -> Any:
         """The dynkv worker of this engine when it runs in this process (one GPU, the uni executor), else None."""
-        if self.connector is None:
+        pool = getattr(self.connector, "pool_name", None)  # dynkv's connector; vLLM's own have none
+        if pool is None:
             return None
         from dynkv.worker import in_process
 
-        return in_process(self.connector.pool_name)
+        return in_process(pool)
 
     def sync_launch_s(self) -> dict[str, float]:
         """The in-process dynkv worker's time launching sync loads, by site ({} elsewhere)."""
@@ -295,10 +296,6 @@ class _Engine:
         if t_decode is not None and t1 > t_decode:
             rec["decode_s"] = t1 - t_decode
             rec["decode_tok_s"] = (sum(counts.values()) - n_decode) / (t1 - t_decode)
-        launched = self.sync_launch_s()
-        if launched:  # the CPU time of this request's sync-load launches, by where they were launched
-            rec["launch_ms"] = {k: round((v - launched0.get(k, 0.0)) * 1e3, 3) for k, v in launched.items()
-                                if v > launched0.get(k, 0.0)}
         if before:
             after = self.samples()
             rec["d2h_bytes"] = after.get("dynkv_bytes_moved_total{direction=d2h}", 0.0) - before.get(

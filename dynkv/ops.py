@@ -486,7 +486,7 @@ def scatter_layers(
 
     On a GPU each group is its own launch on ``stream`` (the ids travel to
     the GPU once), so a forward pass can wait for each group before its
-    layers: ``events`` (``torch.cuda.Event``\ s already created, e.g. by a
+    layers: ``events`` (``torch.cuda.Event`` objects already created, e.g. by a
     first ``record``; one per group) are recorded after each group's launch
     from one C++ call, without a return to Python per group. On the CPU each
     group has been copied when ``after`` runs.

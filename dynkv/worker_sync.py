@@ -142,8 +142,6 @@ class SyncLoads:
         step = SyncStep(jobs, groups, [])
         try:
             if self._streams is not None:
-                import torch
-
                 step.events = self._layer_events(len(groups))
                 handle = self._launch_cuda("load", lambda pages, stream: scatter_layers(
                     pages, self.view, slots, blocks, groups, stream=stream, events=step.events))
