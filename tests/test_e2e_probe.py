@@ -199,3 +199,16 @@ def test_copy_footprint_variant_sets_the_loads_threads_and_reserved_smem_and_put
     finally:
         restore()
     assert ops.get_tuning() == before
+
+
+def test_launch_timing_reads_only_dynkv_workers_in_this_process() -> None:
+    """vLLM's own connectors have no dynkv pool: the bench's launch timing finds no worker there, and no error."""
+    from types import SimpleNamespace
+
+    from dynkv.e2e_engine import _Engine
+
+    for connector in (None, SimpleNamespace(), SimpleNamespace(pool_name="dynkv-no-such-pool")):
+        engine = SimpleNamespace(connector=connector)
+        engine.dynkv_worker = lambda engine=engine: _Engine.dynkv_worker(engine)
+        assert _Engine.dynkv_worker(engine) is None
+        assert _Engine.sync_launch_s(engine) == {}
