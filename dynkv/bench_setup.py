@@ -30,7 +30,7 @@ BACKENDS = ("kernel", "dma", "dma_loop", "torch", "hybrid", "layers")
 # hybrid: loads on the kernel, stores on the copy engines (DMA batch), so the
 # two directions of ``both`` do not share SMs; other directions skip it.
 # layers: loads on the kernel, one launch per layer with an event recorded
-# after each, as a worker's synchronous loads go; h2d only.
+# after each (one C++ call), as a worker's synchronous loads go; h2d only.
 _DTYPES = {1: "uint8", 2: "bfloat16", 4: "float32", 8: "float64"}
 # ~1 ms of GPU sleep before each timing: holds the streams until every op of the
 # case is enqueued, so the two ops of `both` start together.
@@ -219,13 +219,10 @@ def dynkv_op(s: Setup, kind: str, *, on_device: bool = False, backend: str = "ke
 
         groups = [(layer, layer + 1) for layer in range(s.geometry.num_layers)]
         events = [torch.cuda.Event() for _ in groups]
+        for ev in events:
+            ev.record()  # torch creates the CUDA event at its first record
         kw["backend"] = "kernel"
-
-        def per_layer() -> None:
-            stream = torch.cuda.current_stream(s.device)
-            dynkv.ops.scatter_layers(pages, s.view, slots, ids, groups, after=lambda i: events[i].record(stream), **kw)
-
-        return per_layer
+        return lambda: dynkv.ops.scatter_layers(pages, s.view, slots, ids, groups, events=events, **kw)
     if kind == "load":
         return lambda: dynkv.scatter(pages, s.view, slots, ids, **kw)
     return lambda: dynkv.gather(s.view, pages, ids, slots, **kw)

@@ -46,6 +46,9 @@ KNOBS: dict[str, tuple[Callable[[str], Any], int | None]] = {
     "priority": (int, None), "ctas": (int, 1), "threads": (int, 32), "smem_kib": (int, 0), "read_chunk": (int, 0),
     "io_threads": (int, 1), "disk_wait_ms": (float, 0), "store_launch_kib": (int, 0), "early": (int, 0), "sched": (int, 0),
     "last_block": (int, 0), "paths": (str, None)}
+# knobs of dynkv.ops.Tuning -> (its field, the direction they change, the knob's unit in bytes or 1)
+_TUNING_KNOBS = {"ctas": ("ctas", "h2d", 1), "threads": ("threads", "h2d", 1), "smem_kib": ("smem_bytes", "h2d", 1024),
+                 "store_launch_kib": ("launch_bytes", "d2h", 1024)}
 # on/off knobs -> the connector's attribute they set
 _SWITCHES = {"early": "early_loads", "sched": "scheduler_loads", "last_block": "load_last_block"}
 _PATHS = {"host": ("host",), "disk": ("disk",), "host+disk": ("host", "disk"), "decode": ("decode",)}
@@ -101,24 +104,11 @@ def apply_variant(connector: Any, knobs: dict[str, Any]) -> Callable[[], None]:
 
     undo: list[Callable[[], None]] = []
     try:
-        if "ctas" in knobs:
-            old_ctas = dict(ops.get_tuning().ctas)
-            ops.set_tuning(ctas={**old_ctas, "h2d": knobs["ctas"]})
-            undo.append(lambda: ops.set_tuning(ctas=old_ctas))
-        if "threads" in knobs:
-            t = ops.get_tuning()
-            old_threads = t.threads
-            per = dict(old_threads) if isinstance(old_threads, dict) else dict.fromkeys(t.ctas, old_threads)
-            ops.set_tuning(threads={**per, "h2d": knobs["threads"]})
-            undo.append(lambda: ops.set_tuning(threads=old_threads))
-        if "smem_kib" in knobs:
-            old_smem = dict(ops.get_tuning().smem_bytes or {})
-            ops.set_tuning(smem_bytes={**old_smem, "h2d": knobs["smem_kib"] << 10})
-            undo.append(lambda: ops.set_tuning(smem_bytes=old_smem))
-        if "store_launch_kib" in knobs:
-            old_launches = dict(ops.get_tuning().launch_bytes or {})
-            ops.set_tuning(launch_bytes={**old_launches, "d2h": knobs["store_launch_kib"] << 10})
-            undo.append(lambda: ops.set_tuning(launch_bytes=old_launches))
+        for knob, (name, direction, scale) in _TUNING_KNOBS.items():
+            if knob in knobs:
+                old = dict(getattr(ops.get_tuning(), name) or {})
+                ops.set_tuning(**{name: {**old, direction: knobs[knob] * scale}})
+                undo.append(lambda name=name, old=old: ops.set_tuning(**{name: old}))
         disk = connector.leader.disk
         if ("read_chunk" in knobs or "io_threads" in knobs) and disk is None:
             raise RuntimeError("read_chunk, io_threads: this engine has no disk tier")

@@ -79,15 +79,14 @@ class Tuning:
     size (0: one launch), so a GEMM launched meanwhile waits at most one
     launch for its SMs. Stores (``d2h``) run beside the next steps' compute
     and are split; loads feed the step that waits for them and are not.
-    ``threads``: threads per CTA, one number for every direction or one per
-    direction; ``smem_bytes``: dynamic shared memory each copy CTA reserves
+    ``threads``: threads per CTA; ``smem_bytes``: dynamic shared memory each copy CTA reserves
     and never uses, so that no other kernel's CTA shares its SM (0: none);
     ``dma_min_run``: in ``auto``, transfers whose average contiguous run
     reaches this many bytes go to the copy engines instead (0: never).
     """
 
     ctas: dict[str, int]
-    threads: int | dict[str, int] = 512
+    threads: dict[str, int] | None = None
     dma_min_run: dict[str, int] | None = None
     launch_bytes: dict[str, int] | None = None
     smem_bytes: dict[str, int] | None = None
@@ -95,13 +94,12 @@ class Tuning:
     def for_direction(self, d: Direction) -> tuple[int, int, int, int, int]:
         """``(ctas, threads, dma_min_run, launch_bytes, smem_bytes)`` of direction ``d``."""
         runs, launches, smem = self.dma_min_run or {}, self.launch_bytes or {}, self.smem_bytes or {}
-        threads = self.threads.get(d, 512) if isinstance(self.threads, dict) else self.threads
-        return self.ctas.get(d, 8), threads, runs.get(d, 0), launches.get(d, 0), smem.get(d, 0)
+        return self.ctas.get(d, 8), (self.threads or {}).get(d, 512), runs.get(d, 0), launches.get(d, 0), smem.get(d, 0)
 
 
 _TUNING = Tuning(
     ctas={"h2d": 8, "d2h": 8, "d2d": 0, "h2h": 8},
-    threads=512,
+    threads={"h2d": 512, "d2h": 512, "d2d": 512, "h2h": 512},
     dma_min_run={"h2d": 0, "d2h": 0, "d2d": 0, "h2h": 0},
     launch_bytes={"h2d": 0, "d2h": 2 << 20, "d2d": 0, "h2h": 0},
     smem_bytes={"h2d": 0, "d2h": 0, "d2d": 0, "h2h": 0},
@@ -115,10 +113,10 @@ def get_tuning() -> Tuning:
 def set_tuning(**changes: Any) -> Tuning:
     """Replace fields of the process-wide :class:`Tuning`; returns the new one.
 
-    ``launch_bytes`` and ``smem_bytes`` may be one size for every direction.
+    ``threads``, ``launch_bytes`` and ``smem_bytes`` may be one number for every direction.
     """
     global _TUNING
-    for key in ("launch_bytes", "smem_bytes"):
+    for key in ("threads", "launch_bytes", "smem_bytes"):
         if isinstance(changes.get(key), int):
             changes[key] = dict.fromkeys(_TUNING.ctas, changes[key])
     _TUNING = replace(_TUNING, **changes)

@@ -111,7 +111,7 @@ class Worker(SyncLoads, PullFlow):
         self.sync_launches: dict[str, int] = {}  # blocks of sync loads by where they were launched
         self.sync_launch_s: dict[str, float] = {}  # the launching thread's time in them, by the same sites
         self.sync_launch_at: float | None = None  # time.monotonic() when the last one began
-        self._event_sets: list[list[Any]] = [[], []]  # CUDA events of sync-load layer groups, two sets in turn
+        self._layer_event_pool: list[Any] = []  # CUDA events of sync-load layer groups, reused every step
         self._layerwise = config.layerwise
         self._load_priority = LOAD_PRIORITY
 

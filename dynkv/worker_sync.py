@@ -65,7 +65,7 @@ class SyncLoads:
     sync_launches: dict[str, int]
     sync_launch_s: dict[str, float]
     sync_launch_at: float | None
-    _event_sets: list[list[Any]]
+    _layer_event_pool: list[Any]
     _launch_cuda: Callable[[str, Callable[[PageBuffer, Any], None]], Any]
     _page_buffer: Callable[[], PageBuffer]
     _slice_bytes: Callable[[int], int]
@@ -175,24 +175,20 @@ class SyncLoads:
         return self._threads[0].submit(run)
 
     def _layer_events(self, n: int) -> list[Any]:
-        """``n`` CUDA events for a step's layer groups, created once and reused every other step.
+        """``n`` CUDA events for a step's layer groups, created once and recorded again every step.
 
-        Two sets take turns, so a step never re-records the events the step
-        before handed its forward (whose waits are all queued by then anyway:
-        a step's sync loads end before the next one's launch).
+        Re-recording is safe: a step's launch comes after the step before has
+        ended (:meth:`_end_sync_step`), when every wait on its events is queued,
+        and a queued wait keeps the record it was queued after.
         """
         import torch
 
         assert self._streams is not None
-        sets = self._event_sets
-        sets.reverse()
-        if len(sets[0]) < n:
-            stream = self._streams[0]
-            for _ in range(n - len(sets[0])):
-                ev = torch.cuda.Event()
-                ev.record(stream)  # torch creates the CUDA event at its first record
-                sets[0].append(ev)
-        return sets[0][:n]
+        while len(self._layer_event_pool) < n:
+            ev = torch.cuda.Event()
+            ev.record(self._streams[0])  # torch creates the CUDA event at its first record
+            self._layer_event_pool.append(ev)
+        return self._layer_event_pool[:n]
 
     def _wait_event(self, ev: Any) -> None:
         if isinstance(ev, threading.Event):

@@ -306,7 +306,7 @@ def test_bad_launch_and_ids_copy_nothing(rng):
         with pytest.raises(ValueError, match=match):
             dynkv.gather(view, pages.buffer, [0, 1], [0, 1], backend="kernel", threads=threads)
     saved = ops.get_tuning()
-    for smem in (1 << 20, 2 << 20):  # more than any GPU gives a CTA; above the bound dynkv takes at all
+    for smem in (1 << 20, 2 << 20):  # more shared memory than any GPU gives one CTA
         with pytest.raises(ValueError, match=rf"smem_bytes={smem} is"):
             ops.set_tuning(smem_bytes=smem)
             try:
