@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import dynkv
-from dynkv.bench_setup import PRESETS, Setup, baseline_fns, build_setup
+from dynkv.benchmarks.kernels_setup import PRESETS, Setup, baseline_fns, build_setup
 
 MiB = 1 << 20
 _HERE = Path(__file__).resolve().parent

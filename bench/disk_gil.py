@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any
 
-from dynkv.disk import DiskTier
+from dynkv.tiers.disk import DiskTier
 
 PAGE = 2 << 20  # a Llama-3-8B page (16-token blocks, bf16)
 
@@ -52,7 +52,7 @@ def main() -> None:
     root = a.dir or tempfile.mkdtemp(prefix="dynkv-disk-gil-", dir=".")
     n = a.pages
     if a.dest == "pool":
-        from dynkv.ops import HostPool
+        from dynkv.memory import HostPool
 
         pool = HostPool.create(PAGE * n, name=f"dynkv-disk-gil-{os.getpid()}")
         view = memoryview(pool.as_tensor().numpy())

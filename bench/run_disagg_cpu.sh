@@ -14,11 +14,11 @@ ENDPOINTS="${ENDPOINTS:-dynkv nixl}"
 mkdir -p "$OUT"
 WORK="$(mktemp -d)"
 model="$WORK/model"
-"$PYTHON" -c "import sys; from dynkv.testmodel import write_model; write_model(sys.argv[1], preset=sys.argv[2])" \
+"$PYTHON" -c "import sys; from dynkv.testing.model import write_model; write_model(sys.argv[1], preset=sys.argv[2])" \
   "$model" "$PRESET"
-vocab="$("$PYTHON" -c "import sys; from dynkv.testmodel import PRESETS; print(PRESETS[sys.argv[1]].vocab_size)" "$PRESET")"
-first="$("$PYTHON" -c "from dynkv.testmodel import FIRST_WORD_ID; print(FIRST_WORD_ID)")"
-port() { "$PYTHON" -c "from dynkv.vllm_server import free_port; print(free_port())"; }
+vocab="$("$PYTHON" -c "import sys; from dynkv.testing.model import PRESETS; print(PRESETS[sys.argv[1]].vocab_size)" "$PRESET")"
+first="$("$PYTHON" -c "from dynkv.testing.model import FIRST_WORD_ID; print(FIRST_WORD_ID)")"
+port() { "$PYTHON" -c "from dynkv.testing.server import free_port; print(free_port())"; }
 
 common=(MODEL="$model" PYTHON="$PYTHON" DTYPE=float32 BLOCK_SIZE=32 MAX_MODEL_LEN=4096 SHUTDOWN_TIMEOUT=20
         STOP_TIMEOUT=20 PROXY_HOST=127.0.0.1 DYNKV_HOST_GB=1

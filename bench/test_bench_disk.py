@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from dynkv.bench_disk import aligned_pages, baseline, timed_pass
-from dynkv.disk import DiskTier
+from dynkv.benchmarks.disk import aligned_pages, baseline, timed_pass
+from dynkv.tiers.disk import DiskTier
 
 MiB = 1 << 20
 

@@ -42,11 +42,7 @@ def test_block_keys_throughput(benchmark) -> None:
 def test_scheduler_side_of_an_8k_host_hit(benchmark) -> None:
     """The connector's scheduler calls for a revisit of an 8k prompt (512 pages of 16 tokens) in the host tier:
     lookup, load bookkeeping, the plan, the worker's report and the finish, on vLLM stand-ins."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    import test_connector as tc
+    import connector_stubs as tc
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
     from dynkv.connector import DynKVConnector
@@ -79,10 +75,6 @@ def test_scheduler_side_of_an_8k_host_hit(benchmark) -> None:
 def test_scheduler_side_of_an_8k_disk_hit(benchmark, tmp_path) -> None:
     """The leader's part of a revisit whose 512 pages are all on the disk tier: lookup, then begin_load
     (a host slot per page, each read submitted). The reads themselves run on the I/O threads, untimed."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from harness import Engine, Model
 
     from dynkv.config import DynKVConfig
@@ -133,11 +125,7 @@ def test_scheduler_side_of_decode_steps(benchmark) -> None:
     """The connector's scheduler calls of 16 decode steps of 32 running requests (1024-token prompts), on vLLM
     stand-ins: each step's plan and the workers' report, the step's stats and events; one step in 16 fills a
     block of every request and stores it. vLLM makes these calls at every step, so they add to each step."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    import test_connector as tc
+    import connector_stubs as tc
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
     from dynkv.connector import DynKVConnector

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import dynkv
-from dynkv.bench_setup import Setup, baseline_fns, dynkv_op, torch_op
+from dynkv.benchmarks.kernels_setup import Setup, baseline_fns, dynkv_op, torch_op
 
 gpu = pytest.mark.gpu
 CPU_BACKENDS = ["kernel", "torch"]

@@ -10,18 +10,12 @@ pages keep it a minor part.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from harness import Engine, Model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from harness import Engine, Model  # noqa: E402
-
-from dynkv.config import DynKVConfig  # noqa: E402
-from dynkv.leader import Leader  # noqa: E402
-from dynkv.protocol import StoreOp  # noqa: E402
+from dynkv.config import DynKVConfig
+from dynkv.leader import Leader
+from dynkv.protocol import StoreOp
 
 RUNNING = 32
 

@@ -3,10 +3,11 @@
 Importing dynkv never touches a GPU; CUDA is initialized by the first GPU op.
 """
 
+from dynkv._version import __version__
+from dynkv.env import cuda_compiled
 from dynkv.layout import PageGeometry, PagedView, head_range
-from dynkv.ops import HostPool, PageBuffer, copy_blocks, cuda_compiled, gather, memcpy_batch, scatter
-
-__version__ = "0.1.0"
+from dynkv.memory import HostPool, PageBuffer
+from dynkv.ops import copy_blocks, gather, memcpy_batch, scatter
 
 __all__ = [
     "HostPool",

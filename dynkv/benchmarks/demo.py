@@ -5,7 +5,7 @@ then serves it with real ``vllm serve`` several times — without a KV
 connector, with dynkv (host and disk tiers), and optionally with vLLM's
 ``ExampleConnector`` — each time with a device KV cache smaller than the
 workload's working set, runs the same multi-turn workload
-(:mod:`dynkv.bench_serve`) against it, and prints one table: TTFT, tokens/s,
+(:mod:`dynkv.benchmarks.serve`) against it, and prints one table: TTFT, tokens/s,
 hits per tier, bytes moved, and whether dynkv's greedy outputs are identical
 to vLLM's own.
 """
@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dynkv.bench_serve import Workload, add_workload_arguments, report, run_workload, workload_from_args
-from dynkv.serve_results import EndpointResult, compare, format_table, plot
-from dynkv.testmodel import FIRST_WORD_ID, PRESETS, write_model
-from dynkv.vllm_server import ServerError, VLLMServer, cuda_visible, free_port
+from dynkv.benchmarks.serve import Workload, add_workload_arguments, report, run_workload, workload_from_args
+from dynkv.benchmarks.serve_results import EndpointResult, compare, format_table, plot
+from dynkv.testing.model import FIRST_WORD_ID, PRESETS, write_model
+from dynkv.testing.server import ServerError, VLLMServer, cuda_visible, free_port
 
 __all__ = ["DESCRIPTION", "Run", "dynkv_transfer_config", "plan_sizes", "scrape_metrics", "server_args",
            "tier_summary"]
@@ -357,7 +357,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dynkv.demo [options]``: the same as ``dynkv demo``."""
+    """``python -m dynkv.benchmarks.demo [options]``: the same as ``dynkv demo``."""
     p = argparse.ArgumentParser(prog="dynkv demo", description=DESCRIPTION)
     add_arguments(p)
     return run_from_args(p.parse_args(argv))

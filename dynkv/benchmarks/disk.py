@@ -1,7 +1,7 @@
 """Disk tier bandwidth bench (``dynkv bench disk``).
 
 Writes then reads ``--pages`` pages of ``--page-mb`` MiB through
-:class:`~dynkv.disk.DiskTier` at each ``--threads`` count, and in the same run
+:class:`~dynkv.tiers.disk.DiskTier` at each ``--threads`` count, and in the same run
 the baseline: ``dd`` with ``oflag=direct`` / ``iflag=direct`` moving the same
 bytes in 64 MiB blocks on the same file system (where ``dd`` is missing or
 fails, a plain sequential ``O_DIRECT`` ``os.pwrite``/``os.preadv`` loop).
@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dynkv.disk import DiskTier
-from dynkv.diskfile import ALIGN, record_size
+from dynkv.tiers.disk import DiskTier
+from dynkv.tiers.diskfile import ALIGN, record_size
 
 __all__ = ["DESCRIPTION", "Config", "add_arguments", "aligned_pages", "baseline", "crc32_gbps", "format_report",
            "fs_type", "main", "run", "run_from_args", "tier_passes", "timed_pass"]
@@ -222,7 +222,7 @@ def tier_passes(tier: DiskTier, src: list[memoryview], dst: list[memoryview],
 
 def run(cfg: Config) -> dict[str, Any]:
     """Run the bench of ``cfg``; returns the report that goes to JSON."""
-    from dynkv.cli import env_report
+    from dynkv.env import env_report
 
     os.makedirs(cfg.path, exist_ok=True)
     work = tempfile.mkdtemp(prefix="dynkv-bench-disk-", dir=cfg.path)
@@ -328,7 +328,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dynkv.bench_disk [options]``: the same as ``dynkv bench disk``."""
+    """``python -m dynkv.benchmarks.disk [options]``: the same as ``dynkv bench disk``."""
     p = argparse.ArgumentParser(prog="dynkv bench disk", description=DESCRIPTION)
     add_arguments(p)
     return run_from_args(p.parse_args(argv))

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import dynkv
-from dynkv.bench_setup import (
+from dynkv.benchmarks.kernels_setup import (
     BACKENDS,
     DIRECTIONS,
     PRESETS,
@@ -46,7 +46,8 @@ from dynkv.bench_setup import (
     torch_op,
 )
 from dynkv.layout import LAYOUTS
-from dynkv.ops import HostPool, get_tuning, set_tuning
+from dynkv.memory import HostPool
+from dynkv.ops import get_tuning, set_tuning
 
 __all__ = ["Config", "add_arguments", "main", "run", "run_from_args"]
 
@@ -280,7 +281,7 @@ def run(cfg: Config) -> dict[str, Any]:
     """Run the bench of ``cfg``; returns the report that goes to JSON."""
     import torch
 
-    from dynkv.cli import env_report
+    from dynkv.env import env_report
 
     preset = PRESETS[cfg.preset]
     if cfg.device == "cpu":
@@ -400,7 +401,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise SystemExit(f"--ctas {args.ctas!r} is not valid: expected a comma list of integers") from None
     if not ctas or min(ctas) < 1:
         raise SystemExit(f"--ctas {args.ctas!r} is not valid: expected positive integers")
-    from dynkv.cli import env_report
+    from dynkv.env import env_report
 
     pool = int(env_report()["cpu_copy_threads"])  # type: ignore[call-overload]
     threads = args.threads or pool
@@ -443,7 +444,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dynkv.bench_kernels [options]``: the same as ``dynkv bench kernels``."""
+    """``python -m dynkv.benchmarks.kernels [options]``: the same as ``dynkv bench kernels``."""
     p = argparse.ArgumentParser(prog="dynkv bench kernels", description=DESCRIPTION)
     add_arguments(p)
     return run_from_args(p.parse_args(argv))

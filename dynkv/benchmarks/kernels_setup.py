@@ -17,7 +17,7 @@ import numpy as np
 
 import dynkv
 from dynkv.layout import PageGeometry, PagedView, head_range, layout_dims
-from dynkv.ops import HostPool, PageBuffer
+from dynkv.memory import HostPool, PageBuffer
 
 if TYPE_CHECKING:
     import torch

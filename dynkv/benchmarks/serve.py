@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dynkv.serve_results import EndpointResult, RequestRecord, compare, format_table, plot
+from dynkv.benchmarks.serve_results import EndpointResult, RequestRecord, compare, format_table, plot
 
 __all__ = [
     "DESCRIPTION",
@@ -120,7 +120,7 @@ class _Conversation:
 def _words(w: Workload) -> list[str]:
     if w.prompt_format != "text":
         return []
-    from dynkv.testmodel import FIRST_WORD_ID, vocabulary
+    from dynkv.testing.model import FIRST_WORD_ID, vocabulary
 
     # Words of dynkv's test tokenizer (one token each); other tokenizers
     # split them into a few tokens, which only changes prompt lengths.
@@ -369,7 +369,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dynkv.bench_serve [options]``: the same as ``dynkv bench serve``."""
+    """``python -m dynkv.benchmarks.serve [options]``: the same as ``dynkv bench serve``."""
     p = argparse.ArgumentParser(prog="dynkv bench serve", description=DESCRIPTION)
     add_arguments(p)
     return run_from_args(p.parse_args(argv))

@@ -1,6 +1,6 @@
 """Results of ``dynkv bench serve``: per-request records, summaries, comparisons, table and plot.
 
-:mod:`dynkv.bench_serve` fills :class:`RequestRecord` objects while it
+:mod:`dynkv.benchmarks.serve` fills :class:`RequestRecord` objects while it
 streams; everything here works on finished records, so it is shared by the
 benchmark, the demo and tests.
 """

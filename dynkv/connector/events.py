@@ -13,11 +13,13 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from dynkv.tiers.base import DISK, HOST
+
 __all__ = ["KVEvents"]
 
 # Token ids of recently stored pages, for KV events (older pages' events carry none).
 _META_ENTRIES = 1 << 16
-_MEDIUM = {"host": "CPU", "disk": "STORAGE"}
+_MEDIUM = {HOST: "CPU", DISK: "STORAGE"}
 
 
 class KVEvents:

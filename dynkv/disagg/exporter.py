@@ -37,13 +37,13 @@ from dynkv.index import PageIndex
 from dynkv.keys import ModelFingerprint
 from dynkv.layout import PageGeometry
 from dynkv.metrics import Metrics
-from dynkv.ops import HostPool
+from dynkv.memory import HostPool
+from dynkv.tiers.base import HOST
 
 __all__ = ["Exporter"]
 
 log = logging.getLogger("dynkv.disagg")
 
-HOST = "host"
 _MAX_WORLD = 4096
 # Side-channel ticks (ms) while decode ranks may be connecting or reading, and how long "may" lasts (s).
 _BUSY_TICK_MS, _BUSY_S = 1, 5.0

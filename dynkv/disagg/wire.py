@@ -79,7 +79,7 @@ class Handshake:
     def describe(cls, *, engine_id: str, fingerprint: ModelFingerprint, geometry: PageGeometry, page_stride: int,
                  num_pages: int, pool_addr: int, instance: str = "", agent_name: str = "") -> Handshake:
         """The handshake of an engine serving ``fingerprint`` from a pool of ``num_pages`` pages at ``pool_addr``."""
-        from dynkv import __version__
+        from dynkv._version import __version__
 
         g, fp = geometry, fingerprint
         return cls(

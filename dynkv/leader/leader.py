@@ -20,7 +20,7 @@ exports a finished request's host pages to a decode engine (:meth:`export`,
 after :meth:`start_export`); a decode engine matches the pages a prefill
 engine exported (:meth:`match_remote`) and its load job first pulls them into
 fresh host slots, which become cached pages once every rank has its slice
-(:mod:`dynkv.leader_remote`).
+(:mod:`dynkv.leader.remote_flow`).
 
 A page whose disk read fails its checks is dropped from the disk tier and its
 block is reported as a load error, so vLLM recomputes it: never wrong KV.
@@ -35,97 +35,24 @@ import queue
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from dynkv.config import DynKVConfig
 from dynkv.index import IndexEvent, PageIndex
 from dynkv.keys import ModelFingerprint
-from dynkv.layout import PageGeometry
-from dynkv.leader_disk import DISK, HOST, DiskFlow, max_disk_writes
-from dynkv.leader_remote import REMOTE, RemoteFlow
+from dynkv.layout import PAGE_ALIGN, PageGeometry, page_stride
+from dynkv.leader.records import Acks, LoadRecord, RequestRecord, StoreRecord
+from dynkv.leader.remote_flow import RemoteFlow
+from dynkv.leader.tier_flow import DiskFlow, max_disk_writes
 from dynkv.metrics import Metrics
-from dynkv.ops import HostPool
-from dynkv.protocol import (
-    PAGE_ALIGN,
-    LoadOp,
-    PullSpec,
-    StepPlan,
-    StoreOp,
-    WorkerReport,
-    leader_pools,
-    page_stride,
-    pid_alive,
-    pool_name_for,
-)
+from dynkv.memory import HostPool
+from dynkv.protocol import LoadOp, PullSpec, StepPlan, StoreOp, WorkerReport
+from dynkv.tiers.base import DISK, HOST, REMOTE
+from dynkv.tiers.host import host_pages_for, pool_name_for, reap_stale_pools
 
 __all__ = ["Leader"]
 
 log = logging.getLogger("dynkv.leader")
-
-
-@dataclass
-class _Load:
-    job: int
-    req_id: str
-    block_ids: list[int]
-    slots: list[int | None]
-    host_keys: list[bytes] = field(default_factory=list)  # pinned in the host tier while loading
-    failed: list[int] = field(default_factory=list)
-    waiting: int = 0  # disk reads outstanding
-    cancelled: bool = False
-    remote: Any = None  # the RemotePrefill pulled from
-    pulls: list[tuple[int, int]] = field(default_factory=list)  # (host slot, remote slot)
-    pulled_keys: list[bytes] = field(default_factory=list)  # pending in the host tier until pulled
-    sync: bool = False  # computed in the step of its plan (LoadOp.sync)
-    started: float = 0.0  # perf_counter at begin_load
-    read_until: float = 0.0  # perf_counter when its last disk read completed
-
-
-@dataclass
-class _Store:
-    job: int
-    req_id: str
-    keys: list[bytes]
-    block_ids: list[int]
-    slots: list[int]
-
-
-@dataclass
-class _Request:
-    match: list[tuple[str, int, bytes]] = field(default_factory=list)  # pinned by lookup, not yet loading
-    remote: Any = None  # RemotePrefill of REMOTE matches
-    remote_slots: dict[bytes, int] = field(default_factory=dict)
-    pull_failed: bool = False  # vLLM reschedules the request: it recomputes rather than pulls again
-    looked_up: bool = False
-    load: _Load | None = None
-    stores: set[int] = field(default_factory=set)
-    finished: bool = False
-
-
-@dataclass
-class _Acks:
-    done: int = 0
-    failed: int = 0
-
-
-def _reap_stale_pools() -> None:
-    """Unlink host pools whose leader process is gone (an engine killed before its shutdown ran)."""
-    for name, _, pid in leader_pools():
-        if not pid_alive(pid) and HostPool.unlink(name):
-            log.info("removed host pool %s left by a process that is gone (pid %d)", name, pid)
-
-
-def _host_pages(config: DynKVConfig, stride: int) -> int:
-    if config.host_pages is not None:
-        return config.host_pages
-    n = int(config.host_gb * (1 << 30)) // stride
-    if n < 1:
-        raise ValueError(
-            f"dynkv config host_gb={config.host_gb:g} holds no page of {stride} bytes: "
-            "give at least one page's worth, or host_pages"
-        )
-    return n
 
 
 class Leader(DiskFlow, RemoteFlow):
@@ -173,8 +100,8 @@ class Leader(DiskFlow, RemoteFlow):
         self.metrics = metrics if metrics is not None else Metrics()
         self.page_stride = page_stride(geometry)
         self._page_bytes = geometry.page_bytes
-        self.num_host_pages = _host_pages(config, self.page_stride)
-        _reap_stale_pools()
+        self.num_host_pages = host_pages_for(config, self.page_stride)
+        reap_stale_pools()
         self.pool_name = f"{pool_name_for(engine_id, fingerprint)}-{os.getpid()}"
         HostPool.unlink(self.pool_name)
         # The leader never copies device memory, so it does not pin; each worker pins when it attaches.
@@ -185,7 +112,7 @@ class Leader(DiskFlow, RemoteFlow):
         self.disk: Any = None
         tiers = {HOST: self.num_host_pages}
         if config.disk_gb > 0:
-            from dynkv.disk import DiskTier
+            from dynkv.tiers.disk import DiskTier
 
             record = PAGE_ALIGN + self.page_stride
             num_disk = int(config.disk_gb * (1 << 30)) // record
@@ -207,13 +134,13 @@ class Leader(DiskFlow, RemoteFlow):
             log.info("disk tier: %d pages found under %s", adopted, ", ".join(config.disk_paths))
         self._events: list[IndexEvent] = []
         self._jobs = itertools.count(1)
-        self._reqs: dict[str, _Request] = {}
-        self._ready: list[_Load] = []
-        self._promoting: dict[int, _Load] = {}
-        self._stores: list[_Store] = []
+        self._reqs: dict[str, RequestRecord] = {}
+        self._ready: list[LoadRecord] = []
+        self._promoting: dict[int, LoadRecord] = {}
+        self._stores: list[StoreRecord] = []
         self._finished: list[str] = []
-        self._inflight: dict[int, _Load | _Store] = {}
-        self._acks: dict[int, _Acks] = {}
+        self._inflight: dict[int, LoadRecord | StoreRecord] = {}
+        self._acks: dict[int, Acks] = {}
         self._io: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._importing: set[bytes] = set()  # host pages reserved for pulls
         self.exporter: Any = None
@@ -235,7 +162,7 @@ class Leader(DiskFlow, RemoteFlow):
         replaces the previous one.
         """
         self._drain_io()
-        req = self._reqs.setdefault(req_id, _Request())
+        req = self._reqs.setdefault(req_id, RequestRecord())
         self._release_match(req)
         todo = list(keys[num_computed_blocks:])
         m = self.index.lookup(todo, pin=True)
@@ -271,7 +198,7 @@ class Leader(DiskFlow, RemoteFlow):
         self._release_match(req)
         if not use:
             return {}
-        load = _Load(next(self._jobs), req_id, [int(b) for b in block_ids], [None] * len(use), sync=sync,
+        load = LoadRecord(next(self._jobs), req_id, [int(b) for b in block_ids], [None] * len(use), sync=sync,
                      started=time.perf_counter())
         req.load = load
         tiers = Counter(t for t, _, _ in use)
@@ -319,7 +246,7 @@ class Leader(DiskFlow, RemoteFlow):
         got = dict(self.index.allocate(HOST, [k for _, keys, _ in stores for k in keys]))
         counts = []
         for req_id, keys, block_ids in stores:
-            st = _Store(0, req_id, [], [], [])
+            st = StoreRecord(0, req_id, [], [], [])
             for key, block in zip(keys, block_ids):
                 slot = got.pop(key, None) if got else None
                 if slot is not None:
@@ -333,7 +260,7 @@ class Leader(DiskFlow, RemoteFlow):
             self._stores.append(st)
             req = self._reqs.get(req_id)
             if req is None:
-                req = self._reqs[req_id] = _Request()
+                req = self._reqs[req_id] = RequestRecord()
             req.stores.add(st.job)
         return counts
 
@@ -389,7 +316,7 @@ class Leader(DiskFlow, RemoteFlow):
             for job, n in counts.items():
                 if job not in self._inflight:
                     continue
-                acks = self._acks.setdefault(job, _Acks())
+                acks = self._acks.setdefault(job, Acks())
                 if failed:
                     acks.failed += n
                 else:
@@ -409,7 +336,7 @@ class Leader(DiskFlow, RemoteFlow):
         for job in list(self._inflight):
             op = self._inflight.pop(job)
             self._acks.pop(job, None)
-            if isinstance(op, _Load):
+            if isinstance(op, LoadRecord):
                 failed.update(op.block_ids)
             self._complete(op, True)
         return failed
@@ -471,7 +398,7 @@ class Leader(DiskFlow, RemoteFlow):
         off = slot * self.page_stride
         return self._host[off : off + self._page_bytes]
 
-    def _release_match(self, req: _Request) -> None:
+    def _release_match(self, req: RequestRecord) -> None:
         for tier, _, key in req.match:
             if tier == REMOTE:
                 self.index.remove(HOST, [key])
@@ -481,12 +408,12 @@ class Leader(DiskFlow, RemoteFlow):
                 self.index.unpin(tier, [key])
         req.match = []
 
-    def _forget(self, req_id: str, req: _Request) -> None:
+    def _forget(self, req_id: str, req: RequestRecord) -> None:
         if req.load is None and not req.stores:
             self._reqs.pop(req_id, None)
 
-    def _complete(self, op: _Load | _Store, failed: bool) -> None:
-        if isinstance(op, _Load):
+    def _complete(self, op: LoadRecord | StoreRecord, failed: bool) -> None:
+        if isinstance(op, LoadRecord):
             keys, pulled = op.host_keys, op.pulled_keys
             if failed:
                 self.metrics.load_errors.labels("remote" if pulled else "worker").inc(len(pulled or op.block_ids))
@@ -517,7 +444,7 @@ class Leader(DiskFlow, RemoteFlow):
             if req.finished:
                 self._forget(op.req_id, req)
 
-    def _end_load(self, load: _Load) -> None:
+    def _end_load(self, load: LoadRecord) -> None:
         self.index.unpin(HOST, load.host_keys)
         load.host_keys = []
         if load.pulled_keys:  # not pulled (failed or cancelled): give the slots back

@@ -1,7 +1,7 @@
 """The leader's part in disaggregated serving: pages a prefill engine exports, pages a decode engine pulls.
 
-A part of :class:`dynkv.leader.Leader` (a base class of it), like
-:mod:`dynkv.leader_disk`. A prefill engine (``kv_producer``) serves its host
+A part of :class:`dynkv.leader.leader.Leader` (a base class of it), like
+:mod:`dynkv.leader.tier_flow`. A prefill engine (``kv_producer``) serves its host
 pages to decode engines through an exporter (:meth:`RemoteFlow.start_export`,
 :meth:`RemoteFlow.export`); a decode engine extends a request's lookup with
 the pages a prefill engine exported (:meth:`RemoteFlow.match_remote`), each
@@ -13,24 +13,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from dynkv.leader_disk import HOST
+from dynkv.tiers.base import HOST, REMOTE
 
 if TYPE_CHECKING:
     from dynkv.config import DynKVConfig
     from dynkv.index import PageIndex
     from dynkv.keys import ModelFingerprint
     from dynkv.layout import PageGeometry
-    from dynkv.leader import _Request
+    from dynkv.leader.records import RequestRecord
     from dynkv.metrics import Metrics
-    from dynkv.ops import HostPool
+    from dynkv.memory import HostPool
 
-__all__ = ["REMOTE", "RemoteFlow"]
-
-REMOTE = "remote"  # matched pages a prefill engine exported, pulled into fresh host slots
+__all__ = ["RemoteFlow"]
 
 
 class RemoteFlow:
-    """Export and pull bookkeeping of the leader; :class:`dynkv.leader.Leader` sets these attributes up."""
+    """Export and pull bookkeeping of the leader; :class:`dynkv.leader.leader.Leader` sets these attributes up."""
 
     config: DynKVConfig
     index: PageIndex
@@ -42,11 +40,11 @@ class RemoteFlow:
     num_host_pages: int
     engine_id: str
     exporter: Any
-    _reqs: dict[str, _Request]
+    _reqs: dict[str, RequestRecord]
     _importing: set[bytes]
 
     if TYPE_CHECKING:
-        def _release_match(self, req: _Request) -> None: ...
+        def _release_match(self, req: RequestRecord) -> None: ...
         def _drain_io(self) -> None: ...
 
     def match_remote(self, req_id: str, keys: Sequence[bytes], start: int, remote: Any) -> int | None:

@@ -1,6 +1,6 @@
 """The leader's disk-tier traffic: promotions (disk -> host) and write-through (host -> disk).
 
-A part of :class:`dynkv.leader.Leader` (a base class of it), kept apart
+A part of :class:`dynkv.leader.leader.Leader` (a base class of it), kept apart
 because it is the one part that deals with I/O completions. Reads and writes
 run on the disk tier's threads; each completion is queued and applied at the
 leader's next call (:meth:`DiskFlow._drain_io`), so the caller never waits on
@@ -18,18 +18,19 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from dynkv.tiers.base import DISK, HOST
+
 if TYPE_CHECKING:
-    from dynkv.disk import DiskTier
+    from dynkv.tiers.disk import DiskTier
     from dynkv.index import PageIndex
     from dynkv.layout import PageGeometry
-    from dynkv.leader import _Load
+    from dynkv.leader.records import LoadRecord
     from dynkv.metrics import Metrics
 
-__all__ = ["DISK", "HOST", "DiskFlow", "max_disk_writes"]
+__all__ = ["DiskFlow", "max_disk_writes"]
 
 log = logging.getLogger("dynkv.leader")
 
-HOST, DISK = "host", "disk"
 # Disk writes in flight before write-through is skipped (and counted): 16 per I/O thread, or a
 # quarter of the host tier if more (a write pins its host page until it is on disk).
 _WRITES_PER_THREAD = 16
@@ -42,7 +43,7 @@ def max_disk_writes(io_threads: int, host_pages: int) -> int:
 
 
 class DiskFlow:
-    """Disk-tier half of the leader; :class:`dynkv.leader.Leader` sets these attributes up."""
+    """Disk-tier half of the leader; :class:`dynkv.leader.leader.Leader` sets these attributes up."""
 
     disk: DiskTier | None
     index: PageIndex
@@ -52,14 +53,14 @@ class DiskFlow:
     _io: queue.SimpleQueue[tuple[Any, ...]]
     _writes: int
     _max_writes: int
-    _promoting: dict[int, _Load]
-    _ready: list[_Load]
+    _promoting: dict[int, LoadRecord]
+    _ready: list[LoadRecord]
 
     if TYPE_CHECKING:
         def _host_page(self, slot: int) -> memoryview: ...
         def _drop_host(self, keys: Sequence[bytes]) -> None: ...
 
-    def _promote(self, load: _Load, pages: list[tuple[int, int, bytes]]) -> None:
+    def _promote(self, load: LoadRecord, pages: list[tuple[int, int, bytes]]) -> None:
         """Give disk pages ``(index in the load, disk slot, key)`` new host slots and read them there.
 
         The load waits for the reads. A page stored to the host tier since the
@@ -149,7 +150,7 @@ class DiskFlow:
         else:
             self._write_done(*item[1:])
 
-    def _read_done(self, load: _Load, i: int, key: bytes, host_slot: int, fut: Future[None], when: float) -> None:
+    def _read_done(self, load: LoadRecord, i: int, key: bytes, host_slot: int, fut: Future[None], when: float) -> None:
         exc = fut.exception()
         load.read_until = max(load.read_until, when)
         self.index.unpin(DISK, [key])

@@ -1,65 +1,17 @@
-"""The leader's allocation and eviction policies: slots, eviction order, admission to disk.
+"""Eviction: the order in which a tier's evictable pages go (LRU by default, FIFO, or your own).
 
-:class:`SlotAllocator` hands out a tier's fixed slots; an :class:`EvictionPolicy`
-orders a tier's evictable pages (LRU by default, FIFO, or your own);
-:class:`FrequencyFilter` counts accesses so the disk tier admits only pages
-seen often enough. :class:`dynkv.index.PageIndex` composes them.
+An :class:`EvictionPolicy` per tier; :class:`dynkv.index.PageIndex` asks it for
+victims among the stored, unpinned pages.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Iterator
 from itertools import islice
 
-import numpy as np
-
-__all__ = ["EVICTION_POLICIES", "EvictionPolicy", "FIFOPolicy", "FrequencyFilter", "LRUPolicy", "SlotAllocator"]
-
-
-class SlotAllocator:
-    """Fixed-capacity slot numbers ``[0, capacity)``: a free stack and an in-use map.
-
-    Lowest slots go out first on a fresh allocator, which keeps a lightly used
-    pool's pages (and disk file offsets) compact.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
-            raise ValueError(f"capacity={capacity!r}: expected an integer >= 0")
-        self.capacity = capacity
-        self._free = list(range(capacity - 1, -1, -1))
-        self._used = bytearray(capacity)
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def alloc(self) -> int | None:
-        """A free slot, or None when all are in use."""
-        if not self._free:
-            return None
-        slot = self._free.pop()
-        self._used[slot] = 1
-        return slot
-
-    def take(self, slots: Iterable[int]) -> None:
-        """Claim particular free slots (pages found on disk after a restart); one pass over the free list."""
-        for slot in slots:
-            if not 0 <= slot < self.capacity or self._used[slot]:
-                raise ValueError(f"slot {slot} is not free (capacity {self.capacity})")
-            self._used[slot] = 1
-        self._free = [s for s in self._free if not self._used[s]]
-
-    def free(self, slot: int) -> None:
-        if not 0 <= slot < self.capacity or not self._used[slot]:
-            raise ValueError(f"slot {slot} is not in use (capacity {self.capacity}): double free?")
-        self._used[slot] = 0
-        self._free.append(slot)
-
-    def in_use(self, slot: int) -> bool:
-        return 0 <= slot < self.capacity and bool(self._used[slot])
+__all__ = ["EVICTION_POLICIES", "EvictionPolicy", "FIFOPolicy", "LRUPolicy"]
 
 
 class EvictionPolicy(ABC):
@@ -138,126 +90,3 @@ class FIFOPolicy(_OrderedPolicy):
 
 
 EVICTION_POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "fifo": FIFOPolicy}
-
-_M64 = (1 << 64) - 1
-_BATCH = 32  # FrequencyFilter.record_many: from this many keys on, one vectorized update
-# Odd 64-bit constants (digits of pi, e, sqrt 2, sqrt 3, golden ratio, ...).
-_ROW_MULTIPLIERS = (
-    0x243F6A8885A308D3,
-    0xB7E151628AED2A6B,
-    0x6A09E667F3BCC909,
-    0xBB67AE8584CAA73B,
-    0x9E3779B97F4A7C15,
-    0x3C6EF372FE94F82B,
-    0xA54FF53A5F1D36F1,
-    0x510E527FADE682D1,
-)
-
-
-def _fold(key: bytes) -> int:
-    h = int.from_bytes(key, "little")
-    return (h ^ (h >> 64) ^ (h >> 128)) & _M64
-
-
-class FrequencyFilter:
-    """Approximate access counts in bounded memory: a count-min sketch with aging.
-
-    ``depth`` rows of ``width`` counters; a key's count is the minimum of its
-    counters, never below the true count since the last aging. Increments are
-    conservative (only the minimal counters grow), which keeps estimates
-    tight. After ``sample`` recordings every counter is halved, so old
-    popularity fades (TinyLFU's reset).
-
-    Parameters
-    ----------
-    min_hits
-        :meth:`admits` is true from this estimate on; 0 admits everything.
-    width
-        Counters per row, rounded up to a power of two.
-    depth
-        Rows (independent hashes), 1 to 8.
-    sample
-        Recordings between halvings; default ``10 * width``.
-    """
-
-    def __init__(self, min_hits: int = 2, *, width: int = 1 << 16, depth: int = 4, sample: int | None = None) -> None:
-        if min_hits < 0:
-            raise ValueError(f"min_hits={min_hits}: expected >= 0")
-        if width < 1 or not 1 <= depth <= 8:
-            raise ValueError(f"width={width}, depth={depth}: expected width >= 1 and depth in [1, 8]")
-        self.min_hits = min_hits
-        self.width = 1 << max(0, (width - 1).bit_length())
-        self.depth = depth
-        self.sample = sample if sample is not None else 10 * self.width
-        self._rows = np.zeros((depth, self.width), dtype=np.int64)
-        self._rowidx = np.arange(depth)
-        self._shift = 64 - (self.width.bit_length() - 1)
-        self._mults = np.array(_ROW_MULTIPLIERS[:depth], dtype=np.uint64)
-        self._recorded = 0
-
-    def _cells(self, keys: Sequence[bytes]) -> np.ndarray:
-        """``(len(keys), depth)`` counter indices: each key folded to 64 bits, one multiplicative hash per row."""
-        if all(len(k) == 16 for k in keys):
-            words = np.frombuffer(b"".join(keys), dtype="<u8").reshape(-1, 2)
-            x = words[:, 0] ^ words[:, 1]
-        else:  # keys need not be 16 bytes (tests, other callers)
-            x = np.array([_fold(k) for k in keys], dtype=np.uint64)
-        if self._shift >= 64:  # a single counter per row
-            return np.zeros((len(keys), self.depth), dtype=np.intp)
-        return ((x[:, None] * self._mults[None, :]) >> np.uint64(self._shift)).astype(np.intp)
-
-    def record(self, key: bytes) -> None:
-        """Count one access to ``key``."""
-        self.record_many((key,))
-
-    def record_many(self, keys: Iterable[bytes]) -> None:
-        """Count one access to each of ``keys`` (a key listed twice counts twice), in one vectorized update.
-
-        Each key's minimal counters rise to its minimum plus its count; a counter
-        two keys share takes the larger value, so no key is ever undercounted.
-        """
-        if not isinstance(keys, (list, tuple)):
-            keys = list(keys)
-        if len(keys) < _BATCH:  # a few keys (a decode step's stores): numpy's per-call cost would dominate
-            for key in keys:
-                self._record_one(key)
-            return
-        counted = Counter(keys)
-        uniq = list(counted)
-        cells = self._cells(uniq)
-        rows = self._rows
-        counts = rows[self._rowidx, cells]
-        low = counts.min(axis=1, keepdims=True)
-        grow = counts == low
-        new = low + np.fromiter(counted.values(), dtype=rows.dtype, count=len(uniq))[:, None]
-        np.maximum.at(rows, (np.broadcast_to(self._rowidx, cells.shape)[grow], cells[grow]),
-                      np.broadcast_to(new, cells.shape)[grow])
-        self._recorded_more(len(keys))
-
-    def _slots(self, key: bytes) -> list[int]:
-        x = _fold(key)  # x >> 64 is 0: a single counter per row needs no special case here
-        return [((x * m) & _M64) >> self._shift for m in _ROW_MULTIPLIERS[: self.depth]]
-
-    def _record_one(self, key: bytes) -> None:
-        rows = self._rows
-        cells = list(enumerate(self._slots(key)))
-        low = min(rows.item(r, s) for r, s in cells)
-        for r, s in cells:
-            if rows.item(r, s) == low:
-                rows[r, s] = low + 1
-        self._recorded_more(1)
-
-    def _recorded_more(self, n: int) -> None:
-        """TinyLFU's reset: every ``sample`` recordings, halve every counter."""
-        self._recorded += n
-        if self._recorded >= self.sample:
-            self._recorded = 0
-            self._rows >>= 1
-
-    def estimate(self, key: bytes) -> int:
-        """Approximate accesses to ``key`` (never an undercount, before aging)."""
-        rows = self._rows
-        return min(rows.item(r, s) for r, s in enumerate(self._slots(key)))
-
-    def admits(self, key: bytes) -> bool:
-        return self.min_hits == 0 or self.estimate(key) >= self.min_hits

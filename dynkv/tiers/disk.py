@@ -1,7 +1,7 @@
 """The disk tier (G3): whole pages in preallocated files, checksummed, ``O_DIRECT``.
 
 Each configured directory holds one file per model, ``dynkv-<fingerprint
-hex[:16]>.pages`` (format: :mod:`dynkv.diskfile`), so two models never share a
+hex[:16]>.pages`` (format: :mod:`dynkv.tiers.diskfile`), so two models never share a
 file. Slots are striped over the directories: slot ``s`` is record ``s // P``
 of the file in directory ``s % P`` (``P`` directories), so consecutive slots
 spread over the devices.
@@ -21,6 +21,10 @@ I/O runs on a thread pool: ``os.preadv``/``os.pwritev`` and ``zlib.crc32`` (on
 buffers over 5 KiB) release the GIL. Caller buffers whose address and length
 are multiples of 4096 are read and written in place; others go through one
 page-aligned ``mmap`` buffer per I/O thread.
+
+:class:`DiskTier` is kept whole (about 550 lines): its write, read, batched read,
+recover and invalidate paths share the files' epochs, the per-thread buffers
+and the counters; the record format is apart, in :mod:`dynkv.tiers.diskfile`.
 """
 
 from __future__ import annotations
@@ -41,8 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from dynkv import _C
-from dynkv.diskfile import (
+import dynkv._C as _C
+from dynkv.tiers.diskfile import (
     ALIGN,
     HEADER_BYTES,
     PageFile,
@@ -63,7 +67,7 @@ __all__ = ["DiskPageError", "DiskTier", "file_name", "record_size"]
 
 log = logging.getLogger("dynkv.disk")
 _SCAN_CHUNK = 256  # headers per recover() task
-READ_CHUNK = 0  # DiskTier.read_chunk's default (runs of 8 pages measured no faster inside vLLM: docs/perf.md)
+READ_CHUNK = 0  # DiskTier.read_chunk's default (runs of 8 pages measured no faster inside vLLM: docs/notes/2026-11-21-e2e-traces.md)
 
 
 class DiskPageError(OSError):

@@ -1,4 +1,4 @@
-"""The disk tier's on-disk format and its files (used by :mod:`dynkv.disk`).
+"""The disk tier's on-disk format and its files (used by :mod:`dynkv.tiers.disk`).
 
 A file is a 4096-byte superblock (magic, format version, model fingerprint,
 page and record size, record count, epoch, CRC-32 of those) followed by

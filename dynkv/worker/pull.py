@@ -17,9 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from dynkv.layout import PagedView, head_range
-from dynkv.ops import PageBuffer, scatter
+from dynkv.memory import PageBuffer
+from dynkv.ops import scatter
 from dynkv.protocol import LoadOp
-from dynkv.worker_jobs import Job, done_future
+from dynkv.worker.jobs import Job, done_future
 
 if TYPE_CHECKING:
     from dynkv.config import DynKVConfig

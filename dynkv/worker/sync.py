@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dynkv.layout import PagedView
-from dynkv.ops import PageBuffer, scatter_layers
+from dynkv.memory import PageBuffer
+from dynkv.ops import scatter_layers
 from dynkv.protocol import LoadOp, StepPlan, WorkerReport
-from dynkv.worker_jobs import Job, done_future
+from dynkv.worker.jobs import Job, done_future
 
 __all__ = ["SyncLoads", "SyncStep", "same_step"]
 

@@ -5,7 +5,7 @@ as soon as a step's plan arrives and stores (device -> host) once the step's
 forward has written the blocks, each on its own CUDA stream (on CPU: its own
 thread), and reports finished and failed jobs without ever blocking on them.
 A load that first pulls pages from a prefill engine (disaggregated serving)
-runs on a pull thread (:mod:`dynkv.worker_pull`).
+runs on a pull thread (:mod:`dynkv.worker.pull`).
 
 A *synchronous* load (:attr:`LoadOp.sync`: host pages of a request computed
 in the same step) feeds that step's forward pass. With ``layerwise`` it is
@@ -14,7 +14,7 @@ attention needs it (:meth:`Worker.wait_for_layer`); otherwise the forward
 waits for the whole copy. Should a forward run without asking for a layer
 (a CUDA graph that captured the attention), its sync blocks are reported as
 load errors, vLLM recomputes them, and later steps wait for whole copies.
-Those loads live in :mod:`dynkv.worker_sync`.
+Those loads live in :mod:`dynkv.worker.sync`.
 """
 
 from __future__ import annotations
@@ -29,20 +29,22 @@ from typing import Any
 
 from dynkv.config import DynKVConfig
 from dynkv.keys import ModelFingerprint
-from dynkv.layout import PagedView
-from dynkv.ops import HostPool, PageBuffer, chunk_for, gather, scatter
-from dynkv.protocol import LoadOp, StepPlan, StoreOp, WorkerReport, live_pools, page_stride, pool_owner
-from dynkv.worker_jobs import Job as _Job
-from dynkv.worker_jobs import done_future as _done_future
-from dynkv.worker_jobs import is_ready as _ready
-from dynkv.worker_jobs import wait_for as _wait
-from dynkv.worker_pull import PullFlow
-from dynkv.worker_sync import SyncLoads, SyncStep, same_step
+from dynkv.layout import PagedView, page_stride
+from dynkv.memory import HostPool, PageBuffer, chunk_for
+from dynkv.ops import gather, scatter
+from dynkv.protocol import LoadOp, StepPlan, StoreOp, WorkerReport
+from dynkv.tiers.host import live_pools, pool_owner
+from dynkv.worker.jobs import Job as _Job
+from dynkv.worker.jobs import done_future as _done_future
+from dynkv.worker.jobs import is_ready as _ready
+from dynkv.worker.jobs import wait_for as _wait
+from dynkv.worker.pull import PullFlow
+from dynkv.worker.sync import SyncLoads, SyncStep, same_step
 
 __all__ = ["LOAD_PRIORITY", "Worker", "in_process"]
 
 log = logging.getLogger("dynkv.worker")
-LOAD_PRIORITY = 0  # CUDA stream priority of loads (vLLM computes at 0; -1, above it, measured no faster: docs/perf.md)
+LOAD_PRIORITY = 0  # CUDA stream priority of loads (vLLM computes at 0; -1, above it, measured no faster: docs/notes/2026-11-21-e2e-traces.md)
 # Single-rank workers by pool name, for a scheduler in the same process (vLLM's uni executor).
 _IN_PROCESS: weakref.WeakValueDictionary[str, Worker] = weakref.WeakValueDictionary()
 
@@ -152,7 +154,7 @@ class Worker(SyncLoads, PullFlow):
 
         A higher priority (-1) lets the copy kernel's CTAs take SMs first as
         the forward frees them; inside vLLM it measured no faster than the
-        default :data:`LOAD_PRIORITY` (docs/perf.md). Waits for copies in
+        default :data:`LOAD_PRIORITY` (docs/notes/2026-11-21-e2e-traces.md). Waits for copies in
         flight first.
         """
         self._load_priority = int(priority)

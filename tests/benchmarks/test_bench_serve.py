@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from dynkv import bench_serve
-from dynkv.bench_serve import Workload, run_workload
-from dynkv.serve_results import RequestRecord, compare, percentile, summarize
+from dynkv.benchmarks import serve as bench_serve
+from dynkv.benchmarks.serve import Workload, run_workload
+from dynkv.benchmarks.serve_results import RequestRecord, compare, percentile, summarize
 
 FIRST_TOKEN_DELAY_S = 0.05
 

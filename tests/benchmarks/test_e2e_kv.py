@@ -1,4 +1,4 @@
-"""The KV check of `bench e2e` (dynkv.e2e_kv): what a request's blocks and copies were, and how digests compare."""
+"""The KV check of `bench e2e` (dynkv.benchmarks.e2e.kv): what a request's blocks and copies were, and how digests compare."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from dynkv.e2e_kv import KVWatch, compare
+from dynkv.benchmarks.e2e.kv import KVWatch, compare
 from dynkv.protocol import LoadOp, StepPlan, StoreOp
 
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from dynkv.e2e_probe import HostSample, parse_variant, trace_summary
+from dynkv.benchmarks.e2e.probe import HostSample, parse_variant, trace_summary
 
 
 def test_parse_variant_reads_knobs_and_names_what_is_wrong() -> None:
@@ -92,8 +92,8 @@ def test_host_sample_device_arithmetic() -> None:
 def test_io_threads_variant_swaps_the_disk_pool_and_puts_it_back(tmp_path) -> None:
     from types import SimpleNamespace
 
-    from dynkv.disk import DiskTier
-    from dynkv.e2e_probe import apply_variant
+    from dynkv.tiers.disk import DiskTier
+    from dynkv.benchmarks.e2e.probe import apply_variant
 
     disk = DiskTier([str(tmp_path)], 8, 4096, fingerprint=b"f" * 16, direct_io=False, io_threads=4)
     try:
@@ -120,7 +120,7 @@ def test_store_launch_variant_sets_the_stores_launch_size_and_puts_it_back() -> 
     from types import SimpleNamespace
 
     from dynkv import ops
-    from dynkv.e2e_probe import apply_variant
+    from dynkv.benchmarks.e2e.probe import apply_variant
 
     before = ops.get_tuning()
     restore = apply_variant(SimpleNamespace(leader=SimpleNamespace(disk=None)), {"store_launch_kib": 8192})
@@ -135,7 +135,7 @@ def test_store_launch_variant_sets_the_stores_launch_size_and_puts_it_back() -> 
 def test_switch_variants_set_the_connectors_attributes_and_put_them_back() -> None:
     from types import SimpleNamespace
 
-    from dynkv.e2e_probe import apply_variant
+    from dynkv.benchmarks.e2e.probe import apply_variant
 
     conn = SimpleNamespace(leader=SimpleNamespace(disk=None), early_loads=True, load_last_block=False)
     restore = apply_variant(conn, {"early": 0, "last_block": 1})
@@ -151,7 +151,7 @@ def test_variant_hits_take_turns_and_put_the_knobs_back() -> None:
     """`bench e2e`'s variants run one hit each per round (a drifting host touches them alike)."""
     from types import SimpleNamespace
 
-    from dynkv import e2e_engine
+    from dynkv.benchmarks.e2e import engine as e2e_engine
 
     order: list[tuple[str, bool]] = []
     conn = SimpleNamespace(leader=SimpleNamespace(disk=None), early_loads=True)
@@ -188,7 +188,7 @@ def test_copy_footprint_variant_sets_the_loads_threads_and_reserved_smem_and_put
     from types import SimpleNamespace
 
     from dynkv import ops
-    from dynkv.e2e_probe import apply_variant
+    from dynkv.benchmarks.e2e.probe import apply_variant
 
     before = ops.get_tuning()
     restore = apply_variant(SimpleNamespace(leader=SimpleNamespace(disk=None)), {"threads": 1024, "smem_kib": 200})
@@ -205,7 +205,7 @@ def test_launch_timing_reads_only_dynkv_workers_in_this_process() -> None:
     """vLLM's own connectors have no dynkv pool: the bench's launch timing finds no worker there, and no error."""
     from types import SimpleNamespace
 
-    from dynkv.e2e_engine import _Engine
+    from dynkv.benchmarks.e2e.engine import _Engine
 
     for connector in (None, SimpleNamespace(), SimpleNamespace(pool_name="dynkv-no-such-pool")):
         engine = SimpleNamespace(connector=connector)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_connector import BS, FakeRequest, blocks, complete, fake_config, step, tokens
+from connector_stubs import BS, FakeRequest, blocks, complete, fake_config, step, tokens
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 

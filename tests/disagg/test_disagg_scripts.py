@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-WORKER = Path(__file__).resolve().parents[1] / "worker"
+WORKER = Path(__file__).resolve().parents[2] / "worker"
 
 
 def plan(script: str, *args: str, **env: str) -> dict[str, dict[str, str]]:

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from conftest import BASE_SEED
 
-from dynkv.testmodel import FIRST_WORD_ID, write_model
+from dynkv.testing.model import FIRST_WORD_ID, write_model
 
 pytestmark = pytest.mark.slow
 
-DRIVER = Path(__file__).with_name("vllm_driver.py")
+DRIVER = Path(__file__).resolve().parents[1] / "support" / "vllm_driver.py"
 BLOCK = 32
 PROMPT_TOKENS = 200  # six full blocks and a partial one
 FULL_BLOCKS = (PROMPT_TOKENS - 1) // BLOCK  # blocks dynkv can serve: vLLM computes the last token itself

@@ -26,13 +26,13 @@ import numpy as np
 import pytest
 from conftest import BASE_SEED
 
-from dynkv.testmodel import FIRST_WORD_ID, PRESETS, write_model
-from dynkv.vllm_server import free_port
+from dynkv.testing.model import FIRST_WORD_ID, PRESETS, write_model
+from dynkv.testing.server import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     __import__("importlib").util.find_spec("nixl") is None, reason="disaggregated serving needs NIXL")]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BLOCK = 32
 ENGINE_BLOCKS = 64
 

@@ -1,7 +1,7 @@
 """End to end: real ``vllm serve`` on the tiny test model, no connector, multi-turn workload.
 
 Starts vLLM once (tens of seconds on two CPU cores), runs a 2-conversation,
-2-turn workload twice through :func:`dynkv.bench_serve.run_workload` — the
+2-turn workload twice through :func:`dynkv.benchmarks.serve.run_workload` — the
 second run finds the prefixes in vLLM's prefix cache — and checks that greedy
 outputs are identical and every TTFT was recorded. Also checks that stopping
 the server leaves none of its processes behind.
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from dynkv.bench_serve import Workload, run_workload
-from dynkv.serve_results import compare
-from dynkv.demo import plan_sizes, server_args
-from dynkv.testmodel import FIRST_WORD_ID, PRESETS, write_model
-from dynkv.vllm_server import ServerError, VLLMServer, cuda_visible
+from dynkv.benchmarks.serve import Workload, run_workload
+from dynkv.benchmarks.serve_results import compare
+from dynkv.benchmarks.demo import plan_sizes, server_args
+from dynkv.testing.model import FIRST_WORD_ID, PRESETS, write_model
+from dynkv.testing.server import ServerError, VLLMServer, cuda_visible
 
 pytestmark = [
     pytest.mark.slow,
@@ -77,7 +77,7 @@ def test_free_port_is_bindable_and_outside_the_ephemeral_range(monkeypatch: pyte
     """A port handed to a server that binds it minutes later cannot be one any socket may get on its own."""
     import socket
 
-    import dynkv.vllm_server as vs
+    import dynkv.testing.server as vs
 
     lo, hi = vs._ephemeral_ports()
     ports = {vs.free_port() for _ in range(20)}

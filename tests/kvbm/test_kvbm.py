@@ -8,28 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from harness import Engine, Model, conversation_stream
+from harness import Engine, Model, conversation_stream, make_leader, serve_stream
+from kvbm_checks import check_one_steps_stores
 
-from dynkv.config import DynKVConfig
 from dynkv.leader import Leader
-
-
-def make_leader(model: Model, tmp_path=None, *, tp: int = 1, engine_id: str = "t", **cfg) -> Leader:
-    cfg.setdefault("host_pages", 64)
-    return Leader(DynKVConfig.from_dict(cfg, env={}), model.geometry(), model.fingerprint(), world_size=tp,
-                  engine_id=f"{engine_id}-{id(cfg)}")
-
-
-def serve_stream(engine: Engine, prompts: list[list[int]]) -> dict[str, int]:
-    totals = {"loaded": 0, "blocks": 0}
-    for i, tokens in enumerate(prompts):
-        out = engine.serve(f"r{i}", tokens)
-        assert out.mismatched == [], f"request {i}: blocks {out.mismatched} differ from what was stored"
-        assert out.load_errors == set()
-        totals["loaded"] += out.loaded
-        totals["blocks"] += len(out.keys)
-    engine.drain()
-    return totals
 
 
 def test_second_request_loads_the_shared_prefix(rng: np.random.Generator) -> None:
@@ -133,53 +115,6 @@ def test_request_finished_while_storing_delays_the_free(rng: np.random.Generator
         leader.close()
 
 
-def check_one_steps_stores(rng: np.random.Generator, device: str = "cpu") -> None:
-    """store_many (a decode step's stores): one job per request, launched as one copy; a page two requests store
-    is stored once; every loaded byte exact. A step whose copy cannot start stores none of its pages."""
-    model = Model(device=device)
-    leader = make_leader(model)
-    engine = Engine(leader, model, tp=1, processes=False)
-    try:
-        shared = rng.integers(0, 1000, 2 * model.block_size).tolist()
-        own = [rng.integers(0, 1000, model.block_size).tolist() for _ in range(3)]
-        keys = [engine.keys(shared + tail) for tail in own]
-        assert keys[0][:2] == keys[1][:2] and keys[0][2] != keys[1][2]
-        blocks = [[engine.free_blocks.pop() for _ in k] for k in keys]
-        for rid, k in zip("abc", keys):
-            assert leader.lookup(rid, k) == 0
-            leader.begin_load(rid, [])
-        with pytest.raises(ValueError, match="'b': 3 keys but 2 blocks"):
-            leader.store_many([("a", keys[0], blocks[0]), ("b", keys[1], blocks[1][:2])])
-        assert leader.stats()["host"]["pending"] == 0, "a bad call allocates nothing"
-        assert leader.store_many([("a", keys[0], blocks[0]), ("b", keys[1], blocks[1])]) == [3, 1]
-        assert leader.store_many([("a", keys[0], blocks[0])]) == [0], "pages already pending are skipped"
-        plans, build = [], leader.build_plan
-        leader.build_plan = lambda: plans.append(build()) or plans[-1]  # type: ignore[method-assign]
-        engine.step(writes=[*zip(blocks[0], keys[0]), *zip(blocks[1], keys[1])])
-        # c's last block id is past the KV cache: the step's one copy fails to start, for c and for a2.
-        a2 = rng.integers(0, 1000, model.block_size).tolist()
-        k2 = engine.keys(shared + own[0] + a2)[3]
-        assert leader.store_many([("a", [k2], [engine.free_blocks[-1]]),
-                                  ("c", keys[2][2:], [10**6])]) == [1, 1]
-        engine.step(writes=[(engine.free_blocks[-1], k2)])
-        leader.build_plan = build  # type: ignore[method-assign]
-        assert [(op.req_id, len(op.slots)) for op in plans[0].stores] == [("a", 3), ("b", 1)]
-        assert [op.req_id for op in plans[1].stores] == ["a", "c"]
-        for rid, b in zip("abc", blocks):
-            engine.finish(rid, b)
-        engine.drain()
-        assert leader.metrics.value("dynkv_store_errors_total", tier="host") == 2
-        assert leader.lookup("probe", [*keys[0], k2]) == 3 and leader.lookup("probe2", keys[2]) == 2
-        leader.request_finished("probe")
-        leader.request_finished("probe2")
-        for i, tail in enumerate(own[:2]):
-            out = engine.serve(f"again{i}", shared + tail + [1])
-            assert out.loaded == 3 and out.mismatched == []
-    finally:
-        engine.close()
-        leader.close()
-
-
 def test_one_steps_stores_of_several_requests(rng: np.random.Generator) -> None:
     check_one_steps_stores(rng)
 
@@ -259,8 +194,8 @@ def test_pools_of_dead_leaders_are_removed() -> None:
     """A killed engine never ran its shutdown: the next leader unlinks its pool, and leaves live ones."""
     import os
 
-    from dynkv.ops import HostPool
-    from dynkv.protocol import pid_alive
+    from dynkv.memory import HostPool
+    from dynkv.tiers.host import pid_alive
 
     dead = next(p for p in range(4_000_000, 4_100_000) if not pid_alive(p))
     stale = HostPool.create(4096, name=f"dynkv-00000000000000aa-{dead}", pin=False)

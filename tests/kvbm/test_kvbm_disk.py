@@ -15,7 +15,7 @@ import pytest
 from harness import Engine, Model
 
 from dynkv.config import DynKVConfig
-from dynkv.disk import DiskTier
+from dynkv.tiers.disk import DiskTier
 from dynkv.leader import Leader
 
 MODEL = Model(num_layers=2, num_heads=4, head_size=8, block_size=4, dims="LBNHC")

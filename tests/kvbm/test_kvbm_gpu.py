@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from harness import Engine, Model, conversation_stream
-from test_kvbm import make_leader, serve_stream
+from harness import Engine, Model, conversation_stream, make_leader, serve_stream
+from kvbm_checks import check_one_steps_stores, check_skipped_hooks, check_sync_loads, random_prompt
 
 pytestmark = pytest.mark.gpu
 
@@ -25,8 +25,6 @@ def test_gpu_stream_in_process(rng: np.random.Generator, dims: str) -> None:
 
 
 def test_gpu_one_steps_stores_of_several_requests(rng: np.random.Generator) -> None:
-    from test_kvbm import check_one_steps_stores
-
     check_one_steps_stores(rng, "cuda")
 
 
@@ -47,8 +45,6 @@ def test_gpu_tp_processes(rng: np.random.Generator) -> None:
 def test_gpu_sync_layer_by_layer_loads(rng: np.random.Generator, tp: int, processes: bool,
                                        early: bool | str) -> None:
     """Each layer's reads, queued on the compute stream after its wait, see the loaded pages."""
-    from test_sync_loads import check_sync_loads
-
     check_sync_loads(rng, Model(dims="LBNHC", device="cuda", num_layers=8), tp=tp, processes=processes,
                      early=early)
 
@@ -56,15 +52,11 @@ def test_gpu_sync_layer_by_layer_loads(rng: np.random.Generator, tp: int, proces
 @pytest.mark.parametrize("priority", [0, -1])
 def test_gpu_sync_loads_at_either_load_priority(rng: np.random.Generator, priority: int) -> None:
     """The load stream's priority changes when copies run, never what the forward reads."""
-    from test_sync_loads import check_sync_loads
-
     check_sync_loads(rng, Model(dims="LBHNC", device="cuda", num_layers=8), tp=1, processes=False,
                      load_priority=priority)
 
 
 def test_gpu_forward_without_layer_hooks_gets_load_errors(rng: np.random.Generator) -> None:
-    from test_sync_loads import check_skipped_hooks
-
     check_skipped_hooks(rng, "even", device="cuda")
 
 
@@ -77,8 +69,6 @@ def test_gpu_scheduler_launch_follows_work_queued_on_the_steps_stream(rng: np.ra
     on the side stream, must read the pages, not the junk.
     """
     import torch
-
-    from test_sync_loads import _prompt
 
     model = Model(dims="LBNHC", device="cuda", num_layers=4)
     leader = make_leader(model)
@@ -102,7 +92,7 @@ def test_gpu_scheduler_launch_follows_work_queued_on_the_steps_stream(rng: np.ra
 
     state.step = step
     try:
-        a = _prompt(rng, model, 5)
+        a = random_prompt(rng, model, 5)
         engine.serve("a", a)
         engine.drain()
         out = engine.serve("a2", a + [9] * model.block_size, sync=True)

@@ -27,11 +27,11 @@ from dynkv.leader import Leader
 def _prefill_main(conn: Any, model: Model, cfg: dict[str, Any], tp: int, engine_id: str, version: str | None) -> None:
     import torch
 
-    import dynkv
+    import dynkv._version
 
     torch.set_num_threads(1)
-    if version is not None:  # pretend to be another dynkv release
-        dynkv.__version__ = version
+    if version is not None:  # pretend to be another dynkv release (the handshake reads dynkv._version)
+        dynkv._version.__version__ = version
     leader = Leader(DynKVConfig.from_dict(cfg, env={}), model.geometry(), model.fingerprint(), world_size=tp,
                     engine_id=engine_id)
     leader.start_export()

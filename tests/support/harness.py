@@ -346,3 +346,21 @@ def conversation_stream(rng: np.random.Generator, *, num_prefixes: int, requests
         n_tail = int(rng.integers(0, tail_blocks + 1)) * block_size
         out.append(p + rng.integers(0, vocab, n_tail).tolist())
     return out
+
+
+def make_leader(model: Model, tmp_path=None, *, tp: int = 1, engine_id: str = "t", **cfg) -> Leader:
+    cfg.setdefault("host_pages", 64)
+    return Leader(DynKVConfig.from_dict(cfg, env={}), model.geometry(), model.fingerprint(), world_size=tp,
+                  engine_id=f"{engine_id}-{id(cfg)}")
+
+
+def serve_stream(engine: Engine, prompts: list[list[int]]) -> dict[str, int]:
+    totals = {"loaded": 0, "blocks": 0}
+    for i, tokens in enumerate(prompts):
+        out = engine.serve(f"r{i}", tokens)
+        assert out.mismatched == [], f"request {i}: blocks {out.mismatched} differ from what was stored"
+        assert out.load_errors == set()
+        totals["loaded"] += out.loaded
+        totals["blocks"] += len(out.keys)
+    engine.drain()
+    return totals

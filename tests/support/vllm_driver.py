@@ -1,6 +1,6 @@
 """Runs one vLLM engine (CPU build) through phases of prompts and prints what it saw, as JSON.
 
-``python tests/vllm_driver.py spec.json out.json``. The engine core runs in
+``python tests/support/vllm_driver.py spec.json out.json``. The engine core runs in
 this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the scheduler's
 connector, and its leader, can be read between phases; TP workers are
 processes of their own. Spec keys:
@@ -40,7 +40,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def _corrupt_disk(paths: list[str]) -> int:
-    from dynkv.diskfile import HEADER_BYTES
+    from dynkv.tiers.diskfile import HEADER_BYTES
 
     n = 0
     for d in paths:
@@ -111,7 +111,7 @@ def _drain(llm: Any, timeout: float = 60.0) -> None:
 
 
 def _samples(conn: Any) -> dict[str, float]:
-    from dynkv.engine_info import metric_samples
+    from dynkv.connector.engine import metric_samples
 
     counters, gauges = metric_samples(conn.leader.metrics.registry)
     return {**counters, **gauges}

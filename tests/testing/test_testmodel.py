@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dynkv.testmodel import FIRST_WORD_ID, PRESETS, greedy_report, vocabulary, write_model
+from dynkv.testing.model import FIRST_WORD_ID, PRESETS, greedy_report, vocabulary, write_model
 
 # Fixed prompts (not the per-run rng): the sensitivity thresholds below are
 # properties of this model and these prompts.

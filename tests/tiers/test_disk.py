@@ -28,12 +28,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dynkv.disk import DiskPageError, DiskTier, file_name, record_size
-from dynkv.diskfile import HEADER_BYTES
+from dynkv.tiers.disk import DiskPageError, DiskTier, file_name, record_size
+from dynkv.tiers.diskfile import HEADER_BYTES
 
 FP = hashlib.blake2b(b"test-model", digest_size=16).digest()
 TIMEOUT = 30  # seconds any future may take: a hang fails the test instead of stalling the suite
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def key_of(i: int) -> bytes:
@@ -153,7 +153,7 @@ def test_files_striped_and_named(make, tmp_path: Path) -> None:
 
 def test_host_pool_pages_go_in_place(make) -> None:
     """Slots of a HostPool (what the leader hands over) are aligned: no bounce copy."""
-    from dynkv.ops import HostPool
+    from dynkv.memory import HostPool
 
     pb = 2 * 4096
     with HostPool.create(4 * pb, pin=False) as pool:
@@ -569,7 +569,7 @@ def test_torn_record_never_serves_wrong_bytes(make) -> None:
 
 _WRITER = textwrap.dedent("""
     import hashlib, sys
-    from dynkv.disk import DiskTier
+    from dynkv.tiers.disk import DiskTier
     path, pages, page_bytes, direct = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
     fp = hashlib.blake2b(b"test-model", digest_size=16).digest()
     tier = DiskTier([path], pages, page_bytes, fingerprint=fp, direct_io=direct, io_threads=4)
@@ -679,7 +679,7 @@ def test_random_operations_match_a_model(tmp_path_factory, page_bytes: int, dire
 def test_read_many_matches_read_and_fails_page_by_page(make, monkeypatch, direct: bool, crc_in_cpp: bool) -> None:
     """Good pages of a batch load; a corrupt, a wrong-key, an empty and a truncated one fail alone, with read's errors."""
     if not crc_in_cpp:
-        monkeypatch.setattr("dynkv.disk._C.record_crc_available", lambda: False)
+        monkeypatch.setattr("dynkv.tiers.disk._C.record_crc_available", lambda: False)
     t = make(num_pages=12, page_bytes=3 * 4096, paths=2, direct_io=direct, io_threads=3)
     n = t.page_bytes
     write_keys(t, {s: s for s in range(10)})

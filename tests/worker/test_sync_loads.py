@@ -14,44 +14,12 @@ import threading
 
 import numpy as np
 import pytest
-from harness import Engine, Model
-from test_kvbm import make_leader
+from harness import Engine, Model, make_leader
+from kvbm_checks import check_skipped_hooks, check_sync_loads, random_prompt
 
 import dynkv.worker
-import dynkv.worker_sync
+import dynkv.worker.sync
 from dynkv.protocol import LoadOp
-
-
-def _prompt(rng: np.random.Generator, model: Model, blocks: int) -> list[int]:
-    return rng.integers(0, 1000, blocks * model.block_size).tolist()
-
-
-def check_sync_loads(rng: np.random.Generator, model: Model, *, tp: int, processes: bool,
-                     load_priority: int | None = None, early: bool | str = False) -> None:
-    leader = make_leader(model, tp=tp)
-    engine = Engine(leader, model, tp=tp, num_blocks=96, processes=processes)
-    try:
-        if load_priority is not None:  # in-process ranks only
-            for r in engine.ranks:
-                w = r.state.worker
-                w.set_load_priority(load_priority)
-                assert w._streams is None or (w._streams[0].priority < 0) == (load_priority < 0)
-        prompts = [_prompt(rng, model, 6) for _ in range(3)]
-        for i, p in enumerate(prompts):
-            engine.serve(f"first{i}", p)
-        engine.drain()
-        for i, p in enumerate(prompts):
-            out = engine.serve(f"again{i}", p + [7] * model.block_size, sync=True, early=early)
-            assert out.loaded == 6
-            assert out.late == [], f"the forward read layers before they arrived: {out.late[:8]}"
-            assert out.load_errors == set() and out.mismatched == []
-            assert f"again{i}" not in engine.recving, "a sync load is not reported as finished receiving"
-        engine.drain()
-        assert leader.stats()["host"]["pinned"] == 0, "every sync load was acknowledged and unpinned"
-        assert leader.metrics.value("dynkv_hits_total", tier="host") == 18
-    finally:
-        engine.close()
-        leader.close()
 
 
 @pytest.mark.parametrize("early", [False, True, "scheduler"])
@@ -93,7 +61,7 @@ def test_early_sync_loads_launch_once_before_the_forward(rng: np.random.Generato
     monkeypatch.setattr(dynkv.worker.Worker, "_launch_sync", launch_sync)
     monkeypatch.setattr(worker, "start", start)
     try:
-        a = _prompt(rng, model, 4)
+        a = random_prompt(rng, model, 4)
         engine.serve("a", a)
         engine.drain()
         launches.clear()
@@ -124,7 +92,7 @@ def test_scheduler_launches_only_in_the_thread_that_runs_the_steps(rng: np.rando
     engine = Engine(leader, model, tp=1, processes=False)
     worker = engine.ranks[0].state.worker
     try:
-        a = _prompt(rng, model, 3)
+        a = random_prompt(rng, model, 3)
         assert worker.start_scheduled(leader.build_plan()) is False, "no step has run: its thread is unknown"
         engine.serve("a", a)
         engine.drain()
@@ -172,35 +140,13 @@ def test_forward_that_skips_layers_gets_load_errors_then_whole_loads(rng: np.ran
     check_skipped_hooks(rng, hooks)
 
 
-def check_skipped_hooks(rng: np.random.Generator, hooks: str, device: str = "cpu") -> None:
-    model = Model(num_layers=4, device=device)
-    leader = make_leader(model)
-    engine = Engine(leader, model, tp=1, processes=False)
-    try:
-        a, b = _prompt(rng, model, 5), _prompt(rng, model, 5)
-        engine.serve("a", a)
-        engine.serve("b", b)
-        engine.drain()
-        out = engine.serve("a2", a + [1] * model.block_size, sync=True, hooks=hooks, verify=False)
-        assert out.loaded == 5
-        assert out.load_errors == set(out.blocks[:5]), "every block of the unasked step is a load error"
-        # From now on the forward waits for whole loads before it starts: right without any hook.
-        out = engine.serve("b2", b + [1] * model.block_size, sync=True, hooks="none")
-        assert out.loaded == 5 and out.late == [] and out.load_errors == set() and out.mismatched == []
-        engine.drain()
-        assert leader.stats()["host"]["pinned"] == 0
-    finally:
-        engine.close()
-        leader.close()
-
-
 def test_full_graph_step_waits_for_the_whole_load(rng: np.random.Generator) -> None:
     """A forward replayed as one CUDA graph (no per-layer hooks) waits for the copy before it starts."""
     model = Model(num_layers=4)
     leader = make_leader(model)
     engine = Engine(leader, model, tp=1, processes=False)
     try:
-        a = _prompt(rng, model, 4)
+        a = random_prompt(rng, model, 4)
         engine.serve("a", a)
         engine.drain()
         out = engine.serve("a2", a + [3], sync=True, hooks="none", layer_hooks=False)
@@ -214,17 +160,17 @@ def test_failed_copy_lets_the_forward_go_on_and_reports_errors(rng: np.random.Ge
     model = Model(num_layers=4)
     leader = make_leader(model)
     engine = Engine(leader, model, tp=1, processes=False)
-    real = dynkv.worker_sync.scatter_layers
+    real = dynkv.worker.sync.scatter_layers
 
     def fail_after_two_layers(pages, view, slots, blocks, groups, *, after=None, **kw):
         real(pages, view, slots, blocks, groups[:2], after=after, **kw)
         raise RuntimeError("copy failed at layer 2")
 
     try:
-        a = _prompt(rng, model, 4)
+        a = random_prompt(rng, model, 4)
         engine.serve("a", a)
         engine.drain()
-        monkeypatch.setattr(dynkv.worker_sync, "scatter_layers", fail_after_two_layers)
+        monkeypatch.setattr(dynkv.worker.sync, "scatter_layers", fail_after_two_layers)
         out = engine.serve("a2", a + [3], sync=True, verify=False)  # would hang if layers 2-3 never came
         assert out.loaded == 4 and out.load_errors == set(out.blocks[:4])
         engine.drain()
@@ -240,10 +186,10 @@ def test_sync_load_needs_every_page_on_the_host(tmp_path, rng: np.random.Generat
                          disk_admit_min_hits=0)
     engine = Engine(leader, model, tp=1, processes=False)
     try:
-        a = _prompt(rng, model, 6)
+        a = random_prompt(rng, model, 6)
         engine.serve("a", a)
         for i in range(3):  # push a's pages out of the 8-page host tier, onto disk
-            engine.serve(f"f{i}", _prompt(rng, model, 6))
+            engine.serve(f"f{i}", random_prompt(rng, model, 6))
         engine.drain()
         keys = engine.keys(a)
         n = leader.lookup("a2", keys)

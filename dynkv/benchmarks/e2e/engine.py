@@ -1,6 +1,6 @@
 """One engine of ``dynkv bench e2e``: TTFT per serving path, greedy tokens and decode tokens/s.
 
-Run as ``python -m dynkv.e2e_engine spec.json out.json`` by :mod:`dynkv.bench_e2e`,
+Run as ``python -m dynkv.benchmarks.e2e.engine spec.json out.json`` by :mod:`dynkv.benchmarks.e2e.run`,
 one process per engine so that each starts on a clean device. The engine core
 runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the KV
 connector can be read and the engine stepped between measurements. The
@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dynkv.e2e_kv import KVWatch, digests, start_trace, stop_trace
-from dynkv.e2e_probe import HostSample, apply_variant, block_device, disk_batches, traced, variant_paths
+from dynkv.benchmarks.e2e.kv import KVWatch, digests, start_trace, stop_trace
+from dynkv.benchmarks.e2e.probe import HostSample, apply_variant, block_device, disk_batches, traced, variant_paths
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -127,7 +127,7 @@ class _Engine:
     def samples(self) -> dict[str, float]:
         if self.spec.get("connector") != "dynkv":
             return {}
-        from dynkv.engine_info import metric_samples
+        from dynkv.connector.engine import metric_samples
 
         counters, gauges = metric_samples(self.connector.leader.metrics.registry)
         return {**counters, **gauges}
@@ -329,7 +329,7 @@ class _Engine:
         """
         import mmap
 
-        from dynkv.ops import HostPool
+        from dynkv.memory import HostPool
 
         leader = self.connector.leader
         disk = leader.disk
@@ -492,7 +492,7 @@ def _paths(eng: _Engine, prompt: list[int], rec: dict[str, Any], repeat: int, le
 
     series("disk", off_host)
     checked("disk", off_host)
-    # The same hits with dynkv's copy knobs changed in place (dynkv.e2e_probe), the variants taking turns
+    # The same hits with dynkv's copy knobs changed in place (dynkv.benchmarks.e2e.probe), the variants taking turns
     # hit by hit, so that a drift of the host over the run touches them alike. Decode variants run after
     # the decode runs.
     def variant_hits(name: str, knobs: dict[str, Any]) -> None:
@@ -559,7 +559,7 @@ def _decode_runs(eng: _Engine, prompt_sets: list[list[list[int]]], tokens: int) 
 
 
 def run(spec: dict[str, Any], out_path: Path) -> dict[str, Any]:
-    """Measure one engine as ``spec`` says (see :mod:`dynkv.bench_e2e`); the report is also written to ``out_path``."""
+    """Measure one engine as ``spec`` says (see :mod:`dynkv.benchmarks.e2e.run`); the report is also written to ``out_path``."""
     eng = _Engine(spec, out_path)
     prompts = spec["prompts"]
     print(f"[{spec['name']}] engine up in {eng.report['startup_s']:.1f} s", flush=True)

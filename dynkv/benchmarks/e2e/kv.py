@@ -48,7 +48,7 @@ def _view(worker: Any, dyn: Any) -> Any:
     """This rank's KV cache as a PagedView: the connector's, or one made from the model runner's tensors."""
     if dyn is not None:
         return dyn.view
-    from dynkv.engine_info import distinct_layers, model_geometry, paged_view
+    from dynkv.connector.engine import distinct_layers, model_geometry, paged_view
 
     runner = worker.model_runner
     kcc = getattr(runner, "kv_cache_config", None)
@@ -67,7 +67,8 @@ def rank_digests(worker: Any, block_ids: list[int], slots: list[int] | None = No
     """
     import torch
 
-    from dynkv.ops import PageBuffer, gather
+    from dynkv.memory import PageBuffer
+    from dynkv.ops import gather
 
     dyn = _dynkv_worker()
     view = _view(worker, dyn)
@@ -208,7 +209,7 @@ def compare(d: dict[str, Any], ref: dict[str, Any] | None = None) -> dict[str, A
 
 def start_trace(worker: Any) -> int:
     """On one worker: start ``torch.profiler`` (CPU and CUDA); :func:`stop_trace` ends it. Returns the rank."""
-    from dynkv.e2e_probe import profiler
+    from dynkv.benchmarks.e2e.probe import profiler
 
     if "prof" in _profiler:
         raise RuntimeError("a trace is already running in this worker")
@@ -220,7 +221,7 @@ def start_trace(worker: Any) -> int:
 
 def stop_trace(worker: Any, path: str) -> dict[str, Any]:
     """On one worker: end the trace, write it to ``path`` with ``-rank{r}`` before the suffix (gzip), summarize it."""
-    from dynkv.e2e_probe import export_trace
+    from dynkv.benchmarks.e2e.probe import export_trace
 
     prof = _profiler.pop("prof", None)
     if prof is None:

@@ -8,8 +8,8 @@
   (CTAs of host-to-GPU copies, :func:`dynkv.ops.set_tuning`), ``threads``
   (their threads per CTA), ``smem_kib`` (shared memory each of their CTAs
   reserves so that it holds its SM alone, :attr:`dynkv.ops.Tuning.smem_bytes`), ``read_chunk``
-  (:attr:`dynkv.disk.DiskTier.read_chunk`), ``io_threads`` (the disk tier's
-  I/O threads, :meth:`dynkv.disk.DiskTier.set_io_threads`), ``disk_wait_ms``
+  (:attr:`dynkv.tiers.disk.DiskTier.read_chunk`), ``io_threads`` (the disk tier's
+  I/O threads, :meth:`dynkv.tiers.disk.DiskTier.set_io_threads`), ``disk_wait_ms``
   (:attr:`dynkv.config.DynKVConfig.disk_wait_ms`), ``store_launch_kib``
   (launch size of the stores' copies, :attr:`dynkv.ops.Tuning.launch_bytes`;
   0: one launch), ``early`` (1 or 0: :attr:`dynkv.config.DynKVConfig.early_loads`),
@@ -20,7 +20,7 @@
   ``torch.profiler`` (CUDA kernels with their streams); the Chrome trace is
   written next to the report and summarized by :func:`trace_summary`.
 - **Disk batches**: each dynkv TTFT record carries the disk tier's read
-  batches of that request (:attr:`dynkv.disk.DiskTier.read_log`), in ms from
+  batches of that request (:attr:`dynkv.tiers.disk.DiskTier.read_log`), in ms from
   the request's start, with what each batch's read call cost its thread.
 - **Host activity** (:class:`HostSample`): each dynkv TTFT record, ``dd``
   and the disk probe carry what the disk tier's block device, the CPUs and

@@ -1,6 +1,6 @@
 """Results of ``dynkv bench e2e``: per-path summaries, greedy comparisons, targets, table and plot.
 
-Works on the engines' JSON reports (:mod:`dynkv.e2e_engine`), so it is shared
+Works on the engines' JSON reports (:mod:`dynkv.benchmarks.e2e.engine`), so it is shared
 by the bench and its tests. The reference for greedy tokens is vLLM's own
 prefix-cache hit (the ``device`` path of the engine without a connector): a
 cached prefix is what every other path also serves, so the tokens must match
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dynkv.e2e_kv import compare
+from dynkv.benchmarks.e2e.kv import compare
 
 __all__ = ["PATHS", "TARGETS", "format_table", "plot", "summarize"]
 
@@ -136,7 +136,7 @@ _KV_REFERENCE = {"recompute": "full prefill", "device": "prefix-cache hit"}
 
 
 def _kv(reports: Mapping[str, dict[str, Any] | None], key: str) -> dict[str, Any]:
-    """The KV checks of one length (:func:`dynkv.e2e_kv.compare`), per ``engine/path``."""
+    """The KV checks of one length (:func:`dynkv.benchmarks.e2e.kv.compare`), per ``engine/path``."""
     def kv(engine: str) -> dict[str, Any]:
         return ((((reports.get(engine) or {}).get("lengths") or {}).get(key) or {}).get("kv")) or {}
 

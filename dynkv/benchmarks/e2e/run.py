@@ -1,8 +1,8 @@
 """``dynkv bench e2e``: dynkv inside real vLLM (offline API), against vLLM's own caches and offloading.
 
-Writes a random-weight model of a named geometry (:mod:`dynkv.testmodel`;
+Writes a random-weight model of a named geometry (:mod:`dynkv.testing.model`;
 ``llama3-8b`` in bf16 on a GPU, ``tiny`` in float32 on CPU), then runs one
-engine per configuration, each in its own process (:mod:`dynkv.e2e_engine`):
+engine per configuration, each in its own process (:mod:`dynkv.benchmarks.e2e.engine`):
 
 - ``vllm``: no connector. TTFT of a full recompute and of a revisit served
   from vLLM's own GPU prefix cache (the reference for greedy tokens), and
@@ -39,9 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dynkv.e2e_probe import parse_variant
-from dynkv.e2e_report import format_table, plot, summarize
-from dynkv.testmodel import FIRST_WORD_ID, PRESETS, write_model
+from dynkv.benchmarks.e2e.probe import parse_variant
+from dynkv.benchmarks.e2e.report import format_table, plot, summarize
+from dynkv.testing.model import FIRST_WORD_ID, PRESETS, write_model
 
 __all__ = ["DESCRIPTION", "ENGINES", "add_arguments", "engine_args", "plan", "run", "run_from_args"]
 
@@ -54,7 +54,7 @@ ENGINES = ("vllm", "dynkv", "offload")
 # (option, default on a GPU, default on CPU): the CPU build runs a small model on few cores.
 _DEFAULTS = (("lengths", [8192, 32768], [512, 1024]), ("decode_requests", 32, 4), ("decode_prompt", 1024, 128),
              ("decode_tokens", 256, 32), ("prompt_candidates", 4, 2), ("turn_tokens", 512, 64))
-_RECORD_HEADER = 4096  # a disk-tier record is a 4 KiB header and the page (dynkv.diskfile)
+_RECORD_HEADER = 4096  # a disk-tier record is a 4 KiB header and the page (dynkv.tiers.diskfile)
 
 
 def plan(preset: str, lengths: list[int], block_size: int, elem_bytes: int, check_tokens: int,
@@ -130,7 +130,7 @@ def _run_engine(name: str, spec: dict[str, Any], work: Path, log_dir: Path, time
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         try:
-            proc = subprocess.run([sys.executable, "-m", "dynkv.e2e_engine", str(spec_path), str(out_path)],
+            proc = subprocess.run([sys.executable, "-m", "dynkv.benchmarks.e2e.engine", str(spec_path), str(out_path)],
                                   stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
             status = "ok" if proc.returncode == 0 else f"exit code {proc.returncode}"
         except subprocess.TimeoutExpired:
@@ -303,7 +303,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "store_launch_kib (stores' launch size), early, sched and last_block (0/1: the connector's "
                         "early_loads, loads launched by the scheduler, load_last_block), paths (host, disk, host+disk, or decode: a decode "
                         "run with fresh prompts after each default one); "
-                        "e.g. normal:priority=0 (repeatable; see dynkv.e2e_probe)")
+                        "e.g. normal:priority=0 (repeatable; see dynkv.benchmarks.e2e.probe)")
     p.add_argument("--trace", action="store_true",
                    help="one hit per path of the first length under torch.profiler: Chrome traces in <out>/logs, "
                         "summaries (copy and compute streams) in the table")

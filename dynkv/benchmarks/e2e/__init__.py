@@ -1,0 +1,1 @@
+"""``dynkv bench e2e``: TTFT per tier inside vLLM, one engine process per configuration (:mod:`.run`)."""
