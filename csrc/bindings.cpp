@@ -191,6 +191,39 @@ PYBIND11_MODULE(_C, m) {
         memcpy_batch(runs, cfg, device);
       },
       py::arg("srcs"), py::arg("dsts"), py::arg("sizes"), py::arg("cfg"), py::arg("device") = -1);
+  py::class_<StagingRing>(m, "StagingRing")
+      .def(py::init<const PageSet&, int64_t, int, uint64_t>(), py::arg("pages"), py::arg("chunk_pages"),
+           py::arg("device"), py::arg("dma_stream"))
+      .def_property_readonly("chunk_pages", &StagingRing::chunk_pages)
+      .def_property_readonly("num_slots", &StagingRing::num_slots)
+      .def_property_readonly("device", &StagingRing::device)
+      .def("stage_of", &StagingRing::stage_of, py::arg("i"));
+  m.def(
+      "staged_scatter",
+      [](const PageGeom& g, const PageSet& p, const BlockView& v, const I64Array& slots, const I64Array& ids,
+         const I64Array& stage, StagingRing& ring, const ExecConfig& cfg, uint64_t ids_dev, uint64_t stage_dev,
+         const std::vector<uint64_t>& events) {
+        const IdList a = id_list(slots, 0, "slots"), b = id_list(ids, ids_dev, "block_ids"),
+                     c = id_list(stage, stage_dev, "staging slots");
+        py::gil_scoped_release nogil;
+        staged_scatter(g, p, v, a, b, c, ring, cfg, events);
+      },
+      py::arg("geom"), py::arg("pages"), py::arg("view"), py::arg("slots"), py::arg("block_ids"), py::arg("stage"),
+      py::arg("ring"), py::arg("cfg"), py::arg("block_ids_dev") = 0, py::arg("stage_dev") = 0,
+      py::arg("events") = std::vector<uint64_t>{},
+      "pages -> blocks through the staging ring; events recorded on cfg.stream once every layer is in.");
+  m.def(
+      "staged_gather",
+      [](const PageGeom& g, const BlockView& v, const PageSet& p, const I64Array& ids, const I64Array& slots,
+         const I64Array& stage, StagingRing& ring, const ExecConfig& cfg, uint64_t ids_dev, uint64_t stage_dev) {
+        const IdList a = id_list(ids, ids_dev, "block_ids"), b = id_list(slots, 0, "slots"),
+                     c = id_list(stage, stage_dev, "staging slots");
+        py::gil_scoped_release nogil;
+        staged_gather(g, v, p, a, b, c, ring, cfg);
+      },
+      py::arg("geom"), py::arg("view"), py::arg("pages"), py::arg("block_ids"), py::arg("slots"), py::arg("stage"),
+      py::arg("ring"), py::arg("cfg"), py::arg("block_ids_dev") = 0, py::arg("stage_dev") = 0,
+      "blocks -> pages through the staging ring; complete on cfg.stream.");
   m.def("resolve_backend", &resolve_backend, py::arg("cfg"), py::arg("avg_run_bytes"));
 
   m.def("cuda_compiled", &cuda_compiled);

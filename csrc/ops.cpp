@@ -260,6 +260,170 @@ void copy_blocks(const PageGeom& geom, const BlockView& src, const BlockView& ds
   dispatch(t, cfg, device, src_ids.device, dst_ids.device);
 }
 
+// ------------------------------------------------------------------------------------------ staged
+
+StagingRing::StagingRing(const PageSet& pages, int64_t chunk_pages, int device, uint64_t dma_stream)
+    : pages_(pages), chunk_pages_(chunk_pages), num_slots_(0), device_(device), dma_stream_(dma_stream) {
+  DYNKV_CHECK(chunk_pages >= 1, "chunk_pages=", chunk_pages, " is not valid: expected >= 1");
+  DYNKV_CHECK(pages.num_pages >= chunk_pages, "staging too small: ", pages.num_pages,
+              " staging pages hold no chunk of ", chunk_pages, " pages");
+  num_slots_ = pages.num_pages / chunk_pages;
+  if (device_ >= 0) {
+    DYNKV_CHECK(dma_stream != 0, "the staged path needs a stream of its own for the copy engines (got 0)");
+    cuda_set_device(device_);
+    try {
+      for (int64_t i = 0; i < num_slots_; ++i) {
+        ready_.push_back(cuda_event_create());
+        freed_.push_back(cuda_event_create());
+      }
+    } catch (...) {
+      for (uint64_t e : ready_) cuda_event_destroy(e);
+      for (uint64_t e : freed_) cuda_event_destroy(e);
+      throw;
+    }
+  }
+}
+
+StagingRing::~StagingRing() {
+  for (uint64_t e : ready_) cuda_event_destroy(e);
+  for (uint64_t e : freed_) cuda_event_destroy(e);
+}
+
+namespace {
+
+struct StagedPlan {
+  BlockView view;
+  PageSet pages;
+  int64_t rank_offset;  // bytes into a page where this rank's heads start
+  int64_t slice_bytes;  // this rank's heads of every layer: one contiguous run
+};
+
+StagedPlan check_staged(const PageGeom& geom, const PageSet& pages, const BlockView& view, const IdList& slots,
+                        const IdList& block_ids, const IdList& stage, const StagingRing& ring, bool unique_slots,
+                        bool unique_blocks) {
+  check_view_matches(geom, view, "view");
+  check_lengths(slots, block_ids, "slots", "block_ids");
+  check_lengths(slots, stage, "slots", "staging slots");
+  check_ids(slots, pages.num_pages, "slots", "the page buffer's pages", unique_slots);
+  check_ids(block_ids, view.num_blocks, "block_ids", "the view's blocks", unique_blocks);
+  DYNKV_CHECK(ring.pages().page_stride >= geom.page_bytes(), "staging pages of ", ring.pages().page_stride,
+              " bytes are smaller than a page of this geometry (", geom.page_bytes(), ")");
+  DYNKV_CHECK(stage.n == 0 || stage.host != nullptr, "staging slots: missing host array");
+  for (int64_t i = 0; i < stage.n; ++i) {
+    DYNKV_CHECK(stage.host[i] == ring.stage_of(i), "staging slot ", i, " is ", stage.host[i], ", expected ",
+                ring.stage_of(i), " (chunk ", i / ring.chunk_pages(), " of the ring)");
+  }
+  const int64_t head_bytes = geom.num_layers * geom.tile_bytes();
+  return StagedPlan{view, pages, view.head_start * head_bytes, view.num_heads * head_bytes};
+}
+
+// The chunk [first, end) of a call as a transfer between staging pages and the view.
+template <bool ToView>
+auto chunk_transfer(const PageGeom& geom, const StagedPlan& p, const StagingRing& ring, const IdList& block_ids,
+                    const IdList& stage, int64_t first, int64_t end, bool on_device) {
+  const int64_t* ids = (on_device ? block_ids.device : block_ids.host) + first;
+  const int64_t* st = (on_device ? stage.device : stage.host) + first;
+  PageEndpoint staged{ring.pages(), geom, p.view.head_start, st};
+  ViewEndpoint blocks{p.view, ids};
+  const TileSpace space{end - first, p.view.num_heads, p.view.num_layers};
+  const int align = std::min(view_align(p.view), pages_align(geom, ring.pages()));
+  if constexpr (ToView) {
+    return Transfer<PageEndpoint, ViewEndpoint>{staged, blocks, space, geom.tile_bytes(), align};
+  } else {
+    return Transfer<ViewEndpoint, PageEndpoint>{blocks, staged, space, geom.tile_bytes(), align};
+  }
+}
+
+// The runs between host pages and staging pages of chunk [first, end): one per page.
+std::vector<Run> chunk_runs(const StagedPlan& p, const StagingRing& ring, const IdList& slots, int64_t first,
+                            int64_t end, bool to_staging) {
+  std::vector<Run> runs;
+  runs.reserve(static_cast<size_t>(end - first));
+  for (int64_t i = first; i < end; ++i) {
+    const uint64_t host = p.pages.base + static_cast<uint64_t>(slots.host[i] * p.pages.page_stride + p.rank_offset);
+    const uint64_t dev =
+        ring.pages().base + static_cast<uint64_t>(ring.stage_of(i) * ring.pages().page_stride + p.rank_offset);
+    runs.push_back(to_staging ? Run{host, dev, p.slice_bytes} : Run{dev, host, p.slice_bytes});
+  }
+  return runs;
+}
+
+void check_staged_device(const StagingRing& ring, const IdList& block_ids, const IdList& stage, int device) {
+  DYNKV_CHECK(device == ring.device(), "the staging ring lives on device ", ring.device(), ", the copy on ",
+              device);
+  DYNKV_CHECK(device < 0 || block_ids.n == 0 || (block_ids.device != nullptr && stage.device != nullptr),
+              "the staged path's kernel needs the block ids and staging slots in GPU memory (dynkv.ops passes them)");
+}
+
+}  // namespace
+
+void staged_scatter(const PageGeom& geom, const PageSet& pages, const BlockView& view, const IdList& slots,
+                    const IdList& block_ids, const IdList& stage, StagingRing& ring, const ExecConfig& cfg,
+                    const std::vector<uint64_t>& events) {
+  const StagedPlan p = check_staged(geom, pages, view, slots, block_ids, stage, ring, false, true);
+  const int device = ring.device();
+  check_staged_device(ring, block_ids, stage, device);
+  DYNKV_CHECK(events.empty() || device >= 0, "events are recorded on a GPU stream; this scatter runs on the CPU");
+  const int64_t n = slots.n, c = ring.chunk_pages();
+  if (device < 0) {
+    for (int64_t first = 0; first < n; first += c) {
+      const int64_t end = std::min(n, first + c);
+      run_cpu(chunk_runs(p, ring, slots, first, end, true), cfg.threads);
+      run_cpu(plan_runs(chunk_transfer<true>(geom, p, ring, block_ids, stage, first, end, false)), cfg.threads);
+    }
+    return;
+  }
+  check_launch(cfg);
+  cuda_set_device(device);
+  ExecConfig dma{};
+  dma.backend = Backend::DmaBatch;
+  dma.stream = ring.dma_stream();
+  for (int64_t first = 0, k = 0; first < n; first += c, ++k) {
+    const int64_t end = std::min(n, first + c), s = k % ring.num_slots();
+    cuda_stream_wait_event(dma.stream, ring.freed(s));  // the kernel has read what the slot held before
+    memcpy_runs_cuda(chunk_runs(p, ring, slots, first, end, true), dma);
+    cuda_event_record(ring.ready(s), dma.stream);
+    cuda_stream_wait_event(cfg.stream, ring.ready(s));
+    launch_kernel(chunk_transfer<true>(geom, p, ring, block_ids, stage, first, end, true), cfg);
+    cuda_event_record(ring.freed(s), cfg.stream);
+  }
+  for (uint64_t e : events) cuda_event_record(e, cfg.stream);
+}
+
+void staged_gather(const PageGeom& geom, const BlockView& view, const PageSet& pages, const IdList& block_ids,
+                   const IdList& slots, const IdList& stage, StagingRing& ring, const ExecConfig& cfg) {
+  const StagedPlan p = check_staged(geom, pages, view, slots, block_ids, stage, ring, true, false);
+  const int device = ring.device();
+  check_staged_device(ring, block_ids, stage, device);
+  const int64_t n = slots.n, c = ring.chunk_pages();
+  if (device < 0) {
+    for (int64_t first = 0; first < n; first += c) {
+      const int64_t end = std::min(n, first + c);
+      run_cpu(plan_runs(chunk_transfer<false>(geom, p, ring, block_ids, stage, first, end, false)), cfg.threads);
+      run_cpu(chunk_runs(p, ring, slots, first, end, false), cfg.threads);
+    }
+    return;
+  }
+  if (n == 0) return;
+  check_launch(cfg);
+  cuda_set_device(device);
+  ExecConfig dma{};
+  dma.backend = Backend::DmaBatch;
+  dma.stream = ring.dma_stream();
+  int64_t last = 0;
+  for (int64_t first = 0, k = 0; first < n; first += c, ++k) {
+    const int64_t end = std::min(n, first + c), s = k % ring.num_slots();
+    cuda_stream_wait_event(cfg.stream, ring.freed(s));  // the copy engines have read what the slot held before
+    launch_kernel(chunk_transfer<false>(geom, p, ring, block_ids, stage, first, end, true), cfg);
+    cuda_event_record(ring.ready(s), cfg.stream);
+    cuda_stream_wait_event(dma.stream, ring.ready(s));
+    memcpy_runs_cuda(chunk_runs(p, ring, slots, first, end, false), dma);
+    cuda_event_record(ring.freed(s), dma.stream);
+    last = s;
+  }
+  cuda_stream_wait_event(cfg.stream, ring.freed(last));  // the caller's stream completes with the last DMA
+}
+
 void memcpy_batch(const std::vector<Run>& all_runs, const ExecConfig& cfg, int device) {
   std::vector<Run> runs;
   runs.reserve(all_runs.size());

@@ -140,6 +140,20 @@ void cuda_event_record(uint64_t event, uint64_t stream) {
   DYNKV_CUDA_CHECK(cudaEventRecord(reinterpret_cast<cudaEvent_t>(event), reinterpret_cast<cudaStream_t>(stream)));
 }
 
+uint64_t cuda_event_create() {
+  cudaEvent_t ev = nullptr;
+  DYNKV_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+  return reinterpret_cast<uint64_t>(ev);
+}
+
+void cuda_event_destroy(uint64_t event) {
+  if (event != 0) cudaEventDestroy(reinterpret_cast<cudaEvent_t>(event));  // teardown: nothing to report to
+}
+
+void cuda_stream_wait_event(uint64_t stream, uint64_t event) {
+  DYNKV_CUDA_CHECK(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream), reinterpret_cast<cudaEvent_t>(event), 0));
+}
+
 void cuda_host_register(void* ptr, size_t bytes) {
   DYNKV_CUDA_CHECK(cudaHostRegister(ptr, bytes, cudaHostRegisterPortable | cudaHostRegisterMapped));
 }

@@ -29,6 +29,9 @@ void memcpy_runs_cuda(const std::vector<Run>&, const ExecConfig&) { no_cuda(); }
 bool cuda_batch_memcpy_available() { return false; }
 void cuda_set_device(int) { no_cuda(); }
 void cuda_event_record(uint64_t, uint64_t) { no_cuda(); }
+uint64_t cuda_event_create() { no_cuda(); }
+void cuda_event_destroy(uint64_t) {}
+void cuda_stream_wait_event(uint64_t, uint64_t) { no_cuda(); }
 void cuda_host_register(void*, size_t) { no_cuda(); }
 void cuda_host_unregister(void*) { no_cuda(); }
 int cuda_device_count() { return 0; }

@@ -117,6 +117,16 @@ def _optional(parse: Callable[[Any, _Source], Any]) -> Callable[[Any, _Source], 
     return parse_optional
 
 
+COPY_PATHS = ("auto", "kernel", "staged")
+
+
+def _parse_copy_path(value: Any, src: _Source) -> str:
+    v = value.strip().lower() if isinstance(value, str) else value
+    if v not in COPY_PATHS:
+        raise src.error(value, f"one of {', '.join(COPY_PATHS)}")
+    return v
+
+
 def _parse_paths(value: Any, src: _Source) -> tuple[str, ...]:
     expected = "a list of directory paths, or one string of paths separated by ',' or ':'"
     if isinstance(value, str):
@@ -166,6 +176,7 @@ _PARSERS: dict[str, Callable[[Any, _Source], Any]] = {
     "disk_wait_ms": _float_above(0.0, inclusive=True),
     "early_loads": _parse_bool,
     "load_last_block": _parse_bool,
+    "copy_path": _parse_copy_path,
 }
 
 
@@ -257,6 +268,13 @@ class DynKVConfig:
         nearly tie. Off (the default): every local hit stops where vLLM's own
         prefix cache would. Pages pulled from a prefill engine always load
         whole.
+    copy_path
+        How pages cross between the host tier and a GPU's KV cache:
+        ``kernel`` (dynkv's copy kernel reads or writes pinned host memory
+        directly), ``staged`` (whole page slices on the copy engines through a
+        small staging ring on the GPU, then an on-device kernel), or ``auto``
+        (each worker measures both at start, per direction, and keeps the
+        faster; the result is cached per GPU and driver).
     """
 
     host_gb: float | None = None
@@ -278,6 +296,7 @@ class DynKVConfig:
     disk_wait_ms: float = 0.0
     early_loads: bool = True
     load_last_block: bool = False
+    copy_path: str = "auto"
 
     def __post_init__(self) -> None:
         for name, parse in _PARSERS.items():

@@ -2,7 +2,9 @@
 
 :class:`HostPool` is the memory of the host tier (one ``/dev/shm`` pool per
 engine, mapped by every TP rank); :class:`PageBuffer` is a run of pages on the
-host or a device, in the page format of :mod:`dynkv.layout`. The copies
+host or a device, in the page format of :mod:`dynkv.layout`;
+:class:`StagingBuffer` is a small ring of pages on a GPU that the staged copy
+path moves pages through. The copies
 between pages and vLLM's KV cache are in :mod:`dynkv.ops`.
 """
 
@@ -22,7 +24,7 @@ from dynkv.layout import PageGeometry
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["HostPool", "PageBuffer", "chunk_for"]
+__all__ = ["HostPool", "PageBuffer", "StagingBuffer", "chunk_for"]
 
 
 class HostPool:
@@ -212,3 +214,63 @@ class PageBuffer:
         c = _C.make_pages(geometry.c, pool.ptr + offset, n, stride)
         return cls(geometry, c, torch.device("cpu"), pool.pinned, pool)
 
+
+class StagingBuffer:
+    """A ring of staging pages on one device, for the staged copy path (:func:`dynkv.ops.staged_scatter`).
+
+    ``num_slots`` slots of ``chunk_pages`` pages: the copy engines move whole
+    page slices between host pages and one slot while a kernel moves the
+    previous slot's pages between staging and the paged KV cache. On a GPU the
+    ring has its own stream for the copy engines and CUDA events that order
+    the two stages; on the CPU the same chunking runs with memcpys.
+
+    Parameters
+    ----------
+    geometry
+        The pages' geometry; a staging page holds a whole page.
+    device
+        Where the staging pages live (the KV cache's device).
+    chunk_pages, num_slots
+        Pages per slot and slots in the ring (memory: their product in pages).
+    """
+
+    def __init__(self, geometry: PageGeometry, device: Any, *, chunk_pages: int = 4, num_slots: int = 3) -> None:
+        import torch
+
+        for name, v in (("chunk_pages", chunk_pages), ("num_slots", num_slots)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r}: expected an integer >= 1")
+        device = torch.device(device)
+        stride = -(-geometry.page_bytes // 256) * 256  # 256-byte aligned pages: 16-byte vector copies throughout
+        self.device = device
+        self.stream: Any = None
+        if device.type == "cuda":
+            if not cuda_compiled():
+                raise ValueError("a staging buffer on a GPU needs the CUDA ops; this build has none")
+            self.stream = torch.cuda.Stream(device)
+        tensor = torch.empty(chunk_pages * num_slots * stride, dtype=torch.uint8, device=device)
+        self.pages = PageBuffer.from_tensor(geometry, tensor, page_stride=stride)
+        index = (device.index if device.index is not None else torch.cuda.current_device()) if self.stream else -1
+        self.ring = _C.StagingRing(self.pages.c, chunk_pages, index, int(self.stream.cuda_stream) if self.stream else 0)
+
+    @property
+    def geometry(self) -> PageGeometry:
+        return self.pages.geometry
+
+    @property
+    def chunk_pages(self) -> int:
+        return int(self.ring.chunk_pages)
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.ring.num_slots)
+
+    @property
+    def nbytes(self) -> int:
+        return self.pages.num_pages * self.pages.page_stride
+
+    def stage_slots(self, n: int) -> np.ndarray:
+        """The staging page of each of a call's ``n`` pages (chunk ``k`` in slot ``k % num_slots``)."""
+        i = np.arange(n, dtype=np.int64)
+        c = self.chunk_pages
+        return ((i // c) % self.num_slots) * c + i % c

@@ -109,6 +109,10 @@ class Metrics:
                            "Pages not admitted to a tier (full, filtered, or busy)", "tier", "reason")
         self.load_errors = add("counter", "dynkv_load_errors", "Blocks whose load failed (recomputed)", "reason")
         self.store_errors = add("counter", "dynkv_store_errors", "Pages whose store failed", "tier")
+        self.copy_path = add("gauge", "dynkv_copy_path", "1 for the copy path each direction takes (h2d: loads, "
+                             "d2h: stores), 0 for the other", "direction", "path")
+        self.copy_path_gbps = add("gauge", "dynkv_copy_path_gbps", "GB/s each copy path, and a plain memcpy, "
+                                  "reached in the worker's calibration", "direction", "path")
         self.misses.labels()  # exposed at 0 from the start, as prometheus_client does for unlabelled metrics
         self.registry.register(_Collector(self))
         self.latency = Histogram(

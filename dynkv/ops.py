@@ -11,6 +11,11 @@ scatter_layers
     the first layers while the rest are copied)
 copy_blocks
     block to block between two views of one geometry (D2D, H2H)
+staged_scatter, staged_gather
+    the staged path: whole page slices cross PCIe on the copy engines into a
+    ring of staging pages on the GPU (:class:`dynkv.memory.StagingBuffer`),
+    and an on-device kernel moves them to or from the paged KV cache; the two
+    stages overlap chunk by chunk
 memcpy_batch
     plain copies through the copy engines (``cudaMemcpyBatchAsync`` where the
     runtime has it, else a loop); on CPU, the thread pool
@@ -32,7 +37,7 @@ import numpy as np
 import dynkv._C as _C
 from dynkv.env import cuda_compiled
 from dynkv.layout import PageGeometry, PagedView
-from dynkv.memory import PageBuffer
+from dynkv.memory import PageBuffer, StagingBuffer
 
 if TYPE_CHECKING:
     import torch
@@ -47,6 +52,8 @@ __all__ = [
     "scatter",
     "scatter_layers",
     "set_tuning",
+    "staged_gather",
+    "staged_scatter",
 ]
 
 BackendName = Literal["auto", "kernel", "dma", "dma_loop"]
@@ -56,7 +63,7 @@ BACKENDS: dict[str, Any] = {
     "dma": _C.Backend.DMA_BATCH,
     "dma_loop": _C.Backend.DMA_LOOP,
 }
-Direction = Literal["h2d", "d2h", "d2d", "h2h"]
+Direction = Literal["h2d", "d2h", "d2d", "h2h", "staged"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,8 @@ class Tuning:
     and never uses, so that no other kernel's CTA shares its SM (0: none);
     ``dma_min_run``: in ``auto``, transfers whose average contiguous run
     reaches this many bytes go to the copy engines instead (0: never).
+    ``staged`` is the on-device kernel of the staged path (staging pages <->
+    the KV cache, bound by HBM): a few CTAs outrun PCIe many times over.
     """
 
     ctas: dict[str, int]
@@ -89,11 +98,11 @@ class Tuning:
 
 
 _TUNING = Tuning(
-    ctas={"h2d": 8, "d2h": 8, "d2d": 0, "h2h": 8},
-    threads={"h2d": 512, "d2h": 512, "d2d": 512, "h2h": 512},
-    dma_min_run={"h2d": 0, "d2h": 0, "d2d": 0, "h2h": 0},
-    launch_bytes={"h2d": 0, "d2h": 2 << 20, "d2d": 0, "h2h": 0},
-    smem_bytes={"h2d": 0, "d2h": 0, "d2d": 0, "h2h": 0},
+    ctas={"h2d": 8, "d2h": 8, "d2d": 0, "h2h": 8, "staged": 16},
+    threads={"h2d": 512, "d2h": 512, "d2d": 512, "h2h": 512, "staged": 512},
+    dma_min_run={"h2d": 0, "d2h": 0, "d2d": 0, "h2h": 0, "staged": 0},
+    launch_bytes={"h2d": 0, "d2h": 2 << 20, "d2d": 0, "h2h": 0, "staged": 0},
+    smem_bytes={"h2d": 0, "d2h": 0, "d2d": 0, "h2h": 0, "staged": 0},
 )
 
 
@@ -336,6 +345,83 @@ def copy_blocks(
     cfg, dev = _exec(_direction(src.device, dst.device), gpu, backend, num_ctas, threads, stream)
     keep, ptrs = _maybe_upload(cfg, gpu, backend, a, b)
     _C.copy_blocks(src.geometry.c, src.c, dst.c, a, b, cfg, dev, *ptrs)
+    del keep
+
+
+def _check_staged(pages: PageBuffer, view: PagedView, staging: StagingBuffer, what: str) -> torch.device | None:
+    _check_same_geometry(view.geometry, pages.geometry, what)
+    _check_same_geometry(view.geometry, staging.geometry, what)
+    if pages.device.type != "cpu":
+        raise ValueError(f"{what}: the staged path moves host pages; these pages are on {pages.device}")
+    if staging.device != view.device:
+        raise ValueError(f"{what}: the staging buffer is on {staging.device} but the KV cache on {view.device}")
+    gpu = _gpu_of(view.device)
+    if gpu is not None and not pages.pinned:
+        raise ValueError(f"{what}: the pages are in pageable host memory, which the copy engines cannot stream "
+                         "from: use a pinned HostPool or tensor.pin_memory()")
+    return gpu
+
+
+def _staged_exec(gpu: torch.device | None, staging: StagingBuffer, num_ctas: int | None, threads: int | None,
+                 stream: Any, ids: np.ndarray) -> tuple[Any, Any, np.ndarray, list[int]]:
+    stage = staging.stage_slots(len(ids))
+    cfg, _ = _exec("staged", gpu, "kernel", num_ctas, threads, stream)
+    if gpu is None or len(ids) == 0:
+        return cfg, None, stage, [0, 0]
+    keep, ptrs = _upload(cfg.stream, gpu, ids, stage)
+    return cfg, keep, stage, ptrs
+
+
+def staged_scatter(
+    pages: PageBuffer,
+    view: PagedView,
+    slots: Sequence[int] | np.ndarray | torch.Tensor,
+    block_ids: Sequence[int] | np.ndarray | torch.Tensor,
+    staging: StagingBuffer,
+    *,
+    events: Sequence[Any] = (),
+    num_ctas: int | None = None,
+    threads: int | None = None,
+    stream: Any = None,
+) -> None:
+    """:func:`scatter` through ``staging``: host pages ``slots`` -> this rank's heads of ``block_ids``.
+
+    Each page's slice of this rank crosses PCIe as one run on the copy
+    engines (``staging.stream``) into a staging slot, and a kernel on
+    ``stream`` scatters the slot into the KV cache; chunks overlap. Complete
+    on ``stream``. ``events`` (already-created ``torch.cuda.Event`` objects:
+    the layer groups of a layer-wise load) are all recorded on ``stream`` once
+    every layer is in, since every layer of a page arrives with its slice.
+    """
+    gpu = _check_staged(pages, view, staging, "staged_scatter")
+    if events and gpu is None:
+        raise ValueError("events are recorded on a GPU stream; this scatter runs on the CPU")
+    handles = [int(e.cuda_event) for e in events]
+    if 0 in handles:
+        raise ValueError("every event must exist already (torch creates a CUDA event at its first record)")
+    sl, ids = _ids(slots), _ids(block_ids)
+    cfg, keep, stage, ptrs = _staged_exec(gpu, staging, num_ctas, threads, stream, ids)
+    _C.staged_scatter(pages.geometry.c, pages.c, view.c, sl, ids, stage, staging.ring, cfg, *ptrs, handles)
+    del keep
+
+
+def staged_gather(
+    view: PagedView,
+    pages: PageBuffer,
+    block_ids: Sequence[int] | np.ndarray | torch.Tensor,
+    slots: Sequence[int] | np.ndarray | torch.Tensor,
+    staging: StagingBuffer,
+    *,
+    num_ctas: int | None = None,
+    threads: int | None = None,
+    stream: Any = None,
+) -> None:
+    """:func:`gather` through ``staging``: a kernel on ``stream`` gathers a chunk of blocks into a staging slot,
+    the copy engines move each page's slice to the host; chunks overlap. Complete on ``stream``."""
+    gpu = _check_staged(pages, view, staging, "staged_gather")
+    ids, sl = _ids(block_ids), _ids(slots)
+    cfg, keep, stage, ptrs = _staged_exec(gpu, staging, num_ctas, threads, stream, ids)
+    _C.staged_gather(pages.geometry.c, view.c, pages.c, ids, sl, stage, staging.ring, cfg, *ptrs)
     del keep
 
 

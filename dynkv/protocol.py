@@ -117,17 +117,21 @@ class WorkerReport:
 
     ``done[job]`` and ``failed[job]`` count ranks; ``failed_blocks`` are the
     device blocks whose loads failed (vLLM recomputes them); ``moved`` sums
-    ``direction -> (bytes, seconds)`` of finished copies, for metrics.
+    ``direction -> (bytes, seconds)`` of finished copies, for metrics;
+    ``copy_paths`` is a rank's copy-path choice, once, after it registered its
+    KV cache: ``direction -> {"path", "gbps": {path or "memcpy": GB/s measured}, "source"}``.
     """
 
     done: dict[int, int] = field(default_factory=dict)
     failed: dict[int, int] = field(default_factory=dict)
     failed_blocks: set[int] = field(default_factory=set)
     moved: dict[str, tuple[int, float]] = field(default_factory=dict)
+    copy_paths: dict[str, dict] = field(default_factory=dict)
 
     def merge(self, other: WorkerReport) -> WorkerReport:
         """Sum of both reports (the ranks of one engine); neither input changes."""
-        out = WorkerReport(dict(self.done), dict(self.failed), set(self.failed_blocks), dict(self.moved))
+        out = WorkerReport(dict(self.done), dict(self.failed), set(self.failed_blocks), dict(self.moved),
+                           dict(self.copy_paths or other.copy_paths))
         for job, n in other.done.items():
             out.done[job] = out.done.get(job, 0) + n
         for job, n in other.failed.items():
@@ -139,4 +143,4 @@ class WorkerReport:
         return out
 
     def is_empty(self) -> bool:
-        return not (self.done or self.failed or self.failed_blocks)
+        return not (self.done or self.failed or self.failed_blocks or self.copy_paths)

@@ -102,7 +102,7 @@ def run_cases(s: Setup, cfg: Config) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     cases = [(d, b, c) for d in cfg.directions for b in cfg.backends
-             if (b != "hybrid" or d == "both") and (b != "layers" or d == "h2d")
+             if (b != "hybrid" or d == "both") and (b != "layers" or d == "h2d") and (b != "staged" or d != "d2d")
              for c in (cfg.ctas if b in ("kernel", "hybrid", "layers") and cfg.device == "cuda" else (None,))]
     rows: list[dict[str, Any]] = []
     with tqdm(total=len(cases) + len(cfg.directions), desc="bench", unit="case", leave=False, disable=None) as bar:
@@ -167,7 +167,7 @@ def gemm_slowdown(s: Setup, cfg: Config, n: int = 8192, k: int = 10) -> dict[str
     alone = statistics.median(time_fns([gemms], dev, iters=5, warmup=2)) / k
     out: dict[str, Any] = {"n": n, "gemm_alone_ms": alone * 1e3, "tflops_alone": 2 * n**3 / alone / 1e12, "runs": []}
     copy_cfgs = [("kernel", c_, lb) for c_ in cfg.ctas for lb in cfg.launch_bytes]
-    copy_cfgs += [(x, None, 0) for x in ("dma",) if x in cfg.backends]
+    copy_cfgs += [(x, None, 0) for x in ("dma", "staged") if x in cfg.backends]
     main = torch.cuda.current_stream(dev)
     side = [torch.cuda.Stream(dev), torch.cuda.Stream(dev)]
     saved = get_tuning()

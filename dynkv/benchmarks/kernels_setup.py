@@ -26,11 +26,13 @@ __all__ = ["BACKENDS", "DIRECTIONS", "PRESETS", "Preset", "Setup", "baseline_fns
            "time_fns", "torch_op"]
 
 DIRECTIONS = ("h2d", "d2h", "d2d", "both")
-BACKENDS = ("kernel", "dma", "dma_loop", "torch", "hybrid", "layers")
+BACKENDS = ("kernel", "staged", "dma", "dma_loop", "torch", "hybrid", "layers")
 # hybrid: loads on the kernel, stores on the copy engines (DMA batch), so the
 # two directions of ``both`` do not share SMs; other directions skip it.
 # layers: loads on the kernel, one launch per layer with an event recorded
 # after each (one C++ call), as a worker's synchronous loads go; h2d only.
+# staged: whole page slices on the copy engines through a staging ring on the
+# device, then an on-device kernel (dynkv.worker.staging); not d2d.
 _DTYPES = {1: "uint8", 2: "bfloat16", 4: "float32", 8: "float64"}
 # ~1 ms of GPU sleep before each timing: holds the streams until every op of the
 # case is enqueued, so the two ops of `both` start together.
@@ -97,6 +99,15 @@ class Setup:
     pinned: torch.Tensor | None = None
     chunk_pages: int = 1 << 62  # pages per pinned registration of the host pool
     pools: list[HostPool] = field(default_factory=list)
+    rings: dict[str, Any] = field(default_factory=dict)  # the staged path's rings, per op kind
+
+    def staging(self, kind: str) -> Any:
+        """The staging ring of the staged path's ``kind`` ops (one per kind: loads and stores overlap in ``both``)."""
+        if kind not in self.rings:
+            from dynkv.worker.staging import staging_for
+
+            self.rings[kind] = staging_for(self.view)
+        return self.rings[kind]
 
     @property
     def slice_bytes(self) -> int:
@@ -118,6 +129,7 @@ class Setup:
         return [(a - first, b - first) for a, b in zip(cuts, cuts[1:])]
 
     def close(self) -> None:
+        self.rings.clear()
         for p in self.pools:
             p.close()
         self.pools.clear()
@@ -223,6 +235,13 @@ def dynkv_op(s: Setup, kind: str, *, on_device: bool = False, backend: str = "ke
             ev.record()  # torch creates the CUDA event at its first record
         kw["backend"] = "kernel"
         return lambda: dynkv.ops.scatter_layers(pages, s.view, slots, ids, groups, events=events, **kw)
+    if backend == "staged":
+        if on_device:
+            raise ValueError("backend 'staged' moves host pages: not d2d")
+        ring, kw = s.staging(kind), {"num_ctas": ctas, "threads": threads}
+        if kind == "load":
+            return lambda: dynkv.ops.staged_scatter(pages, s.view, slots, ids, ring, **kw)
+        return lambda: dynkv.ops.staged_gather(s.view, pages, ids, slots, ring, **kw)
     if kind == "load":
         return lambda: dynkv.scatter(pages, s.view, slots, ids, **kw)
     return lambda: dynkv.gather(s.view, pages, ids, slots, **kw)

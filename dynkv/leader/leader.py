@@ -327,6 +327,11 @@ class Leader(DiskFlow, RemoteFlow):
         for direction, (nbytes, seconds) in report.moved.items():
             self.metrics.bytes.labels(direction).inc(nbytes)
             self.metrics.latency.labels(direction).observe(seconds)
+        for direction, choice in report.copy_paths.items():
+            for path in ("kernel", "staged"):
+                self.metrics.copy_path.labels(direction, path).set(1.0 if choice.get("path") == path else 0.0)
+            for path, gbps in choice.get("gbps", {}).items():
+                self.metrics.copy_path_gbps.labels(direction, path).set(float(gbps))
         if self.exporter is not None:  # stores just committed may complete an export
             self.exporter.poll(self.index)
 

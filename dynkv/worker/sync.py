@@ -20,13 +20,16 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dynkv.layout import PagedView
 from dynkv.memory import PageBuffer
 from dynkv.ops import scatter_layers
 from dynkv.protocol import LoadOp, StepPlan, WorkerReport
 from dynkv.worker.jobs import Job, done_future
+
+if TYPE_CHECKING:
+    from dynkv.worker.staging import CopyPaths
 
 __all__ = ["SyncLoads", "SyncStep", "same_step"]
 
@@ -54,6 +57,7 @@ class SyncLoads:
     rank: int
     view: PagedView | None
     _streams: tuple[Any, Any] | None
+    copy_paths: CopyPaths | None
     _threads: tuple[ThreadPoolExecutor, ThreadPoolExecutor] | None
     _jobs: list[Job]
     _errors: set[int]
@@ -144,8 +148,10 @@ class SyncLoads:
         try:
             if self._streams is not None:
                 step.events = self._layer_events(len(groups))
-                handle = self._launch_cuda("load", lambda pages, stream: scatter_layers(
-                    pages, self.view, slots, blocks, groups, stream=stream, events=step.events))
+                paths = self.copy_paths
+                assert paths is not None
+                handle = self._launch_cuda("load", lambda pages, stream: paths.load(
+                    pages, slots, blocks, stream, groups, step.events))
             else:
                 handle = self._launch_sync_cpu(self._page_buffer(), slots, blocks, step)
         except Exception as e:  # no pool, bad ids: nothing was copied, vLLM recomputes these blocks

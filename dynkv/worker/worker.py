@@ -39,6 +39,7 @@ from dynkv.worker.jobs import done_future as _done_future
 from dynkv.worker.jobs import is_ready as _ready
 from dynkv.worker.jobs import wait_for as _wait
 from dynkv.worker.pull import PullFlow
+from dynkv.worker.staging import CopyPaths
 from dynkv.worker.sync import SyncLoads, SyncStep, same_step
 
 __all__ = ["LOAD_PRIORITY", "Worker", "in_process"]
@@ -95,6 +96,7 @@ class Worker(SyncLoads, PullFlow):
         self._finishing: set[str] = set()
         self._lock = threading.Lock()
         self._streams: tuple[Any, Any] | None = None
+        self.copy_paths: CopyPaths | None = None  # GPU: how pages cross PCIe in each direction
         self._threads: tuple[ThreadPoolExecutor, ThreadPoolExecutor] | None = None
         self._writes_pages = True
         self.fingerprint = fingerprint
@@ -135,6 +137,7 @@ class Worker(SyncLoads, PullFlow):
 
             self._streams = (torch.cuda.Stream(view.device, priority=self._load_priority),
                              torch.cuda.Stream(view.device))
+            self.copy_paths = self._choose_copy_paths(view)
         else:
             self._threads = (
                 ThreadPoolExecutor(1, thread_name_prefix=f"dynkv-load{self.rank}"),
@@ -144,6 +147,22 @@ class Worker(SyncLoads, PullFlow):
             _IN_PROCESS[self.pool_name] = self
         if self._prepare_pulls:
             threading.Thread(target=self._prepare, name=f"dynkv-pull-prep{self.rank}", daemon=True).start()
+
+    def _choose_copy_paths(self, view: PagedView) -> CopyPaths:
+        """The copy path of loads and stores on this GPU (:mod:`dynkv.worker.calibrate`); the kernel if that fails."""
+        from dynkv.worker import calibrate
+
+        try:
+            choice = calibrate.choose(view, mode=self.config.copy_path)
+            paths = CopyPaths(view, h2d=choice["h2d"].path, d2h=choice["d2h"].path)
+        except Exception as e:  # out of GPU memory for the scratch or the staging ring: the kernel needs neither
+            log.warning("rank %d: copy-path calibration failed (%s); loads and stores use the copy kernel",
+                        self.rank, e)
+            return CopyPaths(view)
+        log.info("rank %d: copy paths: %s%s", self.rank, calibrate.describe(choice),
+                 f"; staging {paths.staging_bytes() / 2**20:.0f} MiB" if paths.staging_bytes() else "")
+        self._report.copy_paths = calibrate.as_dict(choice)
+        return paths
 
     @property
     def load_priority(self) -> int:
@@ -305,8 +324,9 @@ class Worker(SyncLoads, PullFlow):
         if op.pull is not None:
             self._launch_pull(op)
             return
-        self._launch(op.job, op.req_id, "load", op.block_ids, op.failed,
-                     lambda pages, stream: scatter(pages, self.view, op.slots, op.block_ids, stream=stream))
+        self._launch(op.job, op.req_id, "load", op.block_ids, op.failed, lambda pages, stream: (
+            scatter(pages, self.view, op.slots, op.block_ids) if self.copy_paths is None
+            else self.copy_paths.load(pages, op.slots, op.block_ids, stream)))
 
     def _launch_stores(self, ops: list[StoreOp]) -> None:
         """A step's stores (a decode step fills a block of every running request) as one gather.
@@ -323,8 +343,9 @@ class Worker(SyncLoads, PullFlow):
             if not blocks:
                 handle = _done_future()
             elif self._streams is not None:
-                handle = self._launch_cuda("store", lambda pages, stream: gather(self.view, pages, blocks, slots,
-                                                                                 stream=stream))
+                paths = self.copy_paths
+                assert paths is not None
+                handle = self._launch_cuda("store", lambda pages, stream: paths.store(pages, blocks, slots, stream))
             else:
                 assert self._threads is not None
                 handle = self._threads[1].submit(gather, self.view, self._page_buffer(), blocks, slots)

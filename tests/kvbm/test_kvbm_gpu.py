@@ -10,12 +10,15 @@ from kvbm_checks import check_one_steps_stores, check_skipped_hooks, check_sync_
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("copy_path", ["kernel", "staged"])
 @pytest.mark.parametrize("dims", ["LBHNC", "LBNHC"])
-def test_gpu_stream_in_process(rng: np.random.Generator, dims: str) -> None:
+def test_gpu_stream_in_process(rng: np.random.Generator, dims: str, copy_path: str) -> None:
     model = Model(dims=dims, device="cuda")
-    leader = make_leader(model, tp=2, host_pages=24)
+    leader = make_leader(model, tp=2, host_pages=24, copy_path=copy_path)
     engine = Engine(leader, model, tp=2, processes=False)
     try:
+        paths = [r.state.worker.copy_paths for r in engine.ranks]
+        assert [(p.h2d, p.d2h) for p in paths] == [(copy_path, copy_path)] * 2
         totals = serve_stream(engine, conversation_stream(rng, num_prefixes=5, requests=30, block_size=model.block_size))
         assert totals["loaded"] > 0
         assert leader.metrics.value("dynkv_bytes_moved_total", direction="h2d") > 0
@@ -24,8 +27,9 @@ def test_gpu_stream_in_process(rng: np.random.Generator, dims: str) -> None:
         leader.close()
 
 
-def test_gpu_one_steps_stores_of_several_requests(rng: np.random.Generator) -> None:
-    check_one_steps_stores(rng, "cuda")
+@pytest.mark.parametrize("copy_path", ["kernel", "staged"])
+def test_gpu_one_steps_stores_of_several_requests(rng: np.random.Generator, copy_path: str) -> None:
+    check_one_steps_stores(rng, "cuda", copy_path=copy_path)
 
 
 def test_gpu_tp_processes(rng: np.random.Generator) -> None:
@@ -40,13 +44,14 @@ def test_gpu_tp_processes(rng: np.random.Generator) -> None:
         leader.close()
 
 
+@pytest.mark.parametrize("copy_path", ["kernel", "staged"])
 @pytest.mark.parametrize("tp,processes,early", [(1, False, False), (2, True, False), (1, False, True),
                                                 (2, True, True), (1, False, "scheduler")])
 def test_gpu_sync_layer_by_layer_loads(rng: np.random.Generator, tp: int, processes: bool,
-                                       early: bool | str) -> None:
-    """Each layer's reads, queued on the compute stream after its wait, see the loaded pages."""
+                                       early: bool | str, copy_path: str) -> None:
+    """Each layer's reads, queued on the compute stream after its wait, see the loaded pages, on either path."""
     check_sync_loads(rng, Model(dims="LBNHC", device="cuda", num_layers=8), tp=tp, processes=processes,
-                     early=early)
+                     early=early, copy_path=copy_path)
 
 
 @pytest.mark.parametrize("priority", [0, -1])
@@ -56,8 +61,9 @@ def test_gpu_sync_loads_at_either_load_priority(rng: np.random.Generator, priori
                      load_priority=priority)
 
 
-def test_gpu_forward_without_layer_hooks_gets_load_errors(rng: np.random.Generator) -> None:
-    check_skipped_hooks(rng, "even", device="cuda")
+@pytest.mark.parametrize("copy_path", ["kernel", "staged"])
+def test_gpu_forward_without_layer_hooks_gets_load_errors(rng: np.random.Generator, copy_path: str) -> None:
+    check_skipped_hooks(rng, "even", device="cuda", copy_path=copy_path)
 
 
 def test_gpu_scheduler_launch_follows_work_queued_on_the_steps_stream(rng: np.random.Generator) -> None:

@@ -11,11 +11,11 @@ def random_prompt(rng: np.random.Generator, model: Model, blocks: int) -> list[i
     return rng.integers(0, 1000, blocks * model.block_size).tolist()
 
 
-def check_one_steps_stores(rng: np.random.Generator, device: str = "cpu") -> None:
+def check_one_steps_stores(rng: np.random.Generator, device: str = "cpu", copy_path: str = "auto") -> None:
     """store_many (a decode step's stores): one job per request, launched as one copy; a page two requests store
     is stored once; every loaded byte exact. A step whose copy cannot start stores none of its pages."""
     model = Model(device=device)
-    leader = make_leader(model)
+    leader = make_leader(model, copy_path=copy_path)
     engine = Engine(leader, model, tp=1, processes=False)
     try:
         shared = rng.integers(0, 1000, 2 * model.block_size).tolist()
@@ -59,8 +59,8 @@ def check_one_steps_stores(rng: np.random.Generator, device: str = "cpu") -> Non
 
 
 def check_sync_loads(rng: np.random.Generator, model: Model, *, tp: int, processes: bool,
-                     load_priority: int | None = None, early: bool | str = False) -> None:
-    leader = make_leader(model, tp=tp)
+                     load_priority: int | None = None, early: bool | str = False, copy_path: str = "auto") -> None:
+    leader = make_leader(model, tp=tp, copy_path=copy_path)
     engine = Engine(leader, model, tp=tp, num_blocks=96, processes=processes)
     try:
         if load_priority is not None:  # in-process ranks only
@@ -86,9 +86,9 @@ def check_sync_loads(rng: np.random.Generator, model: Model, *, tp: int, process
         leader.close()
 
 
-def check_skipped_hooks(rng: np.random.Generator, hooks: str, device: str = "cpu") -> None:
+def check_skipped_hooks(rng: np.random.Generator, hooks: str, device: str = "cpu", copy_path: str = "auto") -> None:
     model = Model(num_layers=4, device=device)
-    leader = make_leader(model)
+    leader = make_leader(model, copy_path=copy_path)
     engine = Engine(leader, model, tp=1, processes=False)
     try:
         a, b = random_prompt(rng, model, 5), random_prompt(rng, model, 5)

@@ -590,3 +590,71 @@ def check_copy_blocks(
     _run(sync, dynkv.copy_blocks, va, vb, src_ids, dst_ids, **op)
     assert_bytes_equal(b.storages, want, "copy_blocks: destination KV")
     assert_bytes_equal(a.storages, source, "copy_blocks: source KV")
+
+
+def check_staged(
+    rng: np.random.Generator,
+    shape: Shape,
+    *,
+    dims: str,
+    form: str,
+    dtype: torch.dtype,
+    tp: tuple[int, int],
+    device: Any = "cpu",
+    page_maker: PageMaker = cpu_pages,
+    sync: Callable[[], None] = no_sync,
+    chunk_pages: int = 2,
+    num_slots: int = 2,
+    stride_pad: int = 0,
+    num_layers: int = 3,
+    num_blocks: int = 11,
+    num_pages: int = 12,
+    entries: int = 9,
+    events: int = 0,
+) -> None:
+    """The staged path (``staged_gather``/``staged_scatter``) against the same references as gather/scatter.
+
+    ``entries`` pages over a ring of ``num_slots`` x ``chunk_pages`` staging
+    pages: chunks wrap around the ring, the last one partial. The staging ring
+    is poisoned first; every byte outside the mapping stays as it was.
+    """
+    from dynkv.memory import StagingBuffer
+    from dynkv.ops import staged_gather, staged_scatter
+
+    h0, h1 = dynkv.head_range(tp[1], tp[0], shape.num_heads)
+
+    def new_kv() -> KVCache:
+        return make_rank_kv(rng, shape, dims=dims, form=form, dtype=dtype, heads=(h0, h1), num_layers=num_layers,
+                            num_blocks=num_blocks, device=device)
+
+    kv = new_kv()
+    view = kv.view(num_heads_total=shape.num_heads, head_start=h0)
+    ring = StagingBuffer(view.geometry, device, chunk_pages=chunk_pages, num_slots=num_slots)
+    ring.pages.owner.fill_(SENTINEL)
+    source = kv.snapshot()
+
+    pages = page_maker(view.geometry, num_pages, stride_pad=stride_pad)
+    ids = block_choice(rng, num_blocks, entries, unique=False)
+    slots = block_choice(rng, num_pages, entries, unique=True)
+    want = expected_gather(kv, pages, h0, ids, slots)
+    _run(sync, staged_gather, view, pages.buffer, ids, slots, ring)
+    assert_bytes_equal(pages.flat, want, "staged gather: pages")
+    assert_bytes_equal(kv.storages, source, "staged gather: source KV")
+
+    kv2 = new_kv()
+    kv2.poison()
+    view2 = kv2.view(num_heads_total=shape.num_heads, head_start=h0)
+    rpages = page_maker(view.geometry, num_pages, stride_pad=stride_pad, fill=rng)
+    rslots = block_choice(rng, num_pages, entries, unique=False)
+    dst = block_choice(rng, num_blocks, entries, unique=True)
+    page_bytes = rpages.flat.clone()
+    want2 = expected_scatter(rpages, kv2, h0, rslots, dst)
+    evs = []
+    if events:
+        evs = [torch.cuda.Event() for _ in range(events)]
+        for e in evs:
+            e.record()
+    _run(sync, staged_scatter, rpages.buffer, view2, rslots, dst, ring, events=evs)
+    assert_bytes_equal(kv2.storages, want2, "staged scatter: KV")
+    assert_bytes_equal(rpages.flat, page_bytes, "staged scatter: source pages")
+    assert all(e.query() for e in evs), "every layer-group event was recorded after the scatter"

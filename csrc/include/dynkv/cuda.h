@@ -26,6 +26,10 @@ bool cuda_batch_memcpy_available();
 void cuda_set_device(int device);
 // cudaEventRecord of an event created elsewhere (torch), both as integers.
 void cuda_event_record(uint64_t event, uint64_t stream);
+// Events dynkv owns (no timing), and a stream's wait on one; integers as above.
+uint64_t cuda_event_create();
+void cuda_event_destroy(uint64_t event);
+void cuda_stream_wait_event(uint64_t stream, uint64_t event);
 void cuda_host_register(void* ptr, size_t bytes);
 void cuda_host_unregister(void* ptr);
 int cuda_device_count();

@@ -50,6 +50,50 @@ void copy_blocks(const PageGeom& geom, const BlockView& src, const BlockView& ds
 // memcpy_batch: plain runs (copy engines on CUDA; the thread pool on CPU).
 void memcpy_batch(const std::vector<Run>& runs, const ExecConfig& cfg, int device);
 
+// The staged path: whole page slices cross PCIe on the copy engines (one long run per page) into
+// a ring of staging pages in device memory, and an on-device kernel moves them between the staging
+// pages and the paged KV cache. The ring has `num_slots` slots of `chunk_pages` pages; chunk k of a
+// call uses slot k % num_slots, so the copy engines fill one slot while the kernel drains another.
+// On the CPU (device < 0) the same chunking runs with memcpys, staging in host memory.
+class StagingRing {
+ public:
+  // `pages`: num_slots * chunk_pages staging pages (device memory on a GPU); `dma_stream`: the copy
+  // engines' stream (GPU only).
+  StagingRing(const PageSet& pages, int64_t chunk_pages, int device, uint64_t dma_stream);
+  ~StagingRing();
+  StagingRing(const StagingRing&) = delete;
+  StagingRing& operator=(const StagingRing&) = delete;
+
+  const PageSet& pages() const { return pages_; }
+  int64_t chunk_pages() const { return chunk_pages_; }
+  int64_t num_slots() const { return num_slots_; }
+  int device() const { return device_; }
+  uint64_t dma_stream() const { return dma_stream_; }
+  // Staging page of the i-th page of a call.
+  int64_t stage_of(int64_t i) const { return ((i / chunk_pages_) % num_slots_) * chunk_pages_ + i % chunk_pages_; }
+  uint64_t ready(int64_t slot) const { return ready_[static_cast<size_t>(slot)]; }
+  uint64_t freed(int64_t slot) const { return freed_[static_cast<size_t>(slot)]; }
+
+ private:
+  PageSet pages_;
+  int64_t chunk_pages_;
+  int64_t num_slots_;
+  int device_;
+  uint64_t dma_stream_;
+  std::vector<uint64_t> ready_;  // slot filled (loads: DMA landed; stores: the kernel wrote it)
+  std::vector<uint64_t> freed_;  // slot drained (loads: the kernel read it; stores: DMA read it)
+};
+
+// Staged scatter: host pages `slots` -> this rank's heads of `block_ids`, every layer; then each of
+// `events` (layer-group events of a layer-wise load) is recorded on cfg.stream. `stage` holds
+// ring.stage_of(i) for every i (its device copy is what the kernel reads).
+void staged_scatter(const PageGeom& geom, const PageSet& pages, const BlockView& view, const IdList& slots,
+                    const IdList& block_ids, const IdList& stage, StagingRing& ring, const ExecConfig& cfg,
+                    const std::vector<uint64_t>& events);
+// Staged gather: this rank's heads of `block_ids` -> host pages `slots`. Complete on cfg.stream.
+void staged_gather(const PageGeom& geom, const BlockView& view, const PageSet& pages, const IdList& block_ids,
+                   const IdList& slots, const IdList& stage, StagingRing& ring, const ExecConfig& cfg);
+
 // Which path a transfer of this shape takes on the GPU (for reporting).
 Backend resolve_backend(const ExecConfig& cfg, int64_t avg_run_bytes);
 

@@ -1,0 +1,117 @@
+"""The staged copy path: page slices through a staging ring, then an on-device kernel (CPU: memcpys).
+
+The CPU runs the same chunking over the ring as the GPU, so CI checks which
+staging page each page goes through and where each rank's slice lands; the
+GPU tests add the streams and events that order the two stages.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from kvtensors import SHAPES, Shape, check_staged, dtype_id, make_pages, make_rank_kv
+
+import dynkv
+from dynkv.memory import StagingBuffer
+from dynkv.ops import staged_gather, staged_scatter
+
+TP = [(1, 0), (2, 1), (4, 3)]
+
+
+@pytest.mark.parametrize("tp", TP, ids=lambda t: f"tp{t[0]}r{t[1]}")
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC", "BHLNC"])
+def test_staged_matches_the_reference(rng: np.random.Generator, layout: str, shape: Shape, tp: tuple[int, int]) -> None:
+    check_staged(rng, shape, dims=layout, form="cross", dtype=torch.bfloat16 if not shape.mla else torch.uint8,
+                 tp=tp)
+
+
+@pytest.mark.parametrize("chunk_pages,num_slots,entries", [(1, 1, 5), (2, 3, 9), (4, 2, 3), (3, 2, 12)])
+@pytest.mark.parametrize("form", ["cross", "layers", "separate"])
+def test_staged_ring_shapes(rng: np.random.Generator, form: str, chunk_pages: int, num_slots: int,
+                            entries: int) -> None:
+    """One page per chunk, a call shorter than a chunk, chunks wrapping the ring several times; padded pages."""
+    check_staged(rng, SHAPES[0], dims="LBNHC", form=form, dtype=torch.float16, tp=(2, 0), chunk_pages=chunk_pages,
+                 num_slots=num_slots, entries=entries, num_pages=max(entries, 6), num_blocks=max(entries, 6) + 1,
+                 stride_pad=24)
+
+
+def test_stage_slots_follow_the_ring() -> None:
+    g = dynkv.PageGeometry.for_model(num_layers=2, num_kv_heads=2, head_size=4, block_size=2, elem_bytes=2)
+    ring = StagingBuffer(g, "cpu", chunk_pages=3, num_slots=2)
+    assert ring.pages.num_pages == 6 and ring.nbytes == 6 * ring.pages.page_stride
+    assert ring.pages.page_stride % 256 == 0 and ring.pages.page_stride >= g.page_bytes
+    assert ring.stage_slots(14).tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 0, 1]
+    assert [ring.ring.stage_of(i) for i in range(14)] == ring.stage_slots(14).tolist()
+
+
+def test_staged_bad_input_is_refused_before_any_byte_moves(rng: np.random.Generator) -> None:
+    shape = SHAPES[0]
+    kv = make_rank_kv(rng, shape, dims="LBHNC", form="cross", dtype=torch.bfloat16, heads=(0, 4), num_blocks=6)
+    view = kv.view(num_heads_total=4)
+    pages = make_pages(view.geometry, 6, fill=rng)
+    ring = StagingBuffer(view.geometry, "cpu", chunk_pages=2, num_slots=2)
+    before_kv, before_pages = kv.snapshot(), pages.flat.clone()
+    with pytest.raises(ValueError, match=r"slots\[1\]=6 is out of range"):
+        staged_scatter(pages.buffer, view, [0, 6], [0, 1], ring)
+    with pytest.raises(ValueError, match=r"block_ids has 1 more than once"):
+        staged_scatter(pages.buffer, view, [0, 1], [1, 1], ring)
+    with pytest.raises(ValueError, match="length mismatch"):
+        staged_scatter(pages.buffer, view, [0, 1, 2], [0, 1], ring)
+    with pytest.raises(ValueError, match=r"slots has 2 more than once"):
+        staged_gather(view, pages.buffer, [0, 1], [2, 2], ring)
+    with pytest.raises(ValueError, match="events are recorded on a GPU stream"):
+        staged_scatter(pages.buffer, view, [0], [0], ring, events=[object()])
+    other = dynkv.PageGeometry.for_model(num_layers=3, num_kv_heads=4, head_size=8, block_size=16, elem_bytes=2)
+    with pytest.raises(ValueError, match="geometries differ"):
+        staged_scatter(pages.buffer, view, [0], [0], StagingBuffer(other, "cpu"))
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="expected an integer >= 1"):
+            StagingBuffer(view.geometry, "cpu", chunk_pages=bad)
+    assert all(torch.equal(a, b) for a, b in zip(kv.storages, before_kv))
+    assert torch.equal(pages.flat, before_pages)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+def _gpu_pages(geometry: dynkv.PageGeometry, num_pages: int, **kw):
+    return make_pages(geometry, num_pages, pin=True, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tp", TP, ids=lambda t: f"tp{t[0]}r{t[1]}")
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC", "BLHNC", "BHLNC"])
+def test_gpu_staged_matches_the_reference(rng: np.random.Generator, layout: str, dtype: torch.dtype, shape: Shape,
+                                          tp: tuple[int, int]) -> None:
+    check_staged(rng, shape, dims=layout, form="layers", dtype=dtype, tp=tp, device="cuda",
+                 page_maker=_gpu_pages, sync=torch.cuda.synchronize, events=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk_pages,num_slots,entries", [(1, 1, 7), (2, 3, 11), (8, 2, 40)])
+def test_gpu_staged_ring_wraps(rng: np.random.Generator, chunk_pages: int, num_slots: int, entries: int) -> None:
+    """Chunks reuse each slot only after the previous user of that slot is done with it (events, not syncs)."""
+    check_staged(rng, SHAPES[0], dims="LBNHC", form="cross", dtype=torch.bfloat16, tp=(2, 1), device="cuda",
+                 page_maker=_gpu_pages, sync=torch.cuda.synchronize, chunk_pages=chunk_pages, num_slots=num_slots,
+                 entries=entries, num_pages=entries + 3, num_blocks=entries + 2, stride_pad=4096 - 40)
+
+
+@pytest.mark.gpu
+def test_gpu_staged_refuses_pageable_pages_and_a_ring_elsewhere(rng: np.random.Generator) -> None:
+    kv = make_rank_kv(rng, SHAPES[0], dims="LBHNC", form="cross", dtype=torch.bfloat16, heads=(0, 4),
+                      num_blocks=4, device="cuda")
+    view = kv.view(num_heads_total=4)
+    pageable = make_pages(view.geometry, 4, fill=rng)
+    ring = StagingBuffer(view.geometry, "cuda", chunk_pages=2, num_slots=2)
+    with pytest.raises(ValueError, match="pageable host memory"):
+        staged_scatter(pageable.buffer, view, [0], [0], ring)
+    with pytest.raises(ValueError, match="the staging buffer is on cpu"):
+        staged_scatter(_gpu_pages(view.geometry, 4, fill=rng).buffer, view, [0], [0],
+                       StagingBuffer(view.geometry, "cpu"))
+    device_pages = make_pages(view.geometry, 4, fill=rng, device="cuda")
+    with pytest.raises(ValueError, match="moves host pages"):
+        staged_gather(view, device_pages.buffer, [0], [0], ring)
