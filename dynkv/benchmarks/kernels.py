@@ -138,12 +138,17 @@ def tile_sweep(preset: Preset, cfg: Config) -> list[dict[str, Any]]:
         try:
             for d in dirs:
                 gb = {}
-                for b in ("kernel", "dma"):
+                base = time_fns(baseline_fns(s, d, cfg.threads), s.device, iters=cfg.iters, warmup=cfg.warmup)
+                gb["memcpy"] = s.nbytes / statistics.median(base) / 1e9
+                for b in ("kernel", "staged", "dma"):
+                    if b == "staged" and d == "d2d":
+                        continue
                     ctas = get_tuning().for_direction(d)[0] if b == "kernel" else None
                     t = time_fns(_ops_for(s, cfg, d, b, ctas), s.device, iters=cfg.iters, warmup=cfg.warmup)
                     gb[b] = s.nbytes / statistics.median(t) / 1e9
                 rows.append({"tile_kib": kib, "block_size": bs, "direction": d, "blocks": blocks,
-                             "kernel_gbps": gb["kernel"], "dma_gbps": gb["dma"],
+                             **{f"{b}_gbps": v for b, v in gb.items()},
+                             **{f"{b}_pct": 100.0 * v / gb["memcpy"] for b, v in gb.items() if b != "memcpy"},
                              "kernel_over_dma": gb["kernel"] / gb["dma"]})
         finally:
             s.close()
@@ -317,8 +322,9 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.tile_sweep:
         report["tile_sweep"] = tile_sweep(preset, cfg)
         for r in report["tile_sweep"]:
-            print(f"tile {r['tile_kib']:>2} KiB {r['direction']}: kernel {r['kernel_gbps']:.1f} GB/s, "
-                  f"dma {r['dma_gbps']:.1f} GB/s, kernel/dma {r['kernel_over_dma']:.2f}x")
+            paths = ", ".join(f"{b} {r[f'{b}_gbps']:.1f} ({r[f'{b}_pct']:.1f}%)" for b in ("kernel", "staged", "dma")
+                              if f"{b}_gbps" in r)
+            print(f"tile {r['tile_kib']:>2} KiB {r['direction']}: memcpy {r['memcpy_gbps']:.1f} GB/s; {paths}")
     if cfg.host_pool_gib:
         report["host_pool"] = hp = host_pool_speed(cfg.host_pool_gib)
         print(f"pin {hp['gib']:g} GiB: HostPool.create {hp['dynkv_s']:.2f} s, torch pin_memory "

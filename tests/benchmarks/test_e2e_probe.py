@@ -17,11 +17,12 @@ def test_parse_variant_reads_knobs_and_names_what_is_wrong() -> None:
     assert parse_variant("late:early=0,paths=host") == ("late", {"early": 0, "paths": "host"})
     assert parse_variant("lb:last_block=1,paths=disk") == ("lb", {"last_block": 1, "paths": "disk"})
     assert parse_variant("x:ctas=4,threads=1024,smem_kib=200") == ("x", {"ctas": 4, "threads": 1024, "smem_kib": 200})
+    assert parse_variant("k:copy=kernel,paths=host") == ("k", {"copy": "kernel", "paths": "host"})
     for bad, words in (("nocolon", "NAME:key=value"), ("x:color=red", "'color=red'"), ("x:ctas=0", "below 1"),
                        ("x:early=2", "expected 0 or 1"), ("x:last_block=3", "last_block=3: expected 0 or 1"),
                        ("x:ctas=many", "not a int"), ("x:paths=gpu", "paths='gpu'"), ("x:threads=16", "below 32"),
                        ("x:threads=100", "multiple of 32"), ("x:threads=2048", "up to 1024"),
-                       ("x:smem_kib=-1", "below 0")):
+                       ("x:smem_kib=-1", "below 0"), ("x:copy=dma", "copy='dma': expected kernel or staged")):
         with pytest.raises(ValueError, match=words):
             parse_variant(bad)
 

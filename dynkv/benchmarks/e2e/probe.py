@@ -13,7 +13,8 @@
   (:attr:`dynkv.config.DynKVConfig.disk_wait_ms`), ``store_launch_kib``
   (launch size of the stores' copies, :attr:`dynkv.ops.Tuning.launch_bytes`;
   0: one launch), ``early`` (1 or 0: :attr:`dynkv.config.DynKVConfig.early_loads`),
-  ``last_block`` (1 or 0: :attr:`dynkv.config.DynKVConfig.load_last_block`), ``paths`` (``host``, ``disk``, ``host+disk``, the
+  ``last_block`` (1 or 0: :attr:`dynkv.config.DynKVConfig.load_last_block`), ``copy`` (``kernel`` or
+  ``staged``: the worker's copy path of loads and stores, :mod:`dynkv.worker.staging`), ``paths`` (``host``, ``disk``, ``host+disk``, the
   default, or ``decode``: the decode runs again). ``priority`` needs the
   worker in the engine's process (one GPU, ``distributed_executor_backend=uni``).
 - **Traces** (``--trace``): one hit per path of the first length under
@@ -45,7 +46,7 @@ __all__ = ["KNOBS", "HostSample", "apply_variant", "block_device", "disk_batches
 KNOBS: dict[str, tuple[Callable[[str], Any], int | None]] = {
     "priority": (int, None), "ctas": (int, 1), "threads": (int, 32), "smem_kib": (int, 0), "read_chunk": (int, 0),
     "io_threads": (int, 1), "disk_wait_ms": (float, 0), "store_launch_kib": (int, 0), "early": (int, 0), "sched": (int, 0),
-    "last_block": (int, 0), "paths": (str, None)}
+    "last_block": (int, 0), "paths": (str, None), "copy": (str, None)}
 # knobs of dynkv.ops.Tuning -> (its field, the direction they change, the knob's unit in bytes or 1)
 _TUNING_KNOBS = {"ctas": ("ctas", "h2d", 1), "threads": ("threads", "h2d", 1), "smem_kib": ("smem_bytes", "h2d", 1024),
                  "store_launch_kib": ("launch_bytes", "d2h", 1024)}
@@ -78,6 +79,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
             raise ValueError(f"{text!r}: {key}={v}: expected 0 or 1")
         if key == "threads" and (v % 32 or v > 1024):
             raise ValueError(f"{text!r}: threads={v}: expected a multiple of 32 up to 1024")
+        if key == "copy" and v not in ("kernel", "staged"):
+            raise ValueError(f"{text!r}: copy={v!r}: expected kernel or staged")
         if key == "paths" and v not in _PATHS:
             raise ValueError(f"{text!r}: paths={v!r}: expected one of {', '.join(_PATHS)}")
         knobs[key] = v
@@ -128,6 +131,15 @@ def apply_variant(connector: Any, knobs: dict[str, Any]) -> Callable[[], None]:
             old_threads = disk.io_threads
             disk.set_io_threads(knobs["io_threads"])
             undo.append(lambda: disk.set_io_threads(old_threads))
+        if "copy" in knobs:
+            from dynkv.worker.staging import CopyPaths
+
+            worker = _worker()
+            old_paths = worker.copy_paths
+            if old_paths is None:
+                raise RuntimeError("copy: the worker has no GPU copy paths")
+            worker.copy_paths = CopyPaths(old_paths.view, h2d=knobs["copy"], d2h=knobs["copy"])
+            undo.append(lambda: setattr(worker, "copy_paths", old_paths))
         if "priority" in knobs:
             worker = _worker()
             old_priority = worker.load_priority
