@@ -120,6 +120,12 @@ def _optional(parse: Callable[[Any, _Source], Any]) -> Callable[[Any, _Source], 
 COPY_PATHS = ("auto", "kernel", "staged")
 
 
+def _parse_str(value: Any, src: _Source) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > 256:
+        raise src.error(value, "a non-empty string of at most 256 characters")
+    return value.strip()
+
+
 def _parse_copy_path(value: Any, src: _Source) -> str:
     v = value.strip().lower() if isinstance(value, str) else value
     if v not in COPY_PATHS:
@@ -177,6 +183,7 @@ _PARSERS: dict[str, Callable[[Any, _Source], Any]] = {
     "early_loads": _parse_bool,
     "load_last_block": _parse_bool,
     "copy_path": _parse_copy_path,
+    "model_version": _optional(_parse_str),
 }
 
 
@@ -275,6 +282,13 @@ class DynKVConfig:
         small staging ring on the GPU, then an on-device kernel), or ``auto``
         (each worker measures both at start, per direction, and keeps the
         faster; the result is cached per GPU and driver).
+    model_version
+        The identity of the served weights, in every page key: pages stored
+        under another version never match. Default (None): a digest of the
+        model directory's JSON files and samples of each weight file
+        (:mod:`dynkv.identity`); set it where reading the weight files at start
+        is slow, or to share pages between copies of a model you know are
+        the same.
     """
 
     host_gb: float | None = None
@@ -297,6 +311,7 @@ class DynKVConfig:
     early_loads: bool = True
     load_last_block: bool = False
     copy_path: str = "auto"
+    model_version: str | None = None
 
     def __post_init__(self) -> None:
         for name, parse in _PARSERS.items():

@@ -103,6 +103,10 @@ class ModelFingerprint:
         Tokens per block (page).
     page_format_version
         dynkv's page format; default the current ``PAGE_FORMAT_VERSION``.
+    weights
+        The weights' identity (:func:`dynkv.identity.weights_identity`, or a
+        user-given ``model_version``): new weights or a new ``config.json`` at
+        the same path never match the old pages.
     """
 
     model_id: str
@@ -112,8 +116,11 @@ class ModelFingerprint:
     head_size: int
     block_size: int
     page_format_version: int = PAGE_FORMAT_VERSION
+    weights: str = ""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.weights, str):
+            raise ValueError(f"weights={self.weights!r}: expected a string")
         if not isinstance(self.model_id, str) or not self.model_id:
             raise ValueError(f"model_id={self.model_id!r}: expected a non-empty string")
         dtype = str(self.dtype).removeprefix("torch.")
@@ -136,7 +143,7 @@ class ModelFingerprint:
             self.head_size,
             self.block_size,
             self.page_format_version,
-        )
+        ) + ((self.weights,) if self.weights else ())  # no identity: the digest of fingerprints before it existed
         return hashlib.blake2b(encode_extra(fields), digest_size=KEY_BYTES, person=_PERSON_MODEL).digest()
 
     def digest(self) -> bytes:

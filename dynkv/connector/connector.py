@@ -140,7 +140,8 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             # its connector.
             log.info("dynkv: kv_load_failure_policy %r -> 'recompute'", xfer.kv_load_failure_policy)
             xfer.kv_load_failure_policy = "recompute"
-        self.geometry, self.fingerprint = model_geometry(vllm_config, kv_cache_config)
+        self.geometry, self.fingerprint = model_geometry(vllm_config, kv_cache_config,
+                                                         model_version=self.config.model_version)
         self.block_size = self.geometry.block_size
         self.world_size = vllm_config.parallel_config.tensor_parallel_size
         self.pool_name = pool_name_for(str(xfer.engine_id), self.fingerprint)

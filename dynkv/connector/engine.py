@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dynkv.identity import weights_identity
 from dynkv.keys import ModelFingerprint
 from dynkv.layout import PagedView, PageGeometry, head_range
 
@@ -25,7 +26,8 @@ def _elem_bytes(dtype: Any) -> int:
     return torch.empty(0, dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 1
 
 
-def model_geometry(vllm_config: Any, kv_cache_config: Any = None) -> tuple[PageGeometry, ModelFingerprint]:
+def model_geometry(vllm_config: Any, kv_cache_config: Any = None, *,
+                   model_version: str | None = None) -> tuple[PageGeometry, ModelFingerprint]:
     """Page geometry and fingerprint of the model vLLM serves; scheduler and workers derive the same.
 
     Parameters
@@ -35,6 +37,9 @@ def model_geometry(vllm_config: Any, kv_cache_config: Any = None) -> tuple[PageG
     kv_cache_config
         vLLM's ``KVCacheConfig`` when the connector API passes it; else the
         model config alone decides.
+    model_version
+        The weights' identity as the user names it; default: digested from the
+        model's files (:func:`dynkv.identity.weights_identity`).
 
     Raises
     ------
@@ -82,7 +87,9 @@ def model_geometry(vllm_config: Any, kv_cache_config: Any = None) -> tuple[PageG
         model_id += f"+{model.quantization}"
     kv_dtype = str(dtype) if cache.cache_dtype == "auto" else str(cache.cache_dtype)
     geometry = PageGeometry(num_layers, num_heads, block_size, token_bytes, elem)
-    fingerprint = ModelFingerprint(model_id, kv_dtype, num_layers, num_heads, head_size, block_size)
+    weights = (f"version:{model_version}" if model_version
+               else weights_identity(str(model.model), getattr(model, "revision", None)))
+    fingerprint = ModelFingerprint(model_id, kv_dtype, num_layers, num_heads, head_size, block_size, weights=weights)
     return geometry, fingerprint
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -251,3 +252,25 @@ def test_tensor_parallel_two_ranks(model_dir: str, prompts: dict, baseline: dict
     print(f"TP=2 host tier: max logprob diff {d:.3g} (device-cache spread {tol:.3g})")
     assert d <= tol
     assert sample(host, "dynkv_hits_total", tier="host") == len(P) * FULL_BLOCKS
+
+
+def test_new_weights_at_the_same_path_never_see_the_old_pages(prompts: dict, tmp_path: Path) -> None:
+    """A fine-tune deployed to the model's path, restarted on the same disk tier: no hit, the new model's tokens."""
+    served = tmp_path / "served"
+    write_model(served, preset="tiny", seed=0)
+    P = prompts["P"]
+    dynkv = {"host_pages": 20, "disk_gb": 0.02, "disk_paths": [str(tmp_path / "disk")], "disk_admit_min_hits": 0}
+    old = run_engine(tmp_path / "old", {"model": str(served), "engine": ENGINE, "dynkv": dynkv,
+                                        "phases": [{"name": "cold", "prompts": P}]})
+    assert sample(old["phases"][0], "dynkv_tier_pages", tier="disk", state="stored") >= len(P) * FULL_BLOCKS
+    shutil.rmtree(served)
+    write_model(served, preset="tiny", seed=1)  # same architecture and path, other weights
+    plain = run_engine(tmp_path / "plain", {"model": str(served), "engine": ENGINE, "dynkv": None,
+                                            "phases": [{"name": "cold", "prompts": P}]})
+    new = run_engine(tmp_path / "new", {"model": str(served), "engine": ENGINE, "dynkv": dynkv,
+                                        "phases": [{"name": "revisit", "prompts": P}]})
+    revisit = new["phases"][0]
+    assert sample(revisit, "dynkv_hits_total", tier="disk") == 0, "the old model's pages matched the new weights"
+    assert sample(revisit, "dynkv_hits_total", tier="host") == 0
+    assert revisit["tokens"] == plain["phases"][0]["tokens"], "the new weights' own tokens"
+    assert revisit["tokens"] != old["phases"][0]["tokens"], "the two models answer differently (else this proves nothing)"
