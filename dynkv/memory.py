@@ -241,6 +241,8 @@ class StagingBuffer:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r}: expected an integer >= 1")
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # compared with the KV cache's device
         stride = -(-geometry.page_bytes // 256) * 256  # 256-byte aligned pages: 16-byte vector copies throughout
         self.device = device
         self.stream: Any = None
@@ -250,7 +252,7 @@ class StagingBuffer:
             self.stream = torch.cuda.Stream(device)
         tensor = torch.empty(chunk_pages * num_slots * stride, dtype=torch.uint8, device=device)
         self.pages = PageBuffer.from_tensor(geometry, tensor, page_stride=stride)
-        index = (device.index if device.index is not None else torch.cuda.current_device()) if self.stream else -1
+        index = device.index if self.stream else -1
         self.ring = _C.StagingRing(self.pages.c, chunk_pages, index, int(self.stream.cuda_stream) if self.stream else 0)
 
     @property
