@@ -251,11 +251,12 @@ PYBIND11_MODULE(_C, m) {
   py::class_<HostPool>(m, "HostPool")
       .def_static(
           "create",
-          [](const std::string& name, size_t bytes, bool pin, size_t chunk_bytes, int threads) {
+          [](const std::string& name, size_t bytes, bool pin, size_t chunk_bytes, int threads, bool memfd) {
             py::gil_scoped_release nogil;
-            return HostPool::create(name, bytes, pin, chunk_bytes, threads);
+            return HostPool::create(name, bytes, pin, chunk_bytes, threads, memfd);
           },
-          py::arg("name"), py::arg("bytes"), py::arg("pin"), py::arg("chunk_bytes"), py::arg("threads"))
+          py::arg("name"), py::arg("bytes"), py::arg("pin"), py::arg("chunk_bytes"), py::arg("threads"),
+          py::arg("memfd") = false)
       .def_static(
           "attach",
           [](const std::string& name, bool pin, size_t chunk_bytes, int threads) {
@@ -268,6 +269,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("ptr", &HostPool::ptr)
       .def_property_readonly("size", &HostPool::size)
       .def_property_readonly("name", &HostPool::name)
+      .def_property_readonly("path", &HostPool::path)
+      .def_property_readonly("memfd", &HostPool::memfd)
       .def_property_readonly("owner", &HostPool::owner)
       .def_property_readonly("pinned", &HostPool::pinned)
       .def_property_readonly("chunk_bytes", &HostPool::chunk_bytes)

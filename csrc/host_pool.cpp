@@ -4,13 +4,18 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <climits>
 #include <cstring>
+#include <fstream>
 #include <mutex>
+#include <optional>
+#include <sstream>
 #include <thread>
 
 #include "dynkv/check.h"
@@ -37,10 +42,50 @@ void check_name(const std::string& name) {
 
 std::string errno_text(int err) { return std::string(std::strerror(err)); }
 
+#ifndef MFD_CLOEXEC
+#define MFD_CLOEXEC 0x0001U
+#endif
+
+// A memfd labelled `label`; -1 with errno set where it fails (ENOSYS or EINVAL
+// on a kernel without memfd_create, or a glibc built before it).
+int open_memfd(const std::string& label) {
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 27))
+  return memfd_create(label.c_str(), MFD_CLOEXEC);
+#elif defined(SYS_memfd_create)
+  return static_cast<int>(syscall(SYS_memfd_create, label.c_str(), MFD_CLOEXEC));
+#else
+  errno = ENOSYS;
+  return -1;
+#endif
+}
+
+// MemAvailable of /proc/meminfo in bytes; nothing where it cannot be read.
+std::optional<unsigned long long> mem_available() {
+  std::ifstream f("/proc/meminfo");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("MemAvailable:", 0) != 0) continue;
+    std::istringstream is(line.substr(13));
+    unsigned long long kib = 0;
+    if (is >> kib) return kib * 1024;
+    break;
+  }
+  return std::nullopt;
+}
+
+// A memfd's pages are the kernel's shared memory, outside /dev/shm's size
+// limit: refuse a pool larger than the memory the machine has to give.
+void check_mem_available(size_t bytes) {
+  const auto avail = mem_available();
+  if (!avail) return;
+  DYNKV_CHECK(*avail >= bytes, "the host pool needs ", bytes, " bytes but this machine has ", *avail,
+              " bytes available (MemAvailable in /proc/meminfo); lower the host tier size or free memory");
+}
+
 }  // namespace
 
 std::unique_ptr<HostPool> HostPool::create(const std::string& name, size_t bytes, bool pin,
-                                           size_t chunk_bytes, int threads) {
+                                           size_t chunk_bytes, int threads, bool memfd) {
   DYNKV_CHECK(bytes > 0, "host pool size must be positive, got 0 bytes");
   DYNKV_CHECK(chunk_bytes > 0 && chunk_bytes % kOsPage == 0, "chunk_bytes=", chunk_bytes,
               " is not valid: expected a positive multiple of ", kOsPage);
@@ -51,7 +96,27 @@ std::unique_ptr<HostPool> HostPool::create(const std::string& name, size_t bytes
   pool->chunk_bytes_ = chunk_bytes;
   pool->owner_ = true;
   int fd = -1;
-  if (!name.empty()) {
+  if (memfd) {
+    DYNKV_CHECK(!name.empty(), "a memfd host pool needs a name: it labels the memfd, and names the /dev/shm "
+                "segment used instead where the kernel has no memfd_create");
+    check_name(name);
+    check_mem_available(bytes);
+    fd = open_memfd(name);
+    if (fd < 0 && errno != ENOSYS && errno != EINVAL) {
+      DYNKV_FAIL("memfd_create('", name, "') failed: ", errno_text(errno));
+    }
+    if (fd >= 0) {
+      pool->name_ = name;
+      pool->path_ = "/proc/" + std::to_string(getpid()) + "/fd/" + std::to_string(fd);
+      pool->memfd_ = true;
+      if (ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+        const int err = errno;
+        ::close(fd);
+        DYNKV_FAIL("ftruncate of host pool '", name, "' (memfd) to ", bytes, " bytes failed: ", errno_text(err));
+      }
+    }
+  }
+  if (fd < 0 && !name.empty()) {
     check_name(name);
     // tmpfs hands out pages lazily: a pool larger than /dev/shm would fault
     // (SIGBUS) mid-run, so refuse it here with the numbers.
@@ -69,6 +134,7 @@ std::unique_ptr<HostPool> HostPool::create(const std::string& name, size_t bytes
     }
     if (fd < 0) DYNKV_FAIL("shm_open('/", name, "') failed: ", errno_text(errno));
     pool->name_ = name;
+    pool->path_ = "/dev/shm/" + name;
     if (ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
       const int err = errno;
       ::close(fd);
@@ -87,22 +153,41 @@ std::unique_ptr<HostPool> HostPool::create(const std::string& name, size_t bytes
 
 std::unique_ptr<HostPool> HostPool::attach(const std::string& name, bool pin, size_t chunk_bytes,
                                            int threads) {
-  check_name(name);
-  DYNKV_CHECK(!name.empty(), "attach needs the name of an existing host pool");
+  // An absolute path goes through open(2): glibc's shm_open adds O_NOFOLLOW,
+  // and a memfd is reached through a /proc/<pid>/fd link.
+  const bool by_path = !name.empty() && name[0] == '/';
+  if (by_path) {
+    DYNKV_CHECK(name.size() < PATH_MAX, "host pool path of ", name.size(), " characters is not valid: expected "
+                "fewer than ", PATH_MAX);
+  } else {
+    check_name(name);
+  }
+  DYNKV_CHECK(!name.empty(), "attach needs the name or path of an existing host pool");
   DYNKV_CHECK(chunk_bytes > 0 && chunk_bytes % kOsPage == 0, "chunk_bytes=", chunk_bytes,
               " is not valid: expected a positive multiple of ", kOsPage);
   DYNKV_CHECK(!pin || cuda_compiled(), "pin=True needs the CUDA ops, and this build has none");
-  const int fd = shm_open(shm_path(name).c_str(), O_RDWR, 0600);
-  DYNKV_CHECK(fd >= 0, "cannot attach host pool '", name, "': ", errno_text(errno),
-              "; the engine's leader creates it before workers attach");
+  const int fd = by_path ? open(name.c_str(), O_RDWR | O_CLOEXEC) : shm_open(shm_path(name).c_str(), O_RDWR, 0600);
+  if (fd < 0) {
+    const int err = errno;
+    DYNKV_CHECK(false, "cannot attach host pool '", name, "': ", errno_text(err),
+                "; the engine's leader creates it before workers attach",
+                by_path && err == EACCES ? " (a memfd pool opens only for processes that may read its creator's "
+                                           "/proc/<pid>/fd: the same user)" : "");
+  }
   struct stat st {};
   if (fstat(fd, &st) != 0) {
     const int err = errno;
     ::close(fd);
     DYNKV_FAIL("fstat of host pool '", name, "' failed: ", errno_text(err));
   }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    DYNKV_CHECK(false, "'", name, "' is not a host pool: expected a memfd or a shared-memory file, found no "
+                "regular file; pass a pool's path (HostPool.path) or /dev/shm name");
+  }
   std::unique_ptr<HostPool> pool(new HostPool());
   pool->name_ = name;
+  pool->path_ = by_path ? name : "/dev/shm/" + name;
   pool->bytes_ = static_cast<size_t>(st.st_size);
   pool->chunk_bytes_ = chunk_bytes;
   try {
@@ -160,7 +245,7 @@ void HostPool::map(int fd, bool populate, bool pin, int threads) {
       // tmpfs as an error instead of a SIGBUS (Linux >= 5.14). Older kernels
       // get one write per OS page; tmpfs hands back zeroed pages.
       if (madvise(start, len, kMadvPopulateWrite) == 0) return;
-      if (errno != EINVAL) DYNKV_FAIL(errno_text(errno), " (is /dev/shm or memory too small?)");
+      if (errno != EINVAL) DYNKV_FAIL(errno_text(errno), " (is memory, or /dev/shm, too small?)");
       for (size_t off = 0; off < len; off += kOsPage) start[off] = 0;
     });
     populate_seconds_ = std::chrono::duration<double>(clock::now() - t0).count();
@@ -198,7 +283,8 @@ void HostPool::close() {
     ::close(fd_);
     fd_ = -1;
   }
-  if (owner_ && !name_.empty()) {
+  if (memfd_) path_.clear();  // the fd number is free for another file now
+  if (owner_ && !memfd_ && !name_.empty()) {  // a memfd has no name to unlink
     shm_unlink(shm_path(name_).c_str());
     owner_ = false;
   }

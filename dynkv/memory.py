@@ -1,7 +1,7 @@
-"""Page memory: the host pool (POSIX shared memory, pinned in chunks) and page buffers.
+"""Page memory: the host pool (shared memory, pinned in chunks) and page buffers.
 
-:class:`HostPool` is the memory of the host tier (one ``/dev/shm`` pool per
-engine, mapped by every TP rank); :class:`PageBuffer` is a run of pages on the
+:class:`HostPool` is the memory of the host tier (one memfd per engine, mapped
+by every TP rank); :class:`PageBuffer` is a run of pages on the
 host or a device, in the page format of :mod:`dynkv.layout`;
 :class:`StagingBuffer` is a small ring of pages on a GPU that the staged copy
 path moves pages through. The copies
@@ -28,14 +28,22 @@ __all__ = ["HostPool", "PageBuffer", "StagingBuffer", "chunk_for"]
 
 
 class HostPool:
-    """Host memory for pages, on POSIX shared memory so TP ranks share it.
+    """Host memory for pages, on shared memory so TP ranks share it.
 
     Parameters
     ----------
     nbytes
         Size; rounded up to 4 KiB.
     name
-        Name under ``/dev/shm``; ``None`` for an anonymous, process-private pool.
+        Name under ``/dev/shm``; ``None`` for an anonymous, process-private
+        pool. With ``memfd``, the memfd's label instead.
+    memfd
+        Make the pool a memfd: nothing in ``/dev/shm``, and the kernel frees the
+        memory once the last process that holds or maps it is gone, however it
+        ends (a killed creator leaves nothing behind). Other processes attach
+        by :attr:`path` while the creator lives. Where the kernel has no
+        ``memfd_create``, the pool is the named ``/dev/shm`` segment instead
+        (:attr:`memfd` is then False). Needs ``name``.
     pin
         Register with CUDA (page-locked, GPU-mapped). Default: when the CUDA
         ops are compiled in and a GPU is visible.
@@ -55,11 +63,13 @@ class HostPool:
         nbytes: int,
         *,
         name: str | None = None,
+        memfd: bool = False,
         pin: bool | None = None,
         chunk_bytes: int = 256 << 20,
         threads: int | None = None,
     ) -> HostPool:
-        return cls(_C.HostPool.create(name or "", int(nbytes), _want_pin(pin), chunk_bytes, _pool_threads(threads)))
+        return cls(_C.HostPool.create(name or "", int(nbytes), _want_pin(pin), chunk_bytes, _pool_threads(threads),
+                                      memfd))
 
     @classmethod
     def for_pages(
@@ -68,19 +78,22 @@ class HostPool:
         num_pages: int,
         *,
         name: str | None = None,
+        memfd: bool = False,
         pin: bool | None = None,
         page_stride: int | None = None,
         threads: int | None = None,
     ) -> HostPool:
         """A pool for ``num_pages`` pages whose pinned chunks hold whole pages."""
         stride = page_stride or geometry.page_bytes
-        return cls.create(num_pages * stride, name=name, pin=pin, chunk_bytes=chunk_for(stride), threads=threads)
+        return cls.create(num_pages * stride, name=name, memfd=memfd, pin=pin, chunk_bytes=chunk_for(stride),
+                          threads=threads)
 
     @classmethod
     def attach(
-        cls, name: str, *, pin: bool | None = None, chunk_bytes: int = 256 << 20, threads: int | None = None
+        cls, name_or_path: str, *, pin: bool | None = None, chunk_bytes: int = 256 << 20, threads: int | None = None
     ) -> HostPool:
-        return cls(_C.HostPool.attach(name, _want_pin(pin), chunk_bytes, _pool_threads(threads)))
+        """Map an existing pool: a ``/dev/shm`` name, or an absolute path (a creator's :attr:`path`, or a link to it)."""
+        return cls(_C.HostPool.attach(name_or_path, _want_pin(pin), chunk_bytes, _pool_threads(threads)))
 
     @staticmethod
     def unlink(name: str) -> bool:
@@ -98,6 +111,17 @@ class HostPool:
     @property
     def name(self) -> str:
         return str(self._h.name)
+
+    @property
+    def path(self) -> str:
+        """Where another process attaches the pool: ``/proc/<pid>/fd/<fd>`` for a memfd (valid while its
+        creator lives), ``/dev/shm/<name>`` for a named pool, the path it was attached by; "" if anonymous."""
+        return str(self._h.path)
+
+    @property
+    def memfd(self) -> bool:
+        """This process created the pool as a memfd."""
+        return bool(self._h.memfd)
 
     @property
     def pinned(self) -> bool:
