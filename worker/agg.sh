@@ -12,7 +12,7 @@ DTYPE="${DTYPE:-auto}"
 MAX_MODEL_LEN="${MAX_MODEL_LEN:-}"
 GPU_MEMORY_UTILIZATION="${GPU_MEMORY_UTILIZATION:-0.9}"
 # vLLM's default 0 kills the engine at once on shutdown, before dynkv can
-# release its host pool (/dev/shm) and flush the disk tier.
+# flush the disk tier (its host pool, a memfd, goes with the processes anyway).
 SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-30}"
 PYTHON="${PYTHON:-python3}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"

@@ -233,8 +233,9 @@ def _run_one(run: Run, model: Path, w: Workload, log_dir: Path, timeout_s: float
             run.metrics["samples"] = {n + ("{" + ",".join(f"{k}={v}" for k, v in lb) + "}" if lb else ""): v
                                       for (n, lb), v in sorted(samples.items())}
     finally:
-        # A server killed before its connector shut down leaves dynkv's host
-        # pool in /dev/shm: memory held until reboot. Ours are gone now.
+        # dynkv's host pool is a memfd, gone with the server's processes; where
+        # the kernel had none it is in /dev/shm, which a killed server leaves
+        # behind (memory held until reboot). Ours are gone now.
         for path in pools:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -1,9 +1,10 @@
 """The leader: what lives where, and each step's plan for the workers.
 
 One leader per engine, in vLLM's scheduler process. It owns the page index,
-the host tier (a shared-memory pool the TP ranks attach by name) and the disk
-tier, and it never blocks its caller on I/O: disk reads and writes run on the
-disk tier's threads and their completions are picked up at the next call.
+the host tier (a memfd that the TP ranks attach through a link,
+:mod:`dynkv.tiers.host`) and the disk tier, and it never blocks its caller on
+I/O: disk reads and writes run on the disk tier's threads and their
+completions are picked up at the next call.
 
 Flow of a page::
 
@@ -48,7 +49,7 @@ from dynkv.metrics import Metrics
 from dynkv.memory import HostPool
 from dynkv.protocol import LoadOp, PullSpec, StepPlan, StoreOp, WorkerReport
 from dynkv.tiers.base import DISK, HOST, REMOTE
-from dynkv.tiers.host import host_pages_for, pool_name_for, reap_stale_pools
+from dynkv.tiers.host import host_pages_for, pool_name_for, publish_pool, reap_stale_pools, run_dir, withdraw_pool
 
 __all__ = ["Leader"]
 
@@ -76,8 +77,8 @@ class Leader(DiskFlow, RemoteFlow):
     Raises
     ------
     ValueError
-        Bad sizes, ``/dev/shm`` too small for the host tier, or an unusable
-        disk path; the message names the setting.
+        Bad sizes, a host tier larger than the memory available, an unusable
+        disk path or run directory; the message names the setting.
     """
 
     def __init__(
@@ -102,12 +103,17 @@ class Leader(DiskFlow, RemoteFlow):
         self._page_bytes = geometry.page_bytes
         self.num_host_pages = host_pages_for(config, self.page_stride)
         reap_stale_pools()
+        links = run_dir()
         self.pool_name = f"{pool_name_for(engine_id, fingerprint)}-{os.getpid()}"
         HostPool.unlink(self.pool_name)
         # The leader never copies device memory, so it does not pin; each worker pins when it attaches.
+        # A memfd: its memory goes with the last process that maps it, however the engine ends.
         self.pool = HostPool.for_pages(
-            geometry, self.num_host_pages, name=self.pool_name, pin=False, page_stride=self.page_stride
+            geometry, self.num_host_pages, name=self.pool_name, memfd=True, pin=False, page_stride=self.page_stride
         )
+        if not self.pool.memfd:
+            log.warning("no memfd_create on this kernel: host pool %s is in /dev/shm, and stays there if this "
+                        "process is killed (until the next dynkv leader on this host starts)", self.pool.path)
         self._host = memoryview(self.pool.as_tensor().numpy())
         self.disk: Any = None
         tiers = {HOST: self.num_host_pages}
@@ -149,6 +155,7 @@ class Leader(DiskFlow, RemoteFlow):
         self._max_writes = max_disk_writes(config.io_threads, tiers[HOST])
         for tier, cap in tiers.items():
             self.metrics.capacity.labels(tier).set(cap)
+        self.pool_link = publish_pool(self.pool, links)  # now that it is ready, the workers may attach it
         if config.metrics_port is not None:
             self.metrics.serve(config.metrics_port)
 
@@ -379,7 +386,7 @@ class Leader(DiskFlow, RemoteFlow):
         return not (self._inflight or self._ready or self._stores or self._promoting or self._writes)
 
     def close(self) -> None:
-        """Wait for disk I/O, then release the tiers (the host pool is unlinked)."""
+        """Wait for disk I/O, then release the tiers (the host pool's link is removed)."""
         if self.disk is not None:
             self.disk.close()
             self._drain_io()
@@ -388,8 +395,8 @@ class Leader(DiskFlow, RemoteFlow):
             self.exporter.close()
             self.exporter = None
         self._host = memoryview(b"")
+        withdraw_pool(self.pool_link)
         self.pool.close()
-        HostPool.unlink(self.pool_name)
 
     def __enter__(self) -> Leader:
         return self

@@ -1,6 +1,6 @@
 """The worker: one per TP rank, moving its head slice between device blocks and host pages.
 
-It attaches the leader's shared host pool by name, runs loads (host -> device)
+It attaches the leader's shared host pool through the leader's link, runs loads (host -> device)
 as soon as a step's plan arrives and stores (device -> host) once the step's
 forward has written the blocks, each on its own CUDA stream (on CPU: its own
 thread), and reports finished and failed jobs without ever blocking on them.
@@ -33,7 +33,7 @@ from dynkv.layout import PagedView, page_stride
 from dynkv.memory import HostPool, PageBuffer, chunk_for
 from dynkv.ops import gather, scatter
 from dynkv.protocol import LoadOp, StepPlan, StoreOp, WorkerReport
-from dynkv.tiers.host import live_pools, pool_owner
+from dynkv.tiers.host import live_pools, pool_link, pool_owner, run_dirs
 from dynkv.worker.jobs import Job as _Job
 from dynkv.worker.jobs import done_future as _done_future
 from dynkv.worker.jobs import is_ready as _ready
@@ -253,7 +253,7 @@ class Worker(SyncLoads, PullFlow):
         self._collect()
 
     def close(self) -> None:
-        """Finish outstanding jobs and detach from the host pool (the leader unlinks it)."""
+        """Finish outstanding jobs and detach from the host pool (freed with its last mapping)."""
         self._closing.set()
         if _IN_PROCESS.get(self.pool_name) is self:
             del _IN_PROCESS[self.pool_name]  # the scheduler launches nothing more on it
@@ -288,33 +288,39 @@ class Worker(SyncLoads, PullFlow):
         stride = page_stride(self.view.geometry)
         deadline = time.monotonic() + self.config.init_timeout_s
         while True:
-            try:
-                t0 = time.perf_counter()
-                pool = HostPool.attach(self._resolve_pool(), chunk_bytes=chunk_for(stride))
-                break
-            except ValueError as e:
-                if "does not exist" not in str(e) and "No such file" not in str(e):
-                    raise
-                if self._closing.is_set():
-                    raise RuntimeError(f"dynkv worker {self.rank} closed while waiting for its host pool") from e
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"dynkv worker {self.rank}: host pool {self.pool_name!r} did not appear within "
-                        f"init_timeout_s={self.config.init_timeout_s:g} s; is the leader running?"
-                    ) from e
-                time.sleep(0.05)
-        log.info("rank %d attached host pool %s (%.1f GiB, pinned=%s) in %.2f s",
-                 self.rank, self.pool_name, pool.nbytes / 2**30, pool.pinned, time.perf_counter() - t0)
+            missing: Exception | None = None
+            t0 = time.perf_counter()
+            link = self._resolve_pool()
+            if link is not None:
+                try:
+                    pool = HostPool.attach(link, chunk_bytes=chunk_for(stride))
+                    break
+                except ValueError as e:  # the leader went away between the look and the open
+                    if "No such file" not in str(e):
+                        raise
+                    missing = e
+            if self._closing.is_set():
+                raise RuntimeError(f"dynkv worker {self.rank} closed while waiting for its host pool") from missing
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"dynkv worker {self.rank}: host pool {self.pool_name!r} did not appear within "
+                    f"init_timeout_s={self.config.init_timeout_s:g} s in any of {', '.join(run_dirs())}; "
+                    "is the leader running, as this user, with the same DYNKV_RUN_DIR?"
+                ) from missing
+            time.sleep(0.05)
+        log.info("rank %d attached host pool %s via %s (%.1f GiB, pinned=%s) in %.2f s",
+                 self.rank, self.pool_name, link, pool.nbytes / 2**30, pool.pinned, time.perf_counter() - t0)
         return PageBuffer.from_pool(self.view.geometry, pool, page_stride=stride)
 
-    def _resolve_pool(self) -> str:
-        """The live pool for ``pool_name``: an exact name, or a prefix the leader appended its pid to."""
+    def _resolve_pool(self) -> str | None:
+        """The link to the live pool for ``pool_name`` (an exact name, or a prefix the leader appended its
+        pid to), or None while there is none."""
         if pool_owner(self.pool_name) is not None:
-            return self.pool_name
+            return pool_link(self.pool_name)
         live = live_pools(self.pool_name)
         if len(live) > 1:
             log.warning("rank %d: %d live host pools under %s; attaching the newest", self.rank, len(live), self.pool_name)
-        return live[0] if live else self.pool_name
+        return live[0] if live else None
 
     def _slice_bytes(self, n: int) -> int:
         assert self.view is not None

@@ -399,7 +399,7 @@ def test_decode_ranks_prepare_pulls_before_the_first_one(rng: np.random.Generato
     try:
         worker.register(kv.view(num_heads_total=model.num_heads, head_start=0))
         wait_for(lambda: worker._puller is not None, "the NIXL agent was not prepared")
-        assert worker._pages is not None and worker._pages.owner.name == leader.pool_name
+        assert worker._pages is not None and worker._pages.owner.path == leader.pool_link
     finally:
         worker.close()
         leader.close()

@@ -103,17 +103,20 @@ class Deployment:
         raise AssertionError(f"no process listens on {which}={port}")
 
 
-def shm_files(pgid: int) -> set[str]:
-    """Files under /dev/shm that the processes of group ``pgid`` map."""
+def shm_files(pgid: int | None, prefix: str = "/dev/shm/") -> set[str]:
+    """Files under ``prefix`` that the processes of group ``pgid`` (None: any process) map.
+
+    dynkv's host pools are memfds: ``prefix="/memfd:dynkv-"``.
+    """
     out: set[str] = set()
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            if os.getpgid(int(entry.name)) != pgid:
+            if pgid is not None and os.getpgid(int(entry.name)) != pgid:
                 continue
             with open(f"/proc/{entry.name}/maps") as f:
-                out.update(p for line in f if (p := line.split(maxsplit=5)[-1].strip()).startswith("/dev/shm/"))
+                out.update(p for line in f if (p := line.split(maxsplit=5)[-1].strip()).startswith(prefix))
         except OSError:
             continue
     return out
@@ -236,7 +239,7 @@ def test_prefill_killed_after_answering(deployment: Deployment) -> None:
     params = answer["kv_transfer_params"]
     assert params["do_remote_prefill"] and len(params["dynkv"]["slots"]) == len(prompt) // BLOCK
     pgid = deployment.engine_pgid("PREFILL_PORT")
-    leftovers = shm_files(pgid)  # a killed engine unlinks nothing: its host pool, vLLM's queues
+    leftovers = shm_files(pgid)  # a killed engine unlinks nothing: vLLM's queues (dynkv's pool is a memfd)
     os.killpg(pgid, signal.SIGKILL)
     for path in leftovers:
         Path(path).unlink(missing_ok=True)
@@ -273,10 +276,12 @@ def test_prefill_tp2_feeds_decode_tp1(model_dir: str, tmp_path: Path) -> None:
             "vllm:dynkv_pages_moved_total|direction=remote_to_host", 0)
         assert pulled == sum(full_blocks(p) for p in prompts)
         assert after.get("vllm:dynkv_load_errors_total|reason=remote", 0) == 0
-        pools = {f for w in ("PREFILL_PORT", "DECODE_PORT") for f in shm_files(d.engine_pgid(w)) if "/dynkv-" in f}
+        groups = [d.engine_pgid(w) for w in ("PREFILL_PORT", "DECODE_PORT")]
+        pools = {f for g in groups for f in shm_files(g, "/memfd:dynkv-")}
         assert len(pools) == 2
+        assert not {f for g in groups for f in shm_files(g) if "/dynkv-" in f}, "the pools are memfds, not in /dev/shm"
         d.stop()
-        assert not [f for f in pools if os.path.exists(f)], "a stopped engine left its host pool behind"
+        assert not pools & shm_files(None, "/memfd:dynkv-"), "a stopped engine's host pool is still mapped"
     finally:
         d.stop()
         for name in os.listdir("/dev/shm"):  # vLLM's CPU TP group leaves these when it is stopped

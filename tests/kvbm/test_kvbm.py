@@ -6,6 +6,8 @@ its key; hits are counted per tier.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from harness import Engine, Model, conversation_stream, make_leader, serve_stream
@@ -152,9 +154,9 @@ def test_bad_calls_name_the_problem() -> None:
         leader.close()
 
 
-def test_shared_memory_too_small_is_a_clear_error() -> None:
+def test_host_tier_larger_than_memory_is_a_clear_error() -> None:
     model = Model()
-    with pytest.raises(ValueError, match="/dev/shm"):
+    with pytest.raises(ValueError, match=r"bytes available \(MemAvailable in /proc/meminfo\); lower the host tier"):
         make_leader(model, host_pages=None, host_gb=1 << 20)
 
 
@@ -190,22 +192,94 @@ def test_worker_killed_mid_transfer(rng: np.random.Generator) -> None:
         leader.close()
 
 
-def test_pools_of_dead_leaders_are_removed() -> None:
-    """A killed engine never ran its shutdown: the next leader unlinks its pool, and leaves live ones."""
-    import os
-
+def test_pools_of_dead_leaders_are_removed(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A killed engine never ran its shutdown: the next leader removes its link (and the /dev/shm pool an
+    older dynkv left), and leaves live ones, whatever their kind."""
     from dynkv.memory import HostPool
-    from dynkv.tiers.host import pid_alive
+    from dynkv.tiers.host import live_pools, pid_alive, publish_pool
 
+    run = tmp_path / "run"
+    monkeypatch.setenv("DYNKV_RUN_DIR", str(run))
+    run.mkdir(mode=0o700)
+    me = os.getpid()
     dead = next(p for p in range(4_000_000, 4_100_000) if not pid_alive(p))
-    stale = HostPool.create(4096, name=f"dynkv-00000000000000aa-{dead}", pin=False)
-    live = HostPool.create(4096, name=f"dynkv-00000000000000bb-{os.getpid()}", pin=False)
+    dead_link = run / f"dynkv-00000000000000aa-{dead}"
+    dead_link.symlink_to(f"/proc/{dead}/fd/3")
+    half_made = run / f".dynkv-00000000000000ab-{dead}.tmp"  # killed between its link's two steps
+    half_made.symlink_to(f"/proc/{dead}/fd/3")
+    stale = HostPool.create(4096, name=f"dynkv-00000000000000ac-{dead}", pin=False)  # an older dynkv's pool
+    live = HostPool.create(4096, name=f"dynkv-00000000000000bb-{me}", memfd=True, pin=False)
+    live_link = publish_pool(live)
+    live_shm = HostPool.create(4096, name=f"dynkv-00000000000000bc-{me}", pin=False)
+    live_shm_link = publish_pool(live_shm)
+    # The pid in the name is alive, but the fd it leads to is not that pool (a reused pid, or a closed pool).
+    with open(tmp_path / "unrelated", "w") as unrelated:
+        reused = run / f"dynkv-00000000000000cc-{me}"
+        reused.symlink_to(f"/proc/{me}/fd/{unrelated.fileno()}")
+        assert live_pools("dynkv-00000000000000cc") == [], "a link that leads to another file is never attached"
+        assert live_pools("dynkv-00000000000000bb") == [live_link]
+        assert live_pools("dynkv-00000000000000bc") == [live_shm_link]
+        try:
+            leader = make_leader(Model())
+            leader.close()
+            assert sorted(p.name for p in run.iterdir()) == sorted([os.path.basename(live_link),
+                                                                   os.path.basename(live_shm_link)])
+            assert not os.path.exists(f"/dev/shm/{stale.name}")
+            assert os.path.exists(f"/dev/shm/{live_shm.name}")
+        finally:
+            stale.close()
+            live.close()
+            live_shm.close()
+            HostPool.unlink(stale.name)
+
+
+def test_leader_publishes_its_pool_in_the_run_directory(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A memfd, found through a link in $DYNKV_RUN_DIR; a worker given the prefix attaches the live leader's."""
+    from harness import RankState
+
+    from dynkv.tiers.host import pool_name_for
+
+    run = tmp_path / "run"
+    monkeypatch.setenv("DYNKV_RUN_DIR", str(run))
+    model = Model()
+    leader = make_leader(model)
     try:
-        leader = make_leader(Model())
-        leader.close()
-        assert not os.path.exists(f"/dev/shm/{stale.name}")
-        assert os.path.exists(f"/dev/shm/{live.name}")
+        assert oct(run.stat().st_mode & 0o777) == "0o700"
+        assert leader.pool.memfd and leader.pool_link == str(run / leader.pool_name)
+        assert os.readlink(leader.pool_link) == leader.pool.path
+        assert leader.pool.path.startswith(f"/proc/{os.getpid()}/fd/")
+        assert not os.path.exists(f"/dev/shm/{leader.pool_name}")
+        prefix = pool_name_for(leader.engine_id, model.fingerprint())
+        rank = RankState(model, leader.config, 0, 1, prefix, 8)
+        try:
+            pages = rank.worker.host_pages()
+            assert pages.owner.path == leader.pool_link
+            leader.pool.as_tensor()[:8] = 42
+            assert bool((pages.owner.as_tensor()[:8] == 42).all())
+        finally:
+            rank.worker.close()
     finally:
-        stale.close()
-        live.close()
-        HostPool.unlink(live.name)
+        leader.close()
+    assert not os.path.exists(leader.pool_link), "close removes the link"
+
+
+def test_run_directory_must_be_this_users_alone(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from dynkv.tiers.host import run_dir, run_dirs
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("DYNKV_RUN_DIR", str(shared))
+    with pytest.raises(ValueError, match=rf"{shared} is writable by other users \(mode 777\).*set DYNKV_RUN_DIR"):
+        make_leader(Model())
+    monkeypatch.setenv("DYNKV_RUN_DIR", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"file cannot be created"):
+        run_dir()
+    # Without DYNKV_RUN_DIR, an unusable $XDG_RUNTIME_DIR/dynkv gives way to /tmp/dynkv-<uid>.
+    monkeypatch.delenv("DYNKV_RUN_DIR")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(shared))
+    (shared / "dynkv").mkdir(mode=0o777)
+    (shared / "dynkv").chmod(0o777)
+    assert run_dirs()[0] == str(shared / "dynkv")
+    assert run_dir() == run_dirs()[-1] == f"/tmp/dynkv-{os.getuid()}"
