@@ -184,6 +184,7 @@ _PARSERS: dict[str, Callable[[Any, _Source], Any]] = {
     "load_last_block": _parse_bool,
     "copy_path": _parse_copy_path,
     "model_version": _optional(_parse_str),
+    "cost_model": _parse_bool,
 }
 
 
@@ -289,6 +290,12 @@ class DynKVConfig:
         (:mod:`dynkv.identity`); set it where reading the weight files at start
         is slow, or to share pages between copies of a model you know are
         the same.
+    cost_model
+        Per request, read a disk-tier match only while the read would land
+        before the engine recomputed the same tokens (the disk tier's measured
+        bandwidth and queue against the engine's measured prefill rate,
+        :mod:`dynkv.policy.cost`); otherwise those tokens are recomputed. Off:
+        every match is read.
     """
 
     host_gb: float | None = None
@@ -312,6 +319,7 @@ class DynKVConfig:
     load_last_block: bool = False
     copy_path: str = "auto"
     model_version: str | None = None
+    cost_model: bool = True
 
     def __post_init__(self) -> None:
         for name, parse in _PARSERS.items():

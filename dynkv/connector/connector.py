@@ -83,6 +83,23 @@ __all__ = ["DynKVConnector", "DynKVMetadata", "DynKVPromMetrics", "DynKVStats", 
 
 log = logging.getLogger("dynkv.connector")
 
+
+def _share_vllm_logging() -> None:
+    """Send ``dynkv.*`` records where vLLM sends its own, at vLLM's level.
+
+    vLLM configures its ``vllm`` logger only, so dynkv's INFO lines (the
+    tiers set up, pages recovered, the copy path chosen) went nowhere. Where
+    the application configured the ``dynkv`` or root logger itself, nothing
+    changes.
+    """
+    ours, theirs = logging.getLogger("dynkv"), logging.getLogger("vllm")
+    if ours.handlers or logging.getLogger().handlers or not theirs.handlers:
+        return
+    for h in theirs.handlers:
+        ours.addHandler(h)
+    ours.setLevel(theirs.getEffectiveLevel())
+    ours.propagate = False
+
 _UNSET: Any = object()
 
 
@@ -129,6 +146,7 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             super().__init__(vllm_config, role)  # vLLM whose connectors take no kv_cache_config
         else:
             super().__init__(vllm_config, role, kv_cache_config)
+        _share_vllm_logging()  # vLLM has configured its logging by the time it builds a connector
         xfer = vllm_config.kv_transfer_config
         try:
             self.config = DynKVConfig.from_dict(xfer.kv_connector_extra_config)
@@ -310,6 +328,7 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         if self.disk_wait_s and not any(scheduler_output.num_scheduled_tokens.values()):
             self.leader.wait_disk(self.disk_wait_s)  # nothing to compute: wait for a disk read, not spin
         self._update_block_ids(scheduler_output)
+        self.leader.step_begin(sum(scheduler_output.num_scheduled_tokens.values()))
         bs, reqs, stores = self.block_size, self._reqs, []
         for req_id, n in scheduler_output.num_scheduled_tokens.items():
             st = reqs.get(req_id)
@@ -346,6 +365,7 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         return DynKVMetadata(plan, preempted, early, whole)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self.leader.step_end()
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
         if isinstance(meta, DynKVWorkerMetadata):
             self.leader.update(meta.report)

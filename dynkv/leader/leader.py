@@ -46,6 +46,7 @@ from dynkv.leader.records import Acks, LoadRecord, RequestRecord, StoreRecord
 from dynkv.leader.remote_flow import RemoteFlow
 from dynkv.leader.tier_flow import DiskFlow, max_disk_writes
 from dynkv.metrics import Metrics
+from dynkv.policy.cost import CostModel
 from dynkv.memory import HostPool
 from dynkv.protocol import LoadOp, PullSpec, StepPlan, StoreOp, WorkerReport
 from dynkv.tiers.base import DISK, HOST, REMOTE
@@ -155,9 +156,26 @@ class Leader(DiskFlow, RemoteFlow):
         self._max_writes = max_disk_writes(config.io_threads, tiers[HOST])
         for tier, cap in tiers.items():
             self.metrics.capacity.labels(tier).set(cap)
+        self.cost = CostModel() if config.cost_model and self.disk is not None else None
         self.pool_link = publish_pool(self.pool, links)  # now that it is ready, the workers may attach it
         if config.metrics_port is not None:
             self.metrics.serve(config.metrics_port)
+        log.info("%s", self.describe())
+
+    def describe(self) -> str:
+        """One line of what this leader set up: tiers, sizes, paths, policies."""
+        c, gib = self.config, 1 << 30
+        host = (f"host tier {self.num_host_pages * self.page_stride / gib:.1f} GiB ({self.num_host_pages} pages of "
+                f"{self._page_bytes / 2**20:.2f} MiB, {'memfd' if self.pool.memfd else 'shm'} {self.pool.path})")
+        if self.disk is None:
+            disk = "no disk tier"
+        else:
+            disk = (f"disk tier {c.disk_gb:g} GiB over {', '.join(c.disk_paths)} "
+                    f"({self.index.stats()[DISK].stored} pages recovered)")
+        return (f"dynkv {self.engine_id}: {host}; {disk}; eviction {c.eviction}; "
+                f"{'layer-wise host loads' if c.layerwise else 'asynchronous loads'}; "
+                f"cost model {'on' if self.cost is not None else 'off'}; model {self.fingerprint.model_id} "
+                f"(weights {self.fingerprint.weights[:24] or 'unidentified'}), TP {self.world_size}")
 
     # -- scheduler-facing calls --------------------------------------------
 
@@ -174,11 +192,44 @@ class Leader(DiskFlow, RemoteFlow):
         todo = list(keys[num_computed_blocks:])
         m = self.index.lookup(todo, pin=True)
         req.match = [(tier, slot, key) for (tier, slot), key in zip(m.locations, todo)]
+        if self.cost is not None:
+            self._weigh_disk(req)
         if not req.looked_up:
             req.looked_up = True
             self.metrics.hits.labels("device").inc(num_computed_blocks)
             self.metrics.misses.inc(len(todo) - m.num_keys)
-        return m.num_keys
+        return len(req.match)
+
+    def _weigh_disk(self, req: RequestRecord) -> None:
+        """Stop the match before its first disk page where reading the disk pages would not pay."""
+        assert self.cost is not None
+        first = next((i for i, (tier, _, _) in enumerate(req.match) if tier == DISK), None)
+        if first is None:
+            return
+        disk = sum(1 for tier, _, _ in req.match[first:] if tier == DISK)
+        decision = self.cost.disk_pays(disk, self._page_bytes, self.geometry.block_size)
+        tokens = (len(req.match) - first) * self.geometry.block_size
+        self.metrics.cost_tokens.labels("load" if decision.load else "recompute").inc(tokens)
+        if not decision.load:
+            dropped, req.match = req.match[first:], req.match[:first]
+            for tier, _, key in dropped:
+                self.index.unpin(tier, [key])
+
+    def step_begin(self, tokens: int) -> None:
+        """vLLM hands a step of ``tokens`` scheduled tokens to the workers (for the cost model's prefill rate)."""
+        if self.cost is not None:
+            self.cost.step_begin(tokens)
+
+    def step_end(self) -> None:
+        """A step's output came back to the scheduler."""
+        if self.cost is not None:
+            self.cost.step_end()
+            c, g = self.cost, self.metrics.cost_rates
+            if c.prefill_tokens_per_s is not None:
+                g.labels("prefill_tokens_per_s").set(c.prefill_tokens_per_s)
+            if c.disk_bytes_per_s is not None:
+                g.labels("disk_bytes_per_s").set(c.disk_bytes_per_s)
+            g.labels("disk_queue_bytes").set(c.queue_bytes)
 
     def on_host(self, req_id: str, n: int) -> bool:
         """True when the request's first ``n`` matched pages are all in the host tier (a sync load can take them)."""

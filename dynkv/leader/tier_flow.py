@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from dynkv.layout import PageGeometry
     from dynkv.leader.records import LoadRecord
     from dynkv.metrics import Metrics
+    from dynkv.policy.cost import CostModel
 
 __all__ = ["DiskFlow", "max_disk_writes"]
 
@@ -50,6 +51,7 @@ class DiskFlow:
     metrics: Metrics
     geometry: PageGeometry
     exporter: Any
+    cost: CostModel | None
     _io: queue.SimpleQueue[tuple[Any, ...]]
     _writes: int
     _max_writes: int
@@ -89,6 +91,8 @@ class DiskFlow:
                 continue
             reads.append((i, disk_slot, key, host_slot))
         load.waiting += len(reads)
+        if self.cost is not None:
+            self.cost.disk_submitted(load.job, len(reads) * self.geometry.page_bytes)
         futs = self.disk.read_many([(d, key, self._host_page(h)) for _, d, key, h in reads], invalidate_bad=True)
         for (i, _, key, h), fut in zip(reads, futs):
             fut.add_done_callback(
@@ -170,6 +174,8 @@ class DiskFlow:
             self.metrics.load_errors.labels("disk").inc()
         load.waiting -= 1
         if load.waiting == 0:
+            if self.cost is not None:
+                self.cost.disk_done(load.job)
             # The disk phase of the load: from begin_load until its last page was in the host tier.
             self.metrics.latency.labels("disk_to_host").observe(load.read_until - load.started)
             self._promoting.pop(load.job, None)

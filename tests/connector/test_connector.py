@@ -470,3 +470,30 @@ def test_kv_events_carry_parent_tokens_and_medium() -> None:
     ev.clear()
     assert ev.convert([IndexEvent("stored", "host", b"k1")])[0].token_ids == []
     assert KVEvents(SimpleNamespace(), block_size=2).convert([IndexEvent("stored", "host", b"k1")]) == []
+
+
+def test_dynkv_logs_where_vllm_logs_and_says_what_it_set_up(monkeypatch) -> None:
+    import logging
+
+    got: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            got.append(record.getMessage())
+
+    vllm_logger, ours = logging.getLogger("vllm"), logging.getLogger("dynkv")
+    monkeypatch.setattr(vllm_logger, "handlers", [Collect()])
+    monkeypatch.setattr(vllm_logger, "level", logging.INFO)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as under vLLM: nothing on the root logger
+    monkeypatch.setattr(ours, "handlers", [])
+    monkeypatch.setattr(ours, "level", logging.NOTSET)
+    monkeypatch.setattr(ours, "propagate", True)
+    vllm_config, kcc = fake_config({"host_pages": 16})
+    c = DynKVConnector(vllm_config, KVConnectorRole.SCHEDULER, kcc)
+    try:
+        line = next((m for m in got if m.startswith("dynkv unit-engine: host tier")), None)
+        assert line is not None, got
+        assert "16 pages" in line and "no disk tier" in line and "eviction lru" in line and "TP 1" in line
+        assert ours.handlers == vllm_logger.handlers and not ours.propagate
+    finally:
+        c.shutdown()

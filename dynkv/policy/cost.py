@@ -1,0 +1,116 @@
+"""Load or recompute: cap a request's disk-tier match where reading it would take longer than computing it.
+
+A disk hit pays only while its pages land sooner than the engine would
+recompute the same tokens. Under load both sides move: the disk's reads queue
+behind each other, and the engine's prefill rate is shared by the batch. So
+the leader keeps two measured rates and one queue:
+
+- the engine's **prefill rate**: tokens per second of a step, from when the
+  scheduler hands the step over to when its output comes back, a moving average
+  over steps of at least :data:`MIN_STEP_TOKENS` tokens (decode-only steps say
+  little about prefill; with vLLM's async scheduling two steps overlap and the
+  rate reads low, which errs toward loading);
+- the disk tier's **read bandwidth**: bytes per second of *service* of each
+  completed disk load, its time counted from when the disk became free for it
+  (the later of its submission and the previous load's completion), so that
+  waiting in the queue is not mistaken for slow reads;
+- the disk **queue**: bytes of disk loads submitted and not yet complete.
+
+A request whose match has ``d`` disk pages would wait ``(queue + d * page) /
+bandwidth`` for them; recomputing them costs ``d * block_tokens / rate``. The
+leader loads them when the first is smaller (times :data:`LOAD_MARGIN`), else
+it stops the match before the first disk page and those tokens are recomputed.
+Host-tier pages are always loaded: their copy runs under the forward, layer by
+layer, at PCIe speed. Until both rates have been measured, every match loads.
+
+All times come from a clock the caller passes (``time.perf_counter`` in the
+leader, a simulated clock in the tests).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["LOAD_MARGIN", "MIN_STEP_TOKENS", "CostModel", "Decision"]
+
+MIN_STEP_TOKENS = 256  # a step that computes fewer tokens is not timed as prefill
+LOAD_MARGIN = 1.0  # load when the estimated wait is below recompute time x this
+_ALPHA = 0.2  # weight of the newest sample in the moving averages
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the model chose for one request's disk pages, and why (seconds estimated)."""
+
+    load: bool
+    disk_pages: int
+    load_s: float | None = None
+    recompute_s: float | None = None
+
+
+class CostModel:
+    """Prefill rate, disk bandwidth and disk queue of one engine; decides per request whether disk pages pay."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.perf_counter, margin: float = LOAD_MARGIN) -> None:
+        if not margin > 0:
+            raise ValueError(f"margin={margin!r}: expected a number > 0")
+        self._clock = clock
+        self.margin = margin
+        self.prefill_tokens_per_s: float | None = None
+        self.disk_bytes_per_s: float | None = None
+        self.queue_bytes = 0
+        self._steps: deque[tuple[float, int]] = deque(maxlen=64)  # handed over, not yet back
+        self._inflight: dict[int, tuple[int, float]] = {}  # job -> (bytes, submitted)
+        self._disk_free_at = 0.0  # when the disk finished its last load
+
+    @staticmethod
+    def _average(old: float | None, sample: float) -> float:
+        return sample if old is None else (1 - _ALPHA) * old + _ALPHA * sample
+
+    def step_begin(self, tokens: int) -> None:
+        """The scheduler hands a step of ``tokens`` tokens to the workers now (a step of none runs no model)."""
+        if tokens > 0:
+            self._steps.append((self._clock(), tokens))
+
+    def step_end(self) -> None:
+        """The oldest step handed over has come back (its output reached the scheduler)."""
+        if not self._steps:
+            return
+        began, tokens = self._steps.popleft()
+        now = self._clock()
+        if tokens >= MIN_STEP_TOKENS and now > began:
+            self.prefill_tokens_per_s = self._average(self.prefill_tokens_per_s, tokens / (now - began))
+
+    def disk_submitted(self, job: int, nbytes: int) -> None:
+        """A load's disk reads of ``nbytes`` were submitted now."""
+        if nbytes <= 0:
+            return
+        self._inflight[job] = (nbytes, self._clock())
+        self.queue_bytes += nbytes
+
+    def disk_done(self, job: int) -> None:
+        """The load's last disk read completed now (failed reads included: the disk did the work)."""
+        entry = self._inflight.pop(job, None)
+        if entry is None:
+            return
+        nbytes, submitted = entry
+        now = self._clock()
+        self.queue_bytes -= nbytes
+        began = max(submitted, self._disk_free_at)
+        self._disk_free_at = now
+        if now > began:
+            self.disk_bytes_per_s = self._average(self.disk_bytes_per_s, nbytes / (now - began))
+
+    def disk_pays(self, disk_pages: int, page_bytes: int, block_tokens: int) -> Decision:
+        """Whether ``disk_pages`` pages (``page_bytes`` each, ``block_tokens`` tokens each) should be read."""
+        if disk_pages <= 0:
+            return Decision(True, 0)
+        rate, bw = self.prefill_tokens_per_s, self.disk_bytes_per_s
+        if rate is None or bw is None:
+            return Decision(True, disk_pages)  # nothing measured yet: load, as without a model
+        load_s = (self.queue_bytes + disk_pages * page_bytes) / bw
+        recompute_s = disk_pages * block_tokens / rate
+        return Decision(load_s < recompute_s * self.margin, disk_pages, load_s, recompute_s)
