@@ -25,6 +25,12 @@ fresh host slots, which become cached pages once every rank has its slice
 
 A page whose disk read fails its checks is dropped from the disk tier and its
 block is reported as a load error, so vLLM recomputes it: never wrong KV.
+
+The class is kept whole (about 510 lines): what remains here is the life of a
+job (lookup, load, store, plan, acknowledgement, completion) over one index and
+one set of records; the disk traffic and the cost model
+(:mod:`dynkv.leader.tier_flow`), P/D (:mod:`dynkv.leader.remote_flow`) and the
+records (:mod:`dynkv.leader.records`) are apart.
 """
 
 from __future__ import annotations
@@ -199,37 +205,6 @@ class Leader(DiskFlow, RemoteFlow):
             self.metrics.hits.labels("device").inc(num_computed_blocks)
             self.metrics.misses.inc(len(todo) - m.num_keys)
         return len(req.match)
-
-    def _weigh_disk(self, req: RequestRecord) -> None:
-        """Stop the match before its first disk page where reading the disk pages would not pay."""
-        assert self.cost is not None
-        first = next((i for i, (tier, _, _) in enumerate(req.match) if tier == DISK), None)
-        if first is None:
-            return
-        disk = sum(1 for tier, _, _ in req.match[first:] if tier == DISK)
-        decision = self.cost.disk_pays(disk, self._page_bytes, self.geometry.block_size)
-        tokens = (len(req.match) - first) * self.geometry.block_size
-        self.metrics.cost_tokens.labels("load" if decision.load else "recompute").inc(tokens)
-        if not decision.load:
-            dropped, req.match = req.match[first:], req.match[:first]
-            for tier, _, key in dropped:
-                self.index.unpin(tier, [key])
-
-    def step_begin(self, tokens: int) -> None:
-        """vLLM hands a step of ``tokens`` scheduled tokens to the workers (for the cost model's prefill rate)."""
-        if self.cost is not None:
-            self.cost.step_begin(tokens)
-
-    def step_end(self) -> None:
-        """A step's output came back to the scheduler."""
-        if self.cost is not None:
-            self.cost.step_end()
-            c, g = self.cost, self.metrics.cost_rates
-            if c.prefill_tokens_per_s is not None:
-                g.labels("prefill_tokens_per_s").set(c.prefill_tokens_per_s)
-            if c.disk_bytes_per_s is not None:
-                g.labels("disk_bytes_per_s").set(c.disk_bytes_per_s)
-            g.labels("disk_queue_bytes").set(c.queue_bytes)
 
     def on_host(self, req_id: str, n: int) -> bool:
         """True when the request's first ``n`` matched pages are all in the host tier (a sync load can take them)."""

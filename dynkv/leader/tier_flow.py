@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from dynkv.tiers.disk import DiskTier
     from dynkv.index import PageIndex
     from dynkv.layout import PageGeometry
-    from dynkv.leader.records import LoadRecord
+    from dynkv.leader.records import LoadRecord, RequestRecord
     from dynkv.metrics import Metrics
     from dynkv.policy.cost import CostModel
 
@@ -52,6 +52,7 @@ class DiskFlow:
     geometry: PageGeometry
     exporter: Any
     cost: CostModel | None
+    _page_bytes: int
     _io: queue.SimpleQueue[tuple[Any, ...]]
     _writes: int
     _max_writes: int
@@ -97,6 +98,37 @@ class DiskFlow:
         for (i, _, key, h), fut in zip(reads, futs):
             fut.add_done_callback(
                 lambda f, i=i, key=key, h=h: self._io.put(("read", load, i, key, h, f, time.perf_counter())))
+
+    def _weigh_disk(self, req: RequestRecord) -> None:
+        """Stop the match before its first disk page where reading the disk pages would not pay."""
+        assert self.cost is not None
+        first = next((i for i, (tier, _, _) in enumerate(req.match) if tier == DISK), None)
+        if first is None:
+            return
+        disk = sum(1 for tier, _, _ in req.match[first:] if tier == DISK)
+        decision = self.cost.disk_pays(disk, self._page_bytes, self.geometry.block_size)
+        tokens = (len(req.match) - first) * self.geometry.block_size
+        self.metrics.cost_tokens.labels("load" if decision.load else "recompute").inc(tokens)
+        if not decision.load:
+            dropped, req.match = req.match[first:], req.match[:first]
+            for tier, _, key in dropped:
+                self.index.unpin(tier, [key])
+
+    def step_begin(self, tokens: int) -> None:
+        """vLLM hands a step of ``tokens`` scheduled tokens to the workers (for the cost model's prefill rate)."""
+        if self.cost is not None:
+            self.cost.step_begin(tokens)
+
+    def step_end(self) -> None:
+        """A step's output came back to the scheduler."""
+        if self.cost is not None:
+            self.cost.step_end()
+            c, g = self.cost, self.metrics.cost_rates
+            if c.prefill_tokens_per_s is not None:
+                g.labels("prefill_tokens_per_s").set(c.prefill_tokens_per_s)
+            if c.disk_bytes_per_s is not None:
+                g.labels("disk_bytes_per_s").set(c.disk_bytes_per_s)
+            g.labels("disk_queue_bytes").set(c.queue_bytes)
 
     def _spill(self, keys: Sequence[bytes]) -> None:
         """Write committed host pages through to disk, as the frequency filter and back-pressure allow."""
