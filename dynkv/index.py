@@ -114,6 +114,7 @@ class TierStats:
     hits: int
     evictions: int
     refusals: int
+    filtered: int = 0  # of the refusals: by frequency-gated admission
 
 
 class _Entry:
@@ -136,6 +137,7 @@ class _Tier:
         self.hits = 0
         self.evictions = 0
         self.refusals = 0
+        self.filtered = 0
 
 
 class PageIndex:
@@ -147,12 +149,18 @@ class PageIndex:
         Tier name -> capacity in pages, fastest first (lookups prefer earlier
         tiers), e.g. ``{"host": 4096, "disk": 65536}``.
     policy
-        ``"lru"``, ``"fifo"``, or a callable returning a fresh
+        ``"lru"``, ``"fifo"``, ``"s3fifo"``, or a callable returning a fresh
         :class:`EvictionPolicy` (one per tier).
     admit_min_hits
         Threshold of the frequency filter (see :meth:`admits`).
     frequency
         A :class:`FrequencyFilter` to use instead of a default one.
+    gated
+        Tiers with frequency-gated admission: once full, a new page enters
+        only if the frequency filter has seen it more often than the page it
+        would evict (TinyLFU), so a cycle of reuse larger than the tier keeps a
+        stable part of itself resident instead of evicting each page just
+        before it comes back.
     on_event
         Called with each :class:`IndexEvent` as it happens; without it events
         queue up for :meth:`drain_events`.
@@ -166,6 +174,7 @@ class PageIndex:
         admit_min_hits: int = 2,
         frequency: FrequencyFilter | None = None,
         on_event: Callable[[IndexEvent], None] | None = None,
+        gated: Iterable[str] = (),
     ) -> None:
         if not tiers:
             raise ValueError("no tiers given: expected e.g. {'host': num_pages}")
@@ -174,6 +183,9 @@ class PageIndex:
                 raise ValueError(f"eviction policy {policy!r}: expected one of {', '.join(EVICTION_POLICIES)}")
             policy = EVICTION_POLICIES[policy]
         self._tiers = {name: _Tier(name, cap, policy()) for name, cap in tiers.items()}
+        self._gated = frozenset(gated)
+        for name in self._gated:
+            self._tier(name)
         self.frequency = frequency if frequency is not None else FrequencyFilter(admit_min_hits)
         self._on_event = on_event
         self._events: list[IndexEvent] = []
@@ -285,17 +297,29 @@ class PageIndex:
             elif entry.stored and entry.pins == 0:
                 t.policy.touch(key)
         out: list[tuple[bytes, int]] = []
+        gated = t.name in self._gated
+        if gated:
+            self.frequency.record_many(wanted)  # a refused page was still seen: its count can grow past the victims'
         for i, key in enumerate(wanted):
             slot = t.slots.alloc()
-            if slot is None and self._evict_one(t):
+            if slot is None and gated and not self._beats_victim(t, key):
+                t.filtered += len(wanted) - i  # a page no more used than the one it would replace stays out
+            elif slot is None and self._evict_one(t):
                 slot = t.slots.alloc()
             if slot is None:
-                t.refusals += len(wanted) - i
+                t.refusals += len(wanted) - i  # later pages of a prefix are no use without this one
                 break
             t.entries[key] = _Entry(slot)
             out.append((key, slot))
-        self.frequency.record_many(k for k, _ in out)
+        if not gated:
+            self.frequency.record_many(k for k, _ in out)
         return out
+
+    def _beats_victim(self, t: _Tier, key: bytes) -> bool:
+        """Frequency-gated admission (TinyLFU): ``key`` is let in only if seen more often than the next victim,
+        by more than one: in a cycle the victim may simply not have come round yet this time."""
+        victim = t.policy.peek(1)
+        return not victim or self.frequency.estimate(key) > self.frequency.estimate(victim[0]) + 1
 
     def adopt(self, tier: str, pages: Iterable[tuple[bytes, int]]) -> int:
         """Index pages already present in given slots (a disk tier after a restart).
@@ -404,6 +428,7 @@ class PageIndex:
                 hits=t.hits,
                 evictions=t.evictions,
                 refusals=t.refusals,
+                filtered=t.filtered,
             )
             for name, t in self._tiers.items()
         }

@@ -140,7 +140,8 @@ class Leader(DiskFlow, RemoteFlow):
                 io_threads=config.io_threads,
             )
             tiers[DISK] = self.disk.num_pages
-        self.index = PageIndex(tiers, policy=config.eviction, admit_min_hits=config.disk_admit_min_hits)
+        self.index = PageIndex(tiers, policy=config.eviction, admit_min_hits=config.disk_admit_min_hits,
+                               gated=(HOST,) if config.host_admission == "frequency" else ())
         if self.disk is not None:
             found = self.disk.recover()
             adopted = self.index.adopt(DISK, ((key, slot) for slot, key in found))
@@ -158,7 +159,7 @@ class Leader(DiskFlow, RemoteFlow):
         self._importing: set[bytes] = set()  # host pages reserved for pulls
         self.exporter: Any = None
         self._writes = 0
-        self._counted: dict[str, tuple[int, int]] = {}
+        self._counted: dict[str, tuple[int, int, int]] = {}
         self._max_writes = max_disk_writes(config.io_threads, tiers[HOST])
         for tier, cap in tiers.items():
             self.metrics.capacity.labels(tier).set(cap)
@@ -505,10 +506,12 @@ class Leader(DiskFlow, RemoteFlow):
         # Evictions and "full" refusals happen inside every allocate (stores, promotions,
         # write-through); the index counts them, and the metrics follow its totals here.
         for tier, s in self.index.stats().items():
-            seen_evictions, seen_refusals = self._counted.get(tier, (0, 0))
+            seen_evictions, seen_refusals, seen_filtered = self._counted.get(tier, (0, 0, 0))
             self.metrics.evictions.labels(tier).inc(s.evictions - seen_evictions)
-            self.metrics.refused.labels(tier, "full").inc(s.refusals - seen_refusals)
-            self._counted[tier] = (s.evictions, s.refusals)
+            self.metrics.refused.labels(tier, "full").inc((s.refusals - s.filtered) - (seen_refusals - seen_filtered))
+            if s.filtered > seen_filtered:
+                self.metrics.refused.labels(tier, "filter").inc(s.filtered - seen_filtered)
+            self._counted[tier] = (s.evictions, s.refusals, s.filtered)
             self.metrics.occupancy.labels(tier, "stored").set(s.stored)
             self.metrics.occupancy.labels(tier, "pending").set(s.pending)
             self.metrics.occupancy.labels(tier, "pinned").set(s.pinned)
