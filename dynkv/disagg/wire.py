@@ -247,8 +247,13 @@ class SideChannelClient:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.IPV6, ":" in host)
         self._sock.connect(_endpoint(host, port))
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one caller at a time on the socket, and never a close under a caller
         self._seq = 0
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConnectionError(f"side channel to {self.address} is closed")
 
     def call(self, msg: dict[str, Any], deadline: float) -> tuple[dict[str, Any], list[bytes]]:
         """Send ``msg`` and wait for its reply until ``deadline`` (``time.monotonic()``).
@@ -261,6 +266,7 @@ class SideChannelClient:
             The reply is an error; its message is the peer's.
         """
         with self._lock:
+            self._check_open()
             self._seq += 1
             seq = self._seq
             self._sock.send(json.dumps({**msg, "seq": seq}).encode())
@@ -283,11 +289,19 @@ class SideChannelClient:
     def notify(self, msg: dict[str, Any]) -> None:
         """Send ``msg`` without waiting for (or wanting) a reply."""
         with self._lock:
+            if self._closed:
+                return
             try:
                 self._sock.send(json.dumps({**msg, "noreply": True}).encode(), zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("side channel at %s: %r not sent (peer unreachable)", self.address, msg.get("op"))
 
     def close(self) -> None:
-        self._sock.close()
-        self._ctx.term()
+        """Close the socket once no caller uses it (a call in progress finishes first: at most its deadline);
+        later calls raise ConnectionError. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._sock.close()
+            self._ctx.term()

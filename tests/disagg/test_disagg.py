@@ -177,6 +177,39 @@ def test_side_channel_round_trip_errors_and_timeouts() -> None:
         dead.close()
 
 
+def test_side_channel_client_closed_while_threads_call_it() -> None:
+    """Twelve threads calling a dead peer while another closes the client: each gets a timeout or a clear
+    "closed" error, never a socket closed under it."""
+    server = SideChannelServer("127.0.0.1", 0, lambda msg: ({"ok": True}, []))
+    port = server.port
+    server.close()  # the peer is gone
+    client = SideChannelClient("127.0.0.1", port)
+    errors: list[BaseException] = []
+
+    def pull() -> None:
+        try:
+            client.call({"op": "hi"}, time.monotonic() + 0.2)
+        except (TimeoutError, ConnectionError) as e:
+            errors.append(e)
+        except BaseException as e:  # noqa: BLE001 - what the test looks for
+            errors.append(e)
+
+    threads = [threading.Thread(target=pull) for _ in range(12)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    client.close()
+    client.close()  # idempotent
+    for t in threads:
+        t.join(10)
+    assert len(errors) == 12
+    unexpected = [e for e in errors if not isinstance(e, (TimeoutError, ConnectionError))]
+    assert not unexpected, unexpected
+    client.notify({"op": "late"})  # after close: dropped, no error
+    with pytest.raises(ConnectionError, match="is closed"):
+        client.call({"op": "hi"}, time.monotonic() + 1)
+
+
 # -- pulls between processes ------------------------------------------------------------------
 
 
