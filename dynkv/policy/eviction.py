@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterator
-from itertools import islice
+from itertools import chain, islice
 
 __all__ = ["EVICTION_POLICIES", "EvictionPolicy", "FIFOPolicy", "LRUPolicy", "S3FIFOPolicy"]
 
@@ -176,9 +176,10 @@ class S3FIFOPolicy(EvictionPolicy):
 
     def peek(self, n: int) -> list[bytes]:
         """Pages with no use left, small queue first, then the rest in queue order (an estimate of :meth:`pop`)."""
-        order = [*self._small, *self._main]
-        idle = [k for k in order if self._uses[k] == 0]
-        return (idle + [k for k in order if self._uses[k] > 0])[:n]
+        uses = self._uses
+        idle = (k for k in chain(self._small, self._main) if uses[k] == 0)
+        busy = (k for k in chain(self._small, self._main) if uses[k] > 0)
+        return list(islice(chain(idle, busy), n))
 
     def __len__(self) -> int:
         return len(self._uses)
