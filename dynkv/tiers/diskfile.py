@@ -270,10 +270,47 @@ def _open(path: str, flags: int) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        holders = lock_holders(fd)
         os.close(fd)
-        raise OSError(errno.EBUSY, "another dynkv disk tier (another engine or process of the same model) "
-                      "uses this file: give each engine its own disk_paths", path) from None
+        raise OSError(errno.EBUSY, f"another dynkv disk tier uses this file ({describe_holders(holders)}): "
+                      "give each engine its own disk_paths, or stop that process", path) from None
     return fd
+
+
+def lock_holders(fd: int) -> list[int]:
+    """Pids holding a ``flock`` on ``fd``'s file, from ``/proc/locks`` (empty where it cannot tell)."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = []
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; a blocked waiter's line has "->" second
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == inode:
+                    pids.append(int(fields[4]))
+    except (OSError, ValueError):
+        return []
+    return sorted(set(pids))
+
+
+def describe_holders(pids: list[int]) -> str:
+    """Who holds the lock: pid, command, and its parent (pid 1: an orphan whose own parent is gone)."""
+    if not pids:
+        return "holder unknown"
+    parts = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = " ".join(f.read().replace(b"\0", b" ").decode(errors="replace").split())[:80]
+        except (OSError, ValueError, IndexError):
+            parts.append(f"pid {pid}")
+            continue
+        parts.append(f"pid {pid} ({cmd or '?'}), " + ("an orphan: its parent is gone; kill it" if ppid == 1
+                                                      else f"child of pid {ppid}"))
+    return "; ".join(parts)
 
 
 def prepare_dir(path: str) -> None:

@@ -351,6 +351,38 @@ def test_second_tier_on_same_files_is_refused(make) -> None:
     with pytest.raises(OSError, match="another dynkv disk tier") as e:
         make(num_pages=2)
     assert e.value.errno == errno.EBUSY and e.value.filename == t.files[0]
+    assert f"pid {os.getpid()} (" in str(e.value), "the message names the process holding the file"
+
+
+_ORPHAN = textwrap.dedent("""
+    import fcntl, os, sys, time
+    if os.fork():
+        os._exit(0)  # the child's parent exits at once: the grandchild holding the lock is an orphan
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print(os.getpid(), flush=True)
+    time.sleep(60)
+""")
+
+
+def test_busy_file_names_an_orphan_holder(make, tmp_path: Path) -> None:
+    """A restart after kill -9 of vLLM's API server finds its engine's orphan holding the file: it is named."""
+    t = make(num_pages=2)
+    path = t.files[0]
+    t.close()
+    proc = subprocess.Popen([sys.executable, "-c", _ORPHAN, path], stdout=subprocess.PIPE, text=True)
+    holder = int(proc.stdout.readline())
+    proc.wait(10)
+    try:
+        with open(f"/proc/{holder}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        with pytest.raises(OSError, match=f"pid {holder} ") as e:
+            make(num_pages=2)
+        assert e.value.errno == errno.EBUSY
+        assert ("an orphan: its parent is gone; kill it" in str(e.value)) == (ppid == 1), str(e.value)
+        assert f"child of pid {ppid}" in str(e.value) or ppid == 1
+    finally:
+        os.kill(holder, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------- faults
