@@ -26,7 +26,7 @@ fresh host slots, which become cached pages once every rank has its slice
 A page whose disk read fails its checks is dropped from the disk tier and its
 block is reported as a load error, so vLLM recomputes it: never wrong KV.
 
-The class is kept whole (about 510 lines): what remains here is the life of a
+The class is kept whole (about 530 lines): what remains here is the life of a
 job (lookup, load, store, plan, acknowledgement, completion) over one index and
 one set of records; the disk traffic and the cost model
 (:mod:`dynkv.leader.tier_flow`), P/D (:mod:`dynkv.leader.remote_flow`) and the
@@ -115,9 +115,13 @@ class Leader(DiskFlow, RemoteFlow):
         HostPool.unlink(self.pool_name)
         # The leader never copies device memory, so it does not pin; each worker pins when it attaches.
         # A memfd: its memory goes with the last process that maps it, however the engine ends.
-        self.pool = HostPool.for_pages(
-            geometry, self.num_host_pages, name=self.pool_name, memfd=True, pin=False, page_stride=self.page_stride
-        )
+        try:
+            self.pool = HostPool.for_pages(
+                geometry, self.num_host_pages, name=self.pool_name, memfd=True, pin=False, page_stride=self.page_stride
+            )
+        except ValueError as e:  # larger than the machine's memory, say: name the setting
+            size = f"host_pages={config.host_pages}" if config.host_pages is not None else f"host_gb={config.host_gb:g}"
+            raise ValueError(f"dynkv config {size}: {e}") from None
         if not self.pool.memfd:
             log.warning("no memfd_create on this kernel: host pool %s is in /dev/shm, and stays there if this "
                         "process is killed (until the next dynkv leader on this host starts)", self.pool.path)
@@ -131,14 +135,18 @@ class Leader(DiskFlow, RemoteFlow):
             num_disk = int(config.disk_gb * (1 << 30)) // record
             if num_disk < 1:
                 raise ValueError(f"dynkv config disk_gb={config.disk_gb:g} holds no page of {record} bytes")
-            self.disk = DiskTier(
-                config.disk_paths,
-                num_disk,
-                geometry.page_bytes,
-                fingerprint=fingerprint.digest(),
-                direct_io=config.disk_direct_io,
-                io_threads=config.io_threads,
-            )
+            try:
+                self.disk = DiskTier(
+                    config.disk_paths,
+                    num_disk,
+                    geometry.page_bytes,
+                    fingerprint=fingerprint.digest(),
+                    direct_io=config.disk_direct_io,
+                    io_threads=config.io_threads,
+                )
+            except OSError as e:  # a file given as a directory, no space, a file held by another engine
+                self.pool.close()
+                raise type(e)(e.errno, f"dynkv config disk_paths: {e.strerror}", e.filename) from None
             tiers[DISK] = self.disk.num_pages
         self.index = PageIndex(tiers, policy=config.eviction, admit_min_hits=config.disk_admit_min_hits,
                                gated=(HOST,) if config.host_admission == "frequency" else ())
@@ -166,7 +174,12 @@ class Leader(DiskFlow, RemoteFlow):
         self.cost = CostModel() if config.cost_model and self.disk is not None else None
         self.pool_link = publish_pool(self.pool, links)  # now that it is ready, the workers may attach it
         if config.metrics_port is not None:
-            self.metrics.serve(config.metrics_port)
+            try:
+                self.metrics.serve(config.metrics_port)
+            except OSError as e:
+                self.close()
+                raise ValueError(f"dynkv config metrics_port={config.metrics_port}: cannot listen there "
+                                 f"({e.strerror}); give a free port, or none") from None
         log.info("%s", self.describe())
 
     def describe(self) -> str:

@@ -156,8 +156,31 @@ def test_bad_calls_name_the_problem() -> None:
 
 def test_host_tier_larger_than_memory_is_a_clear_error() -> None:
     model = Model()
-    with pytest.raises(ValueError, match=r"bytes available \(MemAvailable in /proc/meminfo\); lower the host tier"):
+    with pytest.raises(ValueError, match=r"dynkv config host_gb=1\.04858e\+06: .*bytes available "
+                                         r"\(MemAvailable in /proc/meminfo\); lower the host tier"):
         make_leader(model, host_pages=None, host_gb=1 << 20)
+    with pytest.raises(ValueError, match=r"dynkv config host_pages=1000000000000: "):
+        make_leader(model, host_pages=10**12)
+
+
+def test_bad_disk_paths_and_a_busy_metrics_port_name_their_key(tmp_path) -> None:
+    import socket
+
+    model = Model()
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("x")
+    with pytest.raises(NotADirectoryError, match="dynkv config disk_paths: disk path is not a directory") as e:
+        make_leader(model, disk_gb=0.01, disk_paths=[str(a_file)], disk_direct_io=False)
+    assert e.value.filename == str(a_file)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"dynkv config metrics_port={port}: cannot listen there"):
+            make_leader(model, metrics_port=port, disk_gb=0.01, disk_paths=[str(tmp_path / "d")],
+                        disk_direct_io=False)
+    # the failed leader let go of its disk file: the next one takes it
+    make_leader(model, disk_gb=0.01, disk_paths=[str(tmp_path / "d")], disk_direct_io=False).close()
 
 
 def test_worker_killed_mid_transfer(rng: np.random.Generator) -> None:
