@@ -37,6 +37,10 @@ log = logging.getLogger("dynkv.disagg")
 _ACQUIRE_POLL_S = (5e-4, 2e-2)
 
 
+class _NotReady(TimeoutError):
+    """The prefill engine answers, but the pages of this transfer did not land in time."""
+
+
 class PullError(RuntimeError):
     """Pages could not be pulled; ``blocks`` (set by the worker) are recomputed."""
 
@@ -82,16 +86,34 @@ class Puller:
         self._peers: dict[tuple[str, int], _Peer] = {}
         self._lock = threading.Lock()
         self._hello = threading.Lock()
+        # (host, port, instance) -> time.monotonic() of its last failed pull (timeout, lost connection)
+        self._failed: dict[tuple[str, int, str], float] = {}
 
-    def pull(self, spec: PullSpec) -> int:
+    def pull(self, spec: PullSpec, *, admitted: float | None = None) -> int:
         """Read this rank's slice of ``spec``'s pages into the local pool; returns the bytes read.
+
+        ``admitted`` (``time.monotonic()``, default now) is when the request's
+        pull was queued: its deadline is ``timeout_s`` after that, time spent
+        waiting for a pull thread included, and a pull queued before its peer
+        failed another pull fails at once instead of waiting out its own
+        timeout on the same dead peer.
 
         Raises
         ------
         PullError
             Any failure; the message says what, and the export is released.
         """
-        deadline = time.monotonic() + self.timeout_s
+        admitted = time.monotonic() if admitted is None else admitted
+        deadline = admitted + self.timeout_s
+        who = (spec.host, spec.port, spec.instance)
+        if time.monotonic() >= deadline:
+            raise PullError(f"pull of transfer {spec.transfer} from {spec.engine_id} waited its whole "
+                            f"transfer_timeout_s={self.timeout_s:g} s for a pull thread")
+        with self._lock:
+            failed_at = self._failed.get(who)
+        if failed_at is not None and failed_at >= admitted:
+            raise PullError(f"pull of transfer {spec.transfer} from {spec.engine_id} at {spec.host}:{spec.port} "
+                            "not tried: another pull from that engine failed since this one was queued")
         peer: _Peer | None = None
         stale = False
         try:
@@ -101,7 +123,7 @@ class Puller:
             while not peer.client.call({"op": "acquire", "transfer": spec.transfer,
                                         "slots": list(spec.remote_slots)}, deadline)[0].get("ready"):
                 if time.monotonic() + pause > deadline:
-                    raise TimeoutError(f"the prefill engine's pages did not land within {self.timeout_s:g} s")
+                    raise _NotReady(f"the prefill engine's pages did not land within {self.timeout_s:g} s")
                 time.sleep(pause)
                 pause = min(2 * pause, _ACQUIRE_POLL_S[1])
             self._agent.read(peer.agent_name, local, remote, deadline)
@@ -110,6 +132,9 @@ class Puller:
             raise PullError(str(e)) from None
         except (TimeoutError, ConnectionError, NixlError, ValueError) as e:
             stale = not isinstance(e, ValueError)  # the engine may have restarted or died: shake hands again
+            if isinstance(e, (TimeoutError, ConnectionError)) and not isinstance(e, _NotReady):
+                with self._lock:  # the engine did not answer: pulls queued meanwhile need not wait for it
+                    self._failed[who] = time.monotonic()
             raise PullError(f"pull of transfer {spec.transfer} from {spec.engine_id} at {spec.host}:{spec.port} "
                             f"failed: {e}") from None
         finally:

@@ -68,20 +68,22 @@ class PullFlow:
             self._pull_threads = ThreadPoolExecutor(_PULL_THREADS, thread_name_prefix=f"dynkv-pull{self.rank}")
         try:
             pages = self._page_buffer()  # here, not on a pull thread: the pool is attached once
-            rec.handle = self._pull_threads.submit(self._pull_and_scatter, op, pages)
+            rec.handle = self._pull_threads.submit(self._pull_and_scatter, op, pages, time.monotonic())
         except Exception as e:  # no host pool: the job fails, the step goes on
             log.error("rank %d: load job %d failed to start: %s", self.rank, op.job, e)
             rec.handle, rec.error = done_future(), e
         self._jobs.append(rec)
 
-    def _pull_and_scatter(self, op: LoadOp, pages: PageBuffer) -> tuple[int, float]:
-        """Pull thread: this rank's slice of the remote pages, then the scatter; ``(bytes, seconds)`` pulled."""
+    def _pull_and_scatter(self, op: LoadOp, pages: PageBuffer, admitted: float) -> tuple[int, float]:
+        """Pull thread: this rank's slice of the remote pages, then the scatter; ``(bytes, seconds)`` pulled.
+
+        ``admitted``: when the pull was queued (its ``transfer_timeout_s`` counts from then)."""
         from dynkv.disagg.puller import PullError
 
         assert op.pull is not None and self.view is not None
         t0 = time.perf_counter()
         try:
-            nbytes = self._puller_for(pages).pull(op.pull)
+            nbytes = self._puller_for(pages).pull(op.pull, admitted=admitted)
         except Exception as e:  # PullError, or NIXL missing: the pulled blocks are recomputed
             pulled = set(op.pull.local_slots)
             keep = [(b, s) for b, s in zip(op.block_ids, op.slots) if s not in pulled]

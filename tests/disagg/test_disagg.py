@@ -210,6 +210,51 @@ def test_side_channel_client_closed_while_threads_call_it() -> None:
         client.call({"op": "hi"}, time.monotonic() + 1)
 
 
+def test_pulls_queued_behind_a_dead_peer_fail_at_once() -> None:
+    """Twelve pulls on four threads from a prefill engine that never answers: the first ones wait out the
+    timeout, those queued meanwhile fail at once instead of one timeout each; a pull queued after that
+    failure tries the engine again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dynkv.memory import HostPool
+
+    model = Model()
+    server = SideChannelServer("127.0.0.1", 0, lambda msg: ({"ok": True}, []))
+    port = server.port
+    server.close()  # nobody answers there any more
+    pool = HostPool.create(1 << 20, pin=False)
+    puller = Puller(Handshake.describe(engine_id="d", fingerprint=model.fingerprint(), geometry=model.geometry(),
+                                       page_stride=4096, num_pages=4, pool_addr=pool.ptr),
+                    pool.nbytes, (0, model.num_heads), rank=0, world_size=1, timeout_s=0.5)
+    try:
+        t0 = time.monotonic()
+
+        def pull(i: int) -> str:  # requests admitted 40 ms apart, as a burst of them would be
+            spec = PullSpec("p", "127.0.0.1", port, "run1", i, (0,), (0,))
+            try:
+                puller.pull(spec, admitted=t0 + 0.04 * i)
+            except PullError as e:
+                return str(e)
+            return "pulled"
+
+        with ThreadPoolExecutor(4) as ex:
+            outcomes = list(ex.map(pull, range(12)))
+        waited = [o for o in outcomes if "no answer" in o]
+        at_once = [o for o in outcomes if "not tried: another pull from that engine failed" in o]
+        print(outcomes)
+        assert len(waited) + len(at_once) == 12, outcomes
+        assert len(waited) <= 4 and len(at_once) >= 8, outcomes
+        # queued now, after the failure: it tries the engine again (and fails on its own)
+        with pytest.raises(PullError, match="no answer"):
+            puller.pull(PullSpec("p", "127.0.0.1", port, "run1", 99, (0,), (0,)), admitted=time.monotonic())
+        stale = PullSpec("p", "127.0.0.1", port, "run1", 100, (0,), (0,))
+        with pytest.raises(PullError, match="waited its whole transfer_timeout_s=0.5 s"):
+            puller.pull(stale, admitted=time.monotonic() - 1.0)
+    finally:
+        puller.close()
+        pool.close()
+
+
 # -- pulls between processes ------------------------------------------------------------------
 
 
