@@ -30,7 +30,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from dynkv.config import DynKVConfig
-from dynkv.disagg.nixl import Agent
+from dynkv.disagg.nixl import Agent, is_loopback
 from dynkv.disagg.params import MAX_PAGES, RemotePrefill
 from dynkv.disagg.wire import Handshake, SideChannelServer, advertised_host
 from dynkv.index import PageIndex
@@ -86,7 +86,8 @@ class Exporter:
         self.engine_id = engine_id
         self.fingerprint = fingerprint
         self.timeout_s = config.export_timeout_s
-        self._agent = Agent(f"dynkv-prefill-{engine_id}-{os.getpid()}-{self.instance}", pool.ptr, pool.nbytes)
+        self._agent = Agent(f"dynkv-prefill-{engine_id}-{os.getpid()}-{self.instance}", pool.ptr, pool.nbytes,
+                            loopback_only=is_loopback(config.side_channel_host))
         self.handshake = Handshake.describe(engine_id=engine_id, fingerprint=fingerprint, geometry=geometry,
                                             page_stride=page_stride, num_pages=num_pages, pool_addr=pool.ptr,
                                             instance=self.instance, agent_name=self._agent.name)

@@ -6,20 +6,32 @@ aggregated serving never needs it installed.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Agent", "NixlError", "NixlUnavailable"]
+__all__ = ["Agent", "NixlError", "NixlUnavailable", "is_loopback"]
 
 log = logging.getLogger("dynkv.disagg")
 
 # How often a READ in progress is polled: short at first (a page over shared
 # memory takes microseconds), then backing off so a slow link costs no CPU.
 _POLL_S = (1e-5, 2e-3)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) names this host's loopback interface only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class NixlUnavailable(RuntimeError):
@@ -51,6 +63,11 @@ class Agent:
     ptr, nbytes
         The host memory remote agents may read (prefill) or that READs land
         in (decode).
+    loopback_only
+        Keep UCX's sockets on the loopback interface (``UCX_NET_DEVICES=lo``,
+        unless the environment already sets it): an engine whose side channel
+        listens on loopback has no business exposing its host pool to the
+        network. Read by UCX when the process's first agent starts.
 
     NIXL's own progress thread polls without pause, a whole core per agent,
     so there is none: a transfer's initiator progresses it while it waits
@@ -64,8 +81,12 @@ class Agent:
         NIXL or its UCX plugin is missing.
     """
 
-    def __init__(self, name: str, ptr: int, nbytes: int) -> None:
+    def __init__(self, name: str, ptr: int, nbytes: int, *, loopback_only: bool = False) -> None:
         api = _api()
+        if loopback_only and "UCX_NET_DEVICES" not in os.environ:
+            os.environ["UCX_NET_DEVICES"] = "lo"
+            log.info("NIXL/UCX kept on the loopback interface (the side channel is on loopback; set "
+                     "UCX_NET_DEVICES to choose other interfaces)")
         conf = api.nixl_agent_config(backends=["UCX"], enable_prog_thread=False,
                                      sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
         self.name = name

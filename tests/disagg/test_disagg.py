@@ -11,6 +11,10 @@ no crash, no wrong bytes, and no page or pin left behind.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import signal
 import threading
 import time
@@ -489,3 +493,46 @@ def test_decode_ranks_prepare_pulls_before_the_first_one(rng: np.random.Generato
     closer.start()
     closer.join(60)
     assert not closer.is_alive(), "close() waited for a host pool that never came"
+
+
+_LISTENING = textwrap.dedent("""
+    import json, os, sys
+    from dynkv.memory import HostPool
+    from dynkv.disagg.nixl import Agent
+    pool = HostPool.create(1 << 20, pin=False)
+    agent = Agent("t-listen", pool.ptr, pool.nbytes, loopback_only=sys.argv[1] == "1")
+    mine = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            mine.add(target[8:-1])
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in mine:  # LISTEN
+                out.append(f[1].split(":")[0])
+    print(json.dumps(out))
+""")
+
+
+def _listening(loopback_only: bool) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k != "UCX_NET_DEVICES"}
+    out = subprocess.run([sys.executable, "-c", _LISTENING, "1" if loopback_only else "0"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_prefill_agent_on_a_loopback_side_channel_listens_on_loopback_only() -> None:
+    """/proc/net/tcp of a process with one NIXL agent: with loopback_only every listening socket is 127.0.0.1."""
+    from dynkv.disagg.nixl import is_loopback
+
+    loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1 as /proc/net writes them
+    kept = _listening(True)
+    assert kept and set(kept) <= loopback, kept
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.7") and not is_loopback("host.example")
