@@ -422,6 +422,8 @@ def check_gather_scatter(
     num_blocks: int = 6,
     num_pages: int = 5,
     entries: int = 4,
+    gather: Callable[..., None] | None = None,
+    scatter: Callable[..., None] | None = None,
     **op: Any,
 ) -> None:
     """Gather into poisoned pages, scatter back into a poisoned cache, and scatter random pages.
@@ -429,7 +431,11 @@ def check_gather_scatter(
     ``tp`` is ``(tp_size, rank)``: the cache holds that rank's heads of
     ``shape``. ``op`` goes to gather and scatter (backend, stream, ...);
     ``sync`` runs before and after each op (GPU: ``torch.cuda.synchronize``).
+    ``gather`` and ``scatter`` replace :func:`dynkv.gather` and
+    :func:`dynkv.scatter` (same arguments), e.g. the staged path's.
     """
+    gather = gather or dynkv.gather
+    scatter = scatter or dynkv.scatter
     h0, h1 = dynkv.head_range(tp[1], tp[0], shape.num_heads)
 
     def new_kv() -> KVCache:
@@ -452,7 +458,7 @@ def check_gather_scatter(
     ids = block_choice(rng, num_blocks, entries, unique=False)
     slots = block_choice(rng, num_pages, entries, unique=True)
     want = expected_gather(kv, pages, h0, ids, slots)
-    _run(sync, dynkv.gather, view, pages.buffer, ids, slots, **op)
+    _run(sync, gather, view, pages.buffer, ids, slots, **op)
     assert_bytes_equal(pages.flat, want, "gather: pages")
     assert_bytes_equal(kv.storages, source, "gather: source KV")
 
@@ -463,7 +469,7 @@ def check_gather_scatter(
     dst = block_choice(rng, num_blocks, entries, unique=True)
     page_bytes = pages.flat.clone()
     want2 = expected_scatter(pages, kv2, h0, slots, dst)
-    _run(sync, dynkv.scatter, pages.buffer, view2, slots, dst, **op)
+    _run(sync, scatter, pages.buffer, view2, slots, dst, **op)
     assert_bytes_equal(kv2.storages, want2, "scatter: KV")
     assert_bytes_equal(pages.flat, page_bytes, "scatter: source pages")
     # the round trip, independent of the page reference
@@ -481,7 +487,7 @@ def check_gather_scatter(
     dst3 = block_choice(rng, num_blocks, entries, unique=True)
     page_bytes = rpages.flat.clone()
     want3 = expected_scatter(rpages, kv3, h0, rslots, dst3)
-    _run(sync, dynkv.scatter, rpages.buffer, view3, rslots, dst3, **op)
+    _run(sync, scatter, rpages.buffer, view3, rslots, dst3, **op)
     assert_bytes_equal(kv3.storages, want3, "scatter of random pages: KV")
     assert_bytes_equal(rpages.flat, page_bytes, "scatter of random pages: source pages")
 
@@ -596,65 +602,40 @@ def check_staged(
     rng: np.random.Generator,
     shape: Shape,
     *,
-    dims: str,
-    form: str,
-    dtype: torch.dtype,
-    tp: tuple[int, int],
     device: Any = "cpu",
-    page_maker: PageMaker = cpu_pages,
-    sync: Callable[[], None] = no_sync,
     chunk_pages: int = 2,
     num_slots: int = 2,
-    stride_pad: int = 0,
     num_layers: int = 3,
     num_blocks: int = 11,
     num_pages: int = 12,
     entries: int = 9,
     events: int = 0,
+    **kw: Any,
 ) -> None:
-    """The staged path (``staged_gather``/``staged_scatter``) against the same references as gather/scatter.
+    """The staged path (``staged_gather``/``staged_scatter``) through :func:`check_gather_scatter`'s checks.
 
     ``entries`` pages over a ring of ``num_slots`` x ``chunk_pages`` staging
-    pages: chunks wrap around the ring, the last one partial. The staging ring
-    is poisoned first; every byte outside the mapping stays as it was.
+    pages: chunks wrap around the ring, the last one partial. The ring starts
+    poisoned; ``events`` layer-group events go to every scatter and must all
+    be recorded after it. ``kw`` goes to :func:`check_gather_scatter`.
     """
+    from functools import partial
+
     from dynkv.memory import StagingBuffer
     from dynkv.ops import staged_gather, staged_scatter
 
-    h0, h1 = dynkv.head_range(tp[1], tp[0], shape.num_heads)
-
-    def new_kv() -> KVCache:
-        return make_rank_kv(rng, shape, dims=dims, form=form, dtype=dtype, heads=(h0, h1), num_layers=num_layers,
-                            num_blocks=num_blocks, device=device)
-
-    kv = new_kv()
-    view = kv.view(num_heads_total=shape.num_heads, head_start=h0)
-    ring = StagingBuffer(view.geometry, device, chunk_pages=chunk_pages, num_slots=num_slots)
+    geometry = dynkv.PageGeometry.for_model(
+        num_layers=num_layers, num_kv_heads=shape.num_heads, head_size=shape.head_size,
+        block_size=shape.block_size, elem_bytes=elem_size(kw["dtype"]), mla=shape.mla,
+    )
+    ring = StagingBuffer(geometry, device, chunk_pages=chunk_pages, num_slots=num_slots)
     ring.pages.owner.fill_(SENTINEL)
-    source = kv.snapshot()
-
-    pages = page_maker(view.geometry, num_pages, stride_pad=stride_pad)
-    ids = block_choice(rng, num_blocks, entries, unique=False)
-    slots = block_choice(rng, num_pages, entries, unique=True)
-    want = expected_gather(kv, pages, h0, ids, slots)
-    _run(sync, staged_gather, view, pages.buffer, ids, slots, ring)
-    assert_bytes_equal(pages.flat, want, "staged gather: pages")
-    assert_bytes_equal(kv.storages, source, "staged gather: source KV")
-
-    kv2 = new_kv()
-    kv2.poison()
-    view2 = kv2.view(num_heads_total=shape.num_heads, head_start=h0)
-    rpages = page_maker(view.geometry, num_pages, stride_pad=stride_pad, fill=rng)
-    rslots = block_choice(rng, num_pages, entries, unique=False)
-    dst = block_choice(rng, num_blocks, entries, unique=True)
-    page_bytes = rpages.flat.clone()
-    want2 = expected_scatter(rpages, kv2, h0, rslots, dst)
     evs = []
     if events:
         evs = [torch.cuda.Event() for _ in range(events)]
         for e in evs:
             e.record()
-    _run(sync, staged_scatter, rpages.buffer, view2, rslots, dst, ring, events=evs)
-    assert_bytes_equal(kv2.storages, want2, "staged scatter: KV")
-    assert_bytes_equal(rpages.flat, page_bytes, "staged scatter: source pages")
+    check_gather_scatter(rng, shape, device=device, num_layers=num_layers, num_blocks=num_blocks,
+                         num_pages=num_pages, entries=entries, gather=partial(staged_gather, staging=ring),
+                         scatter=partial(staged_scatter, staging=ring, events=evs), **kw)
     assert all(e.query() for e in evs), "every layer-group event was recorded after the scatter"
