@@ -120,7 +120,7 @@ def measure(view: PagedView, *, nbytes: int = MEASURE_BYTES, repeats: int = REPE
     kv = [torch.empty(shape, dtype=dtype, device=device) for _ in range(g.num_layers)]
     scratch = PagedView.from_tensors(kv, dims="BHNC" if contiguous else "BNHC", num_heads_total=g.num_heads,
                                      head_start=view.head_start)
-    host = torch.empty(n * g.page_bytes, dtype=torch.uint8).pin_memory()
+    host = torch.empty(n * g.page_bytes, dtype=torch.uint8, pin_memory=True)
     pages = PageBuffer.from_tensor(g, host)
     flat = torch.empty(n * slice_bytes, dtype=torch.uint8, device=device)
     gen = torch.Generator().manual_seed(0)
