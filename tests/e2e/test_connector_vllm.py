@@ -254,6 +254,39 @@ def test_tensor_parallel_two_ranks(model_dir: str, prompts: dict, baseline: dict
     assert sample(host, "dynkv_hits_total", tier="host") == len(P) * FULL_BLOCKS
 
 
+def test_pages_stored_at_tp2_load_at_tp1(model_dir: str, prompts: dict, baseline: dict, tmp_path: Path) -> None:
+    """Pages are TP-agnostic: a TP=2 engine's disk tier serves a TP=1 engine restarted on the same path."""
+    P = prompts["P"]
+    n = len(P) * FULL_BLOCKS
+    dynkv = {"host_pages": 64, "disk_gb": 0.02, "disk_paths": [str(tmp_path / "disk")], "disk_admit_min_hits": 0}
+    before = set(os.listdir("/dev/shm"))
+    try:
+        tp2 = run_engine(tmp_path / "tp2", {
+            "model": model_dir, "engine": {**ENGINE, "tensor_parallel_size": 2}, "dynkv": dynkv,
+            "phases": [{"name": "cold", "prompts": P}],
+        }, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    finally:
+        for name in set(os.listdir("/dev/shm")) - before:
+            if name.startswith("vllm_dist_"):
+                Path("/dev/shm", name).unlink(missing_ok=True)
+    (cold2,) = tp2["phases"]
+    assert sample(cold2, "dynkv_tier_pages", tier="disk", state="stored") >= n
+    tp1 = run_engine(tmp_path / "tp1", {
+        "model": model_dir, "engine": ENGINE, "dynkv": dynkv,
+        "phases": [{"name": "warm", "prompts": P}],
+    })
+    (warm,) = tp1["phases"]
+    # Every page came from the TP=2 engine's disk file (a new engine: device cache and host tier start empty).
+    assert sample(warm, "dynkv_hits_total", tier="disk") == n
+    assert sample(warm, "dynkv_load_errors_total", reason="disk") == 0
+    # The KV itself is TP=2's (its sums run in another order): within TP=2's own distance from TP=1, doubled.
+    tol = 2 * max(max_diff(cold2["logprobs"], baseline["logprobs"]), baseline["tol"])
+    assert warm["tokens"] == baseline["tokens"]
+    d = max_diff(warm["logprobs"], baseline["logprobs"])
+    print(f"TP=2 pages in a TP=1 engine: max logprob diff {d:.3g} (TP=2 vs TP=1 recompute, doubled: {tol:.3g})")
+    assert d <= tol
+
+
 def test_new_weights_at_the_same_path_never_see_the_old_pages(prompts: dict, tmp_path: Path) -> None:
     """A fine-tune deployed to the model's path, restarted on the same disk tier: no hit, the new model's tokens."""
     served = tmp_path / "served"
