@@ -200,7 +200,8 @@ def test_bench_load_cpu_smoke(tmp_path: Path) -> None:
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     header = next(line for line in run.stdout.splitlines() if line.startswith("engine "))
-    for col in ("TTFT1 p50", "TTFT>1 p50", "wall s", "out tok/s", "cached", "host hits", "disk hits", "KV check"):
+    for col in ("TTFT1 p50", "TTFT>1 p50", "wall s", "out tok/s", "cached", "host hits", "disk hits", "disk->recompute",
+                "KV check"):
         assert col in header, header
     doc = json.loads((out / "load.json").read_text())
     sizes = doc["sizes"]

@@ -116,7 +116,7 @@ async def _run_one(session: Any, name: str, url: str, w: Workload, model: str | 
         return c, t
 
     pending: set[asyncio.Task[tuple[int, int]]] = set()
-    with tqdm(total=w.num_requests, desc=name, unit="req", leave=False) as bar:
+    with tqdm(total=w.num_requests, desc=name, unit="req", leave=False, disable=None) as bar:
         while not loop.complete:
             while (item := loop.take()) is not None:
                 pending.add(asyncio.ensure_future(one(*item)))

@@ -54,7 +54,7 @@ def summarize(engine: Mapping[str, Any]) -> dict[str, Any]:
         s["misses_blocks"] = samples.get("dynkv_misses_total", 0.0)
         s["bytes"] = {d: samples.get(f"dynkv_bytes_moved_total{{direction={d}}}", 0.0) for d in _DIRECTIONS}
         s["cost_tokens"] = {c: samples.get(f"dynkv_cost_tokens_total{{choice={c}}}", 0.0)
-                            for c in ("load", "recompute")}
+                            for c in ("load", "recompute", "gave_up")}
         s["disk_reads_given_up"] = {k: samples.get(f"dynkv_disk_reads_given_up_total{{state={k}}}", 0.0)
                                     for k in ("cancelled", "landed")}
         s["load_errors"] = sum(v for k, v in samples.items() if k.startswith("dynkv_load_errors_total"))
@@ -71,11 +71,19 @@ def _gb(x: float | None) -> str:
     return "n/a" if x is None else f"{x / 1e9:.2f}"
 
 
+def _recomputed(s: Mapping[str, Any]) -> str:
+    cost, gave = s.get("cost_tokens"), s.get("disk_reads_given_up")
+    if not cost:
+        return "n/a"
+    return (f"{cost['recompute']:.0f}/{cost.get('gave_up', 0):.0f} "
+            f"({gave['cancelled']:.0f}, {gave['landed']:.0f})")
+
+
 def format_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     """One row per engine; TTFT in ms, bytes in GB (dynkv's counters; n/a for engines without them)."""
     header = ["engine", "reqs", "err", "TTFT1 p50", "p90", "mean", "TTFT>1 p50", "p90", "mean", "wall s",
               "out tok/s", "cached", "cached>1", "host hits", "disk hits", "h2d GB", "disk rd GB", "disk wr GB",
-              "KV check"]
+              "disk->recompute", "KV check"]
     rows = []
     for name, s in summaries.items():
         f, later = s["ttft_first_turn_s"], s["ttft_later_turns_s"]
@@ -91,7 +99,7 @@ def format_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
                      "n/a" if share is None else f"{share:.3f}", "n/a" if share_later is None else f"{share_later:.3f}",
                      f"{hits['host']:.0f}" if hits else "n/a", f"{hits['disk']:.0f}" if hits else "n/a",
                      _gb(nbytes.get("h2d")), _gb(nbytes.get("disk_to_host")), _gb(nbytes.get("host_to_disk")),
-                     kv_text])
+                     _recomputed(s), kv_text])
         if s.get("status", "ok") != "ok":
             rows[-1][0] += f" ({s['status']})"
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
@@ -101,7 +109,8 @@ def format_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
 
     return "\n".join([line(header), *(line(r) for r in rows),
                       "TTFT in ms (1: first turns, >1: later turns); cached: share of prompt tokens the engine did "
-                      "not compute; hits in blocks"])
+                      "not compute; hits in blocks; disk->recompute: tokens of disk hits the cost model left to "
+                      "recompute at lookup / after giving up on their reads (pages cancelled, landed anyway)"])
 
 
 def plot(engines: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> None:

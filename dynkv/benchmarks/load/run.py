@@ -88,7 +88,8 @@ def _progress(fd: int, total: int, name: str) -> threading.Thread:
     def follow() -> None:
         from tqdm import tqdm
 
-        with os.fdopen(fd) as f, tqdm(total=total, desc=name, unit="req", file=sys.stderr, leave=False) as bar:
+        with os.fdopen(fd) as f, tqdm(total=total, desc=name, unit="req", file=sys.stderr, leave=False,
+                                      disable=None) as bar:  # on a terminal only
             for line in f:
                 bar.update(1)
                 bar.set_postfix_str(f"ttft {float(line):.3f}s")
@@ -213,8 +214,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if specs[name]["connector"] == "dynkv" and disk_dir.exists():
                 for f in disk_dir.glob("*.pages"):  # an earlier engine's disk tier would serve this one's prompts
                     f.unlink()
+            load0 = os.getloadavg()
             report = _run_engine(name, specs[name], work, out / "logs", args.engine_timeout, w.num_requests)
             report["extra"] = specs[name].get("extra")
+            report["loadavg"] = [load0, os.getloadavg()]  # the host's 1/5/15-minute load before and after
         doc["engines"][name] = report
         doc["summaries"][name] = summarize(report)
         json_path.write_text(json.dumps(doc, indent=1, default=str))  # a run cut short keeps the engines it finished
