@@ -2,6 +2,8 @@
 # Build dynkv with CUDA, run the GPU tests and the kernel benchmarks, and leave
 # logs, JSON and plots in one tarball under $OUT. Usage:
 #   OUT=/tmp/out bench/run_gpu.sh [tests|bench|all]
+# `load` (not part of `all`; needs vLLM): the two under-load workloads of `dynkv bench load`,
+# plain vLLM, dynkv and OffloadingConnector, the disk tier under $DISK (default /tmp/dynkv-load/disk).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -38,6 +40,20 @@ if [[ $what == bench || $what == all ]]; then
   k deepseek-mla --preset deepseek-mla --ctas 8 --directions h2d,d2h --backends kernel,staged,torch
   python3 bench/calibration.py 2>&1 | tee "$RES/calibration.log"
 fi
+if [[ $what == load ]]; then
+  python3 -c "import vllm" || { echo "dynkv bench load needs vLLM in this python3"; exit 1; }
+  l() {
+    local name=$1; shift
+    python3 -m dynkv.cli bench load --device cuda --preset llama3-8b --work-dir /tmp/dynkv-load \
+      --disk-path "${DISK:-/tmp/dynkv-load/disk}" --out "$RES/$name" --json "$RES/$name.json" --plot "$RES/$name.png" \
+      --engines plain,dynkv,offloading "$@" 2>&1 | tee "$RES/$name.log"
+    rc=$(( rc || PIPESTATUS[0] ))
+    tar -czf "$OUT/results-$what.tar.gz" -C "$RES" --exclude logs .
+  }
+  l load-host --conversations 32 --turns 4 --prefix-tokens 4096 --concurrency 8 --device-share 0.4 --host-share 1.25
+  l load-disk --conversations 48 --turns 3 --prefix-tokens 4096 --concurrency 16 --device-share 0.4 --host-share 0.45 \
+    --disk-share 1.2 --dynkv-variant nocost='{"cost_model": false}'
+fi
 tar -czf "$OUT/results-$what.tar.gz" -C "$RES" .
-grep -hE "^(\||h2d|d2h|both|tile|gemm|calibration)| passed| failed|error" "$RES"/*.log | tail -150 > "$OUT/summary-$what.txt" || true
+grep -hE "^(\||h2d|d2h|both|tile|gemm|calibration|engine|plain|dynkv|offloading)| passed| failed|error" "$RES"/*.log | tail -150 > "$OUT/summary-$what.txt" || true
 exit $rc

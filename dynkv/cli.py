@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description=bench_e2e.DESCRIPTION)
     bench_e2e.add_arguments(x)
     x.set_defaults(func=bench_e2e.run_from_args)
+    from dynkv.benchmarks.load import run as bench_load
+
+    lo = bsub.add_parser("load", help="multi-turn conversations under a closed loop: plain vLLM, dynkv, offloading; "
+                                      "table, JSON, PNG", description=bench_load.DESCRIPTION)
+    bench_load.add_arguments(lo)
+    lo.set_defaults(func=bench_load.run_from_args)
     m = sub.add_parser("demo", help="vLLM without and with dynkv on a multi-turn workload",
                        description=demo.DESCRIPTION)
     demo.add_arguments(m)

@@ -303,8 +303,10 @@ class DynKVConfig:
         Per request, read a disk-tier match only while the read would land
         before the engine recomputed the same tokens (the disk tier's measured
         bandwidth and queue against the engine's measured prefill rate,
-        :mod:`dynkv.policy.cost`); otherwise those tokens are recomputed. Off:
-        every match is read.
+        :mod:`dynkv.policy.cost`); otherwise those tokens are recomputed. A
+        load whose reads then wait past the recompute time gives up: its
+        reads not yet started are cancelled and its unread blocks recomputed.
+        Off: every match is read, however long it waits.
     host_admission
         ``all`` (default): a full host tier evicts for every new page.
         ``frequency``: once full, a new page enters only if it was seen more

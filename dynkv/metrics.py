@@ -110,7 +110,11 @@ class Metrics:
         self.load_errors = add("counter", "dynkv_load_errors", "Blocks whose load failed (recomputed)", "reason")
         self.store_errors = add("counter", "dynkv_store_errors", "Pages whose store failed", "tier")
         self.cost_tokens = add("counter", "dynkv_cost_tokens", "Tokens of disk-tier matches the cost model read "
-                               "(choice=load) or left to recompute (choice=recompute)", "choice")
+                               "(choice=load) or left to recompute (choice=recompute), and of loads that gave up waiting for their "
+                               "disk reads (choice=gave_up)", "choice")
+        self.disk_given_up = add("counter", "dynkv_disk_reads_given_up", "Disk pages of loads that stopped waiting "
+                                 "for them (recomputed): cancelled before their read started (state=cancelled), or "
+                                 "read anyway into the host tier (state=landed)", "state")
         self.cost_rates = add("gauge", "dynkv_cost_estimate", "The cost model's measures: prefill_tokens_per_s, "
                               "disk_bytes_per_s, disk_queue_bytes", "what")
         self.copy_path = add("gauge", "dynkv_copy_path", "1 for the copy path each direction takes (h2d: loads, "

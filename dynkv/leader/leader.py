@@ -159,6 +159,7 @@ class Leader(DiskFlow, RemoteFlow):
         self._reqs: dict[str, RequestRecord] = {}
         self._ready: list[LoadRecord] = []
         self._promoting: dict[int, LoadRecord] = {}
+        self._abandoned: dict[int, LoadRecord] = {}
         self._stores: list[StoreRecord] = []
         self._finished: list[str] = []
         self._inflight: dict[int, LoadRecord | StoreRecord] = {}
@@ -321,6 +322,7 @@ class Leader(DiskFlow, RemoteFlow):
         req.finished = True
         if req.load is not None and req.load.job in self._promoting:
             req.load.cancelled = True
+            self._give_up(req.load)  # its reads not started yet are not made
         if req.stores:
             self._finished.append(req_id)
             return True
@@ -423,7 +425,8 @@ class Leader(DiskFlow, RemoteFlow):
     def idle(self) -> bool:
         """No job queued, in flight, or waiting on disk I/O."""
         self._drain_io()
-        return not (self._inflight or self._ready or self._stores or self._promoting or self._writes)
+        return not (self._inflight or self._ready or self._stores or self._promoting or self._abandoned
+                    or self._writes)
 
     def close(self) -> None:
         """Wait for disk I/O, then release the tiers (the host pool's link is removed)."""

@@ -29,6 +29,8 @@ class LoadRecord:
     sync: bool = False  # computed in the step of its plan (LoadOp.sync)
     started: float = 0.0  # perf_counter at begin_load
     read_until: float = 0.0  # perf_counter when its last disk read completed
+    reads: list[tuple[int, Any]] = field(default_factory=list)  # (index in the load, Future) of its disk reads
+    given_up: bool = False  # went out without its unread disk pages (recomputed); reads still running land as cache
 
 
 @dataclass

@@ -7,6 +7,13 @@ leader's next call (:meth:`DiskFlow._drain_io`), so the caller never waits on
 I/O. A page read that fails its checks is dropped from the disk tier and its
 block becomes a load error (vLLM recomputes it); a failed write leaves the
 page on the host only.
+
+With the cost model, a load whose disk reads wait too long gives up
+(:meth:`DiskFlow._give_up`, when :meth:`dynkv.policy.cost.CostModel.gives_up`
+says so, and when its request is aborted): its reads not yet started are
+cancelled, it goes out at once with its unread blocks to recompute, and its
+reads already running finish into the host tier, where the next turn finds
+them.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ class DiskFlow:
     _writes: int
     _max_writes: int
     _promoting: dict[int, LoadRecord]
+    _abandoned: dict[int, LoadRecord]  # loads given up, with disk reads still running
     _ready: list[LoadRecord]
 
     if TYPE_CHECKING:
@@ -93,11 +101,41 @@ class DiskFlow:
             reads.append((i, disk_slot, key, host_slot))
         load.waiting += len(reads)
         if self.cost is not None:
-            self.cost.disk_submitted(load.job, len(reads) * self.geometry.page_bytes)
+            self.cost.disk_submitted(load.job, len(reads) * self._page_bytes,
+                                     tokens=len(reads) * self.geometry.block_size, page_bytes=self._page_bytes)
         futs = self.disk.read_many([(d, key, self._host_page(h)) for _, d, key, h in reads], invalidate_bad=True)
+        load.reads = [(i, fut) for (i, _, _, _), fut in zip(reads, futs)]
         for (i, _, key, h), fut in zip(reads, futs):
             fut.add_done_callback(
                 lambda f, i=i, key=key, h=h: self._io.put(("read", load, i, key, h, f, time.perf_counter())))
+
+    def _weigh_waits(self) -> None:
+        """Give up the loads whose disk reads would now land after recomputing their pages would."""
+        assert self.cost is not None
+        for load in list(self._promoting.values()):
+            decision = self.cost.gives_up(load.job)
+            if decision is not None and not decision.load:
+                unread = sum(1 for i, _ in load.reads if load.slots[i] is None)
+                self.metrics.cost_tokens.labels("gave_up").inc(unread * self.geometry.block_size)
+                self._give_up(load)
+
+    def _give_up(self, load: LoadRecord) -> None:
+        """Send ``load`` out now, without its disk pages not yet in the host tier (their blocks are recomputed).
+
+        Its reads that have not started are cancelled; those already running
+        finish and leave their pages in the host tier, unpinned
+        (:meth:`_read_done`).
+        """
+        load.given_up = True
+        for _, fut in load.reads:
+            fut.cancel()  # False once the read runs; either way the completion comes through _io
+        missing = [load.block_ids[i] for i, _ in load.reads if load.slots[i] is None]
+        done = set(load.failed)
+        load.failed += [b for b in missing if b not in done]
+        self._promoting.pop(load.job, None)
+        if load.waiting:
+            self._abandoned[load.job] = load
+        self._ready.append(load)
 
     def _weigh_disk(self, req: RequestRecord) -> None:
         """Stop the match before its first disk page where reading the disk pages would not pay."""
@@ -177,8 +215,10 @@ class DiskFlow:
             try:
                 item = self._io.get_nowait()
             except queue.Empty:
-                return
+                break
             self._apply_io(item)
+        if self.cost is not None and self._promoting:
+            self._weigh_waits()
 
     def _apply_io(self, item: tuple[Any, ...]) -> None:
         if item[0] == "read":
@@ -187,14 +227,28 @@ class DiskFlow:
             self._write_done(*item[1:])
 
     def _read_done(self, load: LoadRecord, i: int, key: bytes, host_slot: int, fut: Future[None], when: float) -> None:
+        load.waiting -= 1
+        if fut.cancelled():  # the load gave up before this read started: nothing was read
+            self.index.unpin(DISK, [key])
+            self._drop_host([key])
+            self.metrics.disk_given_up.labels("cancelled").inc()
+            if self.cost is not None:
+                self.cost.disk_read(load.job, self._page_bytes, cancelled=True)
+            self._reads_over(load)
+            return
         exc = fut.exception()
         load.read_until = max(load.read_until, when)
         self.index.unpin(DISK, [key])
+        if self.cost is not None:
+            self.cost.disk_read(load.job, self._page_bytes)
         if exc is None:
             self.index.commit(HOST, [key])
-            self.index.pin(HOST, [key])
-            load.slots[i] = host_slot
-            load.host_keys.append(key)
+            if load.given_up:  # cached for a later request; this one recomputes the block
+                self.metrics.disk_given_up.labels("landed").inc()
+            else:
+                self.index.pin(HOST, [key])
+                load.slots[i] = host_slot
+                load.host_keys.append(key)
             self.metrics.pages.labels("disk_to_host").inc()
             self.metrics.bytes.labels("disk_to_host").inc(self.geometry.page_bytes)
         else:
@@ -202,16 +256,24 @@ class DiskFlow:
             self._drop_host([key])
             if self.index.pins(key, DISK) == 0:
                 self.index.remove(DISK, [key])
-            load.failed.append(load.block_ids[i])
+            if not load.given_up:  # a given-up load reported its unread blocks already
+                load.failed.append(load.block_ids[i])
             self.metrics.load_errors.labels("disk").inc()
-        load.waiting -= 1
-        if load.waiting == 0:
-            if self.cost is not None:
-                self.cost.disk_done(load.job)
-            # The disk phase of the load: from begin_load until its last page was in the host tier.
-            self.metrics.latency.labels("disk_to_host").observe(load.read_until - load.started)
-            self._promoting.pop(load.job, None)
-            self._ready.append(load)
+        self._reads_over(load)
+
+    def _reads_over(self, load: LoadRecord) -> None:
+        """After each read's completion: once the load's last read is in, it is ready (unless it gave up)."""
+        if load.waiting:
+            return
+        if self.cost is not None:
+            self.cost.disk_done(load.job)
+        load.reads = []
+        if self._abandoned.pop(load.job, None) is not None:
+            return
+        # The disk phase of the load: from begin_load until its last page was in the host tier.
+        self.metrics.latency.labels("disk_to_host").observe(load.read_until - load.started)
+        self._promoting.pop(load.job, None)
+        self._ready.append(load)
 
     def _write_done(self, key: bytes, fut: Future[None]) -> None:
         self._writes -= 1

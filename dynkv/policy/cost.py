@@ -23,6 +23,16 @@ it stops the match before the first disk page and those tokens are recomputed.
 Host-tier pages are always loaded: their copy runs under the forward, layer by
 layer, at PCIe speed. Until both rates have been measured, every match loads.
 
+A load that was admitted is weighed again while its reads wait
+(:meth:`CostModel.gives_up`): it gives up once the bytes still ahead of its
+last page (the unread part of every load submitted before it, and its own)
+would take longer to read than recomputing its unread pages, or once it has
+waited longer than recomputing all its pages would have taken (the disk
+turned out slower under load than its measured rate said). The leader then
+cancels its reads that have not started and recomputes their blocks; reads
+already running finish and leave their pages in the host tier. So no request
+waits on the disk much beyond what recomputing would have cost it.
+
 All times come from a clock the caller passes (``time.perf_counter`` in the
 leader, a simulated clock in the tests).
 """
@@ -51,6 +61,18 @@ class Decision:
     recompute_s: float | None = None
 
 
+@dataclass
+class _DiskJob:
+    """One load's disk reads, in bytes: to serve (less what was cancelled), not yet read, as submitted."""
+
+    nbytes: int
+    unread: int
+    total: int
+    tokens: int
+    page_bytes: int
+    submitted: float
+
+
 class CostModel:
     """Prefill rate, disk bandwidth and disk queue of one engine; decides per request whether disk pages pay."""
 
@@ -63,7 +85,7 @@ class CostModel:
         self.disk_bytes_per_s: float | None = None
         self.queue_bytes = 0
         self._steps: deque[tuple[float, int]] = deque(maxlen=64)  # handed over, not yet back
-        self._inflight: dict[int, tuple[int, float]] = {}  # job -> (bytes, submitted)
+        self._inflight: dict[int, _DiskJob] = {}  # in submission order: the disk serves them first in, first out
         self._disk_free_at = 0.0  # when the disk finished its last load
 
     @staticmethod
@@ -84,25 +106,66 @@ class CostModel:
         if tokens >= MIN_STEP_TOKENS and now > began:
             self.prefill_tokens_per_s = self._average(self.prefill_tokens_per_s, tokens / (now - began))
 
-    def disk_submitted(self, job: int, nbytes: int) -> None:
-        """A load's disk reads of ``nbytes`` were submitted now."""
+    def disk_submitted(self, job: int, nbytes: int, *, tokens: int = 0, page_bytes: int = 0) -> None:
+        """A load's disk reads of ``nbytes`` were submitted now: pages of ``page_bytes``, ``tokens`` tokens in all
+        (without them, :meth:`gives_up` never gives the load up)."""
         if nbytes <= 0:
             return
-        self._inflight[job] = (nbytes, self._clock())
+        self._inflight[job] = _DiskJob(nbytes, nbytes, nbytes, tokens, page_bytes, self._clock())
         self.queue_bytes += nbytes
+
+    def disk_read(self, job: int, nbytes: int, *, cancelled: bool = False) -> None:
+        """``nbytes`` of the load's reads left the queue: read now, or ``cancelled`` before they started."""
+        entry = self._inflight.get(job)
+        if entry is None:
+            return
+        nbytes = min(nbytes, entry.unread)
+        entry.unread -= nbytes
+        self.queue_bytes -= nbytes
+        if cancelled:  # bytes never read: not part of the service the bandwidth measures
+            entry.nbytes -= nbytes
 
     def disk_done(self, job: int) -> None:
         """The load's last disk read completed now (failed reads included: the disk did the work)."""
         entry = self._inflight.pop(job, None)
         if entry is None:
             return
-        nbytes, submitted = entry
         now = self._clock()
-        self.queue_bytes -= nbytes
-        began = max(submitted, self._disk_free_at)
+        self.queue_bytes -= entry.unread
+        began = max(entry.submitted, self._disk_free_at)
         self._disk_free_at = now
-        if now > began:
-            self.disk_bytes_per_s = self._average(self.disk_bytes_per_s, nbytes / (now - began))
+        if now > began and entry.nbytes > 0:
+            self.disk_bytes_per_s = self._average(self.disk_bytes_per_s, entry.nbytes / (now - began))
+
+    def gives_up(self, job: int) -> Decision | None:
+        """Whether a load whose reads are under way should stop waiting for the rest (None: unknown job).
+
+        ``load_s`` is what is still to read up to its last page, at the
+        measured bandwidth (0 before it is measured); ``recompute_s`` is the
+        time to recompute its unread pages at the measured prefill rate. It
+        gives up (``load`` False) when ``load_s`` exceeds ``recompute_s``, or
+        the time waited since it was submitted exceeds the time to recompute
+        all its pages, each times the margin. Before the prefill rate is
+        measured it never gives up.
+        """
+        entry = self._inflight.get(job)
+        if entry is None:
+            return None
+        pages_left = entry.unread // entry.page_bytes if entry.page_bytes else 0
+        rate = self.prefill_tokens_per_s
+        if rate is None or entry.unread <= 0 or entry.tokens <= 0:
+            return Decision(True, pages_left)
+        ahead = 0
+        for j, e in self._inflight.items():
+            ahead += e.unread
+            if j == job:
+                break
+        load_s = ahead / self.disk_bytes_per_s if self.disk_bytes_per_s else 0.0
+        recompute_s = entry.tokens * entry.unread / entry.total / rate
+        waited = self._clock() - entry.submitted
+        # The wait is held to the recompute time the whole load was weighed against when it was admitted.
+        late = waited > entry.tokens / rate * self.margin
+        return Decision(load_s <= recompute_s * self.margin and not late, pages_left, load_s, recompute_s)
 
     def disk_pays(self, disk_pages: int, page_bytes: int, block_tokens: int) -> Decision:
         """Whether ``disk_pages`` pages (``page_bytes`` each, ``block_tokens`` tokens each) should be read."""

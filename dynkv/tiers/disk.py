@@ -248,6 +248,10 @@ class DiskTier:
         scheduler thread. Pages whose ``dst`` an ``O_DIRECT`` read cannot fill
         in place go through :meth:`read`. :attr:`read_log` keeps the timing of
         each thread's batch.
+
+        A future cancelled (``Future.cancel()``) while its batch waits for a
+        thread is not read, and ``dst`` is left alone; once its batch has
+        started, ``cancel()`` returns False and the page is read.
         """
         checked = []
         for slot, key, dst in reads:  # every argument checked before any read starts
@@ -472,6 +476,9 @@ class DiskTier:
     def _read_batch(self, batch: list[tuple[PageFile, int, int, bytes, memoryview, int, Any]],
                     invalidate_bad: bool, submitted: float) -> None:
         """I/O thread: a batch of in-place reads in one lock-free call, then each page's checks and future."""
+        batch = [b for b in batch if b[6].set_running_or_notify_cancel()]  # pages cancelled while queued: not read
+        if not batch:
+            return
         started = time.perf_counter()
         n = self.page_bytes
         headers = memoryview(mmap.mmap(-1, HEADER_BYTES * len(batch)))  # page-aligned, as O_DIRECT wants

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from harness import Engine, Model, make_leader
 
-from dynkv.policy.cost import MIN_STEP_TOKENS, CostModel
+from dynkv.policy.cost import MIN_STEP_TOKENS, CostModel, Decision
+from dynkv.protocol import WorkerReport
 
 MiB = 1 << 20
 
@@ -143,3 +144,154 @@ def test_no_cost_model_without_a_disk_tier_or_when_off(tmp_path) -> None:
             leader.step_end()
         finally:
             leader.close()
+
+
+def test_a_load_waiting_behind_others_gives_up_past_the_recompute_time() -> None:
+    clock = Clock()
+    c = model_with(clock)
+    c.prefill_tokens_per_s, c.disk_bytes_per_s = 10_000.0, 100 * MiB  # 1 page (16 tokens) = 1.6 ms to recompute
+    assert c.gives_up(1) is None, "an unknown job"
+    c.disk_submitted(1, 100 * MiB, tokens=50 * 16, page_bytes=2 * MiB)  # 1 s of reads, 80 ms to recompute
+    c.disk_submitted(2, 2 * MiB, tokens=16 * 16, page_bytes=2 * MiB)  # 1 page of 16 blocks' worth behind it
+    first, second = c.gives_up(1), c.gives_up(2)
+    assert first is not None and not first.load and first.disk_pages == 50
+    assert first.load_s == pytest.approx(1.0) and first.recompute_s == pytest.approx(0.08)
+    assert second is not None and not second.load and second.load_s == pytest.approx(1.02), "queued behind job 1"
+    c.disk_read(1, 100 * MiB, cancelled=True)  # job 1 gave up before its reads started
+    assert c.queue_bytes == 2 * MiB
+    second = c.gives_up(2)
+    assert second is not None and second.load, "with nothing ahead, 20 ms of reading beats 25.6 ms of recompute"
+    assert second.load_s == pytest.approx(0.02) and second.recompute_s == pytest.approx(0.0256)
+    clock.t += 0.03  # waited longer than the whole load's recompute time: the disk is slower than measured
+    late = c.gives_up(2)
+    assert late is not None and not late.load
+    c.disk_done(1)
+    assert c.disk_bytes_per_s == 100 * MiB, "a load that read nothing says nothing of the disk's bandwidth"
+
+
+def test_partly_read_loads_weigh_what_is_left() -> None:
+    clock = Clock()
+    c = model_with(clock)
+    c.prefill_tokens_per_s, c.disk_bytes_per_s = 1000.0, 10 * MiB
+    c.disk_submitted(1, 10 * MiB, tokens=1000, page_bytes=1 * MiB)  # 1 s to read, 1 s to recompute
+    d = c.gives_up(1)
+    assert d is not None and d.load and d.disk_pages == 10
+    clock.t += 0.5
+    c.disk_read(1, 6 * MiB)
+    d = c.gives_up(1)
+    assert d is not None and d.load and d.disk_pages == 4 and d.load_s == pytest.approx(0.4)
+    assert d.recompute_s == pytest.approx(0.4) and c.queue_bytes == 4 * MiB
+    clock.t += 0.25
+    c.disk_read(1, 4 * MiB)
+    c.disk_done(1)
+    assert c.queue_bytes == 0 and c.disk_bytes_per_s == pytest.approx(0.8 * 10 * MiB + 0.2 * 10 * MiB / 0.75)
+    c.disk_submitted(3, 4 * MiB)  # no tokens given: never given up
+    assert c.gives_up(3) == Decision(True, 0)
+    c.prefill_tokens_per_s = None
+    c.disk_submitted(4, 4 * MiB, tokens=16, page_bytes=MiB)
+    assert c.gives_up(4).load, "no prefill rate yet: wait, as without a model"
+
+
+def test_loads_that_wait_too_long_give_up_cancel_queued_reads_and_keep_running_ones(
+        rng: np.random.Generator, tmp_path, monkeypatch) -> None:
+    """Two disk hits on one I/O thread: the first one's reads run (held at a gate), the second's queue behind.
+
+    On a simulated clock both wait past their recompute time: both go out at
+    once with their disk blocks to recompute; the queued reads are never
+    made, the running ones land in the host tier for the next request.
+    """
+    import threading
+
+    import dynkv.tiers.disk as disk_mod
+
+    model = Model()
+    leader = make_leader(model, host_pages=8, disk_gb=0.01, disk_paths=[str(tmp_path / "d")], disk_direct_io=False,
+                         disk_admit_min_hits=0, io_threads=1)
+    engine = Engine(leader, model, tp=1, num_blocks=64, processes=False)
+    clock = Clock()
+    try:
+        a, b = (rng.integers(0, 1000, 4 * model.block_size).tolist() for _ in range(2))
+        for name, prompt in (("a", a), ("b", b), ("filler", rng.integers(0, 1000, 8 * model.block_size).tolist())):
+            engine.serve(name, prompt)
+            engine.drain()
+        keys_a, keys_b = engine.keys(a), engine.keys(b)
+        assert not any(leader.index.holds(k, "host") for k in keys_a + keys_b), "the filler pushed both off the host"
+        leader.cost = CostModel(clock=clock)
+        leader.cost.prefill_tokens_per_s, leader.cost.disk_bytes_per_s = 1000.0, 1e12  # the model admits both
+        gate, entered = threading.Event(), threading.Event()
+        read_records = disk_mod._C.read_records
+
+        def held(*args):
+            entered.set()
+            assert gate.wait(30)
+            return read_records(*args)
+
+        monkeypatch.setattr(disk_mod._C, "read_records", held)
+        read0 = leader.disk.stats().get("pages_read", 0)
+        assert leader.lookup("a2", keys_a) == 4
+        leader.begin_load("a2", [40, 41, 42, 43])
+        assert entered.wait(30), "a2's reads are running"
+        assert leader.lookup("b2", keys_b) == 4
+        leader.begin_load("b2", [50, 51, 52, 53])
+        assert leader.build_plan().loads == [], "both wait for their reads"
+        clock.t += 1.0  # past 4 blocks' recompute time at 1000 tokens/s
+        plan = leader.build_plan()
+        ops = {op.req_id: op for op in plan.loads}
+        assert sorted(ops) == ["a2", "b2"] and all(op.block_ids == () for op in ops.values())
+        assert sorted(ops["a2"].failed) == [40, 41, 42, 43] and sorted(ops["b2"].failed) == [50, 51, 52, 53]
+        assert leader.metrics.value("dynkv_cost_tokens_total", choice="gave_up") == 8 * model.block_size
+        leader.update(WorkerReport(done={op.job: 1 for op in plan.loads}))
+        for r in ("a2", "b2"):
+            leader.request_finished(r)
+        assert not leader.idle(), "a2's reads are still running"
+        gate.set()
+        engine.drain()
+        leader.disk._pool.submit(lambda: None).result(30)  # one I/O thread: whatever was queued has run
+        assert leader.disk.stats().get("pages_read", 0) - read0 == 4, "b2's queued reads were never made"
+        assert leader.metrics.value("dynkv_disk_reads_given_up_total", state="landed") == 4
+        assert leader.metrics.value("dynkv_disk_reads_given_up_total", state="cancelled") == 4
+        assert all(leader.index.holds(k, "host") and leader.index.pins(k, "host") == 0 for k in keys_a)
+        assert not any(leader.index.holds(k, "host") for k in keys_b)
+        assert all(leader.index.holds(k, "disk") and leader.index.pins(k, "disk") == 0 for k in keys_b)
+        assert leader.cost.queue_bytes == 0 and leader.stats()["host"]["pending"] == 0
+        out = engine.serve("a3", a + [1])  # the next turn: a's pages from the host tier, exact
+        assert out.loaded == 4 and out.mismatched == [] and out.load_errors == set()
+    finally:
+        gate.set()
+        engine.close()
+        leader.close()
+
+
+def test_an_aborted_request_cancels_its_queued_disk_reads(rng: np.random.Generator, tmp_path, monkeypatch) -> None:
+    import threading
+
+    model = Model()
+    leader = make_leader(model, host_pages=8, disk_gb=0.01, disk_paths=[str(tmp_path / "d")], disk_direct_io=False,
+                         disk_admit_min_hits=0, io_threads=1, cost_model=False)
+    engine = Engine(leader, model, tp=1, num_blocks=64, processes=False)
+    gate = threading.Event()
+    try:
+        a = rng.integers(0, 1000, 4 * model.block_size).tolist()
+        for name, prompt in (("a", a), ("filler", rng.integers(0, 1000, 8 * model.block_size).tolist())):
+            engine.serve(name, prompt)
+            engine.drain()
+        leader.disk._pool.submit(gate.wait, 30)  # the I/O thread is busy: a2's reads queue
+        read0 = leader.disk.stats().get("pages_read", 0)
+        keys = engine.keys(a)
+        assert leader.lookup("a2", keys) == 4
+        leader.begin_load("a2", [40, 41, 42, 43])
+        assert not leader.request_finished("a2")  # aborted while its reads wait
+        plan = leader.build_plan()
+        assert [(op.req_id, op.block_ids) for op in plan.loads] == [("a2", ())], "an empty op frees its blocks"
+        leader.update(WorkerReport(done={plan.loads[0].job: 1}))
+        gate.set()
+        engine.drain()
+        leader.disk._pool.submit(lambda: None).result(30)  # one I/O thread: whatever was queued has run
+        assert leader.disk.stats().get("pages_read", 0) == read0, "no read made for an aborted request"
+        assert leader.metrics.value("dynkv_disk_reads_given_up_total", state="cancelled") == 4
+        assert all(leader.index.pins(k, t) == 0 for k in keys for t in ("host", "disk"))
+        assert leader.stats()["host"]["pending"] == 0
+    finally:
+        gate.set()
+        engine.close()
+        leader.close()

@@ -789,3 +789,32 @@ def test_read_many_deals_runs_of_pages_to_threads(make, read_chunk: int, shares:
 def test_read_chunk_must_be_a_count(make) -> None:
     with pytest.raises(ValueError, match="read_chunk=-1"):
         make(num_pages=4, page_bytes=4096, read_chunk=-1)
+
+
+@pytest.mark.parametrize("align", [True, False], ids=["in-place", "bounced"])
+def test_read_many_cancelled_while_queued_reads_nothing(make, align: bool) -> None:
+    """A page whose future is cancelled before its batch starts is not read; one whose batch runs cannot be."""
+    t = make(16, 4096, io_threads=1)
+    write_keys(t, {s: s for s in range(8)})
+    gate, entered = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        gate.wait(TIMEOUT)
+
+    t._pool.submit(hold)  # the one I/O thread is busy: every read after this one queues
+    assert entered.wait(TIMEOUT)
+    bufs = [aligned(4096) if align else unaligned(4096)[0] for _ in range(8)]
+    before = t.stats().get("pages_read", 0)
+    futs = t.read_many([(s, key_of(s), bufs[s]) for s in range(8)])
+    cancelled = [f.cancel() for f in futs[:5]]
+    assert cancelled == [True] * 5
+    gate.set()
+    for f in futs[5:]:
+        result(f)
+    assert t.stats().get("pages_read", 0) - before == 3, "the cancelled pages were not read"
+    for s in range(8):
+        assert (bytes(bufs[s]) == content(key_of(s), 4096)) == (s >= 5), f"page {s}: cancelled pages are left alone"
+    started = t.read_many([(0, key_of(0), bufs[0])])[0]
+    result(started)
+    assert not started.cancel(), "a read that ran cannot be cancelled"

@@ -106,7 +106,7 @@ class KVWatch:
 
     Wraps the scheduler's ``schedule`` (every engine) and the dynkv
     connector's ``build_connector_meta`` (with the connector) in place;
-    :meth:`take` hands over what was seen since the last call.
+    :meth:`take` hands over what was seen since the last call, :meth:`pop` one request's.
     """
 
     def __init__(self, scheduler: Any, connector: Any = None) -> None:
@@ -153,6 +153,11 @@ class KVWatch:
             self._stored.setdefault(op.req_id, {}).update(zip(op.block_ids, op.slots))
         for op in plan.loads:
             self._loaded.setdefault(op.req_id, {}).update(zip(op.block_ids, op.slots))
+
+    def pop(self, req_id: str) -> dict[str, Any]:
+        """What was seen of one request (as in :meth:`take`), forgotten here; the others' records stay."""
+        return {"blocks": self._blocks.pop(req_id, []), "stored": self._stored.pop(req_id, {}),
+                "loaded": self._loaded.pop(req_id, {})}
 
     def take(self) -> dict[str, dict[str, Any]]:
         """``{req_id: {"blocks": [...], "stored": {block: slot}, "loaded": {block: slot}}}`` since the last call."""

@@ -1,0 +1,150 @@
+"""``dynkv bench load --endpoint``: the closed loop against running OpenAI-compatible servers.
+
+Each request is a streamed ``/v1/completions`` of the turn's token ids at
+temperature 0 with ``max_tokens`` the answer length and ``ignore_eos`` (vLLM's
+field); TTFT is from sending it to its first streamed token. The cached
+tokens come from ``usage.prompt_tokens_details.cached_tokens`` where the
+server reports them (vLLM with ``--enable-prompt-tokens-details``), and
+dynkv's counters from the server's ``/metrics`` (``vllm:dynkv_*``, summed over
+engines), read before and after the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from dynkv.benchmarks.load.workload import ClosedLoop, Workload
+
+__all__ = ["parse_metrics", "run_endpoints"]
+
+# Labels kept when a server's dynkv samples are summed over its engines.
+_LABELS = ("tier", "direction", "choice", "state", "reason")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """``dynkv_*`` samples of a Prometheus text page (``vllm:dynkv_*`` too), summed over labels other than a tier's,
+    a direction's, a choice's, a state's or a reason's: ``{"dynkv_hits_total{tier=host}": 12.0, ...}``."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("vllm:dynkv_"):
+            line = line[len("vllm:"):]
+        if not line.startswith("dynkv_"):
+            continue
+        head, _, value = line.rpartition(" ")
+        name, _, labels = head.partition("{")
+        kept = []
+        for part in labels.rstrip("}").split(","):
+            k, _, v = part.partition("=")
+            if k.strip() in _LABELS:
+                kept.append(f"{k.strip()}={v.strip().strip(chr(34))}")
+        key = f"{name}{{{','.join(kept)}}}" if kept else name
+        try:
+            out[key] = out.get(key, 0.0) + float(value)
+        except ValueError:
+            continue
+    return out
+
+
+async def _metrics(session: Any, url: str) -> dict[str, float]:
+    try:
+        async with session.get(url + "/metrics") as resp:
+            return parse_metrics(await resp.text()) if resp.status == 200 else {}
+    except Exception:  # a server without /metrics has no counters to report
+        return {}
+
+
+async def _stream(session: Any, url: str, body: dict[str, Any], rec: dict[str, Any], t_run: float) -> None:
+    import aiohttp
+
+    t0 = time.perf_counter()
+    rec["submit_s"] = t0 - t_run
+    try:
+        async with session.post(url + "/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                rec["error"] = f"HTTP {resp.status}: {(await resp.text())[:500]}"
+                return
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if chunk.get("error"):
+                    rec["error"] = f"server error mid-stream: {chunk['error']}"
+                    break
+                usage = chunk.get("usage") or {}
+                details = usage.get("prompt_tokens_details") or {}
+                if details.get("cached_tokens") is not None:
+                    rec["cached_tokens"] = int(details["cached_tokens"])
+                for choice in chunk.get("choices") or ():
+                    n = len(choice.get("token_ids") or ()) or (1 if choice.get("text") else 0)
+                    if n and rec["ttft_s"] is None:
+                        rec["ttft_s"] = time.perf_counter() - t0
+                    rec["output_tokens"] += n
+                if usage.get("completion_tokens"):
+                    rec["output_tokens"] = int(usage["completion_tokens"])
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as e:
+        rec["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        rec["latency_s"] = time.perf_counter() - t0
+
+
+async def _run_one(session: Any, name: str, url: str, w: Workload, model: str | None) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    url = url.rstrip("/")
+    if model is None:
+        async with session.get(url + "/v1/models") as resp:
+            resp.raise_for_status()
+            model = str((await resp.json())["data"][0]["id"])
+    prompts = w.prompts()
+    loop = ClosedLoop(w)
+    records: list[dict[str, Any]] = []
+    before = await _metrics(session, url)
+    t_run = time.perf_counter()
+
+    async def one(c: int, t: int) -> tuple[int, int]:
+        rec: dict[str, Any] = {"conversation": c, "turn": t, "prompt_tokens": len(prompts[c][t]), "ttft_s": None,
+                               "latency_s": None, "cached_tokens": None, "output_tokens": 0, "error": None}
+        records.append(rec)
+        body = {"model": model, "prompt": prompts[c][t], "max_tokens": w.answer_tokens, "temperature": 0.0,
+                "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
+                "return_token_ids": True}
+        await _stream(session, url, body, rec, t_run)
+        return c, t
+
+    pending: set[asyncio.Task[tuple[int, int]]] = set()
+    with tqdm(total=w.num_requests, desc=name, unit="req", leave=False, disable=None) as bar:
+        while not loop.complete:
+            while (item := loop.take()) is not None:
+                pending.add(asyncio.ensure_future(one(*item)))
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                loop.done(*task.result())
+                bar.update(1)
+    wall = time.perf_counter() - t_run
+    after = await _metrics(session, url)
+    samples = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    return {"name": name, "url": url, "model": model, "status": "ok", "wall_s": wall, "requests": records,
+            "samples": samples}
+
+
+async def _run_all(endpoints: list[tuple[str, str]], w: Workload, model: str | None,
+                   timeout_s: float) -> dict[str, Any]:
+    import aiohttp
+
+    out: dict[str, Any] = {}
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    conn = aiohttp.TCPConnector(limit=2 * w.concurrency)
+    async with aiohttp.ClientSession(timeout=timeout, connector=conn, read_bufsize=1 << 24) as session:
+        for name, url in endpoints:
+            out[name] = await _run_one(session, name, url, w, model)
+    return out
+
+
+def run_endpoints(endpoints: list[tuple[str, str]], w: Workload, *, model: str | None = None,
+                  timeout_s: float = 600.0) -> dict[str, Any]:
+    """Run ``w`` against each ``(name, url)`` in turn; ``{name: report}`` with every request (errors recorded)."""
+    return asyncio.run(_run_all(endpoints, w, model, timeout_s))

@@ -1,0 +1,220 @@
+"""``dynkv bench load``: the workload and its closed loop, sizes, flags, the endpoint mode, and a CPU run of vLLM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from dynkv.benchmarks.load.endpoint import parse_metrics, run_endpoints
+from dynkv.benchmarks.load.report import format_table, summarize
+from dynkv.benchmarks.load.workload import ClosedLoop, Workload, plan_sizes
+
+
+def test_prompts_grow_by_the_fixed_answer_and_are_the_same_every_time() -> None:
+    w = Workload(conversations=3, turns=4, prefix_tokens=40, user_tokens=5, answer_tokens=3, seed=7)
+    prompts = w.prompts()
+    assert prompts == w.prompts(), "every engine of a run gets the same prompts"
+    assert prompts != Workload(conversations=3, turns=4, prefix_tokens=40, user_tokens=5, answer_tokens=3,
+                               seed=8).prompts()
+    for conv in prompts:
+        for t, p in enumerate(conv):
+            assert len(p) == w.prompt_tokens(t)
+            assert all(w.token_range[0] <= x < w.token_range[1] for x in p)
+            if t:
+                assert p[: len(conv[t - 1])] == conv[t - 1], "a turn's prompt holds the whole conversation so far"
+    assert len({tuple(c[0][:40]) for c in prompts}) == 3, "each conversation has a prefix of its own"
+
+
+@pytest.mark.parametrize("concurrency", [1, 3, 10])
+def test_closed_loop_bounds_requests_in_flight_and_orders_turns(concurrency: int) -> None:
+    w = Workload(conversations=6, turns=3, concurrency=concurrency)
+    loop, rng = ClosedLoop(w), random.Random(concurrency)
+    in_flight: list[tuple[int, int]] = []
+    done: set[tuple[int, int]] = set()
+    sent: list[tuple[int, int]] = []
+    while not loop.complete:
+        while (item := loop.take()) is not None:
+            c, t = item
+            assert t == 0 or (c, t - 1) in done, "a turn goes out only after its conversation's previous turn"
+            in_flight.append(item)
+            sent.append(item)
+        assert 0 < len(in_flight) <= concurrency
+        finished = in_flight.pop(rng.randrange(len(in_flight)))  # requests finish in any order
+        done.add(finished)
+        loop.done(*finished)
+    assert sorted(sent) == [(c, t) for c in range(6) for t in range(3)]
+    assert [c for c, t in sent if t == 0] == w.first_order()
+    with pytest.raises(RuntimeError):
+        loop.done(0, 0)
+
+
+def test_sizes_are_shares_of_the_working_set() -> None:
+    w = Workload(conversations=10, turns=2, prefix_tokens=100, user_tokens=10, answer_tokens=10, concurrency=2)
+    s = plan_sizes(w, 32, 1024, 0.5, 1.25, 2.0)
+    per_conv = -(-w.max_len // 32)  # 130 + 10 tokens: 5 blocks
+    assert s.working_set_pages == 10 * per_conv == 50
+    assert (s.device_blocks, s.host_pages, s.disk_pages) == (25, 63, 100)
+    assert s.max_model_len >= w.max_len
+    with pytest.raises(ValueError, match=r"--device-share >= 0\.220"):
+        plan_sizes(w, 32, 1024, 0.1, 1.0, 0.0)  # 5 blocks cannot hold two requests of 5 blocks
+    with pytest.raises(ValueError, match="--host-share"):
+        plan_sizes(w, 32, 1024, 0.5, -1.0, 0.0)
+
+
+def test_bad_workload_values_name_the_flag() -> None:
+    with pytest.raises(ValueError, match="--concurrency=0"):
+        Workload(concurrency=0)
+    with pytest.raises(ValueError, match="--prefix-tokens"):
+        Workload(prefix_tokens=-1)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--engines", "plain,vllm"], "expected a comma-separated subset of plain, dynkv, offloading"),
+    (["--dynkv-variant", "nocost"], "expected NAME=JSON"),
+    (["--dynkv-variant", "x={bad"], "is not JSON"),
+    (["--dynkv-config", "[1]"], "expected a JSON object"),
+    (["--device-share", "lots"], "expected a share of the working set"),
+    (["--engines", "plain", "--dynkv-variant", "a={}", "--device", "cpu"], "needs the dynkv engine"),
+    (["--device", "cpu", "--device-share", "0.05"], "--device-share >= "),
+])
+def test_bad_flags_fail_with_a_clear_message(args: list[str], message: str, tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "dynkv.cli", "bench", "load", *args, "--work-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert message in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+
+
+def test_parse_metrics_sums_engines_and_keeps_tier_labels() -> None:
+    text = "\n".join([
+        "# HELP vllm:dynkv_hits_total dynkv hits",
+        'vllm:dynkv_hits_total{engine="0",model_name="m",tier="host"} 3.0',
+        'vllm:dynkv_hits_total{engine="1",model_name="m",tier="host"} 4.0',
+        'vllm:dynkv_hits_total{engine="0",model_name="m",tier="disk"} 1.0',
+        'vllm:dynkv_misses_total{engine="0",model_name="m"} 9.0',
+        'vllm:num_requests_running{engine="0"} 2.0',
+    ])
+    assert parse_metrics(text) == {"dynkv_hits_total{tier=host}": 7.0, "dynkv_hits_total{tier=disk}": 1.0,
+                                   "dynkv_misses_total": 9.0}
+
+
+class _Server:
+    """A streaming ``/v1/completions`` that counts requests in flight and reports half the prompt as cached."""
+
+    def __init__(self) -> None:
+        self.in_flight = self.max_in_flight = 0
+        self.prompts: list[list[int]] = []
+        self.hits = 0
+        self.url = ""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.prompts.append(body["prompt"])
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await asyncio.sleep(0.01 * (1 + len(self.prompts) % 3))
+        for i in range(body["max_tokens"]):
+            await resp.write(f"data: {json.dumps({'choices': [{'text': 'a', 'token_ids': [20 + i]}]})}\n\n".encode())
+        self.in_flight -= 1
+        self.hits += 1
+        usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"],
+                 "prompt_tokens_details": {"cached_tokens": len(body["prompt"]) // 2}}
+        await resp.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode())
+        return resp
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "m"}]})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=f'vllm:dynkv_hits_total{{engine="0",tier="host"}} {self.hits * 2}.0\n')
+
+    def __enter__(self) -> _Server:
+        self._thread.start()
+        app = web.Application()
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/metrics", self._metrics)
+
+        async def start() -> str:
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            self._runner = runner
+            return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+        self.url = asyncio.run_coroutine_threadsafe(start(), self._loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+@pytest.fixture
+def server() -> Iterator[_Server]:
+    with _Server() as s:
+        yield s
+
+
+def test_endpoint_mode_runs_the_closed_loop(server: _Server) -> None:
+    w = Workload(conversations=5, turns=3, prefix_tokens=30, user_tokens=4, answer_tokens=3, concurrency=2)
+    engines = run_endpoints([("fake", server.url)], w)
+    rep = engines["fake"]
+    assert server.max_in_flight == 2, "at most --concurrency requests in flight, and that many when turns are ready"
+    prompts = w.prompts()
+    assert sorted(map(tuple, server.prompts)) == sorted(tuple(p) for conv in prompts for p in conv)
+    assert len(rep["requests"]) == 15 and all(r["error"] is None for r in rep["requests"])
+    assert all(r["output_tokens"] == 3 and r["ttft_s"] <= r["latency_s"] for r in rep["requests"])
+    s = summarize(rep)
+    assert s["errors"] == 0 and s["ttft_first_turn_s"]["n"] == 5 and s["ttft_later_turns_s"]["n"] == 10
+    assert 0.45 < s["cached_share"] <= 0.5
+    assert s["hits_blocks"]["host"] == 30.0, "dynkv's counters are the /metrics difference over the run"
+    table = format_table({"fake": s})
+    assert table.splitlines()[0].split()[:4] == ["engine", "reqs", "err", "TTFT1"]
+    assert table.splitlines()[1].split()[:3] == ["fake", "15", "0"]
+
+
+@pytest.mark.slow
+def test_bench_load_cpu_smoke(tmp_path: Path) -> None:
+    """plain and dynkv on vLLM's CPU build; the working set is 2.5x the device cache, the host tier holds it."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dynkv.cli", "bench", "load", "--device", "cpu", "--engines", "plain,dynkv",
+           "--conversations", "6", "--turns", "3", "--prefix-tokens", "256", "--user-tokens", "32",
+           "--answer-tokens", "4", "--concurrency", "2", "--device-share", "0.4", "--host-share", "1.25",
+           "--work-dir", str(tmp_path / "work"), "--out", str(out), "--no-plot"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    header = next(line for line in run.stdout.splitlines() if line.startswith("engine "))
+    for col in ("TTFT1 p50", "TTFT>1 p50", "wall s", "out tok/s", "cached", "host hits", "disk hits", "disk->recompute",
+                "KV check"):
+        assert col in header, header
+    doc = json.loads((out / "load.json").read_text())
+    sizes = doc["sizes"]
+    assert sizes["working_set_pages"] > sizes["device_blocks"]
+    plain, dyn = doc["summaries"]["plain"], doc["summaries"]["dynkv"]
+    for s in (plain, dyn):
+        assert s["status"] == "ok" and s["requests"] == 18 and s["errors"] == 0
+        for key in ("p50", "p90", "mean"):
+            assert s["ttft_first_turn_s"][key] > 0 and s["ttft_later_turns_s"][key] > 0
+        assert s["wall_s"] > 0 and s["output_tok_s"] > 0
+    assert dyn["cached_share"] > 0 and dyn["cached_share_later_turns"] > plain["cached_share_later_turns"]
+    assert dyn["hits_blocks"]["host"] > 0 and dyn["bytes"]["h2d"] > 0
+    kv = dyn["kv"]
+    assert kv["passed"] and kv["requests"] == 18 and kv["loaded"] > 0 and kv["loaded_vs_stored"] > 0, kv
+    assert all(r["kv"]["passed"] for r in doc["engines"]["dynkv"]["requests"])
+    assert "kv" not in plain, "plain vLLM has no dynkv pages to check"
