@@ -106,7 +106,7 @@ def _samples(connector: Any) -> dict[str, float]:
 
 
 def run(spec: dict[str, Any], out_path: Path) -> dict[str, Any]:
-    """Run the workload of ``spec`` (see :mod:`dynkv.benchmarks.load.run`) on one engine; the report goes to ``out_path``."""
+    """Run the workload of ``spec`` (:mod:`dynkv.benchmarks.load.run`) on one engine; report to ``out_path``."""
     from vllm import LLM, SamplingParams
 
     w = Workload(**{**spec["workload"], "token_range": tuple(spec["workload"]["token_range"])})
