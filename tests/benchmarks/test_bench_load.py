@@ -177,13 +177,14 @@ def test_endpoint_mode_runs_the_closed_loop(server: _Server) -> None:
     rep = engines["fake"]
     assert server.max_in_flight == 2, "at most --concurrency requests in flight, and that many when turns are ready"
     prompts = w.prompts()
-    assert sorted(map(tuple, server.prompts)) == sorted(tuple(p) for conv in prompts for p in conv)
+    assert server.prompts[0] == [w.token_range[0]] * 8, "a warm-up request first"
+    assert sorted(map(tuple, server.prompts[1:])) == sorted(tuple(p) for conv in prompts for p in conv)
     assert len(rep["requests"]) == 15 and all(r["error"] is None for r in rep["requests"])
     assert all(r["output_tokens"] == 3 and r["ttft_s"] <= r["latency_s"] for r in rep["requests"])
     s = summarize(rep)
     assert s["errors"] == 0 and s["ttft_first_turn_s"]["n"] == 5 and s["ttft_later_turns_s"]["n"] == 10
     assert 0.45 < s["cached_share"] <= 0.5
-    assert s["hits_blocks"]["host"] == 30.0, "dynkv's counters are the /metrics difference over the run"
+    assert s["hits_blocks"]["host"] == 30.0, "dynkv's counters are the /metrics difference over the run (no warm-up)"
     table = format_table({"fake": s})
     assert table.splitlines()[0].split()[:4] == ["engine", "reqs", "err", "TTFT1"]
     assert table.splitlines()[1].split()[:3] == ["fake", "15", "0"]
@@ -218,3 +219,69 @@ def test_bench_load_cpu_smoke(tmp_path: Path) -> None:
     assert kv["passed"] and kv["requests"] == 18 and kv["loaded"] > 0 and kv["loaded_vs_stored"] > 0, kv
     assert all(r["kv"]["passed"] for r in doc["engines"]["dynkv"]["requests"])
     assert "kv" not in plain, "plain vLLM has no dynkv pages to check"
+
+
+class _FakeLLM:
+    """``collective_rpc`` of one rank whose blocks and host pages have the CRCs the test sets."""
+
+    def __init__(self) -> None:
+        self.block_crc: dict[int, int] = {}
+        self.page_crc: dict[int, int] = {}
+
+    def collective_rpc(self, fn, args):
+        ids, slots = args
+        return [{"rank": 0, "blocks": [self.block_crc[b] for b in ids], "pages": [self.page_crc[s] for s in slots]}]
+
+
+def test_kv_check_catches_a_page_that_differs_from_its_block_or_from_the_page_stored(monkeypatch) -> None:
+    from types import SimpleNamespace as NS
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # what importing the engine module sets otherwise
+    from dynkv.benchmarks.e2e.kv import KVWatch
+    from dynkv.benchmarks.load.engine import _Check
+
+    plans: list[NS] = []
+    scheduled: list[NS] = []
+    scheduler = NS(schedule=lambda: scheduled.pop(0))
+    connector = NS(build_connector_meta=lambda out: NS(plan=plans.pop(0)))
+    watch = KVWatch(scheduler, connector)
+    llm = _FakeLLM()
+    check = _Check(llm, watch, block_size=2)
+
+    def step(req_id: str, blocks: list[int], stores=(), loads=()) -> None:
+        scheduled.append(NS(scheduled_new_reqs=[NS(req_id=req_id, block_ids=(blocks,))], scheduled_cached_reqs=None))
+        def op(pairs) -> NS:
+            return NS(req_id=req_id, block_ids=tuple(b for b, _ in pairs), slots=tuple(s for _, s in pairs))
+
+        plans.append(NS(stores=[op(stores)], loads=[op(loads)]))
+        scheduler.schedule()
+        connector.build_connector_meta(None)
+
+    first = [1, 2, 3, 4, 5]  # two full blocks of 2 tokens
+    llm.block_crc.update({10: 111, 11: 222})
+    llm.page_crc.update({0: 111, 1: 222})
+    step("c0-t0-x1", [10, 11, 12], stores=[(10, 0), (11, 1)])
+    out = check.request("c0-t0", "c0-t0", first)  # vLLM gave the request a suffix add_request did not return
+    assert out["passed"] and out["stored"] == 2 and out["loaded"] == 0
+
+    llm.block_crc.update({20: 111, 21: 222})
+    step("c0-t1-x2", [20, 21, 22, 23], loads=[(20, 0), (21, 1)])
+    out = check.request("c0-t1", "c0-t1-x2", first + [6, 7, 8])
+    assert out["passed"] and out["loaded"] == 2 and out["loaded_vs_stored"] == 2
+
+    llm.block_crc.update({30: 111, 31: 999})
+    llm.page_crc.update({2: 111, 3: 999})  # a page whose bytes are not those stored for its prefix
+    step("c1-t1-x3", [30, 31, 32], loads=[(30, 2), (31, 3)])
+    out = check.request("c1-t1", "c1-t1-x3", first)
+    assert not out["passed"] and [b["what"] for b in out["bad"]] == ["page loaded != page stored for this prefix"]
+    assert out["bad"][0]["position"] == 1
+
+    llm.block_crc.update({40: 5})
+    llm.page_crc.update({4: 6})  # a store whose page differs from the block computed
+    step("c2-t0-x4", [40, 41], stores=[(40, 4)])
+    out = check.request("c2-t0", "c2-t0-x4", [9, 9, 9])
+    assert [b["what"] for b in out["bad"]] == ["block != page"]
+    assert check.totals["requests"] == 4 and check.totals["failed_requests"] == 2
+
+    with pytest.raises(RuntimeError, match="never gave request c9-t0"):
+        check.request("c9-t0", "c9-t0-zz", first)

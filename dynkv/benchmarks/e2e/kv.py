@@ -154,6 +154,10 @@ class KVWatch:
         for op in plan.loads:
             self._loaded.setdefault(op.req_id, {}).update(zip(op.block_ids, op.slots))
 
+    def request_ids(self) -> list[str]:
+        """The requests whose blocks were seen and not yet handed over."""
+        return list(self._blocks)
+
     def pop(self, req_id: str) -> dict[str, Any]:
         """What was seen of one request (as in :meth:`take`), forgotten here; the others' records stay."""
         return {"blocks": self._blocks.pop(req_id, []), "stored": self._stored.pop(req_id, {}),

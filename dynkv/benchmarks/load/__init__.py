@@ -1,1 +1,1 @@
-"""``dynkv bench load``: multi-turn conversations under a closed loop, plain vLLM against dynkv and vLLM's offloading."""
+"""``dynkv bench load``: multi-turn conversations under a closed loop; plain vLLM, dynkv and vLLM's offloading."""

@@ -54,8 +54,14 @@ class _Check:
                        "bad": 0}
         self.failures: list[dict[str, Any]] = []
 
-    def request(self, internal_id: str, prompt: list[int]) -> dict[str, Any]:
+    def request(self, rid: str, internal_id: str, prompt: list[int]) -> dict[str, Any]:
         seen = self.watch.pop(internal_id)
+        if not seen["blocks"]:  # vLLM versions whose add_request does not return the id it adds a suffix to
+            ids = [r for r in self.watch.request_ids() if r.startswith(f"{rid}-")]
+            if len(ids) == 1:
+                seen = self.watch.pop(ids[0])
+        if not seen["blocks"]:
+            raise RuntimeError(f"the scheduler never gave request {rid} ({internal_id}) blocks that were seen")
         full = len(prompt) // self.block_size
         blocks = seen["blocks"][:full]
         pos = {b: i for i, b in enumerate(blocks)}
@@ -100,7 +106,7 @@ def _samples(connector: Any) -> dict[str, float]:
 
 
 def run(spec: dict[str, Any], out_path: Path) -> dict[str, Any]:
-    """Run the workload of ``spec`` (see :mod:`dynkv.benchmarks.load.run`) on one engine; the report goes to ``out_path``."""
+    """Run the workload of ``spec`` (:mod:`dynkv.benchmarks.load.run`) on one engine; report to ``out_path``."""
     from vllm import LLM, SamplingParams
 
     w = Workload(**{**spec["workload"], "token_range": tuple(spec["workload"]["token_range"])})
@@ -189,7 +195,8 @@ def run(spec: dict[str, Any], out_path: Path) -> dict[str, Any]:
             p0 = time.perf_counter()
             for rec in first:
                 try:
-                    rec["kv"] = check.request(rec["internal_id"], prompts[rec["conversation"]][rec["turn"]])
+                    rec["kv"] = check.request(f"c{rec['conversation']}-t{rec['turn']}", rec["internal_id"],
+                                              prompts[rec["conversation"]][rec["turn"]])
                 except Exception as e:  # a check that cannot run is reported, and the run goes on
                     rec["kv"] = {"error": f"{type(e).__name__}: {e}", "passed": False}
                     report["errors"].append(f"KV check of {rec['conversation']}/{rec['turn']}: {rec['kv']['error']}")

@@ -89,8 +89,8 @@ def format_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
         f, later = s["ttft_first_turn_s"], s["ttft_later_turns_s"]
         hits, nbytes = s.get("hits_blocks") or {}, s.get("bytes") or {}
         kv = s.get("kv")
-        kv_text = "n/a" if kv is None else (f"{'pass' if kv['passed'] else 'FAIL'} {kv['requests'] - kv['failed_requests']}"
-                                             f"/{kv['requests']}")
+        kv_text = "n/a" if kv is None else (f"{'pass' if kv['passed'] else 'FAIL'} "
+                                             f"{kv['requests'] - kv['failed_requests']}/{kv['requests']}")
         share = s["cached_share"]
         share_later = s["cached_share_later_turns"]
         rows.append([name, str(s["requests"]), str(s["errors"]), _ms(f["p50"]), _ms(f["p90"]), _ms(f["mean"]),

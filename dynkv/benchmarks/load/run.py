@@ -187,8 +187,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = write_model(args.model_dir or work / "models" / f"{preset}-seed{args.seed}", preset=preset, seed=args.seed)
     gib = 1 << 30
     print(f"model: {preset} at {model} ({time.perf_counter() - t0:.0f} s); {'GPU' if gpu else 'CPU'}; working set "
-          f"{sizes.working_set_pages} blocks of {block_size} tokens ({sizes.working_set_pages * page_bytes / gib:.2f} GiB); "
-          f"device {sizes.device_blocks} blocks, host {sizes.host_pages} pages, disk {sizes.disk_pages} pages", flush=True)
+          f"{sizes.working_set_pages} blocks of {block_size} tokens ({sizes.working_set_pages * page_bytes / gib:.2f} "
+          f"GiB); device {sizes.device_blocks} blocks, host {sizes.host_pages} pages, disk {sizes.disk_pages} pages",
+          flush=True)
     eargs = engine_args(gpu, sizes, w, {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.engine_arg)})
     disk_dir = Path(args.disk_path or work / "disk").resolve()
     base = {"model": str(model), "engine": eargs, "workload": w.__dict__, "kv_check": not args.no_kv_check}
@@ -221,7 +222,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         doc["engines"][name] = report
         doc["summaries"][name] = summarize(report)
         json_path.write_text(json.dumps(doc, indent=1, default=str))  # a run cut short keeps the engines it finished
-    _finish(doc, doc["engines"], args, out, f"{preset} on {doc['device']}, {w.conversations}x{w.turns}, K={w.concurrency}")
+    title = f"{preset} on {doc['device']}, {w.conversations}x{w.turns}, K={w.concurrency}"
+    _finish(doc, doc["engines"], args, out, title)
     return doc
 
 
@@ -274,7 +276,8 @@ def _json_object(text: str, what: str) -> dict[str, Any]:
     try:
         obj = json.loads(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{what} {text!r} is not JSON ({e}); e.g. '{{\"cost_model\": false}}'") from None
+        raise argparse.ArgumentTypeError(f"{what} {text!r} is not JSON ({e}); "
+                                         "e.g. '{\"cost_model\": false}'") from None
     if not isinstance(obj, dict):
         raise argparse.ArgumentTypeError(f"{what} {text!r}: expected a JSON object of dynkv config keys")
     return obj
@@ -338,7 +341,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--engines", type=_engines, default=list(ENGINES),
                    help=f"comma-separated, run in this order (default {','.join(ENGINES)}; offloading: CUDA only)")
     e.add_argument("--dynkv-config", type=_dynkv_config, metavar="JSON",
-                   help="kv_connector_extra_config keys of the dynkv engines, e.g. '{\"host_admission\": \"frequency\"}'")
+                   help="kv_connector_extra_config keys of the dynkv engines, "
+                        "e.g. '{\"host_admission\": \"frequency\"}'")
     e.add_argument("--dynkv-variant", type=_variant, action="append", default=[], metavar="NAME=JSON",
                    help="one more dynkv engine, dynkv-NAME, with these config keys changed, e.g. "
                         "nocost='{\"cost_model\": false}' (repeatable; run right after dynkv)")
@@ -374,8 +378,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         doc = run(args)
     except ValueError as e:
         raise SystemExit(f"dynkv bench load: {e}") from None
-    bad = [n for n, s in doc["summaries"].items()
-           if not str(s["status"]).startswith(("ok", "skipped")) or s["errors"] or not s.get("kv", {}).get("passed", True)]
+    bad = [n for n, s in doc["summaries"].items() if not str(s["status"]).startswith(("ok", "skipped"))
+           or s["errors"] or not s.get("kv", {}).get("passed", True)]
     if bad:
         print(f"failed: {', '.join(bad)}", file=sys.stderr)
     return 1 if bad else 0
