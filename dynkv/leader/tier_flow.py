@@ -62,6 +62,7 @@ class DiskFlow:
     if TYPE_CHECKING:
         def _host_page(self, slot: int) -> memoryview: ...
         def _drop_host(self, keys: Sequence[bytes]) -> None: ...
+        def _apply_shared(self, item: tuple[Any, ...]) -> None: ...
 
     def _promote(self, load: LoadRecord, pages: list[tuple[int, int, bytes]]) -> None:
         """Give disk pages ``(index in the load, disk slot, key)`` new host slots and read them there.
@@ -92,6 +93,7 @@ class DiskFlow:
                 continue
             reads.append((i, disk_slot, key, host_slot))
         load.waiting += len(reads)
+        load.disk_reads += len(reads)
         if self.cost is not None:
             self.cost.disk_submitted(load.job, len(reads) * self.geometry.page_bytes)
         futs = self.disk.read_many([(d, key, self._host_page(h)) for _, d, key, h in reads], invalidate_bad=True)
@@ -183,8 +185,10 @@ class DiskFlow:
     def _apply_io(self, item: tuple[Any, ...]) -> None:
         if item[0] == "read":
             self._read_done(*item[1:])
-        else:
+        elif item[0] == "write":
             self._write_done(*item[1:])
+        else:
+            self._apply_shared(item)
 
     def _read_done(self, load: LoadRecord, i: int, key: bytes, host_slot: int, fut: Future[None], when: float) -> None:
         exc = fut.exception()
@@ -206,12 +210,17 @@ class DiskFlow:
             self.metrics.load_errors.labels("disk").inc()
         load.waiting -= 1
         if load.waiting == 0:
+            self._load_settled(load)
+
+    def _load_settled(self, load: LoadRecord) -> None:
+        """The load's last disk or shared-tier read completed: it goes to the workers."""
+        if load.disk_reads:
             if self.cost is not None:
                 self.cost.disk_done(load.job)
             # The disk phase of the load: from begin_load until its last page was in the host tier.
             self.metrics.latency.labels("disk_to_host").observe(load.read_until - load.started)
-            self._promoting.pop(load.job, None)
-            self._ready.append(load)
+        self._promoting.pop(load.job, None)
+        self._ready.append(load)
 
     def _write_done(self, key: bytes, fut: Future[None]) -> None:
         self._writes -= 1
