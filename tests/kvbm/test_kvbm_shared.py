@@ -79,8 +79,31 @@ def test_an_engine_loads_the_prefixes_another_engine_stored(engines, rng: np.ran
     out = eb.serve("b-turn2", longer)
     assert out.loaded == BLOCKS and out.mismatched == []
     assert value(b, "dynkv_hits_total", tier="host") == BLOCKS
+    eb.drain()  # the turn's two new pages are written behind
+    assert value(b, "dynkv_pages_moved_total", direction="host_to_shared") == 2
     s = b.stats()
     assert s["host"]["pinned"] == 0 and s["shared_writes_in_flight"] == 0
+
+
+def test_engines_share_pages_through_mooncake(mooncake_master, rng: np.random.Generator) -> None:
+    pytest.importorskip("mooncake.store", reason="no Mooncake client (pip install mooncake-transfer-engine-non-cuda)")
+    url = mooncake_master.url + "?segment_mb=16&buffer_mb=16"
+    made = []
+    try:
+        for name in ("ma", "mb"):  # both alive: the pages live in the segments their clients mount
+            leader = leader_for(url, name)
+            made.append((leader, Engine(leader, MODEL, tp=1, processes=False)))
+        (a, ea), (b, eb) = made
+        prompts = prompts_for(rng, 3)
+        serve_all(ea, prompts, "a")
+        assert value(a, "dynkv_pages_moved_total", direction="host_to_shared") == 3 * BLOCKS
+        outs = serve_all(eb, prompts, "b")
+        assert [o.loaded for o in outs] == [BLOCKS] * 3 and all(not o.load_errors for o in outs)
+        assert value(b, "dynkv_hits_total", tier="shared") == 3 * BLOCKS
+    finally:
+        for leader, engine in made:
+            engine.close()
+            leader.close()
 
 
 def test_pages_stored_at_tp2_load_at_tp1(redis_server: RedisServer, rng: np.random.Generator) -> None:

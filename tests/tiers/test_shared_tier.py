@@ -104,6 +104,11 @@ def test_a_value_that_is_not_the_page_asked_for_fails_its_read(tier: SharedTier,
     assert f"holds page {keys[2].hex()}" in str(errs[1])
     assert "header checksum" in str(errs[3])
     assert "another size" in str(errs[4])
+    # The bad values are gone, so the next write of those pages replaces them.
+    assert [raw.exists(k[i]) for i in range(5)] == [0, 0, 1, 0, 0]
+    assert write(tier, keys, data) == [True] * 5
+    got, errs = read(tier, keys)
+    assert errs == [None] * 5 and np.array_equal(got, data)
 
 
 def test_another_model_never_sees_the_pages(tier: SharedTier, redis_server: RedisServer,
@@ -154,8 +159,9 @@ def test_a_full_store_refuses_or_evicts_and_nothing_fails_worse(tmp_path: Path, 
             assert np.array_equal(got[good], data[good])
             if policy == "noeviction":  # the first pages stay, the last are refused
                 assert ok[0] and not ok[-1] and good == [i for i, o in enumerate(ok) if o]
-            else:  # every page taken; the first made room for the last
-                assert all(ok) and isinstance(errs[0], SharedPageMissing)
+            else:  # every page taken; older pages made room for newer ones (redis' LRU is sampled)
+                missing = [i for i, e in enumerate(errs) if e is not None]
+                assert all(ok) and sum(i < len(keys) // 2 for i in missing) > len(missing) // 2
         finally:
             t.close()
             server.stop()

@@ -86,6 +86,10 @@ class StoreBackend(Protocol):
         """Read each key's value into its parts: :data:`GOT`, :data:`MISSING` or :data:`WRONG_SIZE` per key."""
         ...
 
+    def remove(self, keys: Sequence[str]) -> None:
+        """Delete keys (values that failed their checks, so the next write replaces them)."""
+        ...
+
     def register(self, buf: memoryview) -> None:
         """Memory that parts will often lie in (the host pool): a backend that can send from it in place does."""
         ...

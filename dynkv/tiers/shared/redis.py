@@ -110,6 +110,9 @@ class RedisBackend:
             codes.append(GOT)
         return codes
 
+    def remove(self, keys: Sequence[str]) -> None:
+        _raise_down(self._run([("unlink", (k,)) for k in keys]), self.url)
+
     def register(self, buf: memoryview) -> None:
         """Nothing to do: the client sends from and receives into its own buffers."""
 

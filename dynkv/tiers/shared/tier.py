@@ -20,7 +20,8 @@ Values
     fingerprint digest, payload length, CRC-32 of the payload, CRC-32 of the
     header. A page read back is used only when every field matches what was
     asked for and the payload's CRC-32 is right; otherwise the read fails
-    (:class:`SharedPageError`) and the leader has the block recomputed. A key
+    (:class:`SharedPageError`), the value is deleted (the next write of the
+    page replaces it) and the leader has the block recomputed. A key
     gone since the lookup (the store evicted it) fails as
     :class:`SharedPageMissing`: a miss, not an error.
 Time
@@ -340,17 +341,26 @@ class SharedTier:
         headers = [bytearray(HEADER_BYTES) for _ in reads]
         parts = [[memoryview(h), dst] for h, (_, dst) in zip(headers, reads)]
         codes = self._call(lambda b: b.get([self._skey(k) for k, _ in reads], parts))
-        for (key, dst), hdr, code, fut in zip(reads, headers, codes, futs):
+        results: list[BaseException | None] = []
+        for (key, dst), hdr, code in zip(reads, headers, codes):
             if code == MISSING:
-                fut.set_exception(SharedPageMissing(key.hex()))
+                results.append(SharedPageMissing(key.hex()))
             elif code != GOT:
-                fut.set_exception(SharedPageError(f"shared page {key.hex()}: a value of another size"))
+                results.append(SharedPageError(f"shared page {key.hex()}: a value of another size"))
             else:
                 bad = check_page(hdr, key, self.fingerprint, dst)
-                if bad is None:
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(SharedPageError(f"shared page {key.hex()}: {bad}"))
+                results.append(None if bad is None else SharedPageError(f"shared page {key.hex()}: {bad}"))
+        bad_keys = [self._skey(k) for (k, _), r in zip(reads, results) if isinstance(r, SharedPageError)]
+        if bad_keys:  # under this model's key, a bad value is bad for every engine: let the next write replace it
+            try:
+                self._call(lambda b: b.remove(bad_keys))
+            except StoreUnavailable:
+                pass
+        for fut, r in zip(futs, results):
+            if r is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(r)
 
     def _write_batch(self, writes: list[tuple[bytes, memoryview]], futs: list[Future[bool]]) -> None:
         skeys = [self._skey(k) for k, _ in writes]
