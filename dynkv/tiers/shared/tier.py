@@ -190,6 +190,11 @@ class SharedTier:
             self._maybe_reconnect()
         return self._backend is not None
 
+    @property
+    def backend(self) -> StoreBackend | None:
+        """The connected backend, None while down (the bench measures the store's own calls through it)."""
+        return self._backend
+
     def register(self, buf: memoryview) -> None:
         """The host pool: a backend that can move pages in place registers it (now, and at each reconnection)."""
         with self._lock:
