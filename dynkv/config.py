@@ -328,8 +328,9 @@ class DynKVConfig:
         Per request, read a disk-tier match only while the read would land
         before the engine recomputed the same tokens (the disk tier's measured
         bandwidth and queue against the engine's measured prefill rate,
-        :mod:`dynkv.policy.cost`); otherwise those tokens are recomputed. Off:
-        every match is read.
+        :mod:`dynkv.policy.cost`); otherwise those tokens are recomputed. The
+        shared tier's matches are weighed the same way, on its own measured
+        bandwidth and queue. Off: every match is read.
     host_admission
         ``all`` (default): a full host tier evicts for every new page.
         ``frequency``: once full, a new page enters only if it was seen more

@@ -110,10 +110,10 @@ class Metrics:
                            "Pages not admitted to a tier (full, filtered, or busy)", "tier", "reason")
         self.load_errors = add("counter", "dynkv_load_errors", "Blocks whose load failed (recomputed)", "reason")
         self.store_errors = add("counter", "dynkv_store_errors", "Pages whose store failed", "tier")
-        self.cost_tokens = add("counter", "dynkv_cost_tokens", "Tokens of disk-tier matches the cost model read "
-                               "(choice=load) or left to recompute (choice=recompute)", "choice")
+        self.cost_tokens = add("counter", "dynkv_cost_tokens", "Tokens of disk- and shared-tier matches the cost "
+                               "model read (choice=load) or left to recompute (choice=recompute)", "choice")
         self.cost_rates = add("gauge", "dynkv_cost_estimate", "The cost model's measures: prefill_tokens_per_s, "
-                              "disk_bytes_per_s, disk_queue_bytes", "what")
+                              "disk_bytes_per_s, disk_queue_bytes, shared_bytes_per_s, shared_queue_bytes", "what")
         self.copy_path = add("gauge", "dynkv_copy_path", "1 for the copy path each direction takes (h2d: loads, "
                              "d2h: stores), 0 for the other", "direction", "path")
         self.copy_path_gbps = add("gauge", "dynkv_copy_path_gbps", "GB/s each copy path, and a plain memcpy, "

@@ -180,6 +180,7 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
             self.metrics.capacity.labels(tier).set(cap)
         self.cost = CostModel() if config.cost_model and self.disk is not None else None
         self.shared: Any = None
+        self.shared_cost: CostModel | None = None
         self._shared_writes = 0
         self._max_shared_writes = max(4 * config.shared_batch_pages, tiers[HOST] // 4)  # as the disk's bound
         self._held: OrderedDict[bytes, None] = OrderedDict()
@@ -193,6 +194,8 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
                 io_threads=min(config.io_threads, 4), username=os.environ.get("DYNKV_SHARED_USERNAME") or None,
                 password=os.environ.get("DYNKV_SHARED_PASSWORD") or None)
             self.shared.register(self._host)
+            if config.cost_model:  # the same load-or-recompute choice, on the store's measured bandwidth
+                self.shared_cost = CostModel()
         self.pool_link = publish_pool(self.pool, links)  # now that it is ready, the workers may attach it
         if config.metrics_port is not None:
             try:
@@ -218,7 +221,7 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
             f"namespace {c.shared_namespace}")
         return (f"dynkv {self.engine_id}: {host}; {disk}; {shared}; eviction {c.eviction}; "
                 f"{'layer-wise host loads' if c.layerwise else 'asynchronous loads'}; "
-                f"cost model {'on' if self.cost is not None else 'off'}; model {self.fingerprint.model_id} "
+                f"cost model {'on' if self.cost is not None or self.shared_cost is not None else 'off'}; model {self.fingerprint.model_id} "
                 f"(weights {self.fingerprint.weights[:24] or 'unidentified'}), TP {self.world_size}")
 
     # -- scheduler-facing calls --------------------------------------------

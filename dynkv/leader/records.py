@@ -23,6 +23,7 @@ class LoadRecord:
     failed: list[int] = field(default_factory=list)
     waiting: int = 0  # disk and shared-tier reads outstanding
     disk_reads: int = 0  # of them, disk reads
+    shared_waiting: int = 0  # shared-tier reads outstanding
     cancelled: bool = False
     remote: Any = None  # the RemotePrefill pulled from
     pulls: list[tuple[int, int]] = field(default_factory=list)  # (host slot, remote slot)

@@ -9,7 +9,10 @@ admitted by the frequency filter (``shared_admit_min_hits``) are written
 behind, in batches, their host pages pinned meanwhile.
 
 A lookup asks the store about the pages after the local match only, and
-waits at most ``shared_lookup_ms``; no answer is a miss. A page the store
+waits at most ``shared_lookup_ms``; no answer is a miss. With ``cost_model``
+the pages found are loaded only while their read (the tier's queue plus
+these pages at its measured bandwidth) lands before the engine would
+recompute them (:mod:`dynkv.policy.cost`, a model of its own for this tier). A page the store
 evicted between lookup and read is a miss (``dynkv_tier_misses``); one that
 fails its checks, or a store that dies meanwhile, is a load error
 (``dynkv_load_errors{reason="shared"}``): vLLM recomputes its block either way.
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
     from dynkv.layout import PageGeometry
     from dynkv.leader.records import LoadRecord, RequestRecord
     from dynkv.metrics import Metrics
+    from dynkv.policy.cost import CostModel
     from dynkv.tiers.shared.tier import SharedTier
 
 __all__ = ["SharedFlow"]
@@ -49,6 +53,7 @@ class SharedFlow:
     """Shared-tier half of the leader; :class:`dynkv.leader.leader.Leader` sets these attributes up."""
 
     shared: SharedTier | None
+    shared_cost: CostModel | None
     config: DynKVConfig
     index: PageIndex
     metrics: Metrics
@@ -75,6 +80,12 @@ class SharedFlow:
             n = 0
         if not req.looked_up:
             self.metrics.tier_misses.labels(SHARED).inc(len(rest) - n)
+        if n and self.shared_cost is not None:
+            decision = self.shared_cost.disk_pays(n, self.geometry.page_bytes, self.geometry.block_size)
+            self.metrics.cost_tokens.labels("load" if decision.load else "recompute").inc(
+                n * self.geometry.block_size)
+            if not decision.load:
+                return
         req.match.extend((SHARED, -1, key) for key in rest[:n])
 
     def _fetch_shared(self, load: LoadRecord, pages: list[tuple[int, bytes]]) -> None:
@@ -99,6 +110,9 @@ class SharedFlow:
                 continue
             reads.append((i, key, host_slot))
         load.waiting += len(reads)
+        load.shared_waiting += len(reads)
+        if self.shared_cost is not None and reads:
+            self.shared_cost.disk_submitted(load.job, len(reads) * self.geometry.page_bytes)
         started = time.perf_counter()
         futs = self.shared.read_many([(key, self._host_page(h)) for _, key, h in reads])
         for (i, key, h), fut in zip(reads, futs):
@@ -171,6 +185,9 @@ class SharedFlow:
                     log.warning("shared page %s failed to load (%s); its block is recomputed", key.hex(), exc)
                 self.metrics.load_errors.labels(SHARED).inc()
         load.waiting -= 1
+        load.shared_waiting -= 1
+        if load.shared_waiting == 0 and self.shared_cost is not None:
+            self.shared_cost.disk_done(load.job)
         if load.waiting == 0:
             self._load_settled(load)
 

@@ -52,6 +52,7 @@ class DiskFlow:
     geometry: PageGeometry
     exporter: Any
     cost: CostModel | None
+    shared_cost: CostModel | None
     _page_bytes: int
     _io: queue.SimpleQueue[tuple[Any, ...]]
     _writes: int
@@ -118,19 +119,22 @@ class DiskFlow:
 
     def step_begin(self, tokens: int) -> None:
         """vLLM hands a step of ``tokens`` scheduled tokens to the workers (for the cost model's prefill rate)."""
-        if self.cost is not None:
-            self.cost.step_begin(tokens)
+        for c in (self.cost, self.shared_cost):
+            if c is not None:
+                c.step_begin(tokens)
 
     def step_end(self) -> None:
         """A step's output came back to the scheduler."""
-        if self.cost is not None:
-            self.cost.step_end()
-            c, g = self.cost, self.metrics.cost_rates
+        g = self.metrics.cost_rates
+        for tier, c in (("disk", self.cost), ("shared", self.shared_cost)):
+            if c is None:
+                continue
+            c.step_end()
             if c.prefill_tokens_per_s is not None:
                 g.labels("prefill_tokens_per_s").set(c.prefill_tokens_per_s)
-            if c.disk_bytes_per_s is not None:
-                g.labels("disk_bytes_per_s").set(c.disk_bytes_per_s)
-            g.labels("disk_queue_bytes").set(c.queue_bytes)
+            if c.disk_bytes_per_s is not None:  # the model's "disk" is the tier it weighs
+                g.labels(f"{tier}_bytes_per_s").set(c.disk_bytes_per_s)
+            g.labels(f"{tier}_queue_bytes").set(c.queue_bytes)
 
     def _spill(self, keys: Sequence[bytes]) -> None:
         """Write committed host pages through to disk, as the frequency filter and back-pressure allow."""

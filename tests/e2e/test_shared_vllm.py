@@ -52,7 +52,8 @@ def test_engines_share_pages_through_one_store(tmp_path: Path) -> None:
     (tmp_path / "redis").mkdir()
     store = RedisServer(tmp_path / "redis", maxmemory="2mb", policy="allkeys-lru").start()
     port = store.ports[0]
-    dynkv = {"host_pages": 32, "remote_url": store.url, "shared_lookup_ms": 2000}
+    # Every match is read (no cost model), so the hits counted are those the store can serve.
+    dynkv = {"host_pages": 32, "remote_url": store.url, "shared_lookup_ms": 2000, "cost_model": False}
     try:
         plain = run_engine(tmp_path / "plain", {"model": str(served), "engine": ENGINE, "dynkv": None,
                                                 "phases": [{"name": "turn2", "prompts": turn2}]})["phases"][0]

@@ -238,6 +238,27 @@ def test_a_stalled_store_costs_a_lookup_its_budget_only(redis_server: RedisServe
         leader.close()
 
 
+def test_the_cost_model_recomputes_where_the_store_is_slower(engines, rng: np.random.Generator) -> None:
+    (a, ea), (b, eb) = engines
+    prompts = prompts_for(rng, 2)
+    serve_all(ea, prompts, "a")
+    cost = b.shared_cost
+    assert cost is not None
+    # As if measured: the engine prefills 10k tokens/s, the store serves 1 MB/s: reading the 5 pages (1 KiB
+    # each) would take 5 ms, recomputing their 20 tokens 2 ms.
+    cost.prefill_tokens_per_s, cost.disk_bytes_per_s = 1e4, 1e6
+    assert b.lookup("slow", eb.keys(prompts[0])) == 0
+    b.request_finished("slow")
+    tokens = BLOCKS * MODEL.block_size
+    assert value(b, "dynkv_cost_tokens_total", choice="recompute") == tokens
+    cost.disk_bytes_per_s = 1e9  # a fast store: the same pages pay
+    out = eb.serve("fast", prompts[0])
+    assert out.loaded == BLOCKS and out.mismatched == [] and not out.load_errors
+    assert value(b, "dynkv_cost_tokens_total", choice="load") == tokens
+    eb.drain()
+    assert cost.queue_bytes == 0 and cost.disk_bytes_per_s != 1e9  # the read was measured
+
+
 def test_config_names_the_bad_key() -> None:
     with pytest.raises(ValueError, match=r"key 'remote_url'.*'ftp'") as e:
         DynKVConfig.from_dict({"remote_url": "ftp://user:hunter2@h:1"}, env={})

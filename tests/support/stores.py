@@ -114,8 +114,8 @@ class RedisServer:
             self.ports = [free_port() if self.nodes == 1 else cluster_port() for _ in range(self.nodes)]
         self.procs = []
         for port in self.ports:
-            log = open(self.workdir / f"redis-{port}.log", "ab")
-            self.procs.append(subprocess.Popen(self._args(port), stdout=log, stderr=subprocess.STDOUT))
+            with open(self.workdir / f"redis-{port}.log", "ab") as log:  # the child keeps its own descriptor
+                self.procs.append(subprocess.Popen(self._args(port), stdout=log, stderr=subprocess.STDOUT))
         for port, proc in zip(self.ports, self.procs):
             _wait_port(port, proc, "redis-server")
         if self.nodes > 1 and not (self.workdir / "created").exists():
@@ -177,8 +177,8 @@ class MooncakeMaster:
         assert binary is not None
         args = [binary, f"-rpc_port={self.port}", f"-metrics_port={free_port()}", "-enable_http_metadata_server=false",
                 "-rpc_address=127.0.0.1", *(f"-{k}={v}" for k, v in flags.items())]
-        log = open(self.workdir / "mooncake_master.log", "ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        with open(self.workdir / "mooncake_master.log", "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
         _wait_port(self.port, self.proc, "mooncake_master")
         return self
 
