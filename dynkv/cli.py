@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description=bench_disk.DESCRIPTION)
     bench_disk.add_arguments(d)
     d.set_defaults(func=bench_disk.run_from_args)
+    from dynkv.benchmarks import shared as bench_shared
+
+    h = bsub.add_parser("shared", help="shared tier GB/s vs the store's own batched put/get: table, JSON",
+                        description=bench_shared.DESCRIPTION)
+    bench_shared.add_arguments(h)
+    h.set_defaults(func=bench_shared.run_from_args)
     from dynkv.benchmarks import demo
     from dynkv.benchmarks import serve as bench_serve
 

@@ -15,10 +15,11 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from dynkv.policy import EVICTION_POLICIES
+from dynkv.tiers.shared.base import redact, scheme_of
 
 __all__ = ["DEFAULT_HOST_GB", "ENV_PREFIX", "DynKVConfig"]
 
@@ -163,6 +164,24 @@ def _parse_host(value: Any, src: _Source) -> str:
     raise src.error(value, expected)
 
 
+def _parse_store_url(value: Any, src: _Source) -> str:
+    expected = ("a store URL: redis://HOST:PORT[/DB], rediss://..., redis+cluster://H1:P1,H2:P2,... "
+                "or mooncake://MASTER_HOST:PORT")
+    if not isinstance(value, str):
+        raise src.error(value, expected)
+    try:
+        scheme_of(value.strip())
+    except ValueError as e:  # the message shows the URL redacted; never echo the raw value
+        raise ValueError(f"dynkv config {src}: {e}; expected {expected}") from None
+    return value.strip()
+
+
+def _parse_namespace(value: Any, src: _Source) -> str:
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", value.strip()):
+        return value.strip()
+    raise src.error(value, "1 to 64 letters, digits, '_', '.' or '-'")
+
+
 def _parse_eviction(value: Any, src: _Source) -> str:
     expected = f"one of {', '.join(repr(p) for p in EVICTION_POLICIES)}"
     if isinstance(value, str) and value.strip().lower() in EVICTION_POLICIES:
@@ -194,6 +213,12 @@ _PARSERS: dict[str, Callable[[Any, _Source], Any]] = {
     "model_version": _optional(_parse_str),
     "cost_model": _parse_bool,
     "host_admission": _parse_host_admission,
+    "remote_url": _optional(_parse_store_url),
+    "shared_namespace": _parse_namespace,
+    "shared_admit_min_hits": _int_in(0),
+    "shared_batch_pages": _int_in(1, 4096),
+    "shared_timeout_s": _float_above(0.0, inclusive=False),
+    "shared_lookup_ms": _float_above(0.0, inclusive=True),
 }
 
 
@@ -304,9 +329,11 @@ class DynKVConfig:
         before the engine recomputed the same tokens (the disk tier's measured
         bandwidth and queue against the engine's measured prefill rate,
         :mod:`dynkv.policy.cost`); otherwise those tokens are recomputed. A
-        load whose reads then wait past the recompute time gives up: its
+        load whose disk reads then wait past the recompute time gives up: its
         reads not yet started are cancelled and its unread blocks recomputed.
-        Off: every match is read, however long it waits.
+        The shared tier's matches are weighed the same way, on its own
+        measured bandwidth and queue. Off: every match is read, however long
+        it waits.
     host_admission
         ``all`` (default): a full host tier evicts for every new page.
         ``frequency``: once full, a new page enters only if it was seen more
@@ -318,6 +345,32 @@ class DynKVConfig:
         LRU hit 0.10, at a working set 2.3x the tier). After the working set
         shifts, new prefixes need a few more sightings than the old ones had
         before they get in.
+    remote_url
+        The shared tier's store, below the host tier and shared by every
+        engine that serves the same model against it
+        (:mod:`dynkv.tiers.shared`): ``redis://[USER:PASSWORD@]HOST:PORT[/DB]``,
+        ``rediss://...`` (TLS), ``redis+cluster://H1:P1,H2:P2,...`` (Redis or
+        Valkey), or ``mooncake://MASTER_HOST:PORT`` (Mooncake Store's master;
+        options as a query: ``?segment_mb=..&buffer_mb=..&protocol=tcp``).
+        Credentials may come from ``DYNKV_SHARED_USERNAME`` /
+        ``DYNKV_SHARED_PASSWORD`` instead; they are never logged. None (the
+        default): no shared tier. A store that is down at start leaves the
+        engine running without it until it answers.
+    shared_namespace
+        First part of every key in the store; engines share pages within one
+        namespace (and one model identity, always part of the key).
+    shared_admit_min_hits
+        A host page is written to the shared tier once it was seen this many
+        times (stored plus hits); 0 or 1 writes every page.
+    shared_batch_pages
+        Pages per store call (one pipeline or one batch request).
+    shared_timeout_s
+        Connect and per-call timeout of the store's client; a call past it
+        marks the store down (requests recompute; it is retried with backoff).
+    shared_lookup_ms
+        The most a lookup waits for the store to say which pages it holds; a
+        store that answers later counts as a miss for that request, so a slow
+        store never holds up the scheduler for longer.
     """
 
     host_gb: float | None = None
@@ -343,11 +396,21 @@ class DynKVConfig:
     model_version: str | None = None
     cost_model: bool = True
     host_admission: str = "all"
+    remote_url: str | None = field(default=None, repr=False)  # may hold credentials: see shared_store()
+    shared_namespace: str = "dynkv"
+    shared_admit_min_hits: int = 1
+    shared_batch_pages: int = 32
+    shared_timeout_s: float = 2.0
+    shared_lookup_ms: float = 20.0
 
     def __post_init__(self) -> None:
         for name, parse in _PARSERS.items():
             object.__setattr__(self, name, parse(getattr(self, name), _Source(name)))
         _check_combination(self, {name: _Source(name) for name in _PARSERS})
+
+    def shared_store(self) -> str:
+        """``remote_url`` without its credentials (what logs and errors show), or ``"none"``."""
+        return redact(self.remote_url) if self.remote_url else "none"
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:

@@ -82,8 +82,9 @@ class _Family:
 class Metrics:
     """Counters, gauges and histograms named ``dynkv_*``.
 
-    Labels: ``tier`` (``device``/``host``/``disk``), ``direction``
-    (``h2d``, ``d2h``, ``host_to_disk``, ``disk_to_host``), ``reason``.
+    Labels: ``tier`` (``device``/``host``/``disk``/``shared``/``remote``),
+    ``direction`` (``h2d``, ``d2h``, ``host_to_disk``, ``disk_to_host``,
+    ``host_to_shared``, ``shared_to_host``), ``reason``.
     Counters and gauges take ``.labels(...).inc(n)`` / ``.set(v)`` as in
     ``prometheus_client``.
     """
@@ -109,18 +110,23 @@ class Metrics:
                            "Pages not admitted to a tier (full, filtered, or busy)", "tier", "reason")
         self.load_errors = add("counter", "dynkv_load_errors", "Blocks whose load failed (recomputed)", "reason")
         self.store_errors = add("counter", "dynkv_store_errors", "Pages whose store failed", "tier")
-        self.cost_tokens = add("counter", "dynkv_cost_tokens", "Tokens of disk-tier matches the cost model read "
-                               "(choice=load) or left to recompute (choice=recompute), and of loads that gave up waiting for their "
-                               "disk reads (choice=gave_up)", "choice")
+        self.cost_tokens = add("counter", "dynkv_cost_tokens", "Tokens of disk- and shared-tier matches the cost "
+                               "model read (choice=load) or left to recompute (choice=recompute), and of loads that gave "
+                               "up waiting for their disk reads (choice=gave_up)", "choice")
         self.disk_given_up = add("counter", "dynkv_disk_reads_given_up", "Disk pages of loads that stopped waiting "
                                  "for them (recomputed): cancelled before their read started (state=cancelled), or "
                                  "read anyway into the host tier (state=landed)", "state")
         self.cost_rates = add("gauge", "dynkv_cost_estimate", "The cost model's measures: prefill_tokens_per_s, "
-                              "disk_bytes_per_s, disk_queue_bytes", "what")
+                              "disk_bytes_per_s, disk_queue_bytes, shared_bytes_per_s, shared_queue_bytes", "what")
         self.copy_path = add("gauge", "dynkv_copy_path", "1 for the copy path each direction takes (h2d: loads, "
                              "d2h: stores), 0 for the other", "direction", "path")
         self.copy_path_gbps = add("gauge", "dynkv_copy_path_gbps", "GB/s each copy path, and a plain memcpy, "
                                   "reached in the worker's calibration", "direction", "path")
+        self.tier_misses = add("counter", "dynkv_tier_misses", "Pages a tier was asked for and did not serve: shared: "
+                               "absent at lookup past the local match, or evicted by the store before its read", "tier")
+        self.lookup_timeouts = add("counter", "dynkv_lookup_timeouts", "Lookups in a tier that gave up waiting (the "
+                                   "store slow, busy or down): the request's pages there count as misses", "tier")
+        self.tier_up = add("gauge", "dynkv_tier_up", "1 while a tier's store is connected, 0 while it is down", "tier")
         self.misses.labels()  # exposed at 0 from the start, as prometheus_client does for unlabelled metrics
         self.registry.register(_Collector(self))
         self.latency = Histogram(

@@ -19,6 +19,9 @@ import torch
 
 import dynkv
 
+# Real stores on loopback ports for the shared tier: redis_server, redis_cluster, mooncake_master.
+pytest_plugins = ["stores"]
+
 BASE_SEED = int(os.environ.get("DYNKV_TEST_SEED", random.SystemRandom().randrange(2**32)))
 
 

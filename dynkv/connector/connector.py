@@ -320,8 +320,12 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
         disk = min(num_external_tokens, st.load_tiers.get("disk", 0) * self.block_size)
         remote = min(num_external_tokens - disk, st.load_tiers.get("remote", 0) * self.block_size)
+        shared = min(num_external_tokens - disk - remote, st.load_tiers.get("shared", 0) * self.block_size)
         p2p = getattr(CacheHitSource, "P2P", CacheHitSource.EXTERNAL_UNSPECIFIED)
-        out = {CacheHitSource.DISK: disk, p2p: remote, CacheHitSource.HOST: num_external_tokens - disk - remote}
+        out: dict[Any, int] = {CacheHitSource.DISK: disk, p2p: remote,
+                               CacheHitSource.HOST: num_external_tokens - disk - remote - shared}
+        # vLLM names no source for a store shared by engines: its "remote store" fallback.
+        out[CacheHitSource.EXTERNAL_UNSPECIFIED] = out.get(CacheHitSource.EXTERNAL_UNSPECIFIED, 0) + shared
         return {k: v for k, v in out.items() if v}
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:

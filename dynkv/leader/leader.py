@@ -11,9 +11,13 @@ Flow of a page::
     store(): device block --(workers, after the forward)--> pending host slot
     update(): all ranks done -> host page committed; if the frequency filter
               admits it, written through to disk (host page pinned meanwhile)
-    lookup(): longest prefix over host then disk, pinned
-    begin_load(): disk pages are read into fresh host slots first; the load
-              job goes out once every page is on the host (or has failed)
+              and, once seen shared_admit_min_hits times, written behind to the
+              shared tier
+    lookup(): longest prefix over host then disk, pinned; then the pages
+              after it that the shared tier holds (asked with a time budget)
+    begin_load(): disk and shared-tier pages are read into fresh host slots
+              first; the load job goes out once every page is on the host (or
+              has failed)
     update(): all ranks loaded -> pins released
 
 Disaggregated serving adds two paths (:mod:`dynkv.disagg`): a prefill engine
@@ -23,14 +27,16 @@ engine exported (:meth:`match_remote`) and its load job first pulls them into
 fresh host slots, which become cached pages once every rank has its slice
 (:mod:`dynkv.leader.remote_flow`).
 
-A page whose disk read fails its checks is dropped from the disk tier and its
-block is reported as a load error, so vLLM recomputes it: never wrong KV.
+A page whose disk or shared-tier read fails its checks is dropped (from the
+disk tier; the shared tier is other engines' too) and its block is reported as
+a load error, so vLLM recomputes it: never wrong KV.
 
-The class is kept whole (about 530 lines): what remains here is the life of a
+The class is kept whole (about 570 lines): what remains here is the life of a
 job (lookup, load, store, plan, acknowledgement, completion) over one index and
 one set of records; the disk traffic and the cost model
-(:mod:`dynkv.leader.tier_flow`), P/D (:mod:`dynkv.leader.remote_flow`) and the
-records (:mod:`dynkv.leader.records`) are apart.
+(:mod:`dynkv.leader.tier_flow`), the shared tier's
+(:mod:`dynkv.leader.shared_flow`), P/D (:mod:`dynkv.leader.remote_flow`) and
+the records (:mod:`dynkv.leader.records`) are apart.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import logging
 import os
 import queue
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,12 +56,13 @@ from dynkv.keys import ModelFingerprint
 from dynkv.layout import PAGE_ALIGN, PageGeometry, page_stride
 from dynkv.leader.records import Acks, LoadRecord, RequestRecord, StoreRecord
 from dynkv.leader.remote_flow import RemoteFlow
+from dynkv.leader.shared_flow import SharedFlow
 from dynkv.leader.tier_flow import DiskFlow, max_disk_writes
 from dynkv.metrics import Metrics
 from dynkv.policy.cost import CostModel
 from dynkv.memory import HostPool
 from dynkv.protocol import LoadOp, PullSpec, StepPlan, StoreOp, WorkerReport
-from dynkv.tiers.base import DISK, HOST, REMOTE
+from dynkv.tiers.base import DISK, HOST, REMOTE, SHARED
 from dynkv.tiers.host import host_pages_for, pool_name_for, publish_pool, reap_stale_pools, run_dir, withdraw_pool
 
 __all__ = ["Leader"]
@@ -63,7 +70,7 @@ __all__ = ["Leader"]
 log = logging.getLogger("dynkv.leader")
 
 
-class Leader(DiskFlow, RemoteFlow):
+class Leader(DiskFlow, SharedFlow, RemoteFlow):
     """Page index, host and disk tiers, and the per-step plan of one engine.
 
     Parameters
@@ -173,6 +180,23 @@ class Leader(DiskFlow, RemoteFlow):
         for tier, cap in tiers.items():
             self.metrics.capacity.labels(tier).set(cap)
         self.cost = CostModel() if config.cost_model and self.disk is not None else None
+        self.shared: Any = None
+        self.shared_cost: CostModel | None = None
+        self._shared_writes = 0
+        self._max_shared_writes = max(4 * config.shared_batch_pages, tiers[HOST] // 4)  # as the disk's bound
+        self._held: OrderedDict[bytes, None] = OrderedDict()
+        if config.remote_url is not None:
+            from dynkv.tiers.shared.tier import SharedTier
+
+            self.shared = SharedTier(
+                config.remote_url, fingerprint=fingerprint.digest(), page_bytes=geometry.page_bytes,
+                namespace=config.shared_namespace, batch_pages=config.shared_batch_pages,
+                timeout_s=config.shared_timeout_s, lookup_timeout_s=config.shared_lookup_ms / 1e3,
+                io_threads=min(config.io_threads, 4), username=os.environ.get("DYNKV_SHARED_USERNAME") or None,
+                password=os.environ.get("DYNKV_SHARED_PASSWORD") or None)
+            self.shared.register(self._host)
+            if config.cost_model:  # the same load-or-recompute choice, on the store's measured bandwidth
+                self.shared_cost = CostModel()
         self.pool_link = publish_pool(self.pool, links)  # now that it is ready, the workers may attach it
         if config.metrics_port is not None:
             try:
@@ -193,9 +217,12 @@ class Leader(DiskFlow, RemoteFlow):
         else:
             disk = (f"disk tier {c.disk_gb:g} GiB over {', '.join(c.disk_paths)} "
                     f"({self.index.stats()[DISK].stored} pages recovered)")
-        return (f"dynkv {self.engine_id}: {host}; {disk}; eviction {c.eviction}; "
+        shared = "no shared tier" if self.shared is None else (
+            f"shared tier {c.shared_store()} ({'up' if self.shared.up else 'down, retrying'}), "
+            f"namespace {c.shared_namespace}")
+        return (f"dynkv {self.engine_id}: {host}; {disk}; {shared}; eviction {c.eviction}; "
                 f"{'layer-wise host loads' if c.layerwise else 'asynchronous loads'}; "
-                f"cost model {'on' if self.cost is not None else 'off'}; model {self.fingerprint.model_id} "
+                f"cost model {'on' if self.cost is not None or self.shared_cost is not None else 'off'}; model {self.fingerprint.model_id} "
                 f"(weights {self.fingerprint.weights[:24] or 'unidentified'}), TP {self.world_size}")
 
     # -- scheduler-facing calls --------------------------------------------
@@ -215,10 +242,12 @@ class Leader(DiskFlow, RemoteFlow):
         req.match = [(tier, slot, key) for (tier, slot), key in zip(m.locations, todo)]
         if self.cost is not None:
             self._weigh_disk(req)
+        if len(req.match) == m.num_keys:  # the cost model kept the whole local match: ask the shared tier on
+            self._match_shared(req, todo)
         if not req.looked_up:
             req.looked_up = True
             self.metrics.hits.labels("device").inc(num_computed_blocks)
-            self.metrics.misses.inc(len(todo) - m.num_keys)
+            self.metrics.misses.inc(len(todo) - max(m.num_keys, len(req.match)))
         return len(req.match)
 
     def on_host(self, req_id: str, n: int) -> bool:
@@ -253,6 +282,7 @@ class Leader(DiskFlow, RemoteFlow):
         for tier, n in tiers.items():
             self.metrics.hits.labels(tier).inc(n)
         on_disk: list[tuple[int, int, bytes]] = []
+        shared: list[tuple[int, bytes]] = []
         for i, (tier, slot, key) in enumerate(use):
             if tier == HOST:
                 load.slots[i] = slot
@@ -262,10 +292,14 @@ class Leader(DiskFlow, RemoteFlow):
                 load.remote = req.remote
                 load.pulls.append((slot, req.remote_slots.pop(key)))
                 load.pulled_keys.append(key)
+            elif tier == SHARED:
+                shared.append((i, key))
             else:
                 on_disk.append((i, slot, key))
         if on_disk:
             self._promote(load, on_disk)
+        if shared:
+            self._fetch_shared(load, shared)
         if load.waiting:
             self._promoting[load.job] = load
         else:
@@ -420,16 +454,22 @@ class Leader(DiskFlow, RemoteFlow):
         out["requests"] = len(self._reqs)
         out["jobs_in_flight"] = len(self._inflight)
         out["disk_writes_in_flight"] = self._writes
+        out["shared_writes_in_flight"] = self._shared_writes
+        out["shared_up"] = self.shared is not None and self.shared.up
         return out
 
     def idle(self) -> bool:
         """No job queued, in flight, or waiting on disk I/O."""
         self._drain_io()
         return not (self._inflight or self._ready or self._stores or self._promoting or self._abandoned
-                    or self._writes)
+                    or self._writes or self._shared_writes)
 
     def close(self) -> None:
-        """Wait for disk I/O, then release the tiers (the host pool's link is removed)."""
+        """Wait for disk and shared-tier I/O, then release the tiers (the host pool's link is removed)."""
+        if self.shared is not None:
+            self.shared.close()
+            self._drain_io()
+            self.shared = None
         if self.disk is not None:
             self.disk.close()
             self._drain_io()
@@ -455,6 +495,8 @@ class Leader(DiskFlow, RemoteFlow):
 
     def _release_match(self, req: RequestRecord) -> None:
         for tier, _, key in req.match:
+            if tier == SHARED:
+                continue  # nothing held: the store keeps or evicts the page as it will
             if tier == REMOTE:
                 self.index.remove(HOST, [key])
                 self._importing.discard(key)
@@ -485,6 +527,7 @@ class Leader(DiskFlow, RemoteFlow):
             self._end_load(op)
             if not failed:  # a hit may have lifted the pages over the disk tier's admission threshold
                 self._spill(keys + pulled)
+                self._share(keys + pulled)
             return
         if failed:
             self._drop_host(op.keys)
@@ -493,6 +536,7 @@ class Leader(DiskFlow, RemoteFlow):
             self.index.commit(HOST, op.keys)
             self.metrics.pages.labels("d2h").inc(len(op.keys))
             self._spill(op.keys)
+            self._share(op.keys)
         req = self._reqs.get(op.req_id)
         if req is not None:
             req.stores.discard(op.job)
@@ -519,6 +563,8 @@ class Leader(DiskFlow, RemoteFlow):
         self.index.remove(HOST, keys)
 
     def _update_gauges(self) -> None:
+        if self.shared is not None:
+            self.metrics.tier_up.labels(SHARED).set(1.0 if self.shared.up else 0.0)
         # Evictions and "full" refusals happen inside every allocate (stores, promotions,
         # write-through); the index counts them, and the metrics follow its totals here.
         for tier, s in self.index.stats().items():

@@ -21,14 +21,16 @@ class LoadRecord:
     slots: list[int | None]
     host_keys: list[bytes] = field(default_factory=list)  # pinned in the host tier while loading
     failed: list[int] = field(default_factory=list)
-    waiting: int = 0  # disk reads outstanding
+    waiting: int = 0  # disk and shared-tier reads outstanding
+    disk_reads: int = 0  # of them, disk reads
+    shared_waiting: int = 0  # shared-tier reads outstanding
     cancelled: bool = False
     remote: Any = None  # the RemotePrefill pulled from
     pulls: list[tuple[int, int]] = field(default_factory=list)  # (host slot, remote slot)
     pulled_keys: list[bytes] = field(default_factory=list)  # pending in the host tier until pulled
     sync: bool = False  # computed in the step of its plan (LoadOp.sync)
     started: float = 0.0  # perf_counter at begin_load
-    read_until: float = 0.0  # perf_counter when its last disk read completed
+    read_until: float = 0.0  # perf_counter when its last disk or shared-tier read completed
     reads: list[tuple[int, Any]] = field(default_factory=list)  # (index in the load, Future) of its disk reads
     given_up: bool = False  # went out without its unread disk pages (recomputed); reads still running land as cache
 

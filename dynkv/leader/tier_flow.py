@@ -59,6 +59,7 @@ class DiskFlow:
     geometry: PageGeometry
     exporter: Any
     cost: CostModel | None
+    shared_cost: CostModel | None
     _page_bytes: int
     _io: queue.SimpleQueue[tuple[Any, ...]]
     _writes: int
@@ -70,6 +71,7 @@ class DiskFlow:
     if TYPE_CHECKING:
         def _host_page(self, slot: int) -> memoryview: ...
         def _drop_host(self, keys: Sequence[bytes]) -> None: ...
+        def _apply_shared(self, item: tuple[Any, ...]) -> None: ...
 
     def _promote(self, load: LoadRecord, pages: list[tuple[int, int, bytes]]) -> None:
         """Give disk pages ``(index in the load, disk slot, key)`` new host slots and read them there.
@@ -100,6 +102,7 @@ class DiskFlow:
                 continue
             reads.append((i, disk_slot, key, host_slot))
         load.waiting += len(reads)
+        load.disk_reads += len(reads)
         if self.cost is not None:
             self.cost.disk_submitted(load.job, len(reads) * self._page_bytes,
                                      tokens=len(reads) * self.geometry.block_size, page_bytes=self._page_bytes)
@@ -113,6 +116,8 @@ class DiskFlow:
         """Give up the loads whose disk reads would now land after recomputing their pages would."""
         assert self.cost is not None
         for load in list(self._promoting.values()):
+            if load.shared_waiting:  # weighed as a disk load only once its shared-tier reads are in
+                continue
             decision = self.cost.gives_up(load.job)
             if decision is not None and not decision.load:
                 unread = sum(1 for i, _ in load.reads if load.slots[i] is None)
@@ -129,7 +134,8 @@ class DiskFlow:
         load.given_up = True
         for _, fut in load.reads:
             fut.cancel()  # False once the read runs; either way the completion comes through _io
-        missing = [load.block_ids[i] for i, _ in load.reads if load.slots[i] is None]
+        # Every page not in the host tier yet: disk reads, and shared-tier reads of a cancelled load.
+        missing = [load.block_ids[i] for i, slot in enumerate(load.slots) if slot is None]
         done = set(load.failed)
         load.failed += [b for b in missing if b not in done]
         self._promoting.pop(load.job, None)
@@ -154,19 +160,22 @@ class DiskFlow:
 
     def step_begin(self, tokens: int) -> None:
         """vLLM hands a step of ``tokens`` scheduled tokens to the workers (for the cost model's prefill rate)."""
-        if self.cost is not None:
-            self.cost.step_begin(tokens)
+        for c in (self.cost, self.shared_cost):
+            if c is not None:
+                c.step_begin(tokens)
 
     def step_end(self) -> None:
         """A step's output came back to the scheduler."""
-        if self.cost is not None:
-            self.cost.step_end()
-            c, g = self.cost, self.metrics.cost_rates
+        g = self.metrics.cost_rates
+        for tier, c in (("disk", self.cost), ("shared", self.shared_cost)):
+            if c is None:
+                continue
+            c.step_end()
             if c.prefill_tokens_per_s is not None:
                 g.labels("prefill_tokens_per_s").set(c.prefill_tokens_per_s)
-            if c.disk_bytes_per_s is not None:
-                g.labels("disk_bytes_per_s").set(c.disk_bytes_per_s)
-            g.labels("disk_queue_bytes").set(c.queue_bytes)
+            if c.disk_bytes_per_s is not None:  # the model's "disk" is the tier it weighs
+                g.labels(f"{tier}_bytes_per_s").set(c.disk_bytes_per_s)
+            g.labels(f"{tier}_queue_bytes").set(c.queue_bytes)
 
     def _spill(self, keys: Sequence[bytes]) -> None:
         """Write committed host pages through to disk, as the frequency filter and back-pressure allow."""
@@ -223,8 +232,10 @@ class DiskFlow:
     def _apply_io(self, item: tuple[Any, ...]) -> None:
         if item[0] == "read":
             self._read_done(*item[1:])
-        else:
+        elif item[0] == "write":
             self._write_done(*item[1:])
+        else:
+            self._apply_shared(item)
 
     def _read_done(self, load: LoadRecord, i: int, key: bytes, host_slot: int, fut: Future[None], when: float) -> None:
         load.waiting -= 1
@@ -262,16 +273,20 @@ class DiskFlow:
         self._reads_over(load)
 
     def _reads_over(self, load: LoadRecord) -> None:
-        """After each read's completion: once the load's last read is in, it is ready (unless it gave up)."""
-        if load.waiting:
-            return
-        if self.cost is not None:
+        """After each disk read's completion: once the load's last read is in, it is settled."""
+        if not load.waiting:
+            self._load_settled(load)
+
+    def _load_settled(self, load: LoadRecord) -> None:
+        """The load's last disk or shared-tier read completed: it goes to the workers (unless it gave up)."""
+        if load.disk_reads and self.cost is not None:
             self.cost.disk_done(load.job)
         load.reads = []
         if self._abandoned.pop(load.job, None) is not None:
             return
-        # The disk phase of the load: from begin_load until its last page was in the host tier.
-        self.metrics.latency.labels("disk_to_host").observe(load.read_until - load.started)
+        if load.disk_reads:
+            # The disk phase of the load: from begin_load until its last page was in the host tier.
+            self.metrics.latency.labels("disk_to_host").observe(load.read_until - load.started)
         self._promoting.pop(load.job, None)
         self._ready.append(load)
 

@@ -2,7 +2,8 @@
 
 Names are the strings used in the page index, in plans and in metric labels
 (``tier="host"``). ``REMOTE`` is the pages a decode engine pulls from a prefill
-engine's host pool (disaggregated serving); it is not a store.
+engine's host pool (disaggregated serving); it is not a store. ``SHARED`` is the
+store many engines share (:mod:`dynkv.tiers.shared`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Protocol
 
-__all__ = ["DEVICE", "DISK", "HOST", "REMOTE", "SecondaryTier"]
+__all__ = ["DEVICE", "DISK", "HOST", "REMOTE", "SHARED", "SecondaryTier"]
 
 DEVICE = "device"  # vLLM's own KV cache (G1); dynkv only counts its hits
 HOST = "host"  # G2: the engine's pinned shared-memory pool
 DISK = "disk"  # G3: page files on local disks
 REMOTE = "remote"  # matched pages a prefill engine exported, pulled into fresh host slots
+SHARED = "shared"  # G4: a store (Redis/Valkey, Mooncake) shared by engines serving the same model
 
 
 class SecondaryTier(Protocol):

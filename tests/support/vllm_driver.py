@@ -20,8 +20,11 @@ record_events
     Count the KV events the connector hands vLLM (``events`` in the output).
 phases
     List of ``{"name", "prompts": [[token ids]], "max_tokens", "reset_device_cache",
-    "corrupt_disk"}``: ``reset_device_cache`` empties vLLM's prefix cache
-    first; ``corrupt_disk`` flips payload bytes of every disk-tier record first.
+    "reset_dynkv", "corrupt_disk", "before"}``: ``reset_device_cache`` empties vLLM's
+    prefix cache first; ``reset_dynkv`` empties dynkv's host and disk tiers too
+    (the shared tier is other engines' and stays); ``corrupt_disk`` flips payload
+    bytes of every disk-tier record first; ``before`` is a list of commands (argv
+    lists) run first, each expected to succeed (to corrupt or stop a store).
 
 Each phase reports greedy ``tokens``, the chosen tokens' ``logprobs``, and
 with dynkv the leader's ``stats()`` and metric ``samples``.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -143,8 +147,11 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     conn = _connector(llm) if spec.get("dynkv") is not None else None
     out: dict[str, Any] = {"phases": []}
     for phase in spec["phases"]:
-        if phase.get("reset_device_cache"):
-            assert llm.reset_prefix_cache(), "vLLM refused to reset its prefix cache"
+        for cmd in phase.get("before", []):
+            subprocess.run(cmd, check=True, timeout=120)
+        if phase.get("reset_device_cache") or phase.get("reset_dynkv"):
+            assert llm.reset_prefix_cache(reset_connector=bool(phase.get("reset_dynkv"))), \
+                "vLLM refused to reset its prefix cache"
         if phase.get("corrupt_disk"):
             out.setdefault("corrupted_bytes", 0)
             out["corrupted_bytes"] += _corrupt_disk(spec["dynkv"]["disk_paths"])

@@ -1,0 +1,99 @@
+"""The shared tier on a real Mooncake Store (``mooncake_master`` on loopback, TCP transfers).
+
+Each tier here is a Mooncake client that mounts a small segment; pages live
+in the segments of the clients alive, so writers and readers overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from stores import MooncakeMaster
+
+from dynkv.tiers.shared import SharedPageError, SharedPageMissing, SharedTier, StoreUnavailable
+from dynkv.tiers.shared.tier import HEADER_BYTES, store_key
+
+pytest.importorskip("mooncake.store", reason="no Mooncake client (pip install mooncake-transfer-engine-non-cuda)")
+
+FP = bytes(range(16))
+PAGE = 8 * 1024 + 96
+
+
+def tier_for(url: str, **kw: object) -> SharedTier:
+    kw = {"fingerprint": FP, "page_bytes": PAGE, "namespace": "t", "batch_pages": 4, "lookup_timeout_s": 10.0,
+          "timeout_s": 10.0, **kw}
+    return SharedTier(url + "?segment_mb=16&buffer_mb=16", **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def pair(mooncake_master: MooncakeMaster) -> Iterator[tuple[SharedTier, SharedTier]]:
+    a, b = tier_for(mooncake_master.url), tier_for(mooncake_master.url)
+    assert a.up and b.up
+    yield a, b
+    a.close()
+    b.close()
+
+
+def pages(rng: np.random.Generator, n: int) -> tuple[list[bytes], np.ndarray]:
+    keys = [bytes(rng.integers(0, 256, 16, dtype=np.uint8)) for _ in range(n)]
+    return keys, rng.integers(0, 256, (n, PAGE), dtype=np.uint8)
+
+
+def test_pages_written_by_one_client_are_read_by_another(pair, rng: np.random.Generator) -> None:
+    a, b = pair
+    pool = np.zeros((12, PAGE), dtype=np.uint8)  # a host pool, registered: pages go out and come in place
+    a.register(memoryview(pool).cast("B"))
+    keys, data = pages(rng, 10)
+    pool[:10] = data
+    assert [f.result(timeout=60) for f in a.write_many([(k, memoryview(pool[i])) for i, k in enumerate(keys)])] \
+        == [True] * 10
+    assert b.count_stored(keys) == 10 and b.count_stored([bytes(16)] + keys) == 0
+    out = np.full((10, PAGE), 0xFF, dtype=np.uint8)
+    errs = [f.exception(timeout=60) for f in b.read_many([(k, memoryview(out[i])) for i, k in enumerate(keys)])]
+    assert errs == [None] * 10 and np.array_equal(out, data)
+    # A value that is not the page asked for (here: another page's) fails its read and is removed.
+    client = b._backend.client  # type: ignore[union-attr]
+    value = client.get(store_key("t", FP, keys[1]))
+    assert len(value) == HEADER_BYTES + PAGE
+    client.remove(store_key("t", FP, keys[0]), True)
+    assert client.put(store_key("t", FP, keys[0]), value) == 0
+    client.remove(store_key("t", FP, keys[2]), True)  # gone since the lookup: a miss
+    errs = [f.exception(timeout=60) for f in b.read_many([(k, memoryview(out[i])) for i, k in enumerate(keys[:3])])]
+    assert isinstance(errs[0], SharedPageError) and f"holds page {keys[1].hex()}" in str(errs[0])
+    assert errs[1] is None and isinstance(errs[2], SharedPageMissing)
+    assert client.is_exist(store_key("t", FP, keys[0])) == 0
+
+
+def test_a_dead_master_takes_the_tier_down(pair, mooncake_master: MooncakeMaster, rng: np.random.Generator,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    a, _ = pair
+    keys, data = pages(rng, 3)
+    mooncake_master.kill()
+    with caplog.at_level(logging.WARNING, logger="dynkv.shared"):
+        errs = [f.exception(timeout=120) for f in a.read_many([(k, memoryview(d)) for k, d in zip(keys, data)])]
+    assert all(isinstance(e, StoreUnavailable) for e in errs), errs
+    assert not a.up and a.count_stored(keys) is None
+    assert "shared tier down" in caplog.text
+
+
+def test_a_master_down_at_start_leaves_the_tier_down(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The backend gives up before the client's setup (which would hold the process for about 90 s)."""
+    if MooncakeMaster.binary() is None:
+        pytest.skip("mooncake_master is not installed")
+    from stores import free_port
+
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="dynkv.shared"):
+        t = tier_for(f"mooncake://127.0.0.1:{free_port()}", timeout_s=1.0)
+    try:
+        print(f"start against no master took {time.monotonic() - t0:.1f} s")
+        assert not t.up and t.count_stored([bytes(16)]) is None
+        assert time.monotonic() - t0 < 60, "start waited on the client's setup against no master"
+        assert "running without it" in caplog.text
+    finally:
+        t.close()

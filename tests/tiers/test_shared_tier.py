@@ -1,0 +1,236 @@
+"""The shared tier against real stores on loopback: round trips, verification, eviction, a dead store."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from stores import RedisServer, free_port
+
+from dynkv.tiers.shared import SharedPageError, SharedPageMissing, SharedTier, StoreUnavailable
+from dynkv.tiers.shared.base import redact, scheme_of
+from dynkv.tiers.shared.tier import HEADER_BYTES, store_key
+
+FP = bytes(range(16))
+PAGE = 12 * 1024 + 40  # an odd size
+
+
+def pages(rng: np.random.Generator, n: int) -> tuple[list[bytes], np.ndarray]:
+    keys = [bytes(rng.integers(0, 256, 16, dtype=np.uint8)) for _ in range(n)]
+    return keys, rng.integers(0, 256, (n, PAGE), dtype=np.uint8)
+
+
+def tier_for(url: str, **kw: object) -> SharedTier:
+    kw = {"fingerprint": FP, "page_bytes": PAGE, "namespace": "t", "batch_pages": 5, "lookup_timeout_s": 5.0,
+          "timeout_s": 2.0, **kw}
+    return SharedTier(url, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def tier(redis_server: RedisServer) -> Iterator[SharedTier]:
+    t = tier_for(redis_server.url)
+    yield t
+    t.close()
+
+
+def write(t: SharedTier, keys: list[bytes], data: np.ndarray) -> list[bool]:
+    return [f.result(timeout=30) for f in t.write_many([(k, memoryview(row)) for k, row in zip(keys, data)])]
+
+
+def read(t: SharedTier, keys: list[bytes]) -> tuple[np.ndarray, list[BaseException | None]]:
+    out = np.full((len(keys), PAGE), 0xFF, dtype=np.uint8)
+    futs = t.read_many([(k, memoryview(row)) for k, row in zip(keys, out)])
+    return out, [f.exception(timeout=30) for f in futs]
+
+
+def test_pages_round_trip_and_lookups_count_the_stored_prefix(tier: SharedTier, redis_server: RedisServer,
+                                                              rng: np.random.Generator) -> None:
+    keys, data = pages(rng, 13)  # three batches of 5
+    assert tier.count_stored(keys) == 0
+    assert write(tier, keys[:11], data[:11]) == [True] * 11
+    assert tier.count_stored(keys) == 11
+    assert tier.count_stored(keys[3:]) == 8
+    assert tier.count_stored([keys[12]] + keys[:3]) == 0
+    got, errs = read(tier, keys[:11])
+    assert errs == [None] * 11
+    assert np.array_equal(got, data[:11])
+    raw = redis.Redis(port=redis_server.ports[0])
+    value = raw.get(store_key("t", FP, keys[0]))
+    assert len(value) == HEADER_BYTES + PAGE and value[HEADER_BYTES:] == data[0].tobytes()
+    assert sorted(raw.keys("t:*")) == sorted(store_key("t", FP, k).encode() for k in keys[:11])
+    # A page already held is not sent again (another engine wrote it, say).
+    assert write(tier, keys[:2], data[:2]) == [True, True]
+
+
+def test_a_cluster_spreads_pages_over_its_nodes(redis_cluster: RedisServer, rng: np.random.Generator) -> None:
+    t = tier_for(redis_cluster.url)
+    try:
+        keys, data = pages(rng, 40)
+        assert write(t, keys, data) == [True] * 40
+        assert t.count_stored(keys) == 40
+        got, errs = read(t, keys)
+        assert errs == [None] * 40 and np.array_equal(got, data)
+        per_node = [redis.Redis(port=p).dbsize() for p in redis_cluster.ports]
+        print("pages per node", per_node)
+        assert sum(per_node) == 40 and all(n > 0 for n in per_node)
+    finally:
+        t.close()
+
+
+def test_a_value_that_is_not_the_page_asked_for_fails_its_read(tier: SharedTier, redis_server: RedisServer,
+                                                               rng: np.random.Generator) -> None:
+    keys, data = pages(rng, 5)
+    write(tier, keys, data)
+    raw = redis.Redis(port=redis_server.ports[0])
+    k = [store_key("t", FP, key) for key in keys]
+    payload = bytearray(raw.get(k[0]))
+    payload[HEADER_BYTES + 1000] ^= 0x5A
+    raw.set(k[0], bytes(payload))  # a flipped payload byte
+    raw.set(k[1], raw.get(k[2]))  # another page's value under this key
+    header = bytearray(raw.get(k[3]))
+    header[30] ^= 1
+    raw.set(k[3], bytes(header))  # a flipped header byte
+    raw.set(k[4], raw.get(k[4])[:-1])  # a truncated value
+    _, errs = read(tier, keys)
+    assert errs[2] is None
+    assert all(isinstance(errs[i], SharedPageError) for i in (0, 1, 3, 4)), errs
+    assert "payload checksum mismatch" in str(errs[0])
+    assert f"holds page {keys[2].hex()}" in str(errs[1])
+    assert "header checksum" in str(errs[3])
+    assert "another size" in str(errs[4])
+    # The bad values are gone, so the next write of those pages replaces them.
+    assert [raw.exists(k[i]) for i in range(5)] == [0, 0, 1, 0, 0]
+    assert write(tier, keys, data) == [True] * 5
+    got, errs = read(tier, keys)
+    assert errs == [None] * 5 and np.array_equal(got, data)
+
+
+def test_another_model_never_sees_the_pages(tier: SharedTier, redis_server: RedisServer,
+                                            rng: np.random.Generator) -> None:
+    keys, data = pages(rng, 4)
+    write(tier, keys, data)
+    other = tier_for(redis_server.url, fingerprint=bytes(16))
+    try:
+        assert other.count_stored(keys) == 0
+        _, errs = read(other, keys)
+        assert all(isinstance(e, SharedPageMissing) for e in errs)
+        # Even a value copied under the other model's key is refused: its header names the first model.
+        raw = redis.Redis(port=redis_server.ports[0])
+        raw.set(store_key("t", bytes(16), keys[0]), raw.get(store_key("t", FP, keys[0])))
+        _, errs = read(other, keys[:1])
+        assert isinstance(errs[0], SharedPageError) and "fingerprint" in str(errs[0])
+    finally:
+        other.close()
+
+
+def test_a_page_evicted_after_the_lookup_is_a_miss(tier: SharedTier, redis_server: RedisServer,
+                                                   rng: np.random.Generator) -> None:
+    keys, data = pages(rng, 3)
+    write(tier, keys, data)
+    assert tier.count_stored(keys) == 3
+    redis.Redis(port=redis_server.ports[0]).delete(store_key("t", FP, keys[1]))
+    got, errs = read(tier, keys)
+    assert errs[0] is None and errs[2] is None and isinstance(errs[1], SharedPageMissing)
+    assert np.array_equal(got[[0, 2]], data[[0, 2]])
+    assert tier.up
+
+
+def test_a_full_store_refuses_or_evicts_and_nothing_fails_worse(tmp_path: Path, rng: np.random.Generator) -> None:
+    keys, data = pages(rng, 300)  # 3.6 MiB of pages against a 3 MiB store (about 1 MiB of it redis' own)
+    for policy in ("noeviction", "allkeys-lru"):
+        server = RedisServer(tmp_path / policy, maxmemory="3mb", policy=policy)
+        (tmp_path / policy).mkdir()
+        server.start()
+        t = tier_for(server.url)
+        try:
+            ok = write(t, keys, data)
+            got, errs = read(t, keys)
+            good = [i for i, e in enumerate(errs) if e is None]
+            print(policy, f"{sum(ok)} of {len(keys)} pages taken, {len(good)} read back")
+            assert t.up
+            assert all(e is None or isinstance(e, SharedPageMissing) for e in errs), errs
+            assert 0 < len(good) < len(keys)
+            assert np.array_equal(got[good], data[good])
+            if policy == "noeviction":  # the first pages stay, the last are refused
+                assert ok[0] and not ok[-1] and good == [i for i, o in enumerate(ok) if o]
+            else:  # every page taken; older pages made room for newer ones (redis' LRU is sampled)
+                missing = [i for i, e in enumerate(errs) if e is not None]
+                assert all(ok) and sum(i < len(keys) // 2 for i in missing) > len(missing) // 2
+        finally:
+            t.close()
+            server.stop()
+
+
+def test_a_store_down_at_start_is_a_miss_then_reconnects(tmp_path: Path, rng: np.random.Generator,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    (tmp_path / "late").mkdir()
+    server = RedisServer(tmp_path / "late", password="s3cret")
+    server.ports = [port]
+    with caplog.at_level(logging.INFO, logger="dynkv.shared"):
+        t = tier_for(server.url)
+        try:
+            assert not t.up
+            keys, data = pages(rng, 3)
+            assert t.count_stored(keys) is None
+            assert all(isinstance(e, StoreUnavailable) for e in read(t, keys)[1])
+            assert all(isinstance(f.exception(timeout=30), StoreUnavailable)
+                       for f in t.write_many([(k, memoryview(d)) for k, d in zip(keys, data)]))
+            server.start()
+            deadline = time.monotonic() + 60
+            while not t.up and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert t.up, "the tier never reconnected"
+            assert write(t, keys, data) == [True] * 3
+            assert t.count_stored(keys) == 3
+        finally:
+            t.close()
+            server.stop()
+    text = caplog.text
+    assert "running without it" in text and "connected to redis://***@127.0.0.1" in text
+    assert "s3cret" not in text
+
+
+def test_a_store_killed_mid_run_fails_reads_and_lookups_at_once(tier: SharedTier, redis_server: RedisServer,
+                                                                 rng: np.random.Generator,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    keys, data = pages(rng, 6)
+    write(tier, keys, data)
+    redis_server.kill()
+    with caplog.at_level(logging.WARNING, logger="dynkv.shared"):
+        _, errs = read(tier, keys)
+    assert all(isinstance(e, StoreUnavailable) for e in errs)
+    assert not tier.up and tier.count_stored(keys) is None
+    assert "shared tier down" in caplog.text
+
+
+def test_wrong_credentials_are_never_shown(redis_server: RedisServer, tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    subprocess.run(["redis-cli", "-p", str(redis_server.ports[0]), "config", "set", "requirepass", "right"],
+                   check=True, capture_output=True)
+    url = f"redis://user:wr0ng@127.0.0.1:{redis_server.ports[0]}/0"
+    with caplog.at_level(logging.INFO, logger="dynkv.shared"):
+        t = tier_for(url)
+        t.close()
+        good = tier_for(url.replace("user:wr0ng", ":right"))
+        assert good.up
+        good.close()
+    assert not t.up
+    assert "wr0ng" not in caplog.text and "right@" not in caplog.text and "***@127.0.0.1" in caplog.text
+
+
+def test_urls_are_checked_and_redacted() -> None:
+    assert redact("rediss://u:p@h:1/0") == "rediss://***@h:1/0"
+    assert redact("redis+cluster://:pw@a:1,b:2") == "redis+cluster://***@a:1,b:2"
+    assert scheme_of("mooncake://127.0.0.1:50051") == "mooncake"
+    with pytest.raises(ValueError, match="unknown scheme 'http'"):
+        scheme_of("http://h:1")
+    with pytest.raises(ValueError, match=r"'b' is not HOST:PORT") as e:
+        scheme_of("redis+cluster://:topsecret@a:1,b")
+    assert "topsecret" not in str(e.value)
