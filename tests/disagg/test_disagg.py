@@ -558,7 +558,7 @@ _LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1 a
 
 
 def test_a_prefill_agent_on_a_loopback_side_channel_listens_on_loopback_only() -> None:
-    """/proc/net/tcp of a process with one NIXL agent: with loopback_only every listening socket is 127.0.0.1."""
+    """/proc/net/tcp of a process with one NIXL agent: on device ``lo`` every listening socket is 127.0.0.1."""
     from dynkv.disagg.nixl import is_loopback
 
     kept = _listening("1")

@@ -101,9 +101,12 @@ def test_forged_params_reach_no_kv(deployment: Deployment) -> None:
     forged = json.loads(json.dumps(a_params))
     forged["dynkv"]["last_key"] = b_params["dynkv"]["last_key"]
     d = Delta(D)
-    # Straight to the decode engine: A's pages claimed for B (as they are, and with B's key put in).
-    assert tokens_of(post(D, "/v1/completions", completion(b, kv_transfer_params=a_params))) == reference
+    # Straight to the decode engine: A's pages claimed for B, with B's key put in, while the decode engine has
+    # never seen B (had it computed B before, its own caches would answer and no pull would be tried)...
     assert tokens_of(post(D, "/v1/completions", completion(b, kv_transfer_params=forged))) == reference
+    assert d(rejected("mac")) == 1
+    # ...and as they are, with A's key.
+    assert tokens_of(post(D, "/v1/completions", completion(b, kv_transfer_params=a_params))) == reference
     assert (d(rejected("key")), d(rejected("mac"))) == (1, 1)
     assert d(PULLED) == 0
     # Through the proxy the client's params are replaced by the prefill engine's own for B.
