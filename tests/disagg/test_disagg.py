@@ -304,6 +304,27 @@ def test_pull_across_tp_sizes(rng: np.random.Generator, prefill_tp: int, decode_
         prefill.close()
 
 
+def test_a_decode_engine_without_a_secret_keeps_pulls_private(rng: np.random.Generator) -> None:
+    """No secret here: the pulled bytes serve the request, then go; the same prompt is pulled again, not hit."""
+    model = Model()
+    prefill = PrefillProcess(model)
+    engine = decode_engine(model, tp=2, transfer_secret=None)
+    try:
+        tokens = prompt(rng, model, 3)
+        for req in ("a", "b"):
+            out = decode(engine, req, tokens, prefill.prefill(req, tokens))
+            assert (out.local, out.pulled) == (0, 3) and out.load_errors == set() and out.mismatched == []
+        m = engine.leader.metrics
+        assert m.value("dynkv_pages_moved_total", direction="remote_to_host") == 6
+        assert engine.leader.stats()["host"]["stored"] == 0  # nothing pulled joined the host tier...
+        assert_clean(engine)
+        again = decode(engine, "c", tokens, None)  # ...so without params the prompt is computed
+        assert again.local == 0 and again.mismatched == []
+    finally:
+        close(engine)
+        prefill.close()
+
+
 def test_prefill_killed_after_answering(rng: np.random.Generator) -> None:
     """The prefill engine dies between its answer and the pull: the decode engine recomputes, and serves on."""
     model = Model()
