@@ -31,8 +31,8 @@ from prometheus_client import Counter
 
 from dynkv.config import DynKVConfig
 from dynkv.disagg.nixl import Agent, ucx_devices
-from dynkv.disagg.params import MAX_PAGES, RemotePrefill
-from dynkv.disagg.wire import Handshake, SideChannelServer, advertised_host
+from dynkv.disagg.params import CLOCK_SKEW_S, MAX_PAGES, RemotePrefill
+from dynkv.disagg.wire import Handshake, SideChannelServer, advertised_host, check_hello
 from dynkv.index import PageIndex
 from dynkv.keys import ModelFingerprint
 from dynkv.layout import PageGeometry
@@ -203,6 +203,10 @@ class Exporter:
         if op in ("hello", "acquire"):  # a decode rank is about to connect or read
             self._busy_until = time.monotonic() + _BUSY_S
         if op == "hello":
+            refused = check_hello(self._secret, msg, CLOCK_SKEW_S)
+            if refused is not None:
+                self._outcomes.labels("hello_refused").inc()
+                return {"ok": False, "error": refused}, []
             return {"ok": True, "handshake": self.handshake.to_json()}, [self._metadata]
         transfer = msg.get("transfer")
         if not isinstance(transfer, str):

@@ -24,9 +24,10 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from dynkv.disagg.nixl import Agent, NixlError
-from dynkv.disagg.wire import Handshake, IncompatibleError, SideChannelClient
+from dynkv.disagg.wire import Handshake, IncompatibleError, SideChannelClient, hello_auth
 from dynkv.protocol import PullSpec
 
 __all__ = ["PullError", "Puller"]
@@ -74,11 +75,15 @@ class Puller:
         Bound on one pull, handshake and waiting for the prefill engine included.
     net_devices, force_devices
         The network devices UCX may use (:func:`dynkv.disagg.nixl.ucx_devices`).
+    secret
+        The deployment's ``transfer_secret``: prefill engines that have one
+        hand their NIXL metadata only to a ``hello`` signed under it.
     """
 
     def __init__(self, local: Handshake, pool_bytes: int, head_range: tuple[int, int], *, rank: int,
                  world_size: int, timeout_s: float, net_devices: str | None = None,
-                 force_devices: bool = False) -> None:
+                 force_devices: bool = False, secret: bytes | None = None) -> None:
+        self._secret = secret
         self.local = local
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         h0, h1 = head_range
@@ -186,7 +191,11 @@ class Puller:
         addr = (spec.host, spec.port)
         client = SideChannelClient(spec.host, spec.port)
         try:
-            reply, blobs = client.call({"op": "hello"}, deadline)
+            hello: dict[str, Any] = {"op": "hello"}
+            if self._secret:
+                t = int(time.time())
+                hello.update(t=t, auth=hello_auth(self._secret, t))
+            reply, blobs = client.call(hello, deadline)
             try:
                 hs = Handshake.from_json(reply.get("handshake"))
             except ValueError as e:

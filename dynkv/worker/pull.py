@@ -126,5 +126,6 @@ class PullFlow:
                 self._puller = Puller(local, pool.nbytes, head_range(self.rank, self.world_size, g.num_heads),
                                       rank=self.rank, world_size=self.world_size,
                                       timeout_s=self.config.transfer_timeout_s, net_devices=devices,
-                                      force_devices=force)
+                                      force_devices=force, secret=(self.config.transfer_secret or "").encode()
+                                      or None)
             return self._puller

@@ -29,6 +29,7 @@ from dynkv.disagg.params import MAX_PAGES, ParamsError, RemotePrefill, asks_remo
 from dynkv.disagg.puller import PullError, Puller
 from dynkv.disagg.wire import Handshake, IncompatibleError, SideChannelClient, SideChannelServer
 from dynkv.leader import Leader
+from dynkv.memory import HostPool
 from dynkv.protocol import PullSpec, WorkerReport
 
 pytest.importorskip("nixl", reason="disaggregated serving needs NIXL")
@@ -230,8 +231,6 @@ def test_pulls_queued_behind_a_dead_peer_fail_at_once() -> None:
     failure tries the engine again."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from dynkv.memory import HostPool
-
     model = Model()
     server = SideChannelServer("127.0.0.1", 0, lambda msg: ({"ok": True}, []))
     port = server.port
@@ -307,7 +306,7 @@ def test_pull_across_tp_sizes(rng: np.random.Generator, prefill_tp: int, decode_
 def test_a_decode_engine_without_a_secret_keeps_pulls_private(rng: np.random.Generator) -> None:
     """No secret here: the pulled bytes serve the request, then go; the same prompt is pulled again, not hit."""
     model = Model()
-    prefill = PrefillProcess(model)
+    prefill = PrefillProcess(model, transfer_secret=None)
     engine = decode_engine(model, tp=2, transfer_secret=None)
     try:
         tokens = prompt(rng, model, 3)
@@ -421,7 +420,8 @@ def test_incompatible_prefill_is_refused(rng: np.random.Generator, mismatch: str
         puller = Puller(Handshake.describe(engine_id="d", fingerprint=model.fingerprint(),
                                            geometry=model.geometry(), page_stride=4096, num_pages=4,
                                            pool_addr=engine.leader.pool.ptr),
-                        engine.leader.pool.nbytes, (0, model.num_heads), rank=0, world_size=1, timeout_s=5)
+                        engine.leader.pool.nbytes, (0, model.num_heads), rank=0, world_size=1, timeout_s=5,
+                        secret=SECRET.encode())
         try:
             r = RemotePrefill.from_params(params)
             with pytest.raises(PullError, match="incompatible") as e:
@@ -432,6 +432,43 @@ def test_incompatible_prefill_is_refused(rng: np.random.Generator, mismatch: str
         assert_clean(engine)
     finally:
         close(engine)
+        prefill.close()
+
+
+@pytest.mark.parametrize("secret", [None, b"another secret, of 32 characters"])
+def test_a_hello_not_signed_under_the_secret_gets_no_metadata(rng: np.random.Generator, secret: bytes | None) -> None:
+    """The NIXL metadata (what it takes to read the prefill engine's host pool) goes to holders of the secret only."""
+    from dynkv.disagg.wire import hello_auth
+
+    model = Model()
+    prefill = PrefillProcess(model)
+    pool = HostPool.create(1 << 20, pin=False)
+    local = Handshake.describe(engine_id="d", fingerprint=model.fingerprint(), geometry=model.geometry(),
+                               page_stride=4096, num_pages=4, pool_addr=pool.ptr)
+    try:
+        tokens = prompt(rng, model, 2)
+        r = RemotePrefill.from_params(prefill.prefill("a", tokens))
+        spec = PullSpec(r.engine_id, r.host, r.port, r.instance, r.transfer, (0, 1), r.slots)
+        for key in (secret, SECRET.encode()):
+            puller = Puller(local, pool.nbytes, (0, model.num_heads), rank=0, world_size=1, timeout_s=10,
+                            secret=key)
+            try:
+                if key is secret:
+                    with pytest.raises(PullError, match="hello refused"):
+                        puller.pull(spec)
+                else:  # the same export, pulled under the deployment's secret
+                    assert puller.pull(spec) == 2 * model.geometry().page_bytes
+            finally:
+                puller.close()
+        client = SideChannelClient(r.host, r.port)
+        try:
+            t = int(time.time()) - 3600  # a signed hello from an hour ago (replayed)
+            with pytest.raises(ConnectionError, match="hello refused"):
+                client.call({"op": "hello", "t": t, "auth": hello_auth(SECRET.encode(), t)}, time.monotonic() + 10)
+        finally:
+            client.close()
+    finally:
+        pool.close()
         prefill.close()
 
 
