@@ -182,6 +182,28 @@ def _parse_namespace(value: Any, src: _Source) -> str:
     raise src.error(value, "1 to 64 letters, digits, '_', '.' or '-'")
 
 
+MIN_SECRET_CHARS = 32
+
+
+def _parse_secret(value: Any, src: _Source) -> str:
+    # The value is never echoed: error messages end up in logs.
+    if isinstance(value, str) and MIN_SECRET_CHARS <= len(value.strip()) <= 4096:
+        return value.strip()
+    got = f"a string of {len(value.strip())} characters" if isinstance(value, str) else type(value).__name__
+    raise ValueError(
+        f"dynkv config {src}: got {got} (value not shown), expected a secret of at least {MIN_SECRET_CHARS} "
+        "characters shared by every engine of the deployment, e.g. the output of "
+        "python -c 'import secrets; print(secrets.token_hex(32))'"
+    )
+
+
+def _parse_devices(value: Any, src: _Source) -> str:
+    expected = "UCX device names separated by ',', e.g. 'eth0', 'mlx5_0:1,eth0', 'lo', or 'all'"
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.:\-]+(,[A-Za-z0-9_.:\-]+)*", value.strip()):
+        return value.strip()
+    raise src.error(value, expected)
+
+
 def _parse_eviction(value: Any, src: _Source) -> str:
     expected = f"one of {', '.join(repr(p) for p in EVICTION_POLICIES)}"
     if isinstance(value, str) and value.strip().lower() in EVICTION_POLICIES:
@@ -219,6 +241,9 @@ _PARSERS: dict[str, Callable[[Any, _Source], Any]] = {
     "shared_batch_pages": _int_in(1, 4096),
     "shared_timeout_s": _float_above(0.0, inclusive=False),
     "shared_lookup_ms": _float_above(0.0, inclusive=True),
+    "transfer_secret": _optional(_parse_secret),
+    "accept_remote_prefill": _parse_bool,
+    "ucx_net_devices": _optional(_parse_devices),
 }
 
 
@@ -371,6 +396,26 @@ class DynKVConfig:
         The most a lookup waits for the store to say which pages it holds; a
         store that answers later counts as a miss for that request, so a slow
         store never holds up the scheduler for longer.
+    transfer_secret
+        Disaggregated serving: the key (at least 32 characters) under which a
+        prefill engine signs its ``kv_transfer_params`` (HMAC-SHA256) and a
+        decode engine checks them; every engine of a deployment has the same.
+        Give it as ``DYNKV_TRANSFER_SECRET``: ``kv_connector_extra_config`` is
+        in vLLM's start-up log and on the command line. Without one, a decode
+        engine keeps pulled pages for the request that pulled them only (it
+        cannot tell forged params from real ones), and a prefill engine's
+        params carry no MAC, which decode engines with a secret refuse.
+    accept_remote_prefill
+        A ``kv_both`` engine pulls pages named by a request's
+        ``kv_transfer_params`` (``do_remote_prefill``) only with this on;
+        off (the default), such params are ignored and counted, and the
+        prompt is computed. ``kv_consumer`` engines always pull.
+    ucx_net_devices
+        Network devices NIXL's UCX may use (``UCX_NET_DEVICES``), on prefill
+        and decode engines. Default: ``lo`` while ``side_channel_host`` is on
+        loopback (unless the environment sets ``UCX_NET_DEVICES``), else
+        every device. Set it on engines of a multi-host deployment to the
+        interfaces facing the other engines, e.g. ``eth1`` or ``mlx5_0:1``.
     """
 
     host_gb: float | None = None
@@ -402,6 +447,9 @@ class DynKVConfig:
     shared_batch_pages: int = 32
     shared_timeout_s: float = 2.0
     shared_lookup_ms: float = 20.0
+    transfer_secret: str | None = field(default=None, repr=False)
+    accept_remote_prefill: bool = False
+    ucx_net_devices: str | None = None
 
     def __post_init__(self) -> None:
         for name, parse in _PARSERS.items():

@@ -109,6 +109,9 @@ class Metrics:
         self.refused = add("counter", "dynkv_admissions_refused",
                            "Pages not admitted to a tier (full, filtered, or busy)", "tier", "reason")
         self.load_errors = add("counter", "dynkv_load_errors", "Blocks whose load failed (recomputed)", "reason")
+        self.remote_rejected = add("counter", "dynkv_remote_rejected", "Requests whose kv_transfer_params were "
+                                   "refused (their prompt recomputed), by reason: params, model, mac, expired, key, "
+                                   "not_accepted", "reason")
         self.store_errors = add("counter", "dynkv_store_errors", "Pages whose store failed", "tier")
         self.cost_tokens = add("counter", "dynkv_cost_tokens", "Tokens of disk- and shared-tier matches the cost "
                                "model read (choice=load) or left to recompute (choice=recompute), and of loads that gave "

@@ -272,3 +272,21 @@ def test_to_dict_round_trip(d: dict[str, object]) -> None:
     # What to_dict gives also wins over any environment.
     env = {DynKVConfig.env_var(k): "junk" for k in DynKVConfig.keys() if k not in ("host_gb", "host_pages")}
     assert DynKVConfig.from_dict(out, env=env) == c
+
+
+def test_transfer_keys_and_the_secret_never_shown() -> None:
+    secret = "9f" * 20
+    c = DynKVConfig.from_dict(None, env={"DYNKV_TRANSFER_SECRET": secret})
+    assert c.transfer_secret == secret and secret not in repr(c) and secret not in str(c)
+    assert c.accept_remote_prefill is False and c.ucx_net_devices is None
+    assert DynKVConfig.from_dict(None, env={}).transfer_secret is None
+    for bad in ("short-secret-1234", 12345):
+        with pytest.raises(ValueError, match=r"key 'transfer_secret'.*value not shown.*at least 32") as e:
+            DynKVConfig.from_dict({"transfer_secret": bad}, env={})
+        assert "short-secret" not in str(e.value) and "12345" not in str(e.value)
+    with pytest.raises(ValueError, match="DYNKV_TRANSFER_SECRET"):
+        DynKVConfig.from_dict(None, env={"DYNKV_TRANSFER_SECRET": "x"})
+    c = DynKVConfig.from_dict({"accept_remote_prefill": "yes", "ucx_net_devices": "mlx5_0:1,eth0"}, env={})
+    assert c.accept_remote_prefill is True and c.ucx_net_devices == "mlx5_0:1,eth0"
+    with pytest.raises(ValueError, match="key 'ucx_net_devices'.*UCX device names"):
+        DynKVConfig.from_dict({"ucx_net_devices": "eth0; rm -rf"}, env={})

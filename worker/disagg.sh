@@ -11,7 +11,7 @@ NUM_PREFILL="${NUM_PREFILL:-1}"
 NUM_DECODE="${NUM_DECODE:-1}"
 PREFILL_TP="${PREFILL_TP:-${TP:-1}}"
 DECODE_TP="${DECODE_TP:-${TP:-1}}"
-PROXY_HOST="${PROXY_HOST:-0.0.0.0}"
+PROXY_HOST="${PROXY_HOST:-127.0.0.1}"
 PROXY_PORT="${PROXY_PORT:-8000}"
 ENGINE_HOST="${ENGINE_HOST:-127.0.0.1}"
 PREFILL_PORT="${PREFILL_PORT:-8100}"   # prefill engine i listens on PREFILL_PORT + i
@@ -31,6 +31,12 @@ DECODE_ENV="${DECODE_ENV:-}"
 # NixlConnector stages KV in KV_BUFFER_DEVICE memory ("cuda" on GPUs, "cpu" on vLLM's CPU build).
 KV_CONNECTOR="${KV_CONNECTOR:-DynKVConnector}"
 KV_BUFFER_DEVICE="${KV_BUFFER_DEVICE:-}"
+# The engines' shared secret for signing kv_transfer_params: one per launch unless given (engines on other
+# hosts need the same one). Exported, so it never appears on a command line; the proxy does not get it.
+if [[ -z "${DYNKV_TRANSFER_SECRET:-}" && "$KV_CONNECTOR" == DynKVConnector ]]; then
+  DYNKV_TRANSFER_SECRET="$("$PYTHON" -c 'import secrets; print(secrets.token_hex(32))')"
+fi
+export DYNKV_TRANSFER_SECRET="${DYNKV_TRANSFER_SECRET:-}"
 # Host tier only unless disk paths are given (agg.sh would default to a 64 GiB disk tier per engine).
 export DYNKV_DISK_PATHS="${DYNKV_DISK_PATHS-}"
 DYNKV_EXTRA_CONFIG="${DYNKV_EXTRA_CONFIG:-{\}}"
@@ -153,7 +159,8 @@ for ((i = 0; i < NUM_DECODE; i++)); do
   decode_urls+=(--decode "http://$ENGINE_HOST:$((DECODE_PORT + i))")
   gpu=$((gpu + DECODE_TP))
 done
-proxy=("$PYTHON" -m dynkv.proxy "${prefill_urls[@]}" "${decode_urls[@]}" --host "$PROXY_HOST" --port "$PROXY_PORT")
+proxy=(env -u DYNKV_TRANSFER_SECRET "$PYTHON" -m dynkv.proxy "${prefill_urls[@]}" "${decode_urls[@]}"
+       --host "$PROXY_HOST" --port "$PROXY_PORT")
 if [[ "$DRY_RUN" == 1 ]]; then
   start proxy "" "${proxy[@]}"
   exit 0

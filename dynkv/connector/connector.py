@@ -16,9 +16,11 @@ keys of :class:`dynkv.config.DynKVConfig`.
 Disaggregated prefill/decode (:mod:`dynkv.disagg`) follows ``kv_role``: a
 ``kv_producer`` engine exports the pages of each request that asks for a
 remote decode (``kv_transfer_params`` ``do_remote_decode``) and returns
-``kv_transfer_params`` naming them; a ``kv_consumer`` (or ``kv_both``) engine
-given those params pulls the pages it does not hold with NIXL, and recomputes
-whatever could not be pulled.
+``kv_transfer_params`` naming them, signed under the deployment's
+``transfer_secret``; a ``kv_consumer`` engine (or ``kv_both`` with
+``accept_remote_prefill``) given those params checks them
+(:class:`dynkv.disagg.trust.RemoteGate`), pulls the pages it does not hold
+with NIXL, and recomputes whatever could not be pulled or was refused.
 
 One code base for vLLM 0.26 to 0.33: hooks that only some versions have are
 implemented and simply not called by the others. Where the worker -> scheduler
@@ -50,7 +52,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from dynkv.config import DynKVConfig
 from dynkv.connector.events import KVEvents
 from dynkv.connector.stats import DynKVPromMetrics, DynKVStats
-from dynkv.disagg.params import ParamsError, RemotePrefill, asks_remote_decode
+from dynkv.disagg.params import RemotePrefill, asks_remote_decode
+from dynkv.disagg.trust import RemoteGate
 from dynkv.connector.engine import distinct_layers, metric_samples, model_geometry, paged_view
 from dynkv.keys import block_keys
 from dynkv.protocol import StepPlan, WorkerReport
@@ -165,7 +168,6 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         self.pool_name = pool_name_for(str(xfer.engine_id), self.fingerprint)
         kv_role = getattr(xfer, "kv_role", None) or "kv_both"
         self._exports = kv_role == "kv_producer"
-        self._imports = kv_role in ("kv_consumer", "kv_both")
         self.leader: Any = None
         self.worker: Any = None
         self._reqs: dict[str, _Req] = {}
@@ -184,6 +186,8 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
 
             self.leader = Leader(self.config, self.geometry, self.fingerprint, world_size=self.world_size,
                                  engine_id=str(xfer.engine_id))
+            self._gate = RemoteGate(self.fingerprint, secret=self.config.transfer_secret, kv_role=kv_role,
+                                    accept=self.config.accept_remote_prefill, metrics=self.leader.metrics)
             if self._exports:
                 try:
                     self.leader.start_export()
@@ -482,18 +486,12 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         return st.keys
 
     def _remote(self, st: _Req) -> RemotePrefill | None:
-        """The remote prefill the request's ``kv_transfer_params`` name, checked once (None: none usable)."""
+        """The remote prefill the request's ``kv_transfer_params`` name, checked once (None: none usable).
+
+        The pages' keys are this engine's, from the request's own tokens (:class:`RemoteGate`)."""
         if st.remote is _UNSET:
-            st.remote = None
             params = getattr(st.request, "kv_transfer_params", None)
-            if self._imports and params:
-                try:
-                    remote = RemotePrefill.from_params(params)
-                    if remote is not None:
-                        remote.check(self.fingerprint, self._keys(st, len(remote.slots)))
-                    st.remote = remote
-                except ParamsError as e:
-                    log.warning("dynkv: request %s: %s; its prompt is recomputed here", st.request.request_id, e)
+            st.remote = self._gate.admit(st.request.request_id, params, lambda n: self._keys(st, n))
         return st.remote
 
     def _update_block_ids(self, out: SchedulerOutput) -> None:

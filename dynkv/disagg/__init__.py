@@ -2,6 +2,8 @@
 
 - :mod:`dynkv.disagg.params`: the ``kv_transfer_params`` a prefill engine
   returns and a decode engine reads (checked field by field).
+- :mod:`dynkv.disagg.trust`: what a decode engine accepts of those params
+  (their MAC under the deployment's secret, the request's own keys).
 - :mod:`dynkv.disagg.wire`: the ZMQ side channel and the handshake.
 - :mod:`dynkv.disagg.exporter`: the prefill side, in the leader.
 - :mod:`dynkv.disagg.puller`: the decode side, in each worker.

@@ -30,9 +30,9 @@ from typing import Any
 from prometheus_client import Counter
 
 from dynkv.config import DynKVConfig
-from dynkv.disagg.nixl import Agent, is_loopback
-from dynkv.disagg.params import MAX_PAGES, RemotePrefill
-from dynkv.disagg.wire import Handshake, SideChannelServer, advertised_host
+from dynkv.disagg.nixl import Agent, ucx_devices
+from dynkv.disagg.params import CLOCK_SKEW_S, MAX_PAGES, RemotePrefill
+from dynkv.disagg.wire import Handshake, SideChannelServer, advertised_host, check_hello
 from dynkv.index import PageIndex
 from dynkv.keys import ModelFingerprint
 from dynkv.layout import PageGeometry
@@ -86,8 +86,11 @@ class Exporter:
         self.engine_id = engine_id
         self.fingerprint = fingerprint
         self.timeout_s = config.export_timeout_s
+        devices, force = ucx_devices(config.side_channel_host, config.ucx_net_devices)
         self._agent = Agent(f"dynkv-prefill-{engine_id}-{os.getpid()}-{self.instance}", pool.ptr, pool.nbytes,
-                            loopback_only=is_loopback(config.side_channel_host))
+                            net_devices=devices, force=force)
+        secret = config.transfer_secret
+        self._secret = secret.encode() if secret else None
         self.handshake = Handshake.describe(engine_id=engine_id, fingerprint=fingerprint, geometry=geometry,
                                             page_stride=page_stride, num_pages=num_pages, pool_addr=pool.ptr,
                                             instance=self.instance, agent_name=self._agent.name)
@@ -108,6 +111,10 @@ class Exporter:
         self.port = self._server.port
         log.info("dynkv: exporting pages of engine %s; side channel %s:%d (bound %s)", engine_id, self.host,
                  self.port, config.side_channel_host)
+        if self._secret is None:
+            log.warning("dynkv: no transfer_secret (DYNKV_TRANSFER_SECRET): this prefill engine's kv_transfer_params "
+                        "carry no MAC, so decode engines cannot tell them from forged ones (decode engines with a "
+                        "secret refuse them; those without keep the pulled pages private to each request)")
 
     # -- leader thread ---------------------------------------------------------
 
@@ -133,8 +140,12 @@ class Exporter:
         with self._lock:
             self._exports[transfer] = exp
         self._pages.inc(len(slots))
-        return RemotePrefill(self.engine_id, self.host, self.port, self.instance, transfer,
-                             self.fingerprint.digest().hex(), held[-1].hex(), tuple(slots)).to_params()
+        # Signed: the keys are the ones this engine computed from the tokens it prefilled, and the slots hold
+        # their pages; a decode engine trusts the pairing only under the deployment's secret.
+        expires = int(time.time() + self.timeout_s) + 1
+        return RemotePrefill(self.engine_id[:128], self.host, self.port, self.instance, transfer,
+                             self.fingerprint.digest().hex(), held[-1].hex(), tuple(slots),
+                             expires).signed(self._secret).to_params()
 
     def poll(self, index: PageIndex) -> None:
         """Mark exports whose pages all landed ready; unpin released and expired ones."""
@@ -192,6 +203,10 @@ class Exporter:
         if op in ("hello", "acquire"):  # a decode rank is about to connect or read
             self._busy_until = time.monotonic() + _BUSY_S
         if op == "hello":
+            refused = check_hello(self._secret, msg, CLOCK_SKEW_S)
+            if refused is not None:
+                self._outcomes.labels("hello_refused").inc()
+                return {"ok": False, "error": refused}, []
             return {"ok": True, "handshake": self.handshake.to_json()}, [self._metadata]
         transfer = msg.get("transfer")
         if not isinstance(transfer, str):

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Agent", "NixlError", "NixlUnavailable", "is_loopback"]
+__all__ = ["Agent", "NixlError", "NixlUnavailable", "is_loopback", "ucx_devices"]
 
 log = logging.getLogger("dynkv.disagg")
 
@@ -32,6 +32,18 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def ucx_devices(side_channel_host: str, configured: str | None) -> tuple[str | None, bool]:
+    """``(UCX_NET_DEVICES value or None, whether it overrides the environment)`` for an engine's agent.
+
+    ``configured`` (the ``ucx_net_devices`` key) wins over everything; else an
+    engine whose side channel is on loopback keeps UCX on ``lo`` unless the
+    environment chose devices; else UCX takes what it finds.
+    """
+    if configured is not None:
+        return configured, True
+    return ("lo" if is_loopback(side_channel_host) else None), False
 
 
 class NixlUnavailable(RuntimeError):
@@ -63,11 +75,13 @@ class Agent:
     ptr, nbytes
         The host memory remote agents may read (prefill) or that READs land
         in (decode).
-    loopback_only
-        Keep UCX's sockets on the loopback interface (``UCX_NET_DEVICES=lo``,
-        unless the environment already sets it): an engine whose side channel
-        listens on loopback has no business exposing its host pool to the
-        network. Read by UCX when the process's first agent starts.
+    net_devices
+        The network devices UCX may use (``UCX_NET_DEVICES``; from
+        :func:`ucx_devices`): ``lo`` keeps its sockets on loopback, as an
+        engine whose side channel is on loopback has no business exposing
+        its host pool (prefill) or UCX worker (decode) to the network. The
+        environment's own ``UCX_NET_DEVICES`` is kept unless ``force``. Read by
+        UCX when the process's first agent starts.
 
     NIXL's own progress thread polls without pause, a whole core per agent,
     so there is none: a transfer's initiator progresses it while it waits
@@ -81,12 +95,15 @@ class Agent:
         NIXL or its UCX plugin is missing.
     """
 
-    def __init__(self, name: str, ptr: int, nbytes: int, *, loopback_only: bool = False) -> None:
+    def __init__(self, name: str, ptr: int, nbytes: int, *, net_devices: str | None = None,
+                 force: bool = False) -> None:
         api = _api()
-        if loopback_only and "UCX_NET_DEVICES" not in os.environ:
-            os.environ["UCX_NET_DEVICES"] = "lo"
-            log.info("NIXL/UCX kept on the loopback interface (the side channel is on loopback; set "
-                     "UCX_NET_DEVICES to choose other interfaces)")
+        if net_devices is not None and (force or "UCX_NET_DEVICES" not in os.environ):
+            if os.environ.get("UCX_NET_DEVICES") != net_devices:
+                log.info("NIXL/UCX uses network devices %s (%s)", net_devices,
+                         "ucx_net_devices" if force else "the side channel is on loopback; set ucx_net_devices "
+                         "or UCX_NET_DEVICES to choose others")
+            os.environ["UCX_NET_DEVICES"] = net_devices
         conf = api.nixl_agent_config(backends=["UCX"], enable_prog_thread=False,
                                      sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
         self.name = name

@@ -24,9 +24,10 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from dynkv.disagg.nixl import Agent, NixlError
-from dynkv.disagg.wire import Handshake, IncompatibleError, SideChannelClient
+from dynkv.disagg.wire import Handshake, IncompatibleError, SideChannelClient, hello_auth
 from dynkv.protocol import PullSpec
 
 __all__ = ["PullError", "Puller"]
@@ -72,17 +73,24 @@ class Puller:
         This rank (for releases: an export is released once every rank is done).
     timeout_s
         Bound on one pull, handshake and waiting for the prefill engine included.
+    net_devices, force_devices
+        The network devices UCX may use (:func:`dynkv.disagg.nixl.ucx_devices`).
+    secret
+        The deployment's ``transfer_secret``: prefill engines that have one
+        hand their NIXL metadata only to a ``hello`` signed under it.
     """
 
     def __init__(self, local: Handshake, pool_bytes: int, head_range: tuple[int, int], *, rank: int,
-                 world_size: int, timeout_s: float) -> None:
+                 world_size: int, timeout_s: float, net_devices: str | None = None,
+                 force_devices: bool = False, secret: bytes | None = None) -> None:
+        self._secret = secret
         self.local = local
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         h0, h1 = head_range
         run = local.num_layers * local.block_size * local.token_bytes
         self._offset, self._length = h0 * run, (h1 - h0) * run
         self._agent = Agent(f"dynkv-decode-{local.engine_id}-{rank}-{os.getpid()}-{secrets.token_hex(4)}",
-                            local.pool_addr, pool_bytes)
+                            local.pool_addr, pool_bytes, net_devices=net_devices, force=force_devices)
         self._peers: dict[tuple[str, int], _Peer] = {}
         self._lock = threading.Lock()
         self._hello = threading.Lock()
@@ -183,7 +191,11 @@ class Puller:
         addr = (spec.host, spec.port)
         client = SideChannelClient(spec.host, spec.port)
         try:
-            reply, blobs = client.call({"op": "hello"}, deadline)
+            hello: dict[str, Any] = {"op": "hello"}
+            if self._secret:
+                t = int(time.time())
+                hello.update(t=t, auth=hello_auth(self._secret, t))
+            reply, blobs = client.call(hello, deadline)
             try:
                 hs = Handshake.from_json(reply.get("handshake"))
             except ValueError as e:

@@ -5,8 +5,11 @@ socket on a thread); each decode rank talks to it through a
 :class:`SideChannelClient` (a DEALER socket). Every message is one JSON
 object frame, optionally followed by binary frames (NIXL metadata). Requests:
 
-``hello``
-    the prefill engine's :class:`Handshake`, and its NIXL agent metadata.
+``hello`` [``t``, ``auth``]
+    the prefill engine's :class:`Handshake`, and its NIXL agent metadata:
+    what it takes to read its host pool. A prefill engine with a
+    ``transfer_secret`` answers only a hello whose ``auth`` is
+    :func:`hello_auth` of its ``t`` (Unix time, within ``CLOCK_SKEW_S``).
 ``acquire`` ``transfer``, ``slots``
     whether the pages of an export are in the host pool yet (``ready``), or
     an error when the export is unknown, expired or lost.
@@ -19,6 +22,8 @@ replies to requests that were given up on are dropped by sequence number.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import socket
@@ -33,7 +38,8 @@ import zmq
 from dynkv.keys import ModelFingerprint
 from dynkv.layout import PageGeometry
 
-__all__ = ["Handshake", "IncompatibleError", "SideChannelClient", "SideChannelServer", "advertised_host"]
+__all__ = ["Handshake", "IncompatibleError", "SideChannelClient", "SideChannelServer", "advertised_host",
+           "check_hello", "hello_auth"]
 
 log = logging.getLogger("dynkv.disagg")
 
@@ -128,6 +134,25 @@ class Handshake:
                 "Serve the same model with the same KV dtype and block size, and the same dynkv version, "
                 "on both sides; this request is recomputed"
             )
+
+
+def hello_auth(secret: bytes, t: int) -> str:
+    """A decode rank's proof, in its ``hello``, that it holds the deployment's secret (HMAC-SHA256 of ``t``)."""
+    return hmac.new(secret, f"dynkv.side_channel.hello.v1:{t}".encode(), hashlib.sha256).hexdigest()
+
+
+def check_hello(secret: bytes | None, msg: Mapping[str, Any], skew_s: float, now: float | None = None) -> str | None:
+    """Why a ``hello`` is refused under ``secret`` (None: answered). Without a secret every hello is answered."""
+    if secret is None:
+        return None
+    t, auth = msg.get("t"), msg.get("auth")
+    if not isinstance(t, int) or isinstance(t, bool) or not isinstance(auth, str):
+        return "hello refused: it is not signed; give this decode engine the deployment's transfer_secret"
+    now = time.time() if now is None else now
+    if abs(now - t) > skew_s or not hmac.compare_digest(auth, hello_auth(secret, t)):
+        return ("hello refused: signed under another transfer_secret, or the clocks are more than "
+                f"{skew_s:g} s apart")
+    return None
 
 
 def advertised_host(bind_host: str) -> str:

@@ -519,11 +519,16 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
                     req.pull_failed = True
             else:
                 self.metrics.pages.labels("h2d").inc(len(keys) + len(pulled))
-                if pulled:  # every rank wrote its slice: whole pages, cached from now on
-                    self.index.commit(HOST, pulled)
+                if pulled:  # every rank wrote its slice: whole pages
+                    if getattr(op.remote, "trusted", False):  # params under the deployment's MAC: cached
+                        self.index.commit(HOST, pulled)
+                    else:  # unverifiable: they served this request's load, and serve no other
+                        self.index.remove(HOST, pulled)
                     self._importing.difference_update(pulled)
                     self.metrics.pages.labels("remote_to_host").inc(len(pulled))
                     op.pulled_keys = []
+                    if not getattr(op.remote, "trusted", False):
+                        pulled = []
             self._end_load(op)
             if not failed:  # a hit may have lifted the pages over the disk tier's admission threshold
                 self._spill(keys + pulled)

@@ -58,6 +58,10 @@ class RemoteFlow:
         one of them: ask again later rather than pull it twice. A request
         whose pull failed matches nothing more: vLLM reschedules it, and it
         is recomputed rather than sent to a peer that just failed.
+
+        Pulled pages join the host tier only when ``remote.trusted`` (its MAC
+        verified, :meth:`dynkv.disagg.RemotePrefill.verify`); otherwise they
+        are dropped once the request's load is done.
         """
         req = self._reqs.get(req_id)
         if req is None or not req.looked_up:

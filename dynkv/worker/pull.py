@@ -112,6 +112,7 @@ class PullFlow:
             if self._closing.is_set():
                 raise RuntimeError(f"dynkv worker {self.rank} is closed: no more pulls")
             if self._puller is None:
+                from dynkv.disagg.nixl import ucx_devices
                 from dynkv.disagg.puller import Puller
                 from dynkv.disagg.wire import Handshake
 
@@ -121,7 +122,10 @@ class PullFlow:
                 local = Handshake.describe(engine_id=self.engine_id, fingerprint=self.fingerprint, geometry=g,
                                            page_stride=pages.page_stride, num_pages=pages.num_pages,
                                            pool_addr=pool.ptr)
+                devices, force = ucx_devices(self.config.side_channel_host, self.config.ucx_net_devices)
                 self._puller = Puller(local, pool.nbytes, head_range(self.rank, self.world_size, g.num_heads),
                                       rank=self.rank, world_size=self.world_size,
-                                      timeout_s=self.config.transfer_timeout_s)
+                                      timeout_s=self.config.transfer_timeout_s, net_devices=devices,
+                                      force_devices=force, secret=(self.config.transfer_secret or "").encode()
+                                      or None)
             return self._puller

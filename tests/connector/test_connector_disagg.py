@@ -28,8 +28,11 @@ from dynkv.protocol import WorkerReport
 pytest.importorskip("nixl", reason="a kv_producer connector starts a NIXL agent")
 
 
-def connector(role: str, engine_id: str) -> DynKVConnector:
-    vllm_config, kcc = fake_config()
+SECRET = "unit-" + "5ec2e7" * 8
+
+
+def connector(role: str, engine_id: str, **extra: Any) -> DynKVConnector:
+    vllm_config, kcc = fake_config({"host_pages": 16, "transfer_secret": SECRET, **extra})
     vllm_config.kv_transfer_config.kv_role = role
     vllm_config.kv_transfer_config.engine_id = engine_id
     return DynKVConnector(vllm_config, KVConnectorRole.SCHEDULER, kcc)
@@ -121,6 +124,41 @@ def test_unusable_params_are_recomputed(pair: Any, rng: np.random.Generator, cap
     d.on_new_request(plain)
     assert d.get_num_new_matched_tokens(plain, 0) == (0, False)
     assert "does not run DynKVConnector as kv_producer" in caplog.text
+
+
+def test_forged_params_are_refused_counted_and_never_pulled(pair: Any, rng: np.random.Generator) -> None:
+    """Prompt B with prompt A's params: as they are (A's last key), and with B's own key put in."""
+    p, d = pair
+    a_prompt, b_prompt = tokens(rng, 3 * BS + 1), tokens(rng, 3 * BS + 1)
+    params = prefill(p, "a", a_prompt)
+    victim = request("b0", b_prompt, None)
+    d.on_new_request(victim)
+    b_keys = d._keys(d._reqs["b0"], 3)
+    forged = json.loads(json.dumps(params))
+    forged["dynkv"]["last_key"] = b_keys[2].hex()
+    for rid, fake in (("b1", params), ("b2", forged)):
+        r = request(rid, b_prompt, fake)
+        d.on_new_request(r)
+        assert d.get_num_new_matched_tokens(r, 0) == (0, False)
+        assert not d.build_connector_meta(step()).plan.loads
+    m = d.leader.metrics
+    assert m.value("dynkv_remote_rejected_total", reason="key") == 1
+    assert m.value("dynkv_remote_rejected_total", reason="mac") == 1
+    assert d.leader.stats()["host"]["pending"] == 0
+
+
+@pytest.mark.parametrize("accept", [False, True])
+def test_kv_both_pulls_only_with_accept_remote_prefill(rng: np.random.Generator, accept: bool) -> None:
+    p, both = connector("kv_producer", "prefill"), connector("kv_both", "agg", accept_remote_prefill=accept)
+    try:
+        prompt = tokens(rng, 2 * BS + 1)
+        r = request("a", prompt, prefill(p, "a", prompt))
+        both.on_new_request(r)
+        assert both.get_num_new_matched_tokens(r, 0) == ((2 * BS, True) if accept else (0, False))
+        assert both.leader.metrics.value("dynkv_remote_rejected_total", reason="not_accepted") == (0 if accept else 1)
+    finally:
+        p.shutdown()
+        both.shutdown()
 
 
 def test_only_a_producer_exports(rng: np.random.Generator, caplog: Any) -> None:

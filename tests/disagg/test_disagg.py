@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 import pytest
-from disagg_harness import PrefillProcess, decode
+from disagg_harness import SECRET, PrefillProcess, decode
 from harness import Engine, Model
 
 from dynkv.config import DynKVConfig
@@ -29,6 +29,7 @@ from dynkv.disagg.params import MAX_PAGES, ParamsError, RemotePrefill, asks_remo
 from dynkv.disagg.puller import PullError, Puller
 from dynkv.disagg.wire import Handshake, IncompatibleError, SideChannelClient, SideChannelServer
 from dynkv.leader import Leader
+from dynkv.memory import HostPool
 from dynkv.protocol import PullSpec, WorkerReport
 
 pytest.importorskip("nixl", reason="disaggregated serving needs NIXL")
@@ -37,6 +38,7 @@ pytest.importorskip("nixl", reason="disaggregated serving needs NIXL")
 def decode_engine(model: Model, *, tp: int, processes: bool = True, **cfg: object) -> Engine:
     cfg.setdefault("host_pages", 64)
     cfg.setdefault("transfer_timeout_s", 20)
+    cfg.setdefault("transfer_secret", SECRET)
     leader = Leader(DynKVConfig.from_dict(cfg, env={}), model.geometry(), model.fingerprint(), world_size=tp,
                     engine_id=f"decode-{id(cfg)}")
     return Engine(leader, model, tp=tp, processes=processes)
@@ -53,6 +55,14 @@ def assert_clean(engine: Engine) -> None:
     host = engine.leader.stats()["host"]
     assert host["pinned"] == 0 and host["pending"] == 0, host
     assert not engine.leader._importing
+
+
+def resign(params: dict, **fields: object) -> dict:
+    """``params`` with ``fields`` changed and signed again under the deployment's secret: a buggy prefill engine."""
+    from dataclasses import replace
+
+    r = RemotePrefill.from_params(params)
+    return replace(r, **fields).signed(SECRET.encode()).to_params()
 
 
 def prompt(rng: np.random.Generator, model: Model, blocks: int, tail: int = 1) -> list[int]:
@@ -112,13 +122,14 @@ def test_params_of_another_model_or_prompt_are_refused(rng: np.random.Generator)
 
     keys = block_keys(fp, np.asarray(prompt(rng, model, 4)))
     good = RemotePrefill("p", "h", 1, "i", "t", fp.digest().hex(), keys[2].hex(), (7, 8, 9))
-    good.check(fp, keys)
+    assert good.verify(fp, keys, None).trusted is False
     with pytest.raises(ParamsError, match="serves another model"):
-        RemotePrefill("p", "h", 1, "i", "t", "00" * 16, keys[2].hex(), (7, 8, 9)).check(fp, keys)
+        RemotePrefill("p", "h", 1, "i", "t", "00" * 16, keys[2].hex(), (7, 8, 9)).verify(fp, keys, None)
     with pytest.raises(ParamsError, match="hold other tokens"):
-        RemotePrefill("p", "h", 1, "i", "t", fp.digest().hex(), keys[1].hex(), (7, 8, 9)).check(fp, keys)
+        RemotePrefill("p", "h", 1, "i", "t", fp.digest().hex(), keys[1].hex(), (7, 8, 9)).verify(fp, keys, None)
     with pytest.raises(ParamsError, match="hold other tokens"):
-        RemotePrefill("p", "h", 1, "i", "t", fp.digest().hex(), keys[3].hex(), (1, 2, 3, 4, 5)).check(fp, keys)
+        RemotePrefill("p", "h", 1, "i", "t", fp.digest().hex(), keys[3].hex(), (1, 2, 3, 4, 5)).verify(fp, keys,
+                                                                                                      None)
 
 
 def handshake(model: Model, **over: object) -> Handshake:
@@ -220,8 +231,6 @@ def test_pulls_queued_behind_a_dead_peer_fail_at_once() -> None:
     failure tries the engine again."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from dynkv.memory import HostPool
-
     model = Model()
     server = SideChannelServer("127.0.0.1", 0, lambda msg: ({"ok": True}, []))
     port = server.port
@@ -294,6 +303,27 @@ def test_pull_across_tp_sizes(rng: np.random.Generator, prefill_tp: int, decode_
         prefill.close()
 
 
+def test_a_decode_engine_without_a_secret_keeps_pulls_private(rng: np.random.Generator) -> None:
+    """No secret here: the pulled bytes serve the request, then go; the same prompt is pulled again, not hit."""
+    model = Model()
+    prefill = PrefillProcess(model, transfer_secret=None)
+    engine = decode_engine(model, tp=2, transfer_secret=None)
+    try:
+        tokens = prompt(rng, model, 3)
+        for req in ("a", "b"):
+            out = decode(engine, req, tokens, prefill.prefill(req, tokens))
+            assert (out.local, out.pulled) == (0, 3) and out.load_errors == set() and out.mismatched == []
+        m = engine.leader.metrics
+        assert m.value("dynkv_pages_moved_total", direction="remote_to_host") == 6
+        assert engine.leader.stats()["host"]["stored"] == 0  # nothing pulled joined the host tier...
+        assert_clean(engine)
+        again = decode(engine, "c", tokens, None)  # ...so without params the prompt is computed
+        assert again.local == 0 and again.mismatched == []
+    finally:
+        close(engine)
+        prefill.close()
+
+
 def test_prefill_killed_after_answering(rng: np.random.Generator) -> None:
     """The prefill engine dies between its answer and the pull: the decode engine recomputes, and serves on."""
     model = Model()
@@ -351,13 +381,14 @@ def test_out_of_range_remote_slots_are_rejected(rng: np.random.Generator) -> Non
     try:
         tokens = prompt(rng, model, 3)
         params = prefill.prefill("a", tokens)
-        params["dynkv"]["slots"][1] = 16  # one past the prefill pool's last page
+        slots = params["dynkv"]["slots"]
+        params = resign(params, slots=(slots[0], 16, slots[2]))  # one past the prefill pool's last page
         out = decode(engine, "a", tokens, params)
         assert out.pulled == 3 and out.load_errors == set(out.blocks[:3]) and out.mismatched == []
         # In range, but not a page of this export: the prefill engine refuses it.
         tokens = prompt(rng, model, 2)
         params = prefill.prefill("b", tokens)
-        params["dynkv"]["slots"][0] = 15
+        params = resign(params, slots=(15, params["dynkv"]["slots"][1]))
         out = decode(engine, "b", tokens, params)
         assert out.pulled == 2 and out.load_errors == set(out.blocks[:2]) and out.mismatched == []
         assert_clean(engine)
@@ -382,14 +413,15 @@ def test_incompatible_prefill_is_refused(rng: np.random.Generator, mismatch: str
             assert "serves another model" in decode(engine, "x", x, prefill.prefill("x", x)).refused
             # ...so claim this model's, as a misrouted or buggy peer might: the handshake still refuses.
             keys = engine.keys(tokens)
-            params["dynkv"].update(fingerprint=model.fingerprint().digest().hex(), last_key=keys[2].hex())
+            params = resign(params, fingerprint=model.fingerprint().digest().hex(), last_key=keys[2].hex())
         out = decode(engine, "a", tokens, params)
         assert out.pulled == 3 and out.load_errors == set(out.blocks[:3]) and out.mismatched == []
         # The same refusal, seen from a puller in this process.
         puller = Puller(Handshake.describe(engine_id="d", fingerprint=model.fingerprint(),
                                            geometry=model.geometry(), page_stride=4096, num_pages=4,
                                            pool_addr=engine.leader.pool.ptr),
-                        engine.leader.pool.nbytes, (0, model.num_heads), rank=0, world_size=1, timeout_s=5)
+                        engine.leader.pool.nbytes, (0, model.num_heads), rank=0, world_size=1, timeout_s=5,
+                        secret=SECRET.encode())
         try:
             r = RemotePrefill.from_params(params)
             with pytest.raises(PullError, match="incompatible") as e:
@@ -400,6 +432,43 @@ def test_incompatible_prefill_is_refused(rng: np.random.Generator, mismatch: str
         assert_clean(engine)
     finally:
         close(engine)
+        prefill.close()
+
+
+@pytest.mark.parametrize("secret", [None, b"another secret, of 32 characters"])
+def test_a_hello_not_signed_under_the_secret_gets_no_metadata(rng: np.random.Generator, secret: bytes | None) -> None:
+    """The NIXL metadata (what it takes to read the prefill engine's host pool) goes to holders of the secret only."""
+    from dynkv.disagg.wire import hello_auth
+
+    model = Model()
+    prefill = PrefillProcess(model)
+    pool = HostPool.create(1 << 20, pin=False)
+    local = Handshake.describe(engine_id="d", fingerprint=model.fingerprint(), geometry=model.geometry(),
+                               page_stride=4096, num_pages=4, pool_addr=pool.ptr)
+    try:
+        tokens = prompt(rng, model, 2)
+        r = RemotePrefill.from_params(prefill.prefill("a", tokens))
+        spec = PullSpec(r.engine_id, r.host, r.port, r.instance, r.transfer, (0, 1), r.slots)
+        for key in (secret, SECRET.encode()):
+            puller = Puller(local, pool.nbytes, (0, model.num_heads), rank=0, world_size=1, timeout_s=10,
+                            secret=key)
+            try:
+                if key is secret:
+                    with pytest.raises(PullError, match="hello refused"):
+                        puller.pull(spec)
+                else:  # the same export, pulled under the deployment's secret
+                    assert puller.pull(spec) == 2 * model.geometry().page_bytes
+            finally:
+                puller.close()
+        client = SideChannelClient(r.host, r.port)
+        try:
+            t = int(time.time()) - 3600  # a signed hello from an hour ago (replayed)
+            with pytest.raises(ConnectionError, match="hello refused"):
+                client.call({"op": "hello", "t": t, "auth": hello_auth(SECRET.encode(), t)}, time.monotonic() + 10)
+        finally:
+            client.close()
+    finally:
+        pool.close()
         prefill.close()
 
 
@@ -497,10 +566,23 @@ def test_decode_ranks_prepare_pulls_before_the_first_one(rng: np.random.Generato
 
 _LISTENING = textwrap.dedent("""
     import json, os, sys
+    from dynkv.config import DynKVConfig
     from dynkv.memory import HostPool
-    from dynkv.disagg.nixl import Agent
+    from dynkv.disagg.nixl import Agent, ucx_devices
     pool = HostPool.create(1 << 20, pin=False)
-    agent = Agent("t-listen", pool.ptr, pool.nbytes, loopback_only=sys.argv[1] == "1")
+    if sys.argv[1] == "decode":  # a decode rank's agent, as dynkv.worker.pull starts it with the default config
+        from dynkv.disagg.puller import Puller
+        from dynkv.disagg.wire import Handshake
+        from harness import Model
+        cfg = DynKVConfig.from_dict({}, env={})
+        devices, force = ucx_devices(cfg.side_channel_host, cfg.ucx_net_devices)
+        m = Model()
+        local = Handshake.describe(engine_id="d", fingerprint=m.fingerprint(), geometry=m.geometry(),
+                                   page_stride=4096, num_pages=4, pool_addr=pool.ptr)
+        agent = Puller(local, pool.nbytes, (0, m.num_heads), rank=0, world_size=1, timeout_s=1,
+                       net_devices=devices, force_devices=force)
+    else:
+        agent = Agent("t-listen", pool.ptr, pool.nbytes, net_devices="lo" if sys.argv[1] == "1" else None)
     mine = set()
     for fd in os.listdir("/proc/self/fd"):
         try:
@@ -515,24 +597,39 @@ _LISTENING = textwrap.dedent("""
             f = line.split()
             if f[3] == "0A" and f[9] in mine:  # LISTEN
                 out.append(f[1].split(":")[0])
-    print(json.dumps(out))
+    print(json.dumps(out), flush=True)
+    os._exit(0)  # a process with a NIXL agent may crash in the interpreter's teardown; the answer is out
 """)
 
 
-def _listening(loopback_only: bool) -> list[str]:
+def _listening(mode: str) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k != "UCX_NET_DEVICES"}
-    out = subprocess.run([sys.executable, "-c", _LISTENING, "1" if loopback_only else "0"], env=env,
-                         capture_output=True, text=True, timeout=120)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "support"),
+                                         env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", _LISTENING, mode], env=env, capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+_LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1 as /proc/net writes them
+
+
 def test_a_prefill_agent_on_a_loopback_side_channel_listens_on_loopback_only() -> None:
-    """/proc/net/tcp of a process with one NIXL agent: with loopback_only every listening socket is 127.0.0.1."""
+    """/proc/net/tcp of a process with one NIXL agent: on device ``lo`` every listening socket is 127.0.0.1."""
     from dynkv.disagg.nixl import is_loopback
 
-    loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1 as /proc/net writes them
-    kept = _listening(True)
-    assert kept and set(kept) <= loopback, kept
+    kept = _listening("1")
+    assert kept and set(kept) <= _LOOPBACK, kept
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.7") and not is_loopback("host.example")
+
+
+def test_a_decode_agent_with_the_default_config_listens_on_loopback_only() -> None:
+    """The same for a decode rank's puller: its UCX worker listens too, on loopback unless configured."""
+    unrestricted = _listening("0")
+    print("listening without UCX_NET_DEVICES:", unrestricted)
+    if not set(unrestricted) - _LOOPBACK:
+        pytest.skip("UCX finds no interface but loopback on this host: nothing to restrict")
+    kept = _listening("decode")
+    assert kept and set(kept) <= _LOOPBACK, kept

@@ -50,7 +50,8 @@ def test_1p1d_roles_ports_and_side_channel() -> None:
     assert pre["argv"][-2:] == ["--max-num-seqs", "8"] and pre["argv"][0].endswith("agg.sh")
     assert "CUDA_VISIBLE_DEVICES" not in pre  # no GPU: vLLM's CPU build
     assert p["proxy"]["argv"][-8:] == ["--prefill", "http://127.0.0.1:9100", "--decode", "http://127.0.0.1:9200",
-                                       "--host", "0.0.0.0", "--port", "9000"]
+                                       "--host", "127.0.0.1", "--port", "9000"]
+    assert p["proxy"]["argv"][:3] == ["-u", "DYNKV_TRANSFER_SECRET", "python3"]  # the proxy never holds the secret
 
 
 def test_2p2d_takes_tp2_with_eight_gpus_and_hands_out_distinct_ones() -> None:
@@ -85,3 +86,11 @@ def test_nixl_connector_deployment_for_comparisons(port: str) -> None:
     assert [c["kv_connector"] for c in cfgs] == ["NixlConnector"] * 2
     assert [c["kv_role"] for c in cfgs] == ["kv_producer", "kv_consumer"] and cfgs[0]["kv_buffer_device"] == "cpu"
     assert [p[e]["VLLM_NIXL_SIDE_CHANNEL_PORT"] for e in ("prefill0", "decode0")] == ["5600", "5601"]
+
+
+def test_the_transfer_secret_is_never_on_a_command_line() -> None:
+    secret = "f00d" * 16
+    out = subprocess.run([str(WORKER / "disagg_1p1d.sh")], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "DRY_RUN": "1", "NUM_GPUS": "0", "DYNKV_TRANSFER_SECRET": secret})
+    assert out.returncode == 0 and "prefill0" in out.stdout, out.stderr
+    assert secret not in out.stdout + out.stderr

@@ -23,6 +23,9 @@ from dynkv.config import DynKVConfig
 from dynkv.disagg.params import ParamsError, RemotePrefill
 from dynkv.leader import Leader
 
+# The deployment's transfer_secret in these tests (a real one comes from secrets.token_hex).
+SECRET = "test-secret-" + "0123456789abcdef" * 2
+
 
 def _prefill_main(conn: Any, model: Model, cfg: dict[str, Any], tp: int, engine_id: str, version: str | None) -> None:
     import torch
@@ -84,6 +87,7 @@ class PrefillProcess:
     def __init__(self, model: Model, *, tp: int = 1, engine_id: str = "prefill", version: str | None = None,
                  **cfg: Any) -> None:
         cfg.setdefault("host_pages", 64)
+        cfg.setdefault("transfer_secret", SECRET)
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_prefill_main, args=(child, model, cfg, tp, engine_id, version), daemon=True)
@@ -140,7 +144,8 @@ def decode(engine: Engine, req_id: str, tokens: list[int], params: dict[str, Any
     """Serve a prompt on the decode engine as the connector does in vLLM, then check every block.
 
     Every full block may be loaded (vLLM then computes the last token
-    again); blocks whose load failed are recomputed by the "forward".
+    again); blocks whose load failed are recomputed by the "forward". The
+    params are verified under the decode engine's ``transfer_secret``.
     """
     leader, bs = engine.leader, engine.model.block_size
     keys = engine.keys(tokens)
@@ -150,7 +155,7 @@ def decode(engine: Engine, req_id: str, tokens: list[int], params: dict[str, Any
     try:
         remote = RemotePrefill.from_params(params)
         if remote is not None:
-            remote.check(engine.fingerprint, keys)
+            remote = remote.verify(engine.fingerprint, keys, _secret(engine))
             got = leader.match_remote(req_id, keys[:limit], local, remote)
             if got is None:
                 raise AssertionError("match_remote asked to wait: another request is pulling these pages")
@@ -178,3 +183,8 @@ def decode(engine: Engine, req_id: str, tokens: list[int], params: dict[str, Any
             out.mismatched += r.call("mismatches", redo)
     engine.finish(req_id, blocks)
     return out
+
+
+def _secret(engine: Engine) -> bytes | None:
+    secret = engine.leader.config.transfer_secret
+    return secret.encode() if secret else None
