@@ -10,10 +10,14 @@ the leader keeps two measured rates and one queue:
   over steps of at least :data:`MIN_STEP_TOKENS` tokens (decode-only steps say
   little about prefill; with vLLM's async scheduling two steps overlap and the
   rate reads low, which errs toward loading);
-- the disk tier's **read bandwidth**: bytes per second of *service* of each
-  completed disk load, its time counted from when the disk became free for it
-  (the later of its submission and the previous load's completion), so that
-  waiting in the queue is not mistaken for slow reads;
+- the disk tier's **read bandwidth**: bytes read per second of the time the
+  disk had reads outstanding, over windows of at least
+  :data:`MIN_WINDOW_S` of such busy time. The tier reads several loads at
+  once on its I/O threads, so a load's own time says nothing of the disk:
+  loads read side by side finish close together, and timing each from the
+  previous one's end read tens of GB/s off a 2 GB/s disk (seen on an H100
+  host under load, 2026-12-07). Time with nothing to read counts for nothing,
+  so waiting in the queue is not mistaken for slow reads either;
 - the disk **queue**: bytes of disk loads submitted and not yet complete.
 
 A request whose match has ``d`` disk pages would wait ``(queue + d * page) /
@@ -44,11 +48,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["LOAD_MARGIN", "MIN_STEP_TOKENS", "CostModel", "Decision"]
+__all__ = ["LOAD_MARGIN", "MIN_STEP_TOKENS", "MIN_WINDOW_S", "CostModel", "Decision"]
 
 MIN_STEP_TOKENS = 256  # a step that computes fewer tokens is not timed as prefill
 LOAD_MARGIN = 1.0  # load when the estimated wait is below recompute time x this
 _ALPHA = 0.2  # weight of the newest sample in the moving averages
+MIN_WINDOW_S = 0.02  # busy time of the disk behind one bandwidth sample
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,9 @@ class CostModel:
         self.queue_bytes = 0
         self._steps: deque[tuple[float, int]] = deque(maxlen=64)  # handed over, not yet back
         self._inflight: dict[int, _DiskJob] = {}  # in submission order: the disk serves them first in, first out
-        self._disk_free_at = 0.0  # when the disk finished its last load
+        self._busy_since: float | None = None  # since when reads are outstanding (None: none are)
+        self._window_bytes = 0  # read in the current bandwidth window
+        self._window_busy = 0.0  # busy seconds of the window before _busy_since
 
     @staticmethod
     def _average(old: float | None, sample: float) -> float:
@@ -111,7 +118,10 @@ class CostModel:
         (without them, :meth:`gives_up` never gives the load up)."""
         if nbytes <= 0:
             return
-        self._inflight[job] = _DiskJob(nbytes, nbytes, nbytes, tokens, page_bytes, self._clock())
+        now = self._clock()
+        if not self._inflight:
+            self._busy_since = now
+        self._inflight[job] = _DiskJob(nbytes, nbytes, nbytes, tokens, page_bytes, now)
         self.queue_bytes += nbytes
 
     def disk_read(self, job: int, nbytes: int, *, cancelled: bool = False) -> None:
@@ -124,6 +134,8 @@ class CostModel:
         self.queue_bytes -= nbytes
         if cancelled:  # bytes never read: not part of the service the bandwidth measures
             entry.nbytes -= nbytes
+        else:
+            self._served(nbytes, self._clock())
 
     def disk_done(self, job: int) -> None:
         """The load's last disk read completed now (failed reads included: the disk did the work)."""
@@ -132,10 +144,20 @@ class CostModel:
             return
         now = self._clock()
         self.queue_bytes -= entry.unread
-        began = max(entry.submitted, self._disk_free_at)
-        self._disk_free_at = now
-        if now > began and entry.nbytes > 0:
-            self.disk_bytes_per_s = self._average(self.disk_bytes_per_s, entry.nbytes / (now - began))
+        self._served(entry.unread, now)  # reads a caller did not report one by one
+        if not self._inflight and self._busy_since is not None:  # the disk goes idle: its busy time stops
+            self._window_busy += now - self._busy_since
+            self._busy_since = None
+
+    def _served(self, nbytes: int, now: float) -> None:
+        """``nbytes`` were read by ``now``: a bandwidth sample once the window holds enough busy time."""
+        self._window_bytes += nbytes
+        busy = self._window_busy + (now - self._busy_since if self._busy_since is not None else 0.0)
+        if busy >= MIN_WINDOW_S and self._window_bytes > 0:
+            self.disk_bytes_per_s = self._average(self.disk_bytes_per_s, self._window_bytes / busy)
+            self._window_bytes, self._window_busy = 0, 0.0
+            if self._busy_since is not None:
+                self._busy_since = now
 
     def gives_up(self, job: int) -> Decision | None:
         """Whether a load whose reads are under way should stop waiting for the rest (None: unknown job).

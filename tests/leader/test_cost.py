@@ -80,6 +80,39 @@ def test_disk_bandwidth_counts_service_not_queueing() -> None:
     assert c.queue_bytes == 0 and c.disk_bytes_per_s == pytest.approx(100 * MiB)
 
 
+def test_disk_bandwidth_of_loads_read_side_by_side_is_the_disk_s_not_each_load_s() -> None:
+    """Sixteen loads read at once on the I/O threads, pages done in turn at 1000 MiB/s in all: 1000 MiB/s.
+
+    Timed load by load from the previous one's end, the last fifteen loads
+    (which finish 2 ms apart) would read as 8000 MiB/s each.
+    """
+    clock = Clock()
+    c = model_with(clock)
+    loads, pages, page = 16, 8, 2 * MiB
+    for job in range(1, loads + 1):
+        c.disk_submitted(job, pages * page, tokens=pages * 16, page_bytes=page)
+    left = dict.fromkeys(range(1, loads + 1), pages)
+    for k in range(loads * pages):
+        clock.t += page / (1000 * MiB)
+        job = k % loads + 1
+        c.disk_read(job, page)
+        left[job] -= 1
+        if not left[job]:
+            c.disk_done(job)
+    assert c.queue_bytes == 0
+    assert c.disk_bytes_per_s == pytest.approx(1000 * MiB, rel=1e-6)
+    clock.t += 10  # idle: no time counts
+    c.disk_submitted(99, 10 * page)
+    for _ in range(10):
+        clock.t += page / (500 * MiB)
+        c.disk_read(99, page)
+    c.disk_done(99)
+    # Samples near 500 MiB/s (windows of 20 ms, the first with the last pages before the pause) pull the
+    # average below 1000; with the idle 10 s counted the first would be about 2 MiB/s, pulling it to 800.
+    after = c.disk_bytes_per_s / MiB
+    assert 810 < after < 990, after
+
+
 def test_decision_weighs_queue_plus_read_against_recompute() -> None:
     clock = Clock()
     c = model_with(clock)
@@ -179,12 +212,14 @@ def test_partly_read_loads_weigh_what_is_left() -> None:
     clock.t += 0.5
     c.disk_read(1, 6 * MiB)
     d = c.gives_up(1)
-    assert d is not None and d.load and d.disk_pages == 4 and d.load_s == pytest.approx(0.4)
+    # The 6 MiB read in 0.5 s is a bandwidth sample: 0.8 x 10 + 0.2 x 12 = 10.4 MiB/s.
+    assert d is not None and d.load and d.disk_pages == 4 and d.load_s == pytest.approx(4 / 10.4)
     assert d.recompute_s == pytest.approx(0.4) and c.queue_bytes == 4 * MiB
     clock.t += 0.25
     c.disk_read(1, 4 * MiB)
     c.disk_done(1)
-    assert c.queue_bytes == 0 and c.disk_bytes_per_s == pytest.approx(0.8 * 10 * MiB + 0.2 * 10 * MiB / 0.75)
+    # Two samples, one per read: 6 MiB in 0.5 s, then 4 MiB in 0.25 s.
+    assert c.queue_bytes == 0 and c.disk_bytes_per_s == pytest.approx(0.8 * (0.8 * 10 + 0.2 * 12) * MiB + 0.2 * 16 * MiB)
     c.disk_submitted(3, 4 * MiB)  # no tokens given: never given up
     assert c.gives_up(3) == Decision(True, 0)
     c.prefill_tokens_per_s = None
