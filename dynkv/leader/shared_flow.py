@@ -133,7 +133,7 @@ class SharedFlow:
         want = self.config.shared_admit_min_hits
         batch = []
         for key in keys:
-            if key in self._held:
+            if key in self._held and not computed:  # computed: the store lost it since (evicted, or restarted)
                 continue
             if want > 1 and self.index.frequency.estimate(key) < want:
                 self.metrics.refused.labels(SHARED, "filter").inc()
