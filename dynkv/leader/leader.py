@@ -541,7 +541,7 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
             self.index.commit(HOST, op.keys)
             self.metrics.pages.labels("d2h").inc(len(op.keys))
             self._spill(op.keys)
-            self._share(op.keys)
+            self._share(op.keys, computed=True)
         req = self._reqs.get(op.req_id)
         if req is not None:
             req.stores.discard(op.job)

@@ -119,8 +119,12 @@ class SharedFlow:
             fut.add_done_callback(
                 lambda f, i=i, key=key, h=h: self._io.put(("shared_read", load, i, key, h, f, started)))
 
-    def _share(self, keys: Sequence[bytes]) -> None:
-        """Write committed host pages behind to the shared tier, as admission and back-pressure allow."""
+    def _share(self, keys: Sequence[bytes], *, computed: bool = False) -> None:
+        """Write committed host pages behind to the shared tier, as admission and back-pressure allow.
+
+        ``computed``: pages this engine just computed, which its lookup did
+        not find in the store: sent without asking the store first.
+        """
         if self.shared is None or not keys:
             return
         if not self.shared.up:
@@ -129,7 +133,7 @@ class SharedFlow:
         want = self.config.shared_admit_min_hits
         batch = []
         for key in keys:
-            if key in self._held:
+            if key in self._held and not computed:  # computed: the store lost it since (evicted, or restarted)
                 continue
             if want > 1 and self.index.frequency.estimate(key) < want:
                 self.metrics.refused.labels(SHARED, "filter").inc()
@@ -145,7 +149,7 @@ class SharedFlow:
             self._held[key] = None  # a second store of the page meanwhile is not written twice
             batch.append((key, self._host_page(host_slot)))
         started = time.perf_counter()
-        for (key, _), fut in zip(batch, self.shared.write_many(batch)):
+        for (key, _), fut in zip(batch, self.shared.write_many(batch, check=not computed)):
             fut.add_done_callback(lambda f, key=key: self._io.put(("shared_write", key, f, started)))
         self._trim_held()
 

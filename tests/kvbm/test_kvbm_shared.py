@@ -106,6 +106,20 @@ def test_engines_share_pages_through_mooncake(mooncake_master, rng: np.random.Ge
             leader.close()
 
 
+def test_pages_the_store_lost_are_written_again_when_recomputed(engines, redis_server: RedisServer,
+                                                                rng: np.random.Generator) -> None:
+    (a, ea), _ = engines
+    prompts = prompts_for(rng, 2)
+    serve_all(ea, prompts, "a")
+    raw = redis.Redis(port=redis_server.ports[0])
+    assert raw.dbsize() == 2 * BLOCKS
+    raw.flushall()  # the store evicted everything (or restarted empty)
+    a.reset()  # and the engine's own tiers no longer hold the pages: it recomputes them
+    outs = serve_all(ea, prompts, "again")
+    assert all(o.loaded == 0 for o in outs)
+    assert raw.dbsize() == 2 * BLOCKS
+
+
 def test_pages_stored_at_tp2_load_at_tp1(redis_server: RedisServer, rng: np.random.Generator) -> None:
     prompts = prompts_for(rng, 2)
     leader = leader_for(redis_server.url, "tp2", tp=2)

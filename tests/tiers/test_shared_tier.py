@@ -64,8 +64,14 @@ def test_pages_round_trip_and_lookups_count_the_stored_prefix(tier: SharedTier, 
     value = raw.get(store_key("t", FP, keys[0]))
     assert len(value) == HEADER_BYTES + PAGE and value[HEADER_BYTES:] == data[0].tobytes()
     assert sorted(raw.keys("t:*")) == sorted(store_key("t", FP, k).encode() for k in keys[:11])
-    # A page already held is not sent again (another engine wrote it, say).
-    assert write(tier, keys[:2], data[:2]) == [True, True]
+    # Asked first, a page already held is not sent again (another engine wrote it, say).
+    bad = data[:2] ^ 1
+    assert write(tier, keys[:2], bad) == [True, True]
+    assert np.array_equal(read(tier, keys[:2])[0], data[:2])
+    # Unasked, it is replaced.
+    futs = tier.write_many([(k, memoryview(row)) for k, row in zip(keys[:2], bad)], check=False)
+    assert [f.result(timeout=30) for f in futs] == [True, True]
+    assert np.array_equal(read(tier, keys[:2])[0], bad)
 
 
 def test_a_cluster_spreads_pages_over_its_nodes(redis_cluster: RedisServer, rng: np.random.Generator) -> None:

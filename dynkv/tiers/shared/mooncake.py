@@ -14,13 +14,13 @@ pool) through ``batch_put_from_multi_buffers`` and comes back the same way
 through ``batch_get_into_multi_buffers``; parts outside registered memory
 (the headers) go through a registered scratch buffer.
 
-The client library has no per-call timeout, and its calls keep Python's GIL:
-against a dead master a call returns -900 after about 4 s (the whole process
-waits; the tier is down after the first), and ``setup`` blocks for about 90 s.
-So setup starts only once the master accepts a TCP connection within
-``timeout_s``, and runs on its own thread, given up after ``timeout_s`` (one at
-a time); a -900 marks the store down. Pages stored in an engine's segment go
-when that engine exits.
+The client library has no per-call timeout. Against a dead master a batch
+call returns -900 after about 4 s (with Python's GIL released: the lookup's
+wait is bounded by the tier, and the -900 marks the store down), and
+``setup`` blocks for about 90 s holding the GIL, which would stop the whole
+process. So setup starts only once the master accepts a TCP connection within
+``timeout_s``, on its own thread, given up after ``timeout_s`` (one at a
+time). Pages stored in an engine's segment go when that engine exits.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class MooncakeBackend:
             raise ValueError(f"{self.url}: segment_mb and buffer_mb take whole MiB") from None
         master = parts.netloc.rsplit("@", 1)[-1]
         host, _, port = master.rpartition(":")
-        try:  # a dead master would hold the setup call (and the GIL) for about 90 s
+        try:  # against a dead master the setup call would hold the GIL for about 90 s
             socket.create_connection((host, int(port)), timeout=timeout_s).close()
         except OSError as e:
             raise StoreUnavailable(f"mooncake store {self.url}: master unreachable ({e.strerror or e})") from None

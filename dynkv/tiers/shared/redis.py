@@ -122,17 +122,6 @@ class RedisBackend:
         except _DOWN:
             pass
 
-    def flush(self, pattern: str) -> int:
-        """Delete every key matching ``pattern`` (tests and the bench clean up their namespace); how many went."""
-        n = 0
-        clients = [self._client] if not isinstance(self._client, RedisCluster) else [
-            self._client.get_redis_connection(node) for node in self._client.get_primaries()]
-        for c in clients:
-            batch = list(c.scan_iter(match=pattern, count=1000))
-            if batch:
-                n += sum(c.unlink(k) for k in batch)
-        return n
-
     @property
     def client(self) -> redis.Redis | RedisCluster:
         """The ``redis`` client (the bench measures the store's own pipelined SET/GET through it)."""

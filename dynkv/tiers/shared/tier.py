@@ -315,13 +315,19 @@ class SharedTier:
                          futs[start : start + self.batch_pages])
         return futs
 
-    def write_many(self, writes: Sequence[tuple[bytes, memoryview]]) -> list[Future[bool]]:
-        """Write pages ``(key, source)`` the store does not hold yet; each future: True when the store
-        holds the page afterwards (written now or by another engine), False where it refused it (full)."""
+    def write_many(self, writes: Sequence[tuple[bytes, memoryview]], *, check: bool = True) -> list[Future[bool]]:
+        """Write pages ``(key, source)``; each future: True when the store holds the page afterwards,
+        False where it refused it (full).
+
+        ``check``: ask the store first and send only the pages it lacks (one
+        more round trip per batch; spares the bytes of pages another engine
+        wrote). Without, every page is sent; one already there is replaced
+        (Redis) or kept (Mooncake Store), the same bytes either way.
+        """
         futs: list[Future[bool]] = [Future() for _ in writes]
+        fn = self._write_batch if check else self._put_batch
         for start in range(0, len(writes), self.batch_pages):
-            self._submit(self._write_batch, list(writes[start : start + self.batch_pages]),
-                         futs[start : start + self.batch_pages])
+            self._submit(fn, list(writes[start : start + self.batch_pages]), futs[start : start + self.batch_pages])
         return futs
 
     def _submit(self, fn: Callable, items: list, futs: list[Future]) -> None:
@@ -374,11 +380,14 @@ class SharedTier:
         for i, h in enumerate(held):
             if h:
                 futs[i].set_result(True)
-        if not todo:
-            return
-        parts = [[memoryview(pack_header(writes[i][0], self.fingerprint, writes[i][1])), writes[i][1]] for i in todo]
-        ok = self._call(lambda b: b.put([skeys[i] for i in todo], parts))
-        for i, good in zip(todo, ok):
+        if todo:
+            self._put_batch([writes[i] for i in todo], [futs[i] for i in todo])
+
+    def _put_batch(self, writes: list[tuple[bytes, memoryview]], futs: list[Future[bool]]) -> None:
+        skeys = [self._skey(k) for k, _ in writes]
+        parts = [[memoryview(pack_header(key, self.fingerprint, src)), src] for key, src in writes]
+        ok = self._call(lambda b: b.put(skeys, parts))
+        for i, good in enumerate(ok):
             futs[i].set_result(bool(good))
 
     def close(self) -> None:
