@@ -25,7 +25,7 @@ implemented and simply not called by the others. Where the worker -> scheduler
 metadata channel is missing, worker reports ride in the connector stats
 (:class:`DynKVStats`), which vLLM also carries from workers to the scheduler.
 
-The class is kept whole (about 520 lines): it is vLLM's connector interface,
+The class is kept whole (about 550 lines): it is vLLM's connector interface,
 one method per hook, each a few lines of translation; splitting it would scatter
 one interface over several files. Geometry, stats and events already live in
 :mod:`.engine`, :mod:`.stats` and :mod:`.events`.
@@ -178,7 +178,9 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         self.load_last_block = self.config.load_last_block
         spec = getattr(vllm_config, "speculative_config", None)
         self._decode_query_len = 1 + (getattr(spec, "num_speculative_tokens", None) or 0)
-        self._events = KVEvents(vllm_config, self.block_size)
+        disk_dir = self.config.disk_paths[0] if self.config.disk_gb and self.config.disk_paths else None
+        self._events = KVEvents(vllm_config, self.block_size, log_dir=disk_dir,
+                                fingerprint=self.fingerprint.digest() if role == KVConnectorRole.SCHEDULER else None)
         if role == KVConnectorRole.SCHEDULER:
             from dynkv.leader import Leader
 
@@ -344,7 +346,8 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
                 keys = self._keys(st, full)
                 stores.append((req_id, keys[st.stored : full], st.block_ids[st.stored : full]))
                 if self._events.on:
-                    self._events.remember(st.keys, req.all_token_ids, req.lora_request, st.stored, full)
+                    self._events.remember(st.keys, req.block_hashes, req.all_token_ids, req.lora_request,
+                                          st.stored, full)
                 st.stored = full
         if stores:
             self.leader.store_many(stores)
@@ -445,6 +448,7 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         if self.leader is not None:
             self.leader.close()
             self.leader = None
+        self._events.close()
 
     # -- internals -------------------------------------------------------------
 
