@@ -179,6 +179,7 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         spec = getattr(vllm_config, "speculative_config", None)
         self._decode_query_len = 1 + (getattr(spec, "num_speculative_tokens", None) or 0)
         disk_dir = self.config.disk_paths[0] if self.config.disk_gb and self.config.disk_paths else None
+        self._unpublished: list[Any] = []  # tier events taken early (see has_pending_push_work)
         self._events = KVEvents(vllm_config, self.block_size, log_dir=disk_dir,
                                 fingerprint=self.fingerprint.digest() if role == KVConnectorRole.SCHEDULER else None)
         if role == KVConnectorRole.SCHEDULER:
@@ -395,13 +396,20 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
 
     def has_pending_push_work(self) -> bool:
         # Keeps the engine stepping until copies in flight are reported and
-        # delayed frees released, even with no request left to run.
-        return self.leader is not None and not self.leader.idle()
+        # delayed frees released, even with no request left to run; and until
+        # tier events are published (vLLM publishes only from a step): the
+        # pages found on disk at start are announced by an idle engine too.
+        if self.leader is None:
+            return False
+        if self._events.on:
+            self._unpublished += self.leader.take_events()
+        return not self.leader.idle() or bool(self._unpublished)
 
     def take_events(self) -> Iterable[Any]:
         if self.leader is None:
             return ()
-        return self._events.convert(self.leader.take_events())  # drained even when nobody listens
+        events, self._unpublished = self._unpublished + self.leader.take_events(), []
+        return self._events.convert(events)  # drained even when nobody listens
 
     def reset_cache(self) -> bool | None:
         self.leader.reset()
