@@ -16,7 +16,9 @@ picks an engine for a request:
   once the first is busier than the prefix is worth; the second then caches
   it too.
 
-Ties go to the engine with fewer requests in flight, then in turn. Engines
+Ties go to the engine with fewer requests in flight, then to the one that
+was sent fewer requests so far (so new conversations, which match nowhere,
+balance the engines' shares even when requests rarely overlap), then in turn. Engines
 that failed are out of rotation until ``retry_at``; each failure in a row
 doubles the wait (up to ``backoff_max_s``). Nothing here does I/O or reads a
 clock of its own: the server passes ``now``, so the tests drive time.
@@ -122,6 +124,7 @@ class EngineState:
     retry_at: float = 0.0
     in_flight: int = 0
     in_flight_tokens: int = 0
+    routed: int = 0  # requests sent to it so far
     last_error: str = ""
     predict: bool = True  # False once its block hashes turned out not to be ours
 
@@ -201,6 +204,7 @@ class Router:
         st = self.engines[engine]
         st.in_flight += 1
         st.in_flight_tokens += prompt_tokens
+        st.routed += 1
 
     def end(self, engine: str, prompt_tokens: int) -> None:
         st = self.engines[engine]
@@ -227,15 +231,16 @@ class Router:
             return self._decide(min(cands, key=order.__getitem__), hashes, block_size)
         if self.policy == "least-loaded" or not hashes or not block_size:
             return self._decide(min(cands, key=lambda u: (self.engines[u].in_flight,
-                                                          self.engines[u].in_flight_tokens, order[u])),
+                                                          self.engines[u].in_flight_tokens,
+                                                          self.engines[u].routed, order[u])),
                                 hashes, block_size)
         matched = self.index.match(hashes, [u for u in cands if self.engines[u].predict])
         total = max(prompt_tokens, len(hashes) * block_size)
 
-        def cost(u: str) -> tuple[float, int, int]:
+        def cost(u: str) -> tuple[float, int, int, int]:
             st = self.engines[u]
             saved = sum(self.tier_weights.get(m, _OTHER_WEIGHT) for m in matched.get(u, ())) * block_size
-            return (total - saved + self.load_weight * st.in_flight_tokens, st.in_flight, order[u])
+            return (total - saved + self.load_weight * st.in_flight_tokens, st.in_flight, st.routed, order[u])
 
         best = min(cands, key=cost)
         return self._decision(best, matched.get(best, []), block_size)

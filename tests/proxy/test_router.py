@@ -101,6 +101,25 @@ def test_kv_spills_a_hot_prefix_once_its_engine_is_busier_than_the_prefix_is_wor
         r0.begin(A, len(tokens))
 
 
+def test_new_conversations_go_where_fewer_requests_went_when_nothing_overlaps() -> None:
+    """Requests one after the other (never two in flight): a new prompt goes to the engine sent fewer so far,
+    however the turns of the calls fall."""
+    r = Router([A, B], "kv")
+    convs = [hashes([c * 1000 + t for t in range(4 * BS)]) for c in range(8)]
+    where = {}
+    for rnd in range(4):
+        for c in range(rnd + 1):  # conversation c starts in round c, then comes back every round
+            d = r.choose(convs[c], block_size=BS, prompt_tokens=4 * BS)
+            where.setdefault(c, d.engine)
+            assert d.engine == where[c]
+            r.begin(d.engine, 4 * BS)
+            r.end(d.engine, 4 * BS)
+            r.index.stored(d.engine, "GPU", convs[c])
+    # Conversation 2 starts when A was sent 3 and B 2; conversation 3 when A was sent 4 and B 5.
+    assert where == {0: A, 1: B, 2: B, 3: A}
+    assert {e: r.engines[e].routed for e in (A, B)} == {A: 5, B: 5}
+
+
 def test_engines_whose_hashes_differ_get_no_prediction() -> None:
     h = hashes(list(range(4 * BS)))
     r = Router([A, B], "kv")
