@@ -347,8 +347,8 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
                 keys = self._keys(st, full)
                 stores.append((req_id, keys[st.stored : full], st.block_ids[st.stored : full]))
                 if self._events.on:
-                    self._events.remember(st.keys, req.block_hashes, req.all_token_ids, req.lora_request,
-                                          st.stored, full)
+                    self._events.remember(st.keys, getattr(req, "block_hashes", ()), req.all_token_ids,
+                                          req.lora_request, st.stored, full)
                 st.stored = full
         if stores:
             self.leader.store_many(stores)

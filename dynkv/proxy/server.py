@@ -70,7 +70,8 @@ class Proxy:
     def __init__(self, prefill: Sequence[str], decode: Sequence[str], *, timeout_s: float = 600.0) -> None:
         if not prefill or not decode:
             raise ValueError(f"proxy needs at least one prefill and one decode engine (got {len(prefill)} prefill, "
-                             f"{len(decode)} decode): pass --prefill URL and --decode URL, or --engine URL for aggregated engines")
+                             f"{len(decode)} decode): pass --prefill URL and --decode URL, or --engine URL for "
+                             "aggregated engines")
         for url in (*prefill, *decode):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"engine URL {url!r}: expected http://host:port")

@@ -27,7 +27,8 @@ def test_engines_publish_events_and_the_proxy_follows_them_and_remote_engines() 
         argv = shlex.split(lines[f"engine{i}"])
         assert f"PORT={8100 + i}" in argv and "PYTHONHASHSEED=7" in argv and argv[-2:] == ["--max-model-len", "4096"]
         cfg = json.loads(argv[argv.index("--kv-events-config") + 1])
-        assert cfg["endpoint"] == f"tcp://*:{6000 + 2 * i}" and cfg["replay_endpoint"] == f"tcp://127.0.0.1:{6001 + 2 * i}"
+        assert cfg["endpoint"] == f"tcp://*:{6000 + 2 * i}"
+        assert cfg["replay_endpoint"] == f"tcp://127.0.0.1:{6001 + 2 * i}"
         assert argv[argv.index("--prefix-caching-hash-algo") + 1] == "sha256"
     proxy = shlex.split(lines["proxy"])
     assert proxy[proxy.index("--policy") + 1] == "least-loaded" and proxy[proxy.index("--hash-seed") + 1] == "7"
