@@ -18,6 +18,11 @@ HTTP 502 (or, once streaming, a final ``error`` event) naming it. An engine
 out of rotation is probed again after a backoff that doubles per failure;
 when it answers, its KV events are replayed from the start.
 
+An engine that accepted a request is taken to hold the prompt's full blocks
+on its device at once (its events confirm them a step later, or remove them
+on eviction), so a conversation's next turn sent the moment an answer ends
+still finds its engine.
+
 Each answer carries ``x-dynkv-engine`` (where it ran) and
 ``x-dynkv-predicted-cached-tokens``. The proxy asks engines for usage in
 streams (``stream_options.include_usage``) to count the cached tokens they
@@ -228,7 +233,7 @@ class AggProxy:
         return next((f.block_size for f in self.feeds.values() if f.block_size), 0)
 
     async def _route(self, request: Any, body: dict[str, Any], headers: dict[str, str],
-                     tried: set[str]) -> tuple[Decision | None, int]:
+                     tried: set[str]) -> tuple[Decision | None, int, list[int] | None]:
         t0 = time.perf_counter()
         tokens = None
         predictable = not body.get("lora_request") and "multi_modal_data" not in body
@@ -246,7 +251,7 @@ class AggProxy:
                 hashes = None  # odd token ids: the engine will say what is wrong
         decision = self.router.choose(hashes, block_size=bs, prompt_tokens=len(tokens or ()), exclude=tried)
         self.metrics.route_seconds.observe(time.perf_counter() - t0)
-        return decision, len(tokens or ())
+        return decision, len(tokens or ()), hashes
 
     async def _generate(self, request: Any) -> Any:
         import aiohttp
@@ -260,14 +265,14 @@ class AggProxy:
         headers = {k: v for k, v in request.headers.items() if k.lower() in _PASS_HEADERS}
         tried: set[str] = set()
         while True:
-            decision, n_tokens = await self._route(request, body, headers, tried)
+            decision, n_tokens, hashes = await self._route(request, body, headers, tried)
             if decision is None:
                 down = {u: st.last_error for u, st in self.router.engines.items() if not st.up}
                 return _error(503, f"no engine in rotation (down: {down})", "engine_unavailable")
             url = decision.engine
             tried.add(url)
             self.router.begin(url, n_tokens)
-            task = asyncio.create_task(self._forward(request, url, body, headers, decision))
+            task = asyncio.create_task(self._forward(request, url, body, headers, decision, hashes))
             self._inflight[url].add(task)
             try:
                 return await asyncio.shield(task)
@@ -302,7 +307,7 @@ class AggProxy:
         return out
 
     async def _forward(self, request: Any, url: str, body: dict[str, Any], headers: dict[str, str],
-                       decision: Decision) -> Any:
+                       decision: Decision, hashes: list[int] | None) -> Any:
         from aiohttp import web
 
         m = self.metrics
@@ -319,6 +324,10 @@ class AggProxy:
                 out_body["stream_options"] = opts
         info = {"x-dynkv-engine": url, "x-dynkv-predicted-cached-tokens": str(decision.predicted_tokens)}
         async with self._session.post(url + request.path, json=out_body, headers=headers) as resp:
+            if resp.status == 200 and hashes:
+                # The engine computes the prompt now; its events say so only after the step that stored it, and a
+                # client's next turn may come sooner. Its device blocks are taken as held until they say otherwise.
+                self.router.index.stored(url, "GPU", hashes)
             if not stream or resp.status != 200:
                 data = await resp.read()
                 if resp.status == 200:

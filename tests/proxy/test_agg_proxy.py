@@ -131,13 +131,20 @@ def test_kv_routes_token_text_and_chat_prompts_to_their_prefix_and_counts_usage(
                           f"data: {json.dumps({'choices': [{'text': '1'}], 'usage': None})}", "data: [DONE]"]
         tok = [t for t in e0.tokenized + e1.tokenized if "messages" in t]
         assert tok == [{"messages": msgs, "add_generation_prompt": True}]
+        # An engine that took a prompt is taken to hold its blocks before its events say so: the next turn follows.
+        fresh = list(range(5000, 5010))
+        async with session.post(url + "/v1/completions", json={"prompt": fresh}) as r:
+            assert r.headers["x-dynkv-engine"] == e0.url  # held nowhere: e0 was sent fewer requests
+        async with session.post(url + "/v1/completions", json={"prompt": fresh + [1, 2, 3]}) as r:
+            assert r.headers["x-dynkv-engine"] == e0.url and r.headers["x-dynkv-predicted-cached-tokens"] == "8"
         async with session.get(url + "/metrics") as r:
             m = await r.text()
         assert metric(m, "dynkv_router_requests_total", e1.url) == 2
         assert metric(m, "dynkv_router_predicted_cached_tokens_total", e1.url) == 8 + 16
         assert metric(m, "dynkv_router_actual_cached_tokens_total", e1.url) == 16  # usage of both of e1's answers
-        assert metric(m, "dynkv_router_prompt_tokens_total", e0.url) == 10
-        assert "dynkv_router_route_seconds_count 3.0" in m
+        assert metric(m, "dynkv_router_predicted_cached_tokens_total", e0.url) == 12 + 8
+        assert metric(m, "dynkv_router_prompt_tokens_total", e0.url) == 30
+        assert "dynkv_router_route_seconds_count 5.0" in m
 
     asyncio.run(serve(2, scenario, policy="kv"))
 
