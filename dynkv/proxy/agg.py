@@ -18,8 +18,8 @@ HTTP 502 (or, once streaming, a final ``error`` event) naming it. An engine
 out of rotation is probed again after a backoff that doubles per failure;
 when it answers, its KV events are replayed from the start.
 
-An engine that accepted a request is taken to hold the prompt's full blocks
-on its device at once (its events confirm them a step later, or remove them
+An engine with KV events that accepted a request is taken to hold the
+prompt's full blocks on its device at once (its events confirm them a step later, or remove them
 on eviction), so a conversation's next turn sent the moment an answer ends
 still finds its engine.
 
@@ -324,7 +324,7 @@ class AggProxy:
                 out_body["stream_options"] = opts
         info = {"x-dynkv-engine": url, "x-dynkv-predicted-cached-tokens": str(decision.predicted_tokens)}
         async with self._session.post(url + request.path, json=out_body, headers=headers) as resp:
-            if resp.status == 200 and hashes:
+            if resp.status == 200 and hashes and url in self.feeds:
                 # The engine computes the prompt now; its events say so only after the step that stored it, and a
                 # client's next turn may come sooner. Its device blocks are taken as held until they say otherwise.
                 self.router.index.stored(url, "GPU", hashes)

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from dynkv.proxy.agg import AggProxy
 from dynkv.proxy.block_hash import block_hashes, normalize
+from dynkv.testing.server import free_port
 
 BS = 4
 
@@ -74,11 +75,13 @@ class FakeEngine:
         self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
 
 
-async def serve(n: int, scenario: Any, **kw: Any) -> Any:
+async def serve(n: int, scenario: Any, *, events: bool = False, **kw: Any) -> Any:
     engines = [FakeEngine(f"e{i}") for i in range(n)]
     for e in engines:
         await e.start()
-    proxy = AggProxy([e.url for e in engines], block_size=BS, health_interval_s=0.2, backoff_s=60.0,
+    # Event streams that stay silent (nothing listens there): the index is filled by hand.
+    feeds = {e.url: (f"tcp://127.0.0.1:{free_port()}", None) for e in engines} if events else None
+    proxy = AggProxy([e.url for e in engines], events=feeds, block_size=BS, health_interval_s=0.2, backoff_s=60.0,
                       backoff_max_s=60.0, **kw)
     runner = web.AppRunner(proxy.app())
     await runner.setup()
@@ -146,7 +149,7 @@ def test_kv_routes_token_text_and_chat_prompts_to_their_prefix_and_counts_usage(
         assert metric(m, "dynkv_router_prompt_tokens_total", e0.url) == 30
         assert "dynkv_router_route_seconds_count 5.0" in m
 
-    asyncio.run(serve(2, scenario, policy="kv"))
+    asyncio.run(serve(2, scenario, policy="kv", events=True))
 
 
 def test_an_engine_refusing_connections_leaves_rotation_and_the_request_goes_elsewhere() -> None:
