@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=demo.run_from_args)
     from dynkv.proxy import server as proxy
 
-    x = sub.add_parser("proxy", help="OpenAI-compatible proxy over prefill and decode engines (disaggregated)",
-                       description=proxy.DESCRIPTION)
+    x = sub.add_parser("proxy", help="OpenAI-compatible proxy over prefill and decode engines, or routing over "
+                       "N aggregated engines", description=proxy.DESCRIPTION)
     proxy.add_arguments(x)
     x.set_defaults(func=proxy.run_from_args)
     return p

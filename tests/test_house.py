@@ -17,8 +17,10 @@ PKG = Path(__file__).resolve().parents[1] / "dynkv"
 # Who may import the extension, vLLM, and each client library.
 C_IMPORTERS = {"dynkv.env", "dynkv.layout", "dynkv.memory", "dynkv.ops", "dynkv.tiers.disk"}
 VLLM_HOMES = ("dynkv.connector", "dynkv.plugin")
-CLIENT_HOMES = {"nixl": {"dynkv.disagg.nixl"}, "zmq": {"dynkv.disagg.wire"}, "redis": {"dynkv.tiers.shared.redis"},
-                "mooncake": {"dynkv.tiers.shared.mooncake"}}
+# ZMQ has two homes, one per side: the engines' P/D side channel, and the router's KV-events subscriber
+# (the only proxy module that opens sockets other than HTTP ones).
+CLIENT_HOMES = {"nixl": {"dynkv.disagg.nixl"}, "zmq": {"dynkv.disagg.wire", "dynkv.proxy.events"},
+                "redis": {"dynkv.tiers.shared.redis"}, "mooncake": {"dynkv.tiers.shared.mooncake"}}
 TOOLING = ("dynkv.benchmarks", "dynkv.testing")
 MAX_LINES = 500
 

@@ -27,7 +27,7 @@ implemented and simply not called by the others. Where the worker -> scheduler
 metadata channel is missing, worker reports ride in the connector stats
 (:class:`DynKVStats`), which vLLM also carries from workers to the scheduler.
 
-The class is kept whole (about 520 lines): it is vLLM's connector interface,
+The class is kept whole (about 550 lines): it is vLLM's connector interface,
 one method per hook, each a few lines of translation; splitting it would scatter
 one interface over several files. Geometry, stats and events already live in
 :mod:`.engine`, :mod:`.stats` and :mod:`.events`.
@@ -180,7 +180,10 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         self.load_last_block = self.config.load_last_block
         spec = getattr(vllm_config, "speculative_config", None)
         self._decode_query_len = 1 + (getattr(spec, "num_speculative_tokens", None) or 0)
-        self._events = KVEvents(vllm_config, self.block_size)
+        disk_dir = self.config.disk_paths[0] if self.config.disk_gb and self.config.disk_paths else None
+        self._unpublished: list[Any] = []  # tier events taken early (see has_pending_push_work)
+        self._events = KVEvents(vllm_config, self.block_size, log_dir=disk_dir,
+                                fingerprint=self.fingerprint.digest() if role == KVConnectorRole.SCHEDULER else None)
         if role == KVConnectorRole.SCHEDULER:
             from dynkv.leader import Leader
 
@@ -352,7 +355,8 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
                 keys = self._keys(st, full)
                 stores.append((req_id, keys[st.stored : full], st.block_ids[st.stored : full]))
                 if self._events.on:
-                    self._events.remember(st.keys, req.all_token_ids, req.lora_request, st.stored, full)
+                    self._events.remember(st.keys, getattr(req, "block_hashes", ()), req.all_token_ids,
+                                          req.lora_request, st.stored, full)
                 st.stored = full
         if stores:
             self.leader.store_many(stores)
@@ -400,13 +404,20 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
 
     def has_pending_push_work(self) -> bool:
         # Keeps the engine stepping until copies in flight are reported and
-        # delayed frees released, even with no request left to run.
-        return self.leader is not None and not self.leader.idle()
+        # delayed frees released, even with no request left to run; and until
+        # tier events are published (vLLM publishes only from a step): the
+        # pages found on disk at start are announced by an idle engine too.
+        if self.leader is None:
+            return False
+        if self._events.on:
+            self._unpublished += self.leader.take_events()
+        return not self.leader.idle() or bool(self._unpublished)
 
     def take_events(self) -> Iterable[Any]:
         if self.leader is None:
             return ()
-        return self._events.convert(self.leader.take_events())  # drained even when nobody listens
+        events, self._unpublished = self._unpublished + self.leader.take_events(), []
+        return self._events.convert(events)  # drained even when nobody listens
 
     def reset_cache(self) -> bool | None:
         self.leader.reset()
@@ -453,6 +464,7 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         if self.leader is not None:
             self.leader.close()
             self.leader = None
+        self._events.close()
 
     # -- internals -------------------------------------------------------------
 

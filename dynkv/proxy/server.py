@@ -1,5 +1,8 @@
 """``dynkv proxy``: one OpenAI-compatible endpoint in front of prefill and decode engines.
 
+(With ``--engine URL`` instead, it fronts N aggregated engines and routes
+each request whole to one of them: :mod:`dynkv.proxy.agg`.)
+
 Each ``/v1/completions`` or ``/v1/chat/completions`` request goes first to a
 prefill engine (``kv_role`` ``kv_producer``) as a one-token, non-streaming
 request that asks for a remote decode; the ``kv_transfer_params`` in its
@@ -24,14 +27,18 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from dynkv.proxy.block_hash import HASH_ALGOS
+from dynkv.proxy.router import POLICIES
+
 __all__ = ["DESCRIPTION", "Proxy", "prefill_body"]
 
 log = logging.getLogger("dynkv.proxy")
 
 DESCRIPTION = (
-    "OpenAI-compatible proxy for disaggregated serving: each request is prefilled on a prefill engine "
+    "OpenAI-compatible proxy. Disaggregated (--prefill/--decode): each request is prefilled on a prefill engine "
     "(max_tokens=1), then decoded on a decode engine with the returned kv_transfer_params; round robin over "
-    "several of each; streams the decode engine's answer."
+    "several of each. Aggregated (--engine, repeated): each request goes to one engine by --policy (kv: the "
+    "longest cached prefix, from the engines' KV events, against load)."
 )
 _ROUTES = ("/v1/completions", "/v1/chat/completions")
 # Request headers passed on to the engines (the rest describe the client's connection, not the request).
@@ -63,7 +70,8 @@ class Proxy:
     def __init__(self, prefill: Sequence[str], decode: Sequence[str], *, timeout_s: float = 600.0) -> None:
         if not prefill or not decode:
             raise ValueError(f"proxy needs at least one prefill and one decode engine (got {len(prefill)} prefill, "
-                             f"{len(decode)} decode): pass --prefill URL and --decode URL")
+                             f"{len(decode)} decode): pass --prefill URL and --decode URL, or --engine URL for "
+                             "aggregated engines")
         for url in (*prefill, *decode):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"engine URL {url!r}: expected http://host:port")
@@ -182,13 +190,43 @@ class Proxy:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``dynkv proxy``."""
-    p.add_argument("--prefill", action="append", required=True, metavar="URL",
+    p.add_argument("--prefill", action="append", metavar="URL",
                    help="prefill engine (kv_producer), e.g. http://127.0.0.1:8100; repeat for several")
-    p.add_argument("--decode", action="append", required=True, metavar="URL",
+    p.add_argument("--decode", action="append", metavar="URL",
                    help="decode engine (kv_consumer), e.g. http://127.0.0.1:8200; repeat for several")
+    p.add_argument("--engine", action="append", metavar="URL",
+                   help="aggregated engine, e.g. http://127.0.0.1:8100; repeat for several (instead of "
+                        "--prefill/--decode): each request goes whole to one engine, picked by --policy")
+    p.add_argument("--policy", default="kv", choices=POLICIES,
+                   help="aggregated routing: kv (longest cached prefix by tier, against load), round-robin, "
+                        "least-loaded")
+    p.add_argument("--kv-events", action="append", metavar="ENDPOINT",
+                   help="KV events publisher of each --engine, in the same order (vLLM's kv-events-config "
+                        "endpoint as seen from here, e.g. tcp://127.0.0.1:5557)")
+    p.add_argument("--kv-replay", action="append", metavar="ENDPOINT",
+                   help="replay socket of each --engine's KV events, in the same order (its replay_endpoint, "
+                        "e.g. tcp://127.0.0.1:5558); lets the proxy start late and recover lost batches")
+    p.add_argument("--kv-topic", default="", help="the engines' KV events topic")
+    p.add_argument("--hash-algo", default="sha256", choices=HASH_ALGOS,
+                   help="the engines' --prefix-caching-hash-algo")
+    p.add_argument("--hash-seed", default=None,
+                   help="the engines' PYTHONHASHSEED, if set (required with the xxhash algorithms)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="the engines' block size (default: learned from their KV events)")
+    p.add_argument("--load-weight", type=float, default=1.0,
+                   help="kv routing: cost of one prompt token in flight on an engine against one to compute")
+    p.add_argument("--health-interval", type=float, default=2.0, help="seconds between engine health probes")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request to one engine")
+
+
+def _events(args: argparse.Namespace) -> dict[str, tuple[str, str | None]]:
+    pubs, replays, engines = args.kv_events or [], args.kv_replay or [], args.engine
+    if pubs and len(pubs) != len(engines) or replays and len(replays) != len(pubs):
+        raise ValueError(f"{len(engines)} --engine, {len(pubs)} --kv-events, {len(replays)} --kv-replay: give "
+                         "one --kv-events (and one --kv-replay, if any) per --engine, in the same order")
+    return {e: (pub, replays[i] if replays else None) for i, (e, pub) in enumerate(zip(engines, pubs))}
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -196,7 +234,19 @@ def run_from_args(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    proxy = Proxy(args.prefill, args.decode, timeout_s=args.timeout)
+    if args.engine and (args.prefill or args.decode):
+        raise ValueError("--engine (aggregated) and --prefill/--decode (disaggregated) do not mix: use one kind")
+    if args.engine:
+        from dynkv.proxy.agg import AggProxy
+
+        agg = AggProxy(args.engine, policy=args.policy, events=_events(args), hash_algo=args.hash_algo,
+                       hash_seed=args.hash_seed, block_size=args.block_size, load_weight=args.load_weight,
+                       timeout_s=args.timeout, health_interval_s=args.health_interval, topic=args.kv_topic)
+        log.info("dynkv proxy on %s:%d: %s over %s", args.host, args.port, args.policy,
+                 ", ".join(agg.router.engines))
+        web.run_app(agg.app(), host=args.host, port=args.port, print=None)
+        return 0
+    proxy = Proxy(args.prefill or [], args.decode or [], timeout_s=args.timeout)
     log.info("dynkv proxy on %s:%d: prefill %s; decode %s", args.host, args.port, ", ".join(proxy.prefill),
              ", ".join(proxy.decode))
     web.run_app(proxy.app(), host=args.host, port=args.port, print=None)
@@ -207,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m dynkv.proxy [options]``: the same as ``dynkv proxy``."""
     p = argparse.ArgumentParser(prog="dynkv proxy", description=DESCRIPTION)
     add_arguments(p)
-    return run_from_args(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        return run_from_args(args)
+    except ValueError as e:
+        p.error(str(e))
 
 
 if __name__ == "__main__":

@@ -450,26 +450,78 @@ def test_plugin_registers_the_name_once() -> None:
 
 
 
-def test_kv_events_carry_parent_tokens_and_medium() -> None:
+def test_kv_events_carry_vllm_hashes_tokens_and_medium_one_event_per_chained_run(tmp_path) -> None:
     from vllm.distributed.kv_events import BlockRemoved, BlockStored
+    from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash as ext
 
     from dynkv.connector.events import KVEvents
     from dynkv.index import IndexEvent
 
     on = SimpleNamespace(kv_events_config=SimpleNamespace(enable_kv_cache_events=True))
-    ev = KVEvents(on, block_size=2)
-    keys, toks = [b"k0", b"k1", b"k2"], [10, 11, 12, 13, 14, 15]
-    ev.remember(keys, toks, SimpleNamespace(lora_int_id=7, lora_name="l"), 1, 3)
-    out = ev.convert([IndexEvent("stored", "host", b"k1"), IndexEvent("stored", "disk", b"k2"),
-                      IndexEvent("removed", "host", b"k1"), IndexEvent("stored", "host", b"k0")])
-    assert [type(e) for e in out] == [BlockStored, BlockStored, BlockRemoved, BlockStored]
-    assert (out[0].parent_block_hash, out[0].token_ids, out[0].medium, out[0].lora_id) == (b"k0", [12, 13], "CPU", 7)
-    assert (out[1].parent_block_hash, out[1].token_ids, out[1].medium) == (b"k1", [14, 15], "STORAGE")
-    assert out[2].block_hashes == [b"k1"] and out[2].medium == "CPU"
-    assert out[3].token_ids == [] and out[3].parent_block_hash is None  # not remembered: no tokens
+    ev = KVEvents(on, block_size=2, log_dir=str(tmp_path), fingerprint=b"f" * 16)
+    keys, toks = [b"k0", b"k1", b"k2", b"k3"], [10, 11, 12, 13, 14, 15, 16, 17]
+    hashes = [bytes([i]) * 32 for i in range(4)]
+    h0, h1, h2, h3 = (ext(h) for h in hashes)  # as vLLM publishes its own (ints by default)
+    lora = SimpleNamespace(lora_int_id=7, lora_name="l")
+    ev.remember(keys, hashes, toks, lora, 0, 4)
+    out = ev.convert([IndexEvent("stored", "host", b"k0"), IndexEvent("stored", "host", b"k1"),
+                      IndexEvent("stored", "host", b"k3"), IndexEvent("stored", "disk", b"k0"),
+                      IndexEvent("stored", "disk", b"k1"), IndexEvent("removed", "host", b"k0"),
+                      IndexEvent("removed", "host", b"k1"), IndexEvent("stored", "host", b"zz")])
+    assert [type(e) for e in out] == [BlockStored, BlockStored, BlockStored, BlockRemoved]
+    a, b, c, d = out
+    # k0, k1 chain: one event; k3 does not follow k1 (k2 is missing): its own, with its parent's hash.
+    assert (a.block_hashes, a.parent_block_hash, a.token_ids, a.medium, a.lora_name) == (
+        [h0, h1], None, [10, 11, 12, 13], "CPU", "l")
+    assert (b.block_hashes, b.parent_block_hash, b.token_ids, b.medium) == ([h3], h2, [16, 17], "CPU")
+    assert (c.block_hashes, c.medium) == ([h0, h1], "STORAGE")
+    assert (d.block_hashes, d.medium) == ([h0, h1], "CPU")
+    assert ev.unknown == 1  # "zz" was never remembered: no vLLM hash, no event
+    # The disk still holds k0, k1: their removal from it still finds their hashes after a cache reset.
     ev.clear()
-    assert ev.convert([IndexEvent("stored", "host", b"k1")])[0].token_ids == []
+    out = ev.convert([IndexEvent("removed", "disk", b"k0"), IndexEvent("removed", "disk", b"k1"),
+                      IndexEvent("removed", "disk", b"k0")])
+    assert [(type(e), e.block_hashes, e.medium) for e in out] == [(BlockRemoved, [h0, h1], "STORAGE")]
     assert KVEvents(SimpleNamespace(), block_size=2).convert([IndexEvent("stored", "host", b"k1")]) == []
+
+
+def test_kv_events_announce_disk_pages_found_at_start(tmp_path) -> None:
+    """The disk tier's pages' hashes survive a restart in the events file; pages adopted from disk at start are
+    announced with them, and a file written under another hash seed is ignored."""
+    from vllm.v1.core import kv_cache_utils
+
+    from dynkv.connector.events import KVEvents
+    from dynkv.index import IndexEvent
+
+    on = SimpleNamespace(kv_events_config=SimpleNamespace(enable_kv_cache_events=True))
+    first = KVEvents(on, block_size=2, log_dir=str(tmp_path), fingerprint=b"f" * 16)
+    from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash as ext
+
+    hashes = [bytes([i]) * 32 for i in range(3)]
+    first.remember([b"k0", b"k1", b"k2"], hashes, [1, 2, 3, 4, 5, 6], None, 0, 3)
+    first.convert([IndexEvent("stored", "host", k) for k in (b"k0", b"k1", b"k2")]
+                  + [IndexEvent("stored", "disk", k) for k in (b"k0", b"k1", b"k2")])
+    first.convert([IndexEvent("removed", "disk", b"k2")])
+    first.close()
+    again = KVEvents(on, block_size=2, log_dir=str(tmp_path), fingerprint=b"f" * 16)
+    out = again.convert([IndexEvent("stored", "disk", b"k0"), IndexEvent("stored", "disk", b"k1")])
+    assert [(e.block_hashes, e.parent_block_hash, e.token_ids, e.medium) for e in out] == [
+        ([ext(hashes[0]), ext(hashes[1])], None, [1, 2, 3, 4], "STORAGE")]
+    again.close()
+    other_model = KVEvents(on, block_size=2, log_dir=str(tmp_path), fingerprint=b"g" * 16)
+    assert other_model.convert([IndexEvent("stored", "disk", b"k0")]) == [] and other_model.unknown == 1
+    other_model.close()
+    saved = getattr(kv_cache_utils, "NONE_HASH", None)
+    kv_cache_utils.NONE_HASH = b"another seed"
+    try:
+        reseeded = KVEvents(on, block_size=2, log_dir=str(tmp_path), fingerprint=b"f" * 16)
+        assert reseeded.convert([IndexEvent("stored", "disk", b"k0")]) == []
+        reseeded.close()
+    finally:
+        if saved is None:
+            del kv_cache_utils.NONE_HASH
+        else:
+            kv_cache_utils.NONE_HASH = saved
 
 
 def test_dynkv_logs_where_vllm_logs_and_says_what_it_set_up(monkeypatch) -> None:

@@ -1,0 +1,301 @@
+"""KV-aware routing measured: N engines behind ``dynkv proxy``, a multi-turn workload, ``kv`` against
+``round-robin``.
+
+``python -m dynkv.benchmarks.router --out results.json`` starts two vLLM
+engines (random-weight model, KV events on, each device cache holding about
+``cache_share`` of the workload's working set), then for each policy starts
+the proxy over them and runs a closed-loop multi-turn workload through it:
+``concurrency`` conversations in flight, each sending its turns one after
+the other (the prompt is the whole conversation so far), every request
+streamed, TTFT taken at the first token. Each policy gets conversations of
+its own (other seeds), so no run finds another's prefixes. Reported per
+policy: TTFT p50/p90 of later turns, the request share of each engine, and
+predicted against reported cached tokens; the ratio kv / round-robin is the
+result. With round robin every engine sees every conversation and, with a
+device cache smaller than the working set, evicts what the next turn needs;
+kv routing keeps each conversation where its prefix is, so the engines'
+caches add up.
+
+The pieces (engine flags, the proxy as a process, the driver) serve the
+end-to-end tests too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dynkv.benchmarks.demo import BLOCK_SIZE, SHUTDOWN_TIMEOUT_S
+from dynkv.benchmarks.serve_results import percentile
+from dynkv.testing.model import FIRST_WORD_ID, PRESETS, write_model
+from dynkv.testing.server import VLLMServer, free_port
+
+__all__ = ["Conversation", "ProxyProcess", "Turn", "drive", "engine_args", "events_config", "summarize"]
+
+
+def events_config(pub_port: int, replay_port: int) -> str:
+    """``--kv-events-config`` with a replay socket on loopback.
+
+    vLLM binds its publisher only for a wildcard address (``tcp://*:port``)
+    and connects it otherwise, so the publisher listens on every interface.
+    """
+    return json.dumps({"enable_kv_cache_events": True, "publisher": "zmq", "topic": "",
+                       "endpoint": f"tcp://*:{pub_port}", "replay_endpoint": f"tcp://127.0.0.1:{replay_port}",
+                       "buffer_steps": 100000})
+
+
+def engine_args(*, device_blocks: int, max_model_len: int, page_bytes: int, pub_port: int, replay_port: int,
+                transfer_config: dict[str, Any] | None = None, seed: int = 0) -> list[str]:
+    """Flags of one CPU engine: float32, eager, a fixed device cache, KV events and cached-token usage on."""
+    args = ["--dtype", "float32", "--block-size", str(BLOCK_SIZE), "--max-model-len", str(max_model_len),
+            "--num-gpu-blocks-override", str(device_blocks), "--kv-cache-memory-bytes",
+            str(device_blocks * page_bytes), "--enforce-eager", "--seed", str(seed), "--served-model-name", "m",
+            "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S), "--enable-prompt-tokens-details",
+            "--kv-events-config", events_config(pub_port, replay_port)]
+    if transfer_config is not None:
+        args += ["--kv-transfer-config", json.dumps(transfer_config)]
+    return args
+
+
+class ProxyProcess:
+    """``python -m dynkv.proxy --engine ...`` as a child process, logging to a file."""
+
+    def __init__(self, engines: list[tuple[str, int, int]], policy: str, log_path: Path, *,
+                 extra: list[str] = ()) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "dynkv.proxy", "--port", str(self.port), "--policy", policy]
+        for url, pub, replay in engines:
+            cmd += ["--engine", url, "--kv-events", f"tcp://127.0.0.1:{pub}", "--kv-replay",
+                    f"tcp://127.0.0.1:{replay}"]
+        self.command = [*cmd, *extra]
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> ProxyProcess:
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"proxy exited with {self._proc.returncode}: {self.log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"proxy not healthy after 60 s: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=10) as r:
+            body = r.read()
+        return json.loads(body) if path != "/metrics" else body.decode()
+
+
+@dataclass
+class Turn:
+    """One request of the driver and what came back."""
+
+    conversation: int
+    turn: int
+    prompt_tokens: int
+    engine: str = ""
+    predicted: int = 0
+    cached: int | None = None
+    ttft_s: float | None = None
+    latency_s: float | None = None
+    token_ids: list[int] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class Conversation:
+    """A prefix of its own, then user messages; each prompt is the whole conversation so far."""
+
+    prefix: list[int]
+    users: list[list[int]]
+    history: list[int] = field(default_factory=list)
+
+    @classmethod
+    def make(cls, rng: random.Random, prefix_tokens: int, user_tokens: int, turns: int, vocab: int) -> Conversation:
+        def draw(n: int) -> list[int]:
+            return [rng.randrange(FIRST_WORD_ID, vocab) for _ in range(n)]
+
+        return cls(draw(prefix_tokens), [draw(user_tokens) for _ in range(turns)])
+
+
+async def _one(session: Any, url: str, prompt: list[int], max_tokens: int, rec: Turn) -> None:
+    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}, "return_token_ids": True, "ignore_eos": True}
+    t0 = time.perf_counter()
+    try:
+        async with session.post(url + "/v1/completions", json=body) as resp:
+            rec.engine = resp.headers.get("x-dynkv-engine", url)
+            rec.predicted = int(resp.headers.get("x-dynkv-predicted-cached-tokens", 0))
+            if resp.status != 200:
+                rec.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
+                return
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if chunk.get("error"):
+                    rec.error = str(chunk["error"])
+                    return
+                usage = chunk.get("usage")
+                if usage:
+                    rec.cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+                for choice in chunk.get("choices") or ():
+                    ids = choice.get("token_ids") or []
+                    if ids and rec.ttft_s is None:
+                        rec.ttft_s = time.perf_counter() - t0
+                    rec.token_ids += ids
+    except Exception as e:  # noqa: BLE001 - a failed request is a result
+        rec.error = f"{type(e).__name__}: {e}"
+    finally:
+        rec.latency_s = time.perf_counter() - t0
+
+
+async def drive_async(url: str, convs: list[Conversation], *, max_tokens: int, concurrency: int) -> list[Turn]:
+    """Closed loop: ``concurrency`` conversations in flight, each sending its turns in order."""
+    import aiohttp
+
+    out: list[Turn] = []
+    todo = list(range(len(convs)))
+
+    async def worker(session: Any) -> None:
+        while todo:
+            c = todo.pop(0)
+            conv = convs[c]
+            conv.history = list(conv.prefix)
+            for t, user in enumerate(conv.users):
+                prompt = [*conv.history, *user]
+                rec = Turn(c, t, len(prompt))
+                out.append(rec)
+                await _one(session, url, prompt, max_tokens, rec)
+                conv.history = [*prompt, *rec.token_ids]
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return out
+
+
+def drive(url: str, convs: list[Conversation], *, max_tokens: int, concurrency: int = 1) -> list[Turn]:
+    """:func:`drive_async` from synchronous code."""
+    return asyncio.run(drive_async(url, convs, max_tokens=max_tokens, concurrency=concurrency))
+
+
+def summarize(turns: list[Turn], engines: list[str]) -> dict[str, Any]:
+    """TTFT percentiles (first and later turns), request share per engine, predicted and reported cached tokens."""
+    later = [t.ttft_s for t in turns if t.turn > 0 and t.ttft_s is not None]
+    first = [t.ttft_s for t in turns if t.turn == 0 and t.ttft_s is not None]
+    share = {e: sum(1 for t in turns if t.engine == e) for e in engines}
+    mean = len(turns) / len(engines)
+    return {"requests": len(turns), "errors": sum(1 for t in turns if t.error),
+            "ttft_later_p50_s": percentile(later, 50), "ttft_later_p90_s": percentile(later, 90),
+            "ttft_first_p50_s": percentile(first, 50), "share": share,
+            "max_share_over_mean": max(share.values()) / mean if mean else None,
+            "predicted_tokens": sum(t.predicted for t in turns), "cached_tokens": sum(t.cached or 0 for t in turns),
+            "prompt_tokens": sum(t.prompt_tokens for t in turns)}
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    spec = PRESETS[args.preset]
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model = write_model(work / args.preset, preset=args.preset)
+    longest = args.prefix_tokens + args.turns * args.user_tokens + args.turns * args.max_tokens
+    conv_blocks = -(-longest // BLOCK_SIZE)
+    working_set = args.conversations * conv_blocks
+    max_model_len = conv_blocks * BLOCK_SIZE + BLOCK_SIZE
+    device_blocks = max(max_model_len // BLOCK_SIZE + 1, int(working_set * args.cache_share))
+    page_bytes = spec.kv_bytes_per_token() * BLOCK_SIZE
+    engines, servers = [], []
+    for i in range(2):
+        pub, replay = free_port(), free_port()
+        s = VLLMServer(str(model), engine_args(device_blocks=device_blocks, max_model_len=max_model_len,
+                                               page_bytes=page_bytes, pub_port=pub, replay_port=replay),
+                       log_path=work / f"engine{i}.log", name=f"engine{i}",
+                       env={"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": str(args.threads)})
+        servers.append(s)
+        engines.append((s.url, pub, replay))
+    result: dict[str, Any] = {"workload": {k: getattr(args, k) for k in (
+        "conversations", "turns", "prefix_tokens", "user_tokens", "max_tokens", "concurrency", "preset",
+        "cache_share")}, "device_blocks": device_blocks, "working_set_blocks": working_set, "runs": []}
+    try:
+        for s in servers:
+            s.start()
+        for s in servers:
+            s.wait_ready(900)
+        seed = 0
+        for rep in range(args.repeats):
+            for policy in args.policies:
+                seed += 1
+                rng = random.Random(seed)
+                convs = [Conversation.make(rng, args.prefix_tokens, args.user_tokens, args.turns, spec.vocab_size)
+                         for _ in range(args.conversations)]
+                with ProxyProcess(engines, policy, work / f"proxy-{policy}-{rep}.log") as proxy:
+                    t0 = time.perf_counter()
+                    turns = drive(proxy.url, convs, max_tokens=args.max_tokens, concurrency=args.concurrency)
+                    wall = time.perf_counter() - t0
+                summary = summarize(turns, [e[0] for e in engines])
+                print(f"[{rep}] {policy}: {json.dumps(summary)}", flush=True)
+                result["runs"].append({"policy": policy, "repeat": rep, "seed": seed, "wall_s": wall,
+                                       "summary": summary, "turns": [asdict(t) for t in turns]})
+    finally:
+        for s in servers:
+            s.stop()
+    by = {p: [r["summary"]["ttft_later_p50_s"] for r in result["runs"] if r["policy"] == p] for p in args.policies}
+    if "kv" in by and "round-robin" in by:
+        result["ratio_kv_over_rr_later_p50"] = [k / r for k, r in zip(by["kv"], by["round-robin"]) if k and r]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dynkv.benchmarks.router", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSON file for the results")
+    p.add_argument("--work", default="/tmp/dynkv-router-bench", help="model, logs")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--conversations", type=int, default=12)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--prefix-tokens", type=int, default=768)
+    p.add_argument("--user-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--cache-share", type=float, default=0.6,
+                   help="each engine's device cache as a share of the workload's working set")
+    p.add_argument("--policies", nargs="+", default=["round-robin", "kv"])
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="OMP threads per engine")
+    args = p.parse_args(argv)
+    result = _run(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

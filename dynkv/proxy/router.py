@@ -1,0 +1,259 @@
+"""Routing over N engines: policies, the prefix index, and each engine's health.
+
+:class:`PrefixIndex` records which engine holds which block in which medium
+(vLLM's device cache ``GPU``; dynkv's host tier ``CPU``; its disk
+``STORAGE``), fed by KV events (:mod:`dynkv.proxy.events`). :class:`Router`
+picks an engine for a request:
+
+- ``round-robin``: engines in turn.
+- ``least-loaded``: fewest requests in flight (then fewest prompt tokens in
+  flight).
+- ``kv``: least cost, where an engine's cost is the prompt tokens it would
+  compute (those past its cached prefix, each cached token counted by its
+  medium's weight: a device hit saves all of its prefill, a host or disk hit
+  less, as loading it takes time) plus ``load_weight`` times the prompt
+  tokens it is busy with. A hot prefix therefore spills to a second engine
+  once the first is busier than the prefix is worth; the second then caches
+  it too.
+
+Ties go to the engine with fewer requests in flight, then to the one that
+was sent fewer requests so far (so new conversations, which match nowhere,
+balance the engines' shares even when requests rarely overlap), then in turn. Engines
+that failed are out of rotation until ``retry_at``; each failure in a row
+doubles the wait (up to ``backoff_max_s``). Nothing here does I/O or reads a
+clock of its own: the server passes ``now``, so the tests drive time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+__all__ = ["MEDIA", "POLICIES", "Decision", "EngineState", "PrefixIndex", "Router", "TIER_WEIGHTS"]
+
+POLICIES = ("round-robin", "least-loaded", "kv")
+MEDIA = ("GPU", "CPU", "STORAGE")
+# Share of a block's prefill that a cached copy saves, by medium: a device block costs nothing to use; a host
+# block is copied in alongside the forward; a disk block is read first.
+TIER_WEIGHTS = {"GPU": 1.0, "CPU": 0.8, "STORAGE": 0.5}
+_OTHER_WEIGHT = 0.3  # media named by other publishers (a shared store, a peer)
+
+
+def _medium(medium: str | None) -> str:
+    # vLLM before the medium field published device events without one.
+    return "GPU" if medium is None else medium
+
+
+class PrefixIndex:
+    """Block hash -> engine -> media holding it; thread-safe (one writer per engine, readers on the event loop)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._blocks: dict[int, dict[str, set[str]]] = {}
+        self._held: dict[str, dict[str, set[int]]] = {}  # engine -> medium -> hashes
+
+    def stored(self, engine: str, medium: str | None, hashes: Iterable[int]) -> None:
+        """``engine`` holds ``hashes`` in ``medium``."""
+        m = _medium(medium)
+        with self._lock:
+            mine = self._held.setdefault(engine, {}).setdefault(m, set())
+            for h in hashes:
+                self._blocks.setdefault(h, {}).setdefault(engine, set()).add(m)
+                mine.add(h)
+
+    def removed(self, engine: str, medium: str | None, hashes: Iterable[int]) -> None:
+        """``engine`` no longer holds ``hashes`` in ``medium``."""
+        m = _medium(medium)
+        with self._lock:
+            mine = self._held.get(engine, {}).get(m)
+            for h in hashes:
+                if mine is not None:
+                    mine.discard(h)
+                self._drop(h, engine, m)
+
+    def cleared(self, engine: str, media: Iterable[str] | None = None) -> None:
+        """``engine`` holds nothing (in ``media``; default all of them): a reset, a restart, lost history."""
+        with self._lock:
+            held = self._held.get(engine, {})
+            for m in list(held) if media is None else list(media):
+                for h in held.pop(m, ()):
+                    self._drop(h, engine, m)
+
+    def _drop(self, h: int, engine: str, m: str) -> None:
+        engines = self._blocks.get(h)
+        if engines is None or m not in engines.get(engine, ()):
+            return
+        engines[engine].discard(m)
+        if not engines[engine]:
+            del engines[engine]
+            if not engines:
+                del self._blocks[h]
+
+    def match(self, hashes: Sequence[int], engines: Iterable[str]) -> dict[str, list[str]]:
+        """Per engine, the best medium of each leading block it holds (the longest cached prefix)."""
+        out: dict[str, list[str]] = {e: [] for e in engines}
+        live = set(out)
+        with self._lock:
+            for h in hashes:
+                holders = self._blocks.get(h, {})
+                for e in list(live):
+                    media = holders.get(e)
+                    if not media:
+                        live.discard(e)
+                        continue
+                    out[e].append(min(media, key=lambda x: -TIER_WEIGHTS.get(x, _OTHER_WEIGHT)))
+                if not live:
+                    break
+        return out
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Blocks held per engine and medium."""
+        with self._lock:
+            return {e: {m: len(s) for m, s in media.items()} for e, media in self._held.items()}
+
+
+@dataclass
+class EngineState:
+    """One engine as the router sees it."""
+
+    url: str
+    up: bool = True
+    failures: int = 0  # in a row
+    retry_at: float = 0.0
+    in_flight: int = 0
+    in_flight_tokens: int = 0
+    routed: int = 0  # requests sent to it so far
+    last_error: str = ""
+    predict: bool = True  # False once its block hashes turned out not to be ours
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where a request goes and why."""
+
+    engine: str
+    predicted_tokens: int = 0  # prompt tokens the engine holds (any medium)
+    tiers: dict[str, int] = field(default_factory=dict)  # of those blocks, per medium
+
+
+class Router:
+    """Picks an engine per request.
+
+    Parameters
+    ----------
+    engines
+        Engine base URLs.
+    policy
+        One of :data:`POLICIES`.
+    load_weight
+        ``kv``: cost of one prompt token in flight on an engine, against one
+        prompt token to compute.
+    tier_weights
+        ``kv``: share of a block's prefill saved when cached in each medium.
+    backoff_s, backoff_max_s
+        Wait after a failure, doubled per failure in a row, capped.
+    """
+
+    def __init__(self, engines: Sequence[str], policy: str = "kv", *, load_weight: float = 1.0,
+                 tier_weights: dict[str, float] | None = None, backoff_s: float = 1.0,
+                 backoff_max_s: float = 30.0, index: PrefixIndex | None = None) -> None:
+        if not engines:
+            raise ValueError("no engines: pass --engine URL at least once")
+        if len(set(engines)) != len(engines):
+            raise ValueError(f"engines {list(engines)} name one engine twice")
+        if policy not in POLICIES:
+            raise ValueError(f"routing policy {policy!r}: expected one of {', '.join(POLICIES)}")
+        if load_weight < 0 or backoff_s <= 0 or backoff_max_s < backoff_s:
+            raise ValueError(f"load_weight={load_weight}, backoff_s={backoff_s}, backoff_max_s={backoff_max_s}: "
+                             "expected load_weight >= 0 and 0 < backoff_s <= backoff_max_s")
+        self.engines = {u: EngineState(u) for u in engines}
+        self.policy = policy
+        self.load_weight = load_weight
+        self.tier_weights = {**TIER_WEIGHTS, **(tier_weights or {})}
+        self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
+        self.index = index if index is not None else PrefixIndex()
+        self._turn = itertools.count()
+
+    # -- health ---------------------------------------------------------------
+
+    def failed(self, engine: str, now: float, error: str = "") -> None:
+        """``engine`` failed a request or a probe: out of rotation until its backoff passes."""
+        st = self.engines[engine]
+        st.up = False
+        st.last_error = error
+        st.retry_at = now + min(self.backoff_max_s, self.backoff_s * 2 ** min(st.failures, 30))
+        st.failures += 1
+
+    def recovered(self, engine: str) -> None:
+        """``engine`` answered again: back in rotation."""
+        st = self.engines[engine]
+        st.up, st.failures, st.retry_at, st.last_error = True, 0, 0.0, ""
+
+    def due_probes(self, now: float) -> list[str]:
+        """Engines out of rotation whose backoff has passed (probe them, then :meth:`recovered` or :meth:`failed`)."""
+        return [u for u, st in self.engines.items() if not st.up and st.retry_at <= now]
+
+    def up(self) -> list[str]:
+        return [u for u, st in self.engines.items() if st.up]
+
+    # -- load -----------------------------------------------------------------
+
+    def begin(self, engine: str, prompt_tokens: int) -> None:
+        st = self.engines[engine]
+        st.in_flight += 1
+        st.in_flight_tokens += prompt_tokens
+        st.routed += 1
+
+    def end(self, engine: str, prompt_tokens: int) -> None:
+        st = self.engines[engine]
+        st.in_flight -= 1
+        st.in_flight_tokens -= prompt_tokens
+
+    # -- choice ---------------------------------------------------------------
+
+    def choose(self, hashes: Sequence[int] | None = None, *, block_size: int = 0, prompt_tokens: int = 0,
+               exclude: Iterable[str] = ()) -> Decision | None:
+        """The engine for a request, or None when no engine is in rotation.
+
+        ``hashes`` are the prompt's block hashes (normalized), used by ``kv``
+        (which without them acts as ``least-loaded``); ``prompt_tokens`` its
+        length; ``exclude`` engines already tried for it.
+        """
+        skip = set(exclude)
+        cands = [u for u in self.up() if u not in skip]
+        if not cands:
+            return None
+        turn = next(self._turn)
+        order = {u: (i - turn) % len(cands) for i, u in enumerate(cands)}  # whose turn it is, for ties
+        if self.policy == "round-robin":
+            return self._decide(min(cands, key=order.__getitem__), hashes, block_size)
+        if self.policy == "least-loaded" or not hashes or not block_size:
+            return self._decide(min(cands, key=lambda u: (self.engines[u].in_flight,
+                                                          self.engines[u].in_flight_tokens,
+                                                          self.engines[u].routed, order[u])),
+                                hashes, block_size)
+        matched = self.index.match(hashes, [u for u in cands if self.engines[u].predict])
+        total = max(prompt_tokens, len(hashes) * block_size)
+
+        def cost(u: str) -> tuple[float, int, int, int]:
+            st = self.engines[u]
+            saved = sum(self.tier_weights.get(m, _OTHER_WEIGHT) for m in matched.get(u, ())) * block_size
+            return (total - saved + self.load_weight * st.in_flight_tokens, st.in_flight, st.routed, order[u])
+
+        best = min(cands, key=cost)
+        return self._decision(best, matched.get(best, []), block_size)
+
+    def _decide(self, engine: str, hashes: Sequence[int] | None, block_size: int) -> Decision:
+        """A decision by another policy still says what the engine holds (for the metrics)."""
+        if not hashes or not block_size or not self.engines[engine].predict:
+            return Decision(engine)
+        return self._decision(engine, self.index.match(hashes, [engine])[engine], block_size)
+
+    @staticmethod
+    def _decision(engine: str, media: list[str], block_size: int) -> Decision:
+        tiers: dict[str, int] = {}
+        for m in media:
+            tiers[m] = tiers.get(m, 0) + 1
+        return Decision(engine, len(media) * block_size, tiers)
