@@ -447,6 +447,27 @@ def test_plugin_registers_the_name_once() -> None:
     assert pyproject["project"]["entry-points"]["vllm.general_plugins"]["dynkv"] == "dynkv.plugin:register"
 
 
+def test_plugin_checks_the_settings_when_vllm_looks_the_connector_up() -> None:
+    """vLLM looks the class up while it builds its config: a bad setting fails there, naming its key."""
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    from dynkv.plugin import register
+
+    register()
+    register()
+    assert KVConnectorFactory.get_connector_class.__func__._dynkv_checks  # wrapped, once
+    good = KVTransferConfig(kv_connector="DynKVConnector", kv_role="kv_both",
+                            kv_connector_extra_config={"host_pages": 8})
+    assert KVConnectorFactory.get_connector_class(good) is DynKVConnector
+    bad = KVTransferConfig(kv_connector="DynKVConnector", kv_role="kv_both",
+                           kv_connector_extra_config={"host_pages": -3})
+    with pytest.raises(ValueError, match="DynKVConnector: bad kv_connector_extra_config: .*host_pages"):
+        KVConnectorFactory.get_connector_class(bad)
+    other = KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both",
+                             kv_connector_extra_config={"host_pages": -3})
+    assert KVConnectorFactory.get_connector_class(other).__name__ == "ExampleConnector"  # not dynkv's to check
+
 
 
 def test_kv_events_carry_parent_tokens_and_medium() -> None:
