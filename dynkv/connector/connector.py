@@ -56,7 +56,14 @@ from dynkv.config import DynKVConfig
 from dynkv.connector.events import KVEvents
 from dynkv.connector.stats import DynKVPromMetrics, DynKVStats
 from dynkv.disagg.params import ParamsError, RemotePrefill, asks_remote_decode
-from dynkv.connector.engine import distinct_layers, metric_samples, model_geometry, paged_view
+from dynkv.connector.engine import (
+    check_vllm_version,
+    data_parallel_rank,
+    distinct_layers,
+    metric_samples,
+    model_geometry,
+    paged_view,
+)
 from dynkv.connector.groups import group_block_ids, group_stores, interleaved_keys, kv_groups
 from dynkv.keys import block_keys
 from dynkv.protocol import StepPlan, WorkerReport
@@ -111,6 +118,7 @@ def _share_vllm_logging() -> None:
     ours.propagate = False
 
 _UNSET: Any = object()
+_VERSION_CHECKED = False
 
 
 @dataclass
@@ -162,6 +170,9 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         _share_vllm_logging()  # vLLM has configured its logging by the time it builds a connector
         xfer = vllm_config.kv_transfer_config
         self.config = self.check_extra_config(xfer.kv_connector_extra_config)
+        dp = data_parallel_rank(vllm_config)
+        if dp is not None:  # each DP rank is an engine of its own: its own disk directory and ports
+            self.config = self.config.for_rank(*dp)
         if getattr(xfer, "kv_load_failure_policy", "recompute") != "recompute":
             # dynkv is a cache: a page that fails its checks is recomputed, not
             # a failed request. vLLM's scheduler reads the policy after creating
@@ -483,13 +494,22 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         """dynkv's settings from ``kv_connector_extra_config`` (and ``DYNKV_*``).
 
         Called as vLLM builds its config, before any engine starts or any
-        weight loads (:mod:`dynkv.plugin`), and again by each connector.
+        weight loads (:mod:`dynkv.plugin`), and again by each connector. The
+        first call also checks vLLM's version (:func:`.engine.check_vllm_version`).
 
         Raises
         ------
         ValueError
-            For a bad setting, naming its key.
+            For a bad setting, naming its key; for a vLLM older than dynkv supports.
         """
+        global _VERSION_CHECKED
+        if not _VERSION_CHECKED:  # once per process: a warning for a newer vLLM is not repeated per lookup
+            import vllm
+
+            warning = check_vllm_version(getattr(vllm, "__version__", "0.0"))
+            if warning:
+                log.warning("%s", warning)
+            _VERSION_CHECKED = True
         try:
             return DynKVConfig.from_dict(extra_config or {})
         except ValueError as e:

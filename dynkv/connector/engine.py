@@ -20,7 +20,54 @@ from dynkv.identity import weights_identity
 from dynkv.keys import ModelFingerprint
 from dynkv.layout import PagedView, PageGeometry, head_range
 
-__all__ = ["distinct_layers", "infer_dims", "metric_samples", "model_geometry", "paged_view"]
+__all__ = ["OLDEST_VLLM", "NEWEST_VLLM", "check_vllm_version", "data_parallel_rank", "distinct_layers", "infer_dims", "metric_samples", "model_geometry", "paged_view"]
+
+
+# The vLLM releases dynkv's connector is written and tested against (its hooks differ between them).
+OLDEST_VLLM = (0, 26)
+NEWEST_VLLM = (0, 33)
+
+
+def check_vllm_version(version: str) -> str | None:
+    """Refuse a vLLM older than :data:`OLDEST_VLLM`; a warning (returned) for one newer than :data:`NEWEST_VLLM`.
+
+    Raises
+    ------
+    ValueError
+        For a vLLM release older than dynkv supports (or a version it cannot read).
+    """
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is None:
+        raise ValueError(f"dynkv: cannot read vLLM's version {version!r}; dynkv supports vLLM "
+                         f"{'.'.join(map(str, OLDEST_VLLM))} to {'.'.join(map(str, NEWEST_VLLM))}")
+    have = (int(m.group(1)), int(m.group(2)))
+    span = f"{'.'.join(map(str, OLDEST_VLLM))} to {'.'.join(map(str, NEWEST_VLLM))}"
+    if have < OLDEST_VLLM:
+        raise ValueError(f"dynkv: vLLM {version} is older than dynkv supports ({span}); upgrade vLLM")
+    if have > NEWEST_VLLM:
+        return (f"dynkv: vLLM {version} is newer than dynkv was tested with ({span}); its connector hooks may "
+                "have changed: check the load and store counts in dynkv's metrics")
+    return None
+
+
+def data_parallel_rank(vllm_config: Any) -> tuple[int, int | None] | None:
+    """``(rank, rank on this node)`` when the engine is one rank of vLLM's data parallelism, else None.
+
+    vLLM runs the DP ranks of a dense model as independent engines and resets
+    their ``data_parallel_size`` and ``data_parallel_rank`` to one engine's;
+    ``data_parallel_index`` keeps the rank, and every DP engine's
+    ``engine_id`` ends in ``_dp<rank>``.
+    """
+    par = vllm_config.parallel_config
+    local = getattr(par, "data_parallel_rank_local", None)
+    if (getattr(par, "data_parallel_size", 1) or 1) > 1:
+        return int(par.data_parallel_rank or 0), local
+    index = getattr(par, "data_parallel_index", None)
+    engine_id = str(getattr(getattr(vllm_config, "kv_transfer_config", None), "engine_id", "") or "")
+    m = re.search(r"_dp(\d+)$", engine_id)
+    if index is not None and m is not None and int(m.group(1)) == index:
+        return int(index), local
+    return None
 
 def _elem_bytes(dtype: Any) -> int:
     return torch.empty(0, dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 1
