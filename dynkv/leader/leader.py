@@ -171,6 +171,7 @@ class Leader(DiskFlow, RemoteFlow):
         self._max_writes = max_disk_writes(config.io_threads, tiers[HOST])
         for tier, cap in tiers.items():
             self.metrics.capacity.labels(tier).set(cap)
+            self.metrics.writes_on.labels(tier).set(1)
         self.cost = CostModel() if config.cost_model and self.disk is not None else None
         self.pool_link = publish_pool(self.pool, links)  # now that it is ready, the workers may attach it
         if config.metrics_port is not None:
@@ -443,6 +444,7 @@ class Leader(DiskFlow, RemoteFlow):
         self._host = memoryview(b"")
         withdraw_pool(self.pool_link)
         self.pool.close()
+        self.metrics.close()  # frees metrics_port for an engine started after this one
 
     def __enter__(self) -> Leader:
         return self
