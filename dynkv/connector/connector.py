@@ -359,6 +359,9 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         # begin_load also unpins what is not loaded
         st.load_tiers = self.leader.begin_load(request.request_id, block_ids, sync=st.sync)
         st.sync = False
+        pages = sum(st.load_tiers.values())
+        if not self.groups.plain and pages:  # several pages a block: each tier's share of the blocks, for vLLM
+            st.load_tiers = {t: round(c * n / pages) for t, c in st.load_tiers.items()}
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
         st = self._reqs.get(request.request_id)
