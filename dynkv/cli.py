@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description=demo.DESCRIPTION)
     demo.add_arguments(m)
     m.set_defaults(func=demo.run_from_args)
+    from dynkv import status
+
+    t = sub.add_parser("status", help="each tier's health, capacity and use in running engines",
+                       description=status.DESCRIPTION)
+    status.add_arguments(t)
+    t.set_defaults(func=status.run_from_args)
     from dynkv.proxy import server as proxy
 
     x = sub.add_parser("proxy", help="OpenAI-compatible proxy over prefill and decode engines, or routing over "

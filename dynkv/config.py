@@ -6,6 +6,10 @@ environment variables as defaults under it (``DYNKV_HOST_GB``,
 ``DYNKV_DISK_PATHS``, ...). Unknown keys and bad values raise ``ValueError``
 at construction, naming the key (or variable) and what it accepts, so a typo
 fails when the engine starts instead of silently running without a tier.
+
+The module is kept whole (past 500 lines): most of it is the class docstring,
+the reference of every key, which belongs beside the parser of each; the
+parsers are a few lines per kind of value.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from dynkv.policy import EVICTION_POLICIES
@@ -516,6 +520,32 @@ class DynKVConfig:
             sources[key] = src
         _check_combination(values, {k: sources.get(k, _Source(k)) for k in known})
         return cls(**values)
+
+    def for_rank(self, dp_rank: int, dp_rank_local: int | None = None) -> DynKVConfig:
+        """The settings of data-parallel rank ``dp_rank`` (``dp_rank_local`` on its node; default the same).
+
+        Each DP rank of vLLM is an engine of its own (its own scheduler, so its
+        own leader and page index): it gets its own tiers rather than one pool
+        shared over the node, which would put a cross-process index and its
+        locks on every lookup. Each rank keeps its disk pages in a
+        subdirectory ``dp<rank>`` of every ``disk_paths`` entry (so a rank
+        restarted finds its own pages again), and serves metrics and the
+        side channel on the configured port plus its local rank (when one is
+        configured). ``host_gb`` and ``disk_gb`` are per rank: a node of
+        ``n`` ranks uses ``n`` times as much.
+        """
+        if dp_rank < 0:
+            raise ValueError(f"dynkv: data-parallel rank {dp_rank}: expected >= 0")
+        local = dp_rank if dp_rank_local is None else dp_rank_local
+        changes: dict[str, Any] = {"disk_paths": tuple(os.path.join(p, f"dp{dp_rank}") for p in self.disk_paths)}
+        for key in ("metrics_port", "side_channel_port"):
+            port = getattr(self, key)
+            if port:
+                if port + local > 65535:
+                    raise ValueError(f"dynkv config {key}={port}: data-parallel rank {dp_rank} would listen on "
+                                     f"{port + local}, past 65535; give a lower port")
+                changes[key] = port + local
+        return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able mapping; ``from_dict(c.to_dict(), env={}) == c``."""

@@ -33,6 +33,7 @@ __all__ = [
     "ModelFingerprint",
     "block_keys",
     "encode_extra",
+    "group_keys",
     "key_from_hex",
     "key_hex",
 ]
@@ -41,6 +42,7 @@ KEY_BYTES = 16
 PAGE_FORMAT_VERSION = 1
 _PERSON_MODEL = b"dynkv.model"
 _PERSON_BLOCK = b"dynkv.block"
+_PERSON_GROUP = b"dynkv.group"
 _BLOCK_HASHER = hashlib.blake2b(digest_size=KEY_BYTES, person=_PERSON_BLOCK)  # copied for each block
 _U32 = struct.Struct("<I")
 
@@ -250,6 +252,19 @@ def block_keys(
         parent = h.digest()
         keys.append(parent)
     return keys
+
+
+def group_keys(keys: Sequence[bytes], tag: bytes) -> list[bytes]:
+    """The keys of one KV-cache group's pages: ``blake2b-128(enc(tag) || key)`` for each prefix key.
+
+    A hybrid model (several KV-cache groups: full and sliding-window
+    attention layers) keeps one block per group for each block of tokens; the
+    group's ``tag`` (its index, kind, window and layers) makes its pages'
+    keys differ from every other group's, so a page of one group is never
+    found for another.
+    """
+    head = _tagged(b"g", tag)
+    return [hashlib.blake2b(head + k, digest_size=KEY_BYTES, person=_PERSON_GROUP).digest() for k in keys]
 
 
 def key_hex(key: bytes) -> str:

@@ -107,12 +107,14 @@ class Metrics:
         self.capacity = add("gauge", "dynkv_tier_capacity_pages", "Capacity of each tier in pages", "tier")
         self.evictions = add("counter", "dynkv_evictions", "Pages evicted", "tier")
         self.refused = add("counter", "dynkv_admissions_refused",
-                           "Pages not admitted to a tier (full, filtered, or busy)", "tier", "reason")
+                           "Pages not admitted to a tier (full, filtered, busy, or writes off)", "tier", "reason")
         self.load_errors = add("counter", "dynkv_load_errors", "Blocks whose load failed (recomputed)", "reason")
         self.remote_rejected = add("counter", "dynkv_remote_rejected", "Requests whose kv_transfer_params were "
                                    "refused (their prompt recomputed), by reason: params, model, mac, expired, key, "
                                    "not_accepted", "reason")
         self.store_errors = add("counter", "dynkv_store_errors", "Pages whose store failed", "tier")
+        self.writes_on = add("gauge", "dynkv_tier_writes_on",
+                             "0 while a tier's writes are stopped after failures in a row, else 1", "tier")
         self.cost_tokens = add("counter", "dynkv_cost_tokens", "Tokens of disk- and shared-tier matches the cost "
                                "model read (choice=load) or left to recompute (choice=recompute), and of loads that gave "
                                "up waiting for their disk reads (choice=gave_up)", "choice")
@@ -154,8 +156,18 @@ class Metrics:
         return counters, gauges
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
-        """Expose the registry over HTTP (``/metrics``) on ``addr:port``."""
-        start_http_server(port, addr=addr, registry=self.registry)
+        """Expose the registry over HTTP (``/metrics``) on ``addr:port`` until :meth:`close`."""
+        self.close()
+        self._server = start_http_server(port, addr=addr, registry=self.registry)
+
+    def close(self) -> None:
+        """Stop serving over HTTP (the port is free again); the metrics stay readable here."""
+        served, self._server = getattr(self, "_server", None), None
+        if served:
+            httpd, thread = served
+            httpd.shutdown()
+            httpd.server_close()
+            thread.join()
 
     def value(self, name: str, **labels: str) -> float:
         """Current value of a sample, e.g. ``value("dynkv_hits_total", tier="host")``; 0 when absent."""

@@ -290,3 +290,19 @@ def test_transfer_keys_and_the_secret_never_shown() -> None:
     assert c.accept_remote_prefill is True and c.ucx_net_devices == "mlx5_0:1,eth0"
     with pytest.raises(ValueError, match="key 'ucx_net_devices'.*UCX device names"):
         DynKVConfig.from_dict({"ucx_net_devices": "eth0; rm -rf"}, env={})
+
+
+def test_each_data_parallel_rank_gets_its_own_disk_directory_and_ports(tmp_path) -> None:
+    cfg = DynKVConfig.from_dict({"host_pages": 8, "disk_gb": 1, "disk_paths": [str(tmp_path / "a"), str(tmp_path / "b")],
+                                 "metrics_port": 9100, "side_channel_port": 5600}, env={})
+    ranks = [cfg.for_rank(r) for r in range(2)]
+    assert ranks[0].disk_paths == (str(tmp_path / "a" / "dp0"), str(tmp_path / "b" / "dp0"))
+    assert ranks[1].disk_paths == (str(tmp_path / "a" / "dp1"), str(tmp_path / "b" / "dp1"))
+    assert [(r.metrics_port, r.side_channel_port) for r in ranks] == [(9100, 5600), (9101, 5601)]
+    # Ports count by the rank on this node; disk directories by the rank in the whole deployment.
+    third = cfg.for_rank(3, dp_rank_local=1)
+    assert third.disk_paths[0].endswith("dp3") and third.metrics_port == 9101
+    free = DynKVConfig.from_dict({"host_pages": 8}, env={}).for_rank(1)
+    assert (free.metrics_port, free.side_channel_port) == (None, 0)  # none, or any free one: as configured
+    with pytest.raises(ValueError, match="metrics_port=65535: data-parallel rank 1 would listen on 65536"):
+        DynKVConfig.from_dict({"host_pages": 8, "metrics_port": 65535}, env={}).for_rank(1)

@@ -278,3 +278,14 @@ def test_hex_round_trip(rng: np.random.Generator) -> None:
         key_hex(b"abc")
     with pytest.raises(ValueError, match="32 hex digits"):
         key_from_hex("abcd")
+
+
+def test_group_keys_name_each_groups_pages_apart() -> None:
+    from dynkv.keys import group_keys
+
+    fp = ModelFingerprint("m", "float16", 2, 2, 4, 4)
+    keys = block_keys(fp, list(range(12)), 4)
+    a, b = group_keys(keys, b"0|sliding:64:0|l0,l2"), group_keys(keys, b"1|full|l1,l3")
+    assert len(set(a) | set(b) | set(keys)) == 9  # no page key of one group is another's, or a prefix key
+    assert a == group_keys(keys, b"0|sliding:64:0|l0,l2")  # stable
+    assert all(len(k) == 16 for k in a)

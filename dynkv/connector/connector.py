@@ -27,10 +27,15 @@ implemented and simply not called by the others. Where the worker -> scheduler
 metadata channel is missing, worker reports ride in the connector stats
 (:class:`DynKVStats`), which vLLM also carries from workers to the scheduler.
 
-The class is kept whole (about 550 lines): it is vLLM's connector interface,
+Models with sliding-window layers or several KV-cache groups (vLLM's hybrid
+manager) keep one page per group and block under the group's own keys
+(:mod:`.groups`); their hits load asynchronously, and a failed load fails its
+request (recomputed), the only failure vLLM takes from such models.
+
+The class is kept whole (about 650 lines): it is vLLM's connector interface,
 one method per hook, each a few lines of translation; splitting it would scatter
-one interface over several files. Geometry, stats and events already live in
-:mod:`.engine`, :mod:`.stats` and :mod:`.events`.
+one interface over several files. Geometry, KV-cache groups, stats and events
+already live in :mod:`.engine`, :mod:`.groups`, :mod:`.stats` and :mod:`.events`.
 """
 
 from __future__ import annotations
@@ -54,7 +59,15 @@ from dynkv.connector.events import KVEvents
 from dynkv.connector.stats import DynKVPromMetrics, DynKVStats
 from dynkv.disagg.params import RemotePrefill, asks_remote_decode
 from dynkv.disagg.trust import RemoteGate
-from dynkv.connector.engine import distinct_layers, metric_samples, model_geometry, paged_view
+from dynkv.connector.engine import (
+    check_vllm_version,
+    data_parallel_rank,
+    distinct_layers,
+    metric_samples,
+    model_geometry,
+    paged_view,
+)
+from dynkv.connector.groups import group_block_ids, group_stores, interleaved_keys, kv_groups
 from dynkv.keys import block_keys
 from dynkv.protocol import StepPlan, WorkerReport
 from dynkv.tiers.host import pool_name_for
@@ -64,6 +77,10 @@ try:  # vLLM >= the worker -> scheduler metadata channel
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
 except ImportError:
     KVConnectorWorkerMetadata = None  # type: ignore[assignment,misc]
+try:  # vLLM >= request-level load failures (the only kind it takes from models of several KV-cache groups)
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+except ImportError:
+    KVConnectorTransferResults = None  # type: ignore[assignment,misc]
 try:
     from vllm.v1.metrics.cache_hit_source import CacheHitSource
 except ImportError:
@@ -104,6 +121,7 @@ def _share_vllm_logging() -> None:
     ours.propagate = False
 
 _UNSET: Any = object()
+_VERSION_CHECKED = False
 
 
 @dataclass
@@ -116,6 +134,9 @@ class DynKVMetadata(KVConnectorMetadata):
     # A uniform decode batch, which vLLM may replay as one full CUDA graph (no per-layer hooks): sync loads are
     # waited for whole. Some model runners start loads outside the forward context, where the mode is not shown.
     whole: bool = False
+    # Sliding-window models: vLLM frees blocks that leave the window and hands them to other requests at once,
+    # so workers finish the stores in flight before this step's inputs are prepared (or its blocks written).
+    settle: bool = False
 
 
 @dataclass
@@ -151,10 +172,10 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             super().__init__(vllm_config, role, kv_cache_config)
         _share_vllm_logging()  # vLLM has configured its logging by the time it builds a connector
         xfer = vllm_config.kv_transfer_config
-        try:
-            self.config = DynKVConfig.from_dict(xfer.kv_connector_extra_config)
-        except ValueError as e:
-            raise ValueError(f"DynKVConnector: bad kv_connector_extra_config: {e}") from None
+        self.config = self.check_extra_config(xfer.kv_connector_extra_config)
+        dp = data_parallel_rank(vllm_config)
+        if dp is not None:  # each DP rank is an engine of its own: its own disk directory and ports
+            self.config = self.config.for_rank(*dp)
         if getattr(xfer, "kv_load_failure_policy", "recompute") != "recompute":
             # dynkv is a cache: a page that fails its checks is recomputed, not
             # a failed request. vLLM's scheduler reads the policy after creating
@@ -163,10 +184,23 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             xfer.kv_load_failure_policy = "recompute"
         self.geometry, self.fingerprint = model_geometry(vllm_config, kv_cache_config,
                                                          model_version=self.config.model_version)
+        self.groups = kv_groups(vllm_config, kv_cache_config)
+        # vLLM takes block-level load errors from models of one KV-cache group only: with several, every load
+        # is asynchronous and a failed one fails its request (recomputed whole).
+        self._several = self.groups.count > 1
+        self.layerwise = self.config.layerwise and not self._several
         self.block_size = self.geometry.block_size
         self.world_size = vllm_config.parallel_config.tensor_parallel_size
         self.pool_name = pool_name_for(str(xfer.engine_id), self.fingerprint)
         kv_role = getattr(xfer, "kv_role", None) or "kv_both"
+        if not self.groups.plain and kv_role != "kv_both":
+            raise ValueError(
+                f"dynkv: kv_role {kv_role!r} (disaggregated prefill/decode) is not supported for models with "
+                f"sliding-window or several KV-cache groups ({self.groups.count}); use kv_role 'kv_both'"
+            )
+        if self._several and self.config.layerwise:
+            log.info("dynkv: %d KV-cache groups: host hits load asynchronously (not layer by layer)",
+                     self.groups.count)
         self._exports = kv_role == "kv_producer"
         self.leader: Any = None
         self.worker: Any = None
@@ -230,6 +264,8 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         # it right before start_load_kv.
         if not isinstance(kv_connector_metadata, DynKVMetadata):
             return
+        if kv_connector_metadata.settle:
+            self.worker.wait(kind="store")
         if kv_connector_metadata.preempted:
             # vLLM hands a preempted request's blocks to others at once: stores still reading them finish first.
             self.worker.wait(kv_connector_metadata.preempted)
@@ -257,8 +293,16 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         sending, recving = self.worker.finished()
         return sending or None, recving or None
 
+    def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
+        sending, recving = self.get_finished(finished_req_ids)
+        # With several KV-cache groups a failed load fails its request (vLLM maps no block ids back to requests).
+        failed = self.worker.failed_requests() if self._several else set()
+        return KVConnectorTransferResults(finished_sending=set(sending or ()),
+                                          finished_recving=set(recving or ()) | failed, failed_recving=failed)
+
     def get_block_ids_with_load_errors(self) -> set[int]:
-        return self.worker.load_error_blocks()
+        errors = self.worker.load_error_blocks()
+        return set() if self._several else errors  # several groups: reported per request, above
 
     def build_connector_worker_meta(self) -> Any:
         if KVConnectorWorkerMetadata is None:
@@ -279,12 +323,13 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         st = self._track(request)
         if st.keyless or getattr(request, "skip_reading_prefix_cache", False):
             return 0, False
-        bs = self.block_size
+        bs, groups = self.block_size, self.groups.count
         base = -(-num_computed_tokens // bs)
         # Every full block, the last one included: pulls from a prefill engine (and load_last_block) load it,
         # and after an asynchronous load that covers the whole prompt vLLM rewinds one token and computes that.
         limit = max(base, request.num_tokens // bs)
-        n = self.leader.lookup(request.request_id, self._keys(st, limit), base)
+        # A block is a hit when every group's page of it is held (groups' pages interleave, block by block).
+        n = self.leader.lookup(request.request_id, self._page_keys(st, limit), base * groups) // groups
         remote, more = self._remote(st), 0
         if remote is not None:
             more = self.leader.match_remote(request.request_id, st.keys[:limit], base + n, remote)
@@ -293,7 +338,7 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             n += more
         st.lookup_tokens = num_computed_tokens
         st.sync = False
-        if n and self.config.layerwise and (remote is None or more == 0) and self.leader.on_host(request.request_id, n):
+        if n and self.layerwise and (remote is None or more == 0) and self.leader.on_host(request.request_id, n):
             # Host pages load in the step that computes the request, layer by layer under its forward. That
             # step computes at least one token: a hit on the whole prompt leaves its last block out.
             n = min(n, (request.num_tokens - 1) // bs - base)
@@ -314,10 +359,16 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         computed, st.lookup_tokens = st.lookup_tokens, None
         base = -(-computed // self.block_size)
         n = max(0, (computed + num_external_tokens) // self.block_size - base) if num_external_tokens else 0
-        block_ids = list(blocks.get_block_ids()[0][base : base + n]) if n else []
+        if self.groups.plain:
+            block_ids = list(blocks.get_block_ids()[0][base : base + n]) if n else []
+        else:
+            block_ids = group_block_ids(self.groups, blocks.get_block_ids(), base, n)
         # begin_load also unpins what is not loaded
         st.load_tiers = self.leader.begin_load(request.request_id, block_ids, sync=st.sync)
         st.sync = False
+        pages = sum(st.load_tiers.values())
+        if not self.groups.plain and pages:  # several pages a block: each tier's share of the blocks, for vLLM
+            st.load_tiers = {t: round(c * n / pages) for t, c in st.load_tiers.items()}
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
         st = self._reqs.get(request.request_id)
@@ -350,10 +401,14 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             if reach < (st.stored + 1) * bs:
                 continue  # no block fills this step (most decode steps)
             # Blocks full once this step's tokens are written; tokens not known yet do not count.
-            full = min(min(reach, req.num_tokens) // bs, len(st.block_ids))
+            full = min(min(reach, req.num_tokens) // bs, min(len(b) for b in st.block_ids))
             if full > st.stored:
                 keys = self._keys(st, full)
-                stores.append((req_id, keys[st.stored : full], st.block_ids[st.stored : full]))
+                if self.groups.plain:
+                    stores.append((req_id, keys[st.stored : full], st.block_ids[0][st.stored : full]))
+                else:
+                    stores.append((req_id, *group_stores(self.groups, self._page_keys(st, full), st.block_ids,
+                                                         st.stored, full, req.num_computed_tokens, bs)))
                 if self._events.on:
                     self._events.remember(st.keys, getattr(req, "block_hashes", ()), req.all_token_ids,
                                           req.lora_request, st.stored, full)
@@ -362,8 +417,9 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             self.leader.store_many(stores)
         preempted = tuple(getattr(scheduler_output, "preempted_req_ids", None) or ())
         plan = self.leader.build_plan()
+        settle = self.groups.sliding
         if not plan.sync_loads():
-            return DynKVMetadata(plan, preempted)
+            return DynKVMetadata(plan, preempted, settle=settle)
         early = self.early_loads and not _writes_blocks_first(scheduler_output)
         # vLLM's uniform decode batch: every request computes 1 + (speculative tokens) tokens.
         counts = scheduler_output.num_scheduled_tokens.values()
@@ -374,7 +430,7 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             worker = in_process(self.pool_name)
             if worker is not None:
                 worker.start_scheduled(plan, preempted, layer_hooks=not whole)
-        return DynKVMetadata(plan, preempted, early, whole)
+        return DynKVMetadata(plan, preempted, early, whole, settle)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         self.leader.step_end()
@@ -424,6 +480,9 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         for st in self._reqs.values():
             st.stored = 0  # running requests offload their blocks again
         self._events.clear()
+        if self.groups.sliding:
+            for st in self._reqs.values():
+                st.stored = len(st.keys)  # blocks that left a window are not theirs any more: not stored again
         return True
 
     def get_kv_connector_stats(self) -> Any:
@@ -453,6 +512,37 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         return DynKVStats(data=dict(data) if data is not None else {})
 
     @classmethod
+    def check_extra_config(cls, extra_config: dict[str, Any] | None) -> DynKVConfig:
+        """dynkv's settings from ``kv_connector_extra_config`` (and ``DYNKV_*``).
+
+        Called as vLLM builds its config, before any engine starts or any
+        weight loads (:mod:`dynkv.plugin`), and again by each connector. The
+        first call also checks vLLM's version (:func:`.engine.check_vllm_version`).
+
+        Raises
+        ------
+        ValueError
+            For a bad setting, naming its key; for a vLLM older than dynkv supports.
+        """
+        global _VERSION_CHECKED
+        if not _VERSION_CHECKED:  # once per process: a warning for a newer vLLM is not repeated per lookup
+            import vllm
+
+            warning = check_vllm_version(getattr(vllm, "__version__", "0.0"))
+            if warning:
+                log.warning("%s", warning)
+            _VERSION_CHECKED = True
+        try:
+            return DynKVConfig.from_dict(extra_config or {})
+        except ValueError as e:
+            raise ValueError(f"DynKVConnector: bad kv_connector_extra_config: {e}") from None
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        cls.check_extra_config(extra_config)  # vLLM asks while it builds its config, with CUDA graphs on
+        return False  # a forward replayed as one full CUDA graph waits for its sync loads whole
+
+    @classmethod
     def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[type, type], labelnames: list[str],
                            per_engine_labelvalues: dict[int, list[object]]) -> DynKVPromMetrics:
         return DynKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
@@ -471,7 +561,7 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
     def _track(self, request: Request) -> _Req:
         st = self._reqs.get(request.request_id)
         if st is None:
-            st = self._reqs[request.request_id] = _Req(request)
+            st = self._reqs[request.request_id] = _Req(request, block_ids=[[] for _ in range(self.groups.count)])
         return st
 
     def _keys(self, st: _Req, n: int) -> list[bytes]:
@@ -497,20 +587,29 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             st.keyless, st.keys = True, []
         return st.keys
 
+    def _page_keys(self, st: _Req, n: int) -> list[bytes]:
+        """The keys of the request's pages for its first ``n`` blocks: every group's, block by block."""
+        keys = self._keys(st, n)
+        if self.groups.plain or st.keyless:
+            return keys
+        return interleaved_keys(self.groups, keys, st.group_keys, n)
+
     def _remote(self, st: _Req) -> RemotePrefill | None:
         """The remote prefill the request's ``kv_transfer_params`` name, checked once (None: none usable).
 
         The pages' keys are this engine's, from the request's own tokens (:class:`RemoteGate`)."""
         if st.remote is _UNSET:
             params = getattr(st.request, "kv_transfer_params", None)
-            st.remote = self._gate.admit(st.request.request_id, params, lambda n: self._keys(st, n))
+            # Models with several KV-cache groups take no remote prefills (refused at start for P/D roles).
+            st.remote = (self._gate.admit(st.request.request_id, params, lambda n: self._keys(st, n))
+                         if self.groups.plain else None)
         return st.remote
 
     def _update_block_ids(self, out: SchedulerOutput) -> None:
         for data in out.scheduled_new_reqs:
             st = self._reqs.get(data.req_id)
             if st is not None:
-                st.block_ids = list(data.block_ids[0])
+                st.block_ids = [list(ids) for ids in data.block_ids]
         cached = out.scheduled_cached_reqs
         resumed = getattr(cached, "resumed_req_ids", None)
         if resumed is None:  # older vLLM: one flag per request
@@ -521,9 +620,10 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             if st is None:
                 continue
             if req_id in resumed:
-                st.block_ids = list(new[0]) if new else []
+                st.block_ids = [list(ids) for ids in new] if new else [[] for _ in range(self.groups.count)]
             elif new:
-                st.block_ids.extend(new[0])
+                for have, ids in zip(st.block_ids, new):
+                    have.extend(ids)
 
 
 @dataclass
@@ -534,7 +634,8 @@ class _Req:
     keys: list[bytes] = field(default_factory=list)
     mm_idx: int = 0
     keyless: bool = False  # extra keys dynkv cannot hash: never cached
-    block_ids: list[int] = field(default_factory=list)
+    group_keys: list[bytes] = field(default_factory=list)  # several groups: each group's key, block by block
+    block_ids: list[list[int]] = field(default_factory=lambda: [[]])  # per KV-cache group
     stored: int = 0  # leading blocks handed to the leader for storing
     lookup_tokens: int | None = None  # num_computed_tokens of a lookup awaiting its allocation
     load_tiers: dict[str, int] = field(default_factory=dict)

@@ -15,12 +15,59 @@ from typing import Any
 
 import torch
 
+from dynkv.connector.groups import kv_groups
 from dynkv.identity import weights_identity
 from dynkv.keys import ModelFingerprint
 from dynkv.layout import PagedView, PageGeometry, head_range
 
-__all__ = ["distinct_layers", "infer_dims", "metric_samples", "model_geometry", "paged_view"]
+__all__ = ["OLDEST_VLLM", "NEWEST_VLLM", "check_vllm_version", "data_parallel_rank", "distinct_layers", "infer_dims", "metric_samples", "model_geometry", "paged_view"]
 
+
+# The vLLM releases dynkv's connector is written and tested against (its hooks differ between them).
+OLDEST_VLLM = (0, 26)
+NEWEST_VLLM = (0, 33)
+
+
+def check_vllm_version(version: str) -> str | None:
+    """Refuse a vLLM older than :data:`OLDEST_VLLM`; a warning (returned) for one newer than :data:`NEWEST_VLLM`.
+
+    Raises
+    ------
+    ValueError
+        For a vLLM release older than dynkv supports (or a version it cannot read).
+    """
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is None:
+        raise ValueError(f"dynkv: cannot read vLLM's version {version!r}; dynkv supports vLLM "
+                         f"{'.'.join(map(str, OLDEST_VLLM))} to {'.'.join(map(str, NEWEST_VLLM))}")
+    have = (int(m.group(1)), int(m.group(2)))
+    span = f"{'.'.join(map(str, OLDEST_VLLM))} to {'.'.join(map(str, NEWEST_VLLM))}"
+    if have < OLDEST_VLLM:
+        raise ValueError(f"dynkv: vLLM {version} is older than dynkv supports ({span}); upgrade vLLM")
+    if have > NEWEST_VLLM:
+        return (f"dynkv: vLLM {version} is newer than dynkv was tested with ({span}); its connector hooks may "
+                "have changed: check the load and store counts in dynkv's metrics")
+    return None
+
+
+def data_parallel_rank(vllm_config: Any) -> tuple[int, int | None] | None:
+    """``(rank, rank on this node)`` when the engine is one rank of vLLM's data parallelism, else None.
+
+    vLLM runs the DP ranks of a dense model as independent engines and resets
+    their ``data_parallel_size`` and ``data_parallel_rank`` to one engine's;
+    ``data_parallel_index`` keeps the rank, and every DP engine's
+    ``engine_id`` ends in ``_dp<rank>``.
+    """
+    par = vllm_config.parallel_config
+    local = getattr(par, "data_parallel_rank_local", None)
+    if (getattr(par, "data_parallel_size", 1) or 1) > 1:
+        return int(par.data_parallel_rank or 0), local
+    index = getattr(par, "data_parallel_index", None)
+    engine_id = str(getattr(getattr(vllm_config, "kv_transfer_config", None), "engine_id", "") or "")
+    m = re.search(r"_dp(\d+)$", engine_id)
+    if index is not None and m is not None and int(m.group(1)) == index:
+        return int(index), local
+    return None
 
 def _elem_bytes(dtype: Any) -> int:
     return torch.empty(0, dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 1
@@ -44,32 +91,32 @@ def model_geometry(vllm_config: Any, kv_cache_config: Any = None, *,
     Raises
     ------
     ValueError
-        For KV caches dynkv cannot page: several KV-cache groups (hybrid
-        models), sliding-window or non-attention caches, pipeline parallelism.
+        For KV caches dynkv cannot page (:func:`kv_groups`: Mamba or
+        linear-attention state, groups of different shapes), and pipeline
+        parallelism.
     """
     model, cache, par = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
     if par.pipeline_parallel_size > 1:
         raise ValueError(
-            f"dynkv: pipeline_parallel_size={par.pipeline_parallel_size} is not supported; use tensor parallelism"
+            f"dynkv: pipeline_parallel_size={par.pipeline_parallel_size} is not supported (each stage would need "
+            "its own pages of its layers); use tensor parallelism, or serve without the DynKVConnector"
         )
     mla = bool(getattr(model, "use_mla", False))
     if kv_cache_config is not None:
         groups = kv_cache_config.kv_cache_groups
-        if len(groups) != 1:
-            raise ValueError(
-                f"dynkv: the model has {len(groups)} KV-cache groups (a hybrid model); dynkv pages models "
-                "with one full-attention group"
-            )
+        kv_groups(vllm_config, kv_cache_config)  # refuses what dynkv cannot page
         spec = groups[0].kv_cache_spec
-        if not hasattr(spec, "head_size") or getattr(spec, "sliding_window", None) is not None:
-            raise ValueError(f"dynkv: KV-cache spec {type(spec).__name__} is not full attention; not supported")
-        mla = mla or type(spec).__name__.startswith("MLA")
-        names = set(groups[0].layer_names)
+        mla = mla or type(spec).__name__.startswith(("MLA", "SlidingWindowMLA"))
         tensors = getattr(kv_cache_config, "kv_cache_tensors", ())
-        # vLLM >= 0.32: a tensor holds ``layers`` (one each, or a packed span); earlier
-        # versions name ``shared_by`` the layers that share one tensor: one layer of KV.
-        num_layers = sum(len(set(t.layers) & names) if hasattr(t, "layers") else int(bool(set(t.shared_by) & names))
-                         for t in tensors) or len(names)
+
+        def slots(names: set[str]) -> int:
+            # vLLM >= 0.32: a tensor holds ``layers`` (one each, or a packed span); earlier
+            # versions name ``shared_by`` the layers that share one tensor: one layer of KV.
+            return sum(len(set(t.layers) & names) if hasattr(t, "layers") else int(bool(set(t.shared_by) & names))
+                       for t in tensors) or len(names)
+
+        # The groups' tensors overlay one another: a page holds the layers of the largest group.
+        num_layers = max(slots(set(g.layer_names)) for g in groups)
         head_size, block_size, dtype = spec.head_size, spec.block_size, spec.dtype
         elem = _elem_bytes(dtype)
         token_bytes = getattr(spec, "state_content_size_bytes", None) or (1 if mla else 2) * head_size * elem

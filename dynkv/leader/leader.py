@@ -179,6 +179,7 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
         self._max_writes = max_disk_writes(config.io_threads, tiers[HOST])
         for tier, cap in tiers.items():
             self.metrics.capacity.labels(tier).set(cap)
+            self.metrics.writes_on.labels(tier).set(1)
         self.cost = CostModel() if config.cost_model and self.disk is not None else None
         self.shared: Any = None
         self.shared_cost: CostModel | None = None
@@ -259,8 +260,10 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
         """Load the request's matched pages into ``block_ids`` (its first ``len(block_ids)`` matches).
 
         ``sync``: vLLM computes the request in the step of the next plan, so
-        the load is in that plan; every page must be in the host tier.
-        Returns how many of the loaded pages each tier (host, disk, remote) supplies.
+        the load is in that plan; every page must be in the host tier. A
+        negative block id leaves its page unloaded (a sliding-window group
+        holds no block there). Returns how many of the loaded pages each tier
+        (host, disk, remote) supplies.
         """
         req = self._reqs.get(req_id)
         if req is None or len(block_ids) > len(req.match):
@@ -271,6 +274,10 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
         if sync and block_ids and not self.on_host(req_id, len(block_ids)):
             raise ValueError(f"request {req_id!r}: a synchronous load needs every page in the host tier")
         use, rest = req.match[: len(block_ids)], req.match[len(block_ids) :]
+        if any(b < 0 for b in block_ids):
+            rest += [m for m, b in zip(use, block_ids) if b < 0]
+            use = [m for m, b in zip(use, block_ids) if b >= 0]
+            block_ids = [b for b in block_ids if b >= 0]
         req.match = rest
         self._release_match(req)
         if not use:
@@ -480,6 +487,7 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
         self._host = memoryview(b"")
         withdraw_pool(self.pool_link)
         self.pool.close()
+        self.metrics.close()  # frees metrics_port for an engine started after this one
 
     def __enter__(self) -> Leader:
         return self

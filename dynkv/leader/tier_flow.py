@@ -14,6 +14,12 @@ says so, and when its request is aborted): its reads not yet started are
 cancelled, it goes out at once with its unread blocks to recompute, and its
 reads already running finish into the host tier, where the next turn finds
 them.
+
+Failed writes are logged once per run of failures. After
+:data:`WRITE_FAILURES_TO_STOP` in a row (a full file system, a dying disk)
+write-through stops, with one line saying so; reads go on. While stopped,
+one page in :data:`PROBE_EVERY` offered for writing is still written, and
+the first that succeeds turns writes back on, again with one line.
 """
 
 from __future__ import annotations
@@ -45,6 +51,12 @@ _WRITES_PER_THREAD = 16
 _WRITES_HOST_SHARE = 4
 
 
+# Failed disk writes in a row that stop write-through, and while stopped, one page in how many is written
+# anyway to find out whether the disk takes writes again (counted in pages, not time: no timer to run).
+WRITE_FAILURES_TO_STOP = 8
+PROBE_EVERY = 64
+
+
 def max_disk_writes(io_threads: int, host_pages: int) -> int:
     """Bound on disk writes in flight for a leader with these I/O threads and host tier."""
     return max(_WRITES_PER_THREAD * io_threads, host_pages // _WRITES_HOST_SHARE)
@@ -64,6 +76,10 @@ class DiskFlow:
     _io: queue.SimpleQueue[tuple[Any, ...]]
     _writes: int
     _max_writes: int
+    # Write failures in a row, whether write-through is stopped, pages offered while it is (see the module).
+    _write_streak: int = 0
+    _writes_off: bool = False
+    _offered_while_off: int = 0
     _promoting: dict[int, LoadRecord]
     _abandoned: dict[int, LoadRecord]  # loads given up, with disk reads still running
     _ready: list[LoadRecord]
@@ -190,6 +206,11 @@ class DiskFlow:
             if self._writes >= self._max_writes:
                 self.metrics.refused.labels(DISK, "busy").inc()
                 continue
+            if self._writes_off:
+                self._offered_while_off += 1
+                if self._offered_while_off % PROBE_EVERY:
+                    self.metrics.refused.labels(DISK, "off").inc()
+                    continue
             host_slot = self.index.location(key, HOST)
             if host_slot is None:
                 continue
@@ -298,7 +319,23 @@ class DiskFlow:
             self.index.commit(DISK, [key])
             self.metrics.pages.labels("host_to_disk").inc()
             self.metrics.bytes.labels("host_to_disk").inc(self.geometry.page_bytes)
-        else:
-            log.warning("disk write of page %s failed (%s); the page stays on the host only", key.hex(), exc)
-            self.index.remove(DISK, [key])
-            self.metrics.store_errors.labels(DISK).inc()
+            if self._writes_off:
+                log.warning("disk tier: writes succeed again after %d failed in a row; write-through is back on",
+                            self._write_streak)
+                self._writes_off = False
+                self.metrics.writes_on.labels(DISK).set(1)
+            self._write_streak = 0
+            return
+        self.index.remove(DISK, [key])
+        self.metrics.store_errors.labels(DISK).inc()
+        self._write_streak += 1
+        if self._write_streak == 1:
+            log.warning("disk write of page %s failed (%s); the page stays on the host only (further failures in "
+                        "a row are not logged)", key.hex(), exc)
+        if self._write_streak >= WRITE_FAILURES_TO_STOP and not self._writes_off:
+            self._writes_off = True
+            self._offered_while_off = 0
+            self.metrics.writes_on.labels(DISK).set(0)
+            log.error("disk tier: %d writes in a row failed, the last with %s; write-through stops (pages stay in "
+                      "the host tier, disk pages are still read) and one page in %d is tried until one is "
+                      "written", self._write_streak, exc, PROBE_EVERY)

@@ -70,6 +70,10 @@ class ModelSpec:
     max_position_embeddings: int
     initializer_range: float = 0.3
     dtype: str = "float32"  # "float32" or "bfloat16"
+    # Sliding-window attention (Mistral / Gemma2 style): the window in tokens, and which layers use it
+    # ("sliding_attention" or "full_attention" per layer; None: every layer slides when a window is set).
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
 
     @property
     def head_dim(self) -> int:
@@ -134,6 +138,11 @@ def _spec_for(preset: str, overrides: dict[str, Any]) -> ModelSpec:
     spec = replace(PRESETS[preset], **overrides)
     if spec.dtype not in _DTYPES:
         raise ValueError(f"model dtype {spec.dtype!r}: expected one of {sorted(_DTYPES)}")
+    if spec.layer_types is not None:
+        if spec.sliding_window is None or len(spec.layer_types) != spec.num_layers or not set(spec.layer_types) <= {
+                "sliding_attention", "full_attention"}:
+            raise ValueError(f"model layer_types {spec.layer_types}: expected one of 'sliding_attention' or "
+                             f"'full_attention' per layer ({spec.num_layers}), with a sliding_window")
     if spec.hidden_size % spec.num_heads or spec.num_heads % spec.num_kv_heads:
         raise ValueError(
             f"model shape {spec}: hidden_size must divide by num_heads and num_heads by num_kv_heads"
@@ -171,6 +180,11 @@ def write_model(path: str | os.PathLike[str], *, preset: str = "tiny", seed: int
     fields = asdict(spec)
     if spec.dtype == "float32":
         del fields["dtype"]  # models written before the field existed are float32: same identity
+    for name in ("sliding_window", "layer_types"):
+        if fields[name] is None:
+            del fields[name]  # likewise for models without a sliding window
+        elif name == "layer_types":
+            fields[name] = list(fields[name])  # as the marker's JSON reads back
     identity = {"format": _FORMAT_VERSION, "preset": preset, "seed": seed, "spec": fields}
     marker = out / _MARKER
     if marker.is_file():
@@ -229,6 +243,10 @@ def _llama_config(spec: ModelSpec) -> Any:
 
 def _write_config(out: Path, spec: ModelSpec) -> None:
     cfg = _llama_config(spec).to_dict()
+    if spec.sliding_window is not None:
+        # vLLM's Llama reads a per-layer window from layer_types; without them every layer slides.
+        cfg["sliding_window"] = spec.sliding_window
+        cfg["layer_types"] = list(spec.layer_types or ["sliding_attention"] * spec.num_layers)
     # The transformers version would make the bytes depend on the install.
     cfg.pop("transformers_version", None)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

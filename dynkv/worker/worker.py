@@ -93,6 +93,7 @@ class Worker(SyncLoads, PullFlow):
         self._recving: set[str] = set()
         self._sending: set[str] = set()
         self._errors: set[int] = set()
+        self._failed_reqs: set[str] = set()  # requests with a failed load, for vLLM's request-level failures
         self._finishing: set[str] = set()
         self._lock = threading.Lock()
         self._streams: tuple[Any, Any] | None = None
@@ -244,11 +245,18 @@ class Worker(SyncLoads, PullFlow):
         errors, self._errors = self._errors, set()
         return errors
 
-    def wait(self, req_ids: Iterable[str] | None = None) -> None:
-        """Block until the jobs of ``req_ids`` (default all) are done: before vLLM reuses their blocks."""
+    def failed_requests(self) -> set[str]:
+        """Requests with a failed load since the last call (their blocks are in :meth:`load_error_blocks` too)."""
+        self._collect()
+        failed, self._failed_reqs = self._failed_reqs, set()
+        return failed
+
+    def wait(self, req_ids: Iterable[str] | None = None, *, kind: str | None = None) -> None:
+        """Block until the jobs of ``req_ids`` (default all), of ``kind`` (``"load"``, ``"store"``; default
+        both), are done: before vLLM reuses their blocks."""
         wanted = None if req_ids is None else set(req_ids)
         for job in list(self._jobs):
-            if wanted is None or job.req_id in wanted:
+            if (wanted is None or job.req_id in wanted) and (kind is None or job.kind == kind):
                 _wait(job)
         self._collect()
 
@@ -444,5 +452,7 @@ class Worker(SyncLoads, PullFlow):
             bad = set(job.failed_blocks) | (set(job.block_ids if lost is None else lost) if error is not None else set())
             r.failed_blocks |= bad
             self._errors |= bad
+            if bad:
+                self._failed_reqs.add(job.req_id)
             if not job.sync:
                 self._recving.add(job.req_id)

@@ -27,7 +27,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 import dynkv.connector.connector as connector_mod
 import dynkv.worker.worker
 from dynkv.connector import DynKVConnector, DynKVMetadata, DynKVPromMetrics, DynKVStats, DynKVWorkerMetadata
-from dynkv.connector.engine import distinct_layers, infer_dims, model_geometry
+from dynkv.connector.engine import data_parallel_rank, distinct_layers, infer_dims, model_geometry
 from dynkv.protocol import StepPlan, WorkerReport
 
 
@@ -396,8 +396,6 @@ def test_prometheus_metrics_per_engine() -> None:
 def test_config_errors_name_the_key_and_load_failures_recompute() -> None:
     with pytest.raises(ValueError, match=r"bad kv_connector_extra_config: .*unknown key 'host_gbb'"):
         DynKVConnector(*fake_config({"host_gbb": 1})[:1], KVConnectorRole.SCHEDULER, fake_config()[1])
-    with pytest.raises(ValueError, match="2 KV-cache groups"):
-        model_geometry(*fake_config(groups=2))
     with pytest.raises(ValueError, match="pipeline_parallel_size=2"):
         model_geometry(*fake_config(pp=2))
     vllm_config, kcc = fake_config()
@@ -447,6 +445,28 @@ def test_plugin_registers_the_name_once() -> None:
     assert KVConnectorFactory.get_connector_class_by_name("DynKVConnector") is DynKVConnector
     pyproject = tomllib.loads(Path(__file__).parents[2].joinpath("pyproject.toml").read_text())
     assert pyproject["project"]["entry-points"]["vllm.general_plugins"]["dynkv"] == "dynkv.plugin:register"
+
+
+def test_plugin_checks_the_settings_when_vllm_looks_the_connector_up() -> None:
+    """vLLM looks the class up while it builds its config: a bad setting fails there, naming its key."""
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    from dynkv.plugin import register
+
+    register()
+    register()
+    assert KVConnectorFactory.get_connector_class.__func__._dynkv_checks  # wrapped, once
+    good = KVTransferConfig(kv_connector="DynKVConnector", kv_role="kv_both",
+                            kv_connector_extra_config={"host_pages": 8})
+    assert KVConnectorFactory.get_connector_class(good) is DynKVConnector
+    bad = KVTransferConfig(kv_connector="DynKVConnector", kv_role="kv_both",
+                           kv_connector_extra_config={"host_pages": -3})
+    with pytest.raises(ValueError, match="DynKVConnector: bad kv_connector_extra_config: .*host_pages"):
+        KVConnectorFactory.get_connector_class(bad)
+    other = KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both",
+                             kv_connector_extra_config={"host_pages": -3})
+    assert KVConnectorFactory.get_connector_class(other).__name__ == "ExampleConnector"  # not dynkv's to check
 
 
 
@@ -549,3 +569,34 @@ def test_dynkv_logs_where_vllm_logs_and_says_what_it_set_up(monkeypatch) -> None
         assert ours.handlers == vllm_logger.handlers and not ours.propagate
     finally:
         c.shutdown()
+
+
+def test_each_data_parallel_rank_keeps_its_own_disk_directory(tmp_path: Path) -> None:
+    """vLLM runs a dense model's DP ranks as independent engines (DP size 1); the rank survives in its index."""
+    vllm_config, kcc = fake_config({"host_pages": 8, "disk_gb": 0.01, "disk_paths": [str(tmp_path)]})
+    assert data_parallel_rank(vllm_config) is None
+    par = vllm_config.parallel_config
+    par.data_parallel_size, par.data_parallel_rank, par.data_parallel_index, par.data_parallel_rank_local = 1, 0, 1, 1
+    vllm_config.kv_transfer_config.engine_id = "unit-engine_dp1"
+    assert data_parallel_rank(vllm_config) == (1, 1)
+    c = DynKVConnector(vllm_config, KVConnectorRole.SCHEDULER, kcc)
+    try:
+        assert c.config.disk_paths == (str(tmp_path / "dp1"),)
+        assert [p.name for p in tmp_path.iterdir()] == ["dp1"]
+    finally:
+        c.shutdown()
+    par.data_parallel_size, par.data_parallel_rank = 2, 1  # a MoE model's ranks keep vLLM's DP fields
+    assert data_parallel_rank(vllm_config) == (1, 1)
+
+
+def test_vllm_version_guard() -> None:
+    from dynkv.connector.engine import NEWEST_VLLM, check_vllm_version
+
+    assert check_vllm_version("0.32.0") is None and check_vllm_version("0.26.1+cpu") is None
+    with pytest.raises(ValueError, match=r"vLLM 0.25.2 is older than dynkv supports \(0.26 to 0.33\); upgrade"):
+        check_vllm_version("0.25.2")
+    with pytest.raises(ValueError, match="cannot read vLLM's version 'dev'"):
+        check_vllm_version("dev")
+    newer = f"{NEWEST_VLLM[0]}.{NEWEST_VLLM[1] + 1}.0"
+    assert f"vLLM {newer} is newer than dynkv was tested with" in check_vllm_version(newer)
+    assert "newer" in check_vllm_version("1.0.0")

@@ -219,14 +219,20 @@ def test_loading_wrong_pages_changes_the_output(model_dir: str, prompts: dict, b
     print("tokens changed:", sum(a != b for a, b in zip(host["tokens"], baseline["tokens"])), "of", len(P))
 
 
-def test_bad_connector_config_fails_at_start_naming_the_key(model_dir: str, tmp_path: Path) -> None:
-    spec = {"model": model_dir, "engine": ENGINE, "dynkv": {"host_gbb": 1}, "phases": []}
+@pytest.mark.parametrize("by_name", [True, False], ids=["by-name", "module-path"])
+def test_bad_connector_config_fails_before_the_model_loads_naming_the_key(model_dir: str, tmp_path: Path,
+                                                                          by_name: bool) -> None:
+    """vLLM's own plugin loading installs dynkv's check: it fails as vLLM builds its config, before any weight."""
+    spec = {"model": model_dir, "engine": ENGINE, "dynkv": {"host_gbb": 1}, "by_name": by_name, "phases": []}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     proc = subprocess.run([sys.executable, str(DRIVER), str(tmp_path / "spec.json"), str(tmp_path / "out.json")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "DynKVConnector: bad kv_connector_extra_config" in proc.stderr
     assert "unknown key 'host_gbb' (did you mean 'host_gb'?)" in proc.stderr
+    assert "validation error for VllmConfig" in proc.stderr  # raised while vLLM built its config
+    for line in ("Initializing a V1 LLM engine", "Loading weights took", "Model loading took"):
+        assert line not in proc.stderr, f"the engine got as far as {line!r} before the bad setting failed"
 
 
 def test_tensor_parallel_two_ranks(model_dir: str, prompts: dict, baseline: dict, tmp_path: Path) -> None:

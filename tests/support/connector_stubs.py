@@ -16,13 +16,28 @@ BS = 32
 LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(2)]
 
 
-def fake_config(extra: dict[str, Any] | None = None, *, groups: int = 1, pp: int = 1,
-                block_size: int = BS) -> tuple[Any, Any]:
-    spec = SimpleNamespace(head_size=4, block_size=block_size, dtype=torch.float16, sliding_window=None,
-                           state_content_size_bytes=16)
+class SlidingWindowSpec(SimpleNamespace):
+    """Named as vLLM's: a sliding-window group's spec."""
+
+
+def fake_config(extra: dict[str, Any] | None = None, *, groups: int = 1, pp: int = 1, block_size: int = BS,
+                windows: tuple[int | None, ...] | None = None) -> tuple[Any, Any]:
+    """vLLM's config and KV-cache config; ``windows``: one KV-cache group per entry (None: full attention,
+    else a sliding window in tokens), each of the two layers of :data:`LAYERS` (the hybrid manager's overlay)."""
+    def spec(window: int | None) -> Any:
+        cls = SimpleNamespace if window is None else SlidingWindowSpec
+        return cls(head_size=4, block_size=block_size, dtype=torch.float16, sliding_window=window,
+                   state_content_size_bytes=16)
+
+    if windows is None:
+        group_list = [SimpleNamespace(layer_names=list(LAYERS), kv_cache_spec=spec(None)) for _ in range(groups)]
+    else:
+        group_list = [SimpleNamespace(layer_names=[f"{n}.g{g}" for n in LAYERS], kv_cache_spec=spec(w))
+                      for g, w in enumerate(windows)]
     kcc = SimpleNamespace(
-        kv_cache_groups=[SimpleNamespace(layer_names=list(LAYERS), kv_cache_spec=spec) for _ in range(groups)],
-        kv_cache_tensors=[SimpleNamespace(layers=[n]) for n in LAYERS],
+        kv_cache_groups=group_list,
+        kv_cache_tensors=[SimpleNamespace(layers=[grp.layer_names[i]]) for grp in group_list
+                          for i in range(len(LAYERS))],
         num_blocks=64,
     )
     model = SimpleNamespace(model="/models/unit", revision=None, quantization=None, use_mla=False,
@@ -54,8 +69,9 @@ class FakeRequest:
         return len(self.all_token_ids)
 
 
-def blocks(ids: list[int]) -> Any:
-    return SimpleNamespace(get_block_ids=lambda: (list(ids),))
+def blocks(ids: list[int], *groups: list[int]) -> Any:
+    """vLLM's ``KVCacheBlocks`` of a request: ``ids`` of group 0, then the others' (0: the null block)."""
+    return SimpleNamespace(get_block_ids=lambda: (list(ids), *map(list, groups)))
 
 
 def step(new: dict[str, list[int]] | None = None, scheduled: dict[str, int] | None = None,
@@ -63,12 +79,17 @@ def step(new: dict[str, list[int]] | None = None, scheduled: dict[str, int] | No
          preempted: set[str] = frozenset()) -> Any:
     cached = cached or {}
     return SimpleNamespace(
-        scheduled_new_reqs=[SimpleNamespace(req_id=r, block_ids=(b,)) for r, b in (new or {}).items()],
+        scheduled_new_reqs=[SimpleNamespace(req_id=r, block_ids=_groups(b)) for r, b in (new or {}).items()],
         scheduled_cached_reqs=SimpleNamespace(req_ids=list(cached), new_block_ids=[
-            None if b is None else (b,) for b in cached.values()], resumed_req_ids=set(resumed)),
+            None if b is None else _groups(b) for b in cached.values()], resumed_req_ids=set(resumed)),
         num_scheduled_tokens=dict(scheduled or {}),
         preempted_req_ids=set(preempted),
     )
+
+
+def _groups(ids: Any) -> tuple[list[int], ...]:
+    """Block ids as vLLM hands them, per KV-cache group: a tuple of lists is one per group, a list group 0's."""
+    return tuple(ids) if isinstance(ids, tuple) else (ids,)
 
 
 def complete(conn: DynKVConnector, meta: DynKVMetadata) -> None:

@@ -16,6 +16,9 @@ by_name
     instead of ``kv_connector_module_path``.
 corrupt_loads
     Make every load copy a different host page than planned (the model must notice).
+same_group_keys
+    Give every KV-cache group of a hybrid model the same page keys, so one group's pages load into the
+    others' blocks (the model must notice).
 record_events
     Count the KV events the connector hands vLLM (``events`` in the output).
 phases
@@ -85,6 +88,13 @@ def _shift_loads() -> None:
     Worker._launch_sync = launch_sync_shifted  # type: ignore[method-assign]
 
 
+def _same_group_keys() -> None:
+    """Patch the connector so every KV-cache group's pages share one key per block."""
+    import dynkv.connector.groups as groups
+
+    groups.group_keys = lambda keys, tag: list(keys)  # type: ignore[assignment]
+
+
 def _record_events(counts: dict[str, int]) -> None:
     """Patch the connector to count the KV events it hands vLLM, as ``<Type>:<medium>``."""
     from dynkv.connector import DynKVConnector
@@ -124,6 +134,8 @@ def _samples(conn: Any) -> dict[str, float]:
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("corrupt_loads"):
         _shift_loads()
+    if spec.get("same_group_keys"):
+        _same_group_keys()
     events: dict[str, int] = {}
     if spec.get("record_events"):
         _record_events(events)
