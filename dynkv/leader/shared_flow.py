@@ -117,7 +117,8 @@ class SharedFlow:
         futs = self.shared.read_many([(key, self._host_page(h)) for _, key, h in reads])
         for (i, key, h), fut in zip(reads, futs):
             fut.add_done_callback(
-                lambda f, i=i, key=key, h=h: self._io.put(("shared_read", load, i, key, h, f, started)))
+                lambda f, i=i, key=key, h=h: self._io.put(("shared_read", load, i, key, h, f, started,
+                                                           time.perf_counter())))
 
     def _share(self, keys: Sequence[bytes], *, computed: bool = False) -> None:
         """Write committed host pages behind to the shared tier, as admission and back-pressure allow.
@@ -164,9 +165,9 @@ class SharedFlow:
             self._shared_write_done(*item[1:])
 
     def _shared_read_done(self, load: LoadRecord, i: int, key: bytes, host_slot: int, fut: Future[None],
-                          started: float) -> None:
+                          started: float, now: float) -> None:
+        """One shared-tier read completed at ``now`` (its thread's clock; applied at the leader's next call)."""
         exc = fut.exception()
-        now = time.perf_counter()
         load.read_until = max(load.read_until, now)
         if exc is None:
             self.index.commit(HOST, [key])
@@ -193,7 +194,7 @@ class SharedFlow:
         load.waiting -= 1
         load.shared_waiting -= 1
         if load.shared_waiting == 0 and self.shared_cost is not None:
-            self.shared_cost.disk_done(load.job)
+            self.shared_cost.disk_done(load.job, at=load.read_until or None)
         if load.waiting == 0:
             self._load_settled(load)
 

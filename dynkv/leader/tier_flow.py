@@ -272,7 +272,7 @@ class DiskFlow:
         load.read_until = max(load.read_until, when)
         self.index.unpin(DISK, [key])
         if self.cost is not None:
-            self.cost.disk_read(load.job, self._page_bytes)
+            self.cost.disk_read(load.job, self._page_bytes, at=when)
         if exc is None:
             self.index.commit(HOST, [key])
             if load.given_up:  # cached for a later request; this one recomputes the block
@@ -301,7 +301,7 @@ class DiskFlow:
     def _load_settled(self, load: LoadRecord) -> None:
         """The load's last disk or shared-tier read completed: it goes to the workers (unless it gave up)."""
         if load.disk_reads and self.cost is not None:
-            self.cost.disk_done(load.job)
+            self.cost.disk_done(load.job, at=load.read_until or None)
         load.reads = []
         if self._abandoned.pop(load.job, None) is not None:
             return

@@ -12,7 +12,8 @@ the leader keeps two measured rates and one queue:
   rate reads low, which errs toward loading);
 - the disk tier's **read bandwidth**: bytes read per second of the time the
   disk had reads outstanding, over windows of at least
-  :data:`MIN_WINDOW_S` of such busy time. The tier reads several loads at
+  :data:`MIN_WINDOW_S` of such busy time (or until it has nothing left to
+  read), each read timed when its I/O thread finished it. The tier reads several loads at
   once on its I/O threads, so a load's own time says nothing of the disk:
   loads read side by side finish close together, and timing each from the
   previous one's end read tens of GB/s off a 2 GB/s disk (seen on an H100
@@ -124,8 +125,13 @@ class CostModel:
         self._inflight[job] = _DiskJob(nbytes, nbytes, nbytes, tokens, page_bytes, now)
         self.queue_bytes += nbytes
 
-    def disk_read(self, job: int, nbytes: int, *, cancelled: bool = False) -> None:
-        """``nbytes`` of the load's reads left the queue: read now, or ``cancelled`` before they started."""
+    def disk_read(self, job: int, nbytes: int, *, cancelled: bool = False, at: float | None = None) -> None:
+        """``nbytes`` of the load's reads left the queue: read (``at``: when the read completed, on this model's
+        clock; default now), or ``cancelled`` before they started.
+
+        Pass ``at`` where completions are applied later than they happen (the leader applies them at its
+        next call): the bandwidth is the disk's, not the pace of whoever collects its completions.
+        """
         entry = self._inflight.get(job)
         if entry is None:
             return
@@ -135,29 +141,32 @@ class CostModel:
         if cancelled:  # bytes never read: not part of the service the bandwidth measures
             entry.nbytes -= nbytes
         else:
-            self._served(nbytes, self._clock())
+            self._served(nbytes, self._clock() if at is None else at)
 
-    def disk_done(self, job: int) -> None:
-        """The load's last disk read completed now (failed reads included: the disk did the work)."""
+    def disk_done(self, job: int, *, at: float | None = None) -> None:
+        """The load's last disk read completed ``at`` (default now; failed reads included: the disk did the work)."""
         entry = self._inflight.pop(job, None)
         if entry is None:
             return
-        now = self._clock()
+        now = self._clock() if at is None else at
         self.queue_bytes -= entry.unread
         self._served(entry.unread, now)  # reads a caller did not report one by one
-        if not self._inflight and self._busy_since is not None:  # the disk goes idle: its busy time stops
-            self._window_busy += now - self._busy_since
+        if not self._inflight and self._busy_since is not None:  # the disk goes idle: its busy time stops,
+            self._window_busy += max(0.0, now - self._busy_since)  # and what it read since the last sample is one
             self._busy_since = None
+            if self._window_bytes > 0 and self._window_busy > 0:
+                self.disk_bytes_per_s = self._average(self.disk_bytes_per_s, self._window_bytes / self._window_busy)
+                self._window_bytes, self._window_busy = 0, 0.0
 
     def _served(self, nbytes: int, now: float) -> None:
         """``nbytes`` were read by ``now``: a bandwidth sample once the window holds enough busy time."""
         self._window_bytes += nbytes
-        busy = self._window_busy + (now - self._busy_since if self._busy_since is not None else 0.0)
+        busy = self._window_busy + (max(0.0, now - self._busy_since) if self._busy_since is not None else 0.0)
         if busy >= MIN_WINDOW_S and self._window_bytes > 0:
             self.disk_bytes_per_s = self._average(self.disk_bytes_per_s, self._window_bytes / busy)
             self._window_bytes, self._window_busy = 0, 0.0
             if self._busy_since is not None:
-                self._busy_since = now
+                self._busy_since = max(self._busy_since, now)
 
     def gives_up(self, job: int) -> Decision | None:
         """Whether a load whose reads are under way should stop waiting for the rest (None: unknown job).

@@ -113,6 +113,19 @@ def test_disk_bandwidth_of_loads_read_side_by_side_is_the_disk_s_not_each_load_s
     assert 810 < after < 990, after
 
 
+def test_disk_bandwidth_times_reads_when_their_threads_finished_them_not_when_they_are_applied() -> None:
+    """The leader applies completions at its next call; a disk that read 4 MiB in 4 ms is not 8 MiB/s slow."""
+    clock = Clock()
+    c = model_with(clock)
+    start = clock.t
+    c.disk_submitted(1, 4 * MiB, tokens=64, page_bytes=2 * MiB)
+    clock.t += 0.5  # the next scheduler step
+    c.disk_read(1, 2 * MiB, at=start + 0.002)
+    c.disk_read(1, 2 * MiB, at=start + 0.004)
+    c.disk_done(1, at=start + 0.004)
+    assert c.disk_bytes_per_s == pytest.approx(1000 * MiB, rel=1e-6)
+
+
 def test_decision_weighs_queue_plus_read_against_recompute() -> None:
     clock = Clock()
     c = model_with(clock)

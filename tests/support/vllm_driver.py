@@ -20,7 +20,7 @@ same_group_keys
     Give every KV-cache group of a hybrid model the same page keys, so one group's pages load into the
     others' blocks (the model must notice).
 record_events
-    Count the KV events the connector hands vLLM (``events`` in the output).
+    Count the blocks of the KV events the connector hands vLLM (``events`` in the output).
 phases
     List of ``{"name", "prompts": [[token ids]], "max_tokens", "reset_device_cache",
     "reset_dynkv", "corrupt_disk", "before"}``: ``reset_device_cache`` empties vLLM's
@@ -96,7 +96,10 @@ def _same_group_keys() -> None:
 
 
 def _record_events(counts: dict[str, int]) -> None:
-    """Patch the connector to count the KV events it hands vLLM, as ``<Type>:<medium>``."""
+    """Patch the connector to count the blocks of the KV events it hands vLLM, as ``<Type>:<medium>``.
+
+    One event can carry a run of chained blocks (its ``block_hashes``): the count is of blocks.
+    """
     from dynkv.connector import DynKVConnector
 
     take = DynKVConnector.take_events
@@ -105,7 +108,7 @@ def _record_events(counts: dict[str, int]) -> None:
         events = list(take(self))
         for ev in events:
             key = f"{type(ev).__name__}:{ev.medium}"
-            counts[key] = counts.get(key, 0) + 1
+            counts[key] = counts.get(key, 0) + max(1, len(getattr(ev, "block_hashes", None) or ()))
         return events
 
     DynKVConnector.take_events = take_counted  # type: ignore[method-assign]
