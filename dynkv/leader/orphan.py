@@ -17,6 +17,7 @@ costs one system call a second, sees a reparenting to a subreaper as well as
 to pid 1, and can be stopped. The id is compared with the parent seen at
 start, not with 1, so a healthy engine under a subreaper never fires, and an
 engine whose parent died before the watch began fires at its first poll.
+When it fires, the leader stops the engine (:func:`stop_orphaned_engine`).
 """
 
 from __future__ import annotations
@@ -106,23 +107,29 @@ STOP_GRACE_S = 10.0  # how long an orphaned engine's own shutdown may take befor
 
 def stop_orphaned_engine(engine_id: str, parent: int, closed: threading.Event, close: Callable[[], None], *,
                          grace_s: float | None = None) -> None:
-    """Ask this orphaned engine to stop (SIGTERM to this process), and close its tiers if it has not within
-    ``grace_s`` (default :data:`STOP_GRACE_S`).
+    """Stop this orphaned engine, and close its tiers if it has not within ``grace_s`` (default
+    :data:`STOP_GRACE_S`).
 
-    The signal is vLLM's own request to stop an engine core: its engine
-    thread ends the requests in flight, stops its TP workers (whose mappings
-    hold the host pool's memory too) and shuts the connector down, so the
-    tiers close on the thread that uses them (``closed`` is set then). Closing
-    them from this thread instead, while the engine thread may be inside a
-    leader call, could fail that call; it is done only when the engine has not
-    stopped by itself (its drain, ``--shutdown-timeout``, runs long; the
-    process has no handler of its own and SIGTERM was ignored).
+    Where the process handles SIGTERM (vLLM's engine core does: it is the
+    API server's own request to stop it), it is sent that: the engine thread
+    ends the requests in flight, stops its TP workers (whose mappings hold the
+    host pool's memory too) and shuts the connector down, so the tiers close
+    on the thread that uses them (``closed`` is set then). Where it does not
+    (SIGTERM ignored, or at its default action: vLLM has begun its teardown,
+    which closes the tiers), no signal is sent. Closing the tiers from this
+    thread while the engine thread may be inside a leader call could fail
+    that call, so it is done only once the engine has not stopped by itself
+    in time (a long drain, ``--shutdown-timeout``; no handler).
     """
-    log.warning("dynkv %s: this engine's parent process (pid %d) is gone and no client can reach the engine: "
-                "stopping it (SIGTERM to pid %d), which closes its tiers (disk locks, host pool and its link, "
-                "metrics port) so that a restart on the same disk paths can start", engine_id, parent, os.getpid())
-    os.kill(os.getpid(), signal.SIGTERM)
+    handled = callable(signal.getsignal(signal.SIGTERM))
     grace = STOP_GRACE_S if grace_s is None else grace_s
+    doing = (f"stopping it (SIGTERM to pid {os.getpid()}), which closes its tiers" if handled
+             else f"its tiers close as it stops, or in {grace:g} s")
+    log.warning("dynkv %s: this engine's parent process (pid %d) is gone and no client can reach the engine: %s "
+                "(disk locks, host pool and its link, metrics port) so that a restart on the same disk paths can "
+                "start", engine_id, parent, doing)
+    if handled:
+        os.kill(os.getpid(), signal.SIGTERM)
     if not closed.wait(grace):
         log.warning("dynkv %s: the orphaned engine has not stopped within %g s: closing its tiers now",
                     engine_id, grace)

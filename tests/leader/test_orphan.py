@@ -57,13 +57,15 @@ def _engine(out: str, disk: str, on_term: str) -> None:
     """An engine with a leader (host and disk tiers), stopping on SIGTERM as vLLM's engine core does."""
     import dynkv.leader.orphan as orphan
 
-    orphan.POLL_S, orphan.STOP_GRACE_S = 0.05, 0.5
+    # Where the engine stops on SIGTERM, a grace past any stall of a loaded machine: the watch must not close.
+    orphan.POLL_S, orphan.STOP_GRACE_S = 0.05, (DEADLINE if on_term == "stop" else 0.5)
     logging.basicConfig(filename=os.path.join(out, "log"), level=logging.INFO)
     stop = threading.Event()
     if on_term == "stop":
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    else:  # an engine that does not stop on SIGTERM: the watch closes the tiers itself
+    elif on_term == "ignore":  # an engine that does not stop on SIGTERM: the watch closes the tiers itself
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # "default": no handler (vLLM in its teardown, or a plain process): not signalled, the watch closes the tiers
     leader = make_leader(Model(), disk_gb=0.01, disk_paths=[disk])
     Path(out, "up").write_text(f"{leader.pool_link}\n{leader.disk.files[0]}")
     stop.wait(DEADLINE if on_term == "stop" else 3 * DEADLINE)
@@ -107,10 +109,10 @@ def test_watch_fires_once_the_parent_is_killed(tmp_path: Path) -> None:
         launcher.join(10)
 
 
-@pytest.mark.parametrize("on_term", ["stop", "ignore"])
+@pytest.mark.parametrize("on_term", ["stop", "ignore", "default"])
 def test_orphaned_leader_lets_go_of_its_tiers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_term: str) -> None:
-    """SIGTERM (vLLM's stop) closes the tiers on the engine's thread; an engine that ignores it has them
-    closed by the watch after a grace time, while it still runs."""
+    """SIGTERM (vLLM's stop) closes the tiers on the engine's thread; an engine that ignores it, or has no
+    handler of its own (not signalled: it runs on), has them closed by the watch after a grace time."""
     monkeypatch.setenv("DYNKV_RUN_DIR", str(tmp_path / "run"))
     disk = tmp_path / "disk"
     launcher = _tree(tmp_path, _engine, str(disk), on_term)
@@ -134,11 +136,12 @@ def test_orphaned_leader_lets_go_of_its_tiers(tmp_path: Path, monkeypatch: pytes
             assert restart.disk.files[0] == disk_file
         finally:
             restart.close()
-        if on_term == "ignore":
+        if on_term != "stop":
             assert Path(f"/proc/{engine}").exists() and not (tmp_path / "stopped").exists()
         log = (tmp_path / "log").read_text()
         assert log.count("parent process (pid ") == 1 and f"(pid {launcher.pid}) is gone" in log, log
-        assert ("has not stopped within 0.5 s: closing its tiers now" in log) == (on_term == "ignore"), log
+        assert ("has not stopped within 0.5 s: closing its tiers now" in log) == (on_term != "stop"), log
+        assert ("SIGTERM to pid" in log) == (on_term == "stop"), log
     finally:
         launcher.kill()
         if engine is not None:
