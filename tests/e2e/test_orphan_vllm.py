@@ -3,11 +3,11 @@
 The killed API server leaves its engine core (and that core's TP worker)
 running as orphans, holding the disk tier's lock and the host pool. The
 engine core's leader notices that its parent is gone and stops the engine
-(:mod:`dynkv.leader.orphan`); the restart, started at once on the same disk
-path while the orphans still run, waits for the lock
-(:func:`dynkv.tiers.diskfile._lock`), serves the same greedy tokens from the
-dead engine's disk pages, and no pool of the dead engine stays: no link, no
-process mapping its memfd, nothing in ``/dev/shm``.
+(:mod:`dynkv.leader.orphan`). The restart, started at once on the same disk
+path while the orphans still run (it would wait for a lock they still held:
+``tests/tiers/test_disk.py`` shows that wait), serves the same greedy tokens
+from the dead engine's disk pages; the orphans stop, and no pool of the dead
+engine stays: no link, no process mapping its memfd, nothing in ``/dev/shm``.
 """
 
 from __future__ import annotations
