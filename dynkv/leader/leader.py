@@ -31,12 +31,17 @@ A page whose disk or shared-tier read fails its checks is dropped (from the
 disk tier; the shared tier is other engines' too) and its block is reported as
 a load error, so vLLM recomputes it: never wrong KV.
 
-The class is kept whole (about 570 lines): what remains here is the life of a
+In vLLM's engine-core process the leader watches the process's parent: an
+engine whose API server was killed outright is stopped, so that its tiers
+close and a restart on the same disk paths can start
+(:mod:`dynkv.leader.orphan`).
+
+The class is kept whole (about 610 lines): what remains here is the life of a
 job (lookup, load, store, plan, acknowledgement, completion) over one index and
 one set of records; the disk traffic and the cost model
 (:mod:`dynkv.leader.tier_flow`), the shared tier's
-(:mod:`dynkv.leader.shared_flow`), P/D (:mod:`dynkv.leader.remote_flow`) and
-the records (:mod:`dynkv.leader.records`) are apart.
+(:mod:`dynkv.leader.shared_flow`), P/D (:mod:`dynkv.leader.remote_flow`),
+the records (:mod:`dynkv.leader.records`) and the orphan watch are apart.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import itertools
 import logging
 import os
 import queue
+import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
@@ -54,6 +60,7 @@ from dynkv.config import DynKVConfig
 from dynkv.index import IndexEvent, PageIndex
 from dynkv.keys import ModelFingerprint
 from dynkv.layout import PAGE_ALIGN, PageGeometry, page_stride
+from dynkv.leader.orphan import OrphanWatch, started_by, stop_orphaned_engine
 from dynkv.leader.records import Acks, LoadRecord, RequestRecord, StoreRecord
 from dynkv.leader.remote_flow import RemoteFlow
 from dynkv.leader.shared_flow import SharedFlow
@@ -113,6 +120,9 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
         self.world_size = world_size
         self.engine_id = engine_id
         self.metrics = metrics if metrics is not None else Metrics()
+        self._close_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._watch: OrphanWatch | None = None
         self.page_stride = page_stride(geometry)
         self._page_bytes = geometry.page_bytes
         self.num_host_pages = host_pages_for(config, self.page_stride)
@@ -206,6 +216,10 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
                 self.close()
                 raise ValueError(f"dynkv config metrics_port={config.metrics_port}: cannot listen there "
                                  f"({e.strerror}); give a free port, or none") from None
+        parent = started_by()
+        if parent is not None:  # an engine core: once its API server is gone, it must let go (leader/orphan.py)
+            self._watch = OrphanWatch(parent, lambda: stop_orphaned_engine(engine_id, parent, self._closed,
+                                                                           self.close))
         log.info("%s", self.describe())
 
     def describe(self) -> str:
@@ -472,7 +486,19 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
                     or self._writes or self._shared_writes)
 
     def close(self) -> None:
-        """Wait for disk and shared-tier I/O, then release the tiers (the host pool's link is removed)."""
+        """Wait for disk and shared-tier I/O, then release the tiers (the host pool's link is removed).
+
+        Idempotent; the engine's shutdown and the orphan watch may call it at
+        once, and one of them closes.
+        """
+        if self._watch is not None:
+            self._watch.stop()
+        with self._close_lock:
+            if not self._closed.is_set():
+                self._close_tiers()
+                self._closed.set()
+
+    def _close_tiers(self) -> None:
         if self.shared is not None:
             self.shared.close()
             self._drain_io()

@@ -18,6 +18,7 @@ import logging
 import mmap
 import os
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -268,13 +269,57 @@ def _open(path: str, flags: int) -> int:
         raise OSError(e.errno, f"cannot open the disk tier's file ({e.strerror}): give a writable disk_paths "
                       "entry", path) from e
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holders = lock_holders(fd)
+        _lock(fd, path)
+    except BaseException:
         os.close(fd)
-        raise OSError(errno.EBUSY, f"another dynkv disk tier uses this file ({describe_holders(holders)}): "
-                      "give each engine its own disk_paths, or stop that process", path) from None
+        raise
     return fd
+
+
+ORPHAN_WAIT_S = 30.0  # how long a start waits for orphaned holders of its file to let go (leader/orphan.py)
+
+
+def _lock(fd: int, path: str) -> None:
+    """Take the file's lock; wait up to :data:`ORPHAN_WAIT_S` while only orphans hold it, else raise ``EBUSY``.
+
+    An engine core whose API server was killed stops by itself within seconds
+    (:mod:`dynkv.leader.orphan`), and a supervisor may restart the engine
+    before it has: the restart waits for it. A holder with a parent is
+    another engine configured on the same path: that fails at once.
+    """
+    deadline = None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            holders = lock_holders(fd)
+        if not holders:  # let go since, or /proc/locks unreadable: one more try decides
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+        orphans = bool(holders) and all(_parent(pid) == 1 for pid in holders)
+        now = time.monotonic()
+        if orphans and deadline is None:
+            deadline = now + ORPHAN_WAIT_S
+            log.warning("%s is held by %s: waiting up to %g s for it to stop", path, describe_holders(holders),
+                        ORPHAN_WAIT_S)
+        if not orphans or now >= deadline:
+            waited = f" and did not let go within {ORPHAN_WAIT_S:g} s" if orphans else ""
+            raise OSError(errno.EBUSY, f"another dynkv disk tier uses this file ({describe_holders(holders)})"
+                          f"{waited}: give each engine its own disk_paths, or stop that process", path)
+        time.sleep(0.1)
+
+
+def _parent(pid: int) -> int | None:
+    """Parent pid of ``pid`` from ``/proc`` (None where it cannot tell)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def lock_holders(fd: int) -> list[int]:
@@ -300,12 +345,13 @@ def describe_holders(pids: list[int]) -> str:
         return "holder unknown"
     parts = []
     for pid in pids:
+        ppid = _parent(pid)
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = " ".join(f.read().replace(b"\0", b" ").decode(errors="replace").split())[:80]
-        except (OSError, ValueError, IndexError):
+        except OSError:
+            ppid = None
+        if ppid is None:
             parts.append(f"pid {pid}")
             continue
         parts.append(f"pid {pid} ({cmd or '?'}), " + ("an orphan: its parent is gone; kill it" if ppid == 1
