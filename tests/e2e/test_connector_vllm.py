@@ -166,7 +166,10 @@ def test_disk_tier_survives_restart_and_bad_pages_are_recomputed(
     model_dir: str, prompts: dict, baseline: dict, tmp_path: Path
 ) -> None:
     P, F = prompts["P"], prompts["F"]
-    dynkv = {"host_pages": 20, "disk_gb": 0.02, "disk_paths": [str(tmp_path / "disk")], "disk_admit_min_hits": 0}
+    # The cost model off: this test counts which tier served each page, and on a busy machine the model may
+    # (rightly) leave a slow disk read to recompute. Its own tests: tests/leader/test_cost.py.
+    dynkv = {"host_pages": 20, "disk_gb": 0.02, "disk_paths": [str(tmp_path / "disk")], "disk_admit_min_hits": 0,
+             "cost_model": False}
     n = len(P) * FULL_BLOCKS
     first = run_engine(tmp_path / "first", {
         "model": model_dir, "dynkv": dynkv, "record_events": True,
