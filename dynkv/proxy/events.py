@@ -14,9 +14,14 @@ Re-sync: a router that starts late asks each engine's replay socket for
 every batch from 0; a gap in ``seq`` asks for the missing batches; a ``seq``
 that goes back means the engine restarted, so its blocks are forgotten and
 its batches replayed from 0. When the replay buffer no longer reaches back
-(``buffer_steps``), the view stays partial and ``lost`` counts it: routing
-still works, its predictions are just shorter. This is the one home of ZMQ
-in the proxy (the house rule's second home, next to ``disagg/wire.py``).
+(``buffer_steps``; ``lost`` counts it), the router asks the engine for a
+snapshot (:mod:`dynkv.kvsnapshot`, dynkv's ``/kv/snapshot``), sets the
+engine's part of the index to it and goes on from the batch that carries
+the snapshot's marker: batches up to it are superseded, those after it
+apply. An engine without a snapshot endpoint stays partially known:
+routing still works, its predictions are just shorter. This is the one home
+of ZMQ in the proxy (the house rule's second home, next to
+``disagg/wire.py``).
 """
 
 from __future__ import annotations
@@ -24,12 +29,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 import zmq
 
+from dynkv.kvsnapshot import KVSnapshot, decode_snapshot
 from dynkv.proxy.block_hash import normalize, stored_hash_ok
 from dynkv.proxy.router import PrefixIndex
 
@@ -96,7 +104,7 @@ class EngineFeed:
         self._dup_to = -1  # live messages up to here were already applied from a replay
         self.hash_mismatch = False
         self._checked = 0
-        self.counts = {"batches": 0, "events": 0, "gaps": 0, "lost": 0, "restarts": 0, "bad": 0}
+        self.counts = {"batches": 0, "events": 0, "gaps": 0, "lost": 0, "restarts": 0, "bad": 0, "snapshots": 0}
         self.on_mismatch: Callable[[str], None] | None = None
 
     def offer(self, seq: int, payload: bytes) -> str:
@@ -128,21 +136,52 @@ class EngineFeed:
         self.index.cleared(self.engine)
         self.last_seq, self._dup_to, self._checked = None, -1, 0
 
-    def replayed(self, batches: Sequence[tuple[int, bytes]]) -> None:
-        """Batches from the replay socket, oldest first; those past :meth:`want_from` are applied."""
+    def replayed(self, batches: Sequence[tuple[int, bytes]]) -> bool:
+        """Batches from the replay socket, oldest first; those past :meth:`want_from` are applied.
+
+        False when the first of them is gone from the replay buffer (the view
+        misses what they did: ask for a snapshot).
+        """
         want = self.want_from()
         todo = [(s, p) for s, p in batches if s >= want]
+        complete = True
         if todo and todo[0][0] > want or not todo and self.last_seq is None and batches:
+            complete = False
             self.counts["lost"] += 1
-            log.warning("KV events of %s: batches %d..%d are gone from its replay buffer (raise buffer_steps); "
-                        "its blocks from then are not known", self.engine, want,
-                        (todo[0][0] if todo else batches[-1][0] + 1) - 1)
+            log.warning("KV events of %s: batches %d..%d are gone from its replay buffer (raise buffer_steps)",
+                        self.engine, want, (todo[0][0] if todo else batches[-1][0] + 1) - 1)
         for seq, payload in todo:
             if self.last_seq is not None and seq != self.last_seq + 1 and seq <= self.last_seq:
                 continue
             self._apply(seq, payload)
         if self.last_seq is not None:
             self._dup_to = self.last_seq
+        return complete
+
+    def load_snapshot(self, snap: KVSnapshot, seq: int) -> None:
+        """The engine's state after batch ``seq`` (the one carrying the snapshot's marker) replaces its view.
+
+        Without the device's blocks (``snap.device`` None: the engine's vLLM
+        does not list them) the device blocks known from events are kept.
+        """
+        if snap.device is None:
+            self.index.cleared(self.engine, [m for m in self.index.counts().get(self.engine, {}) if m != "GPU"])
+        else:
+            self.index.cleared(self.engine)
+            self.index.stored(self.engine, "GPU", (normalize(h) for h in snap.device))
+        if snap.block_size and self.block_size is None:
+            self.block_size = snap.block_size
+        for medium, pages in snap.media.items():
+            for page in pages[:_CHECKS]:
+                self._check(BlockStored(block_hashes=[page.block_hash], parent_block_hash=page.parent,
+                                        token_ids=page.tokens, block_size=snap.block_size,
+                                        lora_name=page.lora_name))
+            self.index.stored(self.engine, medium, (normalize(p.block_hash) for p in pages))
+        self.last_seq = self._dup_to = seq
+        self.counts["snapshots"] += 1
+        log.info("KV events of %s: view rebuilt from a snapshot (device blocks: %s; %s), going on after batch %d",
+                 self.engine, "not listed" if snap.device is None else len(snap.device),
+                 ", ".join(f"{len(p)} {m}" for m, p in snap.media.items()) or "no tier pages", seq)
 
     def skip_to(self, seq: int, payload: bytes) -> None:
         """Apply a message past a gap nobody can fill (no replay socket, or it did not answer)."""
@@ -197,7 +236,8 @@ class EngineFeed:
 
 
 class Subscriber:
-    """A thread reading every engine's KV events (SUB) and asking for replays (DEALER to vLLM's ROUTER).
+    """A thread reading every engine's KV events (SUB), asking for replays (DEALER to vLLM's ROUTER) and, where the
+    replay buffer does not reach back, for snapshots (HTTP).
 
     Parameters
     ----------
@@ -206,22 +246,36 @@ class Subscriber:
     endpoints
         Engine -> ``(publisher endpoint, replay endpoint or None)``, e.g.
         ``("tcp://10.0.0.5:5557", "tcp://10.0.0.5:5558")``.
+    snapshots
+        Engine -> the URL of its snapshot (dynkv's
+        ``http://HOST:METRICS_PORT/kv/snapshot``); engines without one are
+        followed by events and replays only.
     topic
         The publishers' topic (vLLM's ``topic``, default empty).
     replay_timeout_s
         How long a replay socket may stay silent before the replay is given up.
+    snapshot_timeout_s
+        How long a snapshot, and then the batch carrying its marker, may take.
     """
 
     def __init__(self, feeds: dict[str, EngineFeed], endpoints: dict[str, tuple[str, str | None]], *,
-                 topic: str = "", replay_timeout_s: float = 2.0) -> None:
+                 snapshots: dict[str, str] | None = None, topic: str = "", replay_timeout_s: float = 2.0,
+                 snapshot_timeout_s: float = 30.0) -> None:
         for engine, (pub, replay) in endpoints.items():
             for ep in (pub, replay):
                 if ep is not None and not ep.startswith(("tcp://", "ipc://", "inproc://")):
                     raise ValueError(f"KV events endpoint {ep!r} of {engine}: expected tcp://host:port or ipc://path")
+        for engine, url in (snapshots or {}).items():
+            if engine not in endpoints or not url.startswith(("http://", "https://")):
+                raise ValueError(f"KV snapshot URL {url!r} of {engine}: expected http://host:port/kv/snapshot for an "
+                                 "engine with KV events")
         self.feeds, self.endpoints = feeds, endpoints
+        self.snapshots = dict(snapshots or {})
         self._topic = topic.encode()
         self._timeout_ms = int(replay_timeout_s * 1000)
+        self._snapshot_timeout_s = snapshot_timeout_s
         self._ctx = zmq.Context()
+        self._subs: dict[str, Any] = {}
         self._requests: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="dynkv-kv-events", daemon=True)
         self._ready = threading.Event()
@@ -240,7 +294,7 @@ class Subscriber:
         self._thread.join(5)
 
     def _run(self) -> None:
-        subs: dict[Any, str] = {}
+        engines: dict[Any, str] = {}
         poller = zmq.Poller()
         try:
             for engine, (pub, _) in self.endpoints.items():
@@ -248,22 +302,22 @@ class Subscriber:
                 s.setsockopt(zmq.RCVHWM, 0)
                 s.setsockopt(zmq.SUBSCRIBE, self._topic)
                 s.connect(pub)
-                subs[s] = engine
+                self._subs[engine], engines[s] = s, engine
                 poller.register(s, zmq.POLLIN)
             for engine in self.endpoints:
-                self._replay(engine)
+                self._catch_up(engine)
             self._ready.set()
             while True:
                 stop = self._serve_requests()
                 if stop:
                     return
                 for s, _ in poller.poll(100):
-                    self._live(subs[s], s.recv_multipart())
+                    self._live(engines[s], s.recv_multipart())
         except Exception:
             log.exception("KV events subscriber stopped; routing goes on with what it knows")
         finally:
             self._ready.set()
-            for s in subs:
+            for s in engines:
                 s.close(linger=0)
             self._ctx.term()
 
@@ -276,7 +330,18 @@ class Subscriber:
             if engine is None:
                 return True
             self.feeds[engine].restart()
-            self._replay(engine)
+            self._catch_up(engine)
+
+    def _catch_up(self, engine: str) -> str:
+        """Replay what ``engine``'s feed misses, and take a snapshot where that cannot be replayed.
+
+        ``"complete"``, ``"snapshot"``, ``"partial"`` (some history is lost)
+        or ``"failed"`` (no replay socket, or it did not answer).
+        """
+        got = self._replay(engine)
+        if got != "complete" and self._snapshot(engine):
+            return "snapshot"
+        return got
 
     def _live(self, engine: str, frames: list[bytes]) -> None:
         if len(frames) != 3:
@@ -286,31 +351,84 @@ class Subscriber:
         seq = int.from_bytes(frames[1], "big")
         action = feed.offer(seq, frames[2])
         if action in ("gap", "restart"):
-            if not self._replay(engine) or feed.offer(seq, frames[2]) not in ("applied", "duplicate"):
+            got = self._catch_up(engine)
+            if got == "snapshot":
+                return  # this batch went out before the snapshot's marker: the snapshot holds what it did
+            if got == "failed" or feed.offer(seq, frames[2]) not in ("applied", "duplicate"):
                 feed.skip_to(seq, frames[2])
 
-    def _replay(self, engine: str) -> bool:
-        """Ask ``engine``'s replay socket for what the feed misses; False when it has none or did not answer."""
+    def _replay(self, engine: str) -> str:
+        """Ask ``engine``'s replay socket for what the feed misses: ``"complete"``, ``"partial"`` or ``"failed"``."""
+        got = self._fetch_replay(engine, self.feeds[engine].want_from())
+        if got is None:
+            return "failed"
+        return "complete" if self.feeds[engine].replayed(got) else "partial"
+
+    def _fetch_replay(self, engine: str, start: int) -> list[tuple[int, bytes]] | None:
+        """The batches from ``start`` that ``engine``'s replay socket still has; None when it has none or did not
+        answer."""
         endpoint = self.endpoints[engine][1]
-        feed = self.feeds[engine]
         if endpoint is None:
-            return False
+            return None
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.connect(endpoint)
-            sock.send_multipart((b"", feed.want_from().to_bytes(8, "big")))
+            sock.send_multipart((b"", start.to_bytes(8, "big")))
             got: list[tuple[int, bytes]] = []
             while sock.poll(self._timeout_ms):
                 frames = sock.recv_multipart()
                 if len(frames) != 4:
                     continue
                 if frames[2] == _END_SEQ:
-                    feed.replayed(got)
-                    return True
+                    return got
                 got.append((int.from_bytes(frames[2], "big"), frames[3]))
             log.warning("KV events of %s: replay socket %s did not answer within %.1f s", engine, endpoint,
                         self._timeout_ms / 1000)
-            return False
+            return None
         finally:
             sock.close()
+
+    def _snapshot(self, engine: str) -> bool:
+        """Rebuild ``engine``'s view from its snapshot; False when it has none or it failed (the view is unchanged).
+
+        The live batches read while looking for the marker are older than it
+        (superseded) or are the marker's own; were the marker missed (it went
+        out before the subscription took: the stream stays silent for the
+        replay timeout), the replay socket has it.
+        """
+        url = self.snapshots.get(engine)
+        if url is None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=self._snapshot_timeout_s) as r:
+                snap = decode_snapshot(r.read())
+        except (OSError, ValueError, msgspec.DecodeError, msgspec.ValidationError) as e:
+            log.warning("KV events of %s: snapshot %s failed (%s)", engine, url, e)
+            return False
+        sock = self._subs[engine]
+        deadline = time.monotonic() + self._snapshot_timeout_s
+        while (left := deadline - time.monotonic()) > 0 and sock.poll(min(int(left * 1000) + 1, self._timeout_ms)):
+            frames = sock.recv_multipart()
+            if len(frames) == 3 and _carries(frames[2], snap.marker):
+                self.feeds[engine].load_snapshot(snap, int.from_bytes(frames[1], "big"))
+                return True
+        feed = self.feeds[engine]
+        got = self._fetch_replay(engine, feed.want_from()) or []
+        at = next((i for i, (_, p) in enumerate(got) if _carries(p, snap.marker)), None)
+        if at is None:
+            log.warning("KV events of %s: the batch carrying snapshot %s never came; the snapshot is not used",
+                        engine, snap.marker)
+            return False
+        feed.load_snapshot(snap, got[at][0])
+        feed.replayed(got[at + 1:])
+        return True
+
+
+def _carries(payload: bytes, marker: str) -> bool:
+    """Whether a published batch carries the marker of snapshot ``marker``."""
+    try:
+        batch = decode_batch(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return False
+    return any(isinstance(ev, BlockRemoved) and ev.medium == marker for ev in batch.events)
