@@ -32,10 +32,11 @@ manager) keep one page per group and block under the group's own keys
 (:mod:`.groups`); their hits load asynchronously, and a failed load fails its
 request (recomputed), the only failure vLLM takes from such models.
 
-The class is kept whole (about 650 lines): it is vLLM's connector interface,
+The class is kept whole (about 670 lines): it is vLLM's connector interface,
 one method per hook, each a few lines of translation; splitting it would scatter
-one interface over several files. Geometry, KV-cache groups, stats and events
-already live in :mod:`.engine`, :mod:`.groups`, :mod:`.stats` and :mod:`.events`.
+one interface over several files. Geometry, KV-cache groups, stats, events and
+snapshots already live in :mod:`.engine`, :mod:`.groups`, :mod:`.stats`,
+:mod:`.events` and :mod:`.snapshot`.
 """
 
 from __future__ import annotations
