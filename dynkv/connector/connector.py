@@ -473,16 +473,13 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             return False
         if self._events.on:
             self._unpublished += self.leader.take_events()
-        return not self.leader.idle() or bool(self._unpublished) or (self._desk is not None and self._desk.wanted())
+        return not self.leader.idle() or bool(self._unpublished)
 
     def take_events(self) -> Iterable[Any]:
         if self.leader is None:
             return ()
         events, self._unpublished = self._unpublished + self.leader.take_events(), []
-        out = self._events.convert(events)  # drained even when nobody listens
-        if self._desk is not None:
-            out += self._desk.take()  # last: a snapshot is the state after this step's batch
-        return out
+        return self._events.convert(events)  # drained even when nobody listens
 
     def bind_gpu_block_pool(self, gpu_block_pool: Any) -> None:
         if self._desk is not None:

@@ -159,7 +159,8 @@ class KVEvents:
         return out
 
     def tier_copies(self) -> dict[str, list[_Meta]]:
-        """The pages each tier holds now, by KV-events medium (a copy: call it in the thread that converts)."""
+        """The pages each tier's events announced, by KV-events medium; each tier's list is copied in one step of
+        the interpreter (see :mod:`dynkv.connector.snapshot`), so any thread may call it."""
         return {_MEDIUM[t]: list(pages.values()) for t, pages in self._tiers.items()}
 
     def clear(self) -> None:

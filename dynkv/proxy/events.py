@@ -16,10 +16,10 @@ that goes back means the engine restarted, so its blocks are forgotten and
 its batches replayed from 0. When the replay buffer no longer reaches back
 (``buffer_steps``; ``lost`` counts it), the router asks the engine for a
 snapshot (:mod:`dynkv.kvsnapshot`, dynkv's ``/kv/snapshot``), sets the
-engine's part of the index to it and goes on from the batch that carries
-the snapshot's marker: batches up to it are superseded, those after it
-apply. An engine without a snapshot endpoint stays partially known:
-routing still works, its predictions are just shorter. This is the one home
+engine's part of the index to it and applies every batch after the last one
+it had before asking (those the snapshot already holds do no harm; see
+:mod:`dynkv.kvsnapshot`). An engine without a snapshot endpoint stays
+partially known: routing still works, its predictions are just shorter. This is the one home
 of ZMQ in the proxy (the house rule's second home, next to
 ``disagg/wire.py``).
 """
@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -158,8 +157,9 @@ class EngineFeed:
             self._dup_to = self.last_seq
         return complete
 
-    def load_snapshot(self, snap: KVSnapshot, seq: int) -> None:
-        """The engine's state after batch ``seq`` (the one carrying the snapshot's marker) replaces its view.
+    def load_snapshot(self, snap: KVSnapshot) -> None:
+        """The engine's snapshot, asked for after batch :attr:`last_seq` arrived, replaces its view; the batches
+        after that one apply on top of it (:mod:`dynkv.kvsnapshot` says why that is exact).
 
         Without the device's blocks (``snap.device`` None: the engine's vLLM
         does not list them) the device blocks known from events are kept.
@@ -177,11 +177,11 @@ class EngineFeed:
                                         token_ids=page.tokens, block_size=snap.block_size,
                                         lora_name=page.lora_name))
             self.index.stored(self.engine, medium, (normalize(p.block_hash) for p in pages))
-        self.last_seq = self._dup_to = seq
+        self._dup_to = self.last_seq if self.last_seq is not None else -1
         self.counts["snapshots"] += 1
-        log.info("KV events of %s: view rebuilt from a snapshot (device blocks: %s; %s), going on after batch %d",
+        log.info("KV events of %s: view rebuilt from a snapshot (device blocks: %s; %s), going on after batch %s",
                  self.engine, "not listed" if snap.device is None else len(snap.device),
-                 ", ".join(f"{len(p)} {m}" for m, p in snap.media.items()) or "no tier pages", seq)
+                 ", ".join(f"{len(p)} {m}" for m, p in snap.media.items()) or "no tier pages", self.last_seq)
 
     def skip_to(self, seq: int, payload: bytes) -> None:
         """Apply a message past a gap nobody can fill (no replay socket, or it did not answer)."""
@@ -255,7 +255,7 @@ class Subscriber:
     replay_timeout_s
         How long a replay socket may stay silent before the replay is given up.
     snapshot_timeout_s
-        How long a snapshot, and then the batch carrying its marker, may take.
+        How long a snapshot may take to come.
     """
 
     def __init__(self, feeds: dict[str, EngineFeed], endpoints: dict[str, tuple[str, str | None]], *,
@@ -332,16 +332,10 @@ class Subscriber:
             self.feeds[engine].restart()
             self._catch_up(engine)
 
-    def _catch_up(self, engine: str) -> str:
-        """Replay what ``engine``'s feed misses, and take a snapshot where that cannot be replayed.
-
-        ``"complete"``, ``"snapshot"``, ``"partial"`` (some history is lost)
-        or ``"failed"`` (no replay socket, or it did not answer).
-        """
-        got = self._replay(engine)
-        if got != "complete" and self._snapshot(engine):
-            return "snapshot"
-        return got
+    def _catch_up(self, engine: str) -> None:
+        """Replay what ``engine``'s feed misses, and take a snapshot where the replay buffer no longer has it."""
+        if self._replay(engine) == "partial":
+            self._snapshot(engine)
 
     def _live(self, engine: str, frames: list[bytes]) -> None:
         if len(frames) != 3:
@@ -351,11 +345,12 @@ class Subscriber:
         seq = int.from_bytes(frames[1], "big")
         action = feed.offer(seq, frames[2])
         if action in ("gap", "restart"):
-            got = self._catch_up(engine)
-            if got == "snapshot":
-                return  # this batch went out before the snapshot's marker: the snapshot holds what it did
-            if got == "failed" or feed.offer(seq, frames[2]) not in ("applied", "duplicate"):
-                feed.skip_to(seq, frames[2])
+            got = self._replay(engine)
+            skipped = feed.offer(seq, frames[2]) not in ("applied", "duplicate")
+            if skipped:
+                feed.skip_to(seq, frames[2])  # no replay, or it did not reach this batch
+            if got != "complete" or skipped:
+                self._snapshot(engine)
 
     def _replay(self, engine: str) -> str:
         """Ask ``engine``'s replay socket for what the feed misses: ``"complete"``, ``"partial"`` or ``"failed"``."""
@@ -390,15 +385,11 @@ class Subscriber:
             sock.close()
 
     def _snapshot(self, engine: str) -> bool:
-        """Rebuild ``engine``'s view from its snapshot; False when it has none or it failed (the view is unchanged).
-
-        The live batches read while looking for the marker are older than it
-        (superseded) or are the marker's own; were the marker missed (it went
-        out before the subscription took: the stream stays silent for the
-        replay timeout), the replay socket has it.
-        """
+        """Rebuild ``engine``'s view from its snapshot; False when it has none, it failed (the view is unchanged),
+        or no batch arrived yet to go on from."""
         url = self.snapshots.get(engine)
-        if url is None:
+        feed = self.feeds[engine]
+        if url is None or feed.last_seq is None:
             return False
         try:
             with urllib.request.urlopen(url, timeout=self._snapshot_timeout_s) as r:
@@ -406,29 +397,5 @@ class Subscriber:
         except (OSError, ValueError, msgspec.DecodeError, msgspec.ValidationError) as e:
             log.warning("KV events of %s: snapshot %s failed (%s)", engine, url, e)
             return False
-        sock = self._subs[engine]
-        deadline = time.monotonic() + self._snapshot_timeout_s
-        while (left := deadline - time.monotonic()) > 0 and sock.poll(min(int(left * 1000) + 1, self._timeout_ms)):
-            frames = sock.recv_multipart()
-            if len(frames) == 3 and _carries(frames[2], snap.marker):
-                self.feeds[engine].load_snapshot(snap, int.from_bytes(frames[1], "big"))
-                return True
-        feed = self.feeds[engine]
-        got = self._fetch_replay(engine, feed.want_from()) or []
-        at = next((i for i, (_, p) in enumerate(got) if _carries(p, snap.marker)), None)
-        if at is None:
-            log.warning("KV events of %s: the batch carrying snapshot %s never came; the snapshot is not used",
-                        engine, snap.marker)
-            return False
-        feed.load_snapshot(snap, got[at][0])
-        feed.replayed(got[at + 1:])
+        feed.load_snapshot(snap)
         return True
-
-
-def _carries(payload: bytes, marker: str) -> bool:
-    """Whether a published batch carries the marker of snapshot ``marker``."""
-    try:
-        batch = decode_batch(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return False
-    return any(isinstance(ev, BlockRemoved) and ev.medium == marker for ev in batch.events)

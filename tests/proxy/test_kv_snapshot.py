@@ -16,7 +16,7 @@ import msgspec
 import pytest
 import zmq
 
-from dynkv.kvsnapshot import MARKER_PREFIX, KVSnapshot, SnapshotPage, encode_snapshot
+from dynkv.kvsnapshot import KVSnapshot, SnapshotPage, encode_snapshot
 from dynkv.proxy.block_hash import block_hashes, normalize
 from dynkv.proxy.events import BlockRemoved, BlockStored, EngineFeed, KVEventBatch, Subscriber
 from dynkv.proxy.router import PrefixIndex
@@ -33,11 +33,10 @@ class FakeEngine:
     """vLLM's publisher as seen from outside (PUB of ``(topic, seq, payload)``, a replay ROUTER keeping the last
     ``buffer_steps`` batches) and dynkv's snapshot endpoint, over a state of blocks per medium.
 
-    A snapshot follows dynkv's protocol: taken at the end of a step, its marker in that step's batch. Each
-    request for one publishes ``before`` (a batch the snapshot supersedes), the marker's batch (with
-    ``with_marker`` in it), then ``after`` (batches the router must apply from the stream), and answers with the
-    state after the marker's batch. ``drop`` holds back batches from the PUB socket (lost on the wire; still
-    in the replay buffer).
+    Each request for a snapshot publishes ``before`` (batches whose changes the snapshot holds), then
+    copies the state in the middle of building ``split`` (half its changes made, as when the copy falls inside
+    a scheduler step), publishes it and ``after`` (changes the snapshot misses), and answers with the copy.
+    ``drop`` holds back batches from the PUB socket (lost on the wire; still in the replay buffer).
     """
 
     def __init__(self, buffer_steps: int, *, device_listed: bool = True) -> None:
@@ -54,10 +53,9 @@ class FakeEngine:
         self.seq = 0
         self.lock = threading.RLock()
         self.drop = False
-        self.drop_marker = False
         self.snapshots = 0
         self.before: list[list[object]] = []
-        self.with_marker: list[object] = []
+        self.split: list[object] = []
         self.after: list[list[object]] = []
         self._stop = threading.Event()
         self._replayer = threading.Thread(target=self._serve_replays, daemon=True)
@@ -79,17 +77,20 @@ class FakeEngine:
         self.snapshot_url = f"http://127.0.0.1:{self.http.server_address[1]}/kv/snapshot"
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
 
+    def apply(self, events: list[object]) -> None:
+        for ev in events:
+            if isinstance(ev, BlockStored):
+                parent = ev.parent_block_hash
+                for i, h in enumerate(ev.block_hashes):
+                    self.state[ev.medium or "GPU"][h] = (parent, ev.token_ids[i * BS : (i + 1) * BS])
+                    parent = h
+            elif isinstance(ev, BlockRemoved):
+                for h in ev.block_hashes:
+                    self.state.get(ev.medium or "GPU", {}).pop(h, None)
+
     def publish(self, events: list[object], *, drop: bool | None = None) -> int:
         with self.lock:
-            for ev in events:
-                if isinstance(ev, BlockStored):
-                    parent = ev.parent_block_hash
-                    for i, h in enumerate(ev.block_hashes):
-                        self.state[ev.medium or "GPU"][h] = (parent, ev.token_ids[i * BS : (i + 1) * BS])
-                        parent = h
-                elif isinstance(ev, BlockRemoved):
-                    for h in ev.block_hashes:
-                        self.state.get(ev.medium or "GPU", {}).pop(h, None)
+            self.apply(events)
             seq, self.seq = self.seq, self.seq + 1
             payload = _ENC.encode(KVEventBatch(ts=float(seq), events=events))
             self.buffer.append((seq, payload))
@@ -102,15 +103,16 @@ class FakeEngine:
         for events in self.before:
             self.publish(events)
         self.snapshots += 1
-        marker = f"{MARKER_PREFIX}{os.getpid()}-{self.snapshots}"
-        with self.lock:  # the snapshot and its marker's batch in one step
-            self.publish([*self.with_marker, BlockRemoved(block_hashes=[], medium=marker)], drop=self.drop_marker)
+        with self.lock:
+            self.apply(self.split[: len(self.split) // 2])
             media = {m: [SnapshotPage(h, parent, tokens) for h, (parent, tokens) in self.state[m].items()]
                      for m in ("CPU", "STORAGE")}
             device = list(self.state["GPU"]) if self.device_listed else None
+            if self.split:
+                self.publish(self.split)
         for events in self.after:
             self.publish(events)
-        return encode_snapshot(KVSnapshot(marker=marker, block_size=BS, device=device, media=media))
+        return encode_snapshot(KVSnapshot(block_size=BS, device=device, media=media))
 
     def _serve_replays(self) -> None:
         while not self._stop.is_set():
@@ -190,20 +192,18 @@ def follow(engine: FakeEngine, **kw: object) -> tuple[Subscriber, EngineFeed, Pr
     return sub, feed, idx
 
 
-@pytest.mark.parametrize("marker_on_the_wire", [True, False], ids=["marker-live", "marker-replayed"])
-def test_router_started_past_the_replay_buffer_rebuilds_the_view_of_one_that_saw_everything(
-        seed: int, marker_on_the_wire: bool) -> None:
+def test_router_started_past_the_replay_buffer_rebuilds_the_view_of_one_that_saw_everything(seed: int) -> None:
     work = Workload(seed)
     engine = FakeEngine(buffer_steps=4)
-    # Around the snapshot: a batch it supersedes, its own step's events, and batches that follow it.
+    # Around the copy: a batch the snapshot holds, one it holds half of (a store then a removal of the same
+    # blocks: the copy has them, the router must end without), and batches it misses.
     toks = work.tokens()
     hashes = block_hashes(toks, BS)
-    engine.before = [[BlockStored(block_hashes=hashes, parent_block_hash=None, token_ids=toks, block_size=BS,
-                                  medium="GPU")]]
-    engine.with_marker = [BlockRemoved(block_hashes=hashes, medium="GPU"), *work.batch()]
+    engine.before = [work.batch()]
+    engine.split = [BlockStored(block_hashes=hashes, parent_block_hash=None, token_ids=toks, block_size=BS,
+                                medium="GPU"), *work.batch(), BlockRemoved(block_hashes=hashes, medium="GPU")]
     engine.after = [work.batch(), [BlockStored(block_hashes=hashes, parent_block_hash=None, token_ids=toks,
                                                block_size=BS, medium="STORAGE")]]
-    engine.drop_marker = not marker_on_the_wire
     sub, feed, idx = follow(engine)
     try:
         for _ in range(12):  # three times the replay buffer, before the router starts
@@ -217,7 +217,7 @@ def test_router_started_past_the_replay_buffer_rebuilds_the_view_of_one_that_saw
         want = saw_everything(engine)
         assert idx.held(E) == want
         assert want["STORAGE"] >= {normalize(h) for h in hashes} and not want.get("GPU", set()) & {
-            normalize(h) for h in hashes}  # the superseded batch's blocks were removed in the marker's step
+            normalize(h) for h in hashes}  # stored and removed again in the batch the copy fell into
         assert feed.counts["bad"] == 0 and not feed.hash_mismatch
     finally:
         sub.close()
