@@ -19,9 +19,9 @@ snapshot (:mod:`dynkv.kvsnapshot`, dynkv's ``/kv/snapshot``), sets the
 engine's part of the index to it and applies every batch after the last one
 it had before asking (those the snapshot already holds do no harm; see
 :mod:`dynkv.kvsnapshot`). An engine without a snapshot endpoint stays
-partially known: routing still works, its predictions are just shorter. This is the one home
-of ZMQ in the proxy (the house rule's second home, next to
-``disagg/wire.py``).
+partially known: routing still works, its predictions are just shorter.
+This is the one home of ZMQ in the proxy (the house rule's second home,
+next to ``disagg/wire.py``).
 """
 
 from __future__ import annotations
@@ -177,7 +177,6 @@ class EngineFeed:
                                         token_ids=page.tokens, block_size=snap.block_size,
                                         lora_name=page.lora_name))
             self.index.stored(self.engine, medium, (normalize(p.block_hash) for p in pages))
-        self._dup_to = self.last_seq if self.last_seq is not None else -1
         self.counts["snapshots"] += 1
         log.info("KV events of %s: view rebuilt from a snapshot (device blocks: %s; %s), going on after batch %s",
                  self.engine, "not listed" if snap.device is None else len(snap.device),
@@ -275,7 +274,6 @@ class Subscriber:
         self._timeout_ms = int(replay_timeout_s * 1000)
         self._snapshot_timeout_s = snapshot_timeout_s
         self._ctx = zmq.Context()
-        self._subs: dict[str, Any] = {}
         self._requests: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="dynkv-kv-events", daemon=True)
         self._ready = threading.Event()
@@ -294,7 +292,7 @@ class Subscriber:
         self._thread.join(5)
 
     def _run(self) -> None:
-        engines: dict[Any, str] = {}
+        subs: dict[Any, str] = {}
         poller = zmq.Poller()
         try:
             for engine, (pub, _) in self.endpoints.items():
@@ -302,7 +300,7 @@ class Subscriber:
                 s.setsockopt(zmq.RCVHWM, 0)
                 s.setsockopt(zmq.SUBSCRIBE, self._topic)
                 s.connect(pub)
-                self._subs[engine], engines[s] = s, engine
+                subs[s] = engine
                 poller.register(s, zmq.POLLIN)
             for engine in self.endpoints:
                 self._catch_up(engine)
@@ -312,12 +310,12 @@ class Subscriber:
                 if stop:
                     return
                 for s, _ in poller.poll(100):
-                    self._live(engines[s], s.recv_multipart())
+                    self._live(subs[s], s.recv_multipart())
         except Exception:
             log.exception("KV events subscriber stopped; routing goes on with what it knows")
         finally:
             self._ready.set()
-            for s in engines:
+            for s in subs:
                 s.close(linger=0)
             self._ctx.term()
 

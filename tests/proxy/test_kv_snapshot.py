@@ -276,3 +276,23 @@ def test_snapshot_without_the_device_keeps_the_device_blocks_known_from_events(s
     finally:
         sub.close()
         engine.close()
+
+
+def test_snapshot_urls_are_checked_against_the_engines() -> None:
+    import argparse
+
+    from dynkv.proxy.server import _snapshots, add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    two = ["--engine", "http://a:1", "--engine", "http://b:1", "--kv-events", "tcp://a:2", "--kv-events", "tcp://b:2"]
+    with pytest.raises(ValueError, match="one --kv-snapshot per engine"):
+        _snapshots(p.parse_args([*two, "--kv-snapshot", "http://a:3/kv/snapshot"]))
+    assert _snapshots(p.parse_args([*two, "--kv-snapshot", "http://a:3/kv/snapshot", "--kv-snapshot",
+                                    "http://b:3/kv/snapshot"])) == {"http://a:1": "http://a:3/kv/snapshot",
+                                                                    "http://b:1": "http://b:3/kv/snapshot"}
+    feed = EngineFeed(E, PrefixIndex())
+    with pytest.raises(ValueError, match="expected http://host:port/kv/snapshot"):
+        Subscriber({E: feed}, {E: ("tcp://e:2", None)}, snapshots={E: "tcp://e:3"})
+    with pytest.raises(ValueError, match="for an engine with KV events"):
+        Subscriber({E: feed}, {E: ("tcp://e:2", None)}, snapshots={"http://f:1": "http://f:3/kv/snapshot"})
