@@ -9,13 +9,13 @@ the pages of dynkv's host and disk tiers (hash, parent, tokens, LoRA).
 
 Why no sequence number is needed: every batch acts on each medium's set of
 blocks as ``A -> (A - removed) | stored`` (a clear removes all), and such a
-map, or any run of them, gives the same set applied twice as once. A
-snapshot taken while batch ``n`` was being built holds the state after batch
-``n - 1`` with part of batch ``n``'s changes. So a router that saw batch
-``L`` before it asked (every change of ``L`` and earlier is then in the
-snapshot) sets its view to the snapshot and applies every batch after ``L``,
-those the snapshot already holds included: the result is the engine's state,
-with no batch lost. Connector and router share this module: it needs neither
+map, or any run of them, gives the same set applied twice as once. Each
+medium's part of a snapshot is copied at one moment; taken while batch ``n``
+was being built, it is that medium after batch ``n - 1`` with the first of
+batch ``n``'s changes made. So a router that had batch ``L`` before it asked
+(every change of ``L`` and earlier is then in the snapshot) sets its view to
+the snapshot and applies every batch after ``L``, those the snapshot already
+holds included: the result is the engine's state, with no change lost. Connector and router share this module: it needs neither
 vLLM nor ZMQ.
 """
 
