@@ -15,10 +15,10 @@ connector time. The latency histogram stays a ``prometheus_client``
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 __all__ = ["Metrics"]
@@ -93,6 +93,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._lock = threading.Lock()
         self.version = 0  # bumped by every change of a counter or gauge
+        self.routes: dict[str, Callable[[], tuple[int, bytes]]] = {}  # served beside /metrics (see serve)
         self._families: list[_Family] = []
 
         def add(kind: str, name: str, doc: str, *labels: str) -> _Family:
@@ -156,9 +157,37 @@ class Metrics:
         return counters, gauges
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
-        """Expose the registry over HTTP (``/metrics``) on ``addr:port`` until :meth:`close`."""
+        """Expose the registry over HTTP (``/metrics``) on ``addr:port`` until :meth:`close`.
+
+        Paths in :attr:`routes` (``path -> () -> (status, body)``, e.g. the
+        connector's ``/kv/snapshot``) are answered by their handler, each
+        request on a thread of its own.
+        """
+        from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+        from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+
         self.close()
-        self._server = start_http_server(port, addr=addr, registry=self.registry)
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+            route = self.routes.get(environ.get("PATH_INFO", ""))
+            if route is None:
+                return metrics_app(environ, start_response)
+            status, body = route()
+            start_response(f"{status} {'OK' if status == 200 else 'Unavailable'}",
+                           [("Content-Type", "application/octet-stream" if status == 200 else "text/plain"),
+                            ("Content-Length", str(len(body)))])
+            return [body]
+
+        class Quiet(WSGIRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        httpd = make_server(addr, port, app, ThreadingWSGIServer, handler_class=Quiet)
+        thread = threading.Thread(target=httpd.serve_forever, name="dynkv-metrics-http", daemon=True)
+        thread.start()
+        self._server = (httpd, thread)
 
     def close(self) -> None:
         """Stop serving over HTTP (the port is free again); the metrics stay readable here."""

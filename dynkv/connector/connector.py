@@ -32,10 +32,11 @@ manager) keep one page per group and block under the group's own keys
 (:mod:`.groups`); their hits load asynchronously, and a failed load fails its
 request (recomputed), the only failure vLLM takes from such models.
 
-The class is kept whole (about 650 lines): it is vLLM's connector interface,
+The class is kept whole (about 670 lines): it is vLLM's connector interface,
 one method per hook, each a few lines of translation; splitting it would scatter
-one interface over several files. Geometry, KV-cache groups, stats and events
-already live in :mod:`.engine`, :mod:`.groups`, :mod:`.stats` and :mod:`.events`.
+one interface over several files. Geometry, KV-cache groups, stats, events and
+snapshots already live in :mod:`.engine`, :mod:`.groups`, :mod:`.stats`,
+:mod:`.events` and :mod:`.snapshot`.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from dynkv.config import DynKVConfig
 from dynkv.connector.events import KVEvents
+from dynkv.connector.snapshot import SnapshotDesk
 from dynkv.connector.stats import DynKVPromMetrics, DynKVStats
 from dynkv.disagg.params import RemotePrefill, asks_remote_decode
 from dynkv.disagg.trust import RemoteGate
@@ -216,6 +218,7 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         self._decode_query_len = 1 + (getattr(spec, "num_speculative_tokens", None) or 0)
         disk_dir = self.config.disk_paths[0] if self.config.disk_gb and self.config.disk_paths else None
         self._unpublished: list[Any] = []  # tier events taken early (see has_pending_push_work)
+        self._desk: SnapshotDesk | None = None
         self._events = KVEvents(vllm_config, self.block_size, log_dir=disk_dir,
                                 fingerprint=self.fingerprint.digest() if role == KVConnectorRole.SCHEDULER else None)
         if role == KVConnectorRole.SCHEDULER:
@@ -225,6 +228,9 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
                                  engine_id=str(xfer.engine_id))
             self._gate = RemoteGate(self.fingerprint, secret=self.config.transfer_secret, kv_role=kv_role,
                                     accept=self.config.accept_remote_prefill, metrics=self.leader.metrics)
+            if self._events.on:  # a router that lost the events' history asks for a snapshot on the metrics port
+                self._desk = SnapshotDesk(self._events)
+                self.leader.metrics.routes["/kv/snapshot"] = self._desk.serve
             if self._exports:
                 try:
                     self.leader.start_export()
@@ -474,6 +480,10 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
             return ()
         events, self._unpublished = self._unpublished + self.leader.take_events(), []
         return self._events.convert(events)  # drained even when nobody listens
+
+    def bind_gpu_block_pool(self, gpu_block_pool: Any) -> None:
+        if self._desk is not None:
+            self._desk.bind_pool(gpu_block_pool)  # lists vLLM's cached device blocks in snapshots
 
     def reset_cache(self) -> bool | None:
         self.leader.reset()

@@ -82,6 +82,7 @@ class KVEvents:
         self._pending: OrderedDict[bytes, _Meta] = OrderedDict()
         self._held: dict[bytes, _Meta] = {}
         self._where: dict[bytes, set[str]] = {}
+        self._tiers: dict[str, dict[bytes, _Meta]] = {t: {} for t in _MEDIUM}  # for snapshots: copied whole
         self._path = (os.path.join(log_dir, f"dynkv-{fingerprint.hex()[:16]}.events")
                       if self.on and log_dir and fingerprint else None)
         self._log: Any = None
@@ -157,6 +158,11 @@ class KVEvents:
             self._log.flush()
         return out
 
+    def tier_copies(self) -> dict[str, list[_Meta]]:
+        """The pages each tier's events announced, by KV-events medium; each tier's list is copied in one step of
+        the interpreter (see :mod:`dynkv.connector.snapshot`), so any thread may call it."""
+        return {_MEDIUM[t]: list(pages.values()) for t, pages in self._tiers.items()}
+
     def clear(self) -> None:
         """vLLM's cache reset: forget pages not stored yet (those stored leave with their removal events)."""
         self._pending.clear()
@@ -178,6 +184,8 @@ class KVEvents:
             return None
         self._held[key] = meta
         self._where.setdefault(key, set()).add(tier)
+        if tier in self._tiers:
+            self._tiers[tier][key] = meta
         if tier == DISK and self._log is not None:
             self._log.write(_frame(_Record(key, meta)))
             self._log_records += 1
@@ -189,6 +197,8 @@ class KVEvents:
         if meta is None or where is None:
             return None
         where.discard(tier)
+        if tier in self._tiers:
+            self._tiers[tier].pop(key, None)
         if not where:
             del self._held[key], self._where[key]
         return meta

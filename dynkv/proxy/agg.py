@@ -69,6 +69,9 @@ class AggProxy:
     events
         Engine -> ``(publisher endpoint, replay endpoint or None)`` of its KV
         events; engines without are routed by ``kv`` as if they held nothing.
+    snapshots
+        Engine -> the URL of its KV snapshot (dynkv's ``/kv/snapshot``), asked
+        for when its replay buffer no longer reaches back.
     hash_algo, hash_seed
         The engines' ``--prefix-caching-hash-algo`` and ``PYTHONHASHSEED``.
     block_size
@@ -76,7 +79,8 @@ class AggProxy:
     """
 
     def __init__(self, engines: Sequence[str], *, policy: str = "kv",
-                 events: dict[str, tuple[str, str | None]] | None = None, hash_algo: str = "sha256",
+                 events: dict[str, tuple[str, str | None]] | None = None,
+                 snapshots: dict[str, str] | None = None, hash_algo: str = "sha256",
                  hash_seed: str | None = None, block_size: int | None = None, load_weight: float = 1.0,
                  timeout_s: float = 600.0, health_interval_s: float = 2.0, backoff_s: float = 1.0,
                  backoff_max_s: float = 30.0, topic: str = "") -> None:
@@ -102,7 +106,8 @@ class AggProxy:
                                     block_size=block_size) for e in events}
         for feed in self.feeds.values():
             feed.on_mismatch = self._no_predictions
-        self.subscriber = Subscriber(self.feeds, events, topic=topic) if events else None
+        snapshots = {k.rstrip("/"): v for k, v in (snapshots or {}).items()}
+        self.subscriber = Subscriber(self.feeds, events, snapshots=snapshots, topic=topic) if events else None
         self.metrics = RouterMetrics(self._state)
         self._inflight: dict[str, set[asyncio.Task[Any]]] = {e: set() for e in engines}
         self._streams: dict[asyncio.Task[Any], Any] = {}  # requests whose answer is streaming

@@ -56,8 +56,8 @@ class RouterMetrics:
             for m, n in media.items():
                 blocks.add_metric([e, m], float(n))
         events = GaugeMetricFamily("dynkv_router_kv_events", "KV event stream of each engine: batches, events, "
-                                   "gaps, lost (history past the replay buffer), restarts, bad (undecodable)",
-                                   labels=["engine", "what"])
+                                   "gaps, lost (history past the replay buffer), restarts, bad (undecodable), "
+                                   "snapshots (views rebuilt from one)", labels=["engine", "what"])
         for e, c in feeds.items():
             for what, n in c.items():
                 events.add_metric([e, what], float(n))

@@ -108,6 +108,11 @@ class PrefixIndex:
                     break
         return out
 
+    def held(self, engine: str) -> dict[str, set[int]]:
+        """The blocks ``engine`` holds, per medium (a copy; media holding none left out)."""
+        with self._lock:
+            return {m: set(s) for m, s in self._held.get(engine, {}).items() if s}
+
     def counts(self) -> dict[str, dict[str, int]]:
         """Blocks held per engine and medium."""
         with self._lock:

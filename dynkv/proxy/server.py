@@ -206,6 +206,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-replay", action="append", metavar="ENDPOINT",
                    help="replay socket of each --engine's KV events, in the same order (its replay_endpoint, "
                         "e.g. tcp://127.0.0.1:5558); lets the proxy start late and recover lost batches")
+    p.add_argument("--kv-snapshot", action="append", metavar="URL",
+                   help="snapshot of each --engine's blocks, in the same order (dynkv's metrics_port: "
+                        "http://HOST:PORT/kv/snapshot); rebuilds the proxy's view of an engine when its replay "
+                        "buffer no longer reaches back")
     p.add_argument("--kv-topic", default="", help="the engines' KV events topic")
     p.add_argument("--hash-algo", default="sha256", choices=HASH_ALGOS,
                    help="the engines' --prefix-caching-hash-algo")
@@ -229,6 +233,14 @@ def _events(args: argparse.Namespace) -> dict[str, tuple[str, str | None]]:
     return {e: (pub, replays[i] if replays else None) for i, (e, pub) in enumerate(zip(engines, pubs))}
 
 
+def _snapshots(args: argparse.Namespace) -> dict[str, str]:
+    urls, pubs = args.kv_snapshot or [], args.kv_events or []
+    if urls and len(urls) != len(pubs):
+        raise ValueError(f"{len(pubs)} --kv-events, {len(urls)} --kv-snapshot: give one --kv-snapshot per engine "
+                         "with --kv-events, in the same order")
+    return dict(zip(args.engine, urls))
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Entry point of ``dynkv proxy``: serve until interrupted."""
     from aiohttp import web
@@ -239,7 +251,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.engine:
         from dynkv.proxy.agg import AggProxy
 
-        agg = AggProxy(args.engine, policy=args.policy, events=_events(args), hash_algo=args.hash_algo,
+        agg = AggProxy(args.engine, policy=args.policy, events=_events(args), snapshots=_snapshots(args),
+                       hash_algo=args.hash_algo,
                        hash_seed=args.hash_seed, block_size=args.block_size, load_weight=args.load_weight,
                        timeout_s=args.timeout, health_interval_s=args.health_interval, topic=args.kv_topic)
         log.info("dynkv proxy on %s:%d: %s over %s", args.host, args.port, args.policy,
