@@ -35,9 +35,11 @@ from dynkv.benchmarks.serve_results import EndpointResult, RequestRecord, compar
 __all__ = [
     "DESCRIPTION",
     "Workload",
+    "endpoint_arg",
     "report",
     "run_workload",
     "run_workload_async",
+    "token_range_arg",
 ]
 
 DESCRIPTION = (
@@ -288,14 +290,16 @@ def report(results: Mapping[str, EndpointResult], workload: Workload, **extra: A
             "comparisons": comparisons, **extra}
 
 
-def _endpoint(text: str) -> tuple[str, str]:
+def endpoint_arg(text: str) -> tuple[str, str]:
+    """``--endpoint NAME=URL`` (also ``dynkv bench load``'s)."""
     name, sep, url = text.partition("=")
     if not sep or not name or not url.startswith(("http://", "https://")):
-        raise argparse.ArgumentTypeError(f"--endpoint {text!r}: expected NAME=URL, e.g. base=http://127.0.0.1:8000")
+        raise argparse.ArgumentTypeError(f"--endpoint {text!r}: expected NAME=URL, e.g. dynkv=http://127.0.0.1:8000")
     return name, url
 
 
-def _token_range(text: str) -> tuple[int, int]:
+def token_range_arg(text: str) -> tuple[int, int]:
+    """``--token-range LO:HI`` (also ``dynkv bench load``'s)."""
     try:
         lo, hi = (int(x) for x in text.split(":"))
     except ValueError:
@@ -319,13 +323,13 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``dynkv bench serve``."""
-    p.add_argument("--endpoint", type=_endpoint, action="append", required=True, metavar="NAME=URL",
+    p.add_argument("--endpoint", type=endpoint_arg, action="append", required=True, metavar="NAME=URL",
                    help="server root URL; repeat to compare servers (the first is the reference)")
     add_workload_arguments(p)
     p.add_argument("--model", help="model name to request (default: the first of /v1/models)")
     p.add_argument("--prompt-format", choices=["tokens", "text"], default="tokens",
                    help="token-id prompts (exact lengths) or text")
-    p.add_argument("--token-range", type=_token_range, default=Workload().token_range, metavar="LO:HI",
+    p.add_argument("--token-range", type=token_range_arg, default=Workload().token_range, metavar="LO:HI",
                    help="token ids drawn for prompts (inside the model's vocabulary)")
     p.add_argument("--no-shuffle", action="store_true", help="visit conversations in order every turn")
     p.add_argument("--logprobs", type=int, default=1, help="log-probs per token to record (0: none)")

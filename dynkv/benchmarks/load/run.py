@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dynkv.benchmarks.serve import endpoint_arg, token_range_arg
 from dynkv.benchmarks.load.report import format_table, plot, summarize
 from dynkv.benchmarks.load.workload import Sizes, Workload, plan_sizes
 from dynkv.testing.model import FIRST_WORD_ID, PRESETS, write_model
@@ -306,21 +307,6 @@ def _share(text: str) -> float:
     return v
 
 
-def _endpoint(text: str) -> tuple[str, str]:
-    name, sep, url = text.partition("=")
-    if not sep or not name or not url.startswith(("http://", "https://")):
-        raise argparse.ArgumentTypeError(f"--endpoint {text!r}: expected NAME=URL, e.g. dynkv=http://127.0.0.1:8000")
-    return name, url
-
-
-def _token_range(text: str) -> tuple[int, int]:
-    try:
-        lo, hi = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--token-range {text!r}: expected LO:HI, e.g. 16:1000") from None
-    return lo, hi
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload (defaults: GPU / CPU)")
     w.add_argument("--conversations", type=int, help="conversations (default 32 / 8)")
@@ -359,10 +345,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--model-dir", help="where the model is written (default under --work-dir; reused if there)")
     e.add_argument("--disk-path", help="directory of dynkv's disk tier (default <work-dir>/disk; emptied first)")
     s = p.add_argument_group("running servers instead of engines")
-    s.add_argument("--endpoint", type=_endpoint, action="append", default=[], metavar="NAME=URL",
+    s.add_argument("--endpoint", type=endpoint_arg, action="append", default=[], metavar="NAME=URL",
                    help="an OpenAI-compatible server root; repeatable; the servers are run one after the other")
     s.add_argument("--model", help="model name to request (default: the first of /v1/models)")
-    s.add_argument("--token-range", type=_token_range, default=(FIRST_WORD_ID, 1000), metavar="LO:HI",
+    s.add_argument("--token-range", type=token_range_arg, default=(FIRST_WORD_ID, 1000), metavar="LO:HI",
                    help="token ids of the prompts, inside the served model's vocabulary (default 16:1000)")
     s.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     o = p.add_argument_group("output")
