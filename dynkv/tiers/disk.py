@@ -17,12 +17,14 @@ probability 2**-32 per page. ``clear()`` writes a new random epoch to the
 superblocks, which invalidates every record at once instead of one header
 write per slot (``reset_prefix_cache`` must be quick on a terabyte tier).
 
-I/O runs on a thread pool: ``os.preadv``/``os.pwritev`` and ``zlib.crc32`` (on
+I/O runs on a pool of threads (:class:`dynkv.tiers.iopool.IOPool`) that
+takes reads ahead of queued writes: a request waits for its reads, nobody for
+a write-through. ``os.preadv``/``os.pwritev`` and ``zlib.crc32`` (on
 buffers over 5 KiB) release the GIL. Caller buffers whose address and length
 are multiples of 4096 are read and written in place; others go through one
 page-aligned ``mmap`` buffer per I/O thread.
 
-:class:`DiskTier` is kept whole (about 550 lines): its write, read, batched read,
+:class:`DiskTier` is kept whole (about 580 lines): its write, read, batched read,
 recover and invalidate paths share the files' epochs, the per-thread buffers
 and the counters; the record format is apart, in :mod:`dynkv.tiers.diskfile`.
 """
@@ -62,6 +64,7 @@ from dynkv.tiers.diskfile import (
     pwritev_all,
     record_size,
 )
+from dynkv.tiers.iopool import IOPool
 
 __all__ = ["DiskPageError", "DiskTier", "file_name", "record_size"]
 
@@ -158,8 +161,7 @@ class DiskTier:
             log.warning("the file system refuses O_DIRECT (EINVAL) for %s: the disk tier uses buffered I/O there "
                         "(through the page cache)", ", ".join(refused))
         self.direct_io_active = direct_io and not refused
-        self._pool = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="dynkv-disk")
-        self._io_threads = io_threads
+        self._pool = IOPool(io_threads, name="dynkv-disk")
         self.read_chunk = read_chunk
         # Per batch of read_many: submitted, started, read, done (perf_counter seconds), pages, runs of adjacent
         # records, and what the read call cost its thread (_C.read_records: read_ms, crc_ms, user_ms, sys_ms, ...).
@@ -175,16 +177,22 @@ class DiskTier:
 
     @property
     def io_threads(self) -> int:
-        return self._io_threads
+        return self._pool.size
 
     def set_io_threads(self, n: int) -> None:
-        """Use ``n`` I/O threads from now on; work already submitted finishes on the old ones."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"io_threads={n!r}: expected an integer >= 1")
+        """Use ``n`` I/O threads from now on; surplus threads exit after the work they are running."""
         self._check_open()
-        old, self._pool = self._pool, concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="dynkv-disk")
-        self._io_threads = n
-        old.shutdown(wait=False)  # its queued work still runs; its threads exit after
+        self._pool.resize(n)
+
+    @property
+    def write_bytes_queued(self) -> int:
+        """Payload bytes of writes submitted and not started (reads go ahead of them)."""
+        return self._pool.write_bytes_queued
+
+    @property
+    def write_bytes_running(self) -> int:
+        """Payload bytes of writes running on the I/O threads: what a read submitted now may wait behind."""
+        return self._pool.write_bytes_running
 
     def location(self, slot: int) -> tuple[str, int]:
         """The file holding ``slot`` and the byte offset of its record there."""
@@ -192,7 +200,7 @@ class DiskTier:
         return f.path, f.offset(index)
 
     def write(self, slot: int, key: bytes, src: memoryview) -> concurrent.futures.Future[None]:
-        """Write a page to ``slot`` in the background.
+        """Write a page to ``slot`` in the background, once no read is queued ahead of it.
 
         Parameters
         ----------
@@ -209,7 +217,8 @@ class DiskTier:
             Fails with the ``OSError`` of the write (``ENOSPC``, ``EIO``, a deleted file).
         """
         f, index = self._locate(slot)
-        return self._submit(self._write, f, slot, index, _check_key(key), self._check_buffer(src, "src"), f.epoch)
+        args = (f, slot, index, _check_key(key), self._check_buffer(src, "src"), f.epoch)
+        return self._pool.submit_write(self.page_bytes, self._write, *args)
 
     def read(self, slot: int, key: bytes, dst: memoryview, *, invalidate_bad: bool = False
              ) -> concurrent.futures.Future[None]:
@@ -274,9 +283,10 @@ class DiskTier:
         if not batch:
             return []
         batch = sorted(batch, key=lambda b: (b[0].path, b[2]))
-        chunk = self.read_chunk or -(-len(batch) // self._io_threads)
+        threads = self._pool.size
+        chunk = self.read_chunk or -(-len(batch) // threads)
         runs = [batch[i : i + chunk] for i in range(0, len(batch), chunk)]
-        shares: list[list[Any]] = [[] for _ in range(min(self._io_threads, len(runs)))]
+        shares: list[list[Any]] = [[] for _ in range(min(threads, len(runs)))]
         for r, run in enumerate(runs):
             shares[r % len(shares)].extend(run)
         return shares

@@ -880,3 +880,33 @@ def test_read_many_cancelled_while_queued_reads_nothing(make, align: bool) -> No
     started = t.read_many([(0, key_of(0), bufs[0])])[0]
     result(started)
     assert not started.cancel(), "a read that ran cannot be cancelled"
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["read_many", "read"])
+def test_reads_go_ahead_of_queued_writes(make, batched: bool) -> None:
+    """One I/O thread held busy; four writes queue, then a read: the read is served first, every page exact."""
+    t = make(16, 4096, io_threads=1)
+    write_keys(t, {0: 0})
+    gate, entered = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        gate.wait(TIMEOUT)
+
+    t._pool.submit(hold)
+    assert entered.wait(TIMEOUT)
+    order: list[str] = []
+    writes = [t.write(s, key_of(s), memoryview(content(key_of(s), 4096))) for s in range(1, 5)]
+    for s, f in enumerate(writes, 1):
+        f.add_done_callback(lambda _f, s=s: order.append(f"w{s}"))
+    assert t.write_bytes_queued == 4 * 4096 and t.write_bytes_running == 0
+    dst = aligned(4096)
+    read = t.read_many([(0, key_of(0), dst)])[0] if batched else t.read(0, key_of(0), dst)
+    read.add_done_callback(lambda _f: order.append("r0"))
+    gate.set()
+    for f in [read, *writes]:
+        result(f)
+    assert order == ["r0", "w1", "w2", "w3", "w4"]
+    assert bytes(dst) == content(key_of(0), 4096)
+    assert all(read_back(t, s, key_of(s)) == content(key_of(s), 4096) for s in range(1, 5))
+    assert t.write_bytes_queued == 0 and t.write_bytes_running == 0
