@@ -224,6 +224,7 @@ _PARSERS: dict[str, Callable[[Any, _Source], Any]] = {
     "eviction": _parse_eviction,
     "disk_admit_min_hits": _int_in(0),
     "io_threads": _int_in(1, 256),
+    "disk_write_backlog_gb": _float_above(0.0, inclusive=False),
     "init_timeout_s": _float_above(0.0, inclusive=False),
     "metrics_port": _optional(_int_in(1, 65535)),
     "layerwise": _parse_bool,
@@ -280,7 +281,16 @@ class DynKVConfig:
         A page is written to disk only after it was seen this many times
         (stored plus hits); 0 admits every page. Spares the SSD one-hit pages.
     io_threads
-        Threads of the leader's host<->disk I/O pool, in ``[1, 256]``.
+        Threads of the leader's host<->disk I/O pool, in ``[1, 256]``. They
+        take disk reads ahead of queued write-through.
+    disk_write_backlog_gb
+        The most write-through to the disk tier (GiB) submitted and not yet
+        written. Reads go ahead of queued writes, so under a read load writes
+        wait; past this, new write-throughs are skipped (their pages stay in
+        the host tier only, a later miss on disk at worst) and counted in
+        ``dynkv_disk_writes_skipped_total``. Each queued write pins its host
+        page, so the bound also keeps the host tier from filling with pinned
+        pages (a quarter of it is the most ever pinned for writes).
     init_timeout_s
         How long workers wait for the leader's host pool at start-up.
     metrics_port
@@ -430,6 +440,7 @@ class DynKVConfig:
     eviction: str = "lru"
     disk_admit_min_hits: int = 2
     io_threads: int = 4
+    disk_write_backlog_gb: float = 1.0
     init_timeout_s: float = 120.0
     metrics_port: int | None = None
     layerwise: bool = True

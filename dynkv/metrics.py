@@ -108,7 +108,7 @@ class Metrics:
         self.capacity = add("gauge", "dynkv_tier_capacity_pages", "Capacity of each tier in pages", "tier")
         self.evictions = add("counter", "dynkv_evictions", "Pages evicted", "tier")
         self.refused = add("counter", "dynkv_admissions_refused",
-                           "Pages not admitted to a tier (full, filtered, busy, or writes off)", "tier", "reason")
+                           "Pages not admitted to a tier (full, filtered, busy, backlog full, or writes off)", "tier", "reason")
         self.load_errors = add("counter", "dynkv_load_errors", "Blocks whose load failed (recomputed)", "reason")
         self.remote_rejected = add("counter", "dynkv_remote_rejected", "Requests whose kv_transfer_params were "
                                    "refused (their prompt recomputed), by reason: params, model, mac, expired, key, "
@@ -122,6 +122,9 @@ class Metrics:
         self.disk_given_up = add("counter", "dynkv_disk_reads_given_up", "Disk pages of loads that stopped waiting "
                                  "for them (recomputed): cancelled before their read started (state=cancelled), or "
                                  "read anyway into the host tier (state=landed)", "state")
+        self.writes_skipped = add("counter", "dynkv_disk_writes_skipped", "Write-through to the disk tier skipped "
+                                  "because its write backlog (disk_write_backlog_gb) was full: what=pages, what=bytes "
+                                  "(the pages stay in the host tier only)", "what")
         self.cost_rates = add("gauge", "dynkv_cost_estimate", "The cost model's measures: prefill_tokens_per_s, "
                               "disk_bytes_per_s, disk_queue_bytes, shared_bytes_per_s, shared_queue_bytes", "what")
         self.copy_path = add("gauge", "dynkv_copy_path", "1 for the copy path each direction takes (h2d: loads, "

@@ -90,6 +90,13 @@ def test_env_values() -> None:
     assert c.layerwise is False and c.disk_direct_io is False
 
 
+def test_disk_write_backlog_from_dict_and_env() -> None:
+    assert DynKVConfig.from_dict(None, env={}).disk_write_backlog_gb == 1.0
+    assert DynKVConfig.from_dict({"disk_write_backlog_gb": 0.25}, env={}).disk_write_backlog_gb == 0.25
+    c = DynKVConfig.from_dict(None, env={"DYNKV_DISK_WRITE_BACKLOG_GB": "2"})
+    assert c.disk_write_backlog_gb == 2.0
+
+
 def test_dict_overrides_env() -> None:
     env = {"DYNKV_IO_THREADS": "8", "DYNKV_EVICTION": "fifo", "DYNKV_METRICS_PORT": "9100"}
     c = DynKVConfig.from_dict({"io_threads": 2, "metrics_port": None}, env=env)
@@ -171,6 +178,8 @@ BAD_VALUES = [
     ("io_threads", 257, r"\[1, 256\]"),
     ("io_threads", None, r"\[1, 256\]"),
     ("io_threads", False, r"\[1, 256\]"),
+    ("disk_write_backlog_gb", 0, "> 0"),
+    ("disk_write_backlog_gb", "lots", "> 0"),
     ("init_timeout_s", 0, "> 0"),
     ("init_timeout_s", "soon", "> 0"),
     ("metrics_port", 0, r"\[1, 65535\]"),

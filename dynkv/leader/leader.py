@@ -187,6 +187,8 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
         self._writes = 0
         self._counted: dict[str, tuple[int, int, int]] = {}
         self._max_writes = max_disk_writes(config.io_threads, tiers[HOST])
+        # The write backlog's bound, in pages: a write is skipped once this many are in flight.
+        self._max_backlog = -(-int(config.disk_write_backlog_gb * (1 << 30)) // self._page_bytes)
         for tier, cap in tiers.items():
             self.metrics.capacity.labels(tier).set(cap)
             self.metrics.writes_on.labels(tier).set(1)

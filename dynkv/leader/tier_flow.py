@@ -15,6 +15,12 @@ cancelled, it goes out at once with its unread blocks to recompute, and its
 reads already running finish into the host tier, where the next turn finds
 them.
 
+Write-through is never urgent: the disk tier's threads take reads ahead of
+queued writes, and once ``disk_write_backlog_gb`` of writes are submitted and
+not yet done, new write-throughs are skipped (counted in
+``dynkv_disk_writes_skipped_total``); their pages stay in the host tier, and
+a later request that finds them evicted from there recomputes.
+
 Failed writes are logged once per run of failures. After
 :data:`WRITE_FAILURES_TO_STOP` in a row (a full file system, a dying disk)
 write-through stops, with one line saying so; reads go on. While stopped,
@@ -76,6 +82,7 @@ class DiskFlow:
     _io: queue.SimpleQueue[tuple[Any, ...]]
     _writes: int
     _max_writes: int
+    _max_backlog: int  # disk_write_backlog_gb in pages
     # Write failures in a row, whether write-through is stopped, pages offered while it is (see the module).
     _write_streak: int = 0
     _writes_off: bool = False
@@ -205,6 +212,11 @@ class DiskFlow:
                 continue
             if self._writes >= self._max_writes:
                 self.metrics.refused.labels(DISK, "busy").inc()
+                continue
+            if self._writes >= self._max_backlog:  # reads go first: under a read load, writes wait
+                self.metrics.refused.labels(DISK, "backlog").inc()
+                self.metrics.writes_skipped.labels("pages").inc()
+                self.metrics.writes_skipped.labels("bytes").inc(self._page_bytes)
                 continue
             if self._writes_off:
                 self._offered_while_off += 1

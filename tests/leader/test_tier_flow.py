@@ -68,3 +68,45 @@ def test_a_full_disk_stops_write_through_with_one_line_and_it_resumes(tmp_path, 
     finally:
         leader.disk.write = real_write
         leader.close()
+
+
+def test_write_through_past_the_backlog_bound_is_skipped_and_counted(tmp_path) -> None:
+    """The one I/O thread held busy: write-through queues up to the bound (2.5 pages: 3 writes), the rest is
+    skipped and counted; the skipped pages stay in the host tier, and the queued ones land once the disk frees."""
+    import threading
+
+    model = Model()
+    page = model.geometry().page_bytes
+    leader = make_leader(model, host_pages=64, disk_gb=0.01, disk_paths=[str(tmp_path)], disk_admit_min_hits=0,
+                         io_threads=1, disk_write_backlog_gb=2.5 * page / (1 << 30))
+    gate, entered = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        gate.wait(30)
+
+    m = leader.metrics
+    try:
+        leader.disk._pool.submit(hold)
+        assert entered.wait(30)
+        keys = [block_keys(model.fingerprint(), [i] * model.block_size, model.block_size)[0] for i in range(8)]
+        for i, key in enumerate(keys):
+            assert leader.store(f"r{i}", [key], [i]) == 1
+        plan = leader.build_plan()
+        leader.update(WorkerReport(done={op.job: 1 for op in plan.stores}))
+        assert leader.stats()["disk_writes_in_flight"] == 3
+        assert m.value("dynkv_disk_writes_skipped_total", what="pages") == 5
+        assert m.value("dynkv_disk_writes_skipped_total", what="bytes") == 5 * page
+        assert m.value("dynkv_admissions_refused_total", tier="disk", reason="backlog") == 5
+        assert m.value("dynkv_admissions_refused_total", tier="disk", reason="busy") == 0
+        assert leader.disk.write_bytes_queued == 3 * page, "queued behind the held thread"
+        gate.set()
+        while not leader.idle():
+            leader.build_plan()
+        assert [leader.index.holds(k, "disk") for k in keys] == [True] * 3 + [False] * 5
+        assert all(leader.index.holds(k, "host") and leader.index.pins(k, "host") == 0 for k in keys)
+        assert leader.lookup("again", keys) == 8, "a skipped write loses nothing: the pages are on the host"
+        leader.request_finished("again")
+    finally:
+        gate.set()
+        leader.close()
