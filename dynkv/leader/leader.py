@@ -192,7 +192,9 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
         for tier, cap in tiers.items():
             self.metrics.capacity.labels(tier).set(cap)
             self.metrics.writes_on.labels(tier).set(1)
-        self.cost = CostModel() if config.cost_model and self.disk is not None else None
+        self.cost = None
+        if config.cost_model and self.disk is not None:  # writes running on the device are ahead of any read
+            self.cost = CostModel(writes_ahead=lambda disk=self.disk: disk.write_bytes_running)
         self.shared: Any = None
         self.shared_cost: CostModel | None = None
         self._shared_writes = 0

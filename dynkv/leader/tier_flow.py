@@ -136,7 +136,8 @@ class DiskFlow:
                 lambda f, i=i, key=key, h=h: self._io.put(("read", load, i, key, h, f, time.perf_counter())))
 
     def _weigh_waits(self) -> None:
-        """Give up the loads whose disk reads would now land after recomputing their pages would."""
+        """Give up the loads whose disk reads, predicted from now, would land past their deadline (submission
+        plus recomputing all their pages) or after recomputing their unread pages would; counted as gave_up."""
         assert self.cost is not None
         for load in list(self._promoting.values()):
             if load.shared_waiting:  # weighed as a disk load only once its shared-tier reads are in

@@ -19,7 +19,10 @@ the leader keeps two measured rates and one queue:
   previous one's end read tens of GB/s off a 2 GB/s disk (seen on an H100
   host under load, 2026-12-07). Time with nothing to read counts for nothing,
   so waiting in the queue is not mistaken for slow reads either;
-- the disk **queue**: bytes of disk loads submitted and not yet complete.
+- the disk **queue**: bytes of disk loads submitted and not yet complete, and
+  the bytes of write-through running on the device (``writes_ahead``): the
+  disk tier's threads take reads ahead of queued writes, so only the writes
+  already running can still be ahead of a read.
 
 A request whose match has ``d`` disk pages would wait ``(queue + d * page) /
 bandwidth`` for them; recomputing them costs ``d * block_tokens / rate``. The
@@ -29,11 +32,17 @@ Host-tier pages are always loaded: their copy runs under the forward, layer by
 layer, at PCIe speed. Until both rates have been measured, every match loads.
 
 A load that was admitted is weighed again while its reads wait
-(:meth:`CostModel.gives_up`): it gives up once the bytes still ahead of its
-last page (the unread part of every load submitted before it, and its own)
-would take longer to read than recomputing its unread pages, or once it has
-waited longer than recomputing all its pages would have taken (the disk
-turned out slower under load than its measured rate said). The leader then
+(:meth:`CostModel.gives_up`), at every call of the leader. It was admitted
+against a deadline: its submission plus the time to recompute all its pages.
+It gives up as soon as the bytes still ahead of its last page (the writes
+running, the unread part of every load submitted before it, and its own),
+read from now at the measured bandwidth, would land after that deadline (the
+disk turned out slower under load than its rate said, or loads admitted
+before it were slower), or would take longer than recomputing its unread
+pages from now. It does not wait for the deadline to pass to find out (a
+load given up only then has waited its recompute time and recomputes on top,
+about twice the cost): it gives up at the first check whose prediction
+misses the deadline. The leader then
 cancels its reads that have not started and recomputes their blocks; reads
 already running finish and leave their pages in the host tier. So no request
 waits on the disk much beyond what recomputing would have cost it.
@@ -82,10 +91,12 @@ class _DiskJob:
 class CostModel:
     """Prefill rate, disk bandwidth and disk queue of one engine; decides per request whether disk pages pay."""
 
-    def __init__(self, *, clock: Callable[[], float] = time.perf_counter, margin: float = LOAD_MARGIN) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.perf_counter, margin: float = LOAD_MARGIN,
+                 writes_ahead: Callable[[], int] | None = None) -> None:
         if not margin > 0:
             raise ValueError(f"margin={margin!r}: expected a number > 0")
         self._clock = clock
+        self._writes_ahead = writes_ahead  # bytes of writes running on the disk now (None: the tier writes none)
         self.margin = margin
         self.prefill_tokens_per_s: float | None = None
         self.disk_bytes_per_s: float | None = None
@@ -95,6 +106,10 @@ class CostModel:
         self._busy_since: float | None = None  # since when reads are outstanding (None: none are)
         self._window_bytes = 0  # read in the current bandwidth window
         self._window_busy = 0.0  # busy seconds of the window before _busy_since
+
+    def writes_ahead(self) -> int:
+        """Bytes of writes running on the disk now: ahead of any read submitted now."""
+        return max(0, self._writes_ahead()) if self._writes_ahead is not None else 0
 
     @staticmethod
     def _average(old: float | None, sample: float) -> float:
@@ -171,12 +186,14 @@ class CostModel:
     def gives_up(self, job: int) -> Decision | None:
         """Whether a load whose reads are under way should stop waiting for the rest (None: unknown job).
 
-        ``load_s`` is what is still to read up to its last page, at the
-        measured bandwidth (0 before it is measured); ``recompute_s`` is the
-        time to recompute its unread pages at the measured prefill rate. It
-        gives up (``load`` False) when ``load_s`` exceeds ``recompute_s``, or
-        the time waited since it was submitted exceeds the time to recompute
-        all its pages, each times the margin. Before the prefill rate is
+        ``load_s`` is what is still to read up to its last page (writes
+        running included), at the measured bandwidth (0 before it is
+        measured); ``recompute_s`` is the time to recompute its unread pages
+        at the measured prefill rate. It gives up (``load`` False) when
+        ``load_s`` exceeds ``recompute_s`` times the margin, or when now plus
+        ``load_s`` passes its deadline: when it was submitted plus the time to
+        recompute all its pages, times the margin (with the bandwidth not yet
+        measured: once that deadline has passed). Before the prefill rate is
         measured it never gives up.
         """
         entry = self._inflight.get(job)
@@ -186,16 +203,16 @@ class CostModel:
         rate = self.prefill_tokens_per_s
         if rate is None or entry.unread <= 0 or entry.tokens <= 0:
             return Decision(True, pages_left)
-        ahead = 0
+        ahead = self.writes_ahead()
         for j, e in self._inflight.items():
             ahead += e.unread
             if j == job:
                 break
         load_s = ahead / self.disk_bytes_per_s if self.disk_bytes_per_s else 0.0
         recompute_s = entry.tokens * entry.unread / entry.total / rate
-        waited = self._clock() - entry.submitted
-        # The wait is held to the recompute time the whole load was weighed against when it was admitted.
-        late = waited > entry.tokens / rate * self.margin
+        # The load is held to the recompute time the whole of it was weighed against when it was admitted.
+        deadline = entry.submitted + entry.tokens / rate * self.margin
+        late = self._clock() + load_s > deadline
         return Decision(load_s <= recompute_s * self.margin and not late, pages_left, load_s, recompute_s)
 
     def disk_pays(self, disk_pages: int, page_bytes: int, block_tokens: int) -> Decision:
@@ -205,6 +222,6 @@ class CostModel:
         rate, bw = self.prefill_tokens_per_s, self.disk_bytes_per_s
         if rate is None or bw is None:
             return Decision(True, disk_pages)  # nothing measured yet: load, as without a model
-        load_s = (self.queue_bytes + disk_pages * page_bytes) / bw
+        load_s = (self.writes_ahead() + self.queue_bytes + disk_pages * page_bytes) / bw
         recompute_s = disk_pages * block_tokens / rate
         return Decision(load_s < recompute_s * self.margin, disk_pages, load_s, recompute_s)

@@ -343,3 +343,131 @@ def test_an_aborted_request_cancels_its_queued_disk_reads(rng: np.random.Generat
         gate.set()
         engine.close()
         leader.close()
+
+
+def test_a_load_gives_up_at_the_first_check_that_predicts_it_lands_past_its_deadline() -> None:
+    """A load behind a stalled one: admitted at 0.6 s of reads against 1 s of recompute, checked every 125 ms.
+
+    It gives up at the first check where now + 0.6 s passes its deadline (at
+    0.5 s waited), not before, and not only once it has waited the whole
+    recompute time (at 1.125 s) as a wait-and-see rule would.
+    """
+    clock = Clock()
+    c = model_with(clock)
+    c.prefill_tokens_per_s, c.disk_bytes_per_s = 1000.0, 100 * MiB
+    c.disk_submitted(1, 50 * MiB)  # another load's reads, ahead; never given up itself (no tokens)
+    d = c.disk_pays(10, MiB, 100)
+    assert d.load and d.load_s == pytest.approx(0.6) and d.recompute_s == pytest.approx(1.0)
+    c.disk_submitted(2, 10 * MiB, tokens=1000, page_bytes=MiB)
+    decisions = []
+    for _ in range(6):
+        d = c.gives_up(2)
+        assert d is not None and d.load_s == pytest.approx(0.6) and d.recompute_s == pytest.approx(1.0)
+        decisions.append(d.load)
+        clock.t += 0.125  # the disk stalls: nothing is read
+    assert decisions == [True, True, True, True, False, False]
+
+
+def test_writes_running_on_the_disk_count_ahead_of_reads() -> None:
+    clock = Clock()
+    running = [0]
+    c = CostModel(clock=clock, writes_ahead=lambda: running[0])
+    c.prefill_tokens_per_s, c.disk_bytes_per_s = 1000.0, 100 * MiB
+    assert c.disk_pays(10, MiB, 100).load_s == pytest.approx(0.1)
+    running[0] = 40 * MiB  # four 10 MiB writes on the device
+    d = c.disk_pays(10, MiB, 100)
+    assert d.load and d.load_s == pytest.approx(0.5)
+    c.disk_submitted(1, 10 * MiB, tokens=1000, page_bytes=MiB)
+    assert c.gives_up(1).load_s == pytest.approx(0.5)
+    running[0] = 100 * MiB  # more than a second of writes ahead: it would land after recomputing would
+    assert not c.gives_up(1).load
+    assert not c.disk_pays(10, MiB, 100).load
+
+
+def test_a_load_that_lands_in_time_is_never_given_up() -> None:
+    """Behind another load, 0.9 s of reads against 1 s of recompute; the disk keeps the measured pace."""
+    clock = Clock()
+    c = model_with(clock)
+    c.prefill_tokens_per_s, c.disk_bytes_per_s = 1000.0, 100 * MiB
+    c.disk_submitted(1, 80 * MiB, tokens=8000, page_bytes=MiB)
+    c.disk_submitted(2, 10 * MiB, tokens=1000, page_bytes=MiB)
+    for job, pages in ((1, 80), (2, 10)):
+        for _ in range(pages):
+            for j in (1, 2):
+                d = c.gives_up(j)
+                assert d is None or d.load, (j, clock.t, d)
+            clock.t += 0.01
+            c.disk_read(job, MiB)
+        c.disk_done(job)
+    assert clock.t == pytest.approx(100.9) and c.queue_bytes == 0
+    assert c.disk_bytes_per_s == pytest.approx(100 * MiB)
+
+
+def test_the_leader_gives_a_load_up_as_soon_as_it_would_land_past_its_deadline(
+        rng: np.random.Generator, tmp_path, monkeypatch) -> None:
+    """Two disk hits of 4 pages on one I/O thread, a2's reads running (held), b2's queued behind them.
+
+    At the measured rates a2 needs 0.225 of its recompute time R to read,
+    b2 0.45 (it waits for a2's reads too): both are admitted. The disk then
+    stalls; the leader is called every R/8. b2 goes out (its blocks to
+    recompute, its reads cancelled) at the first call past 0.55 R waited
+    (5R/8), a2 at the first past 0.775 R (7R/8): each before the recompute
+    time has passed, where waiting it out would have sent both at 9R/8.
+    """
+    import threading
+
+    import dynkv.tiers.disk as disk_mod
+
+    model = Model()
+    leader = make_leader(model, host_pages=8, disk_gb=0.01, disk_paths=[str(tmp_path / "d")], disk_direct_io=False,
+                         disk_admit_min_hits=0, io_threads=1)
+    engine = Engine(leader, model, tp=1, num_blocks=64, processes=False)
+    clock = Clock()
+    gate = threading.Event()
+    try:
+        a, b = (rng.integers(0, 1000, 4 * model.block_size).tolist() for _ in range(2))
+        for name, prompt in (("a", a), ("b", b), ("filler", rng.integers(0, 1000, 8 * model.block_size).tolist())):
+            engine.serve(name, prompt)
+            engine.drain()
+        keys_a, keys_b = engine.keys(a), engine.keys(b)
+        assert not any(leader.index.holds(k, "host") for k in keys_a + keys_b)
+        rate, page = 1000.0, leader.geometry.page_bytes
+        R = 4 * model.block_size / rate
+        leader.cost = CostModel(clock=clock)
+        leader.cost.prefill_tokens_per_s, leader.cost.disk_bytes_per_s = rate, 8 * page / (0.45 * R)
+        entered = threading.Event()
+        read_records = disk_mod._C.read_records
+
+        def held(*args):
+            entered.set()
+            assert gate.wait(30)
+            return read_records(*args)
+
+        monkeypatch.setattr(disk_mod._C, "read_records", held)
+        assert leader.lookup("a2", keys_a) == 4
+        leader.begin_load("a2", [40, 41, 42, 43])
+        assert entered.wait(30)
+        assert leader.lookup("b2", keys_b) == 4
+        leader.begin_load("b2", [50, 51, 52, 53])
+        out = {}
+        for k in range(1, 9):
+            clock.t += R / 8
+            for op in leader.build_plan().loads:
+                out[op.req_id] = (k, sorted(op.failed), op.block_ids)
+                leader.update(WorkerReport(done={op.job: 1}))
+        assert out == {"b2": (5, [50, 51, 52, 53], ()), "a2": (7, [40, 41, 42, 43], ())}
+        assert leader.metrics.value("dynkv_cost_tokens_total", choice="gave_up") == 8 * model.block_size
+        for r in ("a2", "b2"):
+            leader.request_finished(r)
+        gate.set()
+        engine.drain()
+        leader.disk._pool.submit(lambda: None).result(30)
+        assert leader.metrics.value("dynkv_disk_reads_given_up_total", state="landed") == 4
+        assert leader.metrics.value("dynkv_disk_reads_given_up_total", state="cancelled") == 4
+        assert leader.cost.queue_bytes == 0 and leader.stats()["host"]["pending"] == 0
+        out3 = engine.serve("a3", a + [1])  # a's pages landed in the host tier while a2 recomputed
+        assert out3.loaded == 4 and out3.mismatched == [] and out3.load_errors == set()
+    finally:
+        gate.set()
+        engine.close()
+        leader.close()
