@@ -471,3 +471,29 @@ def test_the_leader_gives_a_load_up_as_soon_as_it_would_land_past_its_deadline(
         gate.set()
         engine.close()
         leader.close()
+
+
+def test_the_leader_s_cost_model_counts_the_disk_writes_running(tmp_path) -> None:
+    import threading
+
+    model = Model()
+    leader = make_leader(model, disk_gb=0.01, disk_paths=[str(tmp_path / "d")], disk_direct_io=False, io_threads=1)
+    gate, entered = threading.Event(), threading.Event()
+
+    def write() -> None:
+        entered.set()
+        assert gate.wait(30)
+
+    try:
+        assert leader.cost is not None and leader.cost.writes_ahead() == 0
+        running = leader.disk._pool.submit_write(12345, write)
+        assert entered.wait(30)
+        queued = leader.disk._pool.submit_write(999, lambda: None)
+        assert leader.cost.writes_ahead() == 12345, "running writes count, queued ones do not (reads overtake them)"
+        gate.set()
+        running.result(30)
+        queued.result(30)
+        assert leader.cost.writes_ahead() == 0
+    finally:
+        gate.set()
+        leader.close()
