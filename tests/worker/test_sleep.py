@@ -44,10 +44,48 @@ def fresh_kv(state, rng: np.random.Generator, num_blocks: int, head_size: int | 
                         num_layers=m.num_layers, num_blocks=num_blocks, device=m.device)
 
 
+def hold_next_store(monkeypatch, w) -> tuple[threading.Event, threading.Event]:
+    """Hold the worker's next store copy back: ``(release, finished)``.
+
+    On CPU the copy waits in its thread until ``release`` is set; on a GPU the
+    store stream waits behind a long kernel on the compute stream (``release``
+    is set already). ``finished`` is set once the CPU copy is done.
+    """
+    release, finished = threading.Event(), threading.Event()
+    if w.view.device.type == "cuda":
+        real_after = w.after_forward
+
+        def after_forward() -> None:
+            torch.cuda._sleep(2_000_000_000)  # about a second of GPU time, before the store is launched
+            monkeypatch.setattr(w, "after_forward", real_after)
+            real_after()
+
+        monkeypatch.setattr(w, "after_forward", after_forward)
+        release.set()
+        return release, finished
+    real_gather = worker_mod.gather
+
+    def slow_gather(*args, **kw):
+        release.wait()
+        real_gather(*args, **kw)
+        finished.set()
+        monkeypatch.setattr(worker_mod, "gather", real_gather)
+
+    monkeypatch.setattr(worker_mod, "gather", slow_gather)
+    return release, finished
+
+
+@pytest.mark.parametrize("device,copy_path", [
+    ("cpu", "auto"),
+    pytest.param("cuda", "kernel", marks=pytest.mark.gpu),
+    pytest.param("cuda", "staged", marks=pytest.mark.gpu),
+])
 def test_sleep_drains_copies_refuses_loads_keeps_the_tiers_and_restores(tmp_path, rng: np.random.Generator,
-                                                                         monkeypatch) -> None:
-    model = Model()
-    leader = make_leader(model, host_pages=64, disk_gb=0.01, disk_paths=[str(tmp_path)], disk_admit_min_hits=0)
+                                                                         monkeypatch, device: str,
+                                                                         copy_path: str) -> None:
+    model = Model(device=device)
+    leader = make_leader(model, host_pages=64, disk_gb=0.01, disk_paths=[str(tmp_path)], disk_admit_min_hits=0,
+                         copy_path=copy_path)
     engine = Engine(leader, model, tp=1, num_blocks=48, processes=False)
     state = engine.ranks[0].state
     w = state.worker
@@ -59,25 +97,19 @@ def test_sleep_drains_copies_refuses_loads_keeps_the_tiers_and_restores(tmp_path
         assert before["host"]["stored"] == 3 and before["disk"]["stored"] == 3
 
         # A store in flight when vLLM sleeps: unregister returns only once it is done.
-        real_gather = worker_mod.gather
-        release, finished = threading.Event(), threading.Event()
-
-        def slow_gather(*args, **kw):
-            release.wait()
-            real_gather(*args, **kw)
-            finished.set()
-
-        monkeypatch.setattr(worker_mod, "gather", slow_gather)
-        # Its forward launches the store, held in slow_gather.
+        release, finished = hold_next_store(monkeypatch, w)
         held = engine.serve("s", rng.integers(0, 1000, model.block_size).tolist(), verify=False, finish=False)
-        assert not finished.is_set()
+        assert device == "cuda" or not finished.is_set()
+        (store_job,) = [j.job for j in w._jobs if j.kind == "store"]
         view = weakref.ref(w.view)
+        paths = None if w.copy_paths is None else (w.copy_paths.h2d, w.copy_paths.d2h)
         threading.Thread(target=release.set).start()  # may run before or after unregister begins to wait
         w.unregister()
-        assert finished.is_set(), "unregister returned with a store still copying"
-        monkeypatch.setattr(worker_mod, "gather", real_gather)
+        report = w.poll()
+        assert report.done.get(store_job) == 1, "unregister returned with a store still copying"
+        leader.update(report)
         gc.collect()
-        assert w.asleep and w.view is None
+        assert w.asleep and w.view is None and w.copy_paths is None
         assert view() is None, "the worker still holds the KV cache's pointers"
         engine.finish("s", held.blocks)
         engine.drain()
@@ -107,6 +139,7 @@ def test_sleep_drains_copies_refuses_loads_keeps_the_tiers_and_restores(tmp_path
         w.register(state.kv.view(num_heads_total=model.num_heads, head_start=state.heads[0]),
                    {layer_name(i): i for i in range(model.num_layers)})
         assert not w.asleep
+        assert paths is None or (w.copy_paths.h2d, w.copy_paths.d2h) == paths  # the choice before the sleep
         out = engine.serve("c", shared + [4])
         assert out.loaded == 3 and out.load_errors == set() and out.mismatched == []
         engine.drain()
