@@ -23,7 +23,8 @@ remote decode (``kv_transfer_params`` ``do_remote_decode``) and returns
 with NIXL, and recomputes whatever could not be pulled or was refused.
 
 One code base for vLLM 0.26 to 0.33: hooks that only some versions have are
-implemented and simply not called by the others. Where the worker -> scheduler
+implemented and simply not called by the others (0.33's sleep-mode methods
+among them: :mod:`dynkv.worker.sleep`). Where the worker -> scheduler
 metadata channel is missing, worker reports ride in the connector stats
 (:class:`DynKVStats`), which vLLM also carries from workers to the scheduler.
 
@@ -207,6 +208,9 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         self.leader: Any = None
         self.worker: Any = None
         self._reqs: dict[str, _Req] = {}
+        # The tensors last registered, for restore_kv_caches without arguments: vLLM's attention layers hold the
+        # same ones, so this keeps no memory alive that vLLM does not (sleep mode unmaps it under them).
+        self._kv_caches: dict[str, torch.Tensor] | None = None
         self._counters: dict[str, float] = {}
         self._stats_at = float("-inf")
         self._stats_version = -1
@@ -264,6 +268,34 @@ class DynKVConnector(KVConnectorBase_V1, SupportsHMA):
         index = {storage(t): i for i, t in enumerate(layers)}
         names = {n: index[storage(t)] for n, t in kv_caches.items() if storage(t) in index}
         self.worker.register(view, names)
+        self._kv_caches = kv_caches
+
+    def supports_sleep_mode(self) -> bool:
+        return True  # unregister_kv_caches and restore_kv_caches below
+
+    def unregister_kv_caches(self) -> None:
+        """vLLM's sleep mode is about to free the KV cache: copies in flight finish, then none touches it.
+
+        Loads asked for until :meth:`restore_kv_caches` are refused (vLLM
+        recomputes their blocks); the host and disk tiers keep their pages.
+        """
+        if self.worker is not None:
+            self.worker.unregister()
+
+    def restore_kv_caches(self, kv_caches: dict[str, torch.Tensor] | None = None) -> None:
+        """After sleep mode: take the KV cache again (``kv_caches``, else the tensors registered before).
+
+        The tensors' addresses are read again; the KV cache must have the
+        geometry, head slice and block count it had before the sleep
+        (``ValueError`` naming what differs otherwise).
+        """
+        if self.worker is None:
+            return
+        caches = kv_caches if kv_caches is not None else self._kv_caches
+        if caches is None:
+            raise RuntimeError("DynKVConnector.restore_kv_caches: no KV cache was registered before the sleep and "
+                               "none was given")
+        self.register_kv_caches(caches)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         # vLLM's V1 model runner calls this first in a step, before it prepares the inputs; its V2 runner calls

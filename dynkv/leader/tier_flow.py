@@ -21,6 +21,11 @@ not yet done, new write-throughs are skipped (counted in
 ``dynkv_disk_writes_skipped_total``); their pages stay in the host tier, and
 a later request that finds them evicted from there recomputes.
 
+Failed reads are logged at most once per :data:`READ_LOG_EVERY_S` (a
+deleted or failing file fails every page read once, as each is dropped: one
+line per page would flood), the next line counting those not logged; every
+one is counted in ``dynkv_load_errors_total{reason="disk"}``.
+
 Failed writes are logged once per run of failures. After
 :data:`WRITE_FAILURES_TO_STOP` in a row (a full file system, a dying disk)
 write-through stops, with one line saying so; reads go on. While stopped,
@@ -61,6 +66,9 @@ _WRITES_HOST_SHARE = 4
 # anyway to find out whether the disk takes writes again (counted in pages, not time: no timer to run).
 WRITE_FAILURES_TO_STOP = 8
 PROBE_EVERY = 64
+# At most one line about failed disk reads per this many seconds (see the module).
+READ_LOG_EVERY_S = 60.0
+_now = time.monotonic  # the clock of that limit (tests replace it)
 
 
 def max_disk_writes(io_threads: int, host_pages: int) -> int:
@@ -87,6 +95,9 @@ class DiskFlow:
     _write_streak: int = 0
     _writes_off: bool = False
     _offered_while_off: int = 0
+    # Failed reads not logged yet, and when the last line about them was (see the module).
+    _reads_unlogged: int = 0
+    _read_logged_at: float = float("-inf")
     _promoting: dict[int, LoadRecord]
     _abandoned: dict[int, LoadRecord]  # loads given up, with disk reads still running
     _ready: list[LoadRecord]
@@ -297,7 +308,7 @@ class DiskFlow:
             self.metrics.pages.labels("disk_to_host").inc()
             self.metrics.bytes.labels("disk_to_host").inc(self.geometry.page_bytes)
         else:
-            log.warning("disk page %s failed to load (%s); its block is recomputed", key.hex(), exc)
+            self._log_read_failure(key, exc)
             self._drop_host([key])
             if self.index.pins(key, DISK) == 0:
                 self.index.remove(DISK, [key])
@@ -305,6 +316,21 @@ class DiskFlow:
                 load.failed.append(load.block_ids[i])
             self.metrics.load_errors.labels("disk").inc()
         self._reads_over(load)
+
+    def _log_read_failure(self, key: bytes, exc: BaseException) -> None:
+        """One line for a failed disk read, unless one was logged in the last :data:`READ_LOG_EVERY_S`."""
+        self._reads_unlogged += 1
+        now = _now()
+        if now - self._read_logged_at < READ_LOG_EVERY_S:
+            return
+        if self._reads_unlogged == 1:
+            log.warning("disk page %s failed to load (%s); its block is recomputed (further failed reads are "
+                        "logged at most once a minute, all are counted in dynkv_load_errors_total{reason=\"disk\"})",
+                        key.hex(), exc)
+        else:
+            log.warning("%d disk page reads failed in the last %.0f s, the last (page %s) with %s; their blocks "
+                        "are recomputed", self._reads_unlogged, now - self._read_logged_at, key.hex(), exc)
+        self._reads_unlogged, self._read_logged_at = 0, now
 
     def _reads_over(self, load: LoadRecord) -> None:
         """After each disk read's completion: once the load's last read is in, it is settled."""

@@ -86,7 +86,7 @@ class SyncLoads:
         the same plan does nothing.
         ``layer_hooks`` as for :meth:`start`, as far as known this early.
         """
-        if same_step(self._early, plan):
+        if same_step(self._early, plan) or self.view is None:  # asleep (sleep mode): start() refuses the plan
             return
         self._end_sync_step()  # a step whose forward never ran (vLLM calls nothing in between)
         self._early = plan

@@ -15,6 +15,9 @@ waits for the whole copy. Should a forward run without asking for a layer
 (a CUDA graph that captured the attention), its sync blocks are reported as
 load errors, vLLM recomputes them, and later steps wait for whole copies.
 Those loads live in :mod:`dynkv.worker.sync`.
+
+Across vLLM's sleep mode the worker lets go of the KV cache and takes it
+back (:mod:`dynkv.worker.sleep`): no copy touches device memory in between.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from dynkv.worker.jobs import done_future as _done_future
 from dynkv.worker.jobs import is_ready as _ready
 from dynkv.worker.jobs import wait_for as _wait
 from dynkv.worker.pull import PullFlow
+from dynkv.worker.sleep import SleepFlow
 from dynkv.worker.staging import CopyPaths
 from dynkv.worker.sync import SyncLoads, SyncStep, same_step
 
@@ -55,7 +59,7 @@ def in_process(pool_name: str) -> Worker | None:
     return _IN_PROCESS.get(pool_name)
 
 
-class Worker(SyncLoads, PullFlow):
+class Worker(SyncLoads, PullFlow, SleepFlow):
     """Device side of one TP rank.
 
     Parameters
@@ -125,8 +129,12 @@ class Worker(SyncLoads, PullFlow):
 
         ``layer_names`` maps vLLM's attention layer names to layers of
         ``view`` (layers sharing one KV cache map to the same), for
-        :meth:`wait_for_layer`.
+        :meth:`wait_for_layer`. After :meth:`unregister` (sleep mode), the
+        KV cache taken back must have the geometry, head slice and block
+        count it had (``ValueError`` otherwise).
         """
+        restored = self.asleep
+        paths = self._check_restore(view)
         self.view = view
         self._layer_of = dict(layer_names or {})
         g = view.geometry
@@ -136,24 +144,28 @@ class Worker(SyncLoads, PullFlow):
         if view.device.type == "cuda":
             import torch
 
-            self._streams = (torch.cuda.Stream(view.device, priority=self._load_priority),
-                             torch.cuda.Stream(view.device))
-            self.copy_paths = self._choose_copy_paths(view)
-        else:
+            if self._streams is None:
+                self._streams = (torch.cuda.Stream(view.device, priority=self._load_priority),
+                                 torch.cuda.Stream(view.device))
+            self.copy_paths = self._choose_copy_paths(view, paths)
+        elif self._threads is None:
             self._threads = (
                 ThreadPoolExecutor(1, thread_name_prefix=f"dynkv-load{self.rank}"),
                 ThreadPoolExecutor(1, thread_name_prefix=f"dynkv-store{self.rank}"),
             )
         if self.world_size == 1:
             _IN_PROCESS[self.pool_name] = self
-        if self._prepare_pulls:
+        if self._prepare_pulls and not restored:
             threading.Thread(target=self._prepare, name=f"dynkv-pull-prep{self.rank}", daemon=True).start()
 
-    def _choose_copy_paths(self, view: PagedView) -> CopyPaths:
-        """The copy path of loads and stores on this GPU (:mod:`dynkv.worker.calibrate`); the kernel if that fails."""
+    def _choose_copy_paths(self, view: PagedView, kept: tuple[str, str] | None = None) -> CopyPaths:
+        """The copy path of loads and stores on this GPU (:mod:`dynkv.worker.calibrate`, or ``kept`` from before
+        a sleep); the kernel if that fails."""
         from dynkv.worker import calibrate
 
         try:
+            if kept is not None:
+                return CopyPaths(view, *kept)
             choice = calibrate.choose(view, mode=self.config.copy_path)
             paths = CopyPaths(view, h2d=choice["h2d"].path, d2h=choice["d2h"].path)
         except Exception as e:  # out of GPU memory for the scratch or the staging ring: the kernel needs neither
@@ -196,6 +208,9 @@ class Worker(SyncLoads, PullFlow):
         launched again.
         """
         self._finishing.update(plan.finished)
+        if self.asleep:  # sleep mode: nothing touches the freed KV cache
+            self._refuse(plan)
+            return
         self._stores_next = list(plan.stores)
         self._step_thread = threading.get_ident()
         if self._streams is not None and self.view is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import logging
 import os
 
 import numpy as np
@@ -16,7 +17,7 @@ from harness import Engine, Model
 
 from dynkv.config import DynKVConfig
 from dynkv.tiers.disk import DiskTier
-from dynkv.leader import Leader
+from dynkv.leader import Leader, tier_flow
 
 MODEL = Model(num_layers=2, num_heads=4, head_size=8, block_size=4, dims="LBNHC")
 
@@ -162,6 +163,51 @@ def test_deleted_disk_file_means_recompute(tmp_path, rng: np.random.Generator) -
         assert out.load_errors, "pages that could not be read are reported"
         engine.drain()
         assert leader.idle()
+    finally:
+        engine.close()
+        leader.close()
+
+
+def test_failed_reads_of_a_deleted_disk_file_log_one_line_a_minute(tmp_path, rng: np.random.Generator, caplog,
+                                                                  monkeypatch) -> None:
+    """Every page of a deleted file fails its read once (and is dropped): one line, then one a minute with a count."""
+    clock = [1000.0]
+    monkeypatch.setattr(tier_flow, "_now", lambda: clock[0])
+    prompts = prompts_for(rng, 6)
+    leader = leader_for(tmp_path, host_pages=6)
+    engine = Engine(leader, MODEL, tp=1, processes=False)
+
+    def read_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "failed to load" in r.getMessage()
+                or "reads failed" in r.getMessage()]
+
+    def serve(tag: str, ps: list[list[int]]) -> None:
+        for i, p in enumerate(ps):
+            out = engine.serve(f"{tag}{i}", p)
+            assert out.mismatched == []
+            engine.drain()
+
+    try:
+        fill(engine, prompts)  # 30 pages through a 6-page host tier: most are on disk only
+        for path in leader.disk.files:
+            os.unlink(path)
+        with caplog.at_level(logging.WARNING, logger="dynkv.leader"):
+            serve("a", prompts[:3])
+            failed = leader.metrics.value("dynkv_load_errors_total", reason="disk")
+            assert failed >= 5, "the prompts' disk pages were read and failed"
+            lines = read_lines()
+            assert len(lines) == 1 and "failed to load" in lines[0] and "deleted while in use" in lines[0], lines
+            clock[0] += tier_flow.READ_LOG_EVERY_S - 1
+            serve("b", prompts[3:5])
+            assert len(read_lines()) == 1
+            before = leader.metrics.value("dynkv_load_errors_total", reason="disk")
+            assert before > failed
+            clock[0] += 1
+            serve("c", prompts[5:])
+            lines = read_lines()
+            # The first failure a minute after the first line: it and every one since that line, counted.
+            assert len(lines) == 2 and lines[1].startswith(f"{int(before)} disk page reads failed in the last "
+                                                           f"{tier_flow.READ_LOG_EVERY_S:.0f} s"), lines
     finally:
         engine.close()
         leader.close()
