@@ -48,7 +48,8 @@ from dynkv.benchmarks.serve_results import percentile
 from dynkv.testing.model import FIRST_WORD_ID, PRESETS, write_model
 from dynkv.testing.server import VLLMServer, free_port
 
-__all__ = ["Conversation", "ProxyProcess", "Turn", "drive", "engine_args", "events_config", "summarize"]
+__all__ = ["Conversation", "ProxyProcess", "RedisProcess", "Turn", "drive", "engine_args", "events_config",
+           "shared_transfer_config", "summarize"]
 
 
 def events_config(pub_port: int, replay_port: int) -> str:
