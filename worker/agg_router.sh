@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Aggregated serving over N engines with KV-aware routing: NUM_ENGINES `vllm serve` (each with dynkv through
-# agg.sh, publishing KV events) and `dynkv proxy --engine ...` in front, routing by ROUTER_POLICY.
+# agg.sh, publishing KV events and serving KV snapshots on dynkv's metrics port) and `dynkv proxy --engine ...`
+# in front, routing by ROUTER_POLICY.
 # Engines on other hosts join with REMOTE_ENGINES. Every knob is an environment variable; see worker/README.md.
 # Arguments are passed to every local engine's vllm serve. Ctrl-C (or SIGTERM) stops everything.
 set -euo pipefail
@@ -14,14 +15,19 @@ PROXY_PORT="${PROXY_PORT:-8000}"
 ENGINE_HOST="${ENGINE_HOST:-127.0.0.1}"
 ENGINE_PORT="${ENGINE_PORT:-8100}"    # local engine i listens on ENGINE_PORT + i
 EVENTS_PORT="${EVENTS_PORT:-5700}"    # its KV events on EVENTS_PORT + 2i, their replay socket on EVENTS_PORT + 2i + 1
+# Local engine i serves dynkv's metrics and its KV snapshot (/kv/snapshot, on loopback) at METRICS_PORT + i: a
+# proxy started after its engines, or one whose replay buffer no longer reaches back, rebuilds its view from it.
+METRICS_PORT="${METRICS_PORT:-9100}"
 ROUTER_POLICY="${ROUTER_POLICY:-kv}"  # kv, round-robin or least-loaded
 LOAD_WEIGHT="${LOAD_WEIGHT:-1.0}"
 # The engines' --prefix-caching-hash-algo and PYTHONHASHSEED: the proxy hashes prompts the same way.
 HASH_ALGO="${HASH_ALGO:-sha256}"
 HASH_SEED="${HASH_SEED:-${PYTHONHASHSEED:-}}"
-# Engines started elsewhere, space-separated, each URL[=EVENTS[=REPLAY]], e.g.
+# Engines started elsewhere, space-separated, each URL=EVENTS=REPLAY[=SNAPSHOT], e.g.
 # "http://10.0.0.7:8100=tcp://10.0.0.7:5700=tcp://10.0.0.7:5701"; their --kv-events-config must bind
-# (tcp://*:PORT) and their hash settings match.
+# (tcp://*:PORT) and their hash settings match. dynkv's metrics port listens on loopback only, so a SNAPSHOT
+# URL (http://HOST:PORT/kv/snapshot) works where that port is forwarded to this host; without one the proxy
+# rebuilds that engine's view from its replay buffer alone.
 REMOTE_ENGINES="${REMOTE_ENGINES:-}"
 LOG_DIR="${LOG_DIR:-${TMPDIR:-/tmp}/dynkv-agg-router-${PROXY_PORT}}"
 READY_TIMEOUT="${READY_TIMEOUT:-900}"
@@ -109,7 +115,8 @@ for ((i = 0; i < NUM_ENGINES; i++)); do
   port=$((ENGINE_PORT + i)) pub=$((EVENTS_PORT + 2 * i)) replay=$((EVENTS_PORT + 2 * i + 1))
   # vLLM binds its publisher only for a wildcard address; the replay socket is always bound.
   events="{\"enable_kv_cache_events\":true,\"publisher\":\"zmq\",\"endpoint\":\"tcp://*:$pub\",\"replay_endpoint\":\"tcp://$ENGINE_HOST:$replay\"}"
-  env=(HOST="$ENGINE_HOST" PORT="$port" TP="$TP" PYTHON="$PYTHON")
+  metrics=$((METRICS_PORT + i))
+  env=(HOST="$ENGINE_HOST" PORT="$port" TP="$TP" PYTHON="$PYTHON" DYNKV_METRICS_PORT="$metrics")
   [[ -n "$HASH_SEED" ]] && env+=(PYTHONHASHSEED="$HASH_SEED")
   read -r -a extra <<<"$ENGINE_ENV"
   env+=(${extra[@]+"${extra[@]}"})
@@ -117,15 +124,18 @@ for ((i = 0; i < NUM_ENGINES; i++)); do
   start "engine$i" "$LOG_DIR/engine$i.log" env "${env[@]}" "$HERE/agg.sh" --kv-events-config "$events" \
     --prefix-caching-hash-algo "$HASH_ALGO" --enable-prompt-tokens-details ${VLLM_ARGS[@]+"${VLLM_ARGS[@]}"}
   local_urls+=("http://$ENGINE_HOST:$port")
-  proxy+=(--engine "http://$ENGINE_HOST:$port" --kv-events "tcp://$ENGINE_HOST:$pub" --kv-replay "tcp://$ENGINE_HOST:$replay")
+  proxy+=(--engine "http://$ENGINE_HOST:$port" --kv-events "tcp://$ENGINE_HOST:$pub"
+          --kv-replay "tcp://$ENGINE_HOST:$replay" --kv-snapshot "http://127.0.0.1:$metrics/kv/snapshot")
 done
 for spec in $REMOTE_ENGINES; do
-  IFS='=' read -r url pub replay <<<"$spec"
+  IFS='=' read -r url pub replay snap <<<"$spec"
   if [[ -z "$pub" || -z "$replay" ]]; then
-    echo "dynkv agg_router: REMOTE_ENGINES entry '$spec': expected URL=tcp://HOST:EVENTS=tcp://HOST:REPLAY" >&2
+    echo "dynkv agg_router: REMOTE_ENGINES entry '$spec': expected" \
+         "URL=tcp://HOST:EVENTS=tcp://HOST:REPLAY[=http://HOST:PORT/kv/snapshot]" >&2
     exit 2
   fi
-  proxy+=(--engine "$url" --kv-events "$pub" --kv-replay "$replay")
+  # An empty --kv-snapshot: that engine has none (the proxy wants one per engine, in order).
+  proxy+=(--engine "$url" --kv-events "$pub" --kv-replay "$replay" --kv-snapshot "$snap")
 done
 if [[ "$DRY_RUN" == 1 ]]; then
   start proxy "" "${proxy[@]}"

@@ -16,6 +16,13 @@ device cache smaller than the working set, evicts what the next turn needs;
 kv routing keeps each conversation where its prefix is, so the engines'
 caches add up.
 
+With ``--remote-url`` (or ``--redis``, which starts a ``redis-server`` on a
+loopback port for the run) both engines run dynkv with the shared tier on
+that store and a small host tier: round robin then finds a conversation's
+earlier turns in the store, and the run measures whether device hits on the
+engine kv routing picks still beat them. Each run also reports the pages the
+engines put to and got from the store.
+
 The pieces (engine flags, the proxy as a process, the driver) serve the
 end-to-end tests too.
 """
@@ -26,6 +33,8 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -34,12 +43,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dynkv.benchmarks.demo import BLOCK_SIZE, SHUTDOWN_TIMEOUT_S
+from dynkv.benchmarks.demo import BLOCK_SIZE, SHUTDOWN_TIMEOUT_S, scrape_metrics
 from dynkv.benchmarks.serve_results import percentile
 from dynkv.testing.model import FIRST_WORD_ID, PRESETS, write_model
 from dynkv.testing.server import VLLMServer, free_port
 
-__all__ = ["Conversation", "ProxyProcess", "Turn", "drive", "engine_args", "events_config", "summarize"]
+__all__ = ["Conversation", "ProxyProcess", "RedisProcess", "Turn", "drive", "engine_args", "events_config",
+           "shared_transfer_config", "summarize"]
 
 
 def events_config(pub_port: int, replay_port: int) -> str:
@@ -64,6 +74,61 @@ def engine_args(*, device_blocks: int, max_model_len: int, page_bytes: int, pub_
     if transfer_config is not None:
         args += ["--kv-transfer-config", json.dumps(transfer_config)]
     return args
+
+
+def shared_transfer_config(remote_url: str, host_pages: int) -> dict[str, Any]:
+    """``--kv-transfer-config`` of an engine with dynkv's shared tier at ``remote_url`` and ``host_pages`` of host
+    tier (no disk tier)."""
+    return {"kv_connector": "DynKVConnector", "kv_role": "kv_both", "kv_connector_module_path": "dynkv.connector",
+            "kv_connector_extra_config": {"host_pages": host_pages, "disk_gb": 0, "remote_url": remote_url}}
+
+
+class RedisProcess:
+    """A ``redis-server`` on a free loopback port, no persistence, for one run; :attr:`url` is its store URL."""
+
+    def __init__(self, workdir: Path) -> None:
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("--redis: redis-server is not on PATH; install it (apt-get install redis-server) "
+                               "or give --remote-url of a running store")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.workdir = workdir
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> RedisProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+               "no", "--dir", str(self.workdir), "--daemonize", "no"]
+        with open(self.workdir / "redis.log", "ab") as log:  # the child keeps its own descriptor
+            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self._proc.returncode}; see {self.workdir}/redis.log")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
+                    return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.__exit__()
+                    raise RuntimeError(f"redis-server did not listen on {self.port} within 30 s") from None
+                time.sleep(0.05)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+
+def _shared_pages(url: str) -> dict[str, float]:
+    """Pages ``url``'s engine put to (``host_to_shared``) and got from (``shared_to_host``) the shared tier."""
+    samples = scrape_metrics([url + "/metrics"])
+    return {d: samples.get(("dynkv_pages_moved_total", (("direction", d),)), 0.0)
+            for d in ("host_to_shared", "shared_to_host")}
 
 
 class ProxyProcess:
@@ -222,6 +287,13 @@ def summarize(turns: list[Turn], engines: list[str]) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.redis:
+        with RedisProcess(Path(args.work) / "redis") as store:
+            return _run_engines(args, store.url)
+    return _run_engines(args, args.remote_url)
+
+
+def _run_engines(args: argparse.Namespace, remote_url: str | None) -> dict[str, Any]:
     spec = PRESETS[args.preset]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -232,18 +304,21 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     max_model_len = conv_blocks * BLOCK_SIZE + BLOCK_SIZE
     device_blocks = max(max_model_len // BLOCK_SIZE + 1, int(working_set * args.cache_share))
     page_bytes = spec.kv_bytes_per_token() * BLOCK_SIZE
+    transfer = shared_transfer_config(remote_url, args.host_pages) if remote_url else None
     engines, servers = [], []
     for i in range(2):
         pub, replay = free_port(), free_port()
         s = VLLMServer(str(model), engine_args(device_blocks=device_blocks, max_model_len=max_model_len,
-                                               page_bytes=page_bytes, pub_port=pub, replay_port=replay),
+                                               page_bytes=page_bytes, pub_port=pub, replay_port=replay,
+                                               transfer_config=transfer),
                        log_path=work / f"engine{i}.log", name=f"engine{i}",
                        env={"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": str(args.threads)})
         servers.append(s)
         engines.append((s.url, pub, replay))
     result: dict[str, Any] = {"workload": {k: getattr(args, k) for k in (
         "conversations", "turns", "prefix_tokens", "user_tokens", "max_tokens", "concurrency", "preset",
-        "cache_share")}, "device_blocks": device_blocks, "working_set_blocks": working_set, "runs": []}
+        "cache_share")}, "device_blocks": device_blocks, "working_set_blocks": working_set,
+        "shared_tier": {"host_pages": args.host_pages} if remote_url else None, "runs": []}
     try:
         for s in servers:
             s.start()
@@ -256,11 +331,16 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 rng = random.Random(seed)
                 convs = [Conversation.make(rng, args.prefix_tokens, args.user_tokens, args.turns, spec.vocab_size)
                          for _ in range(args.conversations)]
+                before = [_shared_pages(e[0]) for e in engines] if remote_url else None
                 with ProxyProcess(engines, policy, work / f"proxy-{policy}-{rep}.log") as proxy:
                     t0 = time.perf_counter()
                     turns = drive(proxy.url, convs, max_tokens=args.max_tokens, concurrency=args.concurrency)
                     wall = time.perf_counter() - t0
                 summary = summarize(turns, [e[0] for e in engines])
+                if before is not None:
+                    after = [_shared_pages(e[0]) for e in engines]
+                    summary["shared_pages"] = {d: sum(a[d] - b[d] for a, b in zip(after, before))
+                                               for d in ("host_to_shared", "shared_to_host")}
                 print(f"[{rep}] {policy}: {json.dumps(summary)}", flush=True)
                 result["runs"].append({"policy": policy, "repeat": rep, "seed": seed, "wall_s": wall,
                                        "summary": summary, "turns": [asdict(t) for t in turns]})
@@ -289,7 +369,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", nargs="+", default=["round-robin", "kv"])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="OMP threads per engine")
+    p.add_argument("--remote-url", default=None,
+                   help="run both engines with dynkv's shared tier on this store (redis://HOST:PORT/DB, ...)")
+    p.add_argument("--redis", action="store_true",
+                   help="start a redis-server on a loopback port for the run and use it as --remote-url")
+    p.add_argument("--host-pages", type=int, default=32,
+                   help="with a shared tier: each engine's dynkv host tier in pages (small, so later turns "
+                        "that miss the device come from the store)")
     args = p.parse_args(argv)
+    if args.redis and args.remote_url:
+        p.error("--redis starts its own store: give it or --remote-url, not both")
+    if args.host_pages < 1:
+        p.error(f"--host-pages {args.host_pages}: expected a page count >= 1")
     result = _run(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -208,8 +208,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "e.g. tcp://127.0.0.1:5558); lets the proxy start late and recover lost batches")
     p.add_argument("--kv-snapshot", action="append", metavar="URL",
                    help="snapshot of each --engine's blocks, in the same order (dynkv's metrics_port: "
-                        "http://HOST:PORT/kv/snapshot); rebuilds the proxy's view of an engine when its replay "
-                        "buffer no longer reaches back")
+                        "http://HOST:PORT/kv/snapshot; an empty URL for an engine without one); rebuilds the "
+                        "proxy's view of an engine when its replay buffer no longer reaches back")
     p.add_argument("--kv-topic", default="", help="the engines' KV events topic")
     p.add_argument("--hash-algo", default="sha256", choices=HASH_ALGOS,
                    help="the engines' --prefix-caching-hash-algo")
@@ -238,7 +238,7 @@ def _snapshots(args: argparse.Namespace) -> dict[str, str]:
     if urls and len(urls) != len(pubs):
         raise ValueError(f"{len(pubs)} --kv-events, {len(urls)} --kv-snapshot: give one --kv-snapshot per engine "
                          "with --kv-events, in the same order")
-    return dict(zip(args.engine, urls))
+    return {e: url for e, url in zip(args.engine, urls) if url}
 
 
 def run_from_args(args: argparse.Namespace) -> int:

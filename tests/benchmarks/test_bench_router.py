@@ -1,15 +1,22 @@
 """The routing benchmark's pieces without vLLM: the driver against a fake proxy (turns carry the history),
-and the summary (later-turn TTFT, share per engine, predicted and cached tokens)."""
+the summary (later-turn TTFT, share per engine, predicted and cached tokens), and the shared-tier run's store
+(a real redis-server) and engine config."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import random
+import shutil
+import socket
+from pathlib import Path
 
+import pytest
 from aiohttp import web
 
-from dynkv.benchmarks.router import Conversation, Turn, drive_async, events_config, summarize
+from dynkv.benchmarks.router import (Conversation, RedisProcess, Turn, drive_async, events_config, main,
+                                     shared_transfer_config, summarize)
+from dynkv.config import DynKVConfig
 
 
 def test_driver_sends_each_conversations_history_and_reads_engine_prediction_and_usage() -> None:
@@ -62,3 +69,26 @@ def test_summary_counts_later_turns_shares_and_tokens() -> None:
     assert (s["predicted_tokens"], s["cached_tokens"], s["prompt_tokens"]) == (192, 160, 600)
     assert abs(s["max_share_over_mean"] - 3 / 2.5) < 1e-12
     assert json.loads(events_config(5557, 5558))["endpoint"] == "tcp://*:5557"
+
+
+def test_shared_run_starts_a_redis_server_and_gives_engines_the_shared_tier_on_it(tmp_path: Path) -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    with RedisProcess(tmp_path / "redis") as store:
+        with socket.create_connection(("127.0.0.1", store.port), timeout=10) as s:
+            s.sendall(b"PING\r\n")
+            assert s.recv(16) == b"+PONG\r\n"
+        cfg = shared_transfer_config(store.url, 24)
+        assert cfg["kv_connector"] == "DynKVConnector"
+        dyn = DynKVConfig.from_dict(cfg["kv_connector_extra_config"], env={})
+        assert (dyn.remote_url, dyn.host_pages, dyn.disk_gb) == (store.url, 24, 0)
+    with pytest.raises(OSError):  # stopped with the run
+        socket.create_connection(("127.0.0.1", store.port), timeout=2).close()
+
+
+def test_shared_run_options_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, why in ((["--redis", "--remote-url", "redis://h:1/0"], "not both"),
+                      (["--redis", "--host-pages", "0"], "--host-pages 0: expected a page count >= 1")):
+        with pytest.raises(SystemExit):
+            main(["--out", "/dev/null", *argv])
+        assert why in capsys.readouterr().err
