@@ -102,6 +102,7 @@ def test_parse_metrics_sums_engines_and_keeps_tier_labels() -> None:
         'vllm:dynkv_hits_total{engine="1",model_name="m",tier="host"} 4.0',
         'vllm:dynkv_hits_total{engine="0",model_name="m",tier="disk"} 1.0',
         'vllm:dynkv_misses_total{engine="0",model_name="m"} 9.0',
+        'vllm:dynkv_misses_created{engine="0",model_name="m"} 1796618278.5',
         'vllm:num_requests_running{engine="0"} 2.0',
     ])
     assert parse_metrics(text) == {"dynkv_hits_total{tier=host}": 7.0, "dynkv_hits_total{tier=disk}": 1.0,

@@ -76,6 +76,8 @@ def parse_metrics(text: str) -> dict[str, float]:
             continue
         head, _, value = line.rpartition(" ")
         name, _, labels = head.partition("{")
+        if name.endswith("_created"):  # a counter's creation time, not a count
+            continue
         kept = []
         for part in labels.rstrip("}").split(","):
             k, _, v = part.partition("=")
