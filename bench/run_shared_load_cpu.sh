@@ -23,7 +23,7 @@ DEVICE_BLOCKS=${DEVICE_BLOCKS:-64} HOST_PAGES=${HOST_PAGES:-200}
 DYNKV_CONFIG=${DYNKV_CONFIG:-{\}}
 BLOCK=32
 mkdir -p "$OUT"
-WORK=$(mktemp -d /tmp/dynkv-shared-load.XXXXXX)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/dynkv-shared-load.XXXXXX")
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} PYTHONUNBUFFERED=1
 
 # Each process started here runs in a session of its own (an API server with its engine processes): its process
