@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from dynkv.benchmarks.load.endpoint import parse_metrics, run_endpoints
+from dynkv.benchmarks.load.endpoint import parse_endpoint, parse_metrics, run_endpoints, server_of
 from dynkv.benchmarks.load.report import format_table, summarize
 from dynkv.benchmarks.load.workload import ClosedLoop, Workload, plan_sizes
 
@@ -85,6 +85,7 @@ def test_bad_workload_values_name_the_flag() -> None:
     (["--device-share", "lots"], "expected a share of the working set"),
     (["--engines", "plain", "--dynkv-variant", "a={}", "--device", "cpu"], "needs the dynkv engine"),
     (["--device", "cpu", "--device-share", "0.05"], "--device-share >= "),
+    (["--endpoint", "a=http://127.0.0.1:1,ftp://h:2"], "'ftp://h:2' is not a server root"),
 ])
 def test_bad_flags_fail_with_a_clear_message(args: list[str], message: str, tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "dynkv.cli", "bench", "load", *args, "--work-dir", str(tmp_path)],
@@ -101,10 +102,46 @@ def test_parse_metrics_sums_engines_and_keeps_tier_labels() -> None:
         'vllm:dynkv_hits_total{engine="1",model_name="m",tier="host"} 4.0',
         'vllm:dynkv_hits_total{engine="0",model_name="m",tier="disk"} 1.0',
         'vllm:dynkv_misses_total{engine="0",model_name="m"} 9.0',
+        'vllm:dynkv_misses_created{engine="0",model_name="m"} 1796618278.5',
         'vllm:num_requests_running{engine="0"} 2.0',
     ])
     assert parse_metrics(text) == {"dynkv_hits_total{tier=host}": 7.0, "dynkv_hits_total{tier=disk}": 1.0,
                                    "dynkv_misses_total": 9.0}
+
+
+def test_parse_endpoint_takes_one_server_or_several() -> None:
+    assert parse_endpoint("a=http://127.0.0.1:8000/") == ("a", ("http://127.0.0.1:8000",))
+    assert parse_endpoint("shared=http://127.0.0.1:8000, https://h:8001") == (
+        "shared", ("http://127.0.0.1:8000", "https://h:8001"))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("http://127.0.0.1:8000", "expected NAME=URL[,URL...]"),
+    ("=http://127.0.0.1:8000", "expected NAME=URL[,URL...]"),
+    ("a=", "'' is not a server root"),
+    ("a=http://127.0.0.1:8000,", "'' is not a server root"),
+    ("a=127.0.0.1:8000", "'127.0.0.1:8000' is not a server root"),
+    ("a=http://", "'http:' is not a server root"),
+    ("a=http://h:1,http://h:1/", "a server is named twice"),
+])
+def test_parse_endpoint_rejects_bad_input_naming_the_flag(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match="--endpoint") as e:
+        parse_endpoint(text)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("servers", [1, 2, 3])
+def test_server_of_sends_each_later_turn_to_the_next_server(servers: int) -> None:
+    conversations, turns = 7, 4
+    for c in range(conversations):
+        for t in range(1, turns):
+            assert server_of(c, t, servers) == (server_of(c, t - 1, servers) + 1) % servers
+    firsts = [server_of(c, 0, servers) for c in range(conversations)]
+    assert max(firsts.count(i) for i in range(servers)) - min(firsts.count(i) for i in range(servers)) <= 1
+    if servers == 2:
+        assert all(server_of(c, t, 2) != server_of(c, t - 1, 2) for c in range(conversations) for t in range(1, turns))
+    with pytest.raises(ValueError, match="servers=0"):
+        server_of(0, 0, 0)
 
 
 class _Server:
@@ -188,6 +225,30 @@ def test_endpoint_mode_runs_the_closed_loop(server: _Server) -> None:
     table = format_table({"fake": s})
     assert table.splitlines()[0].split()[:4] == ["engine", "reqs", "err", "TTFT1"]
     assert table.splitlines()[1].split()[:3] == ["fake", "15", "0"]
+
+
+def test_endpoint_mode_alternates_turns_between_servers(server: _Server) -> None:
+    w = Workload(conversations=5, turns=3, prefix_tokens=30, user_tokens=4, answer_tokens=3, concurrency=2)
+    with _Server() as other:
+        engines = run_endpoints([("both", (server.url, other.url))], w)
+        rep = engines["both"]
+        prompts = w.prompts()
+        for i, srv in enumerate((server, other)):
+            assert srv.prompts[0] == [w.token_range[0]] * 8, "each server gets a warm-up request first"
+            want = sorted(tuple(prompts[c][t]) for c in range(5) for t in range(3) if (c + t) % 2 == i)
+            assert sorted(map(tuple, srv.prompts[1:])) == want
+    assert rep["urls"] == [server.url, other.url]
+    assert all(r["server"] == (r["conversation"] + r["turn"]) % 2 for r in rep["requests"])
+    assert len(rep["requests"]) == 15 and all(r["error"] is None for r in rep["requests"])
+    # Each server's counters over the run (its warm-up left out), and their sum.
+    assert [ss["dynkv_hits_total{tier=host}"] for ss in rep["server_samples"]] == [16.0, 14.0]
+    assert summarize(rep)["hits_blocks"]["host"] == 30.0
+
+
+def test_endpoint_servers_must_serve_the_model_asked_for(server: _Server) -> None:
+    w = Workload(conversations=1, turns=1, prefix_tokens=4, user_tokens=4, answer_tokens=1, concurrency=1)
+    with pytest.raises(ValueError, match="serves \\['m'\\], not 'other'"):
+        run_endpoints([("x", (server.url,))], w, model="other")
 
 
 @pytest.mark.slow

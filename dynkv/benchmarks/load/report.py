@@ -17,8 +17,8 @@ from dynkv.benchmarks.serve_results import percentile
 
 __all__ = ["format_table", "plot", "summarize"]
 
-_TIERS = ("device", "host", "disk")
-_DIRECTIONS = ("h2d", "d2h", "disk_to_host", "host_to_disk")
+_TIERS = ("device", "host", "disk", "shared")
+_DIRECTIONS = ("h2d", "d2h", "disk_to_host", "host_to_disk", "shared_to_host", "host_to_shared")
 
 
 def _stats(xs: list[float]) -> dict[str, float | None]:
@@ -58,6 +58,14 @@ def summarize(engine: Mapping[str, Any]) -> dict[str, Any]:
         s["disk_reads_given_up"] = {k: samples.get(f"dynkv_disk_reads_given_up_total{{state={k}}}", 0.0)
                                     for k in ("cancelled", "landed")}
         s["load_errors"] = sum(v for k, v in samples.items() if k.startswith("dynkv_load_errors_total"))
+        # The shared tier: pages past the local match the store lacked (or lost before their read), lookups that
+        # gave up waiting, and host pages not written behind (filter: seen fewer than shared_admit_min_hits times).
+        s["shared"] = {"misses": samples.get("dynkv_tier_misses_total{tier=shared}", 0.0),
+                       "lookup_timeouts": samples.get("dynkv_lookup_timeouts_total{tier=shared}", 0.0),
+                       "load_errors": samples.get("dynkv_load_errors_total{reason=shared}", 0.0),
+                       "store_errors": samples.get("dynkv_store_errors_total{tier=shared}", 0.0),
+                       "not_written": {r: samples.get(f"dynkv_admissions_refused_total{{tier=shared,reason={r}}}",
+                                                      0.0) for r in ("filter", "busy", "down", "full")}}
     if "kv" in engine:
         s["kv"] = engine["kv"]
     return s
@@ -82,7 +90,7 @@ def _recomputed(s: Mapping[str, Any]) -> str:
 def format_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     """One row per engine; TTFT in ms, bytes in GB (dynkv's counters; n/a for engines without them)."""
     header = ["engine", "reqs", "err", "TTFT1 p50", "p90", "mean", "TTFT>1 p50", "p90", "mean", "wall s",
-              "out tok/s", "cached", "cached>1", "host hits", "disk hits", "h2d GB", "disk rd GB", "disk wr GB",
+              "out tok/s", "cached", "cached>1", "host hits", "disk hits", "shared hits", "h2d GB", "disk rd GB", "disk wr GB",
               "disk->recompute", "KV check"]
     rows = []
     for name, s in summaries.items():
@@ -98,6 +106,7 @@ def format_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
                      "n/a" if s["output_tok_s"] is None else f"{s['output_tok_s']:.1f}",
                      "n/a" if share is None else f"{share:.3f}", "n/a" if share_later is None else f"{share_later:.3f}",
                      f"{hits['host']:.0f}" if hits else "n/a", f"{hits['disk']:.0f}" if hits else "n/a",
+                     f"{hits['shared']:.0f}" if hits else "n/a",
                      _gb(nbytes.get("h2d")), _gb(nbytes.get("disk_to_host")), _gb(nbytes.get("host_to_disk")),
                      _recomputed(s), kv_text])
         if s.get("status", "ok") != "ok":

@@ -20,7 +20,10 @@ process, driven through its step loop):
 - ``offloading``: vLLM's ``OffloadingConnector`` (CUDA only).
 
 With ``--endpoint NAME=URL`` the same workload goes to running
-OpenAI-compatible servers instead (:mod:`dynkv.benchmarks.load.endpoint`).
+OpenAI-compatible servers instead (:mod:`dynkv.benchmarks.load.endpoint`);
+with ``--endpoint NAME=URL1,URL2`` its requests alternate between servers
+(turn ``t`` of conversation ``c`` to server ``(c + t) % n``), the measure of
+engines sharing KV through dynkv's shared tier.
 Output: a table, JSON (every request), a PNG (with matplotlib), a progress
 bar on stderr, one log per engine.
 """
@@ -38,9 +41,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dynkv.benchmarks.serve import endpoint_arg, token_range_arg
+from dynkv.benchmarks.load.endpoint import parse_endpoint
 from dynkv.benchmarks.load.report import format_table, plot, summarize
 from dynkv.benchmarks.load.workload import Sizes, Workload, plan_sizes
+from dynkv.benchmarks.serve import token_range_arg
 from dynkv.testing.model import FIRST_WORD_ID, PRESETS, write_model
 
 __all__ = ["DESCRIPTION", "ENGINES", "add_arguments", "engine_args", "run", "run_from_args"]
@@ -238,7 +242,7 @@ def _run_endpoints(args: argparse.Namespace) -> dict[str, Any]:
     engines = run_endpoints(args.endpoint, w, model=args.model, timeout_s=args.timeout)
     out = Path(args.out).resolve()
     doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(sys.argv), "workload": w.__dict__,
-           "endpoints": dict(args.endpoint), "engines": engines,
+           "endpoints": {n: list(urls) for n, urls in args.endpoint}, "engines": engines,
            "summaries": {n: summarize(e) for n, e in engines.items()}}
     _finish(doc, engines, args, out, f"{w.conversations}x{w.turns}, K={w.concurrency}")
     return doc
@@ -297,6 +301,13 @@ def _variant(text: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), _json_object(rest, f"--dynkv-variant {name}:")
 
 
+def _endpoint(text: str) -> tuple[str, tuple[str, ...]]:
+    try:
+        return parse_endpoint(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _share(text: str) -> float:
     try:
         v = float(text)
@@ -345,8 +356,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--model-dir", help="where the model is written (default under --work-dir; reused if there)")
     e.add_argument("--disk-path", help="directory of dynkv's disk tier (default <work-dir>/disk; emptied first)")
     s = p.add_argument_group("running servers instead of engines")
-    s.add_argument("--endpoint", type=endpoint_arg, action="append", default=[], metavar="NAME=URL",
-                   help="an OpenAI-compatible server root; repeatable; the servers are run one after the other")
+    s.add_argument("--endpoint", type=_endpoint, action="append", default=[], metavar="NAME=URL[,URL...]",
+                   help="an OpenAI-compatible server root, or several that the run's requests alternate between "
+                        "(turn t of conversation c to server (c+t) %% n: engines sharing KV); repeatable; the "
+                        "endpoints are run one after the other")
     s.add_argument("--model", help="model name to request (default: the first of /v1/models)")
     s.add_argument("--token-range", type=token_range_arg, default=(FIRST_WORD_ID, 1000), metavar="LO:HI",
                    help="token ids of the prompts, inside the served model's vocabulary (default 16:1000)")
