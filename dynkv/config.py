@@ -123,7 +123,7 @@ def _optional(parse: Callable[[Any, _Source], Any]) -> Callable[[Any, _Source], 
 
 
 COPY_PATHS = ("auto", "kernel", "staged")
-HOST_ADMISSION = ("all", "frequency")
+HOST_ADMISSION = ("auto", "all", "frequency")
 
 
 def _parse_host_admission(value: Any, src: _Source) -> str:
@@ -374,16 +374,19 @@ class DynKVConfig:
         measured bandwidth and queue. Off: every match is read, however long
         it waits.
     host_admission
-        ``all`` (default): a full host tier evicts for every new page.
-        ``frequency``: once full, a new page enters only if it was seen more
-        often than the page it would evict (TinyLFU-style, over the frequency
-        filter the disk tier also uses). Under multi-turn traffic whose
-        working set exceeds the tier, LRU evicts each prefix just before its
-        next turn; this keeps a stable share resident (simulated in
-        ``tests/policy/test_scan_resistance.py``: 0.39 of pages hit where
-        LRU hit 0.10, at a working set 2.3x the tier). After the working set
-        shifts, new prefixes need a few more sightings than the old ones had
-        before they get in.
+        ``auto`` (default): ``all`` while the host tier's traffic is
+        recency-friendly, ``frequency`` while it is a cycle larger than the
+        tier, decided from the pages that come back after leaving the tier
+        (:class:`dynkv.index.PageIndex`, ``adaptive``). ``all``: a full host
+        tier evicts for every new page (LRU). ``frequency``: once full, a new
+        page enters only if it was seen more often than the page it would
+        evict (TinyLFU-style, over the frequency filter the disk tier also
+        uses). Under multi-turn traffic whose working set exceeds the tier,
+        LRU evicts each prefix just before its next turn; gating keeps a
+        stable share resident. But where conversations come and go and the
+        active ones fit, gating shuts the new ones out behind old pages seen
+        more often: simulated in ``tests/policy/test_scan_resistance.py``,
+        ``auto`` stays within a few points of the better of the two in both.
     remote_url
         The shared tier's store, below the host tier and shared by every
         engine that serves the same model against it
@@ -455,7 +458,7 @@ class DynKVConfig:
     copy_path: str = "auto"
     model_version: str | None = None
     cost_model: bool = True
-    host_admission: str = "all"
+    host_admission: str = "auto"
     remote_url: str | None = field(default=None, repr=False)  # may hold credentials: see shared_store()
     shared_namespace: str = "dynkv"
     shared_admit_min_hits: int = 1

@@ -14,6 +14,7 @@ stored contents of each tier.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -117,13 +118,19 @@ class TierStats:
     filtered: int = 0  # of the refusals: by frequency-gated admission
 
 
-class _Entry:
-    __slots__ = ("pins", "slot", "stored")
+GHOSTS_PER_SLOT = 4
+"""Adaptive admission remembers this many pages per slot of the tier after they leave or are kept out
+(about 150 bytes each), so that a cycle up to this many times the tier still votes when it comes back."""
 
-    def __init__(self, slot: int) -> None:
+
+class _Entry:
+    __slots__ = ("last", "pins", "slot", "stored")
+
+    def __init__(self, slot: int, last: int = 0) -> None:
         self.slot = slot
         self.pins = 0
         self.stored = False
+        self.last = last  # the index's access clock at this page's last use (adaptive tiers only)
 
 
 class _Tier:
@@ -138,6 +145,16 @@ class _Tier:
         self.evictions = 0
         self.refusals = 0
         self.filtered = 0
+        # Adaptive admission (see PageIndex): pages that left or were kept out, with the access
+        # clock of their last use, and the votes of returning pages on whether LRU would have kept them.
+        self.ghosts: OrderedDict[bytes, int] = OrderedDict()
+        self.loop_votes = 0.0
+        self.recency_votes = 0.0
+
+    @property
+    def gating(self) -> bool:
+        """Adaptive admission: returning pages mostly came back after more use than the tier holds."""
+        return self.loop_votes > self.recency_votes
 
 
 class PageIndex:
@@ -161,6 +178,19 @@ class PageIndex:
         would evict (TinyLFU), so a cycle of reuse larger than the tier keeps a
         stable part of itself resident instead of evicting each page just
         before it comes back.
+    adaptive
+        Tiers whose admission is gated only while their traffic is a cycle
+        larger than the tier. Each page evicted or kept out is remembered (up
+        to :data:`GHOSTS_PER_SLOT` per slot) with the index's access clock at its last use
+        (the clock counts pages looked up and allocated); when it is asked
+        for again, the accesses in between vote: at most the tier's capacity
+        means LRU would have kept it (recency: new conversations' next turns,
+        where gating would shut new pages out behind old ones seen more
+        often), more means a cycle LRU loses (gating keeps part of it). The
+        gate is on while loop votes outnumber recency votes; votes halve once
+        a tier's worth of them has come in, so the choice follows the traffic.
+        The decision does not feed itself: a page kept out by the gate that
+        returns soon votes for recency and turns the gate off.
     on_event
         Called with each :class:`IndexEvent` as it happens; without it events
         queue up for :meth:`drain_events`.
@@ -175,6 +205,7 @@ class PageIndex:
         frequency: FrequencyFilter | None = None,
         on_event: Callable[[IndexEvent], None] | None = None,
         gated: Iterable[str] = (),
+        adaptive: Iterable[str] = (),
     ) -> None:
         if not tiers:
             raise ValueError("no tiers given: expected e.g. {'host': num_pages}")
@@ -184,8 +215,10 @@ class PageIndex:
             policy = EVICTION_POLICIES[policy]
         self._tiers = {name: _Tier(name, cap, policy()) for name, cap in tiers.items()}
         self._gated = frozenset(gated)
-        for name in self._gated:
+        self._adaptive = frozenset(adaptive) - self._gated
+        for name in self._gated | self._adaptive:
             self._tier(name)
+        self._clock = 0  # pages looked up or allocated so far (the adaptive tiers' reuse distances)
         self.frequency = frequency if frequency is not None else FrequencyFilter(admit_min_hits)
         self._on_event = on_event
         self._events: list[IndexEvent] = []
@@ -228,6 +261,9 @@ class PageIndex:
                 break
             locations.append((tier.name, entry.slot))
             tier.hits += 1
+            if touch:
+                self._clock += 1
+                entry.last = self._clock
             if pin:
                 # A page pinned here leaves its policy, and its last unpin puts it back as the newest:
                 # that is its touch.
@@ -297,23 +333,55 @@ class PageIndex:
             elif entry.stored and entry.pins == 0:
                 t.policy.touch(key)
         out: list[tuple[bytes, int]] = []
-        gated = t.name in self._gated
-        if gated:
+        adaptive = t.name in self._adaptive
+        if adaptive:
+            self._vote(t, wanted)
+        gated = t.name in self._gated or (adaptive and t.gating)
+        counts_all = t.name in self._gated or adaptive
+        if counts_all:
             self.frequency.record_many(wanted)  # a refused page was still seen: its count can grow past the victims'
         for i, key in enumerate(wanted):
             slot = t.slots.alloc()
             if slot is None and gated and not self._beats_victim(t, key):
                 t.filtered += len(wanted) - i  # a page no more used than the one it would replace stays out
-            elif slot is None and self._evict_one(t):
+                t.refusals += len(wanted) - i
+                if adaptive:
+                    self._remember(t, wanted[i:], self._clock)
+                break
+            if slot is None and self._evict_one(t):
                 slot = t.slots.alloc()
             if slot is None:
                 t.refusals += len(wanted) - i  # later pages of a prefix are no use without this one
                 break
-            t.entries[key] = _Entry(slot)
+            t.entries[key] = _Entry(slot, self._clock)
             out.append((key, slot))
-        if not gated:
+        if not counts_all:
             self.frequency.record_many(k for k, _ in out)
         return out
+
+    def _vote(self, t: _Tier, wanted: Sequence[bytes]) -> None:
+        """Adaptive admission: each wanted page the tier evicted or kept out votes on whether LRU would have kept it."""
+        cap = t.slots.capacity
+        for key in wanted:
+            self._clock += 1
+            last = t.ghosts.pop(key, None)
+            if last is None:
+                continue
+            if self._clock - last <= cap:
+                t.recency_votes += 1
+            else:
+                t.loop_votes += 1
+        if t.loop_votes + t.recency_votes > cap:
+            t.loop_votes /= 2
+            t.recency_votes /= 2
+
+    def _remember(self, t: _Tier, keys: Iterable[bytes], last: int) -> None:
+        ghosts = t.ghosts
+        for key in keys:
+            ghosts[key] = last
+            ghosts.move_to_end(key)
+        while len(ghosts) > GHOSTS_PER_SLOT * t.slots.capacity:
+            ghosts.popitem(last=False)
 
     def _beats_victim(self, t: _Tier, key: bytes) -> bool:
         """Frequency-gated admission (TinyLFU): ``key`` is let in only if seen more often than the next victim,
@@ -452,7 +520,10 @@ class PageIndex:
         if key is None:
             return False
         t.evictions += 1
-        self._drop(t, key, t.entries[key])
+        entry = t.entries[key]
+        if t.name in self._adaptive:
+            self._remember(t, (key,), entry.last)
+        self._drop(t, key, entry)
         return True
 
     def _drop(self, t: _Tier, key: bytes, entry: _Entry) -> None:

@@ -166,7 +166,8 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
                 raise type(e)(e.errno, f"dynkv config disk_paths: {e.strerror}", e.filename) from None
             tiers[DISK] = self.disk.num_pages
         self.index = PageIndex(tiers, policy=config.eviction, admit_min_hits=config.disk_admit_min_hits,
-                               gated=(HOST,) if config.host_admission == "frequency" else ())
+                               gated=(HOST,) if config.host_admission == "frequency" else (),
+                               adaptive=(HOST,) if config.host_admission == "auto" else ())
         if self.disk is not None:
             found = self.disk.recover()
             adopted = self.index.adopt(DISK, ((key, slot) for slot, key in found))

@@ -19,9 +19,11 @@ def k(i: int) -> bytes:
     return int(i).to_bytes(16, "little")
 
 
-def replay(policy: str, capacity: int, requests: list[list[int]], *, gated: bool = False) -> float:
+def replay(policy: str, capacity: int, requests: list[list[int]], *, gated: bool = False,
+           adaptive: bool = False) -> float:
     """Hit ratio (pages) of requests of page ids through a one-tier index: look up a prefix, store the rest."""
-    idx = PageIndex({"host": capacity}, policy=policy, admit_min_hits=0, gated=("host",) if gated else ())
+    idx = PageIndex({"host": capacity}, policy=policy, admit_min_hits=0, gated=("host",) if gated else (),
+                    adaptive=("host",) if adaptive else ())
     hits = total = 0
     for req in requests:
         keys = [k(i) for i in req]
@@ -51,6 +53,31 @@ def conversations(n_conv: int, turns: int, prefix_pages: int, rng: np.random.Gen
     return out
 
 
+def churn(active: int, turns: int, prefix_pages: int, total: int, rng: np.random.Generator) -> list[list[int]]:
+    """Conversations that come and go: ``active`` at a time, each ``turns`` turns (a page more each), then
+    replaced by a new one, until ``total`` have finished. The active ones fit a tier; their history does not."""
+    out: list[list[int]] = []
+    next_id = 0
+
+    def new() -> list:
+        nonlocal next_id
+        next_id += prefix_pages
+        return [list(range(next_id - prefix_pages, next_id)), 0]
+
+    convs = [new() for _ in range(active)]
+    done = 0
+    while done < total:
+        i = int(rng.integers(active))
+        convs[i][0] = convs[i][0] + [next_id]
+        next_id += 1
+        convs[i][1] += 1
+        out.append(list(convs[i][0]))
+        if convs[i][1] >= turns:
+            convs[i] = new()
+            done += 1
+    return out
+
+
 @pytest.mark.parametrize("ratio", [1.5, 2.3, 4.0])
 def test_s3fifo_keeps_part_of_a_cycle_that_lru_loses(rng: np.random.Generator, ratio: float) -> None:
     """The issue's second workload: a working set 2.3x the host tier, conversations revisited in turn."""
@@ -60,14 +87,52 @@ def test_s3fifo_keeps_part_of_a_cycle_that_lru_loses(rng: np.random.Generator, r
     lru = replay("lru", capacity, reqs)
     s3 = replay("s3fifo", capacity, reqs)
     gated = replay("lru", capacity, reqs, gated=True)
+    adaptive = replay("lru", capacity, reqs, adaptive=True)
     share = capacity / working_set
     later = sum(len(r) for r in reqs[48:]) / sum(len(r) for r in reqs)  # the first turn cannot hit
-    print(f"working set {ratio}x the tier: LRU {lru:.3f}, S3-FIFO {s3:.3f}, gated LRU {gated:.3f}; "
+    print(f"working set {ratio}x the tier: LRU {lru:.3f}, S3-FIFO {s3:.3f}, gated LRU {gated:.3f}, "
+          f"adaptive {adaptive:.3f}; "
           f"tier / working set {share:.3f}, later-turn share of pages {later:.3f}")
     if ratio >= 2.3:
         assert lru < 0.5 * share * later, "the pattern defeats LRU (else this test proves nothing)"
     assert gated >= 0.8 * share * later, f"gated admission kept {gated:.3f} of {share * later:.3f}"
     assert gated > lru
+    assert adaptive >= 0.8 * share * later, f"adaptive admission kept {adaptive:.3f} of {share * later:.3f}"
+    assert adaptive >= 0.9 * gated
+
+
+@pytest.mark.parametrize("fit", [1.2, 2.0, 4.0])
+def test_adaptive_admission_keeps_lru_where_conversations_come_and_go(rng: np.random.Generator, fit: float) -> None:
+    """The active conversations fit the tier (``fit`` times their pages), their history does not: LRU keeps
+    every next turn, while gating shuts new conversations out behind finished ones seen more often."""
+    reqs = churn(8, 6, 32, 150, rng)
+    capacity = int(8 * (32 + 6) * fit)
+    lru = replay("lru", capacity, reqs)
+    gated = replay("lru", capacity, reqs, gated=True)
+    adaptive = replay("lru", capacity, reqs, adaptive=True)
+    print(f"churn, tier {fit}x the active pages: LRU {lru:.3f}, gated {gated:.3f}, adaptive {adaptive:.3f}")
+    assert gated < 0.5 * lru, "the pattern defeats gating (else this test proves nothing)"
+    assert adaptive >= 0.9 * lru
+
+
+def test_adaptive_gate_turns_on_for_a_cycle_and_off_when_traffic_turns_recent(rng: np.random.Generator) -> None:
+    cycle = conversations(48, 4, 32, rng)
+    capacity = int(len({p for r in cycle for p in r}) / 2.3)
+    idx = PageIndex({"host": capacity}, policy="lru", admit_min_hits=0, adaptive=("host",))
+
+    def serve(reqs: list[list[int]]) -> None:
+        for req in reqs:
+            keys = [k(i) for i in req]
+            m = idx.lookup(keys, pin=True)
+            idx.commit("host", [key for key, _ in idx.allocate("host", keys[m.num_keys:])])
+            idx.unpin("host", keys[: m.num_keys])
+
+    assert not idx._tiers["host"].gating  # nothing has come back yet
+    serve(cycle)
+    assert idx._tiers["host"].gating
+    assert idx.stats()["host"].filtered > 0
+    serve([[10**6 + p for p in r] for r in churn(4, 12, 16, 60, rng)])  # the active set fits: pages return soon
+    assert not idx._tiers["host"].gating
 
 
 def test_s3fifo_matches_lru_when_the_working_set_fits(rng: np.random.Generator) -> None:
