@@ -66,6 +66,9 @@ probe so brings back full matches at once; a slow one keeps the model
 refusing, and the next probe waits another interval. While its reads wait, a
 probe gives up only once its deadline has passed (as before the bandwidth is
 measured): the early give-up weighs the estimate the probe is there to test.
+A request let through as a probe and looked up again (vLLM retries a request
+it could not schedule) stays the probe (``probing``), so the retry does not
+spend the interval's one probe on nothing.
 
 Why probes rather than letting the estimate decay toward a reference over
 time: there is no trustworthy reference to decay to (in the case above the
