@@ -117,8 +117,9 @@ class Metrics:
         self.writes_on = add("gauge", "dynkv_tier_writes_on",
                              "0 while a tier's writes are stopped after failures in a row, else 1", "tier")
         self.cost_tokens = add("counter", "dynkv_cost_tokens", "Tokens of disk- and shared-tier matches the cost "
-                               "model read (choice=load) or left to recompute (choice=recompute), and of loads that gave "
-                               "up waiting for their disk reads (choice=gave_up)", "choice")
+                               "model read (choice=load) or left to recompute (choice=recompute), read as a probe that "
+                               "re-measures a tier the model had refused for a while (choice=probe), and of loads that "
+                               "gave up waiting for their disk reads (choice=gave_up)", "choice")
         self.disk_given_up = add("counter", "dynkv_disk_reads_given_up", "Disk pages of loads that stopped waiting "
                                  "for them (recomputed): cancelled before their read started (state=cancelled), or "
                                  "read anyway into the host tier (state=landed)", "state")

@@ -260,10 +260,11 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
         todo = list(keys[num_computed_blocks:])
         m = self.index.lookup(todo, pin=True)
         req.match = [(tier, slot, key) for (tier, slot), key in zip(m.locations, todo)]
+        probing, req.probe = req.probe, None  # a request let through as a probe that asks again stays the probe
         if self.cost is not None:
-            self._weigh_disk(req)
+            self._weigh_disk(req, probing=probing == DISK)
         if len(req.match) == m.num_keys:  # the cost model kept the whole local match: ask the shared tier on
-            self._match_shared(req, todo)
+            self._match_shared(req, todo, probing=probing == SHARED)
         if not req.looked_up:
             req.looked_up = True
             self.metrics.hits.labels("device").inc(num_computed_blocks)
@@ -302,7 +303,7 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
         if not use:
             return {}
         load = LoadRecord(next(self._jobs), req_id, [int(b) for b in block_ids], [None] * len(use), sync=sync,
-                     started=time.perf_counter())
+                          started=time.perf_counter(), probe=req.probe)
         req.load = load
         tiers = Counter(t for t, _, _ in use)
         for tier, n in tiers.items():

@@ -33,6 +33,7 @@ class LoadRecord:
     read_until: float = 0.0  # perf_counter when its last disk or shared-tier read completed
     reads: list[tuple[int, Any]] = field(default_factory=list)  # (index in the load, Future) of its disk reads
     given_up: bool = False  # went out without its unread disk pages (recomputed); reads still running land as cache
+    probe: str | None = None  # the tier whose reads are a cost-model probe (dynkv.policy.cost)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class RequestRecord:
     remote_slots: dict[bytes, int] = field(default_factory=dict)
     pull_failed: bool = False  # vLLM reschedules the request: it recomputes rather than pulls again
     looked_up: bool = False
+    probe: str | None = None  # the tier the match probes (dynkv.policy.cost): only its first pages were kept
     load: LoadRecord | None = None
     stores: set[int] = field(default_factory=set)
     finished: bool = False

@@ -12,7 +12,9 @@ A lookup asks the store about the pages after the local match only, and
 waits at most ``shared_lookup_ms``; no answer is a miss. With ``cost_model``
 the pages found are loaded only while their read (the tier's queue plus
 these pages at its measured bandwidth) lands before the engine would
-recompute them (:mod:`dynkv.policy.cost`, a model of its own for this tier). A page the store
+recompute them (:mod:`dynkv.policy.cost`, a model of its own for this tier; one
+whose estimate has refused for a while lets the first pages of a match
+through as a probe that measures the store again). A page the store
 evicted between lookup and read is a miss (``dynkv_tier_misses``); one that
 fails its checks, or a store that dies meanwhile, is a load error
 (``dynkv_load_errors{reason="shared"}``): vLLM recomputes its block either way.
@@ -69,8 +71,9 @@ class SharedFlow:
         def _drop_host(self, keys: Sequence[bytes]) -> None: ...
         def _load_settled(self, load: LoadRecord) -> None: ...
 
-    def _match_shared(self, req: RequestRecord, todo: Sequence[bytes]) -> None:
-        """Extend the request's match with the pages after it that the store holds."""
+    def _match_shared(self, req: RequestRecord, todo: Sequence[bytes], *, probing: bool = False) -> None:
+        """Extend the request's match with the pages after it that the store holds (the first of them only where
+        the cost model probes the store; ``probing``: the request was that probe at its previous lookup)."""
         if self.shared is None or len(req.match) >= len(todo):
             return
         rest = todo[len(req.match) :]
@@ -81,11 +84,17 @@ class SharedFlow:
         if not req.looked_up:
             self.metrics.tier_misses.labels(SHARED).inc(len(rest) - n)
         if n and self.shared_cost is not None:
-            decision = self.shared_cost.disk_pays(n, self.geometry.page_bytes, self.geometry.block_size)
-            self.metrics.cost_tokens.labels("load" if decision.load else "recompute").inc(
-                n * self.geometry.block_size)
-            if not decision.load:
-                return
+            decision = self.shared_cost.disk_pays(n, self.geometry.page_bytes, self.geometry.block_size,
+                                                  probing=probing)
+            take = decision.disk_pages if decision.load else 0
+            if decision.probe:
+                req.probe = SHARED
+            if take:
+                self.metrics.cost_tokens.labels("probe" if decision.probe else "load").inc(
+                    take * self.geometry.block_size)
+            if take < n:
+                self.metrics.cost_tokens.labels("recompute").inc((n - take) * self.geometry.block_size)
+            n = take
         req.match.extend((SHARED, -1, key) for key in rest[:n])
 
     def _fetch_shared(self, load: LoadRecord, pages: list[tuple[int, bytes]]) -> None:
@@ -112,7 +121,8 @@ class SharedFlow:
         load.waiting += len(reads)
         load.shared_waiting += len(reads)
         if self.shared_cost is not None and reads:
-            self.shared_cost.disk_submitted(load.job, len(reads) * self.geometry.page_bytes)
+            self.shared_cost.disk_submitted(load.job, len(reads) * self.geometry.page_bytes,
+                                            probe=load.probe == SHARED)
         started = time.perf_counter()
         futs = self.shared.read_many([(key, self._host_page(h)) for _, key, h in reads])
         for (i, key, h), fut in zip(reads, futs):

@@ -139,7 +139,8 @@ class DiskFlow:
         load.disk_reads += len(reads)
         if self.cost is not None:
             self.cost.disk_submitted(load.job, len(reads) * self._page_bytes,
-                                     tokens=len(reads) * self.geometry.block_size, page_bytes=self._page_bytes)
+                                     tokens=len(reads) * self.geometry.block_size, page_bytes=self._page_bytes,
+                                     probe=load.probe == DISK)
         futs = self.disk.read_many([(d, key, self._host_page(h)) for _, d, key, h in reads], invalidate_bad=True)
         load.reads = [(i, fut) for (i, _, _, _), fut in zip(reads, futs)]
         for (i, _, key, h), fut in zip(reads, futs):
@@ -178,18 +179,25 @@ class DiskFlow:
             self._abandoned[load.job] = load
         self._ready.append(load)
 
-    def _weigh_disk(self, req: RequestRecord) -> None:
-        """Stop the match before its first disk page where reading the disk pages would not pay."""
+    def _weigh_disk(self, req: RequestRecord, *, probing: bool = False) -> None:
+        """Stop the match before its first disk page where reading the disk pages would not pay, or after the
+        disk pages of a probe (``probing``: the request was a probe at its previous lookup)."""
         assert self.cost is not None
         first = next((i for i, (tier, _, _) in enumerate(req.match) if tier == DISK), None)
         if first is None:
             return
         disk = sum(1 for tier, _, _ in req.match[first:] if tier == DISK)
-        decision = self.cost.disk_pays(disk, self._page_bytes, self.geometry.block_size)
-        tokens = (len(req.match) - first) * self.geometry.block_size
-        self.metrics.cost_tokens.labels("load" if decision.load else "recompute").inc(tokens)
-        if not decision.load:
-            dropped, req.match = req.match[first:], req.match[:first]
+        decision = self.cost.disk_pays(disk, self._page_bytes, self.geometry.block_size, probing=probing)
+        stop = len(req.match) if decision.load else first
+        if decision.probe:  # the match up to its probe's last disk page
+            req.probe = DISK
+            stop = [i for i, (tier, _, _) in enumerate(req.match) if tier == DISK][decision.disk_pages - 1] + 1
+            self.metrics.cost_tokens.labels("probe").inc((stop - first) * self.geometry.block_size)
+        elif decision.load:
+            self.metrics.cost_tokens.labels("load").inc((stop - first) * self.geometry.block_size)
+        if stop < len(req.match):
+            self.metrics.cost_tokens.labels("recompute").inc((len(req.match) - stop) * self.geometry.block_size)
+            dropped, req.match = req.match[stop:], req.match[:stop]
             for tier, _, key in dropped:
                 self.index.unpin(tier, [key])
 

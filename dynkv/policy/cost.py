@@ -47,6 +47,41 @@ cancels its reads that have not started and recomputes their blocks; reads
 already running finish and leave their pages in the host tier. So no request
 waits on the disk much beyond what recomputing would have cost it.
 
+A bandwidth estimate can recover from a slow sample. The model only
+measures a tier by loading from it, so once one slow window (a loaded
+machine, a burst of writes, a store shared with a busy neighbour) makes it
+refuse every match, nothing would ever measure the tier again, and it would
+stay refused for good (seen on a 2-core VM, 2026-12-07: one shared-tier load
+at 144 ms a page kept an engine off the store for the rest of its run). So
+the estimate has an age: the time since its last sample. When the model would
+refuse a match, nothing is being read from the tier, and the estimate is
+older than ``probe_every_s`` (:data:`PROBE_EVERY_S`, and as long again since
+the last probe), the model lets a **probe** through instead: the match's
+first ``probe_pages`` (:data:`PROBE_PAGES`) pages are loaded, the rest are
+recomputed. A probe is an ordinary load (the pages are read, checked and
+used as any other); only its measurement is weighed differently: the first
+bandwidth sample after it replaces the estimate instead of moving the average
+by a fifth, as an estimate that old says nothing of the tier now. A fast
+probe so brings back full matches at once; a slow one keeps the model
+refusing, and the next probe waits another interval. While its reads wait, a
+probe gives up only once its deadline has passed (as before the bandwidth is
+measured): the early give-up weighs the estimate the probe is there to test.
+A request let through as a probe and looked up again (vLLM retries a request
+it could not schedule) stays the probe (``probing``), so the retry does not
+spend the interval's one probe on nothing.
+
+Why probes rather than letting the estimate decay toward a reference over
+time: there is no trustworthy reference to decay to (in the case above the
+slow sample was the first; a sample taken idle at start could as well be the
+outlier), and a decayed estimate admits whole matches on a guess, where the
+shared tier has no give-up: the request would wait for every page of a tier
+that may still be slow. A probe costs at most a few pages' wait, and what it
+concludes is measured. A few pages rather than one, as a load's reads run
+side by side on the tier's threads or in one store call: one page would time
+one read's latency. Still, a tier whose bandwidth grows with the size of a
+load reads lower in a probe than in a full match; there the probe errs
+toward refusing.
+
 All times come from a clock the caller passes (``time.perf_counter`` in the
 leader, a simulated clock in the tests).
 """
@@ -58,22 +93,29 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["LOAD_MARGIN", "MIN_STEP_TOKENS", "MIN_WINDOW_S", "CostModel", "Decision"]
+__all__ = ["LOAD_MARGIN", "MIN_STEP_TOKENS", "MIN_WINDOW_S", "PROBE_EVERY_S", "PROBE_PAGES", "CostModel", "Decision"]
 
 MIN_STEP_TOKENS = 256  # a step that computes fewer tokens is not timed as prefill
 LOAD_MARGIN = 1.0  # load when the estimated wait is below recompute time x this
 _ALPHA = 0.2  # weight of the newest sample in the moving averages
 MIN_WINDOW_S = 0.02  # busy time of the disk behind one bandwidth sample
+PROBE_EVERY_S = 5.0  # an estimate that refuses is re-measured by a probe once it is this old (see the module)
+PROBE_PAGES = 4  # pages a probe loads: the first of the match it would have refused
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What the model chose for one request's disk pages, and why (seconds estimated)."""
+    """What the model chose for one request's disk pages, and why (seconds estimated).
+
+    With ``probe``, only the first ``disk_pages`` of the match are to be loaded (a probe, see the module);
+    ``load_s`` and ``recompute_s`` are then those of the whole match, which the estimate refused.
+    """
 
     load: bool
     disk_pages: int
     load_s: float | None = None
     recompute_s: float | None = None
+    probe: bool = False
 
 
 @dataclass
@@ -86,26 +128,52 @@ class _DiskJob:
     tokens: int
     page_bytes: int
     submitted: float
+    probe: bool = False
 
 
 class CostModel:
     """Prefill rate, disk bandwidth and disk queue of one engine; decides per request whether disk pages pay."""
 
     def __init__(self, *, clock: Callable[[], float] = time.perf_counter, margin: float = LOAD_MARGIN,
-                 writes_ahead: Callable[[], int] | None = None) -> None:
+                 writes_ahead: Callable[[], int] | None = None, probe_every_s: float = PROBE_EVERY_S,
+                 probe_pages: int = PROBE_PAGES) -> None:
         if not margin > 0:
             raise ValueError(f"margin={margin!r}: expected a number > 0")
+        if not probe_every_s > 0:
+            raise ValueError(f"probe_every_s={probe_every_s!r}: expected a number of seconds > 0")
+        if not (isinstance(probe_pages, int) and probe_pages >= 1):
+            raise ValueError(f"probe_pages={probe_pages!r}: expected an integer >= 1")
         self._clock = clock
         self._writes_ahead = writes_ahead  # bytes of writes running on the disk now (None: the tier writes none)
         self.margin = margin
+        self.probe_every_s = probe_every_s
+        self.probe_pages = probe_pages
         self.prefill_tokens_per_s: float | None = None
-        self.disk_bytes_per_s: float | None = None
+        self._bytes_per_s: float | None = None
+        self._estimated_at = float("-inf")  # when the bandwidth was last sampled (or set)
+        self._probed_at = float("-inf")  # when the last probe was let through
+        self._probing = False  # a probe was submitted and has not been sampled yet: its sample replaces the estimate
         self.queue_bytes = 0
         self._steps: deque[tuple[float, int]] = deque(maxlen=64)  # handed over, not yet back
         self._inflight: dict[int, _DiskJob] = {}  # in submission order: the disk serves them first in, first out
         self._busy_since: float | None = None  # since when reads are outstanding (None: none are)
         self._window_bytes = 0  # read in the current bandwidth window
         self._window_busy = 0.0  # busy seconds of the window before _busy_since
+
+    @property
+    def disk_bytes_per_s(self) -> float | None:
+        """The tier's measured read bandwidth (None until measured); setting it counts as a sample taken now."""
+        return self._bytes_per_s
+
+    @disk_bytes_per_s.setter
+    def disk_bytes_per_s(self, value: float | None) -> None:
+        self._bytes_per_s = value
+        self._estimated_at = self._clock()
+
+    def _bandwidth_sample(self, sample: float) -> None:
+        """A new bandwidth sample; the first after a probe replaces the estimate (see the module)."""
+        self.disk_bytes_per_s = sample if self._probing else self._average(self._bytes_per_s, sample)
+        self._probing = False
 
     def writes_ahead(self) -> int:
         """Bytes of writes running on the disk now: ahead of any read submitted now."""
@@ -129,16 +197,20 @@ class CostModel:
         if tokens >= MIN_STEP_TOKENS and now > began:
             self.prefill_tokens_per_s = self._average(self.prefill_tokens_per_s, tokens / (now - began))
 
-    def disk_submitted(self, job: int, nbytes: int, *, tokens: int = 0, page_bytes: int = 0) -> None:
+    def disk_submitted(self, job: int, nbytes: int, *, tokens: int = 0, page_bytes: int = 0,
+                       probe: bool = False) -> None:
         """A load's disk reads of ``nbytes`` were submitted now: pages of ``page_bytes``, ``tokens`` tokens in all
-        (without them, :meth:`gives_up` never gives the load up)."""
+        (without them, :meth:`gives_up` never gives the load up); ``probe``: the load is a probe that
+        :meth:`disk_pays` let through."""
         if nbytes <= 0:
             return
         now = self._clock()
         if not self._inflight:
             self._busy_since = now
-        self._inflight[job] = _DiskJob(nbytes, nbytes, nbytes, tokens, page_bytes, now)
+        self._inflight[job] = _DiskJob(nbytes, nbytes, nbytes, tokens, page_bytes, now, probe)
         self.queue_bytes += nbytes
+        if probe:
+            self._probing = True
 
     def disk_read(self, job: int, nbytes: int, *, cancelled: bool = False, at: float | None = None) -> None:
         """``nbytes`` of the load's reads left the queue: read (``at``: when the read completed, on this model's
@@ -170,15 +242,19 @@ class CostModel:
             self._window_busy += max(0.0, now - self._busy_since)  # and what it read since the last sample is one
             self._busy_since = None
             if self._window_bytes > 0 and self._window_busy > 0:
-                self.disk_bytes_per_s = self._average(self.disk_bytes_per_s, self._window_bytes / self._window_busy)
-                self._window_bytes, self._window_busy = 0, 0.0
+                self._bandwidth_sample(self._window_bytes / self._window_busy)
+            # With nothing read since the last sample (reads cancelled before they started), the busy time
+            # was spent on something else: not carried into the next busy period's sample.
+            self._window_bytes, self._window_busy = 0, 0.0
+        if entry.probe:  # a probe that read nothing (cancelled) leaves the estimate as it was
+            self._probing = False
 
     def _served(self, nbytes: int, now: float) -> None:
         """``nbytes`` were read by ``now``: a bandwidth sample once the window holds enough busy time."""
         self._window_bytes += nbytes
         busy = self._window_busy + (max(0.0, now - self._busy_since) if self._busy_since is not None else 0.0)
         if busy >= MIN_WINDOW_S and self._window_bytes > 0:
-            self.disk_bytes_per_s = self._average(self.disk_bytes_per_s, self._window_bytes / busy)
+            self._bandwidth_sample(self._window_bytes / busy)
             self._window_bytes, self._window_busy = 0, 0.0
             if self._busy_since is not None:
                 self._busy_since = max(self._busy_since, now)
@@ -193,8 +269,8 @@ class CostModel:
         ``load_s`` exceeds ``recompute_s`` times the margin, or when now plus
         ``load_s`` passes its deadline: when it was submitted plus the time to
         recompute all its pages, times the margin (with the bandwidth not yet
-        measured: once that deadline has passed). Before the prefill rate is
-        measured it never gives up.
+        measured, or for a probe: once that deadline has passed). Before the
+        prefill rate is measured it never gives up.
         """
         entry = self._inflight.get(job)
         if entry is None:
@@ -208,20 +284,37 @@ class CostModel:
             ahead += e.unread
             if j == job:
                 break
-        load_s = ahead / self.disk_bytes_per_s if self.disk_bytes_per_s else 0.0
+        bw = None if entry.probe else self._bytes_per_s  # a probe tests the estimate: not weighed on it
+        load_s = ahead / bw if bw else 0.0
         recompute_s = entry.tokens * entry.unread / entry.total / rate
         # The load is held to the recompute time the whole of it was weighed against when it was admitted.
         deadline = entry.submitted + entry.tokens / rate * self.margin
         late = self._clock() + load_s > deadline
         return Decision(load_s <= recompute_s * self.margin and not late, pages_left, load_s, recompute_s)
 
-    def disk_pays(self, disk_pages: int, page_bytes: int, block_tokens: int) -> Decision:
-        """Whether ``disk_pages`` pages (``page_bytes`` each, ``block_tokens`` tokens each) should be read."""
+    def disk_pays(self, disk_pages: int, page_bytes: int, block_tokens: int, *, probing: bool = False) -> Decision:
+        """Whether ``disk_pages`` pages (``page_bytes`` each, ``block_tokens`` tokens each) should be read.
+
+        Where they do not, and the estimate is due a probe (see the module),
+        the decision is a probe of the first ``probe_pages`` of them; the
+        caller passes ``probe=True`` to :meth:`disk_submitted` for its reads.
+        ``probing``: the request was let through as a probe and asks again
+        (vLLM repeats the lookup of a request it could not schedule): it
+        stays the probe while the estimate refuses.
+        """
         if disk_pages <= 0:
             return Decision(True, 0)
-        rate, bw = self.prefill_tokens_per_s, self.disk_bytes_per_s
+        rate, bw = self.prefill_tokens_per_s, self._bytes_per_s
         if rate is None or bw is None:
             return Decision(True, disk_pages)  # nothing measured yet: load, as without a model
         load_s = (self.writes_ahead() + self.queue_bytes + disk_pages * page_bytes) / bw
         recompute_s = disk_pages * block_tokens / rate
-        return Decision(load_s < recompute_s * self.margin, disk_pages, load_s, recompute_s)
+        if load_s < recompute_s * self.margin:
+            return Decision(True, disk_pages, load_s, recompute_s)
+        if probing:
+            return Decision(True, min(disk_pages, self.probe_pages), load_s, recompute_s, probe=True)
+        now = self._clock()
+        if not self._inflight and now - max(self._estimated_at, self._probed_at) >= self.probe_every_s:
+            self._probed_at = now  # reads in flight measure the tier themselves: no probe beside them
+            return Decision(True, min(disk_pages, self.probe_pages), load_s, recompute_s, probe=True)
+        return Decision(False, disk_pages, load_s, recompute_s)

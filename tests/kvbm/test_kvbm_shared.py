@@ -273,6 +273,46 @@ def test_the_cost_model_recomputes_where_the_store_is_slower(engines, rng: np.ra
     assert cost.queue_bytes == 0 and cost.disk_bytes_per_s != 1e9  # the read was measured
 
 
+def test_the_cost_model_probes_a_store_it_refused_and_loads_full_matches_after_a_fast_probe(
+        engines, rng: np.random.Generator, monkeypatch) -> None:
+    """One slow sample no longer keeps an engine off the store: once the estimate is 5 s old, the first 2 pages
+    of a match are read as a probe, and its measurement brings whole matches back."""
+    import time
+    from types import SimpleNamespace
+
+    import dynkv.leader.shared_flow as shared_flow
+    from dynkv.policy.cost import CostModel
+
+    (a, ea), (b, eb) = engines
+    prompts = prompts_for(rng, 2)
+    serve_all(ea, prompts, "a")
+    offset = [0.0]
+
+    def clock() -> float:  # the store's threads time their reads on it too (patched below), 5 s pass at once
+        return time.perf_counter() + offset[0]
+
+    monkeypatch.setattr(shared_flow, "time", SimpleNamespace(perf_counter=clock))
+    b.shared_cost = cost = CostModel(clock=clock, probe_every_s=5.0, probe_pages=2)
+    # As if one slow read had just been measured: 5 pages at 1 B/s against 2 s to recompute their 20 tokens.
+    cost.prefill_tokens_per_s, cost.disk_bytes_per_s = 10.0, 1.0
+    tokens = BLOCKS * MODEL.block_size
+    assert b.lookup("slow", eb.keys(prompts[0])) == 0
+    b.request_finished("slow")
+    assert value(b, "dynkv_cost_tokens_total", choice="recompute") == tokens
+    offset[0] += 5.0
+    out = eb.serve("probe", prompts[0])
+    eb.drain()
+    assert out.loaded == 2 and out.mismatched == [] and not out.load_errors
+    assert value(b, "dynkv_hits_total", tier="shared") == 2
+    assert value(b, "dynkv_cost_tokens_total", choice="probe") == 2 * MODEL.block_size
+    assert value(b, "dynkv_cost_tokens_total", choice="recompute") == tokens + 3 * MODEL.block_size
+    assert cost.queue_bytes == 0 and cost.disk_bytes_per_s > BLOCKS * MODEL.geometry().page_bytes / 2.0
+    out = eb.serve("full", prompts[1])
+    assert out.loaded == BLOCKS and out.mismatched == [] and not out.load_errors
+    assert value(b, "dynkv_cost_tokens_total", choice="load") == tokens
+    assert value(b, "dynkv_cost_tokens_total", choice="probe") == 2 * MODEL.block_size
+
+
 def test_config_names_the_bad_key() -> None:
     with pytest.raises(ValueError, match=r"key 'remote_url'.*'ftp'") as e:
         DynKVConfig.from_dict({"remote_url": "ftp://user:hunter2@h:1"}, env={})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from harness import Engine, Model, make_leader
@@ -496,4 +498,193 @@ def test_the_leader_s_cost_model_counts_the_disk_writes_running(tmp_path) -> Non
         assert leader.cost.writes_ahead() == 0
     finally:
         gate.set()
+        leader.close()
+
+
+# -- probes: an estimate that refuses is measured again (see dynkv.policy.cost) ---------------------------------
+
+def slow_model(clock: Clock, **kw: object) -> CostModel:
+    """A model whose one bandwidth sample was slow: 10 MiB read in 10 s, 1 MiB/s; the engine prefills 1000
+    tokens/s. A match of 8 pages (1 MiB, 100 tokens each) would read for 8 s against 0.8 s to recompute."""
+    c = CostModel(clock=clock, probe_every_s=5.0, probe_pages=2, **kw)
+    c.prefill_tokens_per_s = 1000.0
+    c.disk_submitted(1, 10 * MiB)
+    clock.t += 10
+    c.disk_done(1)
+    assert c.disk_bytes_per_s == pytest.approx(MiB)
+    return c
+
+
+def probe_once(c: CostModel, clock: Clock, seconds: float, *, job: int = 2) -> None:
+    """A probe of 2 pages that is read in ``seconds``."""
+    d = c.disk_pays(8, MiB, 100)
+    assert d.load and d.probe and d.disk_pages == 2, d
+    c.disk_submitted(job, 2 * MiB, tokens=200, page_bytes=MiB, probe=True)
+    clock.t += seconds
+    c.disk_done(job)
+
+
+def test_a_slow_estimate_refuses_until_it_is_a_probe_interval_old_then_lets_one_probe_through() -> None:
+    clock = Clock()
+    c = slow_model(clock)
+    d = c.disk_pays(8, MiB, 100)
+    assert not d.load and not d.probe and d.disk_pages == 8
+    assert d.load_s == pytest.approx(8.0) and d.recompute_s == pytest.approx(0.8)
+    clock.t += 4.9
+    assert not c.disk_pays(8, MiB, 100).load, "the estimate is not old enough yet"
+    clock.t += 0.1
+    d = c.disk_pays(8, MiB, 100)
+    assert d == Decision(True, 2, pytest.approx(8.0), pytest.approx(0.8), probe=True), "the first 2 pages only"
+    assert not c.disk_pays(8, MiB, 100).load, "one probe per interval"
+    # A probe that was let through but never read (its request went elsewhere): the next one waits an interval.
+    clock.t += 4.9
+    assert not c.disk_pays(8, MiB, 100).load
+    clock.t += 0.1
+    assert c.disk_pays(8, MiB, 100).probe
+
+
+def test_a_fast_probe_replaces_the_estimate_and_full_matches_load_again() -> None:
+    clock = Clock()
+    c = slow_model(clock)
+    clock.t += 5
+    probe_once(c, clock, 0.01)  # 2 MiB in 10 ms: 200 MiB/s
+    # Replaced, not averaged in (that would be 0.8 x 1 + 0.2 x 200 = 40.8 MiB/s, still refusing 8 pages).
+    assert c.disk_bytes_per_s == pytest.approx(200 * MiB)
+    d = c.disk_pays(8, MiB, 100)
+    assert d.load and not d.probe and d.disk_pages == 8 and d.load_s == pytest.approx(0.04)
+    # Later samples average as before.
+    c.disk_submitted(3, 4 * MiB)
+    clock.t += 0.04
+    c.disk_done(3)
+    assert c.disk_bytes_per_s == pytest.approx((0.8 * 200 + 0.2 * 100) * MiB)
+
+
+def test_a_slow_probe_keeps_refusing_and_the_next_probe_waits_another_interval() -> None:
+    clock = Clock()
+    c = slow_model(clock)
+    clock.t += 7
+    probe_once(c, clock, 4.0)  # 2 MiB in 4 s: 0.5 MiB/s, slower still
+    assert c.disk_bytes_per_s == pytest.approx(0.5 * MiB)
+    clock.t += 4.9  # counted from the probe's sample, not from the estimate before it
+    d = c.disk_pays(8, MiB, 100)
+    assert not d.load and not d.probe and d.load_s == pytest.approx(16.0)
+    clock.t += 0.1
+    probe_once(c, clock, 0.02, job=3)  # the tier is fast again: 100 MiB/s
+    assert c.disk_pays(8, MiB, 100).load
+
+
+def test_no_probe_while_reads_are_in_flight() -> None:
+    """Reads under way measure the tier themselves; a stale estimate with a load in flight is not probed."""
+    clock = Clock()
+    c = slow_model(clock)
+    clock.t += 60
+    c.disk_submitted(5, 4 * MiB)  # (a load admitted before the slow sample, say)
+    assert not c.disk_pays(8, MiB, 100).load
+    c.disk_read(5, 4 * MiB, cancelled=True)
+    c.disk_done(5)
+    assert c.disk_pays(8, MiB, 100).probe
+
+
+def test_a_request_that_probes_and_asks_again_stays_the_probe() -> None:
+    clock = Clock()
+    c = slow_model(clock)
+    clock.t += 5
+    assert c.disk_pays(8, MiB, 100).probe
+    assert not c.disk_pays(8, MiB, 100).load, "another request: no second probe"
+    again = c.disk_pays(8, MiB, 100, probing=True)  # vLLM looks the same request up again
+    assert again.load and again.probe and again.disk_pages == 2
+    c.disk_bytes_per_s = 1000 * MiB  # measured fast meanwhile: the repeated lookup takes the whole match
+    again = c.disk_pays(8, MiB, 100, probing=True)
+    assert again.load and not again.probe and again.disk_pages == 8
+
+
+def test_a_probe_gives_up_only_past_its_deadline_not_on_the_estimate_it_tests() -> None:
+    clock = Clock()
+    c = slow_model(clock)
+    clock.t += 5
+    assert c.disk_pays(8, MiB, 100).probe
+    c.disk_submitted(2, 2 * MiB, tokens=200, page_bytes=MiB, probe=True)  # 0.2 s to recompute
+    c.disk_submitted(3, 2 * MiB, tokens=200, page_bytes=MiB)  # the same, not a probe (behind the probe)
+    plain = c.gives_up(3)
+    assert plain is not None and not plain.load, "at 1 MiB/s 4 MiB take 4 s: an ordinary load gives up at once"
+    d = c.gives_up(2)
+    assert d is not None and d.load and d.load_s == 0.0
+    clock.t += 0.2
+    assert c.gives_up(2).load, "at its deadline, not past it"
+    clock.t += 0.01
+    assert not c.gives_up(2).load, "past its deadline"
+    c.disk_read(2, 2 * MiB, cancelled=True)  # given up before its reads started: it measured nothing
+    c.disk_done(2)
+    c.disk_read(3, 2 * MiB, cancelled=True)
+    c.disk_done(3)
+    assert c.disk_bytes_per_s == pytest.approx(MiB)
+    c.disk_submitted(4, 4 * MiB)  # the next ordinary sample averages into the estimate: no probe is pending
+    clock.t += 1
+    c.disk_done(4)
+    assert c.disk_bytes_per_s == pytest.approx((0.8 * 1 + 0.2 * 4) * MiB)
+
+
+def test_probe_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="probe_every_s"):
+        CostModel(probe_every_s=0)
+    with pytest.raises(ValueError, match="probe_pages"):
+        CostModel(probe_pages=0)
+
+
+class OffsetClock:
+    """``time.perf_counter`` plus a simulated advance: the I/O threads' completion times (perf_counter, patched to
+    this clock) and the model's clock agree, and a probe interval passes without waiting for it."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.perf_counter() + self.offset
+
+
+def test_the_leader_probes_a_refused_disk_and_a_fast_probe_brings_full_matches_back(
+        rng: np.random.Generator, tmp_path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    import dynkv.leader.tier_flow as tier_flow
+
+    model = Model()
+    leader = make_leader(model, host_pages=8, disk_gb=0.01, disk_paths=[str(tmp_path / "d")], disk_direct_io=False,
+                         disk_admit_min_hits=0)
+    engine = Engine(leader, model, tp=1, num_blocks=64, processes=False)
+    clock = OffsetClock()
+    monkeypatch.setattr(tier_flow, "time", SimpleNamespace(perf_counter=clock))
+    try:
+        a, b, filler = (rng.integers(0, 1000, 8 * model.block_size).tolist() for _ in range(3))
+        for name, prompt in (("a", a), ("b", b), ("filler", filler)):
+            engine.serve(name, prompt)
+            engine.drain()
+        keys_a, keys_b = engine.keys(a), engine.keys(b)
+        assert not any(leader.index.holds(k, "host") for k in keys_a + keys_b)
+        assert all(leader.index.holds(k, "disk") for k in keys_a + keys_b)
+        tokens = 8 * model.block_size
+        leader.cost = c = CostModel(clock=clock, probe_every_s=5.0, probe_pages=2)
+        # As if one slow window had just been measured: 8 pages would take hours, recomputing them 3.2 s.
+        c.prefill_tokens_per_s, c.disk_bytes_per_s = 10.0, 1.0
+        assert leader.lookup("refused", keys_a) == 0
+        leader.request_finished("refused")
+        assert leader.metrics.value("dynkv_cost_tokens_total", choice="recompute") == tokens
+        clock.offset += 5.0  # the estimate is a probe interval old: the next match is a probe of its first 2 pages
+        assert leader.lookup("probe", keys_a) == 2
+        assert leader.lookup("other", keys_a) == 0, "one probe per interval"
+        leader.request_finished("other")
+        out = engine.serve("probe", a)  # vLLM asks again for the same request: it stays the probe
+        engine.drain()
+        assert out.loaded == 2 and out.mismatched == [] and out.load_errors == set()
+        assert leader.metrics.value("dynkv_cost_tokens_total", choice="probe") == 2 * 2 * model.block_size
+        assert leader.metrics.value("dynkv_cost_tokens_total", choice="recompute") == 2 * tokens + 2 * 6 * model.block_size
+        assert leader.metrics.value("dynkv_cost_tokens_total", choice="load") == 0
+        # The probe's read replaced the estimate: b's whole match loads, exact.
+        assert c.disk_bytes_per_s > 8 * leader.geometry.page_bytes / 3.2, c.disk_bytes_per_s
+        out = engine.serve("b2", b)
+        assert out.loaded == 8 and out.mismatched == [] and out.load_errors == set()
+        assert leader.metrics.value("dynkv_cost_tokens_total", choice="load") == tokens
+        assert leader.metrics.value("dynkv_cost_tokens_total", choice="probe") == 2 * 2 * model.block_size
+    finally:
+        engine.close()
         leader.close()

@@ -54,7 +54,7 @@ def summarize(engine: Mapping[str, Any]) -> dict[str, Any]:
         s["misses_blocks"] = samples.get("dynkv_misses_total", 0.0)
         s["bytes"] = {d: samples.get(f"dynkv_bytes_moved_total{{direction={d}}}", 0.0) for d in _DIRECTIONS}
         s["cost_tokens"] = {c: samples.get(f"dynkv_cost_tokens_total{{choice={c}}}", 0.0)
-                            for c in ("load", "recompute", "gave_up")}
+                            for c in ("load", "recompute", "gave_up", "probe")}
         s["disk_reads_given_up"] = {k: samples.get(f"dynkv_disk_reads_given_up_total{{state={k}}}", 0.0)
                                     for k in ("cancelled", "landed")}
         s["load_errors"] = sum(v for k, v in samples.items() if k.startswith("dynkv_load_errors_total"))
