@@ -377,7 +377,7 @@ class DynKVConfig:
         ``auto`` (default): ``all`` while the host tier's traffic is
         recency-friendly, ``frequency`` while it is a cycle larger than the
         tier, decided from the pages that come back after leaving the tier
-        (:class:`dynkv.index.PageIndex`, ``adaptive``). ``all``: a full host
+        (:class:`dynkv.policy.admission.AdaptiveGate`). ``all``: a full host
         tier evicts for every new page (LRU). ``frequency``: once full, a new
         page enters only if it was seen more often than the page it would
         evict (TinyLFU-style, over the frequency filter the disk tier also

@@ -14,12 +14,11 @@ stored contents of each tier.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from dynkv.policy.admission import FrequencyFilter
+from dynkv.policy.admission import AdaptiveGate, FrequencyFilter
 from dynkv.policy.eviction import EVICTION_POLICIES, EvictionPolicy
 
 __all__ = [
@@ -118,11 +117,6 @@ class TierStats:
     filtered: int = 0  # of the refusals: by frequency-gated admission
 
 
-GHOSTS_PER_SLOT = 4
-"""Adaptive admission remembers this many pages per slot of the tier after they leave or are kept out
-(about 150 bytes each), so that a cycle up to this many times the tier still votes when it comes back."""
-
-
 class _Entry:
     __slots__ = ("last", "pins", "slot", "stored")
 
@@ -145,16 +139,7 @@ class _Tier:
         self.evictions = 0
         self.refusals = 0
         self.filtered = 0
-        # Adaptive admission (see PageIndex): pages that left or were kept out, with the access
-        # clock of their last use, and the votes of returning pages on whether LRU would have kept them.
-        self.ghosts: OrderedDict[bytes, int] = OrderedDict()
-        self.loop_votes = 0.0
-        self.recency_votes = 0.0
-
-    @property
-    def gating(self) -> bool:
-        """Adaptive admission: returning pages mostly came back after more use than the tier holds."""
-        return self.loop_votes > self.recency_votes
+        self.gate: AdaptiveGate | None = None  # adaptive admission (see PageIndex)
 
 
 class PageIndex:
@@ -180,17 +165,8 @@ class PageIndex:
         before it comes back.
     adaptive
         Tiers whose admission is gated only while their traffic is a cycle
-        larger than the tier. Each page evicted or kept out is remembered (up
-        to :data:`GHOSTS_PER_SLOT` per slot) with the index's access clock at its last use
-        (the clock counts pages looked up and allocated); when it is asked
-        for again, the accesses in between vote: at most the tier's capacity
-        means LRU would have kept it (recency: new conversations' next turns,
-        where gating would shut new pages out behind old ones seen more
-        often), more means a cycle LRU loses (gating keeps part of it). The
-        gate is on while loop votes outnumber recency votes; votes halve once
-        a tier's worth of them has come in, so the choice follows the traffic.
-        The decision does not feed itself: a page kept out by the gate that
-        returns soon votes for recency and turns the gate off.
+        larger than the tier (:class:`dynkv.policy.admission.AdaptiveGate`,
+        fed with the pages that come back after leaving the tier).
     on_event
         Called with each :class:`IndexEvent` as it happens; without it events
         queue up for :meth:`drain_events`.
@@ -218,6 +194,8 @@ class PageIndex:
         self._adaptive = frozenset(adaptive) - self._gated
         for name in self._gated | self._adaptive:
             self._tier(name)
+        for name in self._adaptive:
+            self._tiers[name].gate = AdaptiveGate(self._tiers[name].slots.capacity)
         self._clock = 0  # pages looked up or allocated so far (the adaptive tiers' reuse distances)
         self.frequency = frequency if frequency is not None else FrequencyFilter(admit_min_hits)
         self._on_event = on_event
@@ -308,7 +286,7 @@ class PageIndex:
 
     # -- changes ---------------------------------------------------------
 
-    def allocate(self, tier: str, keys: Sequence[bytes]) -> list[tuple[bytes, int]]:
+    def allocate(self, tier: str, keys: Sequence[bytes], *, gate: bool = True) -> list[tuple[bytes, int]]:
         """Reserve a slot of ``tier`` for each key it does not hold yet.
 
         Keys the tier already holds (stored or pending) when called are
@@ -316,6 +294,9 @@ class PageIndex:
         request). When the tier is full the policy's victims are evicted
         (``"removed"`` events). When nothing is evictable (all pinned or
         pending) the remaining keys get no slot and each counts as a refusal.
+        ``gate=False`` lets the keys past frequency-gated admission: pages
+        a load needs in this tier now (read from the disk or the shared
+        tier, pulled from a prefill engine), not pages offered for later.
 
         Returns
         -------
@@ -333,11 +314,12 @@ class PageIndex:
             elif entry.stored and entry.pins == 0:
                 t.policy.touch(key)
         out: list[tuple[bytes, int]] = []
-        adaptive = t.name in self._adaptive
-        if adaptive:
-            self._vote(t, wanted)
-        gated = t.name in self._gated or (adaptive and t.gating)
-        counts_all = t.name in self._gated or adaptive
+        adaptive = t.gate
+        if adaptive is not None:
+            adaptive.vote(wanted, self._clock)
+            self._clock += len(wanted)
+        gated = gate and (t.name in self._gated or (adaptive is not None and adaptive.gating))
+        counts_all = t.name in self._gated or adaptive is not None
         if counts_all:
             self.frequency.record_many(wanted)  # a refused page was still seen: its count can grow past the victims'
         for i, key in enumerate(wanted):
@@ -345,8 +327,8 @@ class PageIndex:
             if slot is None and gated and not self._beats_victim(t, key):
                 t.filtered += len(wanted) - i  # a page no more used than the one it would replace stays out
                 t.refusals += len(wanted) - i
-                if adaptive:
-                    self._remember(t, wanted[i:], self._clock)
+                if adaptive is not None:
+                    adaptive.remember(wanted[i:], self._clock)
                 break
             if slot is None and self._evict_one(t):
                 slot = t.slots.alloc()
@@ -358,30 +340,6 @@ class PageIndex:
         if not counts_all:
             self.frequency.record_many(k for k, _ in out)
         return out
-
-    def _vote(self, t: _Tier, wanted: Sequence[bytes]) -> None:
-        """Adaptive admission: each wanted page the tier evicted or kept out votes on whether LRU would have kept it."""
-        cap = t.slots.capacity
-        for key in wanted:
-            self._clock += 1
-            last = t.ghosts.pop(key, None)
-            if last is None:
-                continue
-            if self._clock - last <= cap:
-                t.recency_votes += 1
-            else:
-                t.loop_votes += 1
-        if t.loop_votes + t.recency_votes > cap:
-            t.loop_votes /= 2
-            t.recency_votes /= 2
-
-    def _remember(self, t: _Tier, keys: Iterable[bytes], last: int) -> None:
-        ghosts = t.ghosts
-        for key in keys:
-            ghosts[key] = last
-            ghosts.move_to_end(key)
-        while len(ghosts) > GHOSTS_PER_SLOT * t.slots.capacity:
-            ghosts.popitem(last=False)
 
     def _beats_victim(self, t: _Tier, key: bytes) -> bool:
         """Frequency-gated admission (TinyLFU): ``key`` is let in only if seen more often than the next victim,
@@ -521,8 +479,8 @@ class PageIndex:
             return False
         t.evictions += 1
         entry = t.entries[key]
-        if t.name in self._adaptive:
-            self._remember(t, (key,), entry.last)
+        if t.gate is not None:
+            t.gate.remember((key,), entry.last)
         self._drop(t, key, entry)
         return True
 

@@ -109,7 +109,7 @@ class SharedFlow:
             self.index.pin(HOST, [key])  # stored on the host since the lookup: take it from there
             load.slots[i] = host_slot
             load.host_keys.append(key)
-        got = dict(self.index.allocate(HOST, [key for _, key in fresh]))
+        got = dict(self.index.allocate(HOST, [key for _, key in fresh], gate=False))
         reads = []
         for i, key in fresh:
             host_slot = got.pop(key, None)

@@ -125,7 +125,7 @@ class DiskFlow:
             self.index.unpin(DISK, [key])
             load.slots[i] = host_slot
             load.host_keys.append(key)
-        got = dict(self.index.allocate(HOST, [key for _, _, key in fresh]))
+        got = dict(self.index.allocate(HOST, [key for _, _, key in fresh], gate=False))
         reads = []
         for i, disk_slot, key in fresh:
             host_slot = got.pop(key, None)  # a key listed twice gets one slot; its second block is recomputed

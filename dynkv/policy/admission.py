@@ -1,18 +1,20 @@
-"""Admission: which pages earn a write to a slower tier (disk today).
+"""Admission: which pages earn a slot in a tier.
 
 :class:`FrequencyFilter` counts accesses in bounded memory; the leader writes a
 host page through to disk only once its key has been seen
 ``disk_admit_min_hits`` times, which spares the SSD one-off prompts.
+:class:`AdaptiveGate` decides, from the pages that come back after leaving a
+tier, whether that tier's admission should be frequency-gated at all.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["FrequencyFilter"]
+__all__ = ["GHOSTS_PER_SLOT", "AdaptiveGate", "FrequencyFilter"]
 
 _M64 = (1 << 64) - 1
 _BATCH = 32  # FrequencyFilter.record_many: from this many keys on, one vectorized update
@@ -136,3 +138,60 @@ class FrequencyFilter:
 
     def admits(self, key: bytes) -> bool:
         return self.min_hits == 0 or self.estimate(key) >= self.min_hits
+
+
+GHOSTS_PER_SLOT = 4
+"""Pages an :class:`AdaptiveGate` remembers per slot of its tier after they leave or are kept out (about 150
+bytes each), so that a cycle up to this many times the tier still votes when it comes back."""
+
+
+class AdaptiveGate:
+    """Whether a tier's admission should be frequency-gated now: gated while its traffic is a cycle larger
+    than the tier, plain LRU while it is recency-friendly.
+
+    Each page the tier evicts or keeps out is remembered (up to
+    :data:`GHOSTS_PER_SLOT` per slot) with the access clock of its last use
+    (the index's clock counts pages looked up and allocated). When it is
+    asked for again, the accesses in between vote: at most the tier's
+    capacity means LRU would have kept it (recency: the next turns of
+    conversations that come and go, where gating would shut new pages out
+    behind old ones seen more often), more means a cycle LRU loses (gating
+    keeps a stable part of it). The gate is on while loop votes outnumber
+    recency votes; votes halve once a tier's worth has come in, so the
+    choice follows the traffic. It does not feed itself: a page the gate
+    kept out that returns soon votes for recency and turns the gate off.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.ghosts: OrderedDict[bytes, int] = OrderedDict()
+        self.loop_votes = 0.0
+        self.recency_votes = 0.0
+
+    @property
+    def gating(self) -> bool:
+        return self.loop_votes > self.recency_votes
+
+    def vote(self, keys: Sequence[bytes], clock: int) -> None:
+        """``keys`` (pages the tier does not hold) are asked for at accesses ``clock + 1`` on."""
+        for key in keys:
+            clock += 1
+            last = self.ghosts.pop(key, None)
+            if last is None:
+                continue
+            if clock - last <= self.capacity:
+                self.recency_votes += 1
+            else:
+                self.loop_votes += 1
+        if self.loop_votes + self.recency_votes > self.capacity:
+            self.loop_votes /= 2
+            self.recency_votes /= 2
+
+    def remember(self, keys: Iterable[bytes], last: int) -> None:
+        """``keys`` left the tier (evicted) or were kept out; ``last``: the clock at their last use."""
+        ghosts = self.ghosts
+        for key in keys:
+            ghosts[key] = last
+            ghosts.move_to_end(key)
+        while len(ghosts) > GHOSTS_PER_SLOT * self.capacity:
+            ghosts.popitem(last=False)

@@ -127,12 +127,26 @@ def test_adaptive_gate_turns_on_for_a_cycle_and_off_when_traffic_turns_recent(rn
             idx.commit("host", [key for key, _ in idx.allocate("host", keys[m.num_keys:])])
             idx.unpin("host", keys[: m.num_keys])
 
-    assert not idx._tiers["host"].gating  # nothing has come back yet
+    assert not idx._tiers["host"].gate.gating  # nothing has come back yet
     serve(cycle)
-    assert idx._tiers["host"].gating
+    assert idx._tiers["host"].gate.gating
     assert idx.stats()["host"].filtered > 0
     serve([[10**6 + p for p in r] for r in churn(4, 12, 16, 60, rng)])  # the active set fits: pages return soon
-    assert not idx._tiers["host"].gating
+    assert not idx._tiers["host"].gate.gating
+
+
+def test_a_load_gets_host_slots_past_the_gate(rng: np.random.Generator) -> None:
+    """Pages read from the disk for a load need host slots now: the gate applies to pages offered for later."""
+    idx = PageIndex({"host": 8}, policy="lru", admit_min_hits=0, gated=("host",))
+    hot = [k(i) for i in range(8)]
+    for _ in range(3):
+        idx.commit("host", [key for key, _ in idx.allocate("host", hot)])
+        idx.lookup(hot)
+    cold = [k(100 + i) for i in range(3)]
+    assert idx.allocate("host", cold) == [] and idx.stats()["host"].filtered == 3
+    got = idx.allocate("host", cold, gate=False)
+    assert [key for key, _ in got] == cold
+    assert idx.stats()["host"].evictions == 3
 
 
 def test_s3fifo_matches_lru_when_the_working_set_fits(rng: np.random.Generator) -> None:
