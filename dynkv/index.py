@@ -115,6 +115,7 @@ class TierStats:
     evictions: int
     refusals: int
     filtered: int = 0  # of the refusals: by frequency-gated admission
+    gated: bool = False  # admission is frequency-gated now
 
 
 class _Entry:
@@ -192,10 +193,8 @@ class PageIndex:
         self._tiers = {name: _Tier(name, cap, policy()) for name, cap in tiers.items()}
         self._gated = frozenset(gated)
         self._adaptive = frozenset(adaptive) - self._gated
-        for name in self._gated | self._adaptive:
-            self._tier(name)
-        for name in self._adaptive:
-            self._tiers[name].gate = AdaptiveGate(self._tiers[name].slots.capacity)
+        for name in self._gated | self._adaptive:  # (unknown names raise)
+            self._tier(name).gate = AdaptiveGate(self._tier(name).slots.capacity) if name in self._adaptive else None
         self._clock = 0  # pages looked up or allocated so far (the adaptive tiers' reuse distances)
         self.frequency = frequency if frequency is not None else FrequencyFilter(admit_min_hits)
         self._on_event = on_event
@@ -455,6 +454,7 @@ class PageIndex:
                 evictions=t.evictions,
                 refusals=t.refusals,
                 filtered=t.filtered,
+                gated=name in self._gated or (t.gate is not None and t.gate.gating),
             )
             for name, t in self._tiers.items()
         }

@@ -107,6 +107,9 @@ class Metrics:
         self.occupancy = add("gauge", "dynkv_tier_pages", "Pages held per tier and state", "tier", "state")
         self.capacity = add("gauge", "dynkv_tier_capacity_pages", "Capacity of each tier in pages", "tier")
         self.evictions = add("counter", "dynkv_evictions", "Pages evicted", "tier")
+        self.gated = add("gauge", "dynkv_tier_admission_gated", "1 while a tier admits new pages only if seen more "
+                         "often than the page they would evict (host_admission frequency, or auto on cyclic traffic)",
+                         "tier")
         self.refused = add("counter", "dynkv_admissions_refused",
                            "Pages not admitted to a tier (full, filtered, busy, backlog full, or writes off)", "tier", "reason")
         self.load_errors = add("counter", "dynkv_load_errors", "Blocks whose load failed (recomputed)", "reason")

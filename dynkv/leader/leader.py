@@ -619,6 +619,7 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
             if s.filtered > seen_filtered:
                 self.metrics.refused.labels(tier, "filter").inc(s.filtered - seen_filtered)
             self._counted[tier] = (s.evictions, s.refusals, s.filtered)
+            self.metrics.gated.labels(tier).set(1.0 if s.gated else 0.0)
             self.metrics.occupancy.labels(tier, "stored").set(s.stored)
             self.metrics.occupancy.labels(tier, "pending").set(s.pending)
             self.metrics.occupancy.labels(tier, "pinned").set(s.pinned)

@@ -127,12 +127,12 @@ def test_adaptive_gate_turns_on_for_a_cycle_and_off_when_traffic_turns_recent(rn
             idx.commit("host", [key for key, _ in idx.allocate("host", keys[m.num_keys:])])
             idx.unpin("host", keys[: m.num_keys])
 
-    assert not idx._tiers["host"].gate.gating  # nothing has come back yet
+    assert not idx.stats()["host"].gated  # nothing has come back yet
     serve(cycle)
-    assert idx._tiers["host"].gate.gating
+    assert idx.stats()["host"].gated
     assert idx.stats()["host"].filtered > 0
     serve([[10**6 + p for p in r] for r in churn(4, 12, 16, 60, rng)])  # the active set fits: pages return soon
-    assert not idx._tiers["host"].gate.gating
+    assert not idx.stats()["host"].gated
 
 
 def test_a_load_gets_host_slots_past_the_gate(rng: np.random.Generator) -> None:
