@@ -47,6 +47,7 @@ class TierStatus:
     store_errors: int = 0
     load_errors: int = 0
     writes_on: bool = True
+    gated: bool = False  # admission frequency-gated now (host_admission)
 
     @property
     def used(self) -> float:
@@ -94,6 +95,8 @@ def parse_metrics(text: str, source: str = "") -> list[TierStatus]:
                 tier(labels, labels["tier"]).hits = int(value)
             elif name == "dynkv_tier_writes_on":
                 tier(labels, labels["tier"]).writes_on = value > 0
+            elif name == "dynkv_tier_admission_gated":
+                tier(labels, labels["tier"]).gated = value > 0
             elif name in ("dynkv_evictions_total", "dynkv_evictions"):
                 tier(labels, labels["tier"]).evictions = int(value)
             elif name in ("dynkv_store_errors_total", "dynkv_store_errors"):
@@ -110,9 +113,10 @@ def parse_metrics(text: str, source: str = "") -> list[TierStatus]:
 def render(statuses: list[TierStatus]) -> str:
     """A table: one line per engine and tier."""
     head = ("engine", "tier", "health", "capacity", "stored", "pending", "pinned", "used", "hits", "evicted",
-            "errors")
+            "errors", "admission")
     rows = [head] + [(t.engine, t.tier, t.health, str(t.capacity), str(t.stored), str(t.pending), str(t.pinned),
-                      f"{100 * t.used:.0f}%", str(t.hits), str(t.evictions), str(t.store_errors + t.load_errors))
+                      f"{100 * t.used:.0f}%", str(t.hits), str(t.evictions), str(t.store_errors + t.load_errors),
+                      "gated" if t.gated else "all")
                      for t in statuses]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))

@@ -41,12 +41,13 @@ def test_status_shows_each_tiers_capacity_use_and_health(tmp_path, capsys) -> No
         assert tiers["host"]["capacity"] == 8 and tiers["host"]["stored"] == 5 and tiers["host"]["health"] == "ok"
         assert tiers["disk"]["capacity"] == leader.disk.num_pages and tiers["disk"]["stored"] == 5
         assert abs(tiers["host"]["used"] - 5 / 8) < 1e-9
+        assert tiers["host"]["gated"] is False, "auto admission starts ungated"
         leader.metrics.store_errors.labels("disk").inc(2)  # as a failed write through counts it
         assert main(["status", f"127.0.0.1:{port}"]) == 1
         table = capsys.readouterr().out.splitlines()
         assert table[0].split()[:3] == ["engine", "tier", "health"]
         disk = next(line.split() for line in table if line.split()[1] == "disk")
-        assert disk[2] == "errors" and disk[-1] == "2"
+        assert disk[2] == "errors" and disk[-2] == "2" and disk[-1] == "all"
     finally:
         leader.close()
     assert main(["status", str(port)]) == 1  # the engine is gone
