@@ -185,8 +185,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   "variants": dict(args.variant), "disk_probe": args.disk_probe,
                   "extra": {"host_pages": sizes["host_pages"], "disk_gb": math.ceil(sizes["disk_bytes"] / 2**30 * 1e3)
                             / 1e3, "disk_paths": [str(disk_dir)], "io_threads": sizes["io_threads"],
-                            # each path is measured as such: the disk path reads the disk even where recompute wins
-                            "cost_model": False},
+                            # each path is measured as such: the disk path reads the disk even where recompute wins,
+                            # and the filler pass evicts the prompt from the host tier (LRU; auto admission would
+                            # learn the prompt's return and keep it there)
+                            "cost_model": False, "host_admission": "all"},
                   "flush": {"tokens": sizes["flush_tokens"], "chunk": sizes["flush_chunk"],
                             "token_lo": FIRST_WORD_ID, "token_hi": spec.vocab_size}},
         "offload": {**base, "name": "offload", "connector": "offload", "decode": None,
