@@ -142,7 +142,8 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
             )
         except ValueError as e:  # larger than the machine's memory, say: name the setting
             size = f"host_pages={config.host_pages}" if config.host_pages is not None else f"host_gb={config.host_gb:g}"
-            raise ValueError(f"dynkv config {size} (and staging_pages={self.staging.capacity}): {e}") from None
+            raise ValueError(f"dynkv config {size}: {e} (the pool holds {self.staging.capacity} staging pages "
+                             "besides: see staging_pages)") from None
         if not self.pool.memfd:
             log.warning("no memfd_create on this kernel: host pool %s is in /dev/shm, and stays there if this "
                         "process is killed (until the next dynkv leader on this host starts)", self.pool.path)

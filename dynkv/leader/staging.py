@@ -47,7 +47,8 @@ class StagingSlots:
             raise ValueError(f"staging slots from {first}, {count} of them: expected both >= 0")
         self.first = first
         self.capacity = count
-        self._free = list(range(first + count - 1, first - 1, -1))  # lowest slot handed out first
+        self._next = first  # slots from here on were never handed out (none is listed: a large pool costs nothing)
+        self._free: list[int] = []  # slots given back
         self._taken: set[int] = set()
 
     @property
@@ -60,9 +61,12 @@ class StagingSlots:
 
     def take(self) -> int | None:
         """A free staging slot, or None when all are taken."""
-        if not self._free:
+        if self._free:
+            slot = self._free.pop()
+        elif self._next < self.first + self.capacity:
+            slot, self._next = self._next, self._next + 1
+        else:
             return None
-        slot = self._free.pop()
         self._taken.add(slot)
         return slot
 
