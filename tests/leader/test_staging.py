@@ -17,7 +17,7 @@ from dynkv.config import DynKVConfig
 from dynkv.keys import block_keys
 from dynkv.leader import Leader
 from dynkv.leader.staging import MIN_STAGING_PAGES, StagingSlots, staging_pages_for
-from dynkv.layout import page_stride
+from dynkv.layout import PAGE_ALIGN, page_stride
 
 MODEL = Model(num_layers=2, num_heads=4, head_size=8, block_size=4, dims="LBNHC")
 BLOCKS = 5
@@ -106,6 +106,30 @@ def test_a_fully_pinned_host_tier_loads_disk_hits_through_staging(tmp_path, rng:
         leader.request_finished("holder")
         engine.drain()
         assert_all_released(leader)
+    finally:
+        engine.close()
+        leader.close()
+
+
+def test_a_corrupt_page_read_into_staging_is_recomputed(tmp_path, rng: np.random.Generator) -> None:
+    prompt = on_disk(tmp_path, rng, 1)[0]
+    leader = leader_for(tmp_path, host_pages=2)
+    keys = block_keys(MODEL.fingerprint(), np.asarray(prompt, dtype=np.int64))
+    path, off = leader.disk.location(leader.index.location(keys[3], "disk"))  # the fourth page: staged
+    leader.close()
+    with open(path, "r+b") as f:
+        f.seek(off + PAGE_ALIGN + 100)  # into the payload: found at recovery, fails its checksum when read
+        f.write(b"\x5a\xa5\x5a")
+    leader = leader_for(tmp_path, host_pages=2)
+    engine = Engine(leader, MODEL, tp=1, processes=False)
+    try:
+        out = engine.serve("after", prompt)
+        assert out.loaded == BLOCKS and out.load_errors == {out.blocks[3]} and out.mismatched == []
+        assert leader.metrics.value("dynkv_load_errors_total", reason="disk") == 1
+        assert leader.metrics.value("dynkv_pages_moved_total", direction="disk_to_staging") == 2
+        engine.drain()
+        assert_all_released(leader)
+        assert not leader.index.holds(keys[3], "disk")
     finally:
         engine.close()
         leader.close()
