@@ -218,6 +218,7 @@ def _parse_eviction(value: Any, src: _Source) -> str:
 _PARSERS: dict[str, Callable[[Any, _Source], Any]] = {
     "host_gb": _optional(_float_above(0.0, inclusive=False)),
     "host_pages": _optional(_int_in(1)),
+    "staging_pages": _optional(_int_in(0, 1 << 24)),
     "disk_gb": _float_above(0.0, inclusive=True),
     "disk_paths": _parse_paths,
     "disk_direct_io": _parse_bool,
@@ -265,6 +266,13 @@ class DynKVConfig:
         not both; with neither, ``DEFAULT_HOST_GB``.
     host_pages
         Size of the host tier in pages (exact; handy for tests).
+    staging_pages
+        Pages of the host pool outside the host tier: a disk or shared-tier
+        hit that finds every host page pinned or being written is read into
+        one of these instead, and it is freed once the load is on the device
+        (it never becomes a cached host page). None (the default): the
+        larger of 64 and a sixteenth of the host tier; 0: none, such a hit is
+        recomputed.
     disk_gb
         Size of the disk tier (G3) in GiB over all ``disk_paths``; 0 turns the
         disk tier off.
@@ -437,6 +445,7 @@ class DynKVConfig:
 
     host_gb: float | None = None
     host_pages: int | None = None
+    staging_pages: int | None = None
     disk_gb: float = 0.0
     disk_paths: tuple[str, ...] = ()
     disk_direct_io: bool = True

@@ -106,6 +106,9 @@ class Metrics:
         self.bytes = add("counter", "dynkv_bytes_moved", "Bytes moved", "direction")
         self.occupancy = add("gauge", "dynkv_tier_pages", "Pages held per tier and state", "tier", "state")
         self.capacity = add("gauge", "dynkv_tier_capacity_pages", "Capacity of each tier in pages", "tier")
+        self.staging = add("gauge", "dynkv_staging_pages", "Host-pool pages outside the host tier that disk and "
+                           "shared-tier hits getting no host slot are read into (state=capacity, state=in_use)",
+                           "state")
         self.evictions = add("counter", "dynkv_evictions", "Pages evicted", "tier")
         self.gated = add("gauge", "dynkv_tier_admission_gated", "1 while a tier admits new pages only if seen more "
                          "often than the page they would evict (host_admission frequency, or auto on cyclic traffic)",
@@ -125,7 +128,7 @@ class Metrics:
                                "gave up waiting for their disk reads (choice=gave_up)", "choice")
         self.disk_given_up = add("counter", "dynkv_disk_reads_given_up", "Disk pages of loads that stopped waiting "
                                  "for them (recomputed): cancelled before their read started (state=cancelled), or "
-                                 "read anyway into the host tier (state=landed)", "state")
+                                 "read anyway into the host tier, or into a staging page then freed (state=landed)", "state")
         self.writes_skipped = add("counter", "dynkv_disk_writes_skipped", "Write-through to the disk tier skipped "
                                   "because its write backlog (disk_write_backlog_gb) was full: what=pages, what=bytes "
                                   "(the pages stay in the host tier only)", "what")

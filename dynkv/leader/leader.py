@@ -16,8 +16,9 @@ Flow of a page::
     lookup(): longest prefix over host then disk, pinned; then the pages
               after it that the shared tier holds (asked with a time budget)
     begin_load(): disk and shared-tier pages are read into fresh host slots
-              first; the load job goes out once every page is on the host (or
-              has failed)
+              (staging slots where the host tier has none free,
+              :mod:`dynkv.leader.staging`) first; the load job goes out once
+              every page is on the host (or has failed)
     update(): all ranks loaded -> pins released
 
 Disaggregated serving adds two paths (:mod:`dynkv.disagg`): a prefill engine
@@ -64,6 +65,7 @@ from dynkv.leader.orphan import OrphanWatch, started_by, stop_orphaned_engine
 from dynkv.leader.records import Acks, LoadRecord, RequestRecord, StoreRecord
 from dynkv.leader.remote_flow import RemoteFlow
 from dynkv.leader.shared_flow import SharedFlow
+from dynkv.leader.staging import StagingSlots, staging_pages_for
 from dynkv.leader.tier_flow import DiskFlow, max_disk_writes
 from dynkv.metrics import Metrics
 from dynkv.policy.cost import CostModel
@@ -126,6 +128,8 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
         self.page_stride = page_stride(geometry)
         self._page_bytes = geometry.page_bytes
         self.num_host_pages = host_pages_for(config, self.page_stride)
+        # Pool pages past the host tier, for hits that get no host slot (dynkv.leader.staging).
+        self.staging = StagingSlots(self.num_host_pages, staging_pages_for(config, self.num_host_pages))
         reap_stale_pools()
         links = run_dir()
         self.pool_name = f"{pool_name_for(engine_id, fingerprint)}-{os.getpid()}"
@@ -134,11 +138,12 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
         # A memfd: its memory goes with the last process that maps it, however the engine ends.
         try:
             self.pool = HostPool.for_pages(
-                geometry, self.num_host_pages, name=self.pool_name, memfd=True, pin=False, page_stride=self.page_stride
+                geometry, self.num_host_pages + self.staging.capacity, name=self.pool_name, memfd=True, pin=False, page_stride=self.page_stride
             )
         except ValueError as e:  # larger than the machine's memory, say: name the setting
             size = f"host_pages={config.host_pages}" if config.host_pages is not None else f"host_gb={config.host_gb:g}"
-            raise ValueError(f"dynkv config {size}: {e}") from None
+            raise ValueError(f"dynkv config {size}: {e} (the pool holds {self.staging.capacity} staging pages "
+                             "besides: see staging_pages)") from None
         if not self.pool.memfd:
             log.warning("no memfd_create on this kernel: host pool %s is in /dev/shm, and stays there if this "
                         "process is killed (until the next dynkv leader on this host starts)", self.pool.path)
@@ -193,6 +198,8 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
         for tier, cap in tiers.items():
             self.metrics.capacity.labels(tier).set(cap)
             self.metrics.writes_on.labels(tier).set(1)
+        self.metrics.staging.labels("capacity").set(self.staging.capacity)
+        self.metrics.staging.labels("in_use").set(0)
         self.cost = None
         if config.cost_model and self.disk is not None:  # writes running on the device are ahead of any read
             self.cost = CostModel(writes_ahead=lambda disk=self.disk: disk.write_bytes_running)
@@ -231,7 +238,9 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
         """One line of what this leader set up: tiers, sizes, paths, policies."""
         c, gib = self.config, 1 << 30
         host = (f"host tier {self.num_host_pages * self.page_stride / gib:.1f} GiB ({self.num_host_pages} pages of "
-                f"{self._page_bytes / 2**20:.2f} MiB, {'memfd' if self.pool.memfd else 'shm'} {self.pool.path})")
+                f"{self._page_bytes / 2**20:.2f} MiB) and {self.staging.capacity} staging pages "
+                f"({self.staging.capacity * self.page_stride / gib:.2f} GiB), pool {self.pool.nbytes / gib:.1f} GiB "
+                f"({'memfd' if self.pool.memfd else 'shm'} {self.pool.path})")
         if self.disk is None:
             disk = "no disk tier"
         else:
@@ -478,6 +487,7 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
         """Tier occupancy and counters, JSON-able."""
         self._drain_io()
         out: dict[str, Any] = {t: vars(s) for t, s in self.index.stats().items()}
+        out["staging"] = {"capacity": self.staging.capacity, "in_use": self.staging.in_use}
         out["requests"] = len(self._reqs)
         out["jobs_in_flight"] = len(self._inflight)
         out["disk_writes_in_flight"] = self._writes
@@ -558,7 +568,7 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
                 if pulled and req is not None:
                     req.pull_failed = True
             else:
-                self.metrics.pages.labels("h2d").inc(len(keys) + len(pulled))
+                self.metrics.pages.labels("h2d").inc(len(keys) + len(pulled) + len(op.staged))
                 if pulled:  # every rank wrote its slice: whole pages
                     if getattr(op.remote, "trusted", False):  # params under the deployment's MAC: cached
                         self.index.commit(HOST, pulled)
@@ -591,6 +601,8 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
     def _end_load(self, load: LoadRecord) -> None:
         self.index.unpin(HOST, load.host_keys)
         load.host_keys = []
+        self.staging.free(load.staged)  # on the device now, or not wanted: never a host page
+        load.staged = []
         if load.pulled_keys:  # not pulled (failed or cancelled): give the slots back
             self.index.remove(HOST, load.pulled_keys)
             self._importing.difference_update(load.pulled_keys)
@@ -623,4 +635,5 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
             self.metrics.occupancy.labels(tier, "stored").set(s.stored)
             self.metrics.occupancy.labels(tier, "pending").set(s.pending)
             self.metrics.occupancy.labels(tier, "pinned").set(s.pinned)
+        self.metrics.staging.labels("in_use").set(self.staging.in_use)
 

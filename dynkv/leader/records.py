@@ -20,6 +20,7 @@ class LoadRecord:
     block_ids: list[int]
     slots: list[int | None]
     host_keys: list[bytes] = field(default_factory=list)  # pinned in the host tier while loading
+    staged: list[int] = field(default_factory=list)  # staging slots read for it (dynkv.leader.staging)
     failed: list[int] = field(default_factory=list)
     waiting: int = 0  # disk and shared-tier reads outstanding
     disk_reads: int = 0  # of them, disk reads

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from dynkv.index import PageIndex
     from dynkv.layout import PageGeometry
     from dynkv.leader.records import LoadRecord, RequestRecord
+    from dynkv.leader.staging import StagingSlots
     from dynkv.metrics import Metrics
     from dynkv.policy.cost import CostModel
     from dynkv.tiers.shared.tier import SharedTier
@@ -58,6 +59,7 @@ class SharedFlow:
     shared_cost: CostModel | None
     config: DynKVConfig
     index: PageIndex
+    staging: StagingSlots
     metrics: Metrics
     geometry: PageGeometry
     _io: queue.SimpleQueue[tuple[Any, ...]]
@@ -98,7 +100,7 @@ class SharedFlow:
         req.match.extend((SHARED, -1, key) for key in rest[:n])
 
     def _fetch_shared(self, load: LoadRecord, pages: list[tuple[int, bytes]]) -> None:
-        """Give shared-tier pages ``(index in the load, key)`` new host slots and read them there."""
+        """Give shared-tier pages ``(index in the load, key)`` new host slots (else staging slots) and read them there."""
         assert self.shared is not None
         fresh = []
         for i, key in pages:
@@ -113,6 +115,8 @@ class SharedFlow:
         reads = []
         for i, key in fresh:
             host_slot = got.pop(key, None)
+            if host_slot is None:  # every host page pinned or pending: a staging slot, while one is free
+                host_slot = self.staging.take()
             if host_slot is None:
                 load.failed.append(load.block_ids[i])
                 self.metrics.load_errors.labels("host_full").inc()
@@ -179,7 +183,19 @@ class SharedFlow:
         """One shared-tier read completed at ``now`` (its thread's clock; applied at the leader's next call)."""
         exc = fut.exception()
         load.read_until = max(load.read_until, now)
-        if exc is None:
+        staged = self.staging.owns(host_slot)  # outside the host tier: never committed there
+        if exc is None and staged:
+            if load.given_up:
+                self.staging.free([host_slot])
+            else:
+                load.slots[i] = host_slot
+                load.staged.append(host_slot)
+            self._held[key] = None
+            self._held.move_to_end(key)
+            self.metrics.pages.labels("shared_to_staging").inc()
+            self.metrics.bytes.labels("shared_to_staging").inc(self.geometry.page_bytes)
+            self.metrics.latency.labels("shared_to_host").observe(now - started)
+        elif exc is None:
             self.index.commit(HOST, [key])
             if not load.given_up:  # a load that went out without this page leaves it cached for the next
                 self.index.pin(HOST, [key])
@@ -191,7 +207,10 @@ class SharedFlow:
             self.metrics.bytes.labels("shared_to_host").inc(self.geometry.page_bytes)
             self.metrics.latency.labels("shared_to_host").observe(now - started)
         else:
-            self._drop_host([key])
+            if staged:
+                self.staging.free([host_slot])
+            else:
+                self._drop_host([key])
             self._held.pop(key, None)
             if not load.given_up:  # a given-up load reported its unread blocks already
                 load.failed.append(load.block_ids[i])

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from dynkv.index import PageIndex
     from dynkv.layout import PageGeometry
     from dynkv.leader.records import LoadRecord, RequestRecord
+    from dynkv.leader.staging import StagingSlots
     from dynkv.metrics import Metrics
     from dynkv.policy.cost import CostModel
 
@@ -84,6 +85,7 @@ class DiskFlow:
     metrics: Metrics
     geometry: PageGeometry
     exporter: Any
+    staging: StagingSlots
     cost: CostModel | None
     shared_cost: CostModel | None
     _page_bytes: int
@@ -112,7 +114,8 @@ class DiskFlow:
 
         The load waits for the reads. A page stored to the host tier since the
         lookup is taken from there; one that gets no host slot (every host page
-        pinned or pending) fails, and its block is recomputed.
+        pinned or pending) is read into a staging slot (:mod:`dynkv.leader.staging`),
+        and with none free either it fails, and its block is recomputed.
         """
         assert self.disk is not None
         fresh = []
@@ -128,7 +131,9 @@ class DiskFlow:
         got = dict(self.index.allocate(HOST, [key for _, _, key in fresh], gate=False))
         reads = []
         for i, disk_slot, key in fresh:
-            host_slot = got.pop(key, None)  # a key listed twice gets one slot; its second block is recomputed
+            host_slot = got.pop(key, None)  # a key listed twice gets one host slot, its second block staging's
+            if host_slot is None:
+                host_slot = self.staging.take()
             if host_slot is None:
                 self.index.unpin(DISK, [key])
                 load.failed.append(load.block_ids[i])
@@ -292,9 +297,10 @@ class DiskFlow:
 
     def _read_done(self, load: LoadRecord, i: int, key: bytes, host_slot: int, fut: Future[None], when: float) -> None:
         load.waiting -= 1
+        staged = self.staging.owns(host_slot)  # outside the host tier: never committed there
         if fut.cancelled():  # the load gave up before this read started: nothing was read
             self.index.unpin(DISK, [key])
-            self._drop_host([key])
+            self._drop_read_slot(key, host_slot, staged)
             self.metrics.disk_given_up.labels("cancelled").inc()
             if self.cost is not None:
                 self.cost.disk_read(load.job, self._page_bytes, cancelled=True)
@@ -305,7 +311,16 @@ class DiskFlow:
         self.index.unpin(DISK, [key])
         if self.cost is not None:
             self.cost.disk_read(load.job, self._page_bytes, at=when)
-        if exc is None:
+        if exc is None and staged:
+            if load.given_up:  # nowhere to cache it: the staging slot goes back
+                self.staging.free([host_slot])
+                self.metrics.disk_given_up.labels("landed").inc()
+            else:
+                load.slots[i] = host_slot
+                load.staged.append(host_slot)
+            self.metrics.pages.labels("disk_to_staging").inc()
+            self.metrics.bytes.labels("disk_to_staging").inc(self.geometry.page_bytes)
+        elif exc is None:
             self.index.commit(HOST, [key])
             if load.given_up:  # cached for a later request; this one recomputes the block
                 self.metrics.disk_given_up.labels("landed").inc()
@@ -317,13 +332,20 @@ class DiskFlow:
             self.metrics.bytes.labels("disk_to_host").inc(self.geometry.page_bytes)
         else:
             self._log_read_failure(key, exc)
-            self._drop_host([key])
+            self._drop_read_slot(key, host_slot, staged)
             if self.index.pins(key, DISK) == 0:
                 self.index.remove(DISK, [key])
             if not load.given_up:  # a given-up load reported its unread blocks already
                 load.failed.append(load.block_ids[i])
             self.metrics.load_errors.labels("disk").inc()
         self._reads_over(load)
+
+    def _drop_read_slot(self, key: bytes, slot: int, staged: bool) -> None:
+        """Give back the slot of a read that brought nothing: a staging slot, or the pending host page."""
+        if staged:
+            self.staging.free([slot])
+        else:
+            self._drop_host([key])
 
     def _log_read_failure(self, key: bytes, exc: BaseException) -> None:
         """One line for a failed disk read, unless one was logged in the last :data:`READ_LOG_EVERY_S`."""

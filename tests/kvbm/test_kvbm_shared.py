@@ -85,6 +85,36 @@ def test_an_engine_loads_the_prefixes_another_engine_stored(engines, rng: np.ran
     assert s["host"]["pinned"] == 0 and s["shared_writes_in_flight"] == 0
 
 
+def test_shared_hits_past_a_small_host_tier_load_through_staging(redis_server: RedisServer,
+                                                                rng: np.random.Generator) -> None:
+    """A 2-page host tier: of a 5-page shared-tier hit, 3 pages go through staging slots (2 with one slot fewer
+    than needed: the last page recomputes), exact, and every staging slot is free again afterwards."""
+    prompt = prompts_for(rng, 1)[0]
+    a = leader_for(redis_server.url, "a")
+    ea = Engine(a, MODEL, tp=1, processes=False)
+    try:
+        serve_all(ea, [prompt], "a")
+    finally:
+        ea.close()
+        a.close()
+    for name, staging_pages, staged in (("b", None, 3), ("c", 2, 2)):
+        b = leader_for(redis_server.url, name, host_pages=2, staging_pages=staging_pages)
+        eb = Engine(b, MODEL, tp=1, processes=False)
+        try:
+            out = eb.serve("b", prompt)
+            assert out.loaded == BLOCKS and out.mismatched == [] and len(out.load_errors) == 3 - staged
+            assert value(b, "dynkv_pages_moved_total", direction="shared_to_host") == 2
+            assert value(b, "dynkv_pages_moved_total", direction="shared_to_staging") == staged
+            assert value(b, "dynkv_load_errors_total", reason="host_full") == 3 - staged
+            eb.drain()
+            s = b.stats()
+            assert s["staging"]["in_use"] == 0 and s["host"]["pinned"] == 0 and s["host"]["pending"] == 0
+            assert s["host"]["stored"] == 2 and s["shared_writes_in_flight"] == 0
+        finally:
+            eb.close()
+            b.close()
+
+
 def test_engines_share_pages_through_mooncake(mooncake_master, rng: np.random.Generator) -> None:
     pytest.importorskip("mooncake.store", reason="no Mooncake client (pip install mooncake-transfer-engine-non-cuda)")
     url = mooncake_master.url + "?segment_mb=16&buffer_mb=16"
