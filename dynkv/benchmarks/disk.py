@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import mmap
 import os
 import shutil
@@ -34,9 +33,9 @@ import zlib
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
+from dynkv.benchmarks import print_or_write
 from dynkv.tiers.disk import DiskTier
 from dynkv.tiers.diskfile import ALIGN, record_size
 
@@ -316,14 +315,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def run_from_args(args: argparse.Namespace) -> int:
     """Entry point of ``dynkv bench disk``: run, print the table, write JSON."""
     report = run(config_from_args(args))
-    if args.json == "-":
-        print(json.dumps(report, indent=2))
-        return 0
-    print(format_report(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    print_or_write(report, args.json, format_report)
     return 0
 
 

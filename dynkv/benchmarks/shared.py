@@ -13,7 +13,6 @@ reported as GB/s and as dynkv's ratio to the baseline (target >= 0.8).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -21,11 +20,11 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dynkv.benchmarks import print_or_write
 from dynkv.tiers.shared.base import redact, scheme_of
 from dynkv.tiers.shared.tier import HEADER_BYTES, SharedTier, store_key
 
@@ -205,14 +204,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     if min(args.page_kib, args.pages, args.batch_pages, args.threads, args.repeat) < 1:
         raise SystemExit("--page-kib, --pages, --batch-pages, --threads and --repeat take integers >= 1")
     report = run(Config(args.url, args.page_kib * KiB, args.pages, args.batch_pages, args.threads, args.repeat))
-    if args.json == "-":
-        print(json.dumps(report, indent=2))
-        return 0
-    print(format_report(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    print_or_write(report, args.json, format_report)
     return 0
 
 
