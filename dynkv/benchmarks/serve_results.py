@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EndpointResult", "RequestRecord", "compare", "format_table", "percentile", "plot", "summarize"]
+__all__ = ["EndpointResult", "RequestRecord", "compare", "format_table", "percentile", "plot", "plot_turns", "summarize"]
 
 
 @dataclass
@@ -154,23 +154,27 @@ def format_table(results: Mapping[str, EndpointResult], extra: Mapping[str, Mapp
 
 def plot(results: Mapping[str, EndpointResult], path: Path, title: str = "multi-turn TTFT") -> None:
     """PNG: TTFT p50/p90 per turn and endpoint, and each endpoint's TTFT CDF."""
+    plot_turns({name: [(r.turn, r.ttft_s) for r in res.requests if r.ttft_s is not None and r.error is None]
+                for name, res in results.items()}, path, title)
+
+
+def plot_turns(ttfts: Mapping[str, Sequence[tuple[int, float]]], path: Path, title: str) -> None:
+    """PNG from ``(turn, TTFT s)`` of each series' answered requests: p50/p90 per turn, and each series' CDF."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_turn, ax_cdf) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = list(results)
-    turns = sorted({r.turn for res in results.values() for r in res.requests})
+    names = [n for n, v in ttfts.items() if v]
+    turns = sorted({t for n in names for t, _ in ttfts[n]})
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
-        reqs = [r for r in results[name].requests if r.ttft_s is not None and r.error is None]
-        p50 = [percentile([r.ttft_s for r in reqs if r.turn == t and r.ttft_s is not None], 50) or 0 for t in turns]
-        p90 = [percentile([r.ttft_s for r in reqs if r.turn == t and r.ttft_s is not None], 90) or 0 for t in turns]
+        by_turn = [[x for t2, x in ttfts[name] if t2 == t] for t in turns]
         xs = [t + i * width for t in turns]
-        ax_turn.bar(xs, p50, width, label=f"{name} p50")
-        ax_turn.scatter(xs, p90, marker="_", s=200, color="k")
-        ttft = sorted(r.ttft_s for r in reqs if r.ttft_s is not None)
+        ax_turn.bar(xs, [percentile(v, 50) or 0 for v in by_turn], width, label=f"{name} p50")
+        ax_turn.scatter(xs, [percentile(v, 90) or 0 for v in by_turn], marker="_", s=200, color="k")
+        ttft = sorted(x for _, x in ttfts[name])
         ax_cdf.plot(ttft, [(k + 1) / len(ttft) for k in range(len(ttft))], drawstyle="steps-post", label=name)
     ax_turn.set_xticks([t + width * (len(names) - 1) / 2 for t in turns], [str(t + 1) for t in turns])
     ax_turn.set(xlabel="turn", ylabel="TTFT (s); bars p50, ticks p90", title=title)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dynkv.benchmarks.serve_results import percentile
+from dynkv.benchmarks.serve_results import percentile, plot_turns
 
 __all__ = ["format_table", "plot", "summarize"]
 
@@ -124,29 +124,6 @@ def format_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
 
 def plot(engines: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> None:
     """PNG: TTFT p50/p90 per turn and engine, and each engine's TTFT CDF (needs matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_turn, ax_cdf) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = [n for n, e in engines.items() if e.get("requests")]
-    turns = sorted({r["turn"] for n in names for r in engines[n]["requests"]})
-    width = 0.8 / max(1, len(names))
-    for i, name in enumerate(names):
-        reqs = [r for r in engines[name]["requests"] if r.get("ttft_s") is not None and not r.get("error")]
-        by_turn = [[r["ttft_s"] for r in reqs if r["turn"] == t] for t in turns]
-        xs = [t + i * width for t in turns]
-        ax_turn.bar(xs, [percentile(v, 50) or 0 for v in by_turn], width, label=f"{name} p50")
-        ax_turn.scatter(xs, [percentile(v, 90) or 0 for v in by_turn], marker="_", s=200, color="k")
-        ttft = sorted(r["ttft_s"] for r in reqs)
-        ax_cdf.plot(ttft, [(k + 1) / len(ttft) for k in range(len(ttft))], drawstyle="steps-post", label=name)
-    ax_turn.set_xticks([t + width * (len(names) - 1) / 2 for t in turns], [str(t + 1) for t in turns])
-    ax_turn.set(xlabel="turn", ylabel="TTFT (s); bars p50, ticks p90", title=title)
-    ax_turn.legend()
-    ax_cdf.set(xlabel="TTFT (s)", ylabel="fraction of requests", title="TTFT CDF", xscale="log")
-    ax_cdf.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_turns({name: [(r["turn"], r["ttft_s"]) for r in e.get("requests") or ()
+                       if r.get("ttft_s") is not None and not r.get("error")]
+                for name, e in engines.items()}, path, title)
