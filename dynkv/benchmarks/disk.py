@@ -35,7 +35,7 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from dynkv.benchmarks import print_or_write
+from dynkv.benchmarks.output import print_or_write
 from dynkv.tiers.disk import DiskTier
 from dynkv.tiers.diskfile import ALIGN, record_size
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dynkv.benchmarks import print_or_write
+from dynkv.benchmarks.output import print_or_write
 from dynkv.tiers.shared.base import redact, scheme_of
 from dynkv.tiers.shared.tier import HEADER_BYTES, SharedTier, store_key
 
