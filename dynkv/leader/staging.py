@@ -17,10 +17,12 @@ from collections.abc import Iterable
 
 from dynkv.config import DynKVConfig
 
-__all__ = ["MIN_STAGING_PAGES", "StagingSlots", "staging_pages_for"]
+__all__ = ["MAX_STAGING_PAGES", "MIN_STAGING_PAGES", "StagingSlots", "staging_pages_for"]
 
-# Default size: enough for one long prompt's disk hit, and a sixteenth of a large host tier.
+# Default size: a sixteenth of the host tier, at least 64 pages and at most 1024 (the pool grows by
+# them, past host_gb: a large host tier should not bring gigabytes of staging it rarely fills).
 MIN_STAGING_PAGES = 64
+MAX_STAGING_PAGES = 1024
 _HOST_SHARE = 16
 
 
@@ -28,7 +30,7 @@ def staging_pages_for(config: DynKVConfig, host_pages: int) -> int:
     """Staging pages of a leader whose host tier holds ``host_pages`` (``staging_pages``, else the default)."""
     if config.staging_pages is not None:
         return config.staging_pages
-    return max(MIN_STAGING_PAGES, host_pages // _HOST_SHARE)
+    return min(MAX_STAGING_PAGES, max(MIN_STAGING_PAGES, host_pages // _HOST_SHARE))
 
 
 class StagingSlots:

@@ -16,7 +16,7 @@ from harness import Engine, Model
 from dynkv.config import DynKVConfig
 from dynkv.keys import block_keys
 from dynkv.leader import Leader
-from dynkv.leader.staging import MIN_STAGING_PAGES, StagingSlots, staging_pages_for
+from dynkv.leader.staging import MAX_STAGING_PAGES, MIN_STAGING_PAGES, StagingSlots, staging_pages_for
 from dynkv.layout import PAGE_ALIGN, page_stride
 
 MODEL = Model(num_layers=2, num_heads=4, head_size=8, block_size=4, dims="LBNHC")
@@ -219,6 +219,7 @@ def test_the_pool_grows_by_the_staging_pages(tmp_path) -> None:
             leader.close()
     cfg = DynKVConfig.from_dict({"host_pages": 16 * 100}, env={})
     assert staging_pages_for(cfg, 1600) == 100
+    assert staging_pages_for(cfg, 1 << 20) == MAX_STAGING_PAGES
 
 
 def test_staging_pages_config() -> None:
