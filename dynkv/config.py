@@ -270,9 +270,9 @@ class DynKVConfig:
         Pages of the host pool outside the host tier: a disk or shared-tier
         hit that finds every host page pinned or being written is read into
         one of these instead, and it is freed once the load is on the device
-        (it never becomes a cached host page). None (the default): the
-        larger of 64 and a sixteenth of the host tier; 0: none, such a hit is
-        recomputed.
+        (it never becomes a cached host page). None (the default): a
+        sixteenth of the host tier, within 64 to 1024 pages; 0: none, such a
+        hit is recomputed.
     disk_gb
         Size of the disk tier (G3) in GiB over all ``disk_paths``; 0 turns the
         disk tier off.
