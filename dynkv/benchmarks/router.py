@@ -83,6 +83,18 @@ def shared_transfer_config(remote_url: str, host_pages: int) -> dict[str, Any]:
             "kv_connector_extra_config": {"host_pages": host_pages, "disk_gb": 0, "remote_url": remote_url}}
 
 
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, then SIGKILL after 10 s, of a process this bench started (None or exited: nothing)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class RedisProcess:
     """A ``redis-server`` on a free loopback port, no persistence, for one run; :attr:`url` is its store URL."""
 
@@ -115,13 +127,7 @@ class RedisProcess:
                 time.sleep(0.05)
 
     def __exit__(self, *exc: object) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        _stop(self._proc)
 
 
 def _shared_pages(url: str) -> dict[str, float]:
@@ -164,13 +170,7 @@ class ProxyProcess:
             time.sleep(0.2)
 
     def __exit__(self, *exc: object) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        _stop(self._proc)
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(self.url + path, timeout=10) as r:
