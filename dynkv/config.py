@@ -226,6 +226,7 @@ _PARSERS: dict[str, Callable[[Any, _Source], Any]] = {
     "disk_admit_min_hits": _int_in(0),
     "io_threads": _int_in(1, 256),
     "disk_write_backlog_gb": _float_above(0.0, inclusive=False),
+    "disk_write_around": _parse_bool,
     "init_timeout_s": _float_above(0.0, inclusive=False),
     "metrics_port": _optional(_int_in(1, 65535)),
     "layerwise": _parse_bool,
@@ -299,6 +300,13 @@ class DynKVConfig:
         ``dynkv_disk_writes_skipped_total``. Each queued write pins its host
         page, so the bound also keeps the host tier from filling with pinned
         pages (a quarter of it is the most ever pinned for writes).
+    disk_write_around
+        Pages the host tier does not take (its admission gate keeps them
+        out, or every host page is pinned) are copied into a staging slot
+        and written from there to the disk tier, under the same admission
+        filter and backlog as write-through; at most half the staging slots
+        hold such writes, so loads always find some. Off: such pages are
+        not stored.
     init_timeout_s
         How long workers wait for the leader's host pool at start-up.
     metrics_port
@@ -453,6 +461,7 @@ class DynKVConfig:
     disk_admit_min_hits: int = 2
     io_threads: int = 4
     disk_write_backlog_gb: float = 1.0
+    disk_write_around: bool = True
     init_timeout_s: float = 120.0
     metrics_port: int | None = None
     layerwise: bool = True

@@ -84,7 +84,8 @@ class Metrics:
 
     Labels: ``tier`` (``device``/``host``/``disk``/``shared``/``remote``),
     ``direction`` (``h2d``, ``d2h``, ``host_to_disk``, ``disk_to_host``,
-    ``host_to_shared``, ``shared_to_host``), ``reason``.
+    ``staging_to_disk``, ``disk_to_staging``, ``host_to_shared``,
+    ``shared_to_host``, ``shared_to_staging``), ``reason``.
     Counters and gauges take ``.labels(...).inc(n)`` / ``.set(v)`` as in
     ``prometheus_client``.
     """
@@ -114,7 +115,9 @@ class Metrics:
                          "often than the page they would evict (host_admission frequency, or auto on cyclic traffic)",
                          "tier")
         self.refused = add("counter", "dynkv_admissions_refused",
-                           "Pages not admitted to a tier (full, filtered, busy, backlog full, or writes off)", "tier", "reason")
+                           "Pages not admitted to a tier (full, filtered, busy, backlog full, or writes off; "
+                           "around_* for pages offered to the disk tier past the host tier: filter, backlog, off, "
+                           "staging)", "tier", "reason")
         self.load_errors = add("counter", "dynkv_load_errors", "Blocks whose load failed (recomputed)", "reason")
         self.remote_rejected = add("counter", "dynkv_remote_rejected", "Requests whose kv_transfer_params were "
                                    "refused (their prompt recomputed), by reason: params, model, mac, expired, key, "

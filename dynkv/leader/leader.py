@@ -9,6 +9,8 @@ completions are picked up at the next call.
 Flow of a page::
 
     store(): device block --(workers, after the forward)--> pending host slot
+              (a page the host tier does not take: a staging slot, then
+              written around the host tier to disk, ``disk_write_around``)
     update(): all ranks done -> host page committed; if the frequency filter
               admits it, written through to disk (host page pinned meanwhile)
               and, once seen shared_admit_min_hits times, written behind to the
@@ -37,7 +39,7 @@ engine whose API server was killed outright is stopped, so that its tiers
 close and a restart on the same disk paths can start
 (:mod:`dynkv.leader.orphan`).
 
-The class is kept whole (about 610 lines): what remains here is the life of a
+The class is kept whole (about 650 lines): what remains here is the life of a
 job (lookup, load, store, plan, acknowledgement, completion) over one index and
 one set of records; the disk traffic and the cost model
 (:mod:`dynkv.leader.tier_flow`), the shared tier's
@@ -195,6 +197,8 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
         self._max_writes = max_disk_writes(config.io_threads, tiers[HOST])
         # The write backlog's bound, in pages: a write is skipped once this many are in flight.
         self._max_backlog = -(-int(config.disk_write_backlog_gb * (1 << 30)) // self._page_bytes)
+        # Staging slots that write-around may hold at once (the rest stay for loads).
+        self._max_around = self.staging.capacity // 2 if config.disk_write_around and self.disk is not None else 0
         for tier, cap in tiers.items():
             self.metrics.capacity.labels(tier).set(cap)
             self.metrics.writes_on.labels(tier).set(1)
@@ -365,12 +369,20 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
         counts = []
         for req_id, keys, block_ids in stores:
             st = StoreRecord(0, req_id, [], [], [])
+            left = []
             for key, block in zip(keys, block_ids):
                 slot = got.pop(key, None) if got else None
                 if slot is not None:
                     st.keys.append(key)
                     st.block_ids.append(int(block))
                     st.slots.append(slot)
+                else:
+                    left.append((key, int(block)))
+            for key, block, slots in self._write_around(left):  # to the disk tier, past the host tier
+                st.around[key] = slots
+                st.keys.append(key)
+                st.block_ids.append(block)
+                st.slots.append(slots[0])
             counts.append(len(st.keys))
             if not st.keys:
                 continue
@@ -584,14 +596,17 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
                 self._spill(keys + pulled)
                 self._share(keys + pulled)
             return
+        hosted = [k for k in op.keys if k not in op.around] if op.around else op.keys
         if failed:
-            self._drop_host(op.keys)
+            self._drop_host(hosted)
             self.metrics.store_errors.labels(HOST).inc(len(op.keys))
         else:
-            self.index.commit(HOST, op.keys)
+            self.index.commit(HOST, hosted)
             self.metrics.pages.labels("d2h").inc(len(op.keys))
-            self._spill(op.keys)
-            self._share(op.keys, computed=True)
+            self._spill(hosted)
+            self._share(hosted, computed=True)
+        if op.around:
+            self._around_stored(op.around, failed)
         req = self._reqs.get(op.req_id)
         if req is not None:
             req.stores.discard(op.job)

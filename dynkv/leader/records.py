@@ -44,6 +44,8 @@ class StoreRecord:
     keys: list[bytes]
     block_ids: list[int]
     slots: list[int]
+    # Of them, pages written around the host tier: key -> (staging slot, pending disk slot) (DiskFlow._write_around).
+    around: dict[bytes, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass

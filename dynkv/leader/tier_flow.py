@@ -1,4 +1,4 @@
-"""The leader's disk-tier traffic: promotions (disk -> host) and write-through (host -> disk).
+"""The leader's disk-tier traffic: promotions (disk -> host), write-through (host -> disk) and write-around.
 
 A part of :class:`dynkv.leader.leader.Leader` (a base class of it), kept apart
 because it is the one part that deals with I/O completions. Reads and writes
@@ -20,6 +20,14 @@ queued writes, and once ``disk_write_backlog_gb`` of writes are submitted and
 not yet done, new write-throughs are skipped (counted in
 ``dynkv_disk_writes_skipped_total``); their pages stay in the host tier, and
 a later request that finds them evicted from there recomputes.
+
+Write-around: a page the host tier does not take on a store (its admission
+gate keeps the page out, or every host page is pinned) is copied by the
+workers into a staging slot instead, and written from there to the disk tier
+(``disk_write_around``): without it, gated host admission would leave the
+disk tier only the pages the host tier holds anyway. It passes the same
+admission filter and backlog as write-through, and holds at most half the
+staging slots, so disk hits that get no host slot still find some.
 
 Failed reads are logged at most once per :data:`READ_LOG_EVERY_S` (a
 deleted or failing file fails every page read once, as each is dropped: one
@@ -93,6 +101,9 @@ class DiskFlow:
     _writes: int
     _max_writes: int
     _max_backlog: int  # disk_write_backlog_gb in pages
+    _max_around: int  # staging slots write-around may hold (0: off)
+    _around_held: int = 0  # staging slots held by write-around: copied to or being written from
+    _around_copying: int = 0  # of them, not yet copied (their writes are not in _writes yet)
     # Write failures in a row, whether write-through is stopped, pages offered while it is (see the module).
     _write_streak: int = 0
     _writes_off: bool = False
@@ -257,7 +268,67 @@ class DiskFlow:
             self.index.pin(HOST, [key])
             self._writes += 1
             fut = self.disk.write(got[0][1], key, self._host_page(host_slot))
-            fut.add_done_callback(lambda f, key=key: self._io.put(("write", key, f)))
+            fut.add_done_callback(lambda f, key=key: self._io.put(("write", key, f, None)))
+
+    def _write_around(self, left: Sequence[tuple[bytes, int]]) -> list[tuple[bytes, int, tuple[int, int]]]:
+        """Staging and disk slots for a store's pages the host tier did not take, ``(key, block)`` in prefix order.
+
+        Returns ``(key, block, (staging slot, pending disk slot))`` of those
+        written around the host tier: the workers copy them into the staging
+        slot, and once every rank has (:meth:`_around_stored`) the page is
+        written from there to the disk tier. Pages some tier holds already
+        are passed over; the first page refused (disk admission filter,
+        backlog, writes stopped, no staging slot within
+        ``_max_around``, disk full of pinned pages) ends the run, as a page
+        past a gap in a prefix is never found.
+        """
+        out: list[tuple[bytes, int, tuple[int, int]]] = []
+        if not left or self._max_around == 0 or self.disk is None:
+            return out
+        for key, block in left:
+            if self.index.holds(key, HOST) or self.index.holds(key, DISK):
+                continue
+            reason = None
+            if not self.index.admits(key):
+                reason = "filter"
+            elif self._writes + self._around_copying >= min(self._max_writes, self._max_backlog):
+                reason = "backlog"
+            elif self._writes_off:
+                reason = "off"
+            elif self._around_held >= self._max_around:
+                reason = "staging"
+            if reason is None:
+                disk_slot = self.index.allocate(DISK, [key])
+                if not disk_slot:
+                    break  # counted by the index as a refusal (full)
+                staging_slot = self.staging.take()
+                if staging_slot is None:
+                    self.index.remove(DISK, [key])
+                    reason = "staging"
+            if reason is not None:
+                self.metrics.refused.labels(DISK, f"around_{reason}").inc()
+                break
+            self._around_held += 1
+            self._around_copying += 1
+            out.append((key, block, (staging_slot, disk_slot[0][1])))
+        return out
+
+    def _around_stored(self, around: dict[bytes, tuple[int, int]], failed: bool) -> None:
+        """A store's pages written around the host tier are in their staging slots (or failed): write them."""
+        assert self.disk is not None
+        for key, (staging_slot, disk_slot) in around.items():
+            self._around_copying -= 1
+            if failed:
+                self.index.remove(DISK, [key])
+                self._around_done(staging_slot)
+                continue
+            self._writes += 1
+            fut = self.disk.write(disk_slot, key, self._host_page(staging_slot))
+            fut.add_done_callback(lambda f, key=key, s=staging_slot: self._io.put(("write", key, f, s)))
+
+    def _around_done(self, staging_slot: int) -> None:
+        self.staging.free([staging_slot])
+        self._around_held -= 1
 
     def wait_disk(self, timeout_s: float) -> bool:
         """Block up to ``timeout_s`` for a disk read or write to complete while a load reads; True if one did.
@@ -380,14 +451,19 @@ class DiskFlow:
         self._promoting.pop(load.job, None)
         self._ready.append(load)
 
-    def _write_done(self, key: bytes, fut: Future[None]) -> None:
+    def _write_done(self, key: bytes, fut: Future[None], staging_slot: int | None) -> None:
+        """A disk write completed: of a host page (write-through) or a staging slot (write-around)."""
         self._writes -= 1
-        self.index.unpin(HOST, [key])
+        if staging_slot is None:
+            self.index.unpin(HOST, [key])
+        else:
+            self._around_done(staging_slot)
         exc = fut.exception()
         if exc is None:
             self.index.commit(DISK, [key])
-            self.metrics.pages.labels("host_to_disk").inc()
-            self.metrics.bytes.labels("host_to_disk").inc(self.geometry.page_bytes)
+            direction = "host_to_disk" if staging_slot is None else "staging_to_disk"
+            self.metrics.pages.labels(direction).inc()
+            self.metrics.bytes.labels(direction).inc(self.geometry.page_bytes)
             if self._writes_off:
                 log.warning("disk tier: writes succeed again after %d failed in a row; write-through is back on",
                             self._write_streak)
