@@ -86,3 +86,7 @@ def test_bench_e2e_cpu_smoke(tmp_path: Path) -> None:
     checks = [t for t in report["summary"]["targets"] if t["target"].startswith("KV check")]
     assert len(checks) == 4 and all(t["met"] for t in checks), checks
     assert "KV dynkv/host (CRC-32 per block, every rank): blocks loaded = pages 7 of 7" in run.stdout
+    # Both engines ran eager kernels (the CPU defaults), so their KV and tokens can be held to each other's.
+    assert report["summary"]["kernels"]["alike"] is True, report["summary"]["kernels"]
+    assert {e["compiled"] for e in report["summary"]["kernels"]["engines"].values()} == {False}
+    assert "kernels: eager in every engine" in run.stdout

@@ -43,7 +43,7 @@ from dynkv.benchmarks.e2e.probe import HostSample, apply_variant, block_device, 
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-__all__ = ["run"]
+__all__ = ["kernels", "run"]
 
 # Stepping an idle engine until its connector reports nothing in flight.
 _DRAIN_TIMEOUT_S = 300.0
@@ -75,6 +75,7 @@ class _Engine:
         core = self.llm.llm_engine.engine_core.engine_core
         self.connector = core.scheduler.connector if kind else None
         self.report["async_scheduling"] = bool(getattr(core.vllm_config.scheduler_config, "async_scheduling", False))
+        self.report["kernels"] = kernels(core.vllm_config)
         self.block_size = int(core.vllm_config.cache_config.block_size)
         self._fillers = 0
         self.steps = 0  # scheduler steps the connector saw (each builds its metadata)
@@ -401,6 +402,26 @@ class _Engine:
         return {"pages": len(held), "pages_wanted": len(keys), "bytes": span, "payload_bytes": len(held) * record,
                 "seconds": times, "median_s": statistics.median(times), "gbps": span / statistics.median(times) / 1e9,
                 "host": hosts[_median_index(times)]}
+
+
+def kernels(vllm_config: Any) -> dict[str, Any]:
+    """How this engine's model kernels were chosen: eager PyTorch, or ``torch.compile`` with or without timing.
+
+    Eager kernels are chosen by shape alone. Compiled ones are chosen by
+    timing unless Inductor runs in its deterministic mode (see
+    :mod:`dynkv.benchmarks.e2e.run`), so two engines' compiled kernels
+    compute alike only in that mode.
+    """
+    import os
+
+    cc = vllm_config.compilation_config
+    mode = getattr(cc, "mode", None)
+    if mode is None:  # vLLM before the mode/level rename
+        mode = getattr(cc, "level", 0)
+    compiled = not vllm_config.model_config.enforce_eager and int(mode or 0) != 0
+    deterministic = bool((cc.inductor_compile_config or {}).get("deterministic")) or os.environ.get(
+        "TORCHINDUCTOR_DETERMINISTIC") == "1"
+    return {"compiled": compiled, "deterministic": compiled and deterministic}
 
 
 def _median_index(times: list[float]) -> int:

@@ -5,6 +5,16 @@ by the bench and its tests. The reference for greedy tokens is vLLM's own
 prefix-cache hit (the ``device`` path of the engine without a connector): a
 cached prefix is what every other path also serves, so the tokens must match
 it exactly; a full recompute may differ in the last bits.
+
+Bit for bit, only like computations can be held to that: the same kernels
+(eager, or compiled without timing in every engine, see
+:mod:`dynkv.benchmarks.e2e.run`; ``summary["kernels"]`` says whether they
+were) and a first step of the same shape. vLLM's prefix-cache hit computes
+the prompt's last block (its cache never serves the token to sample from);
+a connector that serves every block (vLLM's OffloadingConnector) leaves one
+token to compute, and its logits come from matrix products of another
+shape, whose sums may round otherwise. Such a path's tokens are shown with
+the reason (``greedy["not_held"]``) and held to no target.
 """
 
 from __future__ import annotations
@@ -81,6 +91,25 @@ def _compare(check: dict[str, Any] | None, ref: dict[str, Any] | None) -> dict[s
     return out
 
 
+def _unlike_step(check: dict[str, Any] | None, ref: dict[str, Any] | None, length: int) -> str | None:
+    """Why a path's greedy tokens need not equal the reference's bit for bit: its first step computed another
+    number of prompt tokens (None: the same number, or unknown)."""
+    a, b = (check or {}).get("cached_tokens"), (ref or {}).get("cached_tokens")
+    if a is None or b is None or a == b:
+        return None
+    n = max(1, length - a)
+    return f"its first step computes {n} prompt token{'s' * (n != 1)}, vLLM's prefix-cache hit {max(1, length - b)}"
+
+
+def _kernels(reports: Mapping[str, dict[str, Any] | None]) -> dict[str, Any]:
+    """Whether the engines' kernels compute alike (:func:`dynkv.benchmarks.e2e.engine.kernels` of each): eager in
+    every engine, or compiled in Inductor's deterministic mode in every engine."""
+    engines = {k: r["kernels"] for k, r in reports.items() if r and r.get("kernels")}
+    kinds = {(k["compiled"], k["deterministic"]) for k in engines.values()}
+    alike = kinds in ({(False, False)}, {(True, True)})
+    return {"alike": alike if engines else None, "engines": engines}
+
+
 def summarize(reports: Mapping[str, dict[str, Any] | None], lengths: list[int]) -> dict[str, Any]:
     """Per length and path: TTFT statistics, the split of the median, greedy comparison; decode; targets."""
     out: dict[str, Any] = {"lengths": {}, "targets": []}
@@ -99,6 +128,9 @@ def summarize(reports: Mapping[str, dict[str, Any] | None], lengths: list[int]) 
                 row["greedy"] = {"identical": None, "reference": True}
             else:
                 row["greedy"] = {"identical": None} if path == "miss" else _compare(checks.get(path), ref)
+                why = _unlike_step(checks.get(path), ref, length)
+                if why and row["greedy"]["identical"] is not None:
+                    row["greedy"]["not_held"] = why
             recompute = ((reports.get("vllm") or {}).get("lengths", {}).get(key, {}).get("checks") or {}).get("recompute")
             if path != "miss" and not path.startswith("turn_"):
                 row["greedy_vs_recompute"] = _compare(checks.get(path), recompute)
@@ -124,6 +156,7 @@ def summarize(reports: Mapping[str, dict[str, Any] | None], lengths: list[int]) 
                                "top2_gap_min": min(gaps, default=None), "top2_gap_median": _median(gaps),
                                "prompt_choice": choice}
     out["decode"] = _decode(reports)
+    out["kernels"] = _kernels(reports)
     out["targets"] = _targets(out, lengths)
     return out
 
@@ -193,6 +226,7 @@ def _decode(reports: Mapping[str, dict[str, Any] | None]) -> dict[str, Any]:
 
 def _targets(s: dict[str, Any], lengths: list[int]) -> list[dict[str, Any]]:
     t: list[dict[str, Any]] = []
+    unalike = " (the engines' kernels were not alike)" if s["kernels"]["alike"] is False else ""
     for length in lengths:
         L = s["lengths"][str(length)]
         paths = L["paths"]
@@ -214,11 +248,12 @@ def _targets(s: dict[str, Any], lengths: list[int]) -> list[dict[str, Any]]:
                           f"{dd['median_s'] * 1e3:.0f} ms)", "met": r <= TARGETS["disk_vs_dd"]})
         for key, row in paths.items():
             g = row.get("greedy", {})
-            # Recompute is not a cached path: its tokens are shown, not held to the target.
-            if g.get("identical") is not None and key != "vllm/recompute":
+            # Recompute is not a cached path, and a first step of another shape is not the same computation:
+            # their tokens are shown, not held to the target.
+            if g.get("identical") is not None and key != "vllm/recompute" and not g.get("not_held"):
                 t.append({"target": f"greedy tokens = vLLM prefix-cache hit: {row['label']}, {length} tokens",
-                          "limit": "identical", "measured": "identical" if g["identical"] else
-                          f"differ from token {g['first_difference']}", "met": bool(g["identical"])})
+                          "limit": "identical", "measured": ("identical" if g["identical"] else
+                          f"differ from token {g['first_difference']}") + unalike, "met": bool(g["identical"])})
         for name, c in (L.get("kv") or {}).items():
             for kind, what in (("stored", "pages stored = blocks computed"), ("loaded", "blocks loaded = pages")):
                 k = c.get(kind)
@@ -233,6 +268,19 @@ def _targets(s: dict[str, Any], lengths: list[int]) -> list[dict[str, Any]]:
     return t
 
 
+def _kernels_line(k: dict[str, Any]) -> str:
+    engines = k.get("engines") or {}
+    if not engines:
+        return "kernels: unknown (no engine said)"
+    if k["alike"]:
+        compiled = next(iter(engines.values()))["compiled"]
+        return ("kernels: compiled in every engine in Inductor's deterministic mode (chosen without timing)"
+                if compiled else "kernels: eager in every engine")
+    each = "; ".join(f"{name}: " + ("eager" if not e["compiled"] else "compiled, deterministic" if e["deterministic"]
+                                    else "compiled, tuned by timing") for name, e in engines.items())
+    return f"kernels: NOT alike ({each}): engines' KV and greedy tokens can differ for that alone"
+
+
 def _same(g: dict[str, Any] | None) -> str:
     if not g or g.get("identical") is None:
         return "-"
@@ -245,7 +293,7 @@ def _ms(x: float | None) -> str:
 
 def format_table(s: dict[str, Any]) -> str:
     """Markdown tables: TTFT per path and length, dd, decode, top-2 gaps, targets."""
-    lines: list[str] = []
+    lines: list[str] = [_kernels_line(s.get("kernels") or {}), ""]
     for length, L in s["lengths"].items():
         lines += [f"### {length}-token prompt", "",
                   "| path | TTFT ms (median) | min-max | queue | wait/load | forward | tail | dynkv disk read | "
@@ -256,6 +304,8 @@ def format_table(s: dict[str, Any]) -> str:
             same = _same(g)
             if g.get("reference"):
                 same = "reference"
+            elif g.get("not_held"):
+                same += f" (not held: {g['not_held']})"
             cached = sorted({c for c in row["cached_tokens"] if c is not None})
             lines.append(f"| {row['label']} | {_ms(row['ttft_s'])} | {_ms(row['min_s'])}-{_ms(row['max_s'])} | "
                          f"{_ms(row['queue_s'])} | {_ms(row['wait_s'])} | {_ms(row['forward_s'])} | "
