@@ -1,5 +1,5 @@
-"""`bench e2e` compares engines only where they computed alike: kernels chosen without timing, first steps of one
-shape."""
+"""`bench e2e` holds engines to each other's bits only where they computed alike: the same kernels (eager in every
+engine, or compiled without timing in every one), first steps of one shape."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from dynkv.benchmarks.e2e.engine import kernels
 from dynkv.benchmarks.e2e.report import format_table, summarize
-from dynkv.benchmarks.e2e.run import deterministic_kernels, engine_args, plan
+from dynkv.benchmarks.e2e.run import eager_kernels, engine_args, plan
 
 _LENGTH = 128  # four 32-token blocks
 
@@ -20,18 +20,13 @@ def _gpu_args(**extra: Any) -> dict[str, Any]:
     return engine_args(True, plan("tiny", [_LENGTH], 32, 2, 8), 16, extra)
 
 
-def test_every_engine_compiles_in_inductors_deterministic_mode() -> None:
+def test_kernels_eager_runs_every_engine_eager_unless_told_otherwise() -> None:
     eargs = _gpu_args()
-    det = deterministic_kernels(eargs)
-    assert det["compilation_config"] == {"inductor_compile_config": {"deterministic": True}}
-    assert {k: v for k, v in det.items() if k != "compilation_config"} == eargs, "nothing else changes"
-    # A compilation_config of the user keeps its keys, and its own word on the mode.
-    mine = deterministic_kernels(_gpu_args(compilation_config={"mode": 3, "inductor_compile_config": {"dce": True}}))
-    assert mine["compilation_config"] == {"mode": 3, "inductor_compile_config": {"deterministic": True, "dce": True}}
-    tuned = _gpu_args(compilation_config={"inductor_compile_config": {"deterministic": False}})
-    assert deterministic_kernels(tuned) == tuned
-    # An optimization level cannot carry it: left as given (the engines then report tuned kernels).
-    assert deterministic_kernels(_gpu_args(compilation_config=3))["compilation_config"] == 3
+    assert "enforce_eager" not in eargs, "tuned, the default: vLLM's own compile"
+    eager = eager_kernels(eargs)
+    assert eager == {**eargs, "enforce_eager": True}
+    mine = _gpu_args(enforce_eager=False)  # --engine-arg enforce_eager=false: the user's word stands
+    assert eager_kernels(mine) == mine
 
 
 def _config(eager: bool, mode: int | None, inductor: dict[str, Any], level: int | None = None) -> SimpleNamespace:
@@ -56,19 +51,19 @@ def test_an_engine_says_how_its_kernels_were_chosen(monkeypatch: pytest.MonkeyPa
 
 
 def test_kernels_of_a_real_vllm_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """vLLM keeps the mode in its config, where the engine reads it (CPU build; eager: nothing compiled)."""
+    """vLLM keeps the mode in its config, where the engine reads it (CPU build)."""
     from vllm.engine.arg_utils import EngineArgs
 
     from dynkv.testing.model import write_model
 
     monkeypatch.delenv("TORCHINDUCTOR_DETERMINISTIC", raising=False)
     model = str(write_model(tmp_path / "model", preset="tiny"))
-    for eager, want in ((False, {"compiled": True, "deterministic": True}),
-                        (True, {"compiled": False, "deterministic": False})):
-        base = {"model": model, "dtype": "float32", "block_size": 32, "max_model_len": 256, "enforce_eager": eager}
-        cfg = EngineArgs(**deterministic_kernels(base)).create_engine_config()
-        assert kernels(cfg) == want
-    assert kernels(EngineArgs(**{**base, "enforce_eager": False}).create_engine_config())["deterministic"] is False
+    base = {"model": model, "dtype": "float32", "block_size": 32, "max_model_len": 256, "enforce_eager": False}
+    assert kernels(EngineArgs(**base).create_engine_config()) == {"compiled": True, "deterministic": False}
+    eager = eager_kernels({k: v for k, v in base.items() if k != "enforce_eager"})
+    assert kernels(EngineArgs(**eager).create_engine_config()) == {"compiled": False, "deterministic": False}
+    det = {**base, "compilation_config": {"inductor_compile_config": {"deterministic": True}}}
+    assert kernels(EngineArgs(**det).create_engine_config()) == {"compiled": True, "deterministic": True}
 
 
 def _check(tokens: list[int], cached: int) -> dict[str, Any]:
@@ -118,18 +113,22 @@ def test_a_hit_of_every_block_is_shown_but_not_held_to_the_reference() -> None:
     assert "kernels: compiled in every engine in Inductor's deterministic mode (chosen without timing)" in table
 
 
-def test_engines_whose_kernels_were_tuned_apart_are_named_in_the_table_and_targets() -> None:
+def test_engines_whose_kernels_were_tuned_apart_are_shown_but_not_held() -> None:
     s = summarize(_reports([5, 9, 7], [5, 6, 7], dynkv_deterministic=False), [_LENGTH])
     assert s["kernels"]["alike"] is False
     table = format_table(s)
     assert ("kernels: NOT alike (vllm: compiled, deterministic; dynkv: compiled, tuned by timing; "
             "offload: compiled, deterministic)") in table
-    (t,) = _greedy_targets(s).values()
-    assert t["measured"] == "differ from token 1 (the engines' kernels were not alike)" and not t["met"]
+    assert _greedy_targets(s) == {}, "kernels not alike: no greedy target can be held"
+    row = s["lengths"][str(_LENGTH)]["paths"]["dynkv/host"]
+    assert row["greedy"]["identical"] is False and row["greedy"]["not_held"] == "the engines' kernels were not alike"
+    assert "no (from token 1) (not held: the engines' kernels were not alike)" in table
     mixed = _reports([5, 6, 7], [5, 6, 7])
     mixed["offload"]["kernels"] = {"compiled": False, "deterministic": False}
     assert summarize(mixed, [_LENGTH])["kernels"]["alike"] is False, "eager and compiled kernels differ"
     eager = {k: {**r, "kernels": {"compiled": False, "deterministic": False}}
-             for k, r in _reports([5, 6, 7], [5, 6, 7]).items()}
+             for k, r in _reports([5, 9, 7], [5, 6, 7]).items()}
     s = summarize(eager, [_LENGTH])
     assert s["kernels"]["alike"] is True and "kernels: eager in every engine" in format_table(s)
+    (t,) = _greedy_targets(s).values()
+    assert t["measured"] == "differ from token 1" and not t["met"], "alike kernels: held, and it fails"

@@ -7,9 +7,10 @@ cached prefix is what every other path also serves, so the tokens must match
 it exactly; a full recompute may differ in the last bits.
 
 Bit for bit, only like computations can be held to that: the same kernels
-(eager, or compiled without timing in every engine, see
+(eager in every engine, or compiled without timing in every engine, see
 :mod:`dynkv.benchmarks.e2e.run`; ``summary["kernels"]`` says whether they
-were) and a first step of the same shape. vLLM's prefix-cache hit computes
+were; where they were not, every path's tokens are shown with that reason)
+and a first step of the same shape. vLLM's prefix-cache hit computes
 the prompt's last block (its cache never serves the token to sample from);
 a connector that serves every block (vLLM's OffloadingConnector) leaves one
 token to compute, and its logits come from matrix products of another
@@ -113,6 +114,8 @@ def _kernels(reports: Mapping[str, dict[str, Any] | None]) -> dict[str, Any]:
 def summarize(reports: Mapping[str, dict[str, Any] | None], lengths: list[int]) -> dict[str, Any]:
     """Per length and path: TTFT statistics, the split of the median, greedy comparison; decode; targets."""
     out: dict[str, Any] = {"lengths": {}, "targets": []}
+    out["kernels"] = _kernels(reports)
+    unalike = None if out["kernels"]["alike"] is not False else "the engines' kernels were not alike"
     for length in lengths:
         key = str(length)
         ref = ((reports.get("vllm") or {}).get("lengths", {}).get(key, {}).get("checks") or {}).get("device")
@@ -128,7 +131,7 @@ def summarize(reports: Mapping[str, dict[str, Any] | None], lengths: list[int]) 
                 row["greedy"] = {"identical": None, "reference": True}
             else:
                 row["greedy"] = {"identical": None} if path == "miss" else _compare(checks.get(path), ref)
-                why = _unlike_step(checks.get(path), ref, length)
+                why = unalike or _unlike_step(checks.get(path), ref, length)
                 if why and row["greedy"]["identical"] is not None:
                     row["greedy"]["not_held"] = why
             recompute = ((reports.get("vllm") or {}).get("lengths", {}).get(key, {}).get("checks") or {}).get("recompute")
@@ -156,7 +159,6 @@ def summarize(reports: Mapping[str, dict[str, Any] | None], lengths: list[int]) 
                                "top2_gap_min": min(gaps, default=None), "top2_gap_median": _median(gaps),
                                "prompt_choice": choice}
     out["decode"] = _decode(reports)
-    out["kernels"] = _kernels(reports)
     out["targets"] = _targets(out, lengths)
     return out
 
@@ -226,7 +228,6 @@ def _decode(reports: Mapping[str, dict[str, Any] | None]) -> dict[str, Any]:
 
 def _targets(s: dict[str, Any], lengths: list[int]) -> list[dict[str, Any]]:
     t: list[dict[str, Any]] = []
-    unalike = " (the engines' kernels were not alike)" if s["kernels"]["alike"] is False else ""
     for length in lengths:
         L = s["lengths"][str(length)]
         paths = L["paths"]
@@ -252,8 +253,8 @@ def _targets(s: dict[str, Any], lengths: list[int]) -> list[dict[str, Any]]:
             # their tokens are shown, not held to the target.
             if g.get("identical") is not None and key != "vllm/recompute" and not g.get("not_held"):
                 t.append({"target": f"greedy tokens = vLLM prefix-cache hit: {row['label']}, {length} tokens",
-                          "limit": "identical", "measured": ("identical" if g["identical"] else
-                          f"differ from token {g['first_difference']}") + unalike, "met": bool(g["identical"])})
+                          "limit": "identical", "measured": "identical" if g["identical"] else
+                          f"differ from token {g['first_difference']}", "met": bool(g["identical"])})
         for name, c in (L.get("kv") or {}).items():
             for kind, what in (("stored", "pages stored = blocks computed"), ("loaded", "blocks loaded = pages")):
                 k = c.get(kind)
@@ -278,7 +279,8 @@ def _kernels_line(k: dict[str, Any]) -> str:
                 if compiled else "kernels: eager in every engine")
     each = "; ".join(f"{name}: " + ("eager" if not e["compiled"] else "compiled, deterministic" if e["deterministic"]
                                     else "compiled, tuned by timing") for name, e in engines.items())
-    return f"kernels: NOT alike ({each}): engines' KV and greedy tokens can differ for that alone"
+    return (f"kernels: NOT alike ({each}): engines' KV and greedy tokens can differ for that alone, so they are "
+            "shown, not held to each other's (--kernels eager holds them)")
 
 
 def _same(g: dict[str, Any] | None) -> str:

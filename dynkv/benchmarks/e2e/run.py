@@ -18,21 +18,23 @@ Each engine also measures the next turn of a conversation: the cached prompt
 followed by ``--turn-tokens`` new tokens, served from vLLM's prefix cache,
 dynkv's host tier or OffloadingConnector's CPU tier.
 
-Every engine picks its compiled kernels without timing them. A GPU engine
-runs ``torch.compile``'s Inductor kernels, and by default Inductor (with
-vLLM's max-autotune and coordinate-descent tuning on) picks some of them by
-timing candidates on the device: the block sizes and warps of reductions
-such as RMSNorm, which set their order of summation, combo kernels, matmul
-templates. Two compiles of one model can then differ in the last bits of
-bf16 from layer 0 on. vLLM compiles once per hash of its config, and that
-hash counts whether a KV connector is set (``KVTransferConfig.compute_hash``
-hashes no fields, so not which one): the engine without a connector
-compiles and tunes its own kernels, the connector engines share another
-set, and no KV or greedy token of one engine could be held to another's.
-So the run sets Inductor's deterministic mode
-(``compilation_config.inductor_compile_config.deterministic``), whose
-choices need no timing, in every engine; ``--tuned-kernels`` leaves vLLM's
-default, and the table then says the engines' kernels may differ.
+Engines are held to each other's bits only where their kernels compute
+alike. A GPU engine runs ``torch.compile``'s Inductor kernels, and Inductor
+(with vLLM's max-autotune and coordinate-descent tuning on) picks some of
+them by timing candidates on the device: the block sizes and warps of
+reductions such as RMSNorm, which set their order of summation, combo
+kernels, matmul templates. Two compiles of one model can then differ in the
+last bits of bf16 from layer 0 on. vLLM compiles once per hash of its config,
+and that hash counts whether a KV connector is set
+(``KVTransferConfig.compute_hash`` hashes no fields, so not which one): the
+engine without a connector compiles and tunes its own kernels, the connector
+engines share another set. By default (``--kernels tuned``, what vLLM users
+run) the timings are measured this way, and the KV and greedy tokens of one
+engine are shown beside another's but not held to them; ``--kernels eager``
+runs every engine eager (kernels chosen by shape alone, TTFTs of eager
+engines), and then they are held. Inductor's deterministic mode would
+choose without timing while compiling, but with vLLM 0.26's max-autotune it
+refuses to start (it forbids the benchmarking that autotuning does).
 
 Every path also generates ``--check-tokens`` greedy tokens with top-2
 logprobs, compared with the reference. Random weights put near-ties in the
@@ -59,7 +61,7 @@ from dynkv.benchmarks.e2e.probe import parse_variant
 from dynkv.benchmarks.e2e.report import format_table, plot, summarize
 from dynkv.testing.model import FIRST_WORD_ID, PRESETS, write_model
 
-__all__ = ["DESCRIPTION", "ENGINES", "add_arguments", "deterministic_kernels", "engine_args", "plan", "run",
+__all__ = ["DESCRIPTION", "ENGINES", "add_arguments", "eager_kernels", "engine_args", "plan", "run",
            "run_from_args"]
 
 DESCRIPTION = (
@@ -118,24 +120,14 @@ def engine_args(gpu: bool, sizes: dict[str, int], max_seqs: int, extra: dict[str
     return args
 
 
-def deterministic_kernels(eargs: dict[str, Any]) -> dict[str, Any]:
-    """``eargs`` with Inductor's deterministic mode: compiled kernels chosen without timing them.
+def eager_kernels(eargs: dict[str, Any]) -> dict[str, Any]:
+    """``eargs`` for ``--kernels eager``: every engine runs eager, its kernels chosen by shape alone.
 
-    Every engine of a run then compiles the same kernels, whichever compile
-    cache it loads from or fills (see the module's docstring). A
-    ``compilation_config`` dict keeps its keys, ``deterministic`` included
-    if it names it; an optimization level is left as given, and so are
-    ``eargs`` where this torch's Inductor has no deterministic mode (the
-    engines report what they ran).
+    An ``enforce_eager`` the user gave (``--engine-arg``) is kept: the
+    engines then report what they ran, and the table says whether their
+    kernels were alike.
     """
-    import torch._inductor.config as inductor
-
-    cc = eargs.get("compilation_config")
-    if not hasattr(inductor, "deterministic") or (cc is not None and not isinstance(cc, dict)):
-        return eargs
-    cc = dict(cc or {})
-    cc["inductor_compile_config"] = {"deterministic": True, **(cc.get("inductor_compile_config") or {})}
-    return {**eargs, "compilation_config": cc}
+    return eargs if "enforce_eager" in eargs else {**eargs, "enforce_eager": True}
 
 
 def _prompts(seed: int, lengths: list[int], vocab: int, decode: dict[str, int] | None,
@@ -210,8 +202,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     candidates = prompts.pop("candidates", None)
     extra = dict(kv.split("=", 1) for kv in args.engine_arg)
     eargs = engine_args(gpu, sizes, max(16, args.decode_requests), {k: _value(v) for k, v in extra.items()})
-    if not args.tuned_kernels:
-        eargs = deterministic_kernels(eargs)
+    if args.kernels == "eager":
+        eargs = eager_kernels(eargs)
     disk_dir = Path(args.disk_path or work / "disk").resolve()
     base = {"model": str(model), "engine": eargs, "lengths": args.lengths, "repeat": args.repeat,
             "check_tokens": args.check_tokens, "seed": args.seed, "prompts": prompts, "profile": args.profile,
@@ -355,10 +347,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "no request running, into anonymous and pinned scratch memory and into the host-tier pages "
                         "that hold them, and while the idle engine steps (GB/s, with the device's, CPUs' and "
                         "threads' activity, in the JSON and the table)")
-    p.add_argument("--tuned-kernels", action="store_true",
-                   help="let Inductor pick compiled kernels by timing them (vLLM's default): engines compiled apart "
-                        "may then differ in the last bits, and their KV and greedy tokens with them (the table says "
-                        "so); by default every engine compiles in Inductor's deterministic mode")
+    p.add_argument("--kernels", choices=("tuned", "eager"), default="tuned",
+                   help="tuned (default, vLLM's own): engines compile apart and Inductor picks some kernels by timing "
+                        "them, so engines' KV and greedy tokens may differ in the last bits: shown, not held to each "
+                        "other's; eager: every engine runs eager (slower steps) and they are held")
     p.add_argument("--no-kv-check", action="store_true",
                    help="skip the KV check: by default the first request of each path has a CRC-32 taken of each "
                         "of its KV blocks on every rank (and of the dynkv pages it stored or loaded), compared "
