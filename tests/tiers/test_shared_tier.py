@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import struct
 import subprocess
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 import redis
 from stores import RedisServer, free_port
 
+from dynkv.ops import crc32c
 from dynkv.tiers.shared import SharedPageError, SharedPageMissing, SharedTier, StoreUnavailable
 from dynkv.tiers.shared.base import redact, scheme_of
 from dynkv.tiers.shared.tier import HEADER_BYTES, store_key
@@ -115,6 +118,28 @@ def test_a_value_that_is_not_the_page_asked_for_fails_its_read(tier: SharedTier,
     assert write(tier, keys, data) == [True] * 5
     got, errs = read(tier, keys)
     assert errs == [None] * 5 and np.array_equal(got, data)
+
+
+def test_a_page_of_the_zlib_format_is_a_load_error_and_is_replaced(tier: SharedTier, redis_server: RedisServer,
+                                                                   rng: np.random.Generator) -> None:
+    keys, data = pages(rng, 2)
+    write(tier, keys, data)
+    raw = redis.Redis(port=redis_server.ports[0])
+    # Format 1: the same header with zlib's CRC-32 (as engines before CRC-32C wrote it).
+    body = struct.pack("<8sI16s16sQI", b"DYNKVSH\x00", 1, keys[0], FP, PAGE, zlib.crc32(data[0]))
+    old = (body + struct.pack("<I", zlib.crc32(body))).ljust(HEADER_BYTES, b"\0") + data[0].tobytes()
+    raw.set(store_key("t", FP, keys[0]), old)
+    got, errs = read(tier, keys)
+    assert isinstance(errs[0], SharedPageError) and "format version 1, expected 2" in str(errs[0])
+    assert errs[1] is None and np.array_equal(got[1], data[1])
+    assert not raw.exists(store_key("t", FP, keys[0]))
+    assert write(tier, keys[:1], data[:1]) == [True]
+    got, errs = read(tier, keys[:1])
+    assert errs == [None] and np.array_equal(got[0], data[0])
+    # What the store holds now: a CRC-32C header over the page.
+    value = raw.get(store_key("t", FP, keys[0]))
+    assert struct.unpack_from("<I", value, 8)[0] == 2
+    assert struct.unpack_from("<I", value, 52)[0] == crc32c(data[0])
 
 
 def test_another_model_never_sees_the_pages(tier: SharedTier, redis_server: RedisServer,
