@@ -92,6 +92,28 @@ def test_a_cluster_spreads_pages_over_its_nodes(redis_cluster: RedisServer, rng:
         t.close()
 
 
+def test_a_cluster_put_follows_a_slot_that_moved(redis_cluster: RedisServer, rng: np.random.Generator) -> None:
+    t = tier_for(redis_cluster.url)
+    try:
+        keys, data = pages(rng, 10)
+        client = t.backend.client  # type: ignore[union-attr]
+        # The client's slot map goes stale: every key's slot points at a node that does not own it.
+        nodes = client.get_primaries()
+        for k in keys:
+            slot = client.keyslot(store_key("t", FP, k))
+            owner = client.nodes_manager.slots_cache[slot][0]
+            client.nodes_manager.slots_cache[slot] = [next(n for n in nodes if n.name != owner.name)]
+        # Without asking first (an EXISTS would have the client refresh its map): each SET is answered MOVED,
+        # then goes to the owner.
+        futs = t.write_many([(k, memoryview(row)) for k, row in zip(keys, data)], check=False)
+        assert [f.result(timeout=30) for f in futs] == [True] * 10
+        got, errs = read(t, keys)
+        assert errs == [None] * 10 and np.array_equal(got, data)
+        assert sum(redis.Redis(port=p).dbsize() for p in redis_cluster.ports) == 10
+    finally:
+        t.close()
+
+
 def test_a_value_that_is_not_the_page_asked_for_fails_its_read(tier: SharedTier, redis_server: RedisServer,
                                                                rng: np.random.Generator) -> None:
     keys, data = pages(rng, 5)
