@@ -122,6 +122,15 @@ PYBIND11_MODULE(_C, m) {
       py::arg("data"), py::arg("crc") = 0,
       "CRC-32C of a contiguous buffer (continued from crc), with the GIL released.");
   m.def("crc32c_hardware", &crc32c_hardware);
+  m.def("crc32c_level", &crc32c_level);
+  m.def(
+      "crc32c_with",
+      [](int path, py::bytes data, uint32_t crc) {
+        const std::string s = data;
+        return crc32c_with(path, crc, reinterpret_cast<const uint8_t*>(s.data()), s.size());
+      },
+      py::arg("path"), py::arg("data"), py::arg("crc") = 0,
+      "crc32c of bytes the given way (0 table, 1 CRC-32C instruction, 2 folding): tests compare the ways.");
   m.def(
       "read_records",
       [](const std::vector<int>& fds, const std::vector<int64_t>& offsets, uint64_t header_base,
