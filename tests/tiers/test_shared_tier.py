@@ -250,6 +250,19 @@ def test_a_store_down_at_start_is_a_miss_then_reconnects(tmp_path: Path, rng: np
     assert "s3cret" not in text
 
 
+def test_connections_the_server_closed_are_replaced_without_going_down(tier: SharedTier, redis_server: RedisServer,
+                                                                         rng: np.random.Generator) -> None:
+    keys, data = pages(rng, 12)
+    assert write(tier, keys[:6], data[:6]) == [True] * 6
+    raw = redis.Redis(port=redis_server.ports[0])
+    assert raw.client_kill_filter(_type="normal", skipme=True) >= 1  # the tier's pooled connections
+    futs = tier.write_many([(k, memoryview(row)) for k, row in zip(keys[6:], data[6:])], check=False)
+    assert [f.result(timeout=30) for f in futs] == [True] * 6
+    got, errs = read(tier, keys)
+    assert errs == [None] * 12 and np.array_equal(got, data)
+    assert tier.up and tier.downs == 0
+
+
 def test_a_store_killed_mid_run_fails_reads_and_lookups_at_once(tier: SharedTier, redis_server: RedisServer,
                                                                  rng: np.random.Generator,
                                                                  caplog: pytest.LogCaptureFixture) -> None:

@@ -92,10 +92,13 @@ class RedisBackend:
         if isinstance(self._client, RedisCluster):
             by_node: dict[str, list[int]] = {}
             nodes = {}
-            for i, k in enumerate(keys):
-                node = self._client.get_node_from_key(k)
-                by_node.setdefault(node.name, []).append(i)
-                nodes[node.name] = node
+            try:
+                for i, k in enumerate(keys):
+                    node = self._client.get_node_from_key(k)
+                    by_node.setdefault(node.name, []).append(i)
+                    nodes[node.name] = node
+            except (redis.exceptions.RedisClusterException, *_DOWN) as e:  # no node serves a key's slot
+                raise StoreUnavailable(f"redis store {self.url}: {_clean(e, self.url)}") from None
             out: list[object] = [None] * len(keys)
             for name, idx in by_node.items():
                 got = self._set_many(self._client.get_redis_connection(nodes[name]), [keys[i] for i in idx],
@@ -141,7 +144,8 @@ class RedisBackend:
             conn = pool.get_connection()
         except _DOWN as e:
             raise StoreUnavailable(f"redis store {self.url}: {_clean(e, self.url)}") from None
-        try:
+
+        def send() -> list[object]:
             conn.send_packed_command(chunks)
             out: list[object] = []
             for _ in keys:
@@ -150,6 +154,9 @@ class RedisBackend:
                 except redis.exceptions.ResponseError as e:  # one refused value; the rest still answer
                     out.append(e)
             return out
+
+        try:  # retried on a broken connection as redis-py's pipeline is (the same SETs again: idempotent)
+            return conn.retry.call_with_retry(send, lambda _: conn.disconnect())
         except _DOWN as e:
             conn.disconnect()
             raise StoreUnavailable(f"redis store {self.url}: {_clean(e, self.url)}") from None
