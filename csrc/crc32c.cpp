@@ -40,6 +40,9 @@ uint32_t sw_update(uint32_t c, const uint8_t* p, size_t n) {
   return c;
 }
 
+#if defined(DYNKV_CRC32C_X86)
+// Joining CRCs (the stripes, the folds): arithmetic modulo the polynomial.
+
 // a * b modulo the polynomial, in the bit-reversed representation (x^0 is the top bit).
 uint32_t multmodp(uint32_t a, uint32_t b) {
   uint32_t m = 1u << 31, p = 0;
@@ -79,7 +82,6 @@ uint32_t shift_of(uint64_t n) {
   return last;
 }
 
-#if defined(DYNKV_CRC32C_X86)
 __attribute__((target("sse4.2"))) uint32_t hw_update(uint32_t c, const uint8_t* p, size_t n) {
   uint64_t c64 = c;
   for (; n >= 8; p += 8, n -= 8) {
