@@ -7,7 +7,6 @@
 
 #include "dynkv/check.h"
 #include "dynkv/cpu.h"
-#include "dynkv/crc32c.h"
 #include "dynkv/cuda.h"
 #include "dynkv/disk_io.h"
 #include "dynkv/host_pool.h"
@@ -102,35 +101,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("page_stride"));
 
   m.def("record_crc_available", &record_crc_available);
-  m.def(
-      "crc32c",
-      [](py::object data, uint32_t crc) {
-        Py_buffer view;
-        if (PyObject_GetBuffer(data.ptr(), &view, PyBUF_SIMPLE) != 0) {
-          PyErr_Clear();
-          throw InvalidArgument("crc32c: data must be one contiguous buffer (bytes, bytearray, memoryview, a "
-                                "C-contiguous numpy array), got " + std::string(py::str(py::type::of(data))));
-        }
-        uint32_t out;
-        {
-          py::gil_scoped_release nogil;
-          out = crc32c(crc, static_cast<const uint8_t*>(view.buf), static_cast<size_t>(view.len));
-        }
-        PyBuffer_Release(&view);
-        return out;
-      },
-      py::arg("data"), py::arg("crc") = 0,
-      "CRC-32C of a contiguous buffer (continued from crc), with the GIL released.");
-  m.def("crc32c_hardware", &crc32c_hardware);
-  m.def("crc32c_level", &crc32c_level);
-  m.def(
-      "crc32c_with",
-      [](int path, py::bytes data, uint32_t crc) {
-        const std::string s = data;
-        return crc32c_with(path, crc, reinterpret_cast<const uint8_t*>(s.data()), s.size());
-      },
-      py::arg("path"), py::arg("data"), py::arg("crc") = 0,
-      "crc32c of bytes the given way (0 table, 1 CRC-32C instruction, 2 folding): tests compare the ways.");
   m.def(
       "read_records",
       [](const std::vector<int>& fds, const std::vector<int64_t>& offsets, uint64_t header_base,

@@ -19,11 +19,6 @@ staged_scatter, staged_gather
 memcpy_batch
     plain copies through the copy engines (``cudaMemcpyBatchAsync`` where the
     runtime has it, else a loop); on CPU, the thread pool
-crc32c
-    CRC-32C of a host buffer on the CPU's instructions (AVX-512 carry-less
-    multiplies, else SSE4.2's CRC-32C): the shared tier's page checksum, 40-55
-    GB/s a core on the development VM where ``zlib.crc32`` runs at 2-4; the GIL
-    is released
 
 Every op is stream-ordered on the GPU (``stream``: a ``torch.cuda.Stream`` or a
 raw handle; default: the current stream) and synchronous on the CPU. Bad input
@@ -51,8 +46,6 @@ __all__ = [
     "BACKENDS",
     "Tuning",
     "copy_blocks",
-    "crc32c",
-    "crc32c_hardware",
     "gather",
     "get_tuning",
     "memcpy_batch",
@@ -468,33 +461,3 @@ def memcpy_batch(
         raise ValueError("memcpy_batch on a GPU needs the CUDA ops; this build has none")
     cfg = _C.ExecConfig(backend=BACKENDS[backend], stream=_stream_handle(stream, gpu))
     _C.memcpy_batch(s, d, n, cfg, gpu.index if gpu.index is not None else 0)
-
-
-def crc32c(data: Any, crc: int = 0) -> int:
-    """CRC-32C (Castagnoli) of a contiguous host buffer, continued from ``crc``.
-
-    Parameters
-    ----------
-    data
-        Any C-contiguous object with the buffer protocol (``bytes``, ``memoryview``, a numpy array).
-    crc
-        A previous result, to checksum a buffer in pieces; 0 to start.
-
-    Returns
-    -------
-    int
-        The standard CRC-32C (``crc32c(b"123456789") == 0xE3069283``). The GIL is released while it
-        runs, so threads checksum side by side; without AVX-512 VPCLMULQDQ or SSE4.2 a table does
-        it (10-50x slower, see :func:`crc32c_hardware`).
-
-    Raises
-    ------
-    ValueError
-        ``data`` is not one contiguous buffer.
-    """
-    return _C.crc32c(data, crc)
-
-
-def crc32c_hardware() -> bool:
-    """Whether :func:`crc32c` uses the CPU's CRC-32C instruction."""
-    return bool(_C.crc32c_hardware())

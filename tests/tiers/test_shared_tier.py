@@ -15,7 +15,7 @@ import pytest
 import redis
 from stores import RedisServer, free_port
 
-from dynkv.ops import crc32c
+from crc32c import crc32c
 from dynkv.tiers.shared import SharedPageError, SharedPageMissing, SharedTier, StoreUnavailable
 from dynkv.tiers.shared.base import redact, scheme_of
 from dynkv.tiers.shared.tier import HEADER_BYTES, store_key

@@ -49,7 +49,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from dynkv.ops import crc32c
+from crc32c import crc32c
 from dynkv.tiers.shared.base import GOT, MISSING, StoreBackend, StoreUnavailable, redact, scheme_of
 
 __all__ = ["HEADER_BYTES", "SharedPageError", "SharedPageMissing", "SharedTier", "open_backend", "pack_header",
