@@ -69,6 +69,49 @@ def test_pages_written_by_one_client_are_read_by_another(pair, rng: np.random.Ge
     assert client.is_exist(store_key("t", FP, keys[0])) == 0
 
 
+class Recording:
+    """A mooncake client that records the sizes of the buffers registered through it."""
+
+    def __init__(self, client: object) -> None:
+        self._client, self.registered = client, []
+
+    def register_buffer(self, addr: int, n: int) -> int:
+        self.registered.append(n)
+        return self._client.register_buffer(addr, n)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._client, name)
+
+
+def test_pages_and_headers_move_in_place_from_registered_memory(mooncake_master: MooncakeMaster,
+                                                                  rng: np.random.Generator) -> None:
+    t = tier_for(mooncake_master.url, io_threads=1)
+    try:
+        pool = np.zeros((16, PAGE), dtype=np.uint8)
+        t.register(memoryview(pool).cast("B"))
+        keys, data = pages(rng, 16)
+        pool[:8] = data[:8]
+        first = [(k, memoryview(pool[i])) for i, k in enumerate(keys[:4])]
+        assert [f.result(timeout=60) for f in t.write_many(first, check=False)] == [True] * 4
+        backend = t.backend
+        assert backend is not None
+        rec = Recording(backend._store)  # type: ignore[attr-defined]
+        backend._store = rec  # type: ignore[attr-defined]
+        # The I/O thread's header buffer is registered by now: no batch needs a scratch buffer.
+        writes = [(k, memoryview(pool[i])) for i, k in enumerate(keys[:8])]
+        assert [f.result(timeout=60) for f in t.write_many(writes, check=False)] == [True] * 8
+        reads = [(k, memoryview(pool[8 + i])) for i, k in enumerate(keys[:8])]
+        assert [f.exception(timeout=60) for f in t.read_many(reads)] == [None] * 8
+        assert rec.registered == [] and np.array_equal(pool[8:], data[:8])
+        # Into memory nobody registered, pages still come back whole, through a scratch buffer.
+        out = np.full((8, PAGE), 0xFF, dtype=np.uint8)
+        errs = [f.exception(timeout=60) for f in t.read_many([(k, memoryview(out[i])) for i, k in enumerate(keys[:8])])]
+        assert errs == [None] * 8 and np.array_equal(out, data[:8])
+        assert rec.registered == [4 * PAGE, 4 * PAGE]
+    finally:
+        t.close()
+
+
 def test_a_dead_master_takes_the_tier_down(pair, mooncake_master: MooncakeMaster, rng: np.random.Generator,
                                            caplog: pytest.LogCaptureFixture) -> None:
     a, _ = pair

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import struct
 import subprocess
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 import redis
 from stores import RedisServer, free_port
 
+from crc32c import crc32c
 from dynkv.tiers.shared import SharedPageError, SharedPageMissing, SharedTier, StoreUnavailable
 from dynkv.tiers.shared.base import redact, scheme_of
 from dynkv.tiers.shared.tier import HEADER_BYTES, store_key
@@ -89,6 +92,28 @@ def test_a_cluster_spreads_pages_over_its_nodes(redis_cluster: RedisServer, rng:
         t.close()
 
 
+def test_a_cluster_put_follows_a_slot_that_moved(redis_cluster: RedisServer, rng: np.random.Generator) -> None:
+    t = tier_for(redis_cluster.url)
+    try:
+        keys, data = pages(rng, 10)
+        client = t.backend.client  # type: ignore[union-attr]
+        # The client's slot map goes stale: every key's slot points at a node that does not own it.
+        nodes = client.get_primaries()
+        for k in keys:
+            slot = client.keyslot(store_key("t", FP, k))
+            owner = client.nodes_manager.slots_cache[slot][0]
+            client.nodes_manager.slots_cache[slot] = [next(n for n in nodes if n.name != owner.name)]
+        # Without asking first (an EXISTS would have the client refresh its map): each SET is answered MOVED,
+        # then goes to the owner.
+        futs = t.write_many([(k, memoryview(row)) for k, row in zip(keys, data)], check=False)
+        assert [f.result(timeout=30) for f in futs] == [True] * 10
+        got, errs = read(t, keys)
+        assert errs == [None] * 10 and np.array_equal(got, data)
+        assert sum(redis.Redis(port=p).dbsize() for p in redis_cluster.ports) == 10
+    finally:
+        t.close()
+
+
 def test_a_value_that_is_not_the_page_asked_for_fails_its_read(tier: SharedTier, redis_server: RedisServer,
                                                                rng: np.random.Generator) -> None:
     keys, data = pages(rng, 5)
@@ -115,6 +140,28 @@ def test_a_value_that_is_not_the_page_asked_for_fails_its_read(tier: SharedTier,
     assert write(tier, keys, data) == [True] * 5
     got, errs = read(tier, keys)
     assert errs == [None] * 5 and np.array_equal(got, data)
+
+
+def test_a_page_of_the_zlib_format_is_a_load_error_and_is_replaced(tier: SharedTier, redis_server: RedisServer,
+                                                                   rng: np.random.Generator) -> None:
+    keys, data = pages(rng, 2)
+    write(tier, keys, data)
+    raw = redis.Redis(port=redis_server.ports[0])
+    # Format 1: the same header with zlib's CRC-32 (as engines before CRC-32C wrote it).
+    body = struct.pack("<8sI16s16sQI", b"DYNKVSH\x00", 1, keys[0], FP, PAGE, zlib.crc32(data[0]))
+    old = (body + struct.pack("<I", zlib.crc32(body))).ljust(HEADER_BYTES, b"\0") + data[0].tobytes()
+    raw.set(store_key("t", FP, keys[0]), old)
+    got, errs = read(tier, keys)
+    assert isinstance(errs[0], SharedPageError) and "format version 1, expected 2" in str(errs[0])
+    assert errs[1] is None and np.array_equal(got[1], data[1])
+    assert not raw.exists(store_key("t", FP, keys[0]))
+    assert write(tier, keys[:1], data[:1]) == [True]
+    got, errs = read(tier, keys[:1])
+    assert errs == [None] and np.array_equal(got[0], data[0])
+    # What the store holds now: a CRC-32C header over the page.
+    value = raw.get(store_key("t", FP, keys[0]))
+    assert struct.unpack_from("<I", value, 8)[0] == 2
+    assert struct.unpack_from("<I", value, 52)[0] == crc32c(data[0])
 
 
 def test_another_model_never_sees_the_pages(tier: SharedTier, redis_server: RedisServer,
@@ -201,6 +248,19 @@ def test_a_store_down_at_start_is_a_miss_then_reconnects(tmp_path: Path, rng: np
     text = caplog.text
     assert "running without it" in text and "connected to redis://***@127.0.0.1" in text
     assert "s3cret" not in text
+
+
+def test_connections_the_server_closed_are_replaced_without_going_down(tier: SharedTier, redis_server: RedisServer,
+                                                                         rng: np.random.Generator) -> None:
+    keys, data = pages(rng, 12)
+    assert write(tier, keys[:6], data[:6]) == [True] * 6
+    raw = redis.Redis(port=redis_server.ports[0])
+    assert raw.client_kill_filter(_type="normal", skipme=True) >= 1  # the tier's pooled connections
+    futs = tier.write_many([(k, memoryview(row)) for k, row in zip(keys[6:], data[6:])], check=False)
+    assert [f.result(timeout=30) for f in futs] == [True] * 6
+    got, errs = read(tier, keys)
+    assert errs == [None] * 12 and np.array_equal(got, data)
+    assert tier.up and tier.downs == 0
 
 
 def test_a_store_killed_mid_run_fails_reads_and_lookups_at_once(tier: SharedTier, redis_server: RedisServer,

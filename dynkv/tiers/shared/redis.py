@@ -6,6 +6,8 @@ of a cluster. Credentials come from the URL (``redis://user:secret@host:port``)
 or, where it has none, from the arguments (the shared tier passes
 ``DYNKV_SHARED_USERNAME`` / ``DYNKV_SHARED_PASSWORD``). One value per page;
 each batch is one pipeline (per node, in a cluster) without a transaction.
+Puts send each page from the host pool as it lies, behind its header, on a
+connection of the client's pool (redis-py's pipeline would join them first).
 A page the store refuses (``maxmemory`` reached under ``noeviction``) is a
 failed put, not a dead store.
 """
@@ -87,10 +89,82 @@ class RedisBackend:
         return [r == 1 for r in out]
 
     def put(self, keys: Sequence[str], parts: Sequence[Sequence[memoryview]]) -> list[bool]:
-        values = [p[0] if len(p) == 1 else b"".join(p) for p in parts]
-        out = self._run([("set", (k, v)) for k, v in zip(keys, values)])
+        if isinstance(self._client, RedisCluster):
+            by_node: dict[str, list[int]] = {}
+            nodes = {}
+            try:
+                for i, k in enumerate(keys):
+                    node = self._client.get_node_from_key(k)
+                    by_node.setdefault(node.name, []).append(i)
+                    nodes[node.name] = node
+            except (redis.exceptions.RedisClusterException, *_DOWN) as e:  # no node serves a key's slot
+                raise StoreUnavailable(f"redis store {self.url}: {_clean(e, self.url)}") from None
+            out: list[object] = [None] * len(keys)
+            for name, idx in by_node.items():
+                got = self._set_many(self._client.get_redis_connection(nodes[name]), [keys[i] for i in idx],
+                                     [parts[i] for i in idx])
+                for i, r in zip(idx, got):
+                    out[i] = r
+            # A slot that moved since the client's map: redis-py's own pipeline follows the redirection.
+            moved = [i for i, r in enumerate(out) if isinstance(r, (redis.exceptions.MovedError,
+                                                                     redis.exceptions.AskError))]
+            if moved:
+                again = self._run([("set", (keys[i], b"".join(parts[i]))) for i in moved])
+                for i, r in zip(moved, again):
+                    out[i] = r
+        else:
+            out = self._set_many(self._client, keys, parts)
         _raise_down(out, self.url)
-        return [r is True for r in out]
+        return [r is True or r == b"OK" or r == "OK" for r in out]
+
+    def _set_many(self, client: redis.Redis, keys: Sequence[str], parts: Sequence[Sequence[memoryview]]) -> list[object]:
+        """Pipelined SETs on one connection of one node, each value sent from its parts where they lie.
+
+        redis-py's pipeline takes a value as one buffer, so a page and its header would be joined
+        first: a copy of every page, as long as the store's own SET of it on this machine. Parts
+        under 4 KiB (the header) go with the command's framing; larger ones go to the socket as
+        they are. Replies in order: True/OK, or the error the store answered (full, moved).
+        """
+        chunks: list[bytes | memoryview] = []
+        small = bytearray()
+        for k, p in zip(keys, parts):
+            kb = k.encode()
+            small += b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(kb), kb, sum(len(x) for x in p))
+            for x in p:
+                if len(x) < 4096:
+                    small += x
+                else:
+                    chunks.append(bytes(small))
+                    small.clear()
+                    chunks.append(x)
+            small += b"\r\n"
+        chunks.append(bytes(small))
+        pool = client.connection_pool
+        try:
+            conn = pool.get_connection()
+        except _DOWN as e:
+            raise StoreUnavailable(f"redis store {self.url}: {_clean(e, self.url)}") from None
+
+        def send() -> list[object]:
+            conn.send_packed_command(chunks)
+            out: list[object] = []
+            for _ in keys:
+                try:
+                    out.append(conn.read_response())
+                except redis.exceptions.ResponseError as e:  # one refused value; the rest still answer
+                    out.append(e)
+            return out
+
+        try:  # retried on a broken connection as redis-py's pipeline is (the same SETs again: idempotent)
+            return conn.retry.call_with_retry(send, lambda _: conn.disconnect())
+        except _DOWN as e:
+            conn.disconnect()
+            raise StoreUnavailable(f"redis store {self.url}: {_clean(e, self.url)}") from None
+        except BaseException:
+            conn.disconnect()  # replies may be left unread: the connection cannot be reused
+            raise
+        finally:
+            pool.release(conn)
 
     def get(self, keys: Sequence[str], parts: Sequence[Sequence[memoryview]]) -> list[int]:
         out = self._run([("get", (k,)) for k in keys])
