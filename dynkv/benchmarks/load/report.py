@@ -18,7 +18,8 @@ from dynkv.benchmarks.serve_results import percentile, plot_turns
 __all__ = ["format_table", "plot", "summarize"]
 
 _TIERS = ("device", "host", "disk", "shared")
-_DIRECTIONS = ("h2d", "d2h", "disk_to_host", "host_to_disk", "shared_to_host", "host_to_shared")
+_DIRECTIONS = ("h2d", "d2h", "disk_to_host", "host_to_disk", "shared_to_host", "host_to_shared", "disk_to_staging",
+               "staging_to_disk", "shared_to_staging")
 
 
 def _stats(xs: list[float]) -> dict[str, float | None]:
@@ -75,6 +76,13 @@ def _ms(x: float | None) -> str:
     return "n/a" if x is None else f"{x * 1e3:.0f}"
 
 
+def _sum(nbytes: dict[str, float], *directions: str) -> float | None:
+    """Bytes moved in these directions together (a disk read lands in a host or a staging page, a disk write
+    leaves from either); None where the engine reported none of them."""
+    got = [nbytes[d] for d in directions if nbytes.get(d) is not None]
+    return sum(got) if got else None
+
+
 def _gb(x: float | None) -> str:
     return "n/a" if x is None else f"{x / 1e9:.2f}"
 
@@ -107,7 +115,8 @@ def format_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
                      "n/a" if share is None else f"{share:.3f}", "n/a" if share_later is None else f"{share_later:.3f}",
                      f"{hits['host']:.0f}" if hits else "n/a", f"{hits['disk']:.0f}" if hits else "n/a",
                      f"{hits['shared']:.0f}" if hits else "n/a",
-                     _gb(nbytes.get("h2d")), _gb(nbytes.get("disk_to_host")), _gb(nbytes.get("host_to_disk")),
+                     _gb(nbytes.get("h2d")), _gb(_sum(nbytes, "disk_to_host", "disk_to_staging")),
+                     _gb(_sum(nbytes, "host_to_disk", "staging_to_disk")),
                      _recomputed(s), kv_text])
         if s.get("status", "ok") != "ok":
             rows[-1][0] += f" ({s['status']})"
