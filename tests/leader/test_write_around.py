@@ -18,10 +18,10 @@ MODEL = Model(num_layers=2, num_heads=4, head_size=8, block_size=4, dims="LBNHC"
 PAGES = 4  # per prompt
 
 
-def leader_for(tmp_path, **cfg) -> Leader:
+def leader_for(tmp_path, *, tp: int = 1, **cfg) -> Leader:
     d = {"host_pages": 12, "host_admission": "frequency", "disk_gb": 0.01, "disk_paths": [str(tmp_path / "d0")],
          "disk_direct_io": False, "disk_admit_min_hits": 0, "cost_model": False, **cfg}
-    return Leader(DynKVConfig.from_dict(d, env={}), MODEL.geometry(), MODEL.fingerprint(),
+    return Leader(DynKVConfig.from_dict(d, env={}), MODEL.geometry(), MODEL.fingerprint(), world_size=tp,
                   engine_id=f"around-{tmp_path.name}")
 
 
@@ -46,13 +46,14 @@ def assert_released(leader: Leader) -> None:
     assert s["disk_writes_in_flight"] == 0 and leader._around_held == 0 and leader._around_copying == 0
 
 
-@pytest.mark.parametrize("around", [True, False])
+@pytest.mark.parametrize("around,tp", [(True, 1), (False, 1), (True, 2)])
 def test_pages_the_gated_host_tier_refuses_are_written_to_disk(tmp_path, rng: np.random.Generator,
-                                                               around: bool) -> None:
+                                                               around: bool, tp: int) -> None:
     """24 pages a turn, 12 host slots gated: with write-around the disk holds all 24 and the next turn loads
-    them all; without it the disk holds only what the host tier held, and the rest is recomputed."""
-    leader = leader_for(tmp_path, disk_write_around=around)
-    engine = Engine(leader, MODEL, tp=1, num_blocks=96, processes=False)
+    them all; without it the disk holds only what the host tier held, and the rest is recomputed. TP=2: each
+    rank (a process of its own) writes its half of every staging page before the page goes to disk."""
+    leader = leader_for(tmp_path, tp=tp, disk_write_around=around)
+    engine = Engine(leader, MODEL, tp=tp, num_blocks=96, processes=tp > 1)
     m = leader.metrics
     try:
         batch = prompts(rng, 6)
