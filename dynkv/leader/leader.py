@@ -599,7 +599,7 @@ class Leader(DiskFlow, SharedFlow, RemoteFlow):
         hosted = [k for k in op.keys if k not in op.around] if op.around else op.keys
         if failed:
             self._drop_host(hosted)
-            self.metrics.store_errors.labels(HOST).inc(len(op.keys))
+            self.metrics.store_errors.labels(HOST).inc(len(hosted))
         else:
             self.index.commit(HOST, hosted)
             self.metrics.pages.labels("d2h").inc(len(op.keys))

@@ -321,6 +321,7 @@ class DiskFlow:
             if failed:
                 self.index.remove(DISK, [key])
                 self._around_done(staging_slot)
+                self.metrics.store_errors.labels(DISK).inc()
                 continue
             self._writes += 1
             fut = self.disk.write(disk_slot, key, self._host_page(staging_slot))

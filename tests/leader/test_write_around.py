@@ -147,6 +147,7 @@ def test_a_failed_store_gives_back_its_write_around_slots(tmp_path, rng: np.rand
         assert not any(leader.index.holds(k, "disk") for k in keys)
         assert_released(leader)
         assert leader.metrics.value("dynkv_pages_moved_total", direction="staging_to_disk") == 0
+        assert leader.metrics.value("dynkv_store_errors_total", tier="disk") == PAGES
     finally:
         engine.close()
         leader.close()
