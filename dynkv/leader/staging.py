@@ -9,6 +9,11 @@ key in the page index, so nothing that walks the index (snapshots, events,
 write-through, exports to decode engines) ever sees it; it is freed once its
 load is on the device, or the load gave up or failed. With every staging slot
 taken too, the page's block is recomputed, as before.
+
+Stores use them too: a page the host tier does not take is copied into a
+staging slot and written from there to the disk tier (write-around,
+:mod:`dynkv.leader.tier_flow`), in at most half of the slots, so loads
+always find some.
 """
 
 from __future__ import annotations
