@@ -45,6 +45,7 @@ import logging
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -221,6 +222,8 @@ class SharedTier:
         self._connect_fn = connect or (lambda: open_backend(url, timeout_s=timeout_s, username=username,
                                                             password=password))
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="dynkv-shared")
+        self._threads = io_threads
+        self._queue: deque[tuple[Callable[[list], list], list, Future[list]]] = deque()  # batches to run
         self._lookups = ThreadPoolExecutor(1, thread_name_prefix="dynkv-shared-lookup")
         self._lock = threading.Lock()
         self._backend: StoreBackend | None = None
@@ -373,25 +376,35 @@ class SharedTier:
         return self._submit_all(self._write_batch if check else self._put_batch, writes)
 
     def _submit_all(self, fn: Callable[[list], list], items: Sequence[tuple[bytes, memoryview]]) -> list[PageFuture]:
+        # The batches go on one queue that the I/O threads drain: a call hands the pool a task per idle
+        # thread, not one per batch, so the caller (holding the GIL) is done with it sooner and the threads start.
         out: list[PageFuture] = []
+        closed = self._closed
         for start in range(0, len(items), self.batch_pages):
             batch = list(items[start : start + self.batch_pages])
             fut: Future[list] = Future()
             fut.set_running_or_notify_cancel()
-            if self._closed:
+            if closed:
                 fut.set_result([StoreUnavailable(f"shared tier {self.url} is closed")] * len(batch))
             else:
-                self._io.submit(self._guard, fn, batch, fut)
+                self._queue.append((fn, batch, fut))
             out += [PageFuture(fut, i) for i in range(len(batch))]
+        if not closed:
+            for _ in range(min(self._threads, -(-len(items) // self.batch_pages))):
+                self._io.submit(self._drain)
         return out
 
-    @staticmethod
-    def _guard(fn: Callable[[list], list], items: list, fut: Future[list]) -> None:
-        try:
-            results = fn(items)
-        except BaseException as e:  # every page completes, whatever went wrong
-            results = [e] * len(items)
-        fut.set_result(results)
+    def _drain(self) -> None:
+        while True:
+            try:
+                fn, items, fut = self._queue.popleft()
+            except IndexError:
+                return
+            try:
+                results = fn(items)
+            except BaseException as e:  # every page completes, whatever went wrong
+                results = [e] * len(items)
+            fut.set_result(results)
 
     def _headers(self, n: int) -> tuple[memoryview, list[memoryview]]:
         """This I/O thread's header buffer and its first ``n`` 64-byte slots, registered like the host pool so
