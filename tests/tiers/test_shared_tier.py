@@ -105,6 +105,16 @@ def test_headers_are_the_reference_header_and_pages_complete_one_by_one(tier: Sh
     assert isinstance(errs[0], SharedPageError) and "another size" in str(errs[0])
 
 
+def test_close_finishes_the_queued_batches_and_later_calls_fail_at_once(tier: SharedTier,
+                                                                         rng: np.random.Generator) -> None:
+    keys, data = pages(rng, 23)  # five batches for two I/O threads
+    futs = tier.write_many([(k, memoryview(row)) for k, row in zip(keys, data)], check=False)
+    tier.close()
+    assert all(f.done() for f in futs) and [f.result() for f in futs] == [True] * 23
+    _, errs = read(tier, keys)
+    assert all(isinstance(e, StoreUnavailable) and "closed" in str(e) for e in errs), errs
+
+
 def test_a_cluster_spreads_pages_over_its_nodes(redis_cluster: RedisServer, rng: np.random.Generator) -> None:
     t = tier_for(redis_cluster.url)
     try:

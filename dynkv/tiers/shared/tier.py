@@ -390,8 +390,16 @@ class SharedTier:
                 self._queue.append((fn, batch, fut))
             out += [PageFuture(fut, i) for i in range(len(batch))]
         if not closed:
-            for _ in range(min(self._threads, -(-len(items) // self.batch_pages))):
-                self._io.submit(self._drain)
+            try:
+                for _ in range(min(self._threads, -(-len(items) // self.batch_pages))):
+                    self._io.submit(self._drain)
+            except RuntimeError:  # closed meanwhile: no thread will take what is queued
+                while self._queue:
+                    try:
+                        _, batch, fut = self._queue.popleft()
+                    except IndexError:  # a thread still draining took the last
+                        break
+                    fut.set_result([StoreUnavailable(f"shared tier {self.url} is closed")] * len(batch))
         return out
 
     def _drain(self) -> None:
