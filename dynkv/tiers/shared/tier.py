@@ -47,9 +47,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
 
 from crc32c import crc32c
 from dynkv.tiers.shared.base import GOT, MISSING, StoreBackend, StoreUnavailable, redact, scheme_of
@@ -215,7 +215,7 @@ class SharedTier:
         self.page_bytes = page_bytes
         self.namespace = namespace
         self._kprefix = store_key(namespace, self.fingerprint, b"")
-        self._head = _MAGIC + _CRC.pack(FORMAT_VERSION)  # the header's fields before the page's key
+        self._head = _MAGIC + struct.pack("<I", FORMAT_VERSION)  # the header's fields before the page's key
         self._tail = self.fingerprint + _LEN.pack(page_bytes)  # ... and after it, for a page of page_bytes
         self.batch_pages = batch_pages
         self.lookup_timeout_s = lookup_timeout_s
