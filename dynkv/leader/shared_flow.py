@@ -26,12 +26,11 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from dynkv.tiers.base import HOST, SHARED
 from dynkv.tiers.shared.base import StoreUnavailable
-from dynkv.tiers.shared.tier import SharedPageMissing
+from dynkv.tiers.shared.tier import PageFuture, SharedPageMissing
 
 if TYPE_CHECKING:
     import queue
@@ -178,7 +177,7 @@ class SharedFlow:
         else:
             self._shared_write_done(*item[1:])
 
-    def _shared_read_done(self, load: LoadRecord, i: int, key: bytes, host_slot: int, fut: Future[None],
+    def _shared_read_done(self, load: LoadRecord, i: int, key: bytes, host_slot: int, fut: PageFuture,
                           started: float, now: float) -> None:
         """One shared-tier read completed at ``now`` (its thread's clock; applied at the leader's next call)."""
         exc = fut.exception()
@@ -227,7 +226,7 @@ class SharedFlow:
         if load.waiting == 0:
             self._load_settled(load)
 
-    def _shared_write_done(self, key: bytes, fut: Future[bool], started: float) -> None:
+    def _shared_write_done(self, key: bytes, fut: PageFuture, started: float) -> None:
         self._shared_writes -= 1
         self.index.unpin(HOST, [key])
         exc = fut.exception()

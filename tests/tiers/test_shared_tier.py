@@ -18,7 +18,7 @@ from stores import RedisServer, free_port
 from crc32c import crc32c
 from dynkv.tiers.shared import SharedPageError, SharedPageMissing, SharedTier, StoreUnavailable
 from dynkv.tiers.shared.base import redact, scheme_of
-from dynkv.tiers.shared.tier import HEADER_BYTES, store_key
+from dynkv.tiers.shared.tier import HEADER_BYTES, pack_header, store_key
 
 FP = bytes(range(16))
 PAGE = 12 * 1024 + 40  # an odd size
@@ -75,6 +75,44 @@ def test_pages_round_trip_and_lookups_count_the_stored_prefix(tier: SharedTier, 
     futs = tier.write_many([(k, memoryview(row)) for k, row in zip(keys[:2], bad)], check=False)
     assert [f.result(timeout=30) for f in futs] == [True, True]
     assert np.array_equal(read(tier, keys[:2])[0], bad)
+
+
+def test_headers_are_the_reference_header_and_pages_complete_one_by_one(tier: SharedTier, redis_server: RedisServer,
+                                                                          rng: np.random.Generator) -> None:
+    keys, data = pages(rng, 7)  # a batch of 5, then 2
+    short = data[6, :-24]  # a page shorter than the tier's: its header says so
+    writes = [(k, memoryview(row)) for k, row in zip(keys[:6], data)] + [(keys[6], memoryview(short))]
+    assert [f.result(timeout=30) for f in tier.write_many(writes, check=False)] == [True] * 7
+    raw = redis.Redis(port=redis_server.ports[0])
+    for k, (_, page) in zip(keys, writes):  # the batched header is byte for byte the one pack_header builds
+        assert raw.get(store_key("t", FP, k)) == pack_header(k, FP, page) + bytes(page)
+    raw.delete(store_key("t", FP, keys[3]))
+    out = np.full((7, PAGE), 0xFF, dtype=np.uint8)
+    dsts = [memoryview(row) for row in out[:6]] + [memoryview(out[6, :-24])]
+    futs = tier.read_many(list(zip(keys, dsts)))
+    seen: dict[int, BaseException | None] = {}
+    for i, f in enumerate(futs):
+        f.add_done_callback(lambda page, i=i: seen.__setitem__(i, page.exception()))
+    assert [type(f.exception(timeout=30)) for f in futs] == [type(None)] * 3 + [SharedPageMissing] + [type(None)] * 3
+    with pytest.raises(SharedPageMissing):
+        futs[3].result()
+    assert all(f.done() and not f.cancelled() for f in futs)
+    assert sorted(seen) == list(range(7)) and isinstance(seen[3], SharedPageMissing)
+    assert all(seen[i] is None for i in (0, 1, 2, 4, 5, 6))
+    assert np.array_equal(out[[0, 1, 2, 4, 5]], data[[0, 1, 2, 4, 5]]) and np.array_equal(out[6, :-24], short)
+    # The short page read into a whole page's room: the wrong size, a load error.
+    _, errs = read(tier, keys[6:])
+    assert isinstance(errs[0], SharedPageError) and "another size" in str(errs[0])
+
+
+def test_close_finishes_the_queued_batches_and_later_calls_fail_at_once(tier: SharedTier,
+                                                                         rng: np.random.Generator) -> None:
+    keys, data = pages(rng, 23)  # five batches for two I/O threads
+    futs = tier.write_many([(k, memoryview(row)) for k, row in zip(keys, data)], check=False)
+    tier.close()
+    assert all(f.done() for f in futs) and [f.result() for f in futs] == [True] * 23
+    _, errs = read(tier, keys)
+    assert all(isinstance(e, StoreUnavailable) and "closed" in str(e) for e in errs), errs
 
 
 def test_a_cluster_spreads_pages_over_its_nodes(redis_cluster: RedisServer, rng: np.random.Generator) -> None:

@@ -120,33 +120,24 @@ class MooncakeBackend:
         with self._lock:
             self._regions.append((addr, addr + len(buf)))
 
-    def _registered(self, addr: int, n: int) -> bool:
-        end = addr + n
-        for lo, hi in self._regions:
-            if lo <= addr and end <= hi:
-                return True
-        return False
-
     def _stage(self, parts: Sequence[Sequence[memoryview]]) -> tuple[list[list[int]], list[list[int]],
                                                                        list[tuple[memoryview, int, int]], np.ndarray | None]:
         """Pointers and sizes of every part; parts outside registered memory get a place in a scratch buffer
         (None when every part is registered: the usual case, pages in the host pool and the tier's headers)."""
-        ptrs: list[list[int]] = []
-        sizes: list[list[int]] = []
+        ptrs = [[_address(part) for part in p] for p in parts]
+        sizes = [[len(part) for part in p] for p in parts]
         staged: list[tuple[memoryview, int, int]] = []  # (part, offset in scratch, length)
         off = 0
-        for p in parts:
-            row, size = [], []
-            for part in p:
-                a, n = _address(part), len(part)
-                if not self._registered(a, n):
-                    a = -1 - len(staged)  # patched below to the part's place in scratch
-                    staged.append((part, off, n))
+        regions = self._regions
+        for p, row, size in zip(parts, ptrs, sizes):
+            for j, (a, n) in enumerate(zip(row, size)):
+                for lo, hi in regions:
+                    if lo <= a and a + n <= hi:
+                        break
+                else:
+                    row[j] = -1 - len(staged)  # patched below to the part's place in scratch
+                    staged.append((p[j], off, n))
                     off += n
-                row.append(a)
-                size.append(n)
-            ptrs.append(row)
-            sizes.append(size)
         if not staged:
             return ptrs, sizes, staged, None
         scratch = np.empty(off, dtype=np.uint8)

@@ -45,15 +45,17 @@ import logging
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
 
 from crc32c import crc32c
 from dynkv.tiers.shared.base import GOT, MISSING, StoreBackend, StoreUnavailable, redact, scheme_of
 
-__all__ = ["HEADER_BYTES", "SharedPageError", "SharedPageMissing", "SharedTier", "open_backend", "pack_header",
-           "store_key"]
+__all__ = ["HEADER_BYTES", "PageFuture", "SharedPageError", "SharedPageMissing", "SharedTier", "open_backend",
+           "pack_header", "store_key"]
 
 log = logging.getLogger("dynkv.shared")
 
@@ -63,6 +65,9 @@ _MAGIC = b"DYNKVSH\x00"
 # magic, version, key, fingerprint, payload length, payload CRC-32C; then the header's CRC-32C
 _HDR = struct.Struct("<8sI16s16sQI")
 _CRC = struct.Struct("<I")
+_LEN = struct.Struct("<Q")
+_KNOWN = _HDR.size - _CRC.size  # magic to payload length: the fields a reader knows before it reads
+_PAD = bytes(HEADER_BYTES - _HDR.size - _CRC.size)
 _BACKOFF = (0.5, 30.0)
 
 
@@ -72,6 +77,49 @@ class SharedPageMissing(KeyError):
 
 class SharedPageError(ValueError):
     """A value read back is not the page asked for (checksum, key, model or size): a load error."""
+
+
+class PageFuture:
+    """One page's outcome in a batched read or write: the part of :class:`concurrent.futures.Future` that
+    callers use (``done``, ``cancelled``, ``result``, ``exception``, ``add_done_callback``).
+
+    A batch of pages shares one future, which completes once with every
+    page's outcome (its value, or the exception it fails with), so a page
+    costs a small object rather than a future and its lock. A page's
+    callback runs, with the page's future, when its batch completes; pages
+    are never cancelled.
+    """
+
+    __slots__ = ("_batch", "_i")
+
+    def __init__(self, batch: Future[list], i: int) -> None:
+        self._batch = batch
+        self._i = i
+
+    def done(self) -> bool:
+        return self._batch.done()
+
+    def cancel(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The page's value; raises its exception (or :class:`TimeoutError` after ``timeout`` seconds)."""
+        r = self._batch.result(timeout)[self._i]
+        if isinstance(r, BaseException):
+            raise r
+        return r
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The page's exception, None when it succeeded (waits like :meth:`result`)."""
+        r = self._batch.result(timeout)[self._i]
+        return r if isinstance(r, BaseException) else None
+
+    def add_done_callback(self, fn: Callable[[PageFuture], object]) -> None:
+        """Call ``fn(self)`` once the page is done (at once if it is)."""
+        self._batch.add_done_callback(lambda _: fn(self))
 
 
 def store_key(namespace: str, fingerprint: bytes, key: bytes) -> str:
@@ -166,11 +214,16 @@ class SharedTier:
         self.fingerprint = bytes(fingerprint)
         self.page_bytes = page_bytes
         self.namespace = namespace
+        self._kprefix = store_key(namespace, self.fingerprint, b"")
+        self._head = _MAGIC + struct.pack("<I", FORMAT_VERSION)  # the header's fields before the page's key
+        self._tail = self.fingerprint + _LEN.pack(page_bytes)  # ... and after it, for a page of page_bytes
         self.batch_pages = batch_pages
         self.lookup_timeout_s = lookup_timeout_s
         self._connect_fn = connect or (lambda: open_backend(url, timeout_s=timeout_s, username=username,
                                                             password=password))
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="dynkv-shared")
+        self._threads = io_threads
+        self._queue: deque[tuple[Callable[[list], list], list, Future[list]]] = deque()  # batches to run
         self._lookups = ThreadPoolExecutor(1, thread_name_prefix="dynkv-shared-lookup")
         self._lock = threading.Lock()
         self._backend: StoreBackend | None = None
@@ -269,14 +322,11 @@ class SharedTier:
 
     # -- lookups ----------------------------------------------------------------
 
-    def _skey(self, key: bytes) -> str:
-        return store_key(self.namespace, self.fingerprint, key)
-
     def _count(self, keys: Sequence[bytes]) -> int:
         n = 0
         for start in range(0, len(keys), self.batch_pages):
             batch = keys[start : start + self.batch_pages]
-            got = self._call(lambda b: b.exists([self._skey(k) for k in batch]))
+            got = self._call(lambda b: b.exists([self._kprefix + k.hex() for k in batch]))
             for present in got:
                 if not present:
                     return n
@@ -306,20 +356,16 @@ class SharedTier:
 
     # -- reads and writes --------------------------------------------------------
 
-    def read_many(self, reads: Sequence[tuple[bytes, memoryview]]) -> list[Future[None]]:
-        """Read pages ``(key, destination)``; each future fails with :class:`SharedPageMissing`,
+    def read_many(self, reads: Sequence[tuple[bytes, memoryview]]) -> list[PageFuture]:
+        """Read pages ``(key, destination)``; each page's future fails with :class:`SharedPageMissing`,
         :class:`SharedPageError` or :class:`StoreUnavailable` where the page cannot be used.
 
         A failed destination holds undefined bytes.
         """
-        futs: list[Future[None]] = [Future() for _ in reads]
-        for start in range(0, len(reads), self.batch_pages):
-            self._submit(self._read_batch, list(reads[start : start + self.batch_pages]),
-                         futs[start : start + self.batch_pages])
-        return futs
+        return self._submit_all(self._read_batch, reads)
 
-    def write_many(self, writes: Sequence[tuple[bytes, memoryview]], *, check: bool = True) -> list[Future[bool]]:
-        """Write pages ``(key, source)``; each future: True when the store holds the page afterwards,
+    def write_many(self, writes: Sequence[tuple[bytes, memoryview]], *, check: bool = True) -> list[PageFuture]:
+        """Write pages ``(key, source)``; each page's future: True when the store holds the page afterwards,
         False where it refused it (full).
 
         ``check``: ask the store first and send only the pages it lacks (one
@@ -327,84 +373,116 @@ class SharedTier:
         wrote). Without, every page is sent; one already there is replaced
         (Redis) or kept (Mooncake Store), the same bytes either way.
         """
-        futs: list[Future[bool]] = [Future() for _ in writes]
-        fn = self._write_batch if check else self._put_batch
-        for start in range(0, len(writes), self.batch_pages):
-            self._submit(fn, list(writes[start : start + self.batch_pages]), futs[start : start + self.batch_pages])
-        return futs
+        return self._submit_all(self._write_batch if check else self._put_batch, writes)
 
-    def _submit(self, fn: Callable, items: list, futs: list[Future]) -> None:
-        for f in futs:
-            f.set_running_or_notify_cancel()
-        if self._closed:
-            for f in futs:
-                f.set_exception(StoreUnavailable(f"shared tier {self.url} is closed"))
-            return
-        self._io.submit(self._guard, fn, items, futs)
+    def _submit_all(self, fn: Callable[[list], list], items: Sequence[tuple[bytes, memoryview]]) -> list[PageFuture]:
+        # The batches go on one queue that the I/O threads drain: a call hands the pool a task per idle
+        # thread, not one per batch, so the caller (holding the GIL) is done with it sooner and the threads start.
+        out: list[PageFuture] = []
+        closed = self._closed
+        for start in range(0, len(items), self.batch_pages):
+            batch = list(items[start : start + self.batch_pages])
+            fut: Future[list] = Future()
+            fut.set_running_or_notify_cancel()
+            if closed:
+                fut.set_result([StoreUnavailable(f"shared tier {self.url} is closed")] * len(batch))
+            else:
+                self._queue.append((fn, batch, fut))
+            out += [PageFuture(fut, i) for i in range(len(batch))]
+        if not closed:
+            try:
+                for _ in range(min(self._threads, -(-len(items) // self.batch_pages))):
+                    self._io.submit(self._drain)
+            except RuntimeError:  # closed meanwhile: no thread will take what is queued
+                while self._queue:
+                    try:
+                        _, batch, fut = self._queue.popleft()
+                    except IndexError:  # a thread still draining took the last
+                        break
+                    fut.set_result([StoreUnavailable(f"shared tier {self.url} is closed")] * len(batch))
+        return out
 
-    @staticmethod
-    def _guard(fn: Callable, items: list, futs: list[Future]) -> None:
-        try:
-            fn(items, futs)
-        except BaseException as e:  # every future completes, whatever went wrong
-            for f in futs:
-                if not f.done():
-                    f.set_exception(e)
+    def _drain(self) -> None:
+        while True:
+            try:
+                fn, items, fut = self._queue.popleft()
+            except IndexError:
+                return
+            try:
+                results = fn(items)
+            except BaseException as e:  # every page completes, whatever went wrong
+                results = [e] * len(items)
+            fut.set_result(results)
 
-    def _headers(self, n: int) -> list[memoryview]:
-        """``n`` header slots in this I/O thread's header buffer, registered like the host pool so that a
-        backend moving pages in place moves their headers in place too; valid until the thread's next batch."""
+    def _headers(self, n: int) -> tuple[memoryview, list[memoryview]]:
+        """This I/O thread's header buffer and its first ``n`` 64-byte slots, registered like the host pool so
+        that a backend moving pages in place moves their headers in place too; valid until the thread's next
+        batch."""
         arena = getattr(self._local, "headers", None)
         if arena is None:
             arena = memoryview(bytearray(self.batch_pages * HEADER_BYTES))
             self._local.headers = arena
+            self._local.slots = [arena[i * HEADER_BYTES : (i + 1) * HEADER_BYTES] for i in range(self.batch_pages)]
             self.register(arena)
-        return [arena[i * HEADER_BYTES : (i + 1) * HEADER_BYTES] for i in range(n)]
+        return arena, self._local.slots[:n]
 
-    def _read_batch(self, reads: list[tuple[bytes, memoryview]], futs: list[Future[None]]) -> None:
-        headers = self._headers(len(reads))
+    def _read_batch(self, reads: list[tuple[bytes, memoryview]]) -> list[BaseException | None]:
+        arena, headers = self._headers(len(reads))
         parts = [[h, dst] for h, (_, dst) in zip(headers, reads)]
-        codes = self._call(lambda b: b.get([self._skey(k) for k, _ in reads], parts))
+        skeys = [self._kprefix + k.hex() for k, _ in reads]
+        codes = self._call(lambda b: b.get(skeys, parts))
+        raw = bytes(arena[: len(reads) * HEADER_BYTES])  # one copy of the batch's headers, sliced as bytes below
         results: list[BaseException | None] = []
-        for (key, dst), hdr, code in zip(reads, headers, codes):
+        bad_keys = []
+        for i, ((key, dst), code) in enumerate(zip(reads, codes)):
             if code == MISSING:
                 results.append(SharedPageMissing(key.hex()))
-            elif code != GOT:
-                results.append(SharedPageError(f"shared page {key.hex()}: a value of another size"))
+                continue
+            if code != GOT:
+                bad = "a value of another size"
             else:
-                bad = check_page(hdr, key, self.fingerprint, dst)
-                results.append(None if bad is None else SharedPageError(f"shared page {key.hex()}: {bad}"))
-        bad_keys = [self._skey(k) for (k, _), r in zip(reads, results) if isinstance(r, SharedPageError)]
+                # Every field but the two checksums is known: one comparison, then both CRC-32Cs. A page of
+                # another length, or anything off, goes through check_page, which names what.
+                o = i * HEADER_BYTES
+                if (len(dst) == self.page_bytes and raw[o : o + _KNOWN] == self._head + key + self._tail
+                        and _CRC.unpack_from(raw, o + _HDR.size)[0] == crc32c(raw[o : o + _HDR.size])
+                        and _CRC.unpack_from(raw, o + _KNOWN)[0] == crc32c(dst)):
+                    results.append(None)
+                    continue
+                bad = check_page(raw[o : o + HEADER_BYTES], key, self.fingerprint, dst)
+                if bad is None:
+                    results.append(None)
+                    continue
+            results.append(SharedPageError(f"shared page {key.hex()}: {bad}"))
+            bad_keys.append(skeys[i])
         if bad_keys:  # under this model's key, a bad value is bad for every engine: let the next write replace it
             try:
                 self._call(lambda b: b.remove(bad_keys))
             except StoreUnavailable:
                 pass
-        for fut, r in zip(futs, results):
-            if r is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(r)
+        return results
 
-    def _write_batch(self, writes: list[tuple[bytes, memoryview]], futs: list[Future[bool]]) -> None:
-        skeys = [self._skey(k) for k, _ in writes]
+    def _write_batch(self, writes: list[tuple[bytes, memoryview]]) -> list[bool | BaseException]:
+        skeys = [self._kprefix + k.hex() for k, _ in writes]
         held = self._call(lambda b: b.exists(skeys))
         todo = [i for i, h in enumerate(held) if not h]
-        for i, h in enumerate(held):
-            if h:
-                futs[i].set_result(True)
+        results: list[bool | BaseException] = [True] * len(writes)
         if todo:
-            self._put_batch([writes[i] for i in todo], [futs[i] for i in todo])
+            for i, r in zip(todo, self._put_batch([writes[i] for i in todo])):
+                results[i] = r
+        return results
 
-    def _put_batch(self, writes: list[tuple[bytes, memoryview]], futs: list[Future[bool]]) -> None:
-        skeys = [self._skey(k) for k, _ in writes]
-        headers = self._headers(len(writes))
-        for h, (key, src) in zip(headers, writes):
-            h[:] = pack_header(key, self.fingerprint, src)
+    def _put_batch(self, writes: list[tuple[bytes, memoryview]]) -> list[bool | BaseException]:
+        arena, headers = self._headers(len(writes))
+        bodies = []
+        for key, src in writes:
+            tail = self._tail if len(src) == self.page_bytes else self.fingerprint + _LEN.pack(len(src))
+            body = self._head + key + tail + _CRC.pack(crc32c(src))
+            bodies.append(body + _CRC.pack(crc32c(body)) + _PAD)
+        arena[: len(writes) * HEADER_BYTES] = b"".join(bodies)
         parts = [[h, src] for h, (_, src) in zip(headers, writes)]
-        ok = self._call(lambda b: b.put(skeys, parts))
-        for i, good in enumerate(ok):
-            futs[i].set_result(bool(good))
+        skeys = [self._kprefix + k.hex() for k, _ in writes]
+        return [bool(good) for good in self._call(lambda b: b.put(skeys, parts))]
 
     def close(self) -> None:
         """Wait for reads and writes in flight, then disconnect."""
