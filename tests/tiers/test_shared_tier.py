@@ -338,3 +338,21 @@ def test_urls_are_checked_and_redacted() -> None:
     with pytest.raises(ValueError, match=r"'b' is not HOST:PORT") as e:
         scheme_of("redis+cluster://:topsecret@a:1,b")
     assert "topsecret" not in str(e.value)
+
+
+def test_without_the_crc32c_package_the_tier_refuses_to_open_and_the_rest_starts(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """crc32c missing: SharedTier names the package at once (no page is ever checked by anything else), while a
+    leader with no remote_url starts as before."""
+    from harness import Model, make_leader
+
+    from dynkv.tiers.shared import base
+
+    monkeypatch.setattr(base, "_CRC32C_MISSING", ModuleNotFoundError("No module named 'crc32c'"))
+    with pytest.raises(ImportError, match="pip install crc32c"):
+        SharedTier("redis://127.0.0.1:1/0", fingerprint=b"\0" * 16, page_bytes=4096)
+    leader = make_leader(Model())
+    try:
+        assert leader.stats()["shared_up"] is False
+    finally:
+        leader.close()

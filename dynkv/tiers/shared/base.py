@@ -12,16 +12,41 @@ used, is :mod:`dynkv.tiers.shared.tier`'s business.
 
 URLs may carry credentials (``redis://user:secret@host:6379/0``); every
 message that names a store shows it through :func:`redact`.
+
+Page checksums are CRC-32C from the ``crc32c`` package (:func:`crc32c`), a
+dependency of dynkv that only this tier needs: without it an engine with no
+``remote_url`` still starts, and a shared tier refuses to open
+(:func:`require_crc32c`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-__all__ = ["GOT", "MISSING", "SCHEMES", "WRONG_SIZE", "StoreBackend", "StoreUnavailable", "redact", "scheme_of"]
+__all__ = ["GOT", "MISSING", "SCHEMES", "WRONG_SIZE", "StoreBackend", "StoreUnavailable", "crc32c", "redact",
+           "require_crc32c", "scheme_of"]
+
+try:
+    from crc32c import crc32c
+except ImportError as _missing:
+    _CRC32C_MISSING: ImportError | None = _missing
+
+    def crc32c(data: Any, value: int = 0) -> int:
+        """Stand-in while the package is missing: every call says so."""
+        require_crc32c()
+        return 0
+else:
+    _CRC32C_MISSING = None
+
+
+def require_crc32c() -> None:
+    """Raise ``ImportError`` naming the package if ``crc32c`` is not installed."""
+    if _CRC32C_MISSING is not None:
+        raise ImportError("dynkv's shared tier (remote_url) checksums every page with the crc32c package, which "
+                          "is not installed: pip install crc32c (a dependency of dynkv)") from _CRC32C_MISSING
 
 # get() outcome of one key
 GOT = 0  # the value filled its parts exactly

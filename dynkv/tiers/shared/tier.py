@@ -51,8 +51,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from crc32c import crc32c
-from dynkv.tiers.shared.base import GOT, MISSING, StoreBackend, StoreUnavailable, redact, scheme_of
+from dynkv.tiers.shared.base import (GOT, MISSING, StoreBackend, StoreUnavailable, crc32c, redact, require_crc32c,
+                                     scheme_of)
 
 __all__ = ["HEADER_BYTES", "PageFuture", "SharedPageError", "SharedPageMissing", "SharedTier", "open_backend",
            "pack_header", "store_key"]
@@ -208,6 +208,7 @@ class SharedTier:
                  io_threads: int = 2, username: str | None = None, password: str | None = None,
                  connect: Callable[[], StoreBackend] | None = None) -> None:
         scheme_of(url)
+        require_crc32c()
         if len(fingerprint) != 16:
             raise ValueError(f"fingerprint: expected a 16-byte digest, got {len(fingerprint)} bytes")
         self.url = redact(url)
