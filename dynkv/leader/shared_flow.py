@@ -183,27 +183,23 @@ class SharedFlow:
         exc = fut.exception()
         load.read_until = max(load.read_until, now)
         staged = self.staging.owns(host_slot)  # outside the host tier: never committed there
-        if exc is None and staged:
-            if load.given_up:
+        if exc is None:
+            if staged and load.given_up:
                 self.staging.free([host_slot])
-            else:
+            elif staged:
                 load.slots[i] = host_slot
                 load.staged.append(host_slot)
+            else:
+                self.index.commit(HOST, [key])
+                if not load.given_up:  # a load that went out without this page leaves it cached for the next
+                    self.index.pin(HOST, [key])
+                    load.slots[i] = host_slot
+                    load.host_keys.append(key)
             self._held[key] = None
             self._held.move_to_end(key)
-            self.metrics.pages.labels("shared_to_staging").inc()
-            self.metrics.bytes.labels("shared_to_staging").inc(self.geometry.page_bytes)
-            self.metrics.latency.labels("shared_to_host").observe(now - started)
-        elif exc is None:
-            self.index.commit(HOST, [key])
-            if not load.given_up:  # a load that went out without this page leaves it cached for the next
-                self.index.pin(HOST, [key])
-                load.slots[i] = host_slot
-                load.host_keys.append(key)
-            self._held[key] = None
-            self._held.move_to_end(key)
-            self.metrics.pages.labels("shared_to_host").inc()
-            self.metrics.bytes.labels("shared_to_host").inc(self.geometry.page_bytes)
+            direction = "shared_to_staging" if staged else "shared_to_host"
+            self.metrics.pages.labels(direction).inc()
+            self.metrics.bytes.labels(direction).inc(self.geometry.page_bytes)
             self.metrics.latency.labels("shared_to_host").observe(now - started)
         else:
             if staged:

@@ -383,25 +383,23 @@ class DiskFlow:
         self.index.unpin(DISK, [key])
         if self.cost is not None:
             self.cost.disk_read(load.job, self._page_bytes, at=when)
-        if exc is None and staged:
-            if load.given_up:  # nowhere to cache it: the staging slot goes back
-                self.staging.free([host_slot])
+        if exc is None:
+            if not staged:
+                self.index.commit(HOST, [key])  # given up or not: cached for a later request
+            if load.given_up:  # this one recomputes the block; a staging slot has nowhere to cache it
+                if staged:
+                    self.staging.free([host_slot])
                 self.metrics.disk_given_up.labels("landed").inc()
-            else:
+            elif staged:
                 load.slots[i] = host_slot
                 load.staged.append(host_slot)
-            self.metrics.pages.labels("disk_to_staging").inc()
-            self.metrics.bytes.labels("disk_to_staging").inc(self.geometry.page_bytes)
-        elif exc is None:
-            self.index.commit(HOST, [key])
-            if load.given_up:  # cached for a later request; this one recomputes the block
-                self.metrics.disk_given_up.labels("landed").inc()
             else:
                 self.index.pin(HOST, [key])
                 load.slots[i] = host_slot
                 load.host_keys.append(key)
-            self.metrics.pages.labels("disk_to_host").inc()
-            self.metrics.bytes.labels("disk_to_host").inc(self.geometry.page_bytes)
+            direction = "disk_to_staging" if staged else "disk_to_host"
+            self.metrics.pages.labels(direction).inc()
+            self.metrics.bytes.labels(direction).inc(self.geometry.page_bytes)
         else:
             self._log_read_failure(key, exc)
             self._drop_read_slot(key, host_slot, staged)
