@@ -68,6 +68,7 @@ _CRC = struct.Struct("<I")
 _LEN = struct.Struct("<Q")
 _KNOWN = _HDR.size - _CRC.size  # magic to payload length: the fields a reader knows before it reads
 _PAD = bytes(HEADER_BYTES - _HDR.size - _CRC.size)
+_HEAD = _MAGIC + struct.pack("<I", FORMAT_VERSION)  # the header's fields before the page's key
 _BACKOFF = (0.5, 30.0)
 
 
@@ -129,8 +130,13 @@ def store_key(namespace: str, fingerprint: bytes, key: bytes) -> str:
 
 def pack_header(key: bytes, fingerprint: bytes, page: memoryview | bytes) -> bytes:
     """The 64-byte header stored before ``page``."""
-    body = _HDR.pack(_MAGIC, FORMAT_VERSION, key, fingerprint, len(page), crc32c(page))
-    return (body + _CRC.pack(crc32c(body))).ljust(HEADER_BYTES, b"\0")
+    return _header(key, fingerprint + _LEN.pack(len(page)), page)
+
+
+def _header(key: bytes, tail: bytes, page: memoryview | bytes) -> bytes:
+    """:func:`pack_header` with the fields after the key (fingerprint, payload length) packed already."""
+    body = _HEAD + key + tail + _CRC.pack(crc32c(page))
+    return body + _CRC.pack(crc32c(body)) + _PAD
 
 
 def check_page(hdr: bytes | bytearray, key: bytes, fingerprint: bytes, page: memoryview) -> str | None:
@@ -216,8 +222,7 @@ class SharedTier:
         self.page_bytes = page_bytes
         self.namespace = namespace
         self._kprefix = store_key(namespace, self.fingerprint, b"")
-        self._head = _MAGIC + struct.pack("<I", FORMAT_VERSION)  # the header's fields before the page's key
-        self._tail = self.fingerprint + _LEN.pack(page_bytes)  # ... and after it, for a page of page_bytes
+        self._tail = self.fingerprint + _LEN.pack(page_bytes)  # the header's fields after the key, at page_bytes
         self.batch_pages = batch_pages
         self.lookup_timeout_s = lookup_timeout_s
         self._connect_fn = connect or (lambda: open_backend(url, timeout_s=timeout_s, username=username,
@@ -445,7 +450,7 @@ class SharedTier:
                 # Every field but the two checksums is known: one comparison, then both CRC-32Cs. A page of
                 # another length, or anything off, goes through check_page, which names what.
                 o = i * HEADER_BYTES
-                if (len(dst) == self.page_bytes and raw[o : o + _KNOWN] == self._head + key + self._tail
+                if (len(dst) == self.page_bytes and raw[o : o + _KNOWN] == _HEAD + key + self._tail
                         and _CRC.unpack_from(raw, o + _HDR.size)[0] == crc32c(raw[o : o + _HDR.size])
                         and _CRC.unpack_from(raw, o + _KNOWN)[0] == crc32c(dst)):
                     results.append(None)
@@ -475,12 +480,9 @@ class SharedTier:
 
     def _put_batch(self, writes: list[tuple[bytes, memoryview]]) -> list[bool | BaseException]:
         arena, headers = self._headers(len(writes))
-        bodies = []
-        for key, src in writes:
-            tail = self._tail if len(src) == self.page_bytes else self.fingerprint + _LEN.pack(len(src))
-            body = self._head + key + tail + _CRC.pack(crc32c(src))
-            bodies.append(body + _CRC.pack(crc32c(body)) + _PAD)
-        arena[: len(writes) * HEADER_BYTES] = b"".join(bodies)
+        arena[: len(writes) * HEADER_BYTES] = b"".join(
+            _header(key, self._tail, src) if len(src) == self.page_bytes else pack_header(key, self.fingerprint, src)
+            for key, src in writes)
         parts = [[h, src] for h, (_, src) in zip(headers, writes)]
         skeys = [self._kprefix + k.hex() for k, _ in writes]
         return [bool(good) for good in self._call(lambda b: b.put(skeys, parts))]
