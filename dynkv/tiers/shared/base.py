@@ -36,17 +36,22 @@ except ImportError as _missing:
 
     def crc32c(data: Any, value: int = 0) -> int:
         """Stand-in while the package is missing: every call says so."""
-        require_crc32c()
-        return 0
+        raise _no_crc32c()
 else:
     _CRC32C_MISSING = None
+
+
+def _no_crc32c() -> ImportError:
+    err = ImportError("dynkv's shared tier (remote_url) checksums every page with the crc32c package, which is "
+                      "not installed: pip install crc32c (a dependency of dynkv)")
+    err.__cause__ = _CRC32C_MISSING
+    return err
 
 
 def require_crc32c() -> None:
     """Raise ``ImportError`` naming the package if ``crc32c`` is not installed."""
     if _CRC32C_MISSING is not None:
-        raise ImportError("dynkv's shared tier (remote_url) checksums every page with the crc32c package, which "
-                          "is not installed: pip install crc32c (a dependency of dynkv)") from _CRC32C_MISSING
+        raise _no_crc32c()
 
 # get() outcome of one key
 GOT = 0  # the value filled its parts exactly
