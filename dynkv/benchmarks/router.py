@@ -319,7 +319,7 @@ def _run_engines(args: argparse.Namespace, sizes: Sizes, remote_url: str | None)
     result: dict[str, Any] = {"workload": {k: getattr(args, k) for k in (
         "conversations", "turns", "prefix_tokens", "user_tokens", "max_tokens", "concurrency", "preset",
         "cache_share")}, "device": args.device, "block_size": args.block_size,
-        "gpu_share": args.gpu_share if args.device == "cuda" else None, "engine_args": servers[0].command[1:],
+        "gpu_share": args.gpu_share if args.device == "cuda" else None, "engine_command": servers[0].command,
         "device_blocks": sizes.device_blocks, "working_set_blocks": sizes.working_set_pages,
         "shared_tier": {"host_pages": args.host_pages} if remote_url else None, "runs": []}
     try:
