@@ -2,8 +2,12 @@
 # Build dynkv with CUDA, run the GPU tests and the kernel benchmarks, and leave
 # logs, JSON and plots in one tarball under $OUT. Usage:
 #   OUT=/tmp/out bench/run_gpu.sh [tests|bench|all]
-# `load` (not part of `all`; needs vLLM): the two under-load workloads of `dynkv bench load`,
-# plain vLLM, dynkv and OffloadingConnector, the disk tier under $DISK (default /tmp/dynkv-load/disk).
+# Modes that need vLLM (not part of `all`; `source /tmp/vllm-env.sh` first with the slim bundle):
+#   load:   the two under-load workloads of `dynkv bench load`, plain vLLM, dynkv and OffloadingConnector,
+#           the disk tier under $DISK (default /tmp/dynkv-load/disk);
+#   e2e:    `dynkv bench e2e` at 8k tokens, REPEAT (default 7) runs per path, vLLM's compiled kernels;
+#   router: `python -m dynkv.benchmarks.router --device cuda`: two engines on the one GPU behind `dynkv proxy`,
+#           `kv` against `round-robin` routing, REPEATS (default 2) runs of each.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -40,8 +44,23 @@ if [[ $what == bench || $what == all ]]; then
   k deepseek-mla --preset deepseek-mla --ctas 8 --directions h2d,d2h --backends kernel,staged,torch
   python3 bench/calibration.py 2>&1 | tee "$RES/calibration.log"
 fi
+if [[ $what == load || $what == e2e || $what == router ]]; then
+  python3 -c "import vllm" || { echo "dynkv bench $what needs vLLM in this python3"; exit 1; }
+fi
+if [[ $what == e2e ]]; then
+  rm -rf /tmp/dynkv-load  # the disk space of an earlier load run
+  python3 -m dynkv.cli bench e2e --lengths 8192 --repeat "${REPEAT:-7}" --work-dir /tmp/e2e --out "$RES/e2e" \
+    --engine-arg attention_backend=TRITON_ATTN --engine-arg distributed_executor_backend=uni 2>&1 | tee "$RES/e2e.log"
+  rc=${PIPESTATUS[0]}
+fi
+if [[ $what == router ]]; then
+  python3 -m dynkv.benchmarks.router --device cuda --work /tmp/dynkv-router --repeats "${REPEATS:-2}" \
+    --engine-arg attention_backend=TRITON_ATTN --engine-arg distributed_executor_backend=uni \
+    --engine-arg enforce_eager=true --ready-timeout 240 --out "$RES/router-gpu.json" 2>&1 | tee "$RES/router.log"
+  rc=${PIPESTATUS[0]}
+  cp /tmp/dynkv-router/*.log "$RES/" 2>/dev/null
+fi
 if [[ $what == load ]]; then
-  python3 -c "import vllm" || { echo "dynkv bench load needs vLLM in this python3"; exit 1; }
   l() {
     local name=$1; shift
     python3 -m dynkv.cli bench load --device cuda --preset llama3-8b --work-dir /tmp/dynkv-load \
@@ -55,5 +74,5 @@ if [[ $what == load ]]; then
     --disk-share 1.2 --dynkv-variant nocost='{"cost_model": false}'
 fi
 tar -czf "$OUT/results-$what.tar.gz" -C "$RES" .
-grep -hE "^(\||h2d|d2h|both|tile|gemm|calibration|engine|plain|dynkv|offloading)| passed| failed|error" "$RES"/*.log | tail -150 > "$OUT/summary-$what.txt" || true
+grep -hE "^(\||h2d|d2h|both|tile|gemm|calibration|engine|plain|dynkv|offloading|kv|round|ratio|TTFT|8192)| passed| failed|error|x " "$RES"/*.log | tail -150 > "$OUT/summary-$what.txt" || true
 exit $rc

@@ -90,11 +90,12 @@ def _ops_for(s: Setup, cfg: Config, direction: str, backend: str, ctas: int | No
 
 
 def _row(direction: str, backend: str, ctas: int | None, nbytes: int, times: list[float],
-         base: float) -> dict[str, Any]:
+         base: float, enqueue: list[float]) -> dict[str, Any]:
     med = statistics.median(times)
     gbps = nbytes / med / 1e9
     return {"direction": direction, "backend": backend, "ctas": ctas, "bytes": nbytes, "times_s": times,
-            "median_s": med, "gbps": gbps, "pct_of_memcpy": 100.0 * gbps / base if base else None}
+            "median_s": med, "gbps": gbps, "pct_of_memcpy": 100.0 * gbps / base if base else None,
+            "enqueue_ms": 1e3 * statistics.median(enqueue) if enqueue else None}
 
 
 def run_cases(s: Setup, cfg: Config) -> list[dict[str, Any]]:
@@ -108,15 +109,19 @@ def run_cases(s: Setup, cfg: Config) -> list[dict[str, Any]]:
     with tqdm(total=len(cases) + len(cfg.directions), desc="bench", unit="case", leave=False, disable=None) as bar:
         for d in cfg.directions:
             nbytes = s.nbytes * (2 if d == "both" else 1)
-            times = time_fns(baseline_fns(s, d, cfg.threads), s.device, iters=cfg.iters, warmup=cfg.warmup)
-            base = _row(d, "memcpy", None, nbytes, times, 0.0)
+            enq: list[float] = []
+            times = time_fns(baseline_fns(s, d, cfg.threads), s.device, iters=cfg.iters, warmup=cfg.warmup,
+                             enqueue=enq)
+            base = _row(d, "memcpy", None, nbytes, times, 0.0, enq)
             base["pct_of_memcpy"] = 100.0
             rows.append(base)
             bar.update()
             for _, b, c in (x for x in cases if x[0] == d):
                 bar.set_postfix_str(f"{d} {b}{'' if c is None else f' ctas={c}'}")
-                times = time_fns(_ops_for(s, cfg, d, b, c), s.device, iters=cfg.iters, warmup=cfg.warmup)
-                rows.append(_row(d, b, c, nbytes, times, base["gbps"]))
+                enq = []
+                times = time_fns(_ops_for(s, cfg, d, b, c), s.device, iters=cfg.iters, warmup=cfg.warmup,
+                                 enqueue=enq)
+                rows.append(_row(d, b, c, nbytes, times, base["gbps"], enq))
                 bar.update()
     return rows
 
@@ -227,10 +232,14 @@ def host_pool_speed(size_gib: float) -> dict[str, Any]:
 
 
 def _fmt_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'direction':<10}{'backend':<10}{'ctas':>6}{'GB/s':>10}{'% memcpy':>10}"]
+    # enqueue ms: the host's time to enqueue the op(s) (GPU); near the copy's own time, a load and a
+    # store enqueued from one thread cannot run at once.
+    lines = [f"{'direction':<10}{'backend':<10}{'ctas':>6}{'GB/s':>10}{'% memcpy':>10}{'enqueue ms':>12}"]
     for r in rows:
         ctas = "-" if r["ctas"] is None else str(r["ctas"])
-        lines.append(f"{r['direction']:<10}{r['backend']:<10}{ctas:>6}{r['gbps']:>10.2f}{r['pct_of_memcpy']:>10.1f}")
+        enq = "-" if r.get("enqueue_ms") is None else f"{r['enqueue_ms']:.2f}"
+        lines.append(f"{r['direction']:<10}{r['backend']:<10}{ctas:>6}{r['gbps']:>10.2f}{r['pct_of_memcpy']:>10.1f}"
+                     f"{enq:>12}")
     return "\n".join(lines)
 
 

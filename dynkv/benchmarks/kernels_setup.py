@@ -34,9 +34,13 @@ BACKENDS = ("kernel", "staged", "dma", "dma_loop", "torch", "hybrid", "layers")
 # staged: whole page slices on the copy engines through a staging ring on the
 # device, then an on-device kernel (dynkv.worker.staging); not d2d.
 _DTYPES = {1: "uint8", 2: "bfloat16", 4: "float32", 8: "float64"}
-# ~1 ms of GPU sleep before each timing: holds the streams until every op of the
-# case is enqueued, so the two ops of `both` start together.
-_GATE_CYCLES = 2_000_000
+# A GPU sleep before each timing holds the streams until every op of the case is
+# enqueued, so the two ops of `both` start together. It lasts at least _GATE_MIN_S
+# and twice the longest enqueue seen so far: with a fixed 1 ms, a llama3-70b-tp8
+# staged load was still being enqueued while it ran, its store started only after
+# it, and `both` measured 53% of memcpy where both at once reach 97%.
+_GATE_MIN_S = 1e-3
+_SLEEP_RATE: dict[int, float] = {}  # device -> torch.cuda._sleep cycles per second
 
 
 @dataclass(frozen=True)
@@ -309,11 +313,32 @@ def baseline_fns(s: Setup, direction: str, threads: int | None = None) -> list[C
     return [fns["h2d"], fns["d2h"]] if direction == "both" else [fns[direction]]
 
 
-def time_fns(fns: Sequence[Callable[[], None]], device: torch.device, *, iters: int, warmup: int) -> list[float]:
+def _sleep_rate(device: torch.device) -> float:
+    """Cycles per second of ``torch.cuda._sleep`` on ``device`` (measured once)."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SLEEP_RATE:
+        cycles = 20_000_000
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(cycles // 10)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        _SLEEP_RATE[index] = cycles / max(start.elapsed_time(end) / 1e3, 1e-6)
+    return _SLEEP_RATE[index]
+
+
+def time_fns(fns: Sequence[Callable[[], None]], device: torch.device, *, iters: int, warmup: int,
+             enqueue: list[float] | None = None) -> list[float]:
     """Seconds per repetition of running ``fns`` together (GPU: one stream each).
 
     GPU times come from CUDA events around all streams; CPU from
     ``time.perf_counter`` (one function, the ops are synchronous there).
+    On a GPU the host's seconds to enqueue all of ``fns`` in each timed
+    repetition are appended to ``enqueue``; at least one warmup repetition runs
+    (it sizes the gate that holds the streams until everything is enqueued).
     """
     import torch
 
@@ -329,18 +354,31 @@ def time_fns(fns: Sequence[Callable[[], None]], device: torch.device, *, iters: 
         return out
     main = torch.cuda.current_stream(device)
     streams = [torch.cuda.Stream(device) for _ in fns]
-    for i in range(warmup + iters):
+    rate, gate_s = _sleep_rate(device), _GATE_MIN_S
+    warmup = max(1, warmup)
+    i = 0
+    while len(out) < iters:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(_GATE_CYCLES)
+        torch.cuda._sleep(int(rate * gate_s))
         start.record(main)
+        t0 = time.perf_counter()
         for st, fn in zip(streams, fns):
             st.wait_stream(main)
             with torch.cuda.stream(st):
                 fn()
+        took = time.perf_counter() - t0
         for st in streams:
             main.wait_stream(st)
         end.record(main)
         end.synchronize()
-        if i >= warmup:
+        # A repetition whose enqueue outlasted the gate did not start its ops together: sized anew, not kept.
+        if i >= warmup and took < gate_s:
             out.append(start.elapsed_time(end) / 1e3)
+            if enqueue is not None:
+                enqueue.append(took)
+        gate_s = max(gate_s, 2 * took + _GATE_MIN_S)
+        i += 1
+        if i > warmup + 4 * iters + 4:
+            raise RuntimeError(f"enqueueing the ops kept outlasting the gate ({took * 1e3:.1f} ms, gate "
+                               f"{gate_s * 1e3:.1f} ms): their timings would not be of the ops run together")
     return out
