@@ -420,24 +420,23 @@ class SharedTier:
                 results = [e] * len(items)
             fut.set_result(results)
 
-    def _headers(self, n: int) -> tuple[memoryview, list[memoryview]]:
-        """This I/O thread's header buffer and its first ``n`` 64-byte slots, registered like the host pool so
+    def _headers(self, n: int) -> memoryview:
+        """This I/O thread's header buffer, its first ``n`` 64-byte slots: registered like the host pool so
         that a backend moving pages in place moves their headers in place too; valid until the thread's next
         batch."""
         arena = getattr(self._local, "headers", None)
         if arena is None:
             arena = memoryview(bytearray(self.batch_pages * HEADER_BYTES))
             self._local.headers = arena
-            self._local.slots = [arena[i * HEADER_BYTES : (i + 1) * HEADER_BYTES] for i in range(self.batch_pages)]
             self.register(arena)
-        return arena, self._local.slots[:n]
+        return arena[: n * HEADER_BYTES]
 
     def _read_batch(self, reads: list[tuple[bytes, memoryview]]) -> list[BaseException | None]:
-        arena, headers = self._headers(len(reads))
-        parts = [[h, dst] for h, (_, dst) in zip(headers, reads)]
+        heads = self._headers(len(reads))
+        pages = [dst for _, dst in reads]
         skeys = [self._kprefix + k.hex() for k, _ in reads]
-        codes = self._call(lambda b: b.get(skeys, parts))
-        raw = bytes(arena[: len(reads) * HEADER_BYTES])  # one copy of the batch's headers, sliced as bytes below
+        codes = self._call(lambda b: b.get(skeys, heads, pages))
+        raw = bytes(heads)  # one copy of the batch's headers, sliced as bytes below
         results: list[BaseException | None] = []
         bad_keys = []
         for i, ((key, dst), code) in enumerate(zip(reads, codes)):
@@ -479,13 +478,13 @@ class SharedTier:
         return results
 
     def _put_batch(self, writes: list[tuple[bytes, memoryview]]) -> list[bool | BaseException]:
-        arena, headers = self._headers(len(writes))
-        arena[: len(writes) * HEADER_BYTES] = b"".join(
+        heads = self._headers(len(writes))
+        heads[:] = b"".join(
             _header(key, self._tail, src) if len(src) == self.page_bytes else pack_header(key, self.fingerprint, src)
             for key, src in writes)
-        parts = [[h, src] for h, (_, src) in zip(headers, writes)]
+        pages = [src for _, src in writes]
         skeys = [self._kprefix + k.hex() for k, _ in writes]
-        return [bool(good) for good in self._call(lambda b: b.put(skeys, parts))]
+        return [bool(good) for good in self._call(lambda b: b.put(skeys, heads, pages))]
 
     def close(self) -> None:
         """Wait for reads and writes in flight, then disconnect."""
