@@ -80,6 +80,16 @@ class SharedPageError(ValueError):
     """A value read back is not the page asked for (checksum, key, model or size): a load error."""
 
 
+class _Batch(Future):
+    """A batch's future; ``results`` is every page's outcome once it completed (read without the future's lock)."""
+
+    results: list | None = None
+
+    def complete(self, results: list) -> None:
+        self.set_result(results)
+        self.results = results
+
+
 class PageFuture:
     """One page's outcome in a batched read or write: the part of :class:`concurrent.futures.Future` that
     callers use (``done``, ``cancelled``, ``result``, ``exception``, ``add_done_callback``).
@@ -93,12 +103,12 @@ class PageFuture:
 
     __slots__ = ("_batch", "_i")
 
-    def __init__(self, batch: Future[list], i: int) -> None:
+    def __init__(self, batch: _Batch, i: int) -> None:
         self._batch = batch
         self._i = i
 
     def done(self) -> bool:
-        return self._batch.done()
+        return self._batch.results is not None or self._batch.done()
 
     def cancel(self) -> bool:
         return False
@@ -108,14 +118,14 @@ class PageFuture:
 
     def result(self, timeout: float | None = None) -> Any:
         """The page's value; raises its exception (or :class:`TimeoutError` after ``timeout`` seconds)."""
-        r = self._batch.result(timeout)[self._i]
+        r = (self._batch.results or self._batch.result(timeout))[self._i]
         if isinstance(r, BaseException):
             raise r
         return r
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The page's exception, None when it succeeded (waits like :meth:`result`)."""
-        r = self._batch.result(timeout)[self._i]
+        r = (self._batch.results or self._batch.result(timeout))[self._i]
         return r if isinstance(r, BaseException) else None
 
     def add_done_callback(self, fn: Callable[[PageFuture], object]) -> None:
@@ -229,7 +239,7 @@ class SharedTier:
                                                             password=password))
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="dynkv-shared")
         self._threads = io_threads
-        self._queue: deque[tuple[Callable[[list], list], list, Future[list]]] = deque()  # batches to run
+        self._queue: deque[tuple[Callable[[list], list], list, _Batch]] = deque()  # batches to run
         self._lookups = ThreadPoolExecutor(1, thread_name_prefix="dynkv-shared-lookup")
         self._lock = threading.Lock()
         self._backend: StoreBackend | None = None
@@ -388,10 +398,10 @@ class SharedTier:
         closed = self._closed
         for start in range(0, len(items), self.batch_pages):
             batch = list(items[start : start + self.batch_pages])
-            fut: Future[list] = Future()
+            fut = _Batch()
             fut.set_running_or_notify_cancel()
             if closed:
-                fut.set_result([StoreUnavailable(f"shared tier {self.url} is closed")] * len(batch))
+                fut.complete([StoreUnavailable(f"shared tier {self.url} is closed")] * len(batch))
             else:
                 self._queue.append((fn, batch, fut))
             out += [PageFuture(fut, i) for i in range(len(batch))]
@@ -405,7 +415,7 @@ class SharedTier:
                         _, batch, fut = self._queue.popleft()
                     except IndexError:  # a thread still draining took the last
                         break
-                    fut.set_result([StoreUnavailable(f"shared tier {self.url} is closed")] * len(batch))
+                    fut.complete([StoreUnavailable(f"shared tier {self.url} is closed")] * len(batch))
         return out
 
     def _drain(self) -> None:
@@ -418,7 +428,7 @@ class SharedTier:
                 results = fn(items)
             except BaseException as e:  # every page completes, whatever went wrong
                 results = [e] * len(items)
-            fut.set_result(results)
+            fut.complete(results)
 
     def _headers(self, n: int) -> memoryview:
         """This I/O thread's header buffer, its first ``n`` 64-byte slots: registered like the host pool so
@@ -437,6 +447,11 @@ class SharedTier:
         skeys = [self._kprefix + k.hex() for k, _ in reads]
         codes = self._call(lambda b: b.get(skeys, heads, pages))
         raw = bytes(heads)  # one copy of the batch's headers, sliced as bytes below
+        # Every page came back: the headers must be, byte for byte, those written for these keys and the pages
+        # read (magic, version, key, fingerprint, length, the page's CRC-32C, the header's), all in one comparison.
+        if codes.count(GOT) == len(reads) and raw == b"".join(_header(key, self._tail, dst) for key, dst in reads):
+            return [None] * len(reads)
+        # Otherwise page by page: what is missing, and what is wrong with each page that is.
         results: list[BaseException | None] = []
         bad_keys = []
         for i, ((key, dst), code) in enumerate(zip(reads, codes)):
