@@ -66,7 +66,6 @@ _MAGIC = b"DYNKVSH\x00"
 _HDR = struct.Struct("<8sI16s16sQI")
 _CRC = struct.Struct("<I")
 _LEN = struct.Struct("<Q")
-_KNOWN = _HDR.size - _CRC.size  # magic to payload length: the fields a reader knows before it reads
 _PAD = bytes(HEADER_BYTES - _HDR.size - _CRC.size)
 _HEAD = _MAGIC + struct.pack("<I", FORMAT_VERSION)  # the header's fields before the page's key
 _BACKOFF = (0.5, 30.0)
@@ -447,34 +446,22 @@ class SharedTier:
         skeys = [self._kprefix + k.hex() for k, _ in reads]
         codes = self._call(lambda b: b.get(skeys, heads, pages))
         raw = bytes(heads)  # one copy of the batch's headers, sliced as bytes below
-        # Every page came back: the headers must be, byte for byte, those written for these keys and the pages
-        # read (magic, version, key, fingerprint, length, the page's CRC-32C, the header's), all in one comparison.
+        # Every page came back: each header must be, byte for byte, the one written for its key and the page read.
         if codes.count(GOT) == len(reads) and raw == b"".join(_header(key, self._tail, dst) for key, dst in reads):
             return [None] * len(reads)
-        # Otherwise page by page: what is missing, and what is wrong with each page that is.
+        # Otherwise page by page: what is missing, and what is wrong with each page that is (check_page names it).
         results: list[BaseException | None] = []
         bad_keys = []
         for i, ((key, dst), code) in enumerate(zip(reads, codes)):
             if code == MISSING:
                 results.append(SharedPageMissing(key.hex()))
                 continue
-            if code != GOT:
-                bad = "a value of another size"
-            else:
-                # Every field but the two checksums is known: one comparison, then both CRC-32Cs. A page of
-                # another length, or anything off, goes through check_page, which names what.
-                o = i * HEADER_BYTES
-                if (len(dst) == self.page_bytes and raw[o : o + _KNOWN] == _HEAD + key + self._tail
-                        and _CRC.unpack_from(raw, o + _HDR.size)[0] == crc32c(raw[o : o + _HDR.size])
-                        and _CRC.unpack_from(raw, o + _KNOWN)[0] == crc32c(dst)):
-                    results.append(None)
-                    continue
-                bad = check_page(raw[o : o + HEADER_BYTES], key, self.fingerprint, dst)
-                if bad is None:
-                    results.append(None)
-                    continue
-            results.append(SharedPageError(f"shared page {key.hex()}: {bad}"))
-            bad_keys.append(skeys[i])
+            o = i * HEADER_BYTES
+            bad = check_page(raw[o : o + HEADER_BYTES], key, self.fingerprint, dst) if code == GOT \
+                else "a value of another size"
+            results.append(None if bad is None else SharedPageError(f"shared page {key.hex()}: {bad}"))
+            if bad is not None:
+                bad_keys.append(skeys[i])
         if bad_keys:  # under this model's key, a bad value is bad for every engine: let the next write replace it
             try:
                 self._call(lambda b: b.remove(bad_keys))
