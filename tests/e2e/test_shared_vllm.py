@@ -7,6 +7,8 @@ first wrote (greedy tokens equal plain vLLM's); the values are corrupted
 behind dynkv's back (every page a load error, recomputed, then rewritten);
 an engine serving other weights at the same path finds none of them, fills
 the store past its limit, and keeps answering after the store is shut down.
+The same conversation also goes from one engine to the next through a
+Mooncake Store, whose pages a standalone ``mooncake_client`` holds.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import BASE_SEED
-from stores import RedisServer
+from stores import MooncakeMaster, RedisServer
 from test_connector_vllm import run_engine, sample
 
 from dynkv.testing.model import FIRST_WORD_ID, write_model
@@ -111,3 +113,28 @@ def test_engines_share_pages_through_one_store(tmp_path: Path) -> None:
         assert sample(dead, "dynkv_tier_up", tier="shared") == 0
     finally:
         store.stop()
+
+
+def test_engines_share_pages_through_mooncake(mooncake_master: MooncakeMaster, tmp_path: Path) -> None:
+    pytest.importorskip("mooncake.store", reason="no Mooncake client (pip install mooncake-transfer-engine-non-cuda)")
+    # The engines mount no memory (segment_mb=0): pages live in a standalone client's segment, so they outlive
+    # engine A, which exits before engine B starts.
+    mooncake_master.hold(segment_mb=64)
+    rng = np.random.default_rng(BASE_SEED)
+    print(f"prompt seed {BASE_SEED}")
+    first = rng.integers(FIRST_WORD_ID, 1024, size=(2, 200)).tolist()
+    turn2 = [p + rng.integers(FIRST_WORD_ID, 1024, 40).tolist() for p in first]
+    served = str(write_model(tmp_path / "served", preset="tiny", seed=0))
+    dynkv = {"host_pages": 32, "remote_url": mooncake_master.url + "?segment_mb=0&buffer_mb=16",
+             "shared_lookup_ms": 2000, "shared_timeout_s": 30.0, "cost_model": False}
+    plain = run_engine(tmp_path / "plain", {"model": served, "engine": ENGINE, "dynkv": None,
+                                            "phases": [{"name": "turn2", "prompts": turn2}]})["phases"][0]
+    a = run_engine(tmp_path / "a", {"model": served, "engine": ENGINE, "dynkv": dynkv,
+                                    "phases": [{"name": "turn1", "prompts": first}]})["phases"][0]
+    assert sample(a, "dynkv_pages_moved_total", direction="host_to_shared") == 2 * PAGES
+    assert sample(a, "dynkv_store_errors_total", tier="shared") == 0
+    cont = run_engine(tmp_path / "b", {"model": served, "engine": ENGINE, "dynkv": dynkv,
+                                       "phases": [{"name": "turn2", "prompts": turn2}]})["phases"][0]
+    assert cont["tokens"] == plain["tokens"], "greedy tokens differ from plain vLLM"
+    assert delta(cont, None, "dynkv_hits_total", tier="shared") == 2 * PAGES
+    assert delta(cont, None, "dynkv_load_errors_total", reason="shared") == 0

@@ -162,11 +162,12 @@ class MooncakeMaster:
         self.workdir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
+        self.holders: list[subprocess.Popen] = []
 
     @classmethod
-    def binary(cls) -> str | None:
-        here = Path(sys.executable).with_name(cls.BINARY)
-        return str(here) if here.exists() else shutil.which(cls.BINARY)
+    def binary(cls, name: str = BINARY) -> str | None:
+        here = Path(sys.executable).with_name(name)
+        return str(here) if here.exists() else shutil.which(name)
 
     @property
     def url(self) -> str:
@@ -182,7 +183,25 @@ class MooncakeMaster:
         _wait_port(self.port, self.proc, "mooncake_master")
         return self
 
+    def hold(self, segment_mb: int) -> None:
+        """Start a standalone ``mooncake_client`` that mounts ``segment_mb`` MiB into the store (stopped with the
+        master): pages put there outlive the processes that wrote them, for engines run one after another with
+        ``segment_mb=0``. Skips where the binary is absent."""
+        binary = self.binary("mooncake_client")
+        if binary is None:
+            pytest.skip("mooncake_client is not installed (pip install mooncake-transfer-engine-non-cuda; "
+                        "make setup does)")
+        port = free_port()
+        args = [binary, f"-master_server_address=127.0.0.1:{self.port}", "-metadata_server=P2PHANDSHAKE",
+                "-host=127.0.0.1", f"-port={port}", "-protocol=tcp", f"-global_segment_size={segment_mb}MB"]
+        with open(self.workdir / f"mooncake_client-{port}.log", "ab") as log:
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        self.holders.append(proc)
+        _wait_port(port, proc, "mooncake_client")  # listens once its segment is mounted
+
     def stop(self) -> None:
+        for proc in self.holders:
+            _stop(proc)
         _stop(self.proc)
 
     def kill(self) -> None:

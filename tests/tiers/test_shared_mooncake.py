@@ -16,6 +16,7 @@ import pytest
 from stores import MooncakeMaster
 
 from dynkv.tiers.shared import SharedPageError, SharedPageMissing, SharedTier, StoreUnavailable
+from dynkv.tiers.shared.base import GOT
 from dynkv.tiers.shared.tier import HEADER_BYTES, store_key
 
 pytest.importorskip("mooncake.store", reason="no Mooncake client (pip install mooncake-transfer-engine-non-cuda)")
@@ -108,6 +109,16 @@ def test_pages_and_headers_move_in_place_from_registered_memory(mooncake_master:
         errs = [f.exception(timeout=60) for f in t.read_many([(k, memoryview(out[i])) for i, k in enumerate(keys[:8])])]
         assert errs == [None] * 8 and np.array_equal(out, data[:8])
         assert rec.registered == [4 * PAGE, 4 * PAGE]
+        # Headers outside registered memory too, pages on either side (one read-only): one scratch buffer a call.
+        rec.registered.clear()
+        heads = memoryview(bytearray(range(2 * HEADER_BYTES)))
+        skeys = ["raw:a", "raw:b"]
+        assert backend.put(skeys, heads, [memoryview(pool[0]), memoryview(bytes(data[1]))]) == [True, True]
+        back, dst = memoryview(bytearray(2 * HEADER_BYTES)), np.zeros((2, PAGE), dtype=np.uint8)
+        assert backend.get(skeys, back, [memoryview(pool[9]), memoryview(dst[1])]) == [GOT, GOT]
+        assert back == heads and np.array_equal(pool[9], pool[0]) and np.array_equal(dst[1], data[1])
+        assert rec.registered == [2 * HEADER_BYTES + PAGE] * 2
+        backend.remove(skeys)
     finally:
         t.close()
 

@@ -180,6 +180,23 @@ def test_a_value_that_is_not_the_page_asked_for_fails_its_read(tier: SharedTier,
     assert errs == [None] * 5 and np.array_equal(got, data)
 
 
+def test_in_a_batch_read_back_whole_a_bad_page_fails_alone(tier: SharedTier, redis_server: RedisServer,
+                                                            rng: np.random.Generator) -> None:
+    keys, data = pages(rng, 5)  # one batch; every value comes back at its size
+    write(tier, keys, data)
+    raw = redis.Redis(port=redis_server.ports[0])
+    k = [store_key("t", FP, key) for key in keys]
+    for i, at in ((1, HEADER_BYTES + PAGE - 1), (3, 57)):  # the page's last byte; the header's own checksum
+        value = bytearray(raw.get(k[i]))
+        value[at] ^= 0x01
+        raw.set(k[i], bytes(value))
+    got, errs = read(tier, keys)
+    assert [e is None for e in errs] == [True, False, True, False, True], errs
+    assert "payload checksum mismatch" in str(errs[1]) and "header checksum mismatch" in str(errs[3])
+    assert np.array_equal(got[[0, 2, 4]], data[[0, 2, 4]])
+    assert [raw.exists(key) for key in k] == [1, 0, 1, 0, 1]
+
+
 def test_a_page_of_the_zlib_format_is_a_load_error_and_is_replaced(tier: SharedTier, redis_server: RedisServer,
                                                                    rng: np.random.Generator) -> None:
     keys, data = pages(rng, 2)

@@ -4,9 +4,10 @@ A backend (:mod:`dynkv.tiers.shared.redis`, :mod:`dynkv.tiers.shared.mooncake`)
 is the only importer of its store's client library. It stores opaque values
 under string keys, in batches: :meth:`StoreBackend.exists`,
 :meth:`StoreBackend.put` and :meth:`StoreBackend.get`. A value is given and
-read as *parts* (the page header, then the page itself in the host pool), so a
-backend that can send from and receive into several buffers per value does so
-without joining them first. Every call returns within the backend's timeout or
+read as two parts (its page header, from a batch's headers lying side by
+side, then the page itself in the host pool), so a backend that can send
+from and receive into several buffers per value does so without joining them
+first. Every call returns within the backend's timeout or
 raises :class:`StoreUnavailable`; what a value holds, and whether it may be
 used, is :mod:`dynkv.tiers.shared.tier`'s business.
 
@@ -98,8 +99,9 @@ def scheme_of(url: str) -> str:
 class StoreBackend(Protocol):
     """Batched access to one store; thread-safe (the shared tier calls it from several threads).
 
-    Keys are ASCII strings; ``parts`` of one key are writable (get) or
-    readable (put) contiguous buffers whose concatenation is the value.
+    Keys are ASCII strings. The value of ``keys[i]`` is its header, the
+    ``i``-th of ``len(keys)`` equal slices of ``heads``, then ``pages[i]``:
+    writable (get) or readable (put) contiguous buffers.
     Every method raises :class:`StoreUnavailable` when the store cannot
     answer within the backend's timeout.
     """
@@ -108,12 +110,13 @@ class StoreBackend(Protocol):
         """Whether each key is stored (one round trip for the batch)."""
         ...
 
-    def put(self, keys: Sequence[str], parts: Sequence[Sequence[memoryview]]) -> list[bool]:
-        """Store each key's value, the concatenation of its parts; False where the store refused one (full)."""
+    def put(self, keys: Sequence[str], heads: memoryview, pages: Sequence[memoryview]) -> list[bool]:
+        """Store each key's value, its header then its page; False where the store refused one (full)."""
         ...
 
-    def get(self, keys: Sequence[str], parts: Sequence[Sequence[memoryview]]) -> list[int]:
-        """Read each key's value into its parts: :data:`GOT`, :data:`MISSING` or :data:`WRONG_SIZE` per key."""
+    def get(self, keys: Sequence[str], heads: memoryview, pages: Sequence[memoryview]) -> list[int]:
+        """Read each key's value into its header and page: :data:`GOT`, :data:`MISSING` or :data:`WRONG_SIZE`
+        per key."""
         ...
 
     def remove(self, keys: Sequence[str]) -> None:
@@ -121,7 +124,7 @@ class StoreBackend(Protocol):
         ...
 
     def register(self, buf: memoryview) -> None:
-        """Memory that parts will often lie in (the host pool): a backend that can send from it in place does."""
+        """Memory that pages and headers will often lie in (the host pool): a backend that can send from it in place does."""
         ...
 
     def close(self) -> None: ...

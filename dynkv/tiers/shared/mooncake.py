@@ -11,9 +11,9 @@ transfer buffer, default 64), ``protocol`` (``tcp`` default, ``rdma``),
 Pages move in place: the host pool is registered with the transfer engine,
 and each page goes out as two buffers (its header, then the page in the
 pool) through ``batch_put_from_multi_buffers`` and comes back the same way
-through ``batch_get_into_multi_buffers``. The shared tier keeps the headers
-in registered buffers too; a part outside registered memory goes through a
-registered scratch buffer.
+through ``batch_get_into_multi_buffers``. The shared tier keeps a batch's
+headers side by side in one registered buffer; a part outside registered
+memory goes through a registered scratch buffer.
 
 The client library has no per-call timeout. Against a dead master a batch
 call returns -900 after about 4 s (with Python's GIL released: the lookup's
@@ -46,9 +46,12 @@ _OPTIONS = {"segment_mb": "256", "buffer_mb": "64", "protocol": "tcp", "device":
 _setting_up = threading.Lock()  # one setup at a time: a dead master holds each for ~90 s
 
 
+_from_buffer, _addressof = ctypes.c_char.from_buffer, ctypes.addressof
+
+
 def _address(buf: memoryview) -> int:
     if not buf.readonly and len(buf):  # ctypes: about 6x faster than numpy's view, for writable memory
-        return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        return _addressof(_from_buffer(buf))
     return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
 
 
@@ -120,32 +123,49 @@ class MooncakeBackend:
         with self._lock:
             self._regions.append((addr, addr + len(buf)))
 
-    def _stage(self, parts: Sequence[Sequence[memoryview]]) -> tuple[list[list[int]], list[list[int]],
-                                                                       list[tuple[memoryview, int, int]], np.ndarray | None]:
-        """Pointers and sizes of every part; parts outside registered memory get a place in a scratch buffer
-        (None when every part is registered: the usual case, pages in the host pool and the tier's headers)."""
-        ptrs = [[_address(part) for part in p] for p in parts]
-        sizes = [[len(part) for part in p] for p in parts]
-        staged: list[tuple[memoryview, int, int]] = []  # (part, offset in scratch, length)
-        off = 0
+    def _stage(self, heads: memoryview, pages: Sequence[memoryview]) -> tuple[list[list[int]], list[list[int]],
+                                                                         list[tuple[memoryview, int]], np.ndarray | None]:
+        """Pointers and sizes of each value's two parts (its header in ``heads``, its page); a part outside
+        registered memory gets a place in a scratch buffer, returned with the parts to copy (part, offset in
+        scratch). None when every part is registered: the usual case, pages in the host pool and the tier's
+        header buffer, where this costs one address per page."""
+        if not pages:
+            return [], [], [], None
+        n = len(heads) // len(pages)
         regions = self._regions
-        for p, row, size in zip(parts, ptrs, sizes):
-            for j, (a, n) in enumerate(zip(row, size)):
+        staged: list[tuple[memoryview, int]] = []
+        off = 0
+        hp = _address(heads) if len(heads) else 0
+        for lo, hi in regions:
+            if lo <= hp and hp + len(heads) <= hi:
+                break
+        else:
+            staged.append((heads, 0))
+            off = len(heads)
+        pp: list[int] = []
+        lo = hi = 0
+        for page in pages:  # inline: the pages of a batch mostly lie in one region (the host pool)
+            m = len(page)
+            a = _addressof(_from_buffer(page)) if m and not page.readonly else _address(page)
+            if not (lo <= a and a + m <= hi):
                 for lo, hi in regions:
-                    if lo <= a and a + n <= hi:
+                    if lo <= a and a + m <= hi:
                         break
                 else:
-                    row[j] = -1 - len(staged)  # patched below to the part's place in scratch
-                    staged.append((p[j], off, n))
-                    off += n
-        if not staged:
-            return ptrs, sizes, staged, None
-        scratch = np.empty(off, dtype=np.uint8)
-        base = int(scratch.ctypes.data)
-        for row in ptrs:
-            for j, a in enumerate(row):
-                if a < 0:
-                    row[j] = base + staged[-1 - a][1]
+                    lo = hi = 0
+                    staged.append((page, off))
+                    a = -1 - off  # patched below to its place in scratch
+                    off += m
+            pp.append(a)
+        scratch = None
+        if staged:
+            scratch = np.empty(off, dtype=np.uint8)
+            base = int(scratch.ctypes.data)
+            if staged[0][0] is heads:
+                hp = base
+            pp = [base - 1 - a if a < 0 else a for a in pp]
+        ptrs = [[hp + i * n, a] for i, a in enumerate(pp)]
+        sizes = [[n, len(page)] for page in pages]
         return ptrs, sizes, staged, scratch
 
     def _with_scratch(self, scratch: np.ndarray | None, fn):  # type: ignore[no-untyped-def]
@@ -166,22 +186,22 @@ class MooncakeBackend:
             raise StoreUnavailable(f"mooncake store {self.url}: existence check failed ({out[0]})")
         return [r == 1 for r in out]
 
-    def put(self, keys: Sequence[str], parts: Sequence[Sequence[memoryview]]) -> list[bool]:
-        ptrs, sizes, staged, scratch = self._stage(parts)
-        for part, off, n in staged:
-            scratch[off : off + n] = np.frombuffer(part, dtype=np.uint8)  # type: ignore[index]
+    def put(self, keys: Sequence[str], heads: memoryview, pages: Sequence[memoryview]) -> list[bool]:
+        ptrs, sizes, staged, scratch = self._stage(heads, pages)
+        for part, off in staged:
+            scratch[off : off + len(part)] = np.frombuffer(part, dtype=np.uint8)  # type: ignore[index]
         out = self._with_scratch(scratch, lambda: self._store.batch_put_from_multi_buffers(list(keys), ptrs, sizes))
         if out and all(r == _RPC_FAILED for r in out):
             raise StoreUnavailable(f"mooncake store {self.url}: put failed ({_RPC_FAILED}: no answer from the master)")
         return [r == 0 for r in out]
 
-    def get(self, keys: Sequence[str], parts: Sequence[Sequence[memoryview]]) -> list[int]:
-        ptrs, sizes, staged, scratch = self._stage(parts)
+    def get(self, keys: Sequence[str], heads: memoryview, pages: Sequence[memoryview]) -> list[int]:
+        ptrs, sizes, staged, scratch = self._stage(heads, pages)
         out = self._with_scratch(scratch, lambda: self._store.batch_get_into_multi_buffers(list(keys), ptrs, sizes))
         if out and all(r == _RPC_FAILED for r in out):
             raise StoreUnavailable(f"mooncake store {self.url}: get failed ({_RPC_FAILED}: no answer from the master)")
-        for part, off, n in staged:
-            np.frombuffer(part, dtype=np.uint8)[:] = scratch[off : off + n]  # type: ignore[index]
+        for part, off in staged:
+            np.frombuffer(part, dtype=np.uint8)[:] = scratch[off : off + len(part)]  # type: ignore[index]
         codes = []
         for r, size in zip(out, sizes):
             if r == _NOT_FOUND:

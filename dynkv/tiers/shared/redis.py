@@ -88,7 +88,9 @@ class RedisBackend:
         _raise_down(out, self.url)
         return [r == 1 for r in out]
 
-    def put(self, keys: Sequence[str], parts: Sequence[Sequence[memoryview]]) -> list[bool]:
+    def put(self, keys: Sequence[str], heads: memoryview, pages: Sequence[memoryview]) -> list[bool]:
+        n = len(heads) // len(keys) if keys else 0
+        parts = [(heads[i * n : (i + 1) * n], page) for i, page in enumerate(pages)]
         if isinstance(self._client, RedisCluster):
             by_node: dict[str, list[int]] = {}
             nodes = {}
@@ -166,8 +168,10 @@ class RedisBackend:
         finally:
             pool.release(conn)
 
-    def get(self, keys: Sequence[str], parts: Sequence[Sequence[memoryview]]) -> list[int]:
+    def get(self, keys: Sequence[str], heads: memoryview, pages: Sequence[memoryview]) -> list[int]:
         out = self._run([("get", (k,)) for k in keys])
+        n = len(heads) // len(keys) if keys else 0
+        parts = [(heads[i * n : (i + 1) * n], page) for i, page in enumerate(pages)]
         _raise_down(out, self.url)
         codes = []
         for value, dst in zip(out, parts):

@@ -66,7 +66,6 @@ _MAGIC = b"DYNKVSH\x00"
 _HDR = struct.Struct("<8sI16s16sQI")
 _CRC = struct.Struct("<I")
 _LEN = struct.Struct("<Q")
-_KNOWN = _HDR.size - _CRC.size  # magic to payload length: the fields a reader knows before it reads
 _PAD = bytes(HEADER_BYTES - _HDR.size - _CRC.size)
 _HEAD = _MAGIC + struct.pack("<I", FORMAT_VERSION)  # the header's fields before the page's key
 _BACKOFF = (0.5, 30.0)
@@ -78,6 +77,16 @@ class SharedPageMissing(KeyError):
 
 class SharedPageError(ValueError):
     """A value read back is not the page asked for (checksum, key, model or size): a load error."""
+
+
+class _Batch(Future):
+    """A batch's future; ``results`` is every page's outcome once it completed (read without the future's lock)."""
+
+    results: list | None = None
+
+    def complete(self, results: list) -> None:
+        self.set_result(results)
+        self.results = results
 
 
 class PageFuture:
@@ -93,12 +102,12 @@ class PageFuture:
 
     __slots__ = ("_batch", "_i")
 
-    def __init__(self, batch: Future[list], i: int) -> None:
+    def __init__(self, batch: _Batch, i: int) -> None:
         self._batch = batch
         self._i = i
 
     def done(self) -> bool:
-        return self._batch.done()
+        return self._batch.results is not None or self._batch.done()
 
     def cancel(self) -> bool:
         return False
@@ -108,14 +117,14 @@ class PageFuture:
 
     def result(self, timeout: float | None = None) -> Any:
         """The page's value; raises its exception (or :class:`TimeoutError` after ``timeout`` seconds)."""
-        r = self._batch.result(timeout)[self._i]
+        r = (self._batch.results or self._batch.result(timeout))[self._i]
         if isinstance(r, BaseException):
             raise r
         return r
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The page's exception, None when it succeeded (waits like :meth:`result`)."""
-        r = self._batch.result(timeout)[self._i]
+        r = (self._batch.results or self._batch.result(timeout))[self._i]
         return r if isinstance(r, BaseException) else None
 
     def add_done_callback(self, fn: Callable[[PageFuture], object]) -> None:
@@ -229,7 +238,7 @@ class SharedTier:
                                                             password=password))
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="dynkv-shared")
         self._threads = io_threads
-        self._queue: deque[tuple[Callable[[list], list], list, Future[list]]] = deque()  # batches to run
+        self._queue: deque[tuple[Callable[[list], list], list, _Batch]] = deque()  # batches to run
         self._lookups = ThreadPoolExecutor(1, thread_name_prefix="dynkv-shared-lookup")
         self._lock = threading.Lock()
         self._backend: StoreBackend | None = None
@@ -388,10 +397,10 @@ class SharedTier:
         closed = self._closed
         for start in range(0, len(items), self.batch_pages):
             batch = list(items[start : start + self.batch_pages])
-            fut: Future[list] = Future()
+            fut = _Batch()
             fut.set_running_or_notify_cancel()
             if closed:
-                fut.set_result([StoreUnavailable(f"shared tier {self.url} is closed")] * len(batch))
+                fut.complete([StoreUnavailable(f"shared tier {self.url} is closed")] * len(batch))
             else:
                 self._queue.append((fn, batch, fut))
             out += [PageFuture(fut, i) for i in range(len(batch))]
@@ -405,7 +414,7 @@ class SharedTier:
                         _, batch, fut = self._queue.popleft()
                     except IndexError:  # a thread still draining took the last
                         break
-                    fut.set_result([StoreUnavailable(f"shared tier {self.url} is closed")] * len(batch))
+                    fut.complete([StoreUnavailable(f"shared tier {self.url} is closed")] * len(batch))
         return out
 
     def _drain(self) -> None:
@@ -418,49 +427,41 @@ class SharedTier:
                 results = fn(items)
             except BaseException as e:  # every page completes, whatever went wrong
                 results = [e] * len(items)
-            fut.set_result(results)
+            fut.complete(results)
 
-    def _headers(self, n: int) -> tuple[memoryview, list[memoryview]]:
-        """This I/O thread's header buffer and its first ``n`` 64-byte slots, registered like the host pool so
+    def _headers(self, n: int) -> memoryview:
+        """This I/O thread's header buffer, its first ``n`` 64-byte slots: registered like the host pool so
         that a backend moving pages in place moves their headers in place too; valid until the thread's next
         batch."""
         arena = getattr(self._local, "headers", None)
         if arena is None:
             arena = memoryview(bytearray(self.batch_pages * HEADER_BYTES))
             self._local.headers = arena
-            self._local.slots = [arena[i * HEADER_BYTES : (i + 1) * HEADER_BYTES] for i in range(self.batch_pages)]
             self.register(arena)
-        return arena, self._local.slots[:n]
+        return arena[: n * HEADER_BYTES]
 
     def _read_batch(self, reads: list[tuple[bytes, memoryview]]) -> list[BaseException | None]:
-        arena, headers = self._headers(len(reads))
-        parts = [[h, dst] for h, (_, dst) in zip(headers, reads)]
+        heads = self._headers(len(reads))
+        pages = [dst for _, dst in reads]
         skeys = [self._kprefix + k.hex() for k, _ in reads]
-        codes = self._call(lambda b: b.get(skeys, parts))
-        raw = bytes(arena[: len(reads) * HEADER_BYTES])  # one copy of the batch's headers, sliced as bytes below
+        codes = self._call(lambda b: b.get(skeys, heads, pages))
+        raw = bytes(heads)  # one copy of the batch's headers, sliced as bytes below
+        # Every page came back: each header must be, byte for byte, the one written for its key and the page read.
+        if codes.count(GOT) == len(reads) and raw == b"".join(_header(key, self._tail, dst) for key, dst in reads):
+            return [None] * len(reads)
+        # Otherwise page by page: what is missing, and what is wrong with each page that is (check_page names it).
         results: list[BaseException | None] = []
         bad_keys = []
         for i, ((key, dst), code) in enumerate(zip(reads, codes)):
             if code == MISSING:
                 results.append(SharedPageMissing(key.hex()))
                 continue
-            if code != GOT:
-                bad = "a value of another size"
-            else:
-                # Every field but the two checksums is known: one comparison, then both CRC-32Cs. A page of
-                # another length, or anything off, goes through check_page, which names what.
-                o = i * HEADER_BYTES
-                if (len(dst) == self.page_bytes and raw[o : o + _KNOWN] == _HEAD + key + self._tail
-                        and _CRC.unpack_from(raw, o + _HDR.size)[0] == crc32c(raw[o : o + _HDR.size])
-                        and _CRC.unpack_from(raw, o + _KNOWN)[0] == crc32c(dst)):
-                    results.append(None)
-                    continue
-                bad = check_page(raw[o : o + HEADER_BYTES], key, self.fingerprint, dst)
-                if bad is None:
-                    results.append(None)
-                    continue
-            results.append(SharedPageError(f"shared page {key.hex()}: {bad}"))
-            bad_keys.append(skeys[i])
+            o = i * HEADER_BYTES
+            bad = check_page(raw[o : o + HEADER_BYTES], key, self.fingerprint, dst) if code == GOT \
+                else "a value of another size"
+            results.append(None if bad is None else SharedPageError(f"shared page {key.hex()}: {bad}"))
+            if bad is not None:
+                bad_keys.append(skeys[i])
         if bad_keys:  # under this model's key, a bad value is bad for every engine: let the next write replace it
             try:
                 self._call(lambda b: b.remove(bad_keys))
@@ -479,13 +480,13 @@ class SharedTier:
         return results
 
     def _put_batch(self, writes: list[tuple[bytes, memoryview]]) -> list[bool | BaseException]:
-        arena, headers = self._headers(len(writes))
-        arena[: len(writes) * HEADER_BYTES] = b"".join(
+        heads = self._headers(len(writes))
+        heads[:] = b"".join(
             _header(key, self._tail, src) if len(src) == self.page_bytes else pack_header(key, self.fingerprint, src)
             for key, src in writes)
-        parts = [[h, src] for h, (_, src) in zip(headers, writes)]
+        pages = [src for _, src in writes]
         skeys = [self._kprefix + k.hex() for k, _ in writes]
-        return [bool(good) for good in self._call(lambda b: b.put(skeys, parts))]
+        return [bool(good) for good in self._call(lambda b: b.put(skeys, heads, pages))]
 
     def close(self) -> None:
         """Wait for reads and writes in flight, then disconnect."""
