@@ -1,0 +1,40 @@
+"""``bench kernels`` times ops that run together (``both``): its gate must hold the streams until every op
+is queued, however long queueing takes, or the later op starts late and the pair looks serial."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+
+from dynkv.benchmarks.kernels_setup import time_fns
+
+pytestmark = pytest.mark.gpu
+
+
+def test_ops_that_take_long_to_queue_are_still_timed_together() -> None:
+    import torch
+
+    dev = torch.device("cuda")
+    gpu_ms = 20.0
+    # Cycles of torch.cuda._sleep for ~gpu_ms on this GPU.
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    cycles = int(10_000_000 * gpu_ms / start.elapsed_time(end))
+
+    def op() -> None:  # the host takes as long to queue it as it runs, far past a fixed 1 ms gate
+        time.sleep(gpu_ms / 1e3)
+        torch.cuda._sleep(cycles)
+
+    enqueue: list[float] = []
+    alone = statistics.median(time_fns([op], dev, iters=3, warmup=1))
+    both = statistics.median(time_fns([op, op], dev, iters=3, warmup=1, enqueue=enqueue))
+    # Held until queued, one op takes its GPU time and two on two streams about as long; a gate that opens
+    # early times the queueing too (one: ~2x, two: ~3x the GPU time).
+    assert alone < 1.4 * gpu_ms / 1e3, alone
+    assert both < 1.4 * gpu_ms / 1e3, both
+    assert len(enqueue) == 3 and min(enqueue) >= 2 * gpu_ms / 1e3  # both ops' queueing is reported
