@@ -7,7 +7,10 @@
 #           the disk tier under $DISK (default /tmp/dynkv-load/disk);
 #   e2e:    `dynkv bench e2e` at 8k tokens, REPEAT (default 7) runs per path, vLLM's compiled kernels;
 #   router: `python -m dynkv.benchmarks.router --device cuda`: two engines on the one GPU behind `dynkv proxy`,
-#           `kv` against `round-robin` routing, REPEATS (default 2) runs of each.
+#           `kv` against `round-robin` routing, REPEATS (default 2) runs of each;
+#   router-shared: the same with dynkv in both engines (host tiers of HOST_PAGES, default 256) sharing pages
+#           through a redis-server started for the run; without one on PATH, Debian's redis packages in
+#           REDIS_DEBS (default .vllm-bundle/redis) are unpacked under /tmp/redis-root (dpkg -x, no install).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -44,7 +47,7 @@ if [[ $what == bench || $what == all ]]; then
   k deepseek-mla --preset deepseek-mla --ctas 8 --directions h2d,d2h --backends kernel,staged,torch
   python3 bench/calibration.py 2>&1 | tee "$RES/calibration.log"
 fi
-if [[ $what == load || $what == e2e || $what == router ]]; then
+if [[ $what == load || $what == e2e || $what == router || $what == router-shared ]]; then
   python3 -c "import vllm" || { echo "dynkv bench $what needs vLLM in this python3"; exit 1; }
 fi
 if [[ $what == e2e ]]; then
@@ -53,10 +56,20 @@ if [[ $what == e2e ]]; then
     --engine-arg attention_backend=TRITON_ATTN --engine-arg distributed_executor_backend=uni 2>&1 | tee "$RES/e2e.log"
   rc=${PIPESTATUS[0]}
 fi
-if [[ $what == router ]]; then
-  python3 -m dynkv.benchmarks.router --device cuda --work /tmp/dynkv-router --repeats "${REPEATS:-2}" \
+if [[ $what == router || $what == router-shared ]]; then
+  shared=()
+  if [[ $what == router-shared ]]; then
+    if ! command -v redis-server > /dev/null; then
+      for f in "${REDIS_DEBS:-.vllm-bundle/redis}"/*.deb; do dpkg -x "$f" /tmp/redis-root; done
+      export PATH=/tmp/redis-root/usr/bin:$PATH
+      export LD_LIBRARY_PATH=/tmp/redis-root/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+      redis-server --version || { echo "no redis-server for router-shared"; exit 1; }
+    fi
+    shared=(--redis --host-pages "${HOST_PAGES:-256}")
+  fi
+  python3 -m dynkv.benchmarks.router --device cuda --work /tmp/dynkv-router --repeats "${REPEATS:-2}" "${shared[@]}" \
     --engine-arg attention_backend=TRITON_ATTN --engine-arg distributed_executor_backend=uni \
-    --engine-arg enforce_eager=true --ready-timeout 240 --out "$RES/router-gpu.json" 2>&1 | tee "$RES/router.log"
+    --engine-arg enforce_eager=true --ready-timeout 240 --out "$RES/$what-gpu.json" 2>&1 | tee "$RES/$what.log"
   rc=${PIPESTATUS[0]}
   cp /tmp/dynkv-router/*.log "$RES/" 2>/dev/null
 fi
