@@ -67,7 +67,9 @@ if [[ $what == router || $what == router-shared ]]; then
     fi
     shared=(--redis --host-pages "${HOST_PAGES:-256}")
   fi
-  python3 -m dynkv.benchmarks.router --device cuda --work /tmp/dynkv-router --repeats "${REPEATS:-2}" "${shared[@]}" \
+  # ROUTER_ARGS: more options of the router bench, e.g. "--concurrency 16 --cache-share 0.3".
+  # shellcheck disable=SC2086
+  python3 -m dynkv.benchmarks.router --device cuda --work /tmp/dynkv-router --repeats "${REPEATS:-2}" "${shared[@]}" ${ROUTER_ARGS:-} \
     --engine-arg attention_backend=TRITON_ATTN --engine-arg distributed_executor_backend=uni \
     --engine-arg enforce_eager=true --ready-timeout 240 --out "$RES/$what-gpu.json" 2>&1 | tee "$RES/$what.log"
   rc=${PIPESTATUS[0]}
