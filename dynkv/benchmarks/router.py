@@ -1,8 +1,8 @@
 """KV-aware routing measured: N engines behind ``dynkv proxy``, a multi-turn workload, ``kv`` against
 ``round-robin``.
 
-``python -m dynkv.benchmarks.router --out results.json`` starts two vLLM
-engines (random-weight model, KV events on, each device cache holding about
+``python -m dynkv.benchmarks.router --out results.json`` starts ``--engines``
+vLLM engines (two by default; random-weight model, KV events on, each device cache holding about
 ``cache_share`` of the workload's working set), then for each policy starts
 the proxy over them and runs a closed-loop multi-turn workload through it:
 ``concurrency`` conversations in flight, each sending its turns one after
@@ -17,7 +17,7 @@ kv routing keeps each conversation where its prefix is, so the engines'
 caches add up.
 
 With ``--remote-url`` (or ``--redis``, which starts a ``redis-server`` on a
-loopback port for the run) both engines run dynkv with the shared tier on
+loopback port for the run) the engines run dynkv with the shared tier on
 that store and a small host tier: round robin then finds a conversation's
 earlier turns in the store, and the run measures whether device hits on the
 engine kv routing picks still beat them. Each run also reports the pages the
@@ -65,7 +65,7 @@ from dynkv.testing.server import ServerError, VLLMServer, free_port
 __all__ = ["Conversation", "ProxyProcess", "RedisProcess", "Turn", "drive", "drive_async", "engine_args",
            "engine_flags", "events_config", "shared_transfer_config", "summarize"]
 
-ENGINES = 2
+ENGINES = 2  # default engine count
 # (option, default with --device cuda, default on CPU): bench load's GPU workload, and a small one for few cores.
 _DEFAULTS = (("preset", "llama3-8b", "tiny"), ("block_size", 16, BLOCK_SIZE), ("conversations", 32, 12),
              ("turns", 4, 4), ("prefix_tokens", 4096, 768), ("user_tokens", 256, 32), ("max_tokens", 64, 8),
@@ -262,7 +262,7 @@ def _servers(args: argparse.Namespace, sizes: Sizes, model: Path, remote_url: st
     transfer = shared_transfer_config(remote_url, args.host_pages) if remote_url else None
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": str(args.threads)} if args.device == "cpu" else {}
     servers, engines = [], []
-    for i in range(ENGINES):
+    for i in range(args.engines):
         pub, replay = free_port(), free_port()
         flags = engine_args(device_blocks=sizes.device_blocks, max_model_len=sizes.max_model_len,
                             page_bytes=sizes.page_bytes, pub_port=pub, replay_port=replay, transfer_config=transfer,
@@ -318,7 +318,7 @@ def _run_engines(args: argparse.Namespace, sizes: Sizes, remote_url: str | None)
     servers, engines, _ = _servers(args, sizes, model, remote_url)
     result: dict[str, Any] = {"workload": {k: getattr(args, k) for k in (
         "conversations", "turns", "prefix_tokens", "user_tokens", "max_tokens", "concurrency", "preset",
-        "cache_share")}, "device": args.device, "block_size": args.block_size,
+        "cache_share")}, "engines": args.engines, "device": args.device, "block_size": args.block_size,
         "gpu_share": args.gpu_share if args.device == "cuda" else None, "engine_command": servers[0].command,
         "device_blocks": sizes.device_blocks, "working_set_blocks": sizes.working_set_pages,
         "shared_tier": {"host_pages": args.host_pages} if remote_url else None, "runs": []}
@@ -391,9 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, help="conversations in flight (default 8 on cuda, 2 on cpu)")
     p.add_argument("--cache-share", "--device-share", dest="cache_share", type=float, default=0.6,
                    help="each engine's device cache as a share of the workload's working set")
-    p.add_argument("--gpu-share", type=float, default=0.4,
-                   help=f"with --device cuda: each engine's --gpu-memory-utilization ({ENGINES} engines share "
-                        "the GPU; default 0.4)")
+    p.add_argument("--engines", type=int, default=ENGINES,
+                   help=f"engines behind the proxy (default {ENGINES}); round-robin sends a conversation's turns "
+                        "to each in turn")
+    p.add_argument("--gpu-share", type=float,
+                   help="with --device cuda: each engine's --gpu-memory-utilization (the engines share the GPU; "
+                        "default 0.8 / engines)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra flag for every engine, e.g. attention_backend=TRITON_ATTN or enforce_eager=true "
                         "(VALUE as JSON or a string; true/false: --key/--no-key); repeatable")
@@ -405,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="OMP threads per engine (cpu)")
     p.add_argument("--remote-url", default=None,
-                   help="run both engines with dynkv's shared tier on this store (redis://HOST:PORT/DB, ...)")
+                   help="run every engine with dynkv's shared tier on this store (redis://HOST:PORT/DB, ...)")
     p.add_argument("--redis", action="store_true",
                    help="start a redis-server on a loopback port for the run and use it as --remote-url")
     p.add_argument("--host-pages", type=int, default=32,
@@ -419,9 +422,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--redis starts its own store: give it or --remote-url, not both")
     if args.host_pages < 1:
         p.error(f"--host-pages {args.host_pages}: expected a page count >= 1")
-    if not 0 < args.gpu_share <= 1 / ENGINES:
-        p.error(f"--gpu-share {args.gpu_share:g}: expected 0 < share <= {1 / ENGINES:g} ({ENGINES} engines share "
-                "the GPU)")
+    if args.engines < 2:
+        p.error(f"--engines {args.engines}: expected 2 or more (routing needs a choice)")
+    if args.gpu_share is None:
+        args.gpu_share = round(0.8 / args.engines, 3)
+    if not 0 < args.gpu_share <= 1 / args.engines:
+        p.error(f"--gpu-share {args.gpu_share:g}: expected 0 < share <= {1 / args.engines:g} ({args.engines} engines "
+                "share the GPU)")
     if args.block_size < 1 or (args.device == "cpu" and args.block_size % 32):
         p.error(f"--block-size {args.block_size}: expected a positive block size (a multiple of 32 on cpu)")
     if args.max_tokens < 1:

@@ -176,8 +176,21 @@ def test_cpu_engines_keep_float32_a_cache_of_fixed_bytes_and_the_cpu_settings(
     assert "start together" in text
 
 
+def test_three_engines_share_the_gpu_and_every_proxy_routes_over_all_three(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    engines, proxies, _ = dry_run(capsys, tmp_path, "--device", "cuda", "--engines", "3")
+    assert len(engines) == 3
+    assert {flag(cmd, "--gpu-memory-utilization") for _, cmd in engines} == {"0.267"}  # 0.8 of the GPU in all
+    urls = {f"http://127.0.0.1:{flag(cmd, '--port')}" for _, cmd in engines}
+    assert len(urls) == 3
+    for cmd in proxies.values():
+        assert {cmd[i + 1] for i, w in enumerate(cmd) if w == "--engine"} == urls
+
+
 @pytest.mark.parametrize("argv, why", [
     (["--device", "cuda", "--gpu-share", "0.6"], "--gpu-share 0.6: expected 0 < share <= 0.5"),
+    (["--device", "cuda", "--engines", "3", "--gpu-share", "0.4"], "--gpu-share 0.4: expected 0 < share <= 0.333"),
+    (["--engines", "1"], "--engines 1: expected 2 or more"),
     (["--engine-arg", "enforce_eager"], "--engine-arg 'enforce_eager': expected KEY=VALUE"),
     (["--device", "cuda", "--cache-share", "0.1"], "--device-share=0.1 gives 1076 device blocks"),
     (["--block-size", "16"], "--block-size 16: expected a positive block size (a multiple of 32 on cpu)"),
