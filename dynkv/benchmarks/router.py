@@ -51,7 +51,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ from typing import Any
 from dynkv.benchmarks.demo import BLOCK_SIZE, SHUTDOWN_TIMEOUT_S, scrape_metrics
 from dynkv.benchmarks.load.workload import Sizes, Workload, plan_sizes
 from dynkv.benchmarks.router_driver import Conversation, Turn, drive, drive_async, summarize
+from dynkv.benchmarks.serve import engine_arg
 from dynkv.testing.model import PRESETS, write_model
 from dynkv.testing.server import ServerError, VLLMServer, free_port
 
@@ -120,20 +121,6 @@ def engine_flags(extra: Mapping[str, Any]) -> list[str]:
             out.append(flag if value else "--no-" + flag[2:])
         else:
             out += [flag, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
-    return out
-
-
-def _engine_arg_values(items: Iterable[str]) -> dict[str, Any]:
-    """``--engine-arg KEY=VALUE`` items as in ``dynkv bench load``: VALUE as JSON, else the string."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip("-"):
-            raise ValueError(f"--engine-arg {item!r}: expected KEY=VALUE, e.g. attention_backend=TRITON_ATTN")
-        try:
-            out[key] = json.loads(text)
-        except ValueError:
-            out[key] = text
     return out
 
 
@@ -267,7 +254,7 @@ def _servers(args: argparse.Namespace, sizes: Sizes, model: Path, remote_url: st
         flags = engine_args(device_blocks=sizes.device_blocks, max_model_len=sizes.max_model_len,
                             page_bytes=sizes.page_bytes, pub_port=pub, replay_port=replay, transfer_config=transfer,
                             device=args.device, block_size=args.block_size, gpu_share=args.gpu_share,
-                            extra=args.engine_args)
+                            extra=dict(args.engine_arg))
         s = VLLMServer(str(model), flags, log_path=Path(args.work) / f"engine{i}.log", name=f"engine{i}", env=env)
         servers.append(s)
         engines.append((s.url, pub, replay))
@@ -397,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-share", type=float,
                    help="with --device cuda: each engine's --gpu-memory-utilization (the engines share the GPU; "
                         "default 0.8 / engines)")
-    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--engine-arg", type=engine_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="extra flag for every engine, e.g. attention_backend=TRITON_ATTN or enforce_eager=true "
                         "(VALUE as JSON or a string; true/false: --key/--no-key); repeatable")
     p.add_argument("--ready-timeout", type=float, default=600.0,
@@ -436,7 +423,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.ready_timeout > 0:
         p.error(f"--ready-timeout {args.ready_timeout:g}: expected seconds > 0")
     try:
-        args.engine_args = _engine_arg_values(args.engine_arg)
         sizes = _sizes(args)
     except ValueError as e:
         p.error(str(e))

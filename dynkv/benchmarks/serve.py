@@ -36,6 +36,7 @@ __all__ = [
     "DESCRIPTION",
     "Workload",
     "endpoint_arg",
+    "engine_arg",
     "report",
     "run_workload",
     "run_workload_async",
@@ -296,6 +297,17 @@ def endpoint_arg(text: str) -> tuple[str, str]:
     if not sep or not name or not url.startswith(("http://", "https://")):
         raise argparse.ArgumentTypeError(f"--endpoint {text!r}: expected NAME=URL, e.g. dynkv=http://127.0.0.1:8000")
     return name, url
+
+
+def engine_arg(text: str) -> tuple[str, Any]:
+    """``--engine-arg KEY=VALUE`` of the benches that start engines: VALUE as JSON, else the string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip("-"):
+        raise argparse.ArgumentTypeError(f"--engine-arg {text!r}: expected KEY=VALUE, e.g. attention_backend=TRITON_ATTN")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 def token_range_arg(text: str) -> tuple[int, int]:

@@ -198,3 +198,18 @@ def test_long_prompts(fake: FakeServer) -> None:
 def test_bad_endpoint_argument() -> None:
     with pytest.raises(SystemExit):
         bench_serve.main(["--endpoint", "no-equals-sign"])
+
+
+def test_engine_arg_values_are_json_or_the_string_and_a_missing_value_is_refused() -> None:
+    import argparse
+
+    from dynkv.benchmarks.serve import engine_arg
+
+    assert engine_arg("enforce_eager=true") == ("enforce_eager", True)
+    assert engine_arg("max_num_seqs=8") == ("max_num_seqs", 8)
+    assert engine_arg('compilation_config={"level": 0}') == ("compilation_config", {"level": 0})
+    assert engine_arg("attention_backend=TRITON_ATTN") == ("attention_backend", "TRITON_ATTN")
+    assert engine_arg("x=a=b") == ("x", "a=b")
+    for bad in ("enforce_eager", "=1", "--=1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected KEY=VALUE"):
+            engine_arg(bad)

@@ -59,6 +59,7 @@ from typing import Any
 
 from dynkv.benchmarks.e2e.probe import parse_variant
 from dynkv.benchmarks.e2e.report import format_table, plot, summarize
+from dynkv.benchmarks.serve import engine_arg
 from dynkv.testing.model import FIRST_WORD_ID, PRESETS, write_model
 
 __all__ = ["DESCRIPTION", "ENGINES", "add_arguments", "eager_kernels", "engine_args", "plan", "run",
@@ -200,8 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                      "tokens": args.decode_tokens, "repeat": args.decode_repeat}
     prompts = _prompts(args.seed, args.lengths, spec.vocab_size, decode, args.prompt_candidates)
     candidates = prompts.pop("candidates", None)
-    extra = dict(kv.split("=", 1) for kv in args.engine_arg)
-    eargs = engine_args(gpu, sizes, max(16, args.decode_requests), {k: _value(v) for k, v in extra.items()})
+    eargs = engine_args(gpu, sizes, max(16, args.decode_requests), dict(args.engine_arg))
     if args.kernels == "eager":
         eargs = eager_kernels(eargs)
     disk_dir = Path(args.disk_path or work / "disk").resolve()
@@ -267,13 +267,6 @@ def _document(head: dict[str, Any], reports: dict[str, Any], lengths: list[int])
             "dynkv_samples": (reports.get("dynkv") or {}).get("samples")}
 
 
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
 def _device(gpu: bool) -> str:
     import platform
 
@@ -325,7 +318,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(0: none; default 512 on a GPU, 64 on CPU)")
     p.add_argument("--engines", type=_engines, default=list(ENGINES), help="engines to run (default all)")
     p.add_argument("--block-size", type=int, help="tokens per KV block (default 16 on a GPU, 32 on CPU)")
-    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--engine-arg", type=engine_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="extra vllm.LLM argument for every engine, VALUE as JSON or a string "
                         "(e.g. attention_backend=TRITON_ATTN); repeatable")
     p.add_argument("--engine-timeout", type=float, default=1800, help="seconds per engine before it is killed")

@@ -44,7 +44,7 @@ from typing import Any
 from dynkv.benchmarks.load.endpoint import parse_endpoint
 from dynkv.benchmarks.load.report import format_table, plot, summarize
 from dynkv.benchmarks.load.workload import Sizes, Workload, plan_sizes
-from dynkv.benchmarks.serve import token_range_arg
+from dynkv.benchmarks.serve import engine_arg, token_range_arg
 from dynkv.testing.model import FIRST_WORD_ID, PRESETS, write_model
 
 __all__ = ["DESCRIPTION", "ENGINES", "add_arguments", "engine_args", "run", "run_from_args"]
@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{sizes.working_set_pages} blocks of {block_size} tokens ({sizes.working_set_pages * page_bytes / gib:.2f} "
           f"GiB); device {sizes.device_blocks} blocks, host {sizes.host_pages} pages, disk {sizes.disk_pages} pages",
           flush=True)
-    eargs = engine_args(gpu, sizes, w, {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.engine_arg)})
+    eargs = engine_args(gpu, sizes, w, dict(args.engine_arg))
     disk_dir = Path(args.disk_path or work / "disk").resolve()
     base = {"model": str(model), "engine": eargs, "workload": w.__dict__, "kv_check": not args.no_kv_check}
     dynkv_base = json.loads(args.dynkv_config) if args.dynkv_config else {}
@@ -260,13 +260,6 @@ def _engine_names(args: argparse.Namespace) -> list[str]:
         raise ValueError("--dynkv-variant needs the dynkv engine in --engines")
     at = names.index("dynkv") + 1 if "dynkv" in names else len(names)
     return names[:at] + [f"dynkv-{n}" for n, _ in args.dynkv_variant] + names[at:]
-
-
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def _engines(text: str) -> list[str]:
@@ -346,7 +339,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="vLLM build to drive")
     e.add_argument("--preset", choices=sorted(PRESETS), help="model geometry (default llama3-8b on a GPU, tiny on CPU)")
     e.add_argument("--block-size", type=int, help="tokens per KV block (default 16 on a GPU, 32 on CPU)")
-    e.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+    e.add_argument("--engine-arg", type=engine_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="extra vllm.LLM argument for every engine, VALUE as JSON or a string; repeatable")
     e.add_argument("--engine-timeout", type=float, default=3600, help="seconds per engine before it is killed")
     e.add_argument("--no-kv-check", action="store_true",
