@@ -36,7 +36,7 @@ from dynkv.testing.model import FIRST_WORD_ID, PRESETS, write_model
 from dynkv.testing.server import ServerError, VLLMServer, cuda_visible, free_port
 
 __all__ = ["DESCRIPTION", "Run", "dynkv_transfer_config", "plan_sizes", "scrape_metrics", "server_args",
-           "tier_summary"]
+           "terminate_as_interrupt", "tier_summary"]
 
 DESCRIPTION = (
     "Serve a small random-weight model with vLLM without a KV connector and with dynkv (optionally also vLLM's "
@@ -198,7 +198,7 @@ def _count(x: float | None) -> str:
 
 
 @contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
+def terminate_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM and SIGHUP into KeyboardInterrupt so servers are stopped on the way out."""
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -272,7 +272,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         runs.append(Run("ExampleConnector", [*base, "--kv-transfer-config", json.dumps(ex)]))
     failed = False
     try:
-        with _terminate_as_interrupt():
+        with terminate_as_interrupt():
             for run in runs:
                 try:
                     _run_one(run, model, w, work / "logs", args.startup_timeout)

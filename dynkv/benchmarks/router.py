@@ -45,7 +45,6 @@ import json
 import random
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -56,7 +55,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from dynkv.benchmarks.demo import BLOCK_SIZE, SHUTDOWN_TIMEOUT_S, scrape_metrics
+from dynkv.benchmarks.demo import BLOCK_SIZE, SHUTDOWN_TIMEOUT_S, scrape_metrics, terminate_as_interrupt
 from dynkv.benchmarks.load.workload import Sizes, Workload, plan_sizes
 from dynkv.benchmarks.router_driver import Conversation, Turn, drive, drive_async, summarize
 from dynkv.benchmarks.serve import engine_arg
@@ -356,12 +355,6 @@ def _targets(result: dict[str, Any]) -> str:
             + ", ".join(f"{p} {n}" for p, n in result["errors"].items()))
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM ends the run as Ctrl-C does: the engines and the proxy are stopped on the way out."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stopping short
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dynkv.benchmarks.router", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON file for the results")
@@ -429,14 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         _dry_run(args, sizes, Path(args.work) / args.preset)
         return 0
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        result = _run(args, sizes)
+        with terminate_as_interrupt():  # SIGTERM as Ctrl-C: the engines and the proxy are stopped on the way out
+            result = _run(args, sizes)
     except ServerError as e:
         print(f"router bench: {e}\nevery engine was stopped", file=sys.stderr)
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
