@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from dynkv.benchmarks.kernels_setup import time_fns
+from dynkv.benchmarks.kernels_setup import _sleep_rate, time_fns
 
 pytestmark = pytest.mark.gpu
 
@@ -18,13 +18,7 @@ def test_ops_that_take_long_to_queue_are_still_timed_together() -> None:
 
     dev = torch.device("cuda")
     gpu_ms = 20.0
-    # Cycles of torch.cuda._sleep for ~gpu_ms on this GPU.
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(10_000_000)
-    end.record()
-    end.synchronize()
-    cycles = int(10_000_000 * gpu_ms / start.elapsed_time(end))
+    cycles = int(_sleep_rate(dev) * gpu_ms / 1e3)  # torch.cuda._sleep for ~gpu_ms on this GPU
 
     def op() -> None:  # the host takes as long to queue it as it runs, far past a fixed 1 ms gate
         time.sleep(gpu_ms / 1e3)
