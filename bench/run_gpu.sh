@@ -5,7 +5,8 @@
 # Modes that need vLLM (not part of `all`; `source /tmp/vllm-env.sh` first with the slim bundle):
 #   load:   the two under-load workloads of `dynkv bench load`, plain vLLM, dynkv and OffloadingConnector,
 #           the disk tier under $DISK (default /tmp/dynkv-load/disk);
-#   e2e:    `dynkv bench e2e` at 8k tokens, REPEAT (default 7) runs per path, vLLM's compiled kernels;
+#   e2e:    `dynkv bench e2e` at 8k tokens, REPEAT (default 7) runs per path, vLLM's compiled kernels
+#           (E2E_ARGS: more options, e.g. `--variant staged:copy=staged`);
 #   router: `python -m dynkv.benchmarks.router --device cuda`: two engines on the one GPU behind `dynkv proxy`,
 #           `kv` against `round-robin` routing, REPEATS (default 2) runs of each;
 #   router-shared: the same with dynkv in both engines (host tiers of HOST_PAGES, default 256) sharing pages
@@ -41,7 +42,8 @@ if [[ $what == bench || $what == all ]]; then
   k llama3-8b --preset llama3-8b --ctas 4,8,16 --directions h2d,d2h,both --backends kernel,staged,torch
   k llama3-70b-tp8 --preset llama3-70b-tp8 --ctas 8 --directions h2d,d2h,both --backends kernel,staged,torch
   k llama3-8b-nhd --preset llama3-8b --layout LBNHC --ctas 8 --directions h2d,d2h,both --backends kernel,staged,torch
-  k layers --preset llama3-8b --layout LBNHC --ctas 8 --directions h2d --backends kernel,layers,staged
+  k layers --preset llama3-8b --layout LBNHC --ctas 8 --directions h2d --backends kernel,layers,staged,staged_layers
+  k layers-70b --preset llama3-70b-tp8 --ctas 8 --directions h2d --backends kernel,layers,staged,staged_layers
   k tiles --preset llama3-8b --tile-sweep --directions h2d,d2h --backends kernel,staged,dma --ctas 8
   k gemm --preset llama3-8b --gemm --directions h2d --backends kernel,staged --ctas 8 --launch-bytes 0,2M
   k deepseek-mla --preset deepseek-mla --ctas 8 --directions h2d,d2h --backends kernel,staged,torch
@@ -52,8 +54,9 @@ if [[ $what == load || $what == e2e || $what == router || $what == router-shared
 fi
 if [[ $what == e2e ]]; then
   rm -rf /tmp/dynkv-load  # the disk space of an earlier load run
+  # shellcheck disable=SC2086
   python3 -m dynkv.cli bench e2e --lengths 8192 --repeat "${REPEAT:-7}" --work-dir /tmp/e2e --out "$RES/e2e" \
-    --engine-arg attention_backend=TRITON_ATTN --engine-arg distributed_executor_backend=uni 2>&1 | tee "$RES/e2e.log"
+    --engine-arg attention_backend=TRITON_ATTN --engine-arg distributed_executor_backend=uni ${E2E_ARGS:-} 2>&1 | tee "$RES/e2e.log"
   rc=${PIPESTATUS[0]}
 fi
 if [[ $what == router || $what == router-shared ]]; then

@@ -196,22 +196,24 @@ PYBIND11_MODULE(_C, m) {
            py::arg("device"), py::arg("dma_stream"))
       .def_property_readonly("chunk_pages", &StagingRing::chunk_pages)
       .def_property_readonly("num_slots", &StagingRing::num_slots)
-      .def_property_readonly("device", &StagingRing::device)
-      .def("stage_of", &StagingRing::stage_of, py::arg("i"));
+      .def_property_readonly("device", &StagingRing::device);
   m.def(
       "staged_scatter",
       [](const PageGeom& g, const PageSet& p, const BlockView& v, const I64Array& slots, const I64Array& ids,
          const I64Array& stage, StagingRing& ring, const ExecConfig& cfg, uint64_t ids_dev, uint64_t stage_dev,
-         const std::vector<uint64_t>& events) {
+         const std::vector<std::pair<int64_t, int64_t>>& groups, const std::vector<uint64_t>& events) {
         const IdList a = id_list(slots, 0, "slots"), b = id_list(ids, ids_dev, "block_ids"),
                      c = id_list(stage, stage_dev, "staging slots");
+        std::vector<LayerRange> ranges;
+        ranges.reserve(groups.size());
+        for (const auto& [begin, end] : groups) ranges.push_back(LayerRange{begin, end});
         py::gil_scoped_release nogil;
-        staged_scatter(g, p, v, a, b, c, ring, cfg, events);
+        staged_scatter(g, p, v, a, b, c, ring, cfg, ranges, events);
       },
       py::arg("geom"), py::arg("pages"), py::arg("view"), py::arg("slots"), py::arg("block_ids"), py::arg("stage"),
       py::arg("ring"), py::arg("cfg"), py::arg("block_ids_dev") = 0, py::arg("stage_dev") = 0,
-      py::arg("events") = std::vector<uint64_t>{},
-      "pages -> blocks through the staging ring; events recorded on cfg.stream once every layer is in.");
+      py::arg("groups") = std::vector<std::pair<int64_t, int64_t>>{}, py::arg("events") = std::vector<uint64_t>{},
+      "pages -> blocks through the staging ring in layer groups (none: all layers); events[i] after group i.");
   m.def(
       "staged_gather",
       [](const PageGeom& g, const BlockView& v, const PageSet& p, const I64Array& ids, const I64Array& slots,

@@ -291,16 +291,80 @@ StagingRing::~StagingRing() {
 
 namespace {
 
-struct StagedPlan {
-  BlockView view;
-  PageSet pages;
-  int64_t rank_offset;  // bytes into a page where this rank's heads start
-  int64_t slice_bytes;  // this rank's heads of every layer: one contiguous run
+// One layer group [begin, end) of a staged call. In a staging slot each page's group slice is packed:
+// this rank's heads of the group's layers, [H_local, g, N, C], `stride` bytes apart (256-aligned), so a
+// slot holds more pages the fewer layers a group has and a group's chunk is as many bytes as a chunk of
+// whole slices. On the host each head's layers of the group are one contiguous run of the page.
+struct GroupPlan {
+  BlockView view;       // the group's layers only
+  PageSet pages;        // the host pages, based at the group's first layer's tile of head 0
+  PageGeom stage_geom;  // a staging page: H_local heads x g layers
+  int64_t stride;       // bytes between staging pages
+  int64_t per_chunk;    // pages per chunk
 };
 
-StagedPlan check_staged(const PageGeom& geom, const PageSet& pages, const BlockView& view, const IdList& slots,
-                        const IdList& block_ids, const IdList& stage, const StagingRing& ring, bool unique_slots,
-                        bool unique_blocks) {
+GroupPlan plan_group(const PageGeom& geom, const BlockView& view, const PageSet& pages, const StagingRing& ring,
+                     LayerRange r) {
+  const auto [v, p] = select_layers(geom, view, pages, r);
+  PageGeom sg = geom;
+  sg.num_layers = v.num_layers;
+  sg.num_heads = v.num_heads;
+  const int64_t bytes = sg.page_bytes();
+  const int64_t stride = (bytes + 255) / 256 * 256;
+  const int64_t slice = view.num_heads * geom.num_layers * geom.tile_bytes();
+  const int64_t slot_bytes = ring.chunk_pages() * ring.pages().page_stride;
+  // A staging page of the ring holds at least a whole page, so at least one group slice fits a slot.
+  const int64_t per_chunk = std::max<int64_t>(1, std::min(ring.chunk_pages() * slice / bytes, slot_bytes / stride));
+  return GroupPlan{v, p, sg, stride, per_chunk};
+}
+
+uint64_t slot_base(const StagingRing& ring, int64_t slot) {
+  return ring.pages().base + static_cast<uint64_t>(slot * ring.chunk_pages() * ring.pages().page_stride);
+}
+
+// The chunk [first, end) of a group as a transfer between its staging slot and the view. `stage` is
+// 0, 1, ..., n-1: the kernel reads the chunk's staging pages 0..end-first-1 from it.
+template <bool ToView>
+auto chunk_transfer(const GroupPlan& g, const StagingRing& ring, int64_t slot, const int64_t* ids,
+                    const int64_t* stage, int64_t first, int64_t end) {
+  const PageSet staging{slot_base(ring, slot), g.per_chunk, g.stride};
+  PageEndpoint staged{staging, g.stage_geom, 0, stage};
+  ViewEndpoint blocks{g.view, ids + first};
+  const TileSpace space{end - first, g.view.num_heads, g.view.num_layers};
+  const int align = std::min(view_align(g.view), pages_align(g.stage_geom, staging));
+  if constexpr (ToView) {
+    return Transfer<PageEndpoint, ViewEndpoint>{staged, blocks, space, g.stage_geom.tile_bytes(), align};
+  } else {
+    return Transfer<ViewEndpoint, PageEndpoint>{blocks, staged, space, g.stage_geom.tile_bytes(), align};
+  }
+}
+
+// The runs between host pages and the staging slot of chunk [first, end): one per page and head (one
+// per page where the group is every layer, as the rank's heads are then adjacent in a page too).
+std::vector<Run> chunk_runs(const PageGeom& geom, const GroupPlan& g, const StagingRing& ring, int64_t slot,
+                            const IdList& slots, int64_t first, int64_t end, bool to_staging) {
+  const int64_t run = g.view.num_layers * geom.tile_bytes();
+  const bool whole = g.view.num_layers == geom.num_layers;
+  const int64_t heads = whole ? 1 : g.view.num_heads;
+  const int64_t bytes = whole ? g.view.num_heads * run : run;
+  const uint64_t base = slot_base(ring, slot);
+  std::vector<Run> runs;
+  runs.reserve(static_cast<size_t>((end - first) * heads));
+  for (int64_t i = first; i < end; ++i) {
+    const uint64_t page = g.pages.base + static_cast<uint64_t>(slots.host[i] * g.pages.page_stride);
+    const uint64_t stage = base + static_cast<uint64_t>((i - first) * g.stride);
+    for (int64_t h = 0; h < heads; ++h) {
+      const uint64_t host = page + static_cast<uint64_t>(geom.tile_offset(g.view.head_start + h, 0));
+      const uint64_t dev = stage + static_cast<uint64_t>(h * run);
+      runs.push_back(to_staging ? Run{host, dev, bytes} : Run{dev, host, bytes});
+    }
+  }
+  return runs;
+}
+
+void check_staged(const PageGeom& geom, const PageSet& pages, const BlockView& view, const IdList& slots,
+                  const IdList& block_ids, const IdList& stage, const StagingRing& ring, bool unique_slots,
+                  bool unique_blocks) {
   check_view_matches(geom, view, "view");
   check_lengths(slots, block_ids, "slots", "block_ids");
   check_lengths(slots, stage, "slots", "staging slots");
@@ -310,47 +374,10 @@ StagedPlan check_staged(const PageGeom& geom, const PageSet& pages, const BlockV
               " bytes are smaller than a page of this geometry (", geom.page_bytes(), ")");
   DYNKV_CHECK(stage.n == 0 || stage.host != nullptr, "staging slots: missing host array");
   for (int64_t i = 0; i < stage.n; ++i) {
-    DYNKV_CHECK(stage.host[i] == ring.stage_of(i), "staging slot ", i, " is ", stage.host[i], ", expected ",
-                ring.stage_of(i), " (chunk ", i / ring.chunk_pages(), " of the ring)");
+    DYNKV_CHECK(stage.host[i] == i, "staging slot ", i, " is ", stage.host[i], ", expected ", i,
+                " (a chunk's pages take a slot's staging pages in order)");
   }
-  const int64_t head_bytes = geom.num_layers * geom.tile_bytes();
-  return StagedPlan{view, pages, view.head_start * head_bytes, view.num_heads * head_bytes};
-}
-
-// The chunk [first, end) of a call as a transfer between staging pages and the view.
-template <bool ToView>
-auto chunk_transfer(const PageGeom& geom, const StagedPlan& p, const StagingRing& ring, const IdList& block_ids,
-                    const IdList& stage, int64_t first, int64_t end, bool on_device) {
-  const int64_t* ids = (on_device ? block_ids.device : block_ids.host) + first;
-  const int64_t* st = (on_device ? stage.device : stage.host) + first;
-  PageEndpoint staged{ring.pages(), geom, p.view.head_start, st};
-  ViewEndpoint blocks{p.view, ids};
-  const TileSpace space{end - first, p.view.num_heads, p.view.num_layers};
-  const int align = std::min(view_align(p.view), pages_align(geom, ring.pages()));
-  if constexpr (ToView) {
-    return Transfer<PageEndpoint, ViewEndpoint>{staged, blocks, space, geom.tile_bytes(), align};
-  } else {
-    return Transfer<ViewEndpoint, PageEndpoint>{blocks, staged, space, geom.tile_bytes(), align};
-  }
-}
-
-// The runs between host pages and staging pages of chunk [first, end): one per page.
-std::vector<Run> chunk_runs(const StagedPlan& p, const StagingRing& ring, const IdList& slots, int64_t first,
-                            int64_t end, bool to_staging) {
-  std::vector<Run> runs;
-  runs.reserve(static_cast<size_t>(end - first));
-  for (int64_t i = first; i < end; ++i) {
-    const uint64_t host = p.pages.base + static_cast<uint64_t>(slots.host[i] * p.pages.page_stride + p.rank_offset);
-    const uint64_t dev =
-        ring.pages().base + static_cast<uint64_t>(ring.stage_of(i) * ring.pages().page_stride + p.rank_offset);
-    runs.push_back(to_staging ? Run{host, dev, p.slice_bytes} : Run{dev, host, p.slice_bytes});
-  }
-  return runs;
-}
-
-void check_staged_device(const StagingRing& ring, const IdList& block_ids, const IdList& stage, int device) {
-  DYNKV_CHECK(device == ring.device(), "the staging ring lives on device ", ring.device(), ", the copy on ",
-              device);
+  const int device = ring.device();
   DYNKV_CHECK(device < 0 || block_ids.n == 0 || (block_ids.device != nullptr && stage.device != nullptr),
               "the staged path's kernel needs the block ids and staging slots in GPU memory (dynkv.ops passes them)");
 }
@@ -359,17 +386,25 @@ void check_staged_device(const StagingRing& ring, const IdList& block_ids, const
 
 void staged_scatter(const PageGeom& geom, const PageSet& pages, const BlockView& view, const IdList& slots,
                     const IdList& block_ids, const IdList& stage, StagingRing& ring, const ExecConfig& cfg,
-                    const std::vector<uint64_t>& events) {
-  const StagedPlan p = check_staged(geom, pages, view, slots, block_ids, stage, ring, false, true);
+                    const std::vector<LayerRange>& groups, const std::vector<uint64_t>& events) {
+  check_staged(geom, pages, view, slots, block_ids, stage, ring, false, true);
   const int device = ring.device();
-  check_staged_device(ring, block_ids, stage, device);
   DYNKV_CHECK(events.empty() || device >= 0, "events are recorded on a GPU stream; this scatter runs on the CPU");
-  const int64_t n = slots.n, c = ring.chunk_pages();
-  if (device < 0) {
-    for (int64_t first = 0; first < n; first += c) {
-      const int64_t end = std::min(n, first + c);
-      run_cpu(chunk_runs(p, ring, slots, first, end, true), cfg.threads);
-      run_cpu(plan_runs(chunk_transfer<true>(geom, p, ring, block_ids, stage, first, end, false)), cfg.threads);
+  const std::vector<LayerRange> all{LayerRange{}};
+  const std::vector<LayerRange>& layers = groups.empty() ? all : groups;
+  DYNKV_CHECK(events.empty() || events.size() == layers.size(), "staged_scatter got ", events.size(),
+              " events for ", layers.size(), " layer groups: expected one per group, or none");
+  std::vector<GroupPlan> plans;
+  for (const LayerRange& r : layers) plans.push_back(plan_group(geom, view, pages, ring, r));  // checks each range
+  const int64_t n = slots.n;
+  if (device < 0) {  // the same chunks and slots, one after the other
+    int64_t k = 0;
+    for (const GroupPlan& g : plans) {
+      for (int64_t first = 0; first < n; first += g.per_chunk, ++k) {
+        const int64_t end = std::min(n, first + g.per_chunk), s = k % ring.num_slots();
+        run_cpu(chunk_runs(geom, g, ring, s, slots, first, end, true), cfg.threads);
+        run_cpu(plan_runs(chunk_transfer<true>(g, ring, s, block_ids.host, stage.host, first, end)), cfg.threads);
+      }
     }
     return;
   }
@@ -378,29 +413,33 @@ void staged_scatter(const PageGeom& geom, const PageSet& pages, const BlockView&
   ExecConfig dma{};
   dma.backend = Backend::DmaBatch;
   dma.stream = ring.dma_stream();
-  for (int64_t first = 0, k = 0; first < n; first += c, ++k) {
-    const int64_t end = std::min(n, first + c), s = k % ring.num_slots();
-    cuda_stream_wait_event(dma.stream, ring.freed(s));  // the kernel has read what the slot held before
-    memcpy_runs_cuda(chunk_runs(p, ring, slots, first, end, true), dma);
-    cuda_event_record(ring.ready(s), dma.stream);
-    cuda_stream_wait_event(cfg.stream, ring.ready(s));
-    launch_kernel(chunk_transfer<true>(geom, p, ring, block_ids, stage, first, end, true), cfg);
-    cuda_event_record(ring.freed(s), cfg.stream);
+  int64_t k = 0;  // chunks so far: chunk k uses slot k % num_slots, across groups
+  for (size_t gi = 0; gi < plans.size(); ++gi) {
+    const GroupPlan& g = plans[gi];
+    for (int64_t first = 0; first < n; first += g.per_chunk, ++k) {
+      const int64_t end = std::min(n, first + g.per_chunk), s = k % ring.num_slots();
+      cuda_stream_wait_event(dma.stream, ring.freed(s));  // the kernel has read what the slot held before
+      memcpy_runs_cuda(chunk_runs(geom, g, ring, s, slots, first, end, true), dma);
+      cuda_event_record(ring.ready(s), dma.stream);
+      cuda_stream_wait_event(cfg.stream, ring.ready(s));
+      launch_kernel(chunk_transfer<true>(g, ring, s, block_ids.device, stage.device, first, end), cfg);
+      cuda_event_record(ring.freed(s), cfg.stream);
+    }
+    if (!events.empty()) cuda_event_record(events[gi], cfg.stream);
   }
-  for (uint64_t e : events) cuda_event_record(e, cfg.stream);
 }
 
 void staged_gather(const PageGeom& geom, const BlockView& view, const PageSet& pages, const IdList& block_ids,
                    const IdList& slots, const IdList& stage, StagingRing& ring, const ExecConfig& cfg) {
-  const StagedPlan p = check_staged(geom, pages, view, slots, block_ids, stage, ring, true, false);
+  check_staged(geom, pages, view, slots, block_ids, stage, ring, true, false);
   const int device = ring.device();
-  check_staged_device(ring, block_ids, stage, device);
-  const int64_t n = slots.n, c = ring.chunk_pages();
+  const GroupPlan g = plan_group(geom, view, pages, ring, LayerRange{});
+  const int64_t n = slots.n, c = g.per_chunk;
   if (device < 0) {
-    for (int64_t first = 0; first < n; first += c) {
-      const int64_t end = std::min(n, first + c);
-      run_cpu(plan_runs(chunk_transfer<false>(geom, p, ring, block_ids, stage, first, end, false)), cfg.threads);
-      run_cpu(chunk_runs(p, ring, slots, first, end, false), cfg.threads);
+    for (int64_t first = 0, k = 0; first < n; first += c, ++k) {
+      const int64_t end = std::min(n, first + c), s = k % ring.num_slots();
+      run_cpu(plan_runs(chunk_transfer<false>(g, ring, s, block_ids.host, stage.host, first, end)), cfg.threads);
+      run_cpu(chunk_runs(geom, g, ring, s, slots, first, end, false), cfg.threads);
     }
     return;
   }
@@ -414,10 +453,10 @@ void staged_gather(const PageGeom& geom, const BlockView& view, const PageSet& p
   for (int64_t first = 0, k = 0; first < n; first += c, ++k) {
     const int64_t end = std::min(n, first + c), s = k % ring.num_slots();
     cuda_stream_wait_event(cfg.stream, ring.freed(s));  // the copy engines have read what the slot held before
-    launch_kernel(chunk_transfer<false>(geom, p, ring, block_ids, stage, first, end, true), cfg);
+    launch_kernel(chunk_transfer<false>(g, ring, s, block_ids.device, stage.device, first, end), cfg);
     cuda_event_record(ring.ready(s), cfg.stream);
     cuda_stream_wait_event(dma.stream, ring.ready(s));
-    memcpy_runs_cuda(chunk_runs(p, ring, slots, first, end, false), dma);
+    memcpy_runs_cuda(chunk_runs(geom, g, ring, s, slots, first, end, false), dma);
     cuda_event_record(ring.freed(s), dma.stream);
     last = s;
   }

@@ -242,9 +242,11 @@ class PageBuffer:
 class StagingBuffer:
     """A ring of staging pages on one device, for the staged copy path (:func:`dynkv.ops.staged_scatter`).
 
-    ``num_slots`` slots of ``chunk_pages`` pages: the copy engines move whole
-    page slices between host pages and one slot while a kernel moves the
-    previous slot's pages between staging and the paged KV cache. On a GPU the
+    ``num_slots`` slots of ``chunk_pages`` pages: the copy engines move page
+    slices (or, in a layer-wise load, each page's slice of a layer group,
+    packed, so that a slot holds more of them) between host pages and one slot
+    while a kernel moves the previous slot's between staging and the paged KV
+    cache. On a GPU the
     ring has its own stream for the copy engines and CUDA events that order
     the two stages; on the CPU the same chunking runs with memcpys.
 
@@ -295,8 +297,3 @@ class StagingBuffer:
     def nbytes(self) -> int:
         return self.pages.num_pages * self.pages.page_stride
 
-    def stage_slots(self, n: int) -> np.ndarray:
-        """The staging page of each of a call's ``n`` pages (chunk ``k`` in slot ``k % num_slots``)."""
-        i = np.arange(n, dtype=np.int64)
-        c = self.chunk_pages
-        return ((i // c) % self.num_slots) * c + i % c

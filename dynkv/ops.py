@@ -12,10 +12,10 @@ scatter_layers
 copy_blocks
     block to block between two views of one geometry (D2D, H2H)
 staged_scatter, staged_gather
-    the staged path: whole page slices cross PCIe on the copy engines into a
-    ring of staging pages on the GPU (:class:`dynkv.memory.StagingBuffer`),
-    and an on-device kernel moves them to or from the paged KV cache; the two
-    stages overlap chunk by chunk
+    the staged path: page slices (loads: in layer groups if asked) cross
+    PCIe on the copy engines as long runs into a ring of staging memory on the
+    GPU (:class:`dynkv.memory.StagingBuffer`), and an on-device kernel moves
+    them to or from the paged KV cache; the two stages overlap chunk by chunk
 memcpy_batch
     plain copies through the copy engines (``cudaMemcpyBatchAsync`` where the
     runtime has it, else a loop); on CPU, the thread pool
@@ -364,7 +364,7 @@ def _check_staged(pages: PageBuffer, view: PagedView, staging: StagingBuffer, wh
 
 def _staged_exec(gpu: torch.device | None, staging: StagingBuffer, num_ctas: int | None, threads: int | None,
                  stream: Any, ids: np.ndarray) -> tuple[Any, Any, np.ndarray, list[int]]:
-    stage = staging.stage_slots(len(ids))
+    stage = np.arange(len(ids), dtype=np.int64)  # a chunk's pages take its slot's staging pages in order
     cfg, _ = _exec("staged", gpu, "kernel", num_ctas, threads, stream)
     if gpu is None or len(ids) == 0:
         return cfg, None, stage, [0, 0]
@@ -379,6 +379,7 @@ def staged_scatter(
     block_ids: Sequence[int] | np.ndarray | torch.Tensor,
     staging: StagingBuffer,
     *,
+    groups: Sequence[tuple[int, int]] | None = None,
     events: Sequence[Any] = (),
     num_ctas: int | None = None,
     threads: int | None = None,
@@ -386,22 +387,28 @@ def staged_scatter(
 ) -> None:
     """:func:`scatter` through ``staging``: host pages ``slots`` -> this rank's heads of ``block_ids``.
 
-    Each page's slice of this rank crosses PCIe as one run on the copy
-    engines (``staging.stream``) into a staging slot, and a kernel on
-    ``stream`` scatters the slot into the KV cache; chunks overlap. Complete
-    on ``stream``. ``events`` (already-created ``torch.cuda.Event`` objects:
-    the layer groups of a layer-wise load) are all recorded on ``stream`` once
-    every layer is in, since every layer of a page arrives with its slice.
+    In layer ``groups`` ``[begin, end)``, in order (``None``: every layer at
+    once). For each group, each head's layers of the group cross PCIe as one
+    run per page on the copy engines (``staging.stream``) into a staging
+    slot, and a kernel on ``stream`` scatters the slot into the KV cache;
+    chunks overlap. Complete on ``stream``. ``events`` (already-created
+    ``torch.cuda.Event`` objects, one per group) are recorded on ``stream``
+    once their group is in, so a forward can wait for each group before its
+    layers.
     """
     gpu = _check_staged(pages, view, staging, "staged_scatter")
     if events and gpu is None:
         raise ValueError("events are recorded on a GPU stream; this scatter runs on the CPU")
+    spans = [(int(b), int(e)) for b, e in groups] if groups is not None else []
+    if events and len(events) != max(1, len(spans)):
+        raise ValueError(f"staged_scatter got {len(events)} events for {max(1, len(spans))} layer groups: "
+                         "expected one per group, or none")
     handles = [int(e.cuda_event) for e in events]
     if 0 in handles:
         raise ValueError("every event must exist already (torch creates a CUDA event at its first record)")
     sl, ids = _ids(slots), _ids(block_ids)
     cfg, keep, stage, ptrs = _staged_exec(gpu, staging, num_ctas, threads, stream, ids)
-    _C.staged_scatter(pages.geometry.c, pages.c, view.c, sl, ids, stage, staging.ring, cfg, *ptrs, handles)
+    _C.staged_scatter(pages.geometry.c, pages.c, view.c, sl, ids, stage, staging.ring, cfg, *ptrs, spans, handles)
     del keep
 
 

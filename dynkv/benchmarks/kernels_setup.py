@@ -26,13 +26,15 @@ __all__ = ["BACKENDS", "DIRECTIONS", "PRESETS", "Preset", "Setup", "baseline_fns
            "time_fns", "torch_op"]
 
 DIRECTIONS = ("h2d", "d2h", "d2d", "both")
-BACKENDS = ("kernel", "staged", "dma", "dma_loop", "torch", "hybrid", "layers")
+BACKENDS = ("kernel", "staged", "dma", "dma_loop", "torch", "hybrid", "layers", "staged_layers")
 # hybrid: loads on the kernel, stores on the copy engines (DMA batch), so the
 # two directions of ``both`` do not share SMs; other directions skip it.
 # layers: loads on the kernel, one launch per layer with an event recorded
 # after each (one C++ call), as a worker's synchronous loads go; h2d only.
 # staged: whole page slices on the copy engines through a staging ring on the
 # device, then an on-device kernel (dynkv.worker.staging); not d2d.
+# staged_layers: a staged load in the layer groups a worker's layer-wise
+# loads take on that path, an event after each group; h2d on cuda only.
 _DTYPES = {1: "uint8", 2: "bfloat16", 4: "float32", 8: "float64"}
 # A GPU sleep before each timing holds the streams until every op of the case is
 # enqueued, so the two ops of `both` start together. It lasts at least _GATE_MIN_S
@@ -239,6 +241,19 @@ def dynkv_op(s: Setup, kind: str, *, on_device: bool = False, backend: str = "ke
             ev.record()  # torch creates the CUDA event at its first record
         kw["backend"] = "kernel"
         return lambda: dynkv.ops.scatter_layers(pages, s.view, slots, ids, groups, events=events, **kw)
+    if backend == "staged_layers":
+        if kind != "load" or s.device.type != "cuda":
+            raise ValueError("backend 'staged_layers' is the GPU's layer-wise staged load: h2d on cuda only")
+        import torch
+
+        from dynkv.worker.staging import layer_groups
+
+        ring, groups = s.staging(kind), layer_groups(s.geometry, "staged")
+        events = [torch.cuda.Event() for _ in groups]
+        for ev in events:
+            ev.record()
+        return lambda: dynkv.ops.staged_scatter(pages, s.view, slots, ids, ring, groups=groups, events=events,
+                                                num_ctas=ctas, threads=threads)
     if backend == "staged":
         if on_device:
             raise ValueError("backend 'staged' moves host pages: not d2d")

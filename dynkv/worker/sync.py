@@ -2,8 +2,10 @@
 
 A part of :class:`dynkv.worker.Worker` (a base class of it). A step's sync
 loads (:attr:`dynkv.protocol.LoadOp.sync`) go as one scatter in layer
-groups, each ending in an event; with per-layer groups the forward waits for
-each layer only where its attention needs it (:meth:`SyncLoads.wait_for_layer`).
+groups (one layer each on the copy kernel, a few on the staged path:
+:meth:`dynkv.worker.staging.CopyPaths.layer_groups`), each ending in an
+event; the forward waits for each group only where the attention of its
+first layer needs it (:meth:`SyncLoads.wait_for_layer`).
 They can start before vLLM prepares the step's inputs: from vLLM's
 ``handle_preemptions`` hook (:meth:`SyncLoads.start_early`), or from the
 scheduler itself where it shares the worker's thread
@@ -14,6 +16,7 @@ them), and later steps wait for whole copies.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -48,7 +51,12 @@ class SyncStep:
     jobs: list[Job]
     groups: list[tuple[int, int]]
     events: list[Any]  # CUDA events (GPU) or threading.Events (CPU), one per group
-    waited: set[int] = field(default_factory=set)
+    waited: set[int] = field(default_factory=set)  # groups the forward waited for
+
+    @property
+    def starts(self) -> list[int]:
+        """Each group's first layer."""
+        return [b for b, _ in self.groups]
 
 
 class SyncLoads:
@@ -119,10 +127,13 @@ class SyncLoads:
         if st is None or len(st.groups) == 1:
             return
         layer = self._layer_of.get(layer_name)
-        if layer is None or layer in st.waited:
+        if layer is None:
             return
-        st.waited.add(layer)
-        self._wait_event(st.events[layer])
+        group = bisect.bisect_right(st.starts, layer) - 1  # groups are ascending and cover every layer
+        if group in st.waited:
+            return
+        st.waited.add(group)
+        self._wait_event(st.events[group])
 
     def _launch_sync(self, ops: list[LoadOp], *, per_layer: bool, wait: bool = True, site: str = "late") -> None:
         """This step's sync loads as one scatter, in layer groups; the forward waits on each group's event.
@@ -135,7 +146,12 @@ class SyncLoads:
         """
         assert self.view is not None
         num_layers = self.view.geometry.num_layers
-        groups = [(l, l + 1) for l in range(num_layers)] if per_layer else [(0, num_layers)]
+        if not per_layer:
+            groups = [(0, num_layers)]
+        elif self.copy_paths is not None and self._streams is not None:
+            groups = self.copy_paths.layer_groups()
+        else:
+            groups = [(l, l + 1) for l in range(num_layers)]
         now = time.perf_counter()
         self.sync_launch_at = time.monotonic()
         slots = [s for op in ops for s in op.slots]
@@ -226,7 +242,7 @@ class SyncLoads:
         if len(st.groups) == 1:  # a whole copy launched early whose start never came: later work still follows it
             self._wait_event(st.events[0])
             return
-        missed = sorted(set(range(len(st.groups))) - st.waited)
+        missed = [f"{b}-{e - 1}" if e - b > 1 else str(b) for i, (b, e) in enumerate(st.groups) if i not in st.waited]
         log.warning(
             "rank %d: the forward did not wait for layers %s of its synchronous loads (a CUDA graph captured the "
             "attention?): their %d blocks are recomputed, and later steps wait for whole loads",

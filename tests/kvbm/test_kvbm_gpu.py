@@ -54,6 +54,14 @@ def test_gpu_sync_layer_by_layer_loads(rng: np.random.Generator, tp: int, proces
                      early=early, copy_path=copy_path)
 
 
+@pytest.mark.parametrize("tp,processes,early", [(1, False, False), (2, True, True), (1, False, "scheduler")])
+def test_gpu_staged_loads_in_groups_of_layers(rng: np.random.Generator, tp: int, processes: bool,
+                                              early: bool | str) -> None:
+    """24 layers on the staged path: eight groups of three, each waited for by the attention of its first layer."""
+    model = Model(dims="LBHNC", device="cuda", num_layers=24)
+    check_sync_loads(rng, model, tp=tp, processes=processes, early=early, copy_path="staged")
+
+
 @pytest.mark.parametrize("priority", [0, -1])
 def test_gpu_sync_loads_at_either_load_priority(rng: np.random.Generator, priority: int) -> None:
     """The load stream's priority changes when copies run, never what the forward reads."""

@@ -37,13 +37,59 @@ def test_staged_ring_shapes(rng: np.random.Generator, form: str, chunk_pages: in
                  stride_pad=24)
 
 
-def test_stage_slots_follow_the_ring() -> None:
+def test_staging_ring_shape() -> None:
     g = dynkv.PageGeometry.for_model(num_layers=2, num_kv_heads=2, head_size=4, block_size=2, elem_bytes=2)
     ring = StagingBuffer(g, "cpu", chunk_pages=3, num_slots=2)
     assert ring.pages.num_pages == 6 and ring.nbytes == 6 * ring.pages.page_stride
     assert ring.pages.page_stride % 256 == 0 and ring.pages.page_stride >= g.page_bytes
-    assert ring.stage_slots(14).tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 0, 1]
-    assert [ring.ring.stage_of(i) for i in range(14)] == ring.stage_slots(14).tolist()
+    assert (ring.chunk_pages, ring.num_slots) == (3, 2)
+
+
+@pytest.mark.parametrize("groups", [[(0, 1), (1, 2), (2, 5)], [(0, 2), (2, 4), (4, 5)], [(0, 5)],
+                                    [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)], [(1, 3)]], ids=str)
+@pytest.mark.parametrize("tp", [(1, 0), (4, 3)], ids=lambda t: f"tp{t[0]}r{t[1]}")
+@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])
+def test_staged_scatter_in_layer_groups(rng: np.random.Generator, layout: str, tp: tuple[int, int],
+                                        groups: list[tuple[int, int]]) -> None:
+    """A layer-wise staged load: each group's slices packed in the ring, chunks of more pages than whole slices.
+
+    Exactly the groups' layers of the chosen blocks change, to the pages' bytes; a range that covers not
+    every layer leaves the others poisoned.
+    """
+    shape = SHAPES[0]
+    h0, h1 = dynkv.head_range(tp[1], tp[0], shape.num_heads)
+    kv = make_rank_kv(rng, shape, dims=layout, form="cross", dtype=torch.bfloat16, heads=(h0, h1), num_layers=5,
+                      num_blocks=13)
+    view = kv.view(num_heads_total=shape.num_heads, head_start=h0)
+    pages = make_pages(view.geometry, 14, fill=rng)
+    ring = StagingBuffer(view.geometry, "cpu", chunk_pages=2, num_slots=2)
+    ring.pages.owner.fill_(0x5A)
+    kv.poison()
+    slots = rng.permutation(14)[:11]
+    blocks = rng.permutation(13)[:11]
+    staged_scatter(pages.buffer, view, slots, blocks, ring, groups=groups)
+    reference = make_rank_kv(rng, shape, dims=layout, form="cross", dtype=torch.bfloat16, heads=(h0, h1),
+                             num_layers=5, num_blocks=13)
+    rview = reference.view(num_heads_total=shape.num_heads, head_start=h0)
+    reference.poison()
+    for begin, end in groups:
+        dynkv.scatter(pages.buffer, rview, slots, blocks, layers=(begin, end))
+    want = reference.snapshot()
+    assert all(torch.equal(a, b) for a, b in zip(kv.storages, want))
+
+
+def test_staged_layer_groups_are_checked(rng: np.random.Generator) -> None:
+    shape = SHAPES[0]
+    kv = make_rank_kv(rng, shape, dims="LBHNC", form="cross", dtype=torch.bfloat16, heads=(0, 4), num_layers=3,
+                      num_blocks=4)
+    view = kv.view(num_heads_total=4)
+    pages = make_pages(view.geometry, 4, fill=rng)
+    ring = StagingBuffer(view.geometry, "cpu", chunk_pages=1, num_slots=2)
+    before = kv.snapshot()
+    for bad in ((2, 2), (-1, 1), (0, 4)):
+        with pytest.raises(ValueError, match="is not a range of the view's 3 layers"):
+            staged_scatter(pages.buffer, view, [0, 1], [0, 1], ring, groups=[(0, 1), bad])
+    assert all(torch.equal(a, b) for a, b in zip(kv.storages, before))
 
 
 def test_staged_bad_input_is_refused_before_any_byte_moves(rng: np.random.Generator) -> None:

@@ -616,8 +616,8 @@ def check_staged(
 
     ``entries`` pages over a ring of ``num_slots`` x ``chunk_pages`` staging
     pages: chunks wrap around the ring, the last one partial. The ring starts
-    poisoned; ``events`` layer-group events go to every scatter and must all
-    be recorded after it. ``kw`` goes to :func:`check_gather_scatter`.
+    poisoned; with ``events``, every scatter goes in that many layer groups
+    (``num_layers`` split evenly), one event each, all recorded after it. ``kw`` goes to :func:`check_gather_scatter`.
     """
     from functools import partial
 
@@ -631,11 +631,14 @@ def check_staged(
     ring = StagingBuffer(geometry, device, chunk_pages=chunk_pages, num_slots=num_slots)
     ring.pages.owner.fill_(SENTINEL)
     evs = []
+    groups = None
     if events:
         evs = [torch.cuda.Event() for _ in range(events)]
         for e in evs:
             e.record()
+        cut = np.linspace(0, num_layers, events + 1).astype(int)
+        groups = [(int(a), int(b)) for a, b in zip(cut[:-1], cut[1:])]
     check_gather_scatter(rng, shape, device=device, num_layers=num_layers, num_blocks=num_blocks,
                          num_pages=num_pages, entries=entries, gather=partial(staged_gather, staging=ring),
-                         scatter=partial(staged_scatter, staging=ring, events=evs), **kw)
+                         scatter=partial(staged_scatter, staging=ring, groups=groups, events=evs), **kw)
     assert all(e.query() for e in evs), "every layer-group event was recorded after the scatter"

@@ -50,11 +50,13 @@ void copy_blocks(const PageGeom& geom, const BlockView& src, const BlockView& ds
 // memcpy_batch: plain runs (copy engines on CUDA; the thread pool on CPU).
 void memcpy_batch(const std::vector<Run>& runs, const ExecConfig& cfg, int device);
 
-// The staged path: whole page slices cross PCIe on the copy engines (one long run per page) into
-// a ring of staging pages in device memory, and an on-device kernel moves them between the staging
-// pages and the paged KV cache. The ring has `num_slots` slots of `chunk_pages` pages; chunk k of a
-// call uses slot k % num_slots, so the copy engines fill one slot while the kernel drains another.
-// On the CPU (device < 0) the same chunking runs with memcpys, staging in host memory.
+// The staged path: page slices cross PCIe on the copy engines as long runs into a ring of staging
+// memory on the device, and an on-device kernel moves them between staging and the paged KV cache.
+// The ring has `num_slots` slots of `chunk_pages` staging pages; chunk k of a call uses slot k %
+// num_slots, so the copy engines fill one slot while the kernel drains another. A call in layer
+// groups moves group by group; in a slot each page's group slice is packed ([H_local, g, N, C]), so
+// a chunk is about as many bytes whatever the group, and each head's layers of a group cross as one
+// run. On the CPU (device < 0) the same chunks run with memcpys, staging in host memory.
 class StagingRing {
  public:
   // `pages`: num_slots * chunk_pages staging pages (device memory on a GPU); `dma_stream`: the copy
@@ -69,8 +71,6 @@ class StagingRing {
   int64_t num_slots() const { return num_slots_; }
   int device() const { return device_; }
   uint64_t dma_stream() const { return dma_stream_; }
-  // Staging page of the i-th page of a call.
-  int64_t stage_of(int64_t i) const { return ((i / chunk_pages_) % num_slots_) * chunk_pages_ + i % chunk_pages_; }
   uint64_t ready(int64_t slot) const { return ready_[static_cast<size_t>(slot)]; }
   uint64_t freed(int64_t slot) const { return freed_[static_cast<size_t>(slot)]; }
 
@@ -84,12 +84,13 @@ class StagingRing {
   std::vector<uint64_t> freed_;  // slot drained (loads: the kernel read it; stores: DMA read it)
 };
 
-// Staged scatter: host pages `slots` -> this rank's heads of `block_ids`, every layer; then each of
-// `events` (layer-group events of a layer-wise load) is recorded on cfg.stream. `stage` holds
-// ring.stage_of(i) for every i (its device copy is what the kernel reads).
+// Staged scatter: host pages `slots` -> this rank's heads of `block_ids`, in layer `groups` (none:
+// every layer at once), in order; events[i] (if given: one per group) is recorded on cfg.stream once
+// group i is in. `stage` holds 0, 1, ..., n-1 (its device copy is what the kernel reads as a chunk's
+// staging pages).
 void staged_scatter(const PageGeom& geom, const PageSet& pages, const BlockView& view, const IdList& slots,
                     const IdList& block_ids, const IdList& stage, StagingRing& ring, const ExecConfig& cfg,
-                    const std::vector<uint64_t>& events);
+                    const std::vector<LayerRange>& groups, const std::vector<uint64_t>& events);
 // Staged gather: this rank's heads of `block_ids` -> host pages `slots`. Complete on cfg.stream.
 void staged_gather(const PageGeom& geom, const BlockView& view, const PageSet& pages, const IdList& block_ids,
                    const IdList& slots, const IdList& stage, StagingRing& ring, const ExecConfig& cfg);
