@@ -20,6 +20,8 @@ EVENTS_PORT="${EVENTS_PORT:-5700}"    # its KV events on EVENTS_PORT + 2i, their
 METRICS_PORT="${METRICS_PORT:-9100}"
 ROUTER_POLICY="${ROUTER_POLICY:-kv}"  # kv, round-robin or least-loaded
 LOAD_WEIGHT="${LOAD_WEIGHT:-1.0}"
+PARK_WEIGHT="${PARK_WEIGHT:-0.5}"     # kv: share of a parked conversation's tokens counted as its engine's load
+SESSION_TTL="${SESSION_TTL:-300}"     # kv: seconds a conversation stays parked without a next turn
 # The engines' --prefix-caching-hash-algo and PYTHONHASHSEED: the proxy hashes prompts the same way.
 HASH_ALGO="${HASH_ALGO:-sha256}"
 HASH_SEED="${HASH_SEED:-${PYTHONHASHSEED:-}}"
@@ -107,8 +109,8 @@ start() {
 }
 
 [[ "$DRY_RUN" == 1 ]] || mkdir -p "$LOG_DIR"
-proxy=("$PYTHON" -m dynkv.proxy --policy "$ROUTER_POLICY" --load-weight "$LOAD_WEIGHT" --hash-algo "$HASH_ALGO"
-       --host "$PROXY_HOST" --port "$PROXY_PORT")
+proxy=("$PYTHON" -m dynkv.proxy --policy "$ROUTER_POLICY" --load-weight "$LOAD_WEIGHT" --park-weight "$PARK_WEIGHT"
+       --session-ttl "$SESSION_TTL" --hash-algo "$HASH_ALGO" --host "$PROXY_HOST" --port "$PROXY_PORT")
 [[ -n "$HASH_SEED" ]] && proxy+=(--hash-seed "$HASH_SEED")
 local_urls=()
 for ((i = 0; i < NUM_ENGINES; i++)); do

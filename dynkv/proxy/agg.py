@@ -41,7 +41,7 @@ from typing import Any
 from dynkv.proxy.block_hash import block_hashes, normalize
 from dynkv.proxy.events import EngineFeed, Subscriber
 from dynkv.proxy.metrics import RouterMetrics
-from dynkv.proxy.router import Decision, Router
+from dynkv.proxy.router import PARK_WEIGHT, SESSION_TTL_S, Decision, Router
 
 __all__ = ["AggProxy"]
 
@@ -76,13 +76,15 @@ class AggProxy:
         The engines' ``--prefix-caching-hash-algo`` and ``PYTHONHASHSEED``.
     block_size
         The engines' block size; default: learned from their first events.
+    load_weight, park_weight, session_ttl_s
+        ``kv`` routing's weights (:class:`~dynkv.proxy.router.Router`).
     """
 
     def __init__(self, engines: Sequence[str], *, policy: str = "kv",
                  events: dict[str, tuple[str, str | None]] | None = None,
                  snapshots: dict[str, str] | None = None, hash_algo: str = "sha256",
                  hash_seed: str | None = None, block_size: int | None = None, load_weight: float = 1.0,
-                 timeout_s: float = 600.0, health_interval_s: float = 2.0, backoff_s: float = 1.0,
+                 park_weight: float = PARK_WEIGHT, session_ttl_s: float = SESSION_TTL_S, timeout_s: float = 600.0, health_interval_s: float = 2.0, backoff_s: float = 1.0,
                  backoff_max_s: float = 30.0, topic: str = "") -> None:
         for url in engines:
             if not url.startswith(("http://", "https://")):
@@ -98,8 +100,8 @@ class AggProxy:
         from dynkv.proxy.block_hash import none_hash
 
         none_hash(hash_algo, hash_seed)  # bad algorithm or missing seed: fail now, naming the option
-        self.router = Router(engines, policy, load_weight=load_weight, backoff_s=backoff_s,
-                             backoff_max_s=backoff_max_s)
+        self.router = Router(engines, policy, load_weight=load_weight, park_weight=park_weight,
+                             session_ttl_s=session_ttl_s, backoff_s=backoff_s, backoff_max_s=backoff_max_s)
         self.hash_algo, self.hash_seed, self.block_size = hash_algo, hash_seed, block_size
         self.timeout_s, self.health_interval_s = timeout_s, health_interval_s
         self.feeds = {e: EngineFeed(e, self.router.index, hash_algo=hash_algo, hash_seed=hash_seed,
@@ -153,8 +155,9 @@ class AggProxy:
         # Called from the subscriber's thread.
         self.router.engines[engine].predict = False
 
-    def _state(self) -> tuple[dict[str, tuple[bool, int]], dict[str, dict[str, int]], dict[str, dict[str, int]]]:
-        engines = {u: (st.up, st.in_flight) for u, st in self.router.engines.items()}
+    def _state(self) -> tuple[dict[str, tuple[bool, int, int]], dict[str, dict[str, int]],
+                              dict[str, dict[str, int]]]:
+        engines = {u: (st.up, st.in_flight, st.parked_tokens) for u, st in self.router.engines.items()}
         return engines, self.router.index.counts(), {e: dict(f.counts) for e, f in self.feeds.items()}
 
     # -- health -----------------------------------------------------------------
@@ -254,7 +257,8 @@ class AggProxy:
                                                              first_extra=extra)]
             except (TypeError, ValueError):
                 hashes = None  # odd token ids: the engine will say what is wrong
-        decision = self.router.choose(hashes, block_size=bs, prompt_tokens=len(tokens or ()), exclude=tried)
+        decision = self.router.choose(hashes, block_size=bs, prompt_tokens=len(tokens or ()), exclude=tried,
+                                      now=time.monotonic())
         self.metrics.route_seconds.observe(time.perf_counter() - t0)
         return decision, len(tokens or ()), hashes
 
@@ -276,7 +280,7 @@ class AggProxy:
                 return _error(503, f"no engine in rotation (down: {down})", "engine_unavailable")
             url = decision.engine
             tried.add(url)
-            self.router.begin(url, n_tokens)
+            self.router.begin(url, n_tokens, hashes=hashes, now=time.monotonic())
             task = asyncio.create_task(self._forward(request, url, body, headers, decision, hashes))
             self._inflight[url].add(task)
             try:
@@ -293,7 +297,7 @@ class AggProxy:
                 return await self._lost(request, url, task)
             finally:
                 self._inflight[url].discard(task)
-                self.router.end(url, n_tokens)
+                self.router.end(url, n_tokens, hashes=hashes, now=time.monotonic())
                 self._streams.pop(task, None)
 
     async def _lost(self, request: Any, url: str, task: asyncio.Task[Any]) -> Any:
@@ -415,7 +419,8 @@ class AggProxy:
     async def _stats(self, request: Any) -> Any:
         from aiohttp import web
 
-        engines = {u: {"up": st.up, "in_flight": st.in_flight, "failures": st.failures,
+        engines = {u: {"up": st.up, "in_flight": st.in_flight, "parked_tokens": st.parked_tokens,
+                       "failures": st.failures,
                        "predict": st.predict, "last_error": st.last_error}
                    for u, st in self.router.engines.items()}
         return web.json_response({"policy": self.router.policy, "engines": engines,

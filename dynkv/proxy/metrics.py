@@ -15,10 +15,11 @@ class RouterMetrics:
     """Counters the proxy updates per request, and gauges read from the router at each scrape.
 
     ``state`` returns ``(engines, index counts, feeds)``: engine -> (up,
-    in flight), engine -> medium -> blocks, engine -> feed counters.
+    in flight, parked tokens), engine -> medium -> blocks, engine -> feed
+    counters.
     """
 
-    def __init__(self, state: Callable[[], tuple[dict[str, tuple[bool, int]], dict[str, dict[str, int]],
+    def __init__(self, state: Callable[[], tuple[dict[str, tuple[bool, int, int]], dict[str, dict[str, int]],
                                                  dict[str, dict[str, int]]]]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -47,9 +48,13 @@ class RouterMetrics:
         engines, counts, feeds = self._state()
         up = GaugeMetricFamily("dynkv_router_engine_up", "1 while an engine is in rotation", labels=["engine"])
         busy = GaugeMetricFamily("dynkv_router_in_flight", "Requests in flight per engine", labels=["engine"])
-        for e, (is_up, n) in engines.items():
+        parked = GaugeMetricFamily("dynkv_router_parked_tokens", "Prompt tokens of the conversations parked on "
+                                   "each engine (latest request ended, next turn expected; kv routing counts them "
+                                   "as load)", labels=["engine"])
+        for e, (is_up, n, p) in engines.items():
             up.add_metric([e], 1.0 if is_up else 0.0)
             busy.add_metric([e], float(n))
+            parked.add_metric([e], float(p))
         blocks = GaugeMetricFamily("dynkv_router_indexed_blocks", "Blocks each engine holds, by medium, as the "
                                    "router knows from KV events", labels=["engine", "medium"])
         for e, media in counts.items():
@@ -61,4 +66,4 @@ class RouterMetrics:
         for e, c in feeds.items():
             for what, n in c.items():
                 events.add_metric([e, what], float(n))
-        yield from (up, busy, blocks, events)
+        yield from (up, busy, parked, blocks, events)

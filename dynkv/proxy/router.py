@@ -11,27 +11,51 @@ picks an engine for a request:
 - ``kv``: least cost, where an engine's cost is the prompt tokens it would
   compute (those past its cached prefix, each cached token counted by its
   medium's weight: a device hit saves all of its prefill, a host or disk hit
-  less, as loading it takes time) plus ``load_weight`` times the prompt
-  tokens it is busy with. A hot prefix therefore spills to a second engine
-  once the first is busier than the prefix is worth; the second then caches
-  it too.
+  less, as loading it takes time) plus ``load_weight`` times its load.
+
+An engine's load (``kv``) is the prompt tokens it is busy with plus
+``park_weight`` (default 0.5) times the prompt tokens of the conversations
+parked on it. A conversation is known by its latest prompt (the hash of its
+last full block); a prompt that extends an earlier one is that
+conversation's next turn. Between turns a conversation is parked on the
+engine that served its latest prompt: that engine holds its prefix, so its
+next turn will come back there. It stays parked until that next turn
+arrives or ``session_ttl_s`` passes without one. The load in flight says
+where work is now; parked conversations say where it will come back.
+Without them a new conversation, which matches nowhere, goes to whichever
+engine is idle at that moment, so an engine that is often idle when
+conversations start (a faster one, or one whose conversations just ended)
+collects them, and all their later turns with them. With them it goes to
+the engine carrying the least work, in flight and to come.
+
+A conversation's own parked tokens do not count against its engine when
+its next turn is placed (moving it would take them along), so a later turn
+stays with its prefix unless its engine carries, besides it, more load than
+the prefix is worth. A hot prefix (the same prompt many times, or one
+shared prefix under many conversations) spills to a second engine once the
+first is busier than the prefix is worth, by requests in flight or by the
+conversations parked on it; the second then caches it too.
+``park_weight`` 0 leaves the load in flight alone.
 
 Ties go to the engine with fewer requests in flight, then to the one that
 was sent fewer requests so far (so new conversations, which match nowhere,
-balance the engines' shares even when requests rarely overlap), then in turn. Engines
-that failed are out of rotation until ``retry_at``; each failure in a row
-doubles the wait (up to ``backoff_max_s``). Nothing here does I/O or reads a
-clock of its own: the server passes ``now``, so the tests drive time.
+balance the engines' shares even when requests rarely overlap), then in
+turn. Engines that failed are out of rotation until ``retry_at``; each
+failure in a row doubles the wait (up to ``backoff_max_s``). Nothing here
+does I/O or reads a clock of its own: the server passes ``now``, so the
+tests drive time.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["MEDIA", "POLICIES", "Decision", "EngineState", "PrefixIndex", "Router", "TIER_WEIGHTS"]
+__all__ = ["MEDIA", "PARK_WEIGHT", "POLICIES", "SESSION_TTL_S", "Decision", "EngineState", "PrefixIndex", "Router",
+           "TIER_WEIGHTS"]
 
 POLICIES = ("round-robin", "least-loaded", "kv")
 MEDIA = ("GPU", "CPU", "STORAGE")
@@ -39,6 +63,8 @@ MEDIA = ("GPU", "CPU", "STORAGE")
 # block is copied in alongside the forward; a disk block is read first.
 TIER_WEIGHTS = {"GPU": 1.0, "CPU": 0.8, "STORAGE": 0.5}
 _OTHER_WEIGHT = 0.3  # media named by other publishers (a shared store, a peer)
+PARK_WEIGHT = 0.5  # default: a parked conversation's token against a token in flight
+SESSION_TTL_S = 300.0  # default: how long a conversation without a next turn stays parked
 
 
 def _medium(medium: str | None) -> str:
@@ -130,8 +156,19 @@ class EngineState:
     in_flight: int = 0
     in_flight_tokens: int = 0
     routed: int = 0  # requests sent to it so far
+    parked_tokens: int = 0  # prompt tokens of the conversations parked on it (see Router)
     last_error: str = ""
     predict: bool = True  # False once its block hashes turned out not to be ours
+
+
+@dataclass
+class _Session:
+    """A conversation as the router sees it: the engine that served its latest prompt, and that prompt."""
+
+    engine: str
+    tokens: int
+    busy: int = 0  # its requests in flight
+    last: float = 0.0  # when its latest request ended
 
 
 @dataclass(frozen=True)
@@ -153,8 +190,15 @@ class Router:
     policy
         One of :data:`POLICIES`.
     load_weight
-        ``kv``: cost of one prompt token in flight on an engine, against one
+        ``kv``: cost of one prompt token of an engine's load, against one
         prompt token to compute.
+    park_weight
+        ``kv``: how much a token of a conversation parked on an engine (its
+        latest prompt, no request in flight) counts in that engine's load,
+        against a token in flight.
+    session_ttl_s
+        ``kv``: a conversation stops counting as parked this long after its
+        latest request ended without a next one.
     tier_weights
         ``kv``: share of a block's prefill saved when cached in each medium.
     backoff_s, backoff_max_s
@@ -162,6 +206,7 @@ class Router:
     """
 
     def __init__(self, engines: Sequence[str], policy: str = "kv", *, load_weight: float = 1.0,
+                 park_weight: float = PARK_WEIGHT, session_ttl_s: float = SESSION_TTL_S,
                  tier_weights: dict[str, float] | None = None, backoff_s: float = 1.0,
                  backoff_max_s: float = 30.0, index: PrefixIndex | None = None) -> None:
         if not engines:
@@ -173,13 +218,20 @@ class Router:
         if load_weight < 0 or backoff_s <= 0 or backoff_max_s < backoff_s:
             raise ValueError(f"load_weight={load_weight}, backoff_s={backoff_s}, backoff_max_s={backoff_max_s}: "
                              "expected load_weight >= 0 and 0 < backoff_s <= backoff_max_s")
+        if not 0 <= park_weight <= 1 or session_ttl_s <= 0:
+            raise ValueError(f"park_weight={park_weight}, session_ttl_s={session_ttl_s}: expected "
+                             "0 <= park_weight <= 1 and session_ttl_s > 0")
         self.engines = {u: EngineState(u) for u in engines}
         self.policy = policy
         self.load_weight = load_weight
+        self.park_weight, self.session_ttl_s = park_weight, session_ttl_s
         self.tier_weights = {**TIER_WEIGHTS, **(tier_weights or {})}
         self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
         self.index = index if index is not None else PrefixIndex()
         self._turn = itertools.count()
+        # Conversations by the hash of the last full block of their latest prompt, least recently ended first.
+        self._sessions: OrderedDict[int, _Session] = OrderedDict()
+        self._now = 0.0
 
     # -- health ---------------------------------------------------------------
 
@@ -205,26 +257,78 @@ class Router:
 
     # -- load -----------------------------------------------------------------
 
-    def begin(self, engine: str, prompt_tokens: int) -> None:
+    def begin(self, engine: str, prompt_tokens: int, *, hashes: Sequence[int] | None = None,
+              now: float | None = None) -> None:
+        """A request of ``prompt_tokens`` (block hashes ``hashes``, if known) was sent to ``engine``."""
         st = self.engines[engine]
         st.in_flight += 1
         st.in_flight_tokens += prompt_tokens
         st.routed += 1
+        if not hashes or self.policy != "kv":
+            return
+        self._tick(now)
+        prev = self._own_session(hashes)
+        if prev is not None and prev != hashes[-1] and self._sessions[prev].busy == 0:
+            self._unpark(self._sessions.pop(prev))  # the conversation moved on to this prompt
+        s = self._sessions.get(hashes[-1])
+        if s is None:
+            s = self._sessions[hashes[-1]] = _Session(engine, prompt_tokens)
+        elif s.busy == 0:
+            self._unpark(s)
+        s.busy += 1
+        s.engine, s.tokens = engine, prompt_tokens
+        self._sessions.move_to_end(hashes[-1])
 
-    def end(self, engine: str, prompt_tokens: int) -> None:
+    def end(self, engine: str, prompt_tokens: int, *, hashes: Sequence[int] | None = None,
+            now: float | None = None) -> None:
+        """A request that :meth:`begin` announced ended (answered, failed or cancelled)."""
         st = self.engines[engine]
         st.in_flight -= 1
         st.in_flight_tokens -= prompt_tokens
+        if not hashes:
+            return
+        self._tick(now)
+        s = self._sessions.get(hashes[-1])
+        if s is None or s.busy == 0:
+            return
+        s.busy -= 1
+        if s.busy == 0:
+            s.last = self._now
+            self._sessions.move_to_end(hashes[-1])
+            self.engines[s.engine].parked_tokens += s.tokens
+
+    def _unpark(self, s: _Session) -> None:
+        if s.busy == 0:
+            self.engines[s.engine].parked_tokens -= s.tokens
+
+    def _own_session(self, hashes: Sequence[int]) -> int | None:
+        """The conversation a prompt continues: the longest of its prefixes that was a prompt before."""
+        return next((h for h in reversed(hashes) if h in self._sessions), None)
+
+    def _tick(self, now: float | None) -> None:
+        """Time moves to ``now`` (None: it stands still); conversations idle for ``session_ttl_s`` are dropped."""
+        if now is not None:
+            self._now = max(self._now, now)
+        gone = []
+        for h, s in self._sessions.items():  # idle ones in the order they ended; those in flight passed over
+            if s.busy:
+                continue
+            if s.last + self.session_ttl_s > self._now:
+                break
+            gone.append(h)
+        for h in gone:
+            self._unpark(self._sessions.pop(h))
 
     # -- choice ---------------------------------------------------------------
 
     def choose(self, hashes: Sequence[int] | None = None, *, block_size: int = 0, prompt_tokens: int = 0,
-               exclude: Iterable[str] = ()) -> Decision | None:
+               exclude: Iterable[str] = (), now: float | None = None) -> Decision | None:
         """The engine for a request, or None when no engine is in rotation.
 
         ``hashes`` are the prompt's block hashes (normalized), used by ``kv``
         (which without them acts as ``least-loaded``); ``prompt_tokens`` its
-        length; ``exclude`` engines already tried for it.
+        length; ``exclude`` engines already tried for it; ``now`` the time
+        (None: as at the last call).
         """
         skip = set(exclude)
         cands = [u for u in self.up() if u not in skip]
@@ -241,11 +345,18 @@ class Router:
                                 hashes, block_size)
         matched = self.index.match(hashes, [u for u in cands if self.engines[u].predict])
         total = max(prompt_tokens, len(hashes) * block_size)
+        self._tick(now)
+        key = self._own_session(hashes)
+        own = self._sessions[key] if key is not None else None
+        if own is not None and own.busy:
+            own = None  # parked nowhere: it has a request in flight
 
         def cost(u: str) -> tuple[float, int, int, int]:
             st = self.engines[u]
             saved = sum(self.tier_weights.get(m, _OTHER_WEIGHT) for m in matched.get(u, ())) * block_size
-            return (total - saved + self.load_weight * st.in_flight_tokens, st.in_flight, st.routed, order[u])
+            parked = st.parked_tokens - (own.tokens if own is not None and own.engine == u else 0)
+            load = st.in_flight_tokens + self.park_weight * parked
+            return (total - saved + self.load_weight * load, st.in_flight, st.routed, order[u])
 
         best = min(cands, key=cost)
         return self._decision(best, matched.get(best, []), block_size)

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dynkv.proxy.block_hash import HASH_ALGOS
-from dynkv.proxy.router import POLICIES
+from dynkv.proxy.router import PARK_WEIGHT, POLICIES, SESSION_TTL_S
 
 __all__ = ["DESCRIPTION", "Proxy", "prefill_body"]
 
@@ -218,7 +218,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None,
                    help="the engines' block size (default: learned from their KV events)")
     p.add_argument("--load-weight", type=float, default=1.0,
-                   help="kv routing: cost of one prompt token in flight on an engine against one to compute")
+                   help="kv routing: cost of one prompt token of an engine's load (in flight, or parked at "
+                        "--park-weight) against one to compute")
+    p.add_argument("--park-weight", type=float, default=PARK_WEIGHT,
+                   help="kv routing: share of a parked conversation's prompt tokens (its latest request ended, "
+                        "its next turn expected) counted in its engine's load, 0 to 1 (default %(default)s; "
+                        "0: only requests in flight count)")
+    p.add_argument("--session-ttl", type=float, default=SESSION_TTL_S,
+                   help="kv routing: seconds a conversation stays parked without a next turn (default %(default)s)")
     p.add_argument("--health-interval", type=float, default=2.0, help="seconds between engine health probes")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -254,6 +261,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         agg = AggProxy(args.engine, policy=args.policy, events=_events(args), snapshots=_snapshots(args),
                        hash_algo=args.hash_algo,
                        hash_seed=args.hash_seed, block_size=args.block_size, load_weight=args.load_weight,
+                       park_weight=args.park_weight, session_ttl_s=args.session_ttl,
                        timeout_s=args.timeout, health_interval_s=args.health_interval, topic=args.kv_topic)
         log.info("dynkv proxy on %s:%d: %s over %s", args.host, args.port, args.policy,
                  ", ".join(agg.router.engines))

@@ -148,6 +148,10 @@ def test_kv_routes_token_text_and_chat_prompts_to_their_prefix_and_counts_usage(
         assert metric(m, "dynkv_router_predicted_cached_tokens_total", e0.url) == 12 + 8
         assert metric(m, "dynkv_router_prompt_tokens_total", e0.url) == 30
         assert "dynkv_router_route_seconds_count 5.0" in m
+        # Parked on e0 between turns: the text prompt, and the fresh conversation at its latest prompt only.
+        assert metric(m, "dynkv_router_parked_tokens", e0.url) == len(text) + len(fresh) + 3
+        async with session.get(url + "/proxy/stats") as r:
+            assert (await r.json())["engines"][e0.url]["parked_tokens"] == len(text) + len(fresh) + 3
 
     asyncio.run(serve(2, scenario, policy="kv", events=True))
 

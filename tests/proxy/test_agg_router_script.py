@@ -22,6 +22,7 @@ def plan(**env: str) -> subprocess.CompletedProcess[str]:
 
 def test_engines_publish_events_and_the_proxy_follows_them_and_remote_engines() -> None:
     out = plan(NUM_ENGINES="2", EVENTS_PORT="6000", METRICS_PORT="9300", HASH_SEED="7", ROUTER_POLICY="least-loaded",
+               PARK_WEIGHT="0.25",
                REMOTE_ENGINES="http://10.0.0.7:8100=tcp://10.0.0.7:5700=tcp://10.0.0.7:5701 http://10.0.0.8:8100="
                               "tcp://10.0.0.8:5700=tcp://10.0.0.8:5701=http://10.0.0.8:9100/kv/snapshot")
     assert out.returncode == 0, out.stderr
@@ -47,7 +48,9 @@ def test_engines_publish_events_and_the_proxy_follows_them_and_remote_engines() 
                          "http://10.0.0.8:9100/kv/snapshot"]
     p = argparse.ArgumentParser()
     add_arguments(p)
-    assert _snapshots(p.parse_args(proxy[proxy.index("dynkv.proxy") + 1:])) == {
+    args = p.parse_args(proxy[proxy.index("dynkv.proxy") + 1:])
+    assert (args.park_weight, args.session_ttl) == (0.25, 300.0)
+    assert _snapshots(args) == {
         "http://127.0.0.1:8100": "http://127.0.0.1:9300/kv/snapshot",
         "http://127.0.0.1:8101": "http://127.0.0.1:9301/kv/snapshot",
         "http://10.0.0.8:8100": "http://10.0.0.8:9100/kv/snapshot"}

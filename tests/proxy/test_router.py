@@ -120,6 +120,70 @@ def test_new_conversations_go_where_fewer_requests_went_when_nothing_overlaps() 
     assert {e: r.engines[e].routed for e in (A, B)} == {A: 5, B: 5}
 
 
+def test_kv_counts_conversations_parked_between_turns_as_load() -> None:
+    """A conversation whose request ended is parked on its engine (its next turn will come back there) and counts
+    as park_weight of its prompt tokens in flight; its own next turn does not count it; it leaves after the TTL."""
+    L = 8 * BS
+    convs = [list(range(c * 1000, c * 1000 + L)) for c in range(6)]
+    r = Router([A, B, C], "kv", park_weight=0.5, session_ttl_s=100.0)
+    for c in range(3):  # three conversations ran on A and ended
+        r.begin(A, L, hashes=hashes(convs[c]), now=1.0)
+        r.end(A, L, hashes=hashes(convs[c]), now=2.0)
+    assert [r.engines[e].parked_tokens for e in (A, B, C)] == [3 * L, 0, 0]
+    for e, c in ((B, 3), (C, 4)):  # one request in flight on each of B and C
+        r.begin(e, L, hashes=hashes(convs[c]), now=3.0)
+    assert [r.engines[e].parked_tokens for e in (A, B, C)] == [3 * L, 0, 0]
+    # A new conversation: A idle with 0.5 * 3L parked (1.5L) against L in flight on B and on C.
+    new = hashes(convs[5])
+    assert r.choose(new, block_size=BS, prompt_tokens=L, now=4.0).engine in (B, C)
+    r0 = Router([A, B, C], "kv", park_weight=0.0)
+    r0.engines[A].parked_tokens = 3 * L
+    r0.begin(B, L)
+    r0.begin(C, L)
+    assert r0.choose(new, block_size=BS, prompt_tokens=L).engine == A  # the load in flight alone: the idle one
+    # Conversation 0's next turn: it holds its prefix on A, whose other parked load (1L) is less than the prefix.
+    r.index.stored(A, "GPU", hashes(convs[0]))
+    turn = [*convs[0], *range(50000, 50000 + 2 * BS)]
+    d = r.choose(hashes(turn), block_size=BS, prompt_tokens=len(turn), now=5.0)
+    assert d.engine == A and d.predicted_tokens == L
+    r.begin(A, len(turn), hashes=hashes(turn), now=5.0)
+    assert r.engines[A].parked_tokens == 2 * L  # it moved on to this prompt, in flight now
+    r.end(A, len(turn), hashes=hashes(turn), now=6.0)
+    assert r.engines[A].parked_tokens == 2 * L + len(turn)
+    # Its turn goes elsewhere (A down, say): it is parked there from then on.
+    turn2 = [*turn, *range(60000, 60000 + BS)]
+    r.begin(C, len(turn2), hashes=hashes(turn2), now=7.0)
+    r.end(C, len(turn2), hashes=hashes(turn2), now=8.0)
+    assert [r.engines[e].parked_tokens for e in (A, C)] == [2 * L, len(turn2)]
+    # No next turn within the TTL: the conversations leave (those ended at 2.0 first).
+    r.choose(new, block_size=BS, prompt_tokens=L, now=102.5)
+    assert [r.engines[e].parked_tokens for e in (A, B, C)] == [0, 0, len(turn2)]
+    r.choose(new, block_size=BS, prompt_tokens=L, now=108.5)
+    assert [r.engines[e].parked_tokens for e in (A, B, C)] == [0, 0, 0]
+    assert [r.engines[e].in_flight for e in (A, B, C)] == [0, 1, 1]  # B's and C's requests still run
+
+
+def test_kv_spills_a_prefix_shared_by_many_conversations_by_their_parked_load() -> None:
+    """Conversations one after the other, all opening with one 16-block prefix that A holds: nothing is ever in
+    flight when the next comes, so the load in flight alone sends every one to A; parked, they spill."""
+    shared = list(range(16 * BS))
+    # Parked at 0.5: 2 on A, then its 2 x 72 x 0.5 parked tokens outweigh the prefix (64), and the 3rd goes to
+    # B, which then holds the prefix too: from there on the two share them.
+    for park_weight, want in ((0.0, {A: 8, B: 0}), (0.5, {A: 4, B: 4})):
+        r = Router([A, B], "kv", park_weight=park_weight)
+        r.index.stored(A, "GPU", hashes(shared))
+        got = {A: 0, B: 0}
+        for c in range(8):
+            prompt = [*shared, *range(10000 * (c + 1), 10000 * (c + 1) + 2 * BS)]
+            h = hashes(prompt)
+            d = r.choose(h, block_size=BS, prompt_tokens=len(prompt), now=float(c))
+            got[d.engine] += 1
+            r.begin(d.engine, len(prompt), hashes=h, now=float(c))
+            r.index.stored(d.engine, "GPU", h)
+            r.end(d.engine, len(prompt), hashes=h, now=c + 0.5)
+        assert got == want, park_weight
+
+
 def test_engines_whose_hashes_differ_get_no_prediction() -> None:
     h = hashes(list(range(4 * BS)))
     r = Router([A, B], "kv")
@@ -148,10 +212,11 @@ def test_failed_engines_leave_rotation_with_doubling_backoff() -> None:
 
 
 @pytest.mark.parametrize("bad", [dict(engines=[]), dict(engines=[A, A]), dict(policy="random"),
-                                 dict(load_weight=-1.0), dict(backoff_s=0.0)])
+                                 dict(load_weight=-1.0), dict(backoff_s=0.0), dict(park_weight=1.5),
+                                 dict(park_weight=-0.1), dict(session_ttl_s=0.0)])
 def test_bad_router_settings_are_named(bad: dict) -> None:
     kw = {"engines": [A, B], "policy": "kv", **bad}
-    with pytest.raises(ValueError, match="engine|policy|load_weight"):
+    with pytest.raises(ValueError, match="engine|policy|" + "|".join(k for k in bad if k != "engines")):
         Router(kw.pop("engines"), **kw)
 
 
