@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build dynkv with CUDA, run the GPU tests and the kernel benchmarks, and leave
 # logs, JSON and plots in one tarball under $OUT. Usage:
-#   OUT=/tmp/out bench/run_gpu.sh [tests|bench|all]
+#   OUT=/tmp/out bench/run_gpu.sh [tests|bench|all]      (CASES="llama3-8b layers": only those bench cases)
 # Modes that need vLLM (not part of `all`; `source /tmp/vllm-env.sh` first with the slim bundle):
 #   load:   the two under-load workloads of `dynkv bench load`, plain vLLM, dynkv and OffloadingConnector,
 #           the disk tier under $DISK (default /tmp/dynkv-load/disk);
@@ -36,6 +36,8 @@ fi
 if [[ $what == bench || $what == all ]]; then
   k() {
     local name=$1; shift
+    # CASES (space-separated names): only those cases
+    if [[ -n ${CASES:-} && " $CASES " != *" $name "* ]]; then return; fi
     python3 -m dynkv.cli bench kernels --device cuda --json "$RES/$name.json" --plot "$RES/$name.png" "$@" 2>&1 | tee "$RES/$name.log"
     tar -czf "$OUT/results-$what.tar.gz" -C "$RES" .  # keep what finished if a later step runs out of time
   }
