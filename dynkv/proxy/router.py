@@ -20,7 +20,8 @@ last full block); a prompt that extends an earlier one is that
 conversation's next turn. Between turns a conversation is parked on the
 engine that served its latest prompt: that engine holds its prefix, so its
 next turn will come back there. It stays parked until that next turn
-arrives or ``session_ttl_s`` passes without one. The load in flight says
+arrives, ``session_ttl_s`` passes without one, or the engine's KV events
+say it no longer holds the prompt's last block (evicted from every tier). The load in flight says
 where work is now; parked conversations say where it will come back.
 Without them a new conversation, which matches nowhere, goes to whichever
 engine is idle at that moment, so an engine that is often idle when
@@ -65,6 +66,7 @@ TIER_WEIGHTS = {"GPU": 1.0, "CPU": 0.8, "STORAGE": 0.5}
 _OTHER_WEIGHT = 0.3  # media named by other publishers (a shared store, a peer)
 PARK_WEIGHT = 0.5  # default: a parked conversation's token against a token in flight
 SESSION_TTL_S = 300.0  # default: how long a conversation without a next turn stays parked
+EVICTED_CHECK_S = 1.0  # how often (and after how long parked) a conversation's prefix is checked on its engine
 
 
 def _medium(medium: str | None) -> str:
@@ -133,6 +135,16 @@ class PrefixIndex:
                 if not live:
                     break
         return out
+
+    def holds(self, engine: str, h: int) -> bool:
+        """Whether ``engine`` holds block ``h`` in any medium."""
+        with self._lock:
+            return bool(self._blocks.get(h, {}).get(engine))
+
+    def engines(self) -> set[str]:
+        """Engines whose blocks the index has heard of (held now or not)."""
+        with self._lock:
+            return set(self._held)
 
     def held(self, engine: str) -> dict[str, set[int]]:
         """The blocks ``engine`` holds, per medium (a copy; media holding none left out)."""
@@ -232,6 +244,7 @@ class Router:
         # Conversations by the hash of the last full block of their latest prompt, least recently ended first.
         self._sessions: OrderedDict[int, _Session] = OrderedDict()
         self._now = 0.0
+        self._pruned_at = 0.0
 
     # -- health ---------------------------------------------------------------
 
@@ -316,6 +329,21 @@ class Router:
             if s.last + self.session_ttl_s > self._now:
                 break
             gone.append(h)
+        for h in gone:
+            self._unpark(self._sessions.pop(h))
+        if self._now >= self._pruned_at + EVICTED_CHECK_S:
+            self._pruned_at = self._now
+            self._drop_evicted()
+
+    def _drop_evicted(self) -> None:
+        """Parked conversations whose engine no longer holds their prompt's last block (evicted from every tier,
+        or the engine restarted) leave: their next turn is recomputed wherever it goes. Only engines that the
+        index has heard from, and only conversations parked for :data:`EVICTED_CHECK_S` (their blocks' events
+        may still be on the way)."""
+        known = self.index.engines()
+        gone = [h for h, s in self._sessions.items()
+                if not s.busy and s.engine in known and s.last + EVICTED_CHECK_S <= self._now
+                and not self.index.holds(s.engine, h)]
         for h in gone:
             self._unpark(self._sessions.pop(h))
 

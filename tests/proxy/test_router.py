@@ -126,8 +126,9 @@ def test_kv_counts_conversations_parked_between_turns_as_load() -> None:
     L = 8 * BS
     convs = [list(range(c * 1000, c * 1000 + L)) for c in range(6)]
     r = Router([A, B, C], "kv", park_weight=0.5, session_ttl_s=100.0)
-    for c in range(3):  # three conversations ran on A and ended
+    for c in range(3):  # three conversations ran on A and ended; A's KV events say it holds their blocks
         r.begin(A, L, hashes=hashes(convs[c]), now=1.0)
+        r.index.stored(A, "GPU", hashes(convs[c]))
         r.end(A, L, hashes=hashes(convs[c]), now=2.0)
     assert [r.engines[e].parked_tokens for e in (A, B, C)] == [3 * L, 0, 0]
     for e, c in ((B, 3), (C, 4)):  # one request in flight on each of B and C
@@ -142,17 +143,18 @@ def test_kv_counts_conversations_parked_between_turns_as_load() -> None:
     r0.begin(C, L)
     assert r0.choose(new, block_size=BS, prompt_tokens=L).engine == A  # the load in flight alone: the idle one
     # Conversation 0's next turn: it holds its prefix on A, whose other parked load (1L) is less than the prefix.
-    r.index.stored(A, "GPU", hashes(convs[0]))
     turn = [*convs[0], *range(50000, 50000 + 2 * BS)]
     d = r.choose(hashes(turn), block_size=BS, prompt_tokens=len(turn), now=5.0)
     assert d.engine == A and d.predicted_tokens == L
     r.begin(A, len(turn), hashes=hashes(turn), now=5.0)
+    r.index.stored(A, "GPU", hashes(turn))
     assert r.engines[A].parked_tokens == 2 * L  # it moved on to this prompt, in flight now
     r.end(A, len(turn), hashes=hashes(turn), now=6.0)
     assert r.engines[A].parked_tokens == 2 * L + len(turn)
     # Its turn goes elsewhere (A down, say): it is parked there from then on.
     turn2 = [*turn, *range(60000, 60000 + BS)]
     r.begin(C, len(turn2), hashes=hashes(turn2), now=7.0)
+    r.index.stored(C, "GPU", hashes(turn2))
     r.end(C, len(turn2), hashes=hashes(turn2), now=8.0)
     assert [r.engines[e].parked_tokens for e in (A, C)] == [2 * L, len(turn2)]
     # No next turn within the TTL: the conversations leave (those ended at 2.0 first).
@@ -161,6 +163,32 @@ def test_kv_counts_conversations_parked_between_turns_as_load() -> None:
     r.choose(new, block_size=BS, prompt_tokens=L, now=108.5)
     assert [r.engines[e].parked_tokens for e in (A, B, C)] == [0, 0, 0]
     assert [r.engines[e].in_flight for e in (A, B, C)] == [0, 1, 1]  # B's and C's requests still run
+
+
+def test_parked_conversations_leave_once_their_engine_evicted_their_prefix() -> None:
+    """A conversation parked on an engine whose KV events say its prompt's last block left every tier (or the
+    engine restarted) stops counting there; engines without events, and blocks whose events may still be on
+    their way, keep theirs."""
+    L = 4 * BS
+    convs = [list(range(c * 1000, c * 1000 + L)) for c in range(4)]
+    r = Router([A, B], "kv", park_weight=1.0)
+    for c, e in ((0, A), (1, A), (2, B)):
+        r.begin(e, L, hashes=hashes(convs[c]), now=1.0)
+        if e == A:
+            r.index.stored(A, "GPU", hashes(convs[c]))
+            r.index.stored(A, "CPU", hashes(convs[c])[-1:])
+        r.end(e, L, hashes=hashes(convs[c]), now=2.0)
+    assert [r.engines[e].parked_tokens for e in (A, B)] == [2 * L, L]
+    r.index.removed(A, "GPU", hashes(convs[0]))  # evicted from the device; still in A's host tier
+    r.index.removed(A, "GPU", hashes(convs[1]))
+    r.index.removed(A, "CPU", hashes(convs[1])[-1:])  # and from the host tier: gone from A
+    r.choose(hashes(convs[3]), block_size=BS, prompt_tokens=L, now=2.5)
+    assert [r.engines[e].parked_tokens for e in (A, B)] == [2 * L, L], "parked under a second: events may lag"
+    r.choose(hashes(convs[3]), block_size=BS, prompt_tokens=L, now=3.5)
+    assert [r.engines[e].parked_tokens for e in (A, B)] == [L, L], "B publishes no events: its conversation stays"
+    r.index.cleared(A)  # A restarted
+    r.choose(hashes(convs[3]), block_size=BS, prompt_tokens=L, now=5.0)
+    assert [r.engines[e].parked_tokens for e in (A, B)] == [0, L]
 
 
 def test_kv_spills_a_prefix_shared_by_many_conversations_by_their_parked_load() -> None:
