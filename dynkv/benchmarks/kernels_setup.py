@@ -230,28 +230,22 @@ def dynkv_op(s: Setup, kind: str, *, on_device: bool = False, backend: str = "ke
         raise ValueError("this setup has no device pages: build it with device_pages=True")
     ids, slots = s.ids[0 if kind == "load" else 1], s.slots(kind)
     kw: dict[str, Any] = {"backend": backend, "num_ctas": ctas, "threads": threads}
-    if backend == "layers":
+    if backend in ("layers", "staged_layers"):  # a worker's layer-wise load on the kernel or the staged path
+        what = "per-layer load" if backend == "layers" else "layer-wise staged load"
         if kind != "load" or s.device.type != "cuda":
-            raise ValueError("backend 'layers' is the GPU's per-layer load: h2d on cuda only")
-        import torch
-
-        groups = [(layer, layer + 1) for layer in range(s.geometry.num_layers)]
-        events = [torch.cuda.Event() for _ in groups]
-        for ev in events:
-            ev.record()  # torch creates the CUDA event at its first record
-        kw["backend"] = "kernel"
-        return lambda: dynkv.ops.scatter_layers(pages, s.view, slots, ids, groups, events=events, **kw)
-    if backend == "staged_layers":
-        if kind != "load" or s.device.type != "cuda":
-            raise ValueError("backend 'staged_layers' is the GPU's layer-wise staged load: h2d on cuda only")
+            raise ValueError(f"backend {backend!r} is the GPU's {what}: h2d on cuda only")
         import torch
 
         from dynkv.worker.staging import layer_groups
 
-        ring, groups = s.staging(kind), layer_groups(s.geometry, "staged")
+        groups = layer_groups(s.geometry, "kernel" if backend == "layers" else "staged")
         events = [torch.cuda.Event() for _ in groups]
         for ev in events:
-            ev.record()
+            ev.record()  # torch creates the CUDA event at its first record
+        if backend == "layers":
+            kw["backend"] = "kernel"
+            return lambda: dynkv.ops.scatter_layers(pages, s.view, slots, ids, groups, events=events, **kw)
+        ring = s.staging(kind)
         return lambda: dynkv.ops.staged_scatter(pages, s.view, slots, ids, ring, groups=groups, events=events,
                                                 num_ctas=ctas, threads=threads)
     if backend == "staged":

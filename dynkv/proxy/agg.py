@@ -84,7 +84,8 @@ class AggProxy:
                  events: dict[str, tuple[str, str | None]] | None = None,
                  snapshots: dict[str, str] | None = None, hash_algo: str = "sha256",
                  hash_seed: str | None = None, block_size: int | None = None, load_weight: float = 1.0,
-                 park_weight: float = PARK_WEIGHT, session_ttl_s: float = SESSION_TTL_S, timeout_s: float = 600.0, health_interval_s: float = 2.0, backoff_s: float = 1.0,
+                 park_weight: float = PARK_WEIGHT, session_ttl_s: float = SESSION_TTL_S, timeout_s: float = 600.0,
+                 health_interval_s: float = 2.0, backoff_s: float = 1.0,
                  backoff_max_s: float = 30.0, topic: str = "") -> None:
         for url in engines:
             if not url.startswith(("http://", "https://")):

@@ -298,7 +298,7 @@ class Router:
         st = self.engines[engine]
         st.in_flight -= 1
         st.in_flight_tokens -= prompt_tokens
-        if not hashes:
+        if not hashes or self.policy != "kv":
             return
         self._tick(now)
         s = self._sessions.get(hashes[-1])

@@ -83,13 +83,14 @@ class CopyPaths:
                                  f"{', '.join(COPY_PATHS)}")
         # One ring per direction: loads and stores run on their own streams at the same time.
         self._rings = {d: staging_for(self.view) for d in ("h2d", "d2h") if getattr(self, d) == "staged"}
+        self._groups = layer_groups(self.view.geometry, self.h2d)
 
     def staging_bytes(self) -> int:
         return sum(r.nbytes for r in self._rings.values())
 
     def layer_groups(self) -> list[tuple[int, int]]:
         """The layer groups of a layer-wise load on this rank's load path (:func:`layer_groups`)."""
-        return layer_groups(self.view.geometry, self.h2d)
+        return self._groups
 
     def load(self, pages: PageBuffer, slots: Sequence[int], block_ids: Sequence[int], stream: Any,
              groups: Sequence[tuple[int, int]] | None = None, events: Sequence[Any] = ()) -> None:

@@ -16,7 +16,6 @@ them), and later steps wait for whole copies.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import threading
 import time
@@ -52,11 +51,10 @@ class SyncStep:
     groups: list[tuple[int, int]]
     events: list[Any]  # CUDA events (GPU) or threading.Events (CPU), one per group
     waited: set[int] = field(default_factory=set)  # groups the forward waited for
+    group_of: list[int] = field(init=False)  # layer -> its group
 
-    @property
-    def starts(self) -> list[int]:
-        """Each group's first layer."""
-        return [b for b, _ in self.groups]
+    def __post_init__(self) -> None:
+        self.group_of = [i for i, (b, e) in enumerate(self.groups) for _ in range(b, e)]
 
 
 class SyncLoads:
@@ -129,7 +127,7 @@ class SyncLoads:
         layer = self._layer_of.get(layer_name)
         if layer is None:
             return
-        group = bisect.bisect_right(st.starts, layer) - 1  # groups are ascending and cover every layer
+        group = st.group_of[layer]
         if group in st.waited:
             return
         st.waited.add(group)
