@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
 from harness import Model, make_leader
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from dynkv.cli import main
+
+pytest.importorskip("vllm", reason="the connector's metrics are vLLM's")
 from dynkv.connector.engine import metric_samples
 from dynkv.connector.stats import DynKVPromMetrics
 from dynkv.keys import block_keys

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-import redis
+import pytest
+
+redis = pytest.importorskip("redis", reason="the shared tier's Redis client: pip install 'dynkv[shared]'")
 from stores import RedisServer
 
 from dynkv.cli import main

@@ -15,7 +15,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import redis
+
+redis = pytest.importorskip("redis", reason="the shared tier's Redis client: pip install 'dynkv[shared]'")
 from harness import Engine, Model
 from stores import RedisServer
 

@@ -8,8 +8,10 @@ import asyncio
 import json
 from typing import Any
 
-import aiohttp
 import pytest
+
+aiohttp = pytest.importorskip("aiohttp", reason="dynkv proxy's dependencies: pip install 'dynkv[proxy]'")
+pytest.importorskip("msgspec", reason="dynkv proxy's dependencies: pip install 'dynkv[proxy]'")
 from aiohttp import web
 
 from dynkv.proxy.agg import AggProxy

@@ -8,8 +8,9 @@ import importlib.util
 import time
 from collections.abc import Callable
 
-import msgspec
 import pytest
+
+msgspec = pytest.importorskip("msgspec", reason="dynkv proxy's dependencies: pip install 'dynkv[proxy]'")
 
 from dynkv.proxy.block_hash import block_hashes, normalize
 from dynkv.proxy.events import BlockRemoved, BlockStored, EngineFeed, KVEventBatch, Subscriber

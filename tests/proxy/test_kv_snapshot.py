@@ -12,9 +12,10 @@ import threading
 import time
 from collections.abc import Callable
 
-import msgspec
 import pytest
-import zmq
+
+msgspec = pytest.importorskip("msgspec", reason="dynkv proxy's dependencies: pip install 'dynkv[proxy]'")
+zmq = pytest.importorskip("zmq", reason="dynkv proxy's dependencies: pip install 'dynkv[proxy]'")
 
 from dynkv.kvsnapshot import KVSnapshot, SnapshotPage, encode_snapshot
 from dynkv.proxy.block_hash import block_hashes, normalize

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
+
+redis = pytest.importorskip("redis", reason="the shared tier's Redis client: pip install 'dynkv[shared]'")
 from stores import RedisServer, free_port
 
 from crc32c import crc32c
