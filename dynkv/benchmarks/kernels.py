@@ -90,12 +90,13 @@ def _ops_for(s: Setup, cfg: Config, direction: str, backend: str, ctas: int | No
 
 
 def _row(direction: str, backend: str, ctas: int | None, nbytes: int, times: list[float],
-         base: float, enqueue: list[float]) -> dict[str, Any]:
+         base: float, enqueue: list[float], queue_bound: list[bool] | None = None) -> dict[str, Any]:
     med = statistics.median(times)
     gbps = nbytes / med / 1e9
     return {"direction": direction, "backend": backend, "ctas": ctas, "bytes": nbytes, "times_s": times,
             "median_s": med, "gbps": gbps, "pct_of_memcpy": 100.0 * gbps / base if base else None,
-            "enqueue_ms": 1e3 * statistics.median(enqueue) if enqueue else None}
+            "enqueue_ms": 1e3 * statistics.median(enqueue) if enqueue else None,
+            "queue_bound": bool(queue_bound)}
 
 
 def run_cases(s: Setup, cfg: Config) -> list[dict[str, Any]]:
@@ -119,10 +120,10 @@ def run_cases(s: Setup, cfg: Config) -> list[dict[str, Any]]:
             bar.update()
             for _, b, c in (x for x in cases if x[0] == d):
                 bar.set_postfix_str(f"{d} {b}{'' if c is None else f' ctas={c}'}")
-                enq = []
+                enq, bound = [], []
                 times = time_fns(_ops_for(s, cfg, d, b, c), s.device, iters=cfg.iters, warmup=cfg.warmup,
-                                 enqueue=enq)
-                rows.append(_row(d, b, c, nbytes, times, base["gbps"], enq))
+                                 enqueue=enq, queue_bound=bound)
+                rows.append(_row(d, b, c, nbytes, times, base["gbps"], enq, bound))
                 bar.update()
     return rows
 
@@ -238,9 +239,12 @@ def _fmt_table(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'direction':<10}{'backend':<10}{'ctas':>6}{'GB/s':>10}{'% memcpy':>10}{'enqueue ms':>12}"]
     for r in rows:
         ctas = "-" if r["ctas"] is None else str(r["ctas"])
-        enq = "-" if r.get("enqueue_ms") is None else f"{r['enqueue_ms']:.2f}"
+        enq = "-" if r.get("enqueue_ms") is None else f"{r['enqueue_ms']:.2f}" + ("!" if r.get("queue_bound") else "")
         lines.append(f"{r['direction']:<10}{r['backend']:<10}{ctas:>6}{r['gbps']:>10.2f}{r['pct_of_memcpy']:>10.1f}"
                      f"{enq:>12}")
+    if any(r.get("queue_bound") for r in rows):
+        lines.append("! the host's enqueue waited for the GPU (more pending copies than the driver queues): "
+                     "timed without the gate; the calling thread is held for about the copy's time")
     return "\n".join(lines)
 
 

@@ -340,7 +340,7 @@ def _sleep_rate(device: torch.device) -> float:
 
 
 def time_fns(fns: Sequence[Callable[[], None]], device: torch.device, *, iters: int, warmup: int,
-             enqueue: list[float] | None = None) -> list[float]:
+             enqueue: list[float] | None = None, queue_bound: list[bool] | None = None) -> list[float]:
     """Seconds per repetition of running ``fns`` together (GPU: one stream each).
 
     GPU times come from CUDA events around all streams; CPU from
@@ -348,6 +348,10 @@ def time_fns(fns: Sequence[Callable[[], None]], device: torch.device, *, iters: 
     On a GPU the host's seconds to enqueue all of ``fns`` in each timed
     repetition are appended to ``enqueue``; at least one warmup repetition runs
     (it sizes the gate that holds the streams until everything is enqueued).
+    Ops whose enqueue waits for the GPU itself (more pending copies than the
+    driver queues: every enqueue lasts as long as the gate) cannot be held
+    back by any gate; they are timed without one, from their first enqueue,
+    and ``True`` is appended to ``queue_bound``.
     """
     import torch
 
@@ -365,10 +369,11 @@ def time_fns(fns: Sequence[Callable[[], None]], device: torch.device, *, iters: 
     streams = [torch.cuda.Stream(device) for _ in fns]
     rate, gate_s = _sleep_rate(device), _GATE_MIN_S
     warmup = max(1, warmup)
-    i = 0
+    i = blocked = 0
     while len(out) < iters:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(int(rate * gate_s))
+        if gate_s:
+            torch.cuda._sleep(int(rate * gate_s))
         start.record(main)
         t0 = time.perf_counter()
         for st, fn in zip(streams, fns):
@@ -381,11 +386,20 @@ def time_fns(fns: Sequence[Callable[[], None]], device: torch.device, *, iters: 
         end.record(main)
         end.synchronize()
         # A repetition whose enqueue outlasted the gate did not start its ops together: sized anew, not kept.
-        if i >= warmup and took < gate_s:
+        if i >= warmup and (took < gate_s or not gate_s):
             out.append(start.elapsed_time(end) / 1e3)
             if enqueue is not None:
                 enqueue.append(took)
-        gate_s = max(gate_s, 2 * took + _GATE_MIN_S)
+        # A gate sized at twice an earlier enqueue that still lasts as long as the enqueue: the host waited
+        # for the GPU. Twice so, the gate goes (doubling it would only double the wait).
+        if gate_s > _GATE_MIN_S and took >= 0.9 * gate_s:
+            blocked += 1
+            if blocked == 2:
+                gate_s = 0.0
+                if queue_bound is not None:
+                    queue_bound.append(True)
+        if gate_s:
+            gate_s = max(gate_s, 2 * took + _GATE_MIN_S)
         i += 1
         if i > warmup + 4 * iters + 4:
             raise RuntimeError(f"enqueueing the ops kept outlasting the gate ({took * 1e3:.1f} ms, gate "
