@@ -339,25 +339,25 @@ auto chunk_transfer(const GroupPlan& g, const StagingRing& ring, int64_t slot, c
   }
 }
 
-// The runs between host pages and the staging slot of chunk [first, end): one per page and head (one
-// per page where the group is every layer, as the rank's heads are then adjacent in a page too).
-std::vector<Run> chunk_runs(const PageGeom& geom, const GroupPlan& g, const StagingRing& ring, int64_t slot,
-                            const IdList& slots, int64_t first, int64_t end, bool to_staging) {
+// The copies between host pages and the staging slot of chunk [first, end): one pitched copy per page,
+// a row per head of the group's layers (one row where the group is every layer, as the rank's heads are
+// then adjacent in a page too). The CPU path copies the rows one by one.
+std::vector<PitchedRun> chunk_runs(const PageGeom& geom, const GroupPlan& g, const StagingRing& ring, int64_t slot,
+                                   const IdList& slots, int64_t first, int64_t end, bool to_staging) {
   const int64_t run = g.view.num_layers * geom.tile_bytes();
   const bool whole = g.view.num_layers == geom.num_layers;
   const int64_t heads = whole ? 1 : g.view.num_heads;
   const int64_t bytes = whole ? g.view.num_heads * run : run;
+  const int64_t head_pitch = geom.tile_offset(1, 0);  // a page is [H, L, N, C]
   const uint64_t base = slot_base(ring, slot);
-  std::vector<Run> runs;
-  runs.reserve(static_cast<size_t>((end - first) * heads));
+  std::vector<PitchedRun> runs;
+  runs.reserve(static_cast<size_t>(end - first));
   for (int64_t i = first; i < end; ++i) {
     const uint64_t page = g.pages.base + static_cast<uint64_t>(slots.host[i] * g.pages.page_stride);
-    const uint64_t stage = base + static_cast<uint64_t>((i - first) * g.stride);
-    for (int64_t h = 0; h < heads; ++h) {
-      const uint64_t host = page + static_cast<uint64_t>(geom.tile_offset(g.view.head_start + h, 0));
-      const uint64_t dev = stage + static_cast<uint64_t>(h * run);
-      runs.push_back(to_staging ? Run{host, dev, bytes} : Run{dev, host, bytes});
-    }
+    const uint64_t host = page + static_cast<uint64_t>(geom.tile_offset(g.view.head_start, 0));
+    const uint64_t dev = base + static_cast<uint64_t>((i - first) * g.stride);
+    runs.push_back(to_staging ? PitchedRun{host, dev, bytes, heads, head_pitch, run}
+                              : PitchedRun{dev, host, bytes, heads, run, head_pitch});
   }
   return runs;
 }
@@ -402,7 +402,7 @@ void staged_scatter(const PageGeom& geom, const PageSet& pages, const BlockView&
     for (const GroupPlan& g : plans) {
       for (int64_t first = 0; first < n; first += g.per_chunk, ++k) {
         const int64_t end = std::min(n, first + g.per_chunk), s = k % ring.num_slots();
-        run_cpu(chunk_runs(geom, g, ring, s, slots, first, end, true), cfg.threads);
+        run_cpu(row_runs(chunk_runs(geom, g, ring, s, slots, first, end, true)), cfg.threads);
         run_cpu(plan_runs(chunk_transfer<true>(g, ring, s, block_ids.host, stage.host, first, end)), cfg.threads);
       }
     }
@@ -419,7 +419,7 @@ void staged_scatter(const PageGeom& geom, const PageSet& pages, const BlockView&
     for (int64_t first = 0; first < n; first += g.per_chunk, ++k) {
       const int64_t end = std::min(n, first + g.per_chunk), s = k % ring.num_slots();
       cuda_stream_wait_event(dma.stream, ring.freed(s));  // the kernel has read what the slot held before
-      memcpy_runs_cuda(chunk_runs(geom, g, ring, s, slots, first, end, true), dma);
+      memcpy_pitched_cuda(chunk_runs(geom, g, ring, s, slots, first, end, true), dma);
       cuda_event_record(ring.ready(s), dma.stream);
       cuda_stream_wait_event(cfg.stream, ring.ready(s));
       launch_kernel(chunk_transfer<true>(g, ring, s, block_ids.device, stage.device, first, end), cfg);
@@ -439,7 +439,7 @@ void staged_gather(const PageGeom& geom, const BlockView& view, const PageSet& p
     for (int64_t first = 0, k = 0; first < n; first += c, ++k) {
       const int64_t end = std::min(n, first + c), s = k % ring.num_slots();
       run_cpu(plan_runs(chunk_transfer<false>(g, ring, s, block_ids.host, stage.host, first, end)), cfg.threads);
-      run_cpu(chunk_runs(geom, g, ring, s, slots, first, end, false), cfg.threads);
+      run_cpu(row_runs(chunk_runs(geom, g, ring, s, slots, first, end, false)), cfg.threads);
     }
     return;
   }
@@ -456,7 +456,7 @@ void staged_gather(const PageGeom& geom, const BlockView& view, const PageSet& p
     launch_kernel(chunk_transfer<false>(g, ring, s, block_ids.device, stage.device, first, end), cfg);
     cuda_event_record(ring.ready(s), cfg.stream);
     cuda_stream_wait_event(dma.stream, ring.ready(s));
-    memcpy_runs_cuda(chunk_runs(geom, g, ring, s, slots, first, end, false), dma);
+    memcpy_pitched_cuda(chunk_runs(geom, g, ring, s, slots, first, end, false), dma);
     cuda_event_record(ring.freed(s), dma.stream);
     last = s;
   }

@@ -124,6 +124,56 @@ void memcpy_runs_cuda(const std::vector<Run>& runs, const ExecConfig& cfg) {
   }
 }
 
+void memcpy_pitched_cuda(const std::vector<PitchedRun>& runs, const ExecConfig& cfg) {
+  if (std::all_of(runs.begin(), runs.end(), [](const PitchedRun& p) { return p.rows == 1; })) {
+    memcpy_runs_cuda(row_runs(runs), cfg);  // plain runs: the 1D batch
+    return;
+  }
+  auto stream = reinterpret_cast<cudaStream_t>(cfg.stream);
+  const bool batch = cfg.backend != Backend::DmaLoop && cfg.stream != 0;
+#if CUDART_VERSION >= 12080
+  if (batch) {
+    constexpr size_t kChunk = 4096;
+    std::vector<cudaMemcpy3DBatchOp> ops;
+    for (size_t first = 0; first < runs.size(); first += kChunk) {
+      const size_t n = std::min(kChunk, runs.size() - first);
+      ops.assign(n, cudaMemcpy3DBatchOp{});
+      for (size_t i = 0; i < n; ++i) {
+        const PitchedRun& r = runs[first + i];
+        cudaMemcpy3DBatchOp& op = ops[i];
+        // Pointer to pointer: elements are bytes; one layer of `rows` rows.
+        op.src.type = cudaMemcpyOperandTypePointer;
+        op.src.op.ptr.ptr = reinterpret_cast<void*>(r.src);
+        op.src.op.ptr.rowLength = static_cast<size_t>(r.src_pitch);
+        op.src.op.ptr.layerHeight = static_cast<size_t>(r.rows);
+        op.dst.type = cudaMemcpyOperandTypePointer;
+        op.dst.op.ptr.ptr = reinterpret_cast<void*>(r.dst);
+        op.dst.op.ptr.rowLength = static_cast<size_t>(r.dst_pitch);
+        op.dst.op.ptr.layerHeight = static_cast<size_t>(r.rows);
+        op.extent = make_cudaExtent(static_cast<size_t>(r.bytes), static_cast<size_t>(r.rows), 1);
+        op.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+        op.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+      }
+#if CUDART_VERSION >= 13000
+      DYNKV_CUDA_CHECK(cudaMemcpy3DBatchAsync(n, ops.data(), 0, stream));
+#else
+      size_t fail_idx = 0;
+      DYNKV_CUDA_CHECK(cudaMemcpy3DBatchAsync(n, ops.data(), &fail_idx, 0, stream));
+#endif
+    }
+    return;
+  }
+#else
+  (void)batch;
+#endif
+  for (const PitchedRun& r : runs) {
+    DYNKV_CUDA_CHECK(cudaMemcpy2DAsync(reinterpret_cast<void*>(r.dst), static_cast<size_t>(r.dst_pitch),
+                                       reinterpret_cast<const void*>(r.src), static_cast<size_t>(r.src_pitch),
+                                       static_cast<size_t>(r.bytes), static_cast<size_t>(r.rows), cudaMemcpyDefault,
+                                       stream));
+  }
+}
+
 bool cuda_batch_memcpy_available() {
 #if CUDART_VERSION >= 12080
   return true;

@@ -26,6 +26,7 @@ template void launch_kernel(const Transfer<PageEndpoint, ViewEndpoint>&, const E
 template void launch_kernel(const Transfer<ViewEndpoint, ViewEndpoint>&, const ExecConfig&);
 
 void memcpy_runs_cuda(const std::vector<Run>&, const ExecConfig&) { no_cuda(); }
+void memcpy_pitched_cuda(const std::vector<PitchedRun>&, const ExecConfig&) { no_cuda(); }
 bool cuda_batch_memcpy_available() { return false; }
 void cuda_set_device(int) { no_cuda(); }
 void cuda_event_record(uint64_t, uint64_t) { no_cuda(); }

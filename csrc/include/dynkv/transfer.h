@@ -37,6 +37,27 @@ struct Run {
   int64_t bytes;
 };
 
+// `rows` runs of `bytes` each, `src_pitch` and `dst_pitch` bytes apart: one pitched (2D) copy.
+struct PitchedRun {
+  uint64_t src;
+  uint64_t dst;
+  int64_t bytes;
+  int64_t rows;
+  int64_t src_pitch;
+  int64_t dst_pitch;
+};
+
+inline std::vector<Run> row_runs(const std::vector<PitchedRun>& pitched) {
+  std::vector<Run> runs;
+  for (const PitchedRun& p : pitched) {
+    for (int64_t r = 0; r < p.rows; ++r) {
+      runs.push_back(Run{p.src + static_cast<uint64_t>(r * p.src_pitch), p.dst + static_cast<uint64_t>(r * p.dst_pitch),
+                         p.bytes});
+    }
+  }
+  return runs;
+}
+
 inline int64_t endpoint_run_bytes(const ViewEndpoint& e) { return e.view.run_bytes(); }
 inline int64_t endpoint_run_bytes(const PageEndpoint& e) { return e.geom.tile_bytes(); }
 
@@ -97,5 +118,7 @@ bool cuda_compiled();
 template <class Src, class Dst>
 void launch_kernel(const Transfer<Src, Dst>& t, const ExecConfig& cfg);
 void memcpy_runs_cuda(const std::vector<Run>& runs, const ExecConfig& cfg);
+// One copy-engine operation per pitched run (batched where the runtime has cudaMemcpy3DBatchAsync).
+void memcpy_pitched_cuda(const std::vector<PitchedRun>& runs, const ExecConfig& cfg);
 
 }  // namespace dynkv
