@@ -341,7 +341,9 @@ auto chunk_transfer(const GroupPlan& g, const StagingRing& ring, int64_t slot, c
 
 // The copies between host pages and the staging slot of chunk [first, end): one pitched copy per page,
 // a row per head of the group's layers (one row where the group is every layer, as the rank's heads are
-// then adjacent in a page too). The CPU path copies the rows one by one.
+// then adjacent in a page too). Pages in adjacent host slots (a fresh pool hands a prompt's pages out in
+// order) join one 3D copy where the strides allow, as their staging pages are adjacent too. The CPU
+// path copies the rows one by one.
 std::vector<PitchedRun> chunk_runs(const PageGeom& geom, const GroupPlan& g, const StagingRing& ring, int64_t slot,
                                    const IdList& slots, int64_t first, int64_t end, bool to_staging) {
   const int64_t run = g.view.num_layers * geom.tile_bytes();
@@ -349,15 +351,21 @@ std::vector<PitchedRun> chunk_runs(const PageGeom& geom, const GroupPlan& g, con
   const int64_t heads = whole ? 1 : g.view.num_heads;
   const int64_t bytes = whole ? g.view.num_heads * run : run;
   const int64_t head_pitch = geom.tile_offset(1, 0);  // a page is [H, L, N, C]
+  const int64_t host_layer = g.pages.page_stride;
+  const bool join = !whole && host_layer % head_pitch == 0 && g.stride % run == 0;
   const uint64_t base = slot_base(ring, slot);
   std::vector<PitchedRun> runs;
   runs.reserve(static_cast<size_t>(end - first));
   for (int64_t i = first; i < end; ++i) {
+    if (join && i > first && slots.host[i] == slots.host[i - 1] + 1) {
+      ++runs.back().depth;
+      continue;
+    }
     const uint64_t page = g.pages.base + static_cast<uint64_t>(slots.host[i] * g.pages.page_stride);
     const uint64_t host = page + static_cast<uint64_t>(geom.tile_offset(g.view.head_start, 0));
     const uint64_t dev = base + static_cast<uint64_t>((i - first) * g.stride);
-    runs.push_back(to_staging ? PitchedRun{host, dev, bytes, heads, head_pitch, run}
-                              : PitchedRun{dev, host, bytes, heads, run, head_pitch});
+    runs.push_back(to_staging ? PitchedRun{host, dev, bytes, heads, head_pitch, run, 1, host_layer, g.stride}
+                              : PitchedRun{dev, host, bytes, heads, run, head_pitch, 1, g.stride, host_layer});
   }
   return runs;
 }

@@ -125,7 +125,7 @@ void memcpy_runs_cuda(const std::vector<Run>& runs, const ExecConfig& cfg) {
 }
 
 void memcpy_pitched_cuda(const std::vector<PitchedRun>& runs, const ExecConfig& cfg) {
-  if (std::all_of(runs.begin(), runs.end(), [](const PitchedRun& p) { return p.rows == 1; })) {
+  if (std::all_of(runs.begin(), runs.end(), [](const PitchedRun& p) { return p.rows == 1 && p.depth == 1; })) {
     memcpy_runs_cuda(row_runs(runs), cfg);  // plain runs: the 1D batch
     return;
   }
@@ -141,16 +141,17 @@ void memcpy_pitched_cuda(const std::vector<PitchedRun>& runs, const ExecConfig& 
       for (size_t i = 0; i < n; ++i) {
         const PitchedRun& r = runs[first + i];
         cudaMemcpy3DBatchOp& op = ops[i];
-        // Pointer to pointer: elements are bytes; one layer of `rows` rows.
+        // Pointer to pointer: elements are bytes; a layer's height in rows is its pitch over the row pitch.
         op.src.type = cudaMemcpyOperandTypePointer;
         op.src.op.ptr.ptr = reinterpret_cast<void*>(r.src);
         op.src.op.ptr.rowLength = static_cast<size_t>(r.src_pitch);
-        op.src.op.ptr.layerHeight = static_cast<size_t>(r.rows);
+        op.src.op.ptr.layerHeight = static_cast<size_t>(r.depth > 1 ? r.src_layer / r.src_pitch : r.rows);
         op.dst.type = cudaMemcpyOperandTypePointer;
         op.dst.op.ptr.ptr = reinterpret_cast<void*>(r.dst);
         op.dst.op.ptr.rowLength = static_cast<size_t>(r.dst_pitch);
-        op.dst.op.ptr.layerHeight = static_cast<size_t>(r.rows);
-        op.extent = make_cudaExtent(static_cast<size_t>(r.bytes), static_cast<size_t>(r.rows), 1);
+        op.dst.op.ptr.layerHeight = static_cast<size_t>(r.depth > 1 ? r.dst_layer / r.dst_pitch : r.rows);
+        op.extent = make_cudaExtent(static_cast<size_t>(r.bytes), static_cast<size_t>(r.rows),
+                                    static_cast<size_t>(r.depth));
         op.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
         op.flags = cudaMemcpyFlagPreferOverlapWithCompute;
       }
@@ -167,10 +168,13 @@ void memcpy_pitched_cuda(const std::vector<PitchedRun>& runs, const ExecConfig& 
   (void)batch;
 #endif
   for (const PitchedRun& r : runs) {
-    DYNKV_CUDA_CHECK(cudaMemcpy2DAsync(reinterpret_cast<void*>(r.dst), static_cast<size_t>(r.dst_pitch),
-                                       reinterpret_cast<const void*>(r.src), static_cast<size_t>(r.src_pitch),
-                                       static_cast<size_t>(r.bytes), static_cast<size_t>(r.rows), cudaMemcpyDefault,
-                                       stream));
+    for (int64_t d = 0; d < r.depth; ++d) {
+      DYNKV_CUDA_CHECK(cudaMemcpy2DAsync(reinterpret_cast<void*>(r.dst + static_cast<uint64_t>(d * r.dst_layer)),
+                                         static_cast<size_t>(r.dst_pitch),
+                                         reinterpret_cast<const void*>(r.src + static_cast<uint64_t>(d * r.src_layer)),
+                                         static_cast<size_t>(r.src_pitch), static_cast<size_t>(r.bytes),
+                                         static_cast<size_t>(r.rows), cudaMemcpyDefault, stream));
+    }
   }
 }
 

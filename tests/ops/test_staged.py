@@ -49,12 +49,14 @@ def test_staging_ring_shape() -> None:
                                     [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)], [(1, 3)]], ids=str)
 @pytest.mark.parametrize("tp", [(1, 0), (4, 3)], ids=lambda t: f"tp{t[0]}r{t[1]}")
 @pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])
+@pytest.mark.parametrize("order", ["shuffled", "adjacent"])
 def test_staged_scatter_in_layer_groups(rng: np.random.Generator, layout: str, tp: tuple[int, int],
-                                        groups: list[tuple[int, int]]) -> None:
+                                        groups: list[tuple[int, int]], order: str) -> None:
     """A layer-wise staged load: each group's slices packed in the ring, chunks of more pages than whole slices.
 
     Exactly the groups' layers of the chosen blocks change, to the pages' bytes; a range that covers not
-    every layer leaves the others poisoned.
+    every layer leaves the others poisoned. ``adjacent``: runs of pages in adjacent host slots (one copy
+    each within a chunk), broken and restarted, across chunk ends.
     """
     shape = SHAPES[0]
     h0, h1 = dynkv.head_range(tp[1], tp[0], shape.num_heads)
@@ -65,7 +67,7 @@ def test_staged_scatter_in_layer_groups(rng: np.random.Generator, layout: str, t
     ring = StagingBuffer(view.geometry, "cpu", chunk_pages=2, num_slots=2)
     ring.pages.owner.fill_(0x5A)
     kv.poison()
-    slots = rng.permutation(14)[:11]
+    slots = rng.permutation(14)[:11] if order == "shuffled" else np.array([3, 4, 5, 6, 7, 0, 1, 9, 10, 11, 13])
     blocks = rng.permutation(13)[:11]
     staged_scatter(pages.buffer, view, slots, blocks, ring, groups=groups)
     reference = make_rank_kv(rng, shape, dims=layout, form="cross", dtype=torch.bfloat16, heads=(h0, h1),

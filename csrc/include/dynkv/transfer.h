@@ -37,7 +37,8 @@ struct Run {
   int64_t bytes;
 };
 
-// `rows` runs of `bytes` each, `src_pitch` and `dst_pitch` bytes apart: one pitched (2D) copy.
+// `depth` layers of `rows` runs of `bytes` each: rows `src_pitch` / `dst_pitch` bytes apart, layers
+// `src_layer` / `dst_layer` bytes apart (whole multiples of the row pitches). One pitched (3D) copy.
 struct PitchedRun {
   uint64_t src;
   uint64_t dst;
@@ -45,14 +46,19 @@ struct PitchedRun {
   int64_t rows;
   int64_t src_pitch;
   int64_t dst_pitch;
+  int64_t depth = 1;
+  int64_t src_layer = 0;
+  int64_t dst_layer = 0;
 };
 
 inline std::vector<Run> row_runs(const std::vector<PitchedRun>& pitched) {
   std::vector<Run> runs;
   for (const PitchedRun& p : pitched) {
-    for (int64_t r = 0; r < p.rows; ++r) {
-      runs.push_back(Run{p.src + static_cast<uint64_t>(r * p.src_pitch), p.dst + static_cast<uint64_t>(r * p.dst_pitch),
-                         p.bytes});
+    for (int64_t d = 0; d < p.depth; ++d) {
+      for (int64_t r = 0; r < p.rows; ++r) {
+        runs.push_back(Run{p.src + static_cast<uint64_t>(d * p.src_layer + r * p.src_pitch),
+                           p.dst + static_cast<uint64_t>(d * p.dst_layer + r * p.dst_pitch), p.bytes});
+      }
     }
   }
   return runs;
