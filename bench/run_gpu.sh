@@ -44,8 +44,8 @@ if [[ $what == bench || $what == all ]]; then
   k llama3-8b --preset llama3-8b --ctas 4,8,16 --directions h2d,d2h,both --backends kernel,staged,torch
   k llama3-70b-tp8 --preset llama3-70b-tp8 --ctas 8 --directions h2d,d2h,both --backends kernel,staged,torch
   k llama3-8b-nhd --preset llama3-8b --layout LBNHC --ctas 8 --directions h2d,d2h,both --backends kernel,staged,torch
-  k layers --preset llama3-8b --layout LBNHC --ctas 8 --directions h2d --backends kernel,layers,staged,staged_layers
-  k layers-70b --preset llama3-70b-tp8 --ctas 8 --directions h2d --backends kernel,layers,staged,staged_layers
+  k layers --preset llama3-8b --layout LBNHC --ctas 8 --directions h2d --backends kernel,layers,staged,staged_layers,staged_shuffled
+  k layers-70b --preset llama3-70b-tp8 --ctas 8 --directions h2d --backends kernel,layers,staged,staged_layers,staged_shuffled
   k tiles --preset llama3-8b --tile-sweep --directions h2d,d2h --backends kernel,staged,dma --ctas 8
   k gemm --preset llama3-8b --gemm --directions h2d --backends kernel,staged --ctas 8 --launch-bytes 0,2M
   k deepseek-mla --preset deepseek-mla --ctas 8 --directions h2d,d2h --backends kernel,staged,torch

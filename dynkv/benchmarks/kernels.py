@@ -36,6 +36,7 @@ import dynkv
 from dynkv.benchmarks.kernels_setup import (
     BACKENDS,
     DIRECTIONS,
+    LAYER_WISE,
     PRESETS,
     Preset,
     Setup,
@@ -104,7 +105,7 @@ def run_cases(s: Setup, cfg: Config) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     cases = [(d, b, c) for d in cfg.directions for b in cfg.backends
-             if (b != "hybrid" or d == "both") and (b not in ("layers", "staged_layers") or d == "h2d")
+             if (b != "hybrid" or d == "both") and (b not in LAYER_WISE or d == "h2d")
              and (b != "staged" or d != "d2d")
              for c in (cfg.ctas if b in ("kernel", "hybrid", "layers") and cfg.device == "cuda" else (None,))]
     rows: list[dict[str, Any]] = []
@@ -405,7 +406,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     dirs = args.directions or (("h2d", "d2h") if cpu else DIRECTIONS)
     backends = args.backends or (("kernel", "torch") if cpu else BACKENDS)
     if cpu:
-        backends = tuple(b for b in backends if b not in ("hybrid", "layers", "staged_layers"))
+        backends = tuple(b for b in backends if b != "hybrid" and b not in LAYER_WISE)
     if cpu:
         skipped = [d for d in dirs if d in ("d2d", "both")] + [b for b in backends if b in ("dma", "dma_loop")]
         if skipped:

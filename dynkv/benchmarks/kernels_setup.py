@@ -22,11 +22,12 @@ from dynkv.memory import HostPool, PageBuffer
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BACKENDS", "DIRECTIONS", "PRESETS", "Preset", "Setup", "baseline_fns", "build_setup", "dynkv_op",
+__all__ = ["BACKENDS", "DIRECTIONS", "LAYER_WISE", "PRESETS", "Preset", "Setup", "baseline_fns", "build_setup", "dynkv_op",
            "time_fns", "torch_op"]
 
 DIRECTIONS = ("h2d", "d2h", "d2d", "both")
-BACKENDS = ("kernel", "staged", "dma", "dma_loop", "torch", "hybrid", "layers", "staged_layers")
+BACKENDS = ("kernel", "staged", "dma", "dma_loop", "torch", "hybrid", "layers", "staged_layers", "staged_shuffled")
+LAYER_WISE = ("layers", "staged_layers", "staged_shuffled")
 # hybrid: loads on the kernel, stores on the copy engines (DMA batch), so the
 # two directions of ``both`` do not share SMs; other directions skip it.
 # layers: loads on the kernel, one launch per layer with an event recorded
@@ -34,7 +35,10 @@ BACKENDS = ("kernel", "staged", "dma", "dma_loop", "torch", "hybrid", "layers", 
 # staged: whole page slices on the copy engines through a staging ring on the
 # device, then an on-device kernel (dynkv.worker.staging); not d2d.
 # staged_layers: a staged load in the layer groups a worker's layer-wise
-# loads take on that path, an event after each group; h2d on cuda only.
+# loads take on that path, an event after each group; h2d on cuda only. Its
+# pages are in adjacent host slots, as a fresh pool hands them out (they join
+# one copy per group and chunk); staged_shuffled: the same pages in shuffled
+# slots, as in a pool after evictions (one copy per page and group).
 _DTYPES = {1: "uint8", 2: "bfloat16", 4: "float32", 8: "float64"}
 # A GPU sleep before each timing holds the streams until every op of the case is
 # enqueued, so the two ops of `both` start together. It lasts at least _GATE_MIN_S
@@ -230,8 +234,10 @@ def dynkv_op(s: Setup, kind: str, *, on_device: bool = False, backend: str = "ke
         raise ValueError("this setup has no device pages: build it with device_pages=True")
     ids, slots = s.ids[0 if kind == "load" else 1], s.slots(kind)
     kw: dict[str, Any] = {"backend": backend, "num_ctas": ctas, "threads": threads}
-    if backend in ("layers", "staged_layers"):  # a worker's layer-wise load on the kernel or the staged path
+    if backend in LAYER_WISE:  # a worker's layer-wise load on the kernel or the staged path
         what = "per-layer load" if backend == "layers" else "layer-wise staged load"
+        if backend == "staged_shuffled":
+            slots = np.random.default_rng(1).permutation(slots)
         if kind != "load" or s.device.type != "cuda":
             raise ValueError(f"backend {backend!r} is the GPU's {what}: h2d on cuda only")
         import torch
