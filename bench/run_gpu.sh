@@ -25,6 +25,7 @@ if [[ "$(${CXX:-g++} -print-file-name=libstdc++.so)" != /* && -x /usr/bin/g++ ]]
 fi
 export DYNKV_CUDA=ON DYNKV_CUDA_ARCHS=${DYNKV_CUDA_ARCHS:-90} PYTHONUNBUFFERED=1
 python3 -m pip install --no-build-isolation --no-deps -q -e . || exit 1
+echo "[${SECONDS}s] built" | tee "$RES/timings.txt"
 python3 -m dynkv.cli env | tee "$RES/env.txt"
 rc=0
 if [[ $what == tests || $what == all ]]; then
@@ -32,6 +33,7 @@ if [[ $what == tests || $what == all ]]; then
   python3 -m pytest tests -m gpu -q -p no:cacheprovider --ignore=tests/connector --ignore=tests/e2e \
     --ignore=tests/test_metrics.py --ignore=tests/test_identity.py --ignore=tests/disagg 2>&1 | tee "$RES/gpu-tests.log"
   rc=${PIPESTATUS[0]}
+  echo "[${SECONDS}s] tests" | tee -a "$RES/timings.txt"
 fi
 if [[ $what == bench || $what == all ]]; then
   k() {
@@ -39,6 +41,7 @@ if [[ $what == bench || $what == all ]]; then
     # CASES (space-separated names): only those cases
     if [[ -n ${CASES:-} && " $CASES " != *" $name "* ]]; then return; fi
     python3 -m dynkv.cli bench kernels --device cuda --json "$RES/$name.json" --plot "$RES/$name.png" "$@" 2>&1 | tee "$RES/$name.log"
+    echo "[${SECONDS}s] $name" | tee -a "$RES/timings.txt"
     tar -czf "$OUT/results-$what.tar.gz" -C "$RES" .  # keep what finished if a later step runs out of time
   }
   k llama3-8b --preset llama3-8b --ctas 4,8,16 --directions h2d,d2h,both --backends kernel,staged,torch
