@@ -90,7 +90,9 @@ PYBIND11_MODULE(_C, m) {
   py::class_<PageSet>(m, "PageSet")
       .def_readonly("base", &PageSet::base)
       .def_readonly("num_pages", &PageSet::num_pages)
-      .def_readonly("page_stride", &PageSet::page_stride);
+      .def_readonly("page_stride", &PageSet::page_stride)
+      .def_readonly("reg_pages", &PageSet::reg_pages)
+      .def_readonly("reg_phase", &PageSet::reg_phase);
 
   m.def("make_geom", &make_geom, py::arg("num_layers"), py::arg("num_heads"), py::arg("block_size"),
         py::arg("token_bytes"), py::arg("elem_bytes"));
@@ -98,7 +100,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_heads"), py::arg("head_start"), py::arg("num_parts"), py::arg("block_stride"),
         py::arg("head_stride"), py::arg("token_stride"), py::arg("part_stride"));
   m.def("make_pages", &make_pages, py::arg("geom"), py::arg("base"), py::arg("num_pages"),
-        py::arg("page_stride"));
+        py::arg("page_stride"), py::arg("reg_pages") = 0, py::arg("reg_phase") = 0);
 
   m.def("record_crc_available", &record_crc_available);
   m.def(
@@ -197,6 +199,17 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("chunk_pages", &StagingRing::chunk_pages)
       .def_property_readonly("num_slots", &StagingRing::num_slots)
       .def_property_readonly("device", &StagingRing::device);
+  m.def(
+      "staged_copy_plan",
+      [](const PageGeom& g, const PageSet& p, const BlockView& v, const I64Array& slots, const StagingRing& ring,
+         const std::vector<std::pair<int64_t, int64_t>>& groups) {
+        std::vector<LayerRange> ranges;
+        for (const auto& [begin, end] : groups) ranges.push_back(LayerRange{begin, end});
+        return staged_copy_plan(g, p, v, id_list(slots, 0, "slots"), ring, ranges);
+      },
+      py::arg("geom"), py::arg("pages"), py::arg("view"), py::arg("slots"), py::arg("ring"),
+      py::arg("groups") = std::vector<std::pair<int64_t, int64_t>>{},
+      "The copy-engine operations of a staged scatter: (group, first slot, pages, rows) each");
   m.def(
       "staged_scatter",
       [](const PageGeom& g, const PageSet& p, const BlockView& v, const I64Array& slots, const I64Array& ids,

@@ -187,7 +187,8 @@ BlockView make_view(const PageGeom& geom, const std::vector<uint64_t>& layer_ptr
   return v;
 }
 
-PageSet make_pages(const PageGeom& geom, uint64_t base, int64_t num_pages, int64_t page_stride) {
+PageSet make_pages(const PageGeom& geom, uint64_t base, int64_t num_pages, int64_t page_stride, int64_t reg_pages,
+                   int64_t reg_phase) {
   DYNKV_CHECK(base != 0, "page buffer pointer is null");
   DYNKV_CHECK(base % static_cast<uint64_t>(geom.elem_bytes) == 0, "page buffer pointer (0x", std::hex, base,
               std::dec, ") is misaligned: expected a multiple of the dtype size ", geom.elem_bytes, " bytes");
@@ -195,7 +196,9 @@ PageSet make_pages(const PageGeom& geom, uint64_t base, int64_t num_pages, int64
   DYNKV_CHECK(page_stride >= geom.page_bytes(), "page buffer too small: page_stride=", page_stride,
               " bytes but a page of this geometry needs ", geom.page_bytes());
   check_multiple(page_stride, geom.elem_bytes, "page_stride");
-  return PageSet{base, num_pages, page_stride};
+  DYNKV_CHECK(reg_pages >= 0 && reg_phase >= 0 && (reg_phase < reg_pages || reg_phase == 0), "reg_pages=", reg_pages,
+              ", reg_phase=", reg_phase, " is not valid: expected reg_pages >= 0 and 0 <= reg_phase < reg_pages");
+  return PageSet{base, num_pages, page_stride, reg_pages, reg_phase};
 }
 
 Backend resolve_backend(const ExecConfig& cfg, int64_t avg_run_bytes) {
@@ -342,8 +345,8 @@ auto chunk_transfer(const GroupPlan& g, const StagingRing& ring, int64_t slot, c
 // The copies between host pages and the staging slot of chunk [first, end): one pitched copy per page,
 // a row per head of the group's layers (one row where the group is every layer, as the rank's heads are
 // then adjacent in a page too). Pages in adjacent host slots (a fresh pool hands a prompt's pages out in
-// order) join one 3D copy where the strides allow, as their staging pages are adjacent too. The CPU
-// path copies the rows one by one.
+// order) join one 3D copy where the strides allow, as their staging pages are adjacent too, but never
+// across a pinned registration's end. The CPU path copies the rows one by one.
 std::vector<PitchedRun> chunk_runs(const PageGeom& geom, const GroupPlan& g, const StagingRing& ring, int64_t slot,
                                    const IdList& slots, int64_t first, int64_t end, bool to_staging) {
   const int64_t run = g.view.num_layers * geom.tile_bytes();
@@ -357,7 +360,7 @@ std::vector<PitchedRun> chunk_runs(const PageGeom& geom, const GroupPlan& g, con
   std::vector<PitchedRun> runs;
   runs.reserve(static_cast<size_t>(end - first));
   for (int64_t i = first; i < end; ++i) {
-    if (join && i > first && slots.host[i] == slots.host[i - 1] + 1) {
+    if (join && i > first && slots.host[i] == slots.host[i - 1] + 1 && !g.pages.starts_registration(slots.host[i])) {
       ++runs.back().depth;
       continue;
     }
@@ -391,6 +394,26 @@ void check_staged(const PageGeom& geom, const PageSet& pages, const BlockView& v
 }
 
 }  // namespace
+
+std::vector<std::array<int64_t, 4>> staged_copy_plan(const PageGeom& geom, const PageSet& pages, const BlockView& view,
+                                                     const IdList& slots, const StagingRing& ring,
+                                                     const std::vector<LayerRange>& groups) {
+  check_ids(slots, pages.num_pages, "slots", "the page buffer's pages", true);
+  const std::vector<LayerRange> layers = groups.empty() ? std::vector<LayerRange>{LayerRange{}} : groups;
+  std::vector<std::array<int64_t, 4>> out;
+  for (size_t gi = 0; gi < layers.size(); ++gi) {
+    const GroupPlan g = plan_group(geom, view, pages, ring, layers[gi]);
+    const uint64_t head0 = g.pages.base + static_cast<uint64_t>(geom.tile_offset(g.view.head_start, 0));
+    for (int64_t first = 0; first < slots.n; first += g.per_chunk) {
+      const int64_t end = std::min(slots.n, first + g.per_chunk);
+      for (const PitchedRun& r : chunk_runs(geom, g, ring, 0, slots, first, end, true)) {
+        out.push_back({static_cast<int64_t>(gi), static_cast<int64_t>(r.src - head0) / g.pages.page_stride, r.depth,
+                       r.rows});
+      }
+    }
+  }
+  return out;
+}
 
 void staged_scatter(const PageGeom& geom, const PageSet& pages, const BlockView& view, const IdList& slots,
                     const IdList& block_ids, const IdList& stage, StagingRing& ring, const ExecConfig& cfg,

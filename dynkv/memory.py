@@ -235,7 +235,11 @@ class PageBuffer:
                 f"pages of {stride} bytes at offset {offset} would straddle the pool's {chunk}-byte pinned "
                 "chunks: create the pool with HostPool.for_pages, or chunk_bytes=dynkv.memory.chunk_for(page_stride)"
             )
-        c = _C.make_pages(geometry.c, pool.ptr + offset, n, stride)
+        # Where the pinned chunks end: the staged path joins pages of adjacent slots into one copy, never across.
+        reg_pages, reg_phase = 0, 0
+        if pool.pinned and pool.nbytes > chunk:
+            reg_pages, reg_phase = chunk // stride, (offset % chunk) // stride
+        c = _C.make_pages(geometry.c, pool.ptr + offset, n, stride, reg_pages, reg_phase)
         return cls(geometry, c, torch.device("cpu"), pool.pinned, pool)
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "scatter",
     "scatter_layers",
     "set_tuning",
+    "staged_copy_plan",
     "staged_gather",
     "staged_scatter",
 ]
@@ -407,6 +408,17 @@ def staged_scatter(
     cfg, keep, stage, ptrs = _staged_exec(gpu, staging, num_ctas, threads, stream, ids)
     _C.staged_scatter(pages.geometry.c, pages.c, view.c, sl, ids, stage, staging.ring, cfg, *ptrs, spans, handles)
     del keep
+
+
+def staged_copy_plan(pages: PageBuffer, view: PagedView, slots: Sequence[int] | np.ndarray | torch.Tensor,
+                     staging: StagingBuffer, *, groups: Sequence[tuple[int, int]] | None = None,
+                     ) -> list[tuple[int, int, int, int]]:
+    """The copy-engine operations :func:`staged_scatter` issues for these ``slots``, in order:
+    ``(group, first slot, pages, rows)`` each. Pages in adjacent slots join one operation within a chunk
+    and a pinned registration; a row is one head's run of the group's layers."""
+    _check_staged(pages, view, staging, "staged_copy_plan")
+    spans = [(int(b), int(e)) for b, e in groups] if groups is not None else []
+    return [tuple(op) for op in _C.staged_copy_plan(pages.geometry.c, pages.c, view.c, _ids(slots), staging.ring, spans)]
 
 
 def staged_gather(

@@ -13,8 +13,9 @@ import torch
 from kvtensors import SHAPES, Shape, check_staged, dtype_id, make_pages, make_rank_kv
 
 import dynkv
-from dynkv.memory import StagingBuffer
-from dynkv.ops import staged_gather, staged_scatter
+import dynkv._C as _C
+from dynkv.memory import PageBuffer, StagingBuffer
+from dynkv.ops import staged_copy_plan, staged_gather, staged_scatter
 
 TP = [(1, 0), (2, 1), (4, 3)]
 
@@ -80,6 +81,50 @@ def test_staged_scatter_in_layer_groups(rng: np.random.Generator, layout: str, t
     assert all(torch.equal(a, b) for a, b in zip(kv.storages, want))
 
 
+@pytest.mark.parametrize("tp", [(1, 0), (4, 3)], ids=lambda t: f"tp{t[0]}r{t[1]}")
+def test_staged_copies_join_adjacent_slots_within_a_chunk_and_a_registration(rng: np.random.Generator,
+                                                                             tp: tuple[int, int]) -> None:
+    """Pages in adjacent host slots go as one copy per group and chunk, split where a pinned registration
+    begins (the copy engines refuse a copy across two); the load is still the reference's."""
+    shape = SHAPES[0]
+    h0, h1 = dynkv.head_range(tp[1], tp[0], shape.num_heads)
+    kv = make_rank_kv(rng, shape, dims="LBHNC", form="cross", dtype=torch.bfloat16, heads=(h0, h1), num_layers=5,
+                      num_blocks=13)
+    view = kv.view(num_heads_total=shape.num_heads, head_start=h0)
+    whole = make_pages(view.geometry, 14, fill=rng)
+    g = view.geometry
+    # Registrations of 4 pages, the first holding 3 of these: slots 3, 7 and 11 each begin one.
+    c = _C.make_pages(g.c, whole.buffer.c.base, 14, whole.buffer.c.page_stride, reg_pages=4, reg_phase=1)
+    pages = PageBuffer(g, c, whole.buffer.device, False, whole.buffer.owner)
+    ring = StagingBuffer(g, "cpu", chunk_pages=2, num_slots=2)
+    groups = [(0, 2), (2, 4), (4, 5)]
+    slots = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 13])
+    plan = staged_copy_plan(pages, view, slots, ring, groups=groups)
+    for gi in range(len(groups)):
+        ops = [(first, n, rows) for grp, first, n, rows in plan if grp == gi]
+        assert [s for first, n, _ in ops for s in range(first, first + n)] == slots.tolist()  # in order, each once
+        assert all(rows == h1 - h0 for *_, rows in ops)
+        for first, n, _ in ops:  # no copy runs into a registration that begins after its first page
+            assert not any((s + 1) % 4 == 0 for s in range(first + 1, first + n)), (gi, first, n)
+        assert {3, 7, 12} <= {first for first, _, _ in ops}  # registration starts and the gap begin copies
+        assert max(n for _, n, _ in ops) > 1  # and adjacent pages did join
+    shuffled = staged_copy_plan(pages, view, [5, 0, 9, 2, 11], ring, groups=groups)
+    assert [n for *_, n, _ in shuffled] == [1] * 15
+    assert all((n, rows) == (1, 1) for _, _, n, rows in staged_copy_plan(pages, view, slots, ring))  # whole slices
+    kv.poison()
+    blocks = rng.permutation(13)[:11]
+    staged_scatter(pages, view, slots, blocks, ring, groups=groups)
+    reference = make_rank_kv(rng, shape, dims="LBHNC", form="cross", dtype=torch.bfloat16, heads=(h0, h1),
+                             num_layers=5, num_blocks=13)
+    rview = reference.view(num_heads_total=shape.num_heads, head_start=h0)
+    reference.poison()
+    dynkv.scatter(whole.buffer, rview, slots, blocks)
+    want = reference.snapshot()
+    assert all(torch.equal(a, b) for a, b in zip(kv.storages, want))
+    with pytest.raises(ValueError, match="reg_phase=4 is not valid"):
+        _C.make_pages(g.c, whole.buffer.c.base, 14, whole.buffer.c.page_stride, reg_pages=4, reg_phase=4)
+
+
 def test_staged_layer_groups_are_checked(rng: np.random.Generator) -> None:
     shape = SHAPES[0]
     kv = make_rank_kv(rng, shape, dims="LBHNC", form="cross", dtype=torch.bfloat16, heads=(0, 4), num_layers=3,
@@ -137,6 +182,42 @@ def test_gpu_staged_matches_the_reference(rng: np.random.Generator, layout: str,
                                           tp: tuple[int, int]) -> None:
     check_staged(rng, shape, dims=layout, form="layers", dtype=dtype, tp=tp, device="cuda",
                  page_maker=_gpu_pages, sync=torch.cuda.synchronize, events=3)
+
+
+@pytest.mark.gpu
+def test_gpu_staged_joined_copies_stop_at_pinned_registrations(rng: np.random.Generator) -> None:
+    """A pool pinned in registrations of 4 pages, a layer-wise load through runs of adjacent slots across
+    them: each registration's pages go as their own copies, and the blocks get the reference's bytes."""
+    from dynkv.memory import HostPool
+
+    shape = SHAPES[0]
+    kv = make_rank_kv(rng, shape, dims="LBHNC", form="cross", dtype=torch.bfloat16, heads=(0, 4), num_layers=6,
+                      num_blocks=20, device="cuda")
+    view = kv.view(num_heads_total=4)
+    g = view.geometry
+    with HostPool.create(16 * g.page_bytes, pin=True, chunk_bytes=4 * g.page_bytes) as pool:
+        pages = PageBuffer.from_pool(g, pool, offset=g.page_bytes, num_pages=15)
+        assert (pages.c.reg_pages, pages.c.reg_phase) == (4, 1)
+        host = pool.as_tensor()
+        host.copy_(torch.from_numpy(rng.integers(0, 256, host.numel(), dtype=np.uint8)))
+        ring = StagingBuffer(g, "cuda", chunk_pages=4, num_slots=2)
+        slots = np.arange(1, 14)
+        blocks = rng.permutation(20)[:13]
+        groups = [(0, 2), (2, 4), (4, 6)]
+        plan = staged_copy_plan(pages, view, slots, ring, groups=groups)
+        assert max(n for _, _, n, _ in plan) > 1
+        assert all((s + 1) % 4 for _, first, n, _ in plan for s in range(first + 1, first + n))
+        events = [torch.cuda.Event() for _ in groups]
+        for ev in events:
+            ev.record()
+        kv.poison()
+        staged_scatter(pages, view, slots, blocks, ring, groups=groups, events=events)
+        torch.cuda.synchronize()
+        got = kv.snapshot()
+        kv.poison()
+        dynkv.scatter(pages, view, slots, blocks)
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(got, kv.snapshot()))
 
 
 @pytest.mark.gpu

@@ -97,6 +97,11 @@ struct PageSet {
   uint64_t base;
   int64_t num_pages;
   int64_t page_stride;
+  // Pinned in registrations of `reg_pages` pages (0: one registration, or none), the first holding
+  // `reg_pages - reg_phase` of these pages: no copy-engine operation may span two registrations.
+  int64_t reg_pages = 0;
+  int64_t reg_phase = 0;
+  bool starts_registration(int64_t slot) const { return reg_pages > 0 && (slot + reg_phase) % reg_pages == 0; }
 };
 
 // The tile space of one transfer: `count` entries, each covering this rank's

@@ -2,6 +2,7 @@
 // path, the CUDA kernel or the copy engines. Raw pointers only.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -25,7 +26,8 @@ BlockView make_view(const PageGeom& geom, const std::vector<uint64_t>& layer_ptr
                     int64_t num_heads, int64_t head_start, int64_t num_parts, int64_t block_stride,
                     int64_t head_stride, int64_t token_stride, int64_t part_stride);
 
-PageSet make_pages(const PageGeom& geom, uint64_t base, int64_t num_pages, int64_t page_stride);
+PageSet make_pages(const PageGeom& geom, uint64_t base, int64_t num_pages, int64_t page_stride, int64_t reg_pages = 0,
+                   int64_t reg_phase = 0);
 
 // Layers [begin, end) of a gather or scatter; end < 0 means the last layer.
 struct LayerRange {
@@ -91,6 +93,10 @@ class StagingRing {
 void staged_scatter(const PageGeom& geom, const PageSet& pages, const BlockView& view, const IdList& slots,
                     const IdList& block_ids, const IdList& stage, StagingRing& ring, const ExecConfig& cfg,
                     const std::vector<LayerRange>& groups, const std::vector<uint64_t>& events);
+// The copy-engine operations of a staged scatter: (group, first slot, pages, rows) each, in issue order.
+std::vector<std::array<int64_t, 4>> staged_copy_plan(const PageGeom& geom, const PageSet& pages, const BlockView& view,
+                                                     const IdList& slots, const StagingRing& ring,
+                                                     const std::vector<LayerRange>& groups);
 // Staged gather: this rank's heads of `block_ids` -> host pages `slots`. Complete on cfg.stream.
 void staged_gather(const PageGeom& geom, const BlockView& view, const PageSet& pages, const IdList& block_ids,
                    const IdList& slots, const IdList& stage, StagingRing& ring, const ExecConfig& cfg);
