@@ -353,7 +353,8 @@ std::vector<PitchedRun> chunk_runs(const PageGeom& geom, const GroupPlan& g, con
   const bool whole = g.view.num_layers == geom.num_layers;
   const int64_t heads = whole ? 1 : g.view.num_heads;
   const int64_t bytes = whole ? g.view.num_heads * run : run;
-  const int64_t head_pitch = geom.tile_offset(1, 0);  // a page is [H, L, N, C]
+  const int64_t head_pitch = whole ? bytes : geom.tile_offset(1, 0);  // a page is [H, L, N, C]
+  const int64_t stage_pitch = whole ? bytes : run;
   const int64_t host_layer = g.pages.page_stride;
   const bool join = !whole && host_layer % head_pitch == 0 && g.stride % run == 0;
   const uint64_t base = slot_base(ring, slot);
@@ -367,8 +368,8 @@ std::vector<PitchedRun> chunk_runs(const PageGeom& geom, const GroupPlan& g, con
     const uint64_t page = g.pages.base + static_cast<uint64_t>(slots.host[i] * g.pages.page_stride);
     const uint64_t host = page + static_cast<uint64_t>(geom.tile_offset(g.view.head_start, 0));
     const uint64_t dev = base + static_cast<uint64_t>((i - first) * g.stride);
-    runs.push_back(to_staging ? PitchedRun{host, dev, bytes, heads, head_pitch, run, 1, host_layer, g.stride}
-                              : PitchedRun{dev, host, bytes, heads, run, head_pitch, 1, g.stride, host_layer});
+    runs.push_back(to_staging ? PitchedRun{host, dev, bytes, heads, head_pitch, stage_pitch, 1, host_layer, g.stride}
+                              : PitchedRun{dev, host, bytes, heads, stage_pitch, head_pitch, 1, g.stride, host_layer});
   }
   return runs;
 }
