@@ -43,6 +43,7 @@ from dynkv.benchmarks.kernels_setup import (
     baseline_fns,
     build_setup,
     dynkv_op,
+    staged_copies,
     time_fns,
     torch_op,
 )
@@ -125,6 +126,7 @@ def run_cases(s: Setup, cfg: Config) -> list[dict[str, Any]]:
                 times = time_fns(_ops_for(s, cfg, d, b, c), s.device, iters=cfg.iters, warmup=cfg.warmup,
                                  enqueue=enq, queue_bound=bound)
                 rows.append(_row(d, b, c, nbytes, times, base["gbps"], enq, bound))
+                rows[-1]["copies"] = staged_copies(s, d, b)
                 bar.update()
     return rows
 
@@ -237,12 +239,14 @@ def host_pool_speed(size_gib: float) -> dict[str, Any]:
 def _fmt_table(rows: list[dict[str, Any]]) -> str:
     # enqueue ms: the host's time to enqueue the op(s) (GPU); near the copy's own time, a load and a
     # store enqueued from one thread cannot run at once.
-    lines = [f"{'direction':<10}{'backend':<10}{'ctas':>6}{'GB/s':>10}{'% memcpy':>10}{'enqueue ms':>12}"]
+    # copies: copy-engine operations of one staged load (pages in adjacent host slots join one).
+    lines = [f"{'direction':<10}{'backend':<10}{'ctas':>6}{'GB/s':>10}{'% memcpy':>10}{'enqueue ms':>12}{'copies':>8}"]
     for r in rows:
         ctas = "-" if r["ctas"] is None else str(r["ctas"])
         enq = "-" if r.get("enqueue_ms") is None else f"{r['enqueue_ms']:.2f}" + ("!" if r.get("queue_bound") else "")
+        copies = "-" if r.get("copies") is None else str(r["copies"])
         lines.append(f"{r['direction']:<10}{r['backend']:<10}{ctas:>6}{r['gbps']:>10.2f}{r['pct_of_memcpy']:>10.1f}"
-                     f"{enq:>12}")
+                     f"{enq:>12}{copies:>8}")
     if any(r.get("queue_bound") for r in rows):
         lines.append("! the host's enqueue waited for the GPU (more pending copies than the driver queues): "
                      "timed without the gate; the calling thread is held for about the copy's time")

@@ -22,8 +22,8 @@ from dynkv.memory import HostPool, PageBuffer
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BACKENDS", "DIRECTIONS", "LAYER_WISE", "PRESETS", "Preset", "Setup", "baseline_fns", "build_setup", "dynkv_op",
-           "time_fns", "torch_op"]
+__all__ = ["BACKENDS", "DIRECTIONS", "LAYER_WISE", "PRESETS", "Preset", "Setup", "baseline_fns", "build_setup",
+           "dynkv_op", "staged_copies", "time_fns", "torch_op"]
 
 DIRECTIONS = ("h2d", "d2h", "d2d", "both")
 BACKENDS = ("kernel", "staged", "dma", "dma_loop", "torch", "hybrid", "layers", "staged_layers", "staged_shuffled")
@@ -226,6 +226,22 @@ def build_setup(preset: Preset, *, device: str, blocks: int, layout: str = "LBHN
     return setup
 
 
+def layer_wise_slots(slots: np.ndarray, backend: str) -> np.ndarray:
+    """The host slots of a layer-wise load on ``backend``: ``staged_shuffled`` shuffles them."""
+    return np.random.default_rng(1).permutation(slots) if backend == "staged_shuffled" else slots
+
+
+def staged_copies(s: Setup, direction: str, backend: str) -> int | None:
+    """Copy-engine operations of one staged load (:func:`dynkv.ops.staged_copy_plan`); None for other cases."""
+    if direction != "h2d" or s.device.type != "cuda" or backend not in ("staged", "staged_layers", "staged_shuffled"):
+        return None
+    from dynkv.worker.staging import layer_groups
+
+    groups = None if backend == "staged" else layer_groups(s.geometry, "staged")
+    slots = layer_wise_slots(s.slots("load"), backend)
+    return len(dynkv.ops.staged_copy_plan(s.host, s.view, slots, s.staging("load"), groups=groups))
+
+
 def dynkv_op(s: Setup, kind: str, *, on_device: bool = False, backend: str = "kernel", ctas: int | None = None,
              threads: int | None = None) -> Callable[[], None]:
     """A dynkv ``scatter`` (``kind="load"``) or ``gather`` (``"store"``) on the current stream."""
@@ -236,8 +252,7 @@ def dynkv_op(s: Setup, kind: str, *, on_device: bool = False, backend: str = "ke
     kw: dict[str, Any] = {"backend": backend, "num_ctas": ctas, "threads": threads}
     if backend in LAYER_WISE:  # a worker's layer-wise load on the kernel or the staged path
         what = "per-layer load" if backend == "layers" else "layer-wise staged load"
-        if backend == "staged_shuffled":
-            slots = np.random.default_rng(1).permutation(slots)
+        slots = layer_wise_slots(slots, backend)
         if kind != "load" or s.device.type != "cuda":
             raise ValueError(f"backend {backend!r} is the GPU's {what}: h2d on cuda only")
         import torch
