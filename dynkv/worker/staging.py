@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from dynkv.layout import PageGeometry, PagedView
 from dynkv.memory import PageBuffer, StagingBuffer
 from dynkv.ops import gather, scatter_layers, staged_gather, staged_scatter
@@ -97,6 +99,13 @@ class CopyPaths:
         """Pages ``slots`` -> blocks ``block_ids`` on ``stream``; ``events[i]`` recorded once group ``i`` is in."""
         layers = list(groups) if groups else [(0, self.view.geometry.num_layers)]
         if self.h2d == "staged":
+            # Pages of adjacent host slots join one copy per group and chunk (dynkv.ops.staged_copy_plan); in slot
+            # order they do however they were handed out (a pool's free list returns an evicted prompt's slots
+            # in reverse). Mismatched lists go as they are, for staged_scatter's own error.
+            slots, block_ids = np.asarray(slots, dtype=np.int64), np.asarray(block_ids, dtype=np.int64)
+            if len(slots) == len(block_ids):
+                order = np.argsort(slots, kind="stable")
+                slots, block_ids = slots[order], block_ids[order]
             staged_scatter(pages, self.view, slots, block_ids, self._rings["h2d"], groups=layers, events=events,
                            stream=stream)
         else:
