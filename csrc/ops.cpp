@@ -321,6 +321,30 @@ GroupPlan plan_group(const PageGeom& geom, const BlockView& view, const PageSet&
   return GroupPlan{v, p, sg, stride, per_chunk};
 }
 
+// The plans of a staged scatter's layer groups (none: every layer at once), each range checked.
+std::vector<GroupPlan> plan_groups(const PageGeom& geom, const BlockView& view, const PageSet& pages,
+                                   const StagingRing& ring, const std::vector<LayerRange>& groups) {
+  std::vector<GroupPlan> plans;
+  if (groups.empty()) plans.push_back(plan_group(geom, view, pages, ring, LayerRange{}));
+  for (const LayerRange& r : groups) plans.push_back(plan_group(geom, view, pages, ring, r));
+  return plans;
+}
+
+// A staged scatter's chunks of `n` pages in issue order: chunk(group, plan, ring slot, first, end), chunk k
+// taking slot k % num_slots across groups; group_done(group) after each group's chunks.
+template <class Chunk, class GroupDone>
+void for_each_chunk(const std::vector<GroupPlan>& plans, int64_t n, int64_t num_slots, Chunk&& chunk,
+                    GroupDone&& group_done) {
+  int64_t k = 0;
+  for (size_t gi = 0; gi < plans.size(); ++gi) {
+    const GroupPlan& g = plans[gi];
+    for (int64_t first = 0; first < n; first += g.per_chunk, ++k) {
+      chunk(gi, g, k % num_slots, first, std::min(n, first + g.per_chunk));
+    }
+    group_done(gi);
+  }
+}
+
 uint64_t slot_base(const StagingRing& ring, int64_t slot) {
   return ring.pages().base + static_cast<uint64_t>(slot * ring.chunk_pages() * ring.pages().page_stride);
 }
@@ -400,19 +424,17 @@ std::vector<std::array<int64_t, 4>> staged_copy_plan(const PageGeom& geom, const
                                                      const IdList& slots, const StagingRing& ring,
                                                      const std::vector<LayerRange>& groups) {
   check_ids(slots, pages.num_pages, "slots", "the page buffer's pages", true);
-  const std::vector<LayerRange> layers = groups.empty() ? std::vector<LayerRange>{LayerRange{}} : groups;
   std::vector<std::array<int64_t, 4>> out;
-  for (size_t gi = 0; gi < layers.size(); ++gi) {
-    const GroupPlan g = plan_group(geom, view, pages, ring, layers[gi]);
-    const uint64_t head0 = g.pages.base + static_cast<uint64_t>(geom.tile_offset(g.view.head_start, 0));
-    for (int64_t first = 0; first < slots.n; first += g.per_chunk) {
-      const int64_t end = std::min(slots.n, first + g.per_chunk);
-      for (const PitchedRun& r : chunk_runs(geom, g, ring, 0, slots, first, end, true)) {
-        out.push_back({static_cast<int64_t>(gi), static_cast<int64_t>(r.src - head0) / g.pages.page_stride, r.depth,
-                       r.rows});
-      }
-    }
-  }
+  for_each_chunk(
+      plan_groups(geom, view, pages, ring, groups), slots.n, ring.num_slots(),
+      [&](size_t gi, const GroupPlan& g, int64_t s, int64_t first, int64_t end) {
+        int64_t i = first;  // a copy's pages are the chunk's next `depth`
+        for (const PitchedRun& r : chunk_runs(geom, g, ring, s, slots, first, end, true)) {
+          out.push_back({static_cast<int64_t>(gi), slots.host[i], r.depth, r.rows});
+          i += r.depth;
+        }
+      },
+      [](size_t) {});
   return out;
 }
 
@@ -422,22 +444,19 @@ void staged_scatter(const PageGeom& geom, const PageSet& pages, const BlockView&
   check_staged(geom, pages, view, slots, block_ids, stage, ring, false, true);
   const int device = ring.device();
   DYNKV_CHECK(events.empty() || device >= 0, "events are recorded on a GPU stream; this scatter runs on the CPU");
-  const std::vector<LayerRange> all{LayerRange{}};
-  const std::vector<LayerRange>& layers = groups.empty() ? all : groups;
-  DYNKV_CHECK(events.empty() || events.size() == layers.size(), "staged_scatter got ", events.size(),
-              " events for ", layers.size(), " layer groups: expected one per group, or none");
-  std::vector<GroupPlan> plans;
-  for (const LayerRange& r : layers) plans.push_back(plan_group(geom, view, pages, ring, r));  // checks each range
+  const size_t num_groups = groups.empty() ? 1 : groups.size();
+  DYNKV_CHECK(events.empty() || events.size() == num_groups, "staged_scatter got ", events.size(), " events for ",
+              num_groups, " layer groups: expected one per group, or none");
+  const std::vector<GroupPlan> plans = plan_groups(geom, view, pages, ring, groups);
   const int64_t n = slots.n;
   if (device < 0) {  // the same chunks and slots, one after the other
-    int64_t k = 0;
-    for (const GroupPlan& g : plans) {
-      for (int64_t first = 0; first < n; first += g.per_chunk, ++k) {
-        const int64_t end = std::min(n, first + g.per_chunk), s = k % ring.num_slots();
-        run_cpu(row_runs(chunk_runs(geom, g, ring, s, slots, first, end, true)), cfg.threads);
-        run_cpu(plan_runs(chunk_transfer<true>(g, ring, s, block_ids.host, stage.host, first, end)), cfg.threads);
-      }
-    }
+    for_each_chunk(
+        plans, n, ring.num_slots(),
+        [&](size_t, const GroupPlan& g, int64_t s, int64_t first, int64_t end) {
+          run_cpu(row_runs(chunk_runs(geom, g, ring, s, slots, first, end, true)), cfg.threads);
+          run_cpu(plan_runs(chunk_transfer<true>(g, ring, s, block_ids.host, stage.host, first, end)), cfg.threads);
+        },
+        [](size_t) {});
     return;
   }
   check_launch(cfg);
@@ -445,20 +464,19 @@ void staged_scatter(const PageGeom& geom, const PageSet& pages, const BlockView&
   ExecConfig dma{};
   dma.backend = Backend::DmaBatch;
   dma.stream = ring.dma_stream();
-  int64_t k = 0;  // chunks so far: chunk k uses slot k % num_slots, across groups
-  for (size_t gi = 0; gi < plans.size(); ++gi) {
-    const GroupPlan& g = plans[gi];
-    for (int64_t first = 0; first < n; first += g.per_chunk, ++k) {
-      const int64_t end = std::min(n, first + g.per_chunk), s = k % ring.num_slots();
-      cuda_stream_wait_event(dma.stream, ring.freed(s));  // the kernel has read what the slot held before
-      memcpy_pitched_cuda(chunk_runs(geom, g, ring, s, slots, first, end, true), dma);
-      cuda_event_record(ring.ready(s), dma.stream);
-      cuda_stream_wait_event(cfg.stream, ring.ready(s));
-      launch_kernel(chunk_transfer<true>(g, ring, s, block_ids.device, stage.device, first, end), cfg);
-      cuda_event_record(ring.freed(s), cfg.stream);
-    }
-    if (!events.empty()) cuda_event_record(events[gi], cfg.stream);
-  }
+  for_each_chunk(
+      plans, n, ring.num_slots(),
+      [&](size_t, const GroupPlan& g, int64_t s, int64_t first, int64_t end) {
+        cuda_stream_wait_event(dma.stream, ring.freed(s));  // the kernel has read what the slot held before
+        memcpy_pitched_cuda(chunk_runs(geom, g, ring, s, slots, first, end, true), dma);
+        cuda_event_record(ring.ready(s), dma.stream);
+        cuda_stream_wait_event(cfg.stream, ring.ready(s));
+        launch_kernel(chunk_transfer<true>(g, ring, s, block_ids.device, stage.device, first, end), cfg);
+        cuda_event_record(ring.freed(s), cfg.stream);
+      },
+      [&](size_t gi) {
+        if (!events.empty()) cuda_event_record(events[gi], cfg.stream);
+      });
 }
 
 void staged_gather(const PageGeom& geom, const BlockView& view, const PageSet& pages, const IdList& block_ids,
