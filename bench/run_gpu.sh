@@ -52,6 +52,10 @@ if [[ $what == bench || $what == all ]]; then
   k tiles --preset llama3-8b --tile-sweep --directions h2d,d2h --backends kernel,staged,dma --ctas 8
   k gemm --preset llama3-8b --gemm --directions h2d --backends kernel,staged --ctas 8 --launch-bytes 0,2M
   k deepseek-mla --preset deepseek-mla --ctas 8 --directions h2d,d2h --backends kernel,staged,torch
+  if [[ -z ${CASES:-} || " $CASES " == *" launch-probe "* ]]; then
+    python3 bench/launch_probe.py --json "$RES/launch-probe.json" 2>&1 | tee "$RES/launch-probe.log"
+    echo "[${SECONDS}s] launch-probe" | tee -a "$RES/timings.txt"
+  fi
   python3 bench/calibration.py 2>&1 | tee "$RES/calibration.log"
 fi
 if [[ $what == load || $what == e2e || $what == router || $what == router-shared ]]; then
@@ -97,5 +101,5 @@ if [[ $what == load ]]; then
     --disk-share 1.2 --dynkv-variant nocost='{"cost_model": false}'
 fi
 tar -czf "$OUT/results-$what.tar.gz" -C "$RES" .
-grep -hE "^(\||h2d|d2h|both|tile|gemm|calibration|engine|plain|dynkv|offloading|kv|round|ratio|TTFT|8192)| passed| failed|error|x " "$RES"/*.log | tail -150 > "$OUT/summary-$what.txt" || true
+grep -hE "^(run [0-9]|\||h2d|d2h|both|tile|gemm|calibration|engine|plain|dynkv|offloading|kv|round|ratio|TTFT|8192)| passed| failed|error|x " "$RES"/*.log | tail -150 > "$OUT/summary-$what.txt" || true
 exit $rc
