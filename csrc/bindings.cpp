@@ -214,19 +214,29 @@ PYBIND11_MODULE(_C, m) {
       "staged_scatter",
       [](const PageGeom& g, const PageSet& p, const BlockView& v, const I64Array& slots, const I64Array& ids,
          const I64Array& stage, StagingRing& ring, const ExecConfig& cfg, uint64_t ids_dev, uint64_t stage_dev,
-         const std::vector<std::pair<int64_t, int64_t>>& groups, const std::vector<uint64_t>& events) {
+         const std::vector<std::pair<int64_t, int64_t>>& groups, const std::vector<uint64_t>& events,
+         const py::object& after) {
         const IdList a = id_list(slots, 0, "slots"), b = id_list(ids, ids_dev, "block_ids"),
                      c = id_list(stage, stage_dev, "staging slots");
         std::vector<LayerRange> ranges;
         ranges.reserve(groups.size());
         for (const auto& [begin, end] : groups) ranges.push_back(LayerRange{begin, end});
+        std::function<void(size_t)> done;  // destroyed after nogil below, so with the GIL held
+        if (!after.is_none()) {
+          done = [after](size_t i) {
+            py::gil_scoped_acquire gil;
+            after(i);
+          };
+        }
         py::gil_scoped_release nogil;
-        staged_scatter(g, p, v, a, b, c, ring, cfg, ranges, events);
+        staged_scatter(g, p, v, a, b, c, ring, cfg, ranges, events, done);
       },
       py::arg("geom"), py::arg("pages"), py::arg("view"), py::arg("slots"), py::arg("block_ids"), py::arg("stage"),
       py::arg("ring"), py::arg("cfg"), py::arg("block_ids_dev") = 0, py::arg("stage_dev") = 0,
       py::arg("groups") = std::vector<std::pair<int64_t, int64_t>>{}, py::arg("events") = std::vector<uint64_t>{},
-      "pages -> blocks through the staging ring in layer groups (none: all layers); events[i] after group i.");
+      py::arg("after") = py::none(),
+      "pages -> blocks through the staging ring in layer groups (none: all layers); events[i], then after(i), "
+      "once group i is issued.");
   m.def(
       "staged_gather",
       [](const PageGeom& g, const BlockView& v, const PageSet& p, const I64Array& ids, const I64Array& slots,

@@ -440,7 +440,8 @@ std::vector<std::array<int64_t, 4>> staged_copy_plan(const PageGeom& geom, const
 
 void staged_scatter(const PageGeom& geom, const PageSet& pages, const BlockView& view, const IdList& slots,
                     const IdList& block_ids, const IdList& stage, StagingRing& ring, const ExecConfig& cfg,
-                    const std::vector<LayerRange>& groups, const std::vector<uint64_t>& events) {
+                    const std::vector<LayerRange>& groups, const std::vector<uint64_t>& events,
+                    const std::function<void(size_t)>& after) {
   check_staged(geom, pages, view, slots, block_ids, stage, ring, false, true);
   const int device = ring.device();
   DYNKV_CHECK(events.empty() || device >= 0, "events are recorded on a GPU stream; this scatter runs on the CPU");
@@ -456,7 +457,9 @@ void staged_scatter(const PageGeom& geom, const PageSet& pages, const BlockView&
           run_cpu(row_runs(chunk_runs(geom, g, ring, s, slots, first, end, true)), cfg.threads);
           run_cpu(plan_runs(chunk_transfer<true>(g, ring, s, block_ids.host, stage.host, first, end)), cfg.threads);
         },
-        [](size_t) {});
+        [&](size_t gi) {
+          if (after) after(gi);
+        });
     return;
   }
   check_launch(cfg);
@@ -476,6 +479,7 @@ void staged_scatter(const PageGeom& geom, const PageSet& pages, const BlockView&
       },
       [&](size_t gi) {
         if (!events.empty()) cuda_event_record(events[gi], cfg.stream);
+        if (after) after(gi);
       });
 }
 

@@ -382,6 +382,7 @@ def staged_scatter(
     *,
     groups: Sequence[tuple[int, int]] | None = None,
     events: Sequence[Any] = (),
+    after: Callable[[int], None] | None = None,
     num_ctas: int | None = None,
     threads: int | None = None,
     stream: Any = None,
@@ -395,7 +396,10 @@ def staged_scatter(
     chunks overlap. Complete on ``stream``. ``events`` (already-created
     ``torch.cuda.Event`` objects, one per group) are recorded on ``stream``
     once their group is in, so a forward can wait for each group before its
-    layers.
+    layers. ``after(i)`` runs once group ``i`` is issued (GPU: its event
+    recorded; CPU: copied), from the calling thread, so that a forward in
+    another thread knows when it may wait for the group's event; an
+    exception it raises stops the scatter.
     """
     gpu = _check_staged(pages, view, staging, "staged_scatter")
     if events and gpu is None:
@@ -406,7 +410,8 @@ def staged_scatter(
         raise ValueError("every event must exist already (torch creates a CUDA event at its first record)")
     sl, ids = _ids(slots), _ids(block_ids)
     cfg, keep, stage, ptrs = _staged_exec(gpu, staging, num_ctas, threads, stream, ids)
-    _C.staged_scatter(pages.geometry.c, pages.c, view.c, sl, ids, stage, staging.ring, cfg, *ptrs, spans, handles)
+    _C.staged_scatter(pages.geometry.c, pages.c, view.c, sl, ids, stage, staging.ring, cfg, *ptrs, spans, handles,
+                      after)
     del keep
 
 

@@ -6,7 +6,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Job", "done_future", "is_ready", "wait_for"]
+__all__ = ["Job", "Launched", "done_future", "is_ready", "wait_for"]
+
+
+@dataclass
+class Launched:
+    """A GPU copy that a launch thread queues: ``future`` gives its ``(start, end)`` CUDA events once queued,
+    or the exception that stopped the launch."""
+
+    future: Future[tuple[Any, Any]]
 
 
 @dataclass
@@ -18,7 +26,7 @@ class Job:
     failed_blocks: tuple[int, ...]
     nbytes: int
     started: float
-    handle: Any  # Future (CPU) or (start, end) CUDA events
+    handle: Any  # Future (CPU), (start, end) CUDA events, or Launched (GPU, queued by a launch thread)
     error: BaseException | None = None
     sync: bool = False  # feeds this step's forward: not reported as finished receiving
 
@@ -32,11 +40,17 @@ def done_future() -> Future[None]:
 def is_ready(job: Job) -> bool:
     if isinstance(job.handle, Future):
         return job.handle.done()
+    if isinstance(job.handle, Launched):
+        f = job.handle.future
+        return f.done() and (f.exception() is not None or bool(f.result()[1].query()))
     return bool(job.handle[1].query())
 
 
 def wait_for(job: Job) -> None:
     if isinstance(job.handle, Future):
         job.handle.exception()
+    elif isinstance(job.handle, Launched):
+        if job.handle.future.exception() is None:
+            job.handle.future.result()[1].synchronize()
     else:
         job.handle[1].synchronize()

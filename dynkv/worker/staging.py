@@ -25,7 +25,7 @@ direction; ``copy_path`` in the config forces one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,8 +95,14 @@ class CopyPaths:
         return self._groups
 
     def load(self, pages: PageBuffer, slots: Sequence[int], block_ids: Sequence[int], stream: Any,
-             groups: Sequence[tuple[int, int]] | None = None, events: Sequence[Any] = ()) -> None:
-        """Pages ``slots`` -> blocks ``block_ids`` on ``stream``; ``events[i]`` recorded once group ``i`` is in."""
+             groups: Sequence[tuple[int, int]] | None = None, events: Sequence[Any] = (),
+             after: Callable[[int], None] | None = None) -> None:
+        """Pages ``slots`` -> blocks ``block_ids`` on ``stream``; ``events[i]`` recorded once group ``i`` is in.
+
+        ``after(i)`` (staged path only) once group ``i``'s event is recorded, in the calling thread.
+        """
+        if after is not None and self.h2d != "staged":
+            raise ValueError("after: a staged load's callback (the kernel path records its events in one call)")
         layers = list(groups) if groups else [(0, self.view.geometry.num_layers)]
         if self.h2d == "staged":
             # Pages of adjacent host slots join one copy per group and chunk (dynkv.ops.staged_copy_plan); in slot
@@ -107,7 +113,7 @@ class CopyPaths:
                 order = np.argsort(slots, kind="stable")
                 slots, block_ids = slots[order], block_ids[order]
             staged_scatter(pages, self.view, slots, block_ids, self._rings["h2d"], groups=layers, events=events,
-                           stream=stream)
+                           after=after, stream=stream)
         else:
             scatter_layers(pages, self.view, slots, block_ids, layers, events=events, stream=stream)
 

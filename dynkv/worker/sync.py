@@ -28,7 +28,7 @@ from dynkv.layout import PagedView
 from dynkv.memory import PageBuffer
 from dynkv.ops import scatter_layers
 from dynkv.protocol import LoadOp, StepPlan, WorkerReport
-from dynkv.worker.jobs import Job, done_future
+from dynkv.worker.jobs import Job, Launched, done_future
 
 if TYPE_CHECKING:
     from dynkv.worker.staging import CopyPaths
@@ -50,6 +50,8 @@ class SyncStep:
     jobs: list[Job]
     groups: list[tuple[int, int]]
     events: list[Any]  # CUDA events (GPU) or threading.Events (CPU), one per group
+    # GPU, queued by the launch thread: set once group i's event is recorded (or the launch is over)
+    queued: list[threading.Event] | None = None
     waited: set[int] = field(default_factory=set)  # groups the forward waited for
     group_of: list[int] = field(init=False)  # layer -> its group
 
@@ -78,6 +80,7 @@ class SyncLoads:
     sync_launch_at: float | None
     _layer_event_pool: list[Any]
     _launch_cuda: Callable[[str, Callable[[PageBuffer, Any], None]], Any]
+    _launch_cuda_thread: Callable[[str, Callable[[PageBuffer, Any], None], list[threading.Event]], Launched]
     _page_buffer: Callable[[], PageBuffer]
     _slice_bytes: Callable[[int], int]
     wait: Callable[[Iterable[str] | None], None]
@@ -131,7 +134,7 @@ class SyncLoads:
         if group in st.waited:
             return
         st.waited.add(group)
-        self._wait_event(st.events[group])
+        self._wait_group(st, group)
 
     def _launch_sync(self, ops: list[LoadOp], *, per_layer: bool, wait: bool = True, site: str = "late") -> None:
         """This step's sync loads as one scatter, in layer groups; the forward waits on each group's event.
@@ -164,8 +167,16 @@ class SyncLoads:
                 step.events = self._layer_events(len(groups))
                 paths = self.copy_paths
                 assert paths is not None
-                handle = self._launch_cuda("load", lambda pages, stream: paths.load(
-                    pages, slots, blocks, stream, groups, step.events))
+                if len(groups) > 1 and paths.h2d == "staged":
+                    # A staged load in groups is a copy per page and group (fewer where host slots are
+                    # adjacent): past what the driver queues, queueing it waits for the GPU. The launch thread
+                    # waits instead; the forward waits for each group's event only once it is recorded.
+                    queued = step.queued = [threading.Event() for _ in groups]
+                    handle = self._launch_cuda_thread("load", lambda pages, stream: paths.load(
+                        pages, slots, blocks, stream, groups, step.events, after=lambda i: queued[i].set()), queued)
+                else:
+                    handle = self._launch_cuda("load", lambda pages, stream: paths.load(
+                        pages, slots, blocks, stream, groups, step.events))
             else:
                 handle = self._launch_sync_cpu(self._page_buffer(), slots, blocks, step)
         except Exception as e:  # no pool, bad ids: nothing was copied, vLLM recomputes these blocks
@@ -211,6 +222,13 @@ class SyncLoads:
             self._layer_event_pool.append(ev)
         return self._layer_event_pool[:n]
 
+    def _wait_group(self, st: SyncStep, group: int) -> None:
+        """The current stream waits for ``group`` of ``st`` (queued by the launch thread: once its event is
+        recorded; a launch that failed has recorded none, and its blocks are load errors)."""
+        if st.queued is not None:
+            st.queued[group].wait()
+        self._wait_event(st.events[group])
+
     def _wait_event(self, ev: Any) -> None:
         if isinstance(ev, threading.Event):
             ev.wait()
@@ -225,7 +243,7 @@ class SyncLoads:
         st = self._sync
         if st is None or len(st.waited) == len(st.groups):
             return
-        self._wait_event(st.events[-1])  # the groups are copied in order: the last one ends the copy
+        self._wait_group(st, len(st.groups) - 1)  # the groups are copied in order: the last one ends the copy
         st.waited.update(range(len(st.groups)))
 
     def _end_sync_step(self) -> None:
@@ -233,12 +251,15 @@ class SyncLoads:
         st, self._sync = self._sync, None
         if st is None:
             return
-        if isinstance(st.jobs[0].handle, Future):
-            st.jobs[0].handle.exception()  # CPU: the copy is over (its events are set); its errors count this step
+        handle = st.jobs[0].handle
+        if isinstance(handle, Future):
+            handle.exception()  # CPU: the copy is over (its events are set); its errors count this step
+        elif isinstance(handle, Launched):
+            handle.future.exception()  # queued or failed: a failed launch's errors count this step
         if len(st.waited) == len(st.groups):
             return
         if len(st.groups) == 1:  # a whole copy launched early whose start never came: later work still follows it
-            self._wait_event(st.events[0])
+            self._wait_group(st, 0)
             return
         missed = [f"{b}-{e - 1}" if e - b > 1 else str(b) for i, (b, e) in enumerate(st.groups) if i not in st.waited]
         log.warning(
@@ -246,7 +267,7 @@ class SyncLoads:
             "attention?): their %d blocks are recomputed, and later steps wait for whole loads",
             self.rank, missed[:8], sum(len(j.block_ids) for j in st.jobs))
         self._layerwise = False
-        self._wait_event(st.events[-1])  # later work on these blocks comes after the copy
+        self._wait_group(st, len(st.groups) - 1)  # later work on these blocks comes after the copy
         for job in st.jobs:
             self._errors |= set(job.block_ids)
             self._report.failed_blocks |= set(job.block_ids)

@@ -38,6 +38,7 @@ from dynkv.ops import gather, scatter
 from dynkv.protocol import LoadOp, StepPlan, StoreOp, WorkerReport
 from dynkv.tiers.host import live_pools, pool_link, pool_owner, run_dirs
 from dynkv.worker.jobs import Job as _Job
+from dynkv.worker.jobs import Launched
 from dynkv.worker.jobs import done_future as _done_future
 from dynkv.worker.jobs import is_ready as _ready
 from dynkv.worker.jobs import wait_for as _wait
@@ -108,6 +109,7 @@ class Worker(SyncLoads, PullFlow, SleepFlow):
         self.engine_id = engine_id
         self._puller: Any = None
         self._pull_threads: ThreadPoolExecutor | None = None
+        self._launcher: ThreadPoolExecutor | None = None  # queues staged layer-wise loads (GPU), made at first use
         self._puller_lock = threading.Lock()
         self._prepare_pulls = prepare_pulls
         self._attach_lock = threading.Lock()
@@ -281,7 +283,7 @@ class Worker(SyncLoads, PullFlow, SleepFlow):
         if _IN_PROCESS.get(self.pool_name) is self:
             del _IN_PROCESS[self.pool_name]  # the scheduler launches nothing more on it
         self.wait()
-        for ex in (*(self._threads or ()), self._pull_threads):
+        for ex in (*(self._threads or ()), self._pull_threads, self._launcher):
             if ex is not None:
                 ex.shutdown(wait=True)
         with self._puller_lock:
@@ -412,6 +414,28 @@ class Worker(SyncLoads, PullFlow, SleepFlow):
         self._jobs.append(rec)
 
     def _launch_cuda(self, kind: str, copy: Callable[[PageBuffer, Any], None]) -> Any:
+        return self._issue_cuda(self._copy_stream(kind), self._page_buffer(), copy)
+
+    def _launch_cuda_thread(self, kind: str, copy: Callable[[PageBuffer, Any], None],
+                            release: list[threading.Event]) -> Launched:
+        """:meth:`_launch_cuda` with the copy queued by the rank's launch thread (the calling thread goes
+        on at once); every event of ``release`` is set once the launch is over, whether it queued the
+        copy or failed."""
+        stream, pages = self._copy_stream(kind), self._page_buffer()
+        if self._launcher is None:
+            self._launcher = ThreadPoolExecutor(1, thread_name_prefix=f"dynkv-launch{self.rank}")
+
+        def run() -> tuple[Any, Any]:
+            try:
+                return self._issue_cuda(stream, pages, copy)
+            finally:
+                for ev in release:
+                    ev.set()
+
+        return Launched(self._launcher.submit(run))
+
+    def _copy_stream(self, kind: str) -> Any:
+        """The stream of ``kind``'s copies, made to wait for the work already queued on the copied blocks."""
         import torch
 
         assert self._streams is not None and self.view is not None
@@ -423,9 +447,14 @@ class Worker(SyncLoads, PullFlow, SleepFlow):
         stream.wait_stream(current)
         if self._step_stream is not None and self._step_stream != current:
             stream.wait_stream(self._step_stream)
+        return stream
+
+    def _issue_cuda(self, stream: Any, pages: PageBuffer, copy: Callable[[PageBuffer, Any], None]) -> tuple[Any, Any]:
+        import torch
+
+        assert self.view is not None
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        pages = self._page_buffer()
-        with torch.cuda.stream(stream):
+        with torch.cuda.device(self.view.device), torch.cuda.stream(stream):
             start.record(stream)
             copy(pages, stream)
             end.record(stream)
@@ -447,6 +476,11 @@ class Worker(SyncLoads, PullFlow, SleepFlow):
         if isinstance(job.handle, Future):
             error = error or job.handle.exception()
             pulled = job.handle.result() if error is None else None
+        elif isinstance(job.handle, Launched):
+            error = error or job.handle.future.exception()
+            if error is None:
+                start, end = job.handle.future.result()
+                seconds = start.elapsed_time(end) / 1e3
         elif isinstance(job.handle, tuple):
             seconds = job.handle[0].elapsed_time(job.handle[1]) / 1e3
         r = self._report

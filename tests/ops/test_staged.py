@@ -125,6 +125,51 @@ def test_staged_copies_join_adjacent_slots_within_a_chunk_and_a_registration(rng
         _C.make_pages(g.c, whole.buffer.c.base, 14, whole.buffer.c.page_stride, reg_pages=4, reg_phase=4)
 
 
+def test_staged_scatter_calls_after_once_each_group_is_in(rng: np.random.Generator) -> None:
+    """``after(i)`` runs once per group, in order, when the group's layers have landed (CPU: copied); an
+    exception it raises stops the scatter there and reaches the caller."""
+    shape = SHAPES[0]
+    kv = make_rank_kv(rng, shape, dims="LBHNC", form="cross", dtype=torch.bfloat16, heads=(0, 4), num_layers=5,
+                      num_blocks=8)
+    view = kv.view(num_heads_total=4)
+    pages = make_pages(view.geometry, 8, fill=rng)
+    ring = StagingBuffer(view.geometry, "cpu", chunk_pages=2, num_slots=2)
+    slots, blocks = [6, 1, 3, 0, 5], [2, 7, 0, 4, 1]
+    groups = [(0, 2), (2, 3), (3, 5)]
+    reference = make_rank_kv(rng, shape, dims="LBHNC", form="cross", dtype=torch.bfloat16, heads=(0, 4),
+                             num_layers=5, num_blocks=8)
+    rview = reference.view(num_heads_total=4)
+    reference.poison()
+    dynkv.scatter(pages.buffer, rview, slots, blocks)
+    want = reference.snapshot()
+    kv.poison()
+    poisoned = kv.snapshot()
+    seen: list[int] = []
+
+    def after(i: int) -> None:  # group i's layers are in, the next group's are not yet
+        seen.append(i)
+        now, ref, old = kv.layers(), kv.layers(want), kv.layers(poisoned)
+        for layer in range(5):
+            landed = torch.equal(now[layer], ref[layer])
+            assert landed == (layer < groups[i][1]), (i, layer)
+            assert landed or torch.equal(now[layer], old[layer])
+
+    staged_scatter(pages.buffer, view, slots, blocks, ring, groups=groups, after=after)
+    assert seen == [0, 1, 2]
+    kv.poison()
+
+    def stop(i: int) -> None:
+        seen.append(i)
+        if i == 1:
+            raise RuntimeError("stop after group 1")
+
+    seen.clear()
+    with pytest.raises(RuntimeError, match="stop after group 1"):
+        staged_scatter(pages.buffer, view, slots, blocks, ring, groups=groups, after=stop)
+    assert seen == [0, 1]
+    assert torch.equal(kv.layers()[4], kv.layers(poisoned)[4])  # group 2 never ran
+
+
 def test_staged_layer_groups_are_checked(rng: np.random.Generator) -> None:
     shape = SHAPES[0]
     kv = make_rank_kv(rng, shape, dims="LBHNC", form="cross", dtype=torch.bfloat16, heads=(0, 4), num_layers=3,

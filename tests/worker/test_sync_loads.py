@@ -180,6 +180,49 @@ def test_failed_copy_lets_the_forward_go_on_and_reports_errors(rng: np.random.Ge
         leader.close()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fail", [False, True])
+def test_gpu_staged_group_loads_are_queued_by_the_launch_thread(rng: np.random.Generator, monkeypatch,
+                                                                fail: bool) -> None:
+    """A staged load in layer groups is queued by the rank's launch thread, the forward waiting for each group
+    once its event is recorded; a launch that stops after two groups lets the forward go on, and every block of
+    the load is a load error in that step (vLLM recomputes them), never KV read as loaded."""
+    import dynkv.worker.staging
+
+    model = Model(dims="LBHNC", device="cuda", num_layers=8)
+    leader = make_leader(model, copy_path="staged")
+    engine = Engine(leader, model, tp=1, processes=False)
+    worker = engine.ranks[0].state.worker
+    real = dynkv.worker.staging.staged_scatter
+    threads: list[str] = []
+
+    def staged(pages, view, slots, blocks, ring, *, groups=None, events=(), after=None, **kw):
+        threads.append(threading.current_thread().name)
+        if not fail:
+            return real(pages, view, slots, blocks, ring, groups=groups, events=events, after=after, **kw)
+        real(pages, view, slots, blocks, ring, groups=groups[:2], events=events[:2], after=after, **kw)
+        raise RuntimeError("launch failed after two groups")
+
+    try:
+        assert len(worker.copy_paths.layer_groups()) > 2
+        a = random_prompt(rng, model, 4)
+        engine.serve("a", a)
+        engine.drain()
+        monkeypatch.setattr(dynkv.worker.staging, "staged_scatter", staged)
+        out = engine.serve("a2", a + [3], sync=True, verify=not fail)  # would hang if groups 2.. never came
+        assert threads and all(t.startswith("dynkv-launch") for t in threads), threads
+        assert out.loaded == 4
+        if fail:
+            assert out.load_errors == set(out.blocks[:4])
+        else:
+            assert out.late == [] and out.load_errors == set() and out.mismatched == []
+        engine.drain()
+        assert leader.stats()["host"]["pinned"] == 0
+    finally:
+        engine.close()
+        leader.close()
+
+
 def test_sync_load_needs_every_page_on_the_host(tmp_path, rng: np.random.Generator) -> None:
     model = Model()
     leader = make_leader(model, tmp_path, host_pages=8, disk_paths=[str(tmp_path)], disk_gb=0.01,

@@ -4,6 +4,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "dynkv/geometry.h"
@@ -88,11 +89,13 @@ class StagingRing {
 
 // Staged scatter: host pages `slots` -> this rank's heads of `block_ids`, in layer `groups` (none:
 // every layer at once), in order; events[i] (if given: one per group) is recorded on cfg.stream once
-// group i is in. `stage` holds 0, 1, ..., n-1 (its device copy is what the kernel reads as a chunk's
-// staging pages).
+// group i is in, and `after(i)` (if given) runs once group i is issued (GPU: its event recorded; CPU:
+// copied), so that another thread can wait for a group's event before the whole load is queued.
+// `stage` holds 0, 1, ..., n-1 (its device copy is what the kernel reads as a chunk's staging pages).
 void staged_scatter(const PageGeom& geom, const PageSet& pages, const BlockView& view, const IdList& slots,
                     const IdList& block_ids, const IdList& stage, StagingRing& ring, const ExecConfig& cfg,
-                    const std::vector<LayerRange>& groups, const std::vector<uint64_t>& events);
+                    const std::vector<LayerRange>& groups, const std::vector<uint64_t>& events,
+                    const std::function<void(size_t)>& after = {});
 // The copy-engine operations of a staged scatter: (group, first slot, pages, rows) each, in issue order.
 std::vector<std::array<int64_t, 4>> staged_copy_plan(const PageGeom& geom, const PageSet& pages, const BlockView& view,
                                                      const IdList& slots, const StagingRing& ring,
