@@ -44,6 +44,10 @@ if [[ $what == bench || $what == all ]]; then
     echo "[${SECONDS}s] $name" | tee -a "$RES/timings.txt"
     tar -czf "$OUT/results-$what.tar.gz" -C "$RES" .  # keep what finished if a later step runs out of time
   }
+  if [[ -z ${CASES:-} || " $CASES " == *" launch-probe "* ]]; then
+    python3 bench/launch_probe.py --json "$RES/launch-probe.json" 2>&1 | tee "$RES/launch-probe.log"
+    echo "[${SECONDS}s] launch-probe" | tee -a "$RES/timings.txt"
+  fi
   k llama3-8b --preset llama3-8b --ctas 4,8,16 --directions h2d,d2h,both --backends kernel,staged,torch
   k llama3-70b-tp8 --preset llama3-70b-tp8 --ctas 8 --directions h2d,d2h,both --backends kernel,staged,torch
   k llama3-8b-nhd --preset llama3-8b --layout LBNHC --ctas 8 --directions h2d,d2h,both --backends kernel,staged,torch
@@ -52,10 +56,6 @@ if [[ $what == bench || $what == all ]]; then
   k tiles --preset llama3-8b --tile-sweep --directions h2d,d2h --backends kernel,staged,dma --ctas 8
   k gemm --preset llama3-8b --gemm --directions h2d --backends kernel,staged --ctas 8 --launch-bytes 0,2M
   k deepseek-mla --preset deepseek-mla --ctas 8 --directions h2d,d2h --backends kernel,staged,torch
-  if [[ -z ${CASES:-} || " $CASES " == *" launch-probe "* ]]; then
-    python3 bench/launch_probe.py --json "$RES/launch-probe.json" 2>&1 | tee "$RES/launch-probe.log"
-    echo "[${SECONDS}s] launch-probe" | tee -a "$RES/timings.txt"
-  fi
   python3 bench/calibration.py 2>&1 | tee "$RES/calibration.log"
 fi
 if [[ $what == load || $what == e2e || $what == router || $what == router-shared ]]; then
