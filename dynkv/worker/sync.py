@@ -5,7 +5,10 @@ loads (:attr:`dynkv.protocol.LoadOp.sync`) go as one scatter in layer
 groups (one layer each on the copy kernel, a few on the staged path:
 :meth:`dynkv.worker.staging.CopyPaths.layer_groups`), each ending in an
 event; the forward waits for each group only where the attention of its
-first layer needs it (:meth:`SyncLoads.wait_for_layer`).
+first layer needs it (:meth:`SyncLoads.wait_for_layer`). On the staged
+path the rank's launch thread queues the copies (a load in groups can be
+more copies than the driver queues, and queueing them then waits for the
+GPU); the forward waits for a group's event once the thread has recorded it.
 They can start before vLLM prepares the step's inputs: from vLLM's
 ``handle_preemptions`` hook (:meth:`SyncLoads.start_early`), or from the
 scheduler itself where it shares the worker's thread
@@ -81,6 +84,7 @@ class SyncLoads:
     _layer_event_pool: list[Any]
     _launch_cuda: Callable[[str, Callable[[PageBuffer, Any], None]], Any]
     _launch_cuda_thread: Callable[[str, Callable[[PageBuffer, Any], None], list[threading.Event]], Launched]
+    _staged_loads: Callable[[], bool]
     _page_buffer: Callable[[], PageBuffer]
     _slice_bytes: Callable[[int], int]
     wait: Callable[[Iterable[str] | None], None]
@@ -167,10 +171,11 @@ class SyncLoads:
                 step.events = self._layer_events(len(groups))
                 paths = self.copy_paths
                 assert paths is not None
-                if len(groups) > 1 and paths.h2d == "staged":
+                if self._staged_loads():
                     # A staged load in groups is a copy per page and group (fewer where host slots are
                     # adjacent): past what the driver queues, queueing it waits for the GPU. The launch thread
-                    # waits instead; the forward waits for each group's event only once it is recorded.
+                    # waits instead (it queues every staged load: one thread uses the ring); the forward waits
+                    # for each group's event only once it is recorded.
                     queued = step.queued = [threading.Event() for _ in groups]
                     handle = self._launch_cuda_thread("load", lambda pages, stream: paths.load(
                         pages, slots, blocks, stream, groups, step.events, after=lambda i: queued[i].set()), queued)

@@ -402,7 +402,8 @@ class Worker(SyncLoads, PullFlow, SleepFlow):
             if copy is None or not block_ids:
                 rec.handle = _done_future()
             elif self._streams is not None:
-                rec.handle = self._launch_cuda(kind, copy)
+                rec.handle = (self._launch_cuda_thread(kind, copy, []) if kind == "load" and self._staged_loads()
+                              else self._launch_cuda(kind, copy))
             else:
                 assert self._threads is not None
                 ex = self._threads[0 if kind == "load" else 1]
@@ -415,6 +416,11 @@ class Worker(SyncLoads, PullFlow, SleepFlow):
 
     def _launch_cuda(self, kind: str, copy: Callable[[PageBuffer, Any], None]) -> Any:
         return self._issue_cuda(self._copy_stream(kind), self._page_buffer(), copy)
+
+    def _staged_loads(self) -> bool:
+        """Loads take the staged path: the launch thread queues every one of them (their staging ring is
+        used from one thread, in the order they were launched)."""
+        return self.copy_paths is not None and self.copy_paths.h2d == "staged"
 
     def _launch_cuda_thread(self, kind: str, copy: Callable[[PageBuffer, Any], None],
                             release: list[threading.Event]) -> Launched:
