@@ -415,7 +415,7 @@ class Worker(SyncLoads, PullFlow, SleepFlow):
         self._jobs.append(rec)
 
     def _launch_cuda(self, kind: str, copy: Callable[[PageBuffer, Any], None]) -> Any:
-        return self._issue_cuda(self._copy_stream(kind), self._page_buffer(), copy)
+        return self._issue_cuda(kind, self._copy_after(), self._page_buffer(), copy)
 
     def _staged_loads(self) -> bool:
         """Loads take the staged path: the launch thread queues every one of them (their staging ring is
@@ -427,40 +427,45 @@ class Worker(SyncLoads, PullFlow, SleepFlow):
         """:meth:`_launch_cuda` with the copy queued by the rank's launch thread (the calling thread goes
         on at once); every event of ``release`` is set once the launch is over, whether it queued the
         copy or failed."""
-        stream, pages = self._copy_stream(kind), self._page_buffer()
+        after, pages = self._copy_after(), self._page_buffer()
         if self._launcher is None:
             self._launcher = ThreadPoolExecutor(1, thread_name_prefix=f"dynkv-launch{self.rank}")
 
         def run() -> tuple[Any, Any]:
             try:
-                return self._issue_cuda(stream, pages, copy)
+                return self._issue_cuda(kind, after, pages, copy)
             finally:
                 for ev in release:
                     ev.set()
 
         return Launched(self._launcher.submit(run))
 
-    def _copy_stream(self, kind: str) -> Any:
-        """The stream of ``kind``'s copies, made to wait for the work already queued on the copied blocks."""
+    def _copy_after(self) -> list[Any]:
+        """Events, recorded now, that a copy launched now must follow (:meth:`_issue_cuda` waits for them on
+        its stream, in the thread that queues it: a copy queued later by the launch thread still follows
+        only what was queued before its launch, never work queued since)."""
         import torch
 
-        assert self._streams is not None and self.view is not None
-        stream = self._streams[0 if kind == "load" else 1]
+        assert self.view is not None
         # A store reads blocks only after the forward that wrote them; a load writes blocks only after
         # work already queued on them (vLLM zeroes fresh blocks; a freed block's last reader). Launched from
         # outside a step (the scheduler's launch), that work may sit on the stream the steps compute on.
         current = torch.cuda.current_stream(self.view.device)
-        stream.wait_stream(current)
+        after = [current.record_event()]
         if self._step_stream is not None and self._step_stream != current:
-            stream.wait_stream(self._step_stream)
-        return stream
+            after.append(self._step_stream.record_event())
+        return after
 
-    def _issue_cuda(self, stream: Any, pages: PageBuffer, copy: Callable[[PageBuffer, Any], None]) -> tuple[Any, Any]:
+    def _issue_cuda(self, kind: str, after: list[Any], pages: PageBuffer,
+                    copy: Callable[[PageBuffer, Any], None]) -> tuple[Any, Any]:
         import torch
 
-        assert self.view is not None
+        assert self._streams is not None and self.view is not None
+        stream = self._streams[0 if kind == "load" else 1]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.device(self.view.device), torch.cuda.stream(stream):
+            for ev in after:
+                stream.wait_event(ev)
             start.record(stream)
             copy(pages, stream)
             end.record(stream)
