@@ -11,6 +11,7 @@
 #include "dynkv/disk_io.h"
 #include "dynkv/host_pool.h"
 #include "dynkv/ops.h"
+#include "dynkv/signal.h"
 
 namespace py = pybind11;
 using namespace dynkv;
@@ -193,6 +194,18 @@ PYBIND11_MODULE(_C, m) {
         memcpy_batch(runs, cfg, device);
       },
       py::arg("srcs"), py::arg("dsts"), py::arg("sizes"), py::arg("cfg"), py::arg("device") = -1);
+  py::class_<GroupSignal>(m, "GroupSignal",
+                          "How many of a load's layer groups are issued: set by the thread issuing them "
+                          "(staged_scatter's after), waited for by another, without the GIL.")
+      .def(py::init<int64_t>(), py::arg("num_groups"))
+      .def("set", &GroupSignal::set, py::arg("group"), "groups [0, group] are issued",
+           py::call_guard<py::gil_scoped_release>())
+      .def("set_all", &GroupSignal::set_all, "the launch is over: nothing waits any longer",
+           py::call_guard<py::gil_scoped_release>())
+      .def("wait", &GroupSignal::wait, py::arg("group"), "until group `group` is issued (or set_all)",
+           py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("issued", &GroupSignal::issued)
+      .def_property_readonly("num_groups", &GroupSignal::num_groups);
   py::class_<StagingRing>(m, "StagingRing")
       .def(py::init<const PageSet&, int64_t, int, uint64_t>(), py::arg("pages"), py::arg("chunk_pages"),
            py::arg("device"), py::arg("dma_stream"))
@@ -222,7 +235,10 @@ PYBIND11_MODULE(_C, m) {
         ranges.reserve(groups.size());
         for (const auto& [begin, end] : groups) ranges.push_back(LayerRange{begin, end});
         std::function<void(size_t)> done;  // destroyed after nogil below, so with the GIL held
-        if (!after.is_none()) {
+        if (py::isinstance<GroupSignal>(after)) {  // set without the GIL: no wait for a busy Python thread
+          GroupSignal* signal = after.cast<GroupSignal*>();
+          done = [signal](size_t i) { signal->set(static_cast<int64_t>(i)); };
+        } else if (!after.is_none()) {
           done = [after](size_t i) {
             py::gil_scoped_acquire gil;
             after(i);

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKENDS",
+    "GroupSignal",
     "Tuning",
     "copy_blocks",
     "gather",
@@ -65,6 +66,10 @@ BACKENDS: dict[str, Any] = {
     "dma_loop": _C.Backend.DMA_LOOP,
 }
 Direction = Literal["h2d", "d2h", "d2d", "h2h", "staged"]
+
+GroupSignal = _C.GroupSignal
+"""How many of a load's layer groups are issued (``GroupSignal(num_groups)``): :func:`staged_scatter` sets it
+as ``after`` without Python's GIL, another thread waits with ``wait(group)``; ``set_all()`` ends every wait."""
 
 
 @dataclass(frozen=True)
@@ -382,7 +387,7 @@ def staged_scatter(
     *,
     groups: Sequence[tuple[int, int]] | None = None,
     events: Sequence[Any] = (),
-    after: Callable[[int], None] | None = None,
+    after: Callable[[int], None] | GroupSignal | None = None,
     num_ctas: int | None = None,
     threads: int | None = None,
     stream: Any = None,
@@ -399,7 +404,8 @@ def staged_scatter(
     layers. ``after(i)`` runs once group ``i`` is issued (GPU: its event
     recorded; CPU: copied), from the calling thread, so that a forward in
     another thread knows when it may wait for the group's event; an
-    exception it raises stops the scatter.
+    exception it raises stops the scatter. ``after`` may be a
+    :data:`GroupSignal`, set without taking the GIL.
     """
     gpu = _check_staged(pages, view, staging, "staged_scatter")
     if events and gpu is None:

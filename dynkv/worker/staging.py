@@ -33,7 +33,7 @@ import numpy as np
 
 from dynkv.layout import PageGeometry, PagedView
 from dynkv.memory import PageBuffer, StagingBuffer
-from dynkv.ops import gather, scatter_layers, staged_gather, staged_scatter
+from dynkv.ops import GroupSignal, gather, scatter_layers, staged_gather, staged_scatter
 
 __all__ = ["COPY_PATHS", "CopyPaths", "layer_groups", "staging_for"]
 
@@ -96,7 +96,7 @@ class CopyPaths:
 
     def load(self, pages: PageBuffer, slots: Sequence[int], block_ids: Sequence[int], stream: Any,
              groups: Sequence[tuple[int, int]] | None = None, events: Sequence[Any] = (),
-             after: Callable[[int], None] | None = None) -> None:
+             after: Callable[[int], None] | GroupSignal | None = None) -> None:
         """Pages ``slots`` -> blocks ``block_ids`` on ``stream``; ``events[i]`` recorded once group ``i`` is in.
 
         ``after(i)`` (staged path only) once group ``i``'s event is recorded, in the calling thread.

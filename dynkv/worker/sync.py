@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from dynkv.layout import PagedView
 from dynkv.memory import PageBuffer
-from dynkv.ops import scatter_layers
+from dynkv.ops import GroupSignal, scatter_layers
 from dynkv.protocol import LoadOp, StepPlan, WorkerReport
 from dynkv.worker.jobs import Job, Launched, done_future
 
@@ -53,8 +53,8 @@ class SyncStep:
     jobs: list[Job]
     groups: list[tuple[int, int]]
     events: list[Any]  # CUDA events (GPU) or threading.Events (CPU), one per group
-    # GPU, queued by the launch thread: set once group i's event is recorded (or the launch is over)
-    queued: list[threading.Event] | None = None
+    # GPU, queued by the launch thread: how many groups' events are recorded (all once the launch is over)
+    queued: GroupSignal | None = None
     waited: set[int] = field(default_factory=set)  # groups the forward waited for
     group_of: list[int] = field(init=False)  # layer -> its group
 
@@ -83,7 +83,7 @@ class SyncLoads:
     sync_launch_at: float | None
     _layer_event_pool: list[Any]
     _launch_cuda: Callable[[str, Callable[[PageBuffer, Any], None]], Any]
-    _launch_cuda_thread: Callable[[str, Callable[[PageBuffer, Any], None], list[threading.Event]], Launched]
+    _launch_cuda_thread: Callable[[str, Callable[[PageBuffer, Any], None], GroupSignal | None], Launched]
     _staged_loads: Callable[[], bool]
     _page_buffer: Callable[[], PageBuffer]
     _slice_bytes: Callable[[int], int]
@@ -176,9 +176,9 @@ class SyncLoads:
                     # adjacent): past what the driver queues, queueing it waits for the GPU. The launch thread
                     # waits instead (it queues every staged load: one thread uses the ring); the forward waits
                     # for each group's event only once it is recorded.
-                    queued = step.queued = [threading.Event() for _ in groups]
+                    queued = step.queued = GroupSignal(len(groups))
                     handle = self._launch_cuda_thread("load", lambda pages, stream: paths.load(
-                        pages, slots, blocks, stream, groups, step.events, after=lambda i: queued[i].set()), queued)
+                        pages, slots, blocks, stream, groups, step.events, after=queued), queued)
                 else:
                     handle = self._launch_cuda("load", lambda pages, stream: paths.load(
                         pages, slots, blocks, stream, groups, step.events))
@@ -231,7 +231,7 @@ class SyncLoads:
         """The current stream waits for ``group`` of ``st`` (queued by the launch thread: once its event is
         recorded; a launch that failed has recorded none, and its blocks are load errors)."""
         if st.queued is not None:
-            st.queued[group].wait()
+            st.queued.wait(group)
         self._wait_event(st.events[group])
 
     def _wait_event(self, ev: Any) -> None:

@@ -34,7 +34,7 @@ from dynkv.config import DynKVConfig
 from dynkv.keys import ModelFingerprint
 from dynkv.layout import PagedView, page_stride
 from dynkv.memory import HostPool, PageBuffer, chunk_for
-from dynkv.ops import gather, scatter
+from dynkv.ops import GroupSignal, gather, scatter
 from dynkv.protocol import LoadOp, StepPlan, StoreOp, WorkerReport
 from dynkv.tiers.host import live_pools, pool_link, pool_owner, run_dirs
 from dynkv.worker.jobs import Job as _Job
@@ -195,6 +195,7 @@ class Worker(SyncLoads, PullFlow, SleepFlow):
         if self._streams is not None and self.view is not None:
             import torch
 
+            self.wait(kind="load")  # loads the launch thread has yet to queue too
             self._streams[0].synchronize()
             self._streams = (torch.cuda.Stream(self.view.device, priority=self._load_priority), self._streams[1])
 
@@ -402,7 +403,7 @@ class Worker(SyncLoads, PullFlow, SleepFlow):
             if copy is None or not block_ids:
                 rec.handle = _done_future()
             elif self._streams is not None:
-                rec.handle = (self._launch_cuda_thread(kind, copy, []) if kind == "load" and self._staged_loads()
+                rec.handle = (self._launch_cuda_thread(kind, copy, None) if kind == "load" and self._staged_loads()
                               else self._launch_cuda(kind, copy))
             else:
                 assert self._threads is not None
@@ -423,10 +424,10 @@ class Worker(SyncLoads, PullFlow, SleepFlow):
         return self.copy_paths is not None and self.copy_paths.h2d == "staged"
 
     def _launch_cuda_thread(self, kind: str, copy: Callable[[PageBuffer, Any], None],
-                            release: list[threading.Event]) -> Launched:
+                            release: GroupSignal | None) -> Launched:
         """:meth:`_launch_cuda` with the copy queued by the rank's launch thread (the calling thread goes
-        on at once); every event of ``release`` is set once the launch is over, whether it queued the
-        copy or failed."""
+        on at once); ``release`` is set whole once the launch is over, whether it queued the copy or
+        failed."""
         after, pages = self._copy_after(), self._page_buffer()
         if self._launcher is None:
             self._launcher = ThreadPoolExecutor(1, thread_name_prefix=f"dynkv-launch{self.rank}")
@@ -435,8 +436,8 @@ class Worker(SyncLoads, PullFlow, SleepFlow):
             try:
                 return self._issue_cuda(kind, after, pages, copy)
             finally:
-                for ev in release:
-                    ev.set()
+                if release is not None:
+                    release.set_all()
 
         return Launched(self._launcher.submit(run))
 
@@ -467,7 +468,13 @@ class Worker(SyncLoads, PullFlow, SleepFlow):
             for ev in after:
                 stream.wait_event(ev)
             start.record(stream)
-            copy(pages, stream)
+            try:
+                copy(pages, stream)
+            except BaseException:
+                # A copy that stopped partway may have queued part of its work: it must be over before the
+                # blocks count as load errors (vLLM recomputes them, and their pages may be reused).
+                torch.cuda.synchronize(self.view.device)
+                raise
             end.record(stream)
         return start, end
 

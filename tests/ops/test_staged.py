@@ -170,6 +170,36 @@ def test_staged_scatter_calls_after_once_each_group_is_in(rng: np.random.Generat
     assert torch.equal(kv.layers()[4], kv.layers(poisoned)[4])  # group 2 never ran
 
 
+def test_group_signal_counts_issued_groups_across_threads(rng: np.random.Generator) -> None:
+    """A GroupSignal as ``after``: set for each group without the GIL; a waiter in another thread wakes for the
+    group it waits for, and set_all ends every wait (a launch that failed)."""
+    import threading
+
+    shape = SHAPES[0]
+    kv = make_rank_kv(rng, shape, dims="LBHNC", form="cross", dtype=torch.bfloat16, heads=(0, 4), num_layers=4,
+                      num_blocks=6)
+    view = kv.view(num_heads_total=4)
+    pages = make_pages(view.geometry, 6, fill=rng)
+    ring = StagingBuffer(view.geometry, "cpu", chunk_pages=2, num_slots=2)
+    signal = dynkv.ops.GroupSignal(4)
+    assert (signal.issued, signal.num_groups) == (0, 4)
+    woke: list[int] = []
+    waiter = threading.Thread(target=lambda: (signal.wait(3), woke.append(signal.issued)))
+    waiter.start()
+    staged_scatter(pages.buffer, view, [0, 1, 2], [3, 4, 5], ring, groups=[(0, 1), (1, 2), (2, 3), (3, 4)],
+                   after=signal)
+    waiter.join(timeout=30)
+    assert woke == [4] and signal.issued == 4
+    failed = dynkv.ops.GroupSignal(5)
+    failed.set(1)
+    assert failed.issued == 2
+    late = threading.Thread(target=failed.wait, args=(4,))
+    late.start()
+    failed.set_all()
+    late.join(timeout=30)
+    assert not late.is_alive() and failed.issued == 5
+
+
 def test_staged_layer_groups_are_checked(rng: np.random.Generator) -> None:
     shape = SHAPES[0]
     kv = make_rank_kv(rng, shape, dims="LBHNC", form="cross", dtype=torch.bfloat16, heads=(0, 4), num_layers=3,

@@ -223,6 +223,54 @@ def test_gpu_staged_group_loads_are_queued_by_the_launch_thread(rng: np.random.G
         leader.close()
 
 
+@pytest.mark.gpu
+def test_gpu_forward_waits_only_for_the_groups_it_reaches(rng: np.random.Generator, monkeypatch) -> None:
+    """While the launch thread is held after the first layer group, the forward's wait for a layer of that
+    group returns (its event is recorded), and the load's later groups are not issued yet; released, the
+    forward reads every group as loaded."""
+    import dynkv.worker.staging
+
+    model = Model(dims="LBHNC", device="cuda", num_layers=8)
+    leader = make_leader(model, copy_path="staged")
+    engine = Engine(leader, model, tp=1, processes=False)
+    worker = engine.ranks[0].state.worker
+    real = dynkv.worker.staging.staged_scatter
+    hold, held = threading.Event(), threading.Event()
+    seen: list[tuple[int, int]] = []
+
+    def staged(pages, view, slots, blocks, ring, *, groups=None, events=(), after=None, **kw):
+        real(pages, view, slots, blocks, ring, groups=groups[:1], events=events[:1], after=after, **kw)
+        held.set()
+        assert hold.wait(timeout=60)
+        real(pages, view, slots, blocks, ring, groups=groups[1:], events=events[1:], **kw)
+        for i in range(1, len(groups)):
+            after.set(i)
+
+    real_wait = worker.wait_for_layer
+
+    def wait_for_layer(name: str) -> None:
+        real_wait(name)
+        st = worker._sync
+        if st is not None and st.queued is not None:
+            seen.append((worker._layer_of[name], st.queued.issued))
+            if worker._layer_of[name] == 0:
+                hold.set()  # the first group's wait returned with the others unissued: let the launch go on
+
+    try:
+        a = random_prompt(rng, model, 4)
+        engine.serve("a", a)
+        engine.drain()
+        monkeypatch.setattr(dynkv.worker.staging, "staged_scatter", staged)
+        monkeypatch.setattr(worker, "wait_for_layer", wait_for_layer)
+        out = engine.serve("a2", a + [3], sync=True)
+        assert held.is_set() and seen and seen[0] == (0, 1), seen
+        assert out.loaded == 4 and out.late == [] and out.load_errors == set() and out.mismatched == []
+    finally:
+        hold.set()
+        engine.close()
+        leader.close()
+
+
 def test_sync_load_needs_every_page_on_the_host(tmp_path, rng: np.random.Generator) -> None:
     model = Model()
     leader = make_leader(model, tmp_path, host_pages=8, disk_paths=[str(tmp_path)], disk_gb=0.01,
