@@ -27,7 +27,7 @@ from dynkv._version import __version__
 from dynkv.env import env_report
 from dynkv.layout import PagedView
 from dynkv.memory import PageBuffer
-from dynkv.ops import gather, scatter_layers, staged_gather, staged_scatter
+from dynkv.ops import gather, scatter, staged_gather, staged_scatter
 from dynkv.worker.staging import COPY_PATHS, layer_groups, staging_for
 
 __all__ = ["CACHE_FILE", "Calibration", "cache_dir", "cache_key", "choose", "measure"]
@@ -37,16 +37,13 @@ log = logging.getLogger("dynkv.worker")
 CACHE_FILE = "copy-paths.json"
 MEASURE_BYTES = 64 << 20  # per timed copy
 REPEATS = 3  # timed copies per path, after one untimed
-# The staged path must beat the kernel by this factor, per direction. Loads: a layer-wise load on the kernel
-# hands the forward one layer at a time, the staged path a group of layers (an eighth of the load at most,
-# :meth:`dynkv.worker.staging.CopyPaths.layer_groups`), so the forward's first wait is longer on the staged
-# path. (When the staged path moved every layer at once, an H100 hit whose staged copy was 7% faster was 18%
-# slower to its first token.) And in groups, a large load is a DMA run per page, head and group: an 8k-token
-# llama3-8b load is 32768 runs, more than the driver queues, so the launch holds the calling thread until
-# most of the copy is done and the forward starts late (H100, 2026-12-07); the scratch load measured here is
-# too small to show it. Until a layer-wise staged load is measured inside vLLM, loads take it only where
-# the kernel is far slower. Stores run beside the next steps, with no one waiting.
-STAGED_MARGIN = {"h2d": 1.25, "d2h": 1.05}
+# The staged path must beat the kernel by this factor, per direction. Loads: inside vLLM (H100, llama3-8b,
+# 8k-token host hits, 2026-12-07) a layer-wise staged load whose copy alone was 8% faster gave a median
+# TTFT of 45.4 ms against the kernel's 32.1 ms in the same engine, hits taking turns: the forward started
+# its layers as if behind the whole copy in most hits (docs/notes/2026-12-07-h100-launch-thread-e2e.md). So
+# loads take the staged path only where the kernel is far slower (the 2026-12-06 H100 host: 60% of memcpy
+# against 99%). Stores run beside the next steps, with no one waiting.
+STAGED_MARGIN = {"h2d": 1.5, "d2h": 1.05}
 DIRECTIONS = ("h2d", "d2h")
 
 
@@ -75,7 +72,7 @@ def cache_key(view: PagedView) -> str:
     name = torch.cuda.get_device_properties(view.device).name
     return (f"{name}|driver {report.get('cuda_driver')}|cuda {report.get('cuda_runtime')}|dynkv {__version__}"
             f"|tile {g.tile_bytes}|run {view.c.run_bytes}|heads {view.num_heads}x{g.num_layers}"
-            f"|margin {STAGED_MARGIN['h2d']}/{STAGED_MARGIN['d2h']}")
+            f"|margin {STAGED_MARGIN['h2d']}/{STAGED_MARGIN['d2h']}|loads: kernel whole, staged in groups")
 
 
 def _read_cache(path: Path, key: str) -> dict[str, Any] | None:
@@ -134,8 +131,11 @@ def measure(view: PagedView, *, nbytes: int = MEASURE_BYTES, repeats: int = REPE
     stream = torch.cuda.Stream(device)
     ops = {
         "h2d": {"memcpy": lambda: flat.copy_(host[: flat.numel()], non_blocking=True),
-                # as a layer-wise load runs on each path
-                "kernel": lambda: scatter_layers(pages, scratch, slots, ids, layer_groups(g, "kernel"), stream=stream),
+                # The kernel in one launch: per layer, this scratch load is launches of well under a MiB each
+                # for a model of many layers and few heads per rank (0.8 MiB for llama3-70b at TP=8, at 74% of
+                # memcpy on an H100 where a whole 8k hit's per-layer launches reach 88%); the staged path in
+                # its layer groups, as it loads.
+                "kernel": lambda: scatter(pages, scratch, slots, ids, stream=stream),
                 "staged": lambda: staged_scatter(pages, scratch, slots, ids, rings["h2d"],
                                                  groups=layer_groups(g, "staged"), stream=stream)},
         "d2h": {"memcpy": lambda: host[: flat.numel()].copy_(flat, non_blocking=True),
