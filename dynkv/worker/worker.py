@@ -5,7 +5,8 @@ as soon as a step's plan arrives and stores (device -> host) once the step's
 forward has written the blocks, each on its own CUDA stream (on CPU: its own
 thread), and reports finished and failed jobs without ever blocking on them.
 A load that first pulls pages from a prefill engine (disaggregated serving)
-runs on a pull thread (:mod:`dynkv.worker.pull`).
+runs on a pull thread (:mod:`dynkv.worker.pull`). On a GPU, staged loads are
+queued by a launch thread (:mod:`dynkv.worker.launch`).
 
 A *synchronous* load (:attr:`LoadOp.sync`: host pages of a request computed
 in the same step) feeds that step's forward pass. With ``layerwise`` it is
@@ -34,7 +35,7 @@ from dynkv.config import DynKVConfig
 from dynkv.keys import ModelFingerprint
 from dynkv.layout import PagedView, page_stride
 from dynkv.memory import HostPool, PageBuffer, chunk_for
-from dynkv.ops import GroupSignal, gather, scatter
+from dynkv.ops import gather, scatter
 from dynkv.protocol import LoadOp, StepPlan, StoreOp, WorkerReport
 from dynkv.tiers.host import live_pools, pool_link, pool_owner, run_dirs
 from dynkv.worker.jobs import Job as _Job
@@ -42,6 +43,7 @@ from dynkv.worker.jobs import Launched
 from dynkv.worker.jobs import done_future as _done_future
 from dynkv.worker.jobs import is_ready as _ready
 from dynkv.worker.jobs import wait_for as _wait
+from dynkv.worker.launch import CudaLaunch
 from dynkv.worker.pull import PullFlow
 from dynkv.worker.sleep import SleepFlow
 from dynkv.worker.staging import CopyPaths
@@ -60,7 +62,7 @@ def in_process(pool_name: str) -> Worker | None:
     return _IN_PROCESS.get(pool_name)
 
 
-class Worker(SyncLoads, PullFlow, SleepFlow):
+class Worker(SyncLoads, PullFlow, SleepFlow, CudaLaunch):
     """Device side of one TP rank.
 
     Parameters
@@ -414,69 +416,6 @@ class Worker(SyncLoads, PullFlow, SleepFlow):
             log.error("rank %d: %s job %d failed to start: %s", self.rank, kind, job, e)
             rec.handle, rec.error = _done_future(), e
         self._jobs.append(rec)
-
-    def _launch_cuda(self, kind: str, copy: Callable[[PageBuffer, Any], None]) -> Any:
-        return self._issue_cuda(kind, self._copy_after(), self._page_buffer(), copy)
-
-    def _staged_loads(self) -> bool:
-        """Loads take the staged path: the launch thread queues every one of them (their staging ring is
-        used from one thread, in the order they were launched)."""
-        return self.copy_paths is not None and self.copy_paths.h2d == "staged"
-
-    def _launch_cuda_thread(self, kind: str, copy: Callable[[PageBuffer, Any], None],
-                            release: GroupSignal | None) -> Launched:
-        """:meth:`_launch_cuda` with the copy queued by the rank's launch thread (the calling thread goes
-        on at once); ``release`` is set whole once the launch is over, whether it queued the copy or
-        failed."""
-        after, pages = self._copy_after(), self._page_buffer()
-        if self._launcher is None:
-            self._launcher = ThreadPoolExecutor(1, thread_name_prefix=f"dynkv-launch{self.rank}")
-
-        def run() -> tuple[Any, Any]:
-            try:
-                return self._issue_cuda(kind, after, pages, copy)
-            finally:
-                if release is not None:
-                    release.set_all()
-
-        return Launched(self._launcher.submit(run))
-
-    def _copy_after(self) -> list[Any]:
-        """Events, recorded now, that a copy launched now must follow (:meth:`_issue_cuda` waits for them on
-        its stream, in the thread that queues it: a copy queued later by the launch thread still follows
-        only what was queued before its launch, never work queued since)."""
-        import torch
-
-        assert self.view is not None
-        # A store reads blocks only after the forward that wrote them; a load writes blocks only after
-        # work already queued on them (vLLM zeroes fresh blocks; a freed block's last reader). Launched from
-        # outside a step (the scheduler's launch), that work may sit on the stream the steps compute on.
-        current = torch.cuda.current_stream(self.view.device)
-        after = [current.record_event()]
-        if self._step_stream is not None and self._step_stream != current:
-            after.append(self._step_stream.record_event())
-        return after
-
-    def _issue_cuda(self, kind: str, after: list[Any], pages: PageBuffer,
-                    copy: Callable[[PageBuffer, Any], None]) -> tuple[Any, Any]:
-        import torch
-
-        assert self._streams is not None and self.view is not None
-        stream = self._streams[0 if kind == "load" else 1]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.device(self.view.device), torch.cuda.stream(stream):
-            for ev in after:
-                stream.wait_event(ev)
-            start.record(stream)
-            try:
-                copy(pages, stream)
-            except BaseException:
-                # A copy that stopped partway may have queued part of its work: it must be over before the
-                # blocks count as load errors (vLLM recomputes them, and their pages may be reused).
-                torch.cuda.synchronize(self.view.device)
-                raise
-            end.record(stream)
-        return start, end
 
     def _collect(self) -> None:
         with self._lock:
