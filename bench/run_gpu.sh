@@ -48,6 +48,10 @@ if [[ $what == bench || $what == all ]]; then
     python3 bench/launch_probe.py --json "$RES/launch-probe.json" 2>&1 | tee "$RES/launch-probe.log"
     echo "[${SECONDS}s] launch-probe" | tee -a "$RES/timings.txt"
   fi
+  if [[ -z ${CASES:-} || " $CASES " == *" forward-overlap "* ]]; then
+    python3 bench/forward_overlap.py --json "$RES/forward-overlap.json" 2>&1 | tee "$RES/forward-overlap.log"
+    echo "[${SECONDS}s] forward-overlap" | tee -a "$RES/timings.txt"
+  fi
   k llama3-8b --preset llama3-8b --ctas 4,8,16 --directions h2d,d2h,both --backends kernel,staged,torch
   k llama3-70b-tp8 --preset llama3-70b-tp8 --ctas 8 --directions h2d,d2h,both --backends kernel,staged,torch
   k llama3-8b-nhd --preset llama3-8b --layout LBNHC --ctas 8 --directions h2d,d2h,both --backends kernel,staged,torch
@@ -101,5 +105,5 @@ if [[ $what == load ]]; then
     --disk-share 1.2 --dynkv-variant nocost='{"cost_model": false}'
 fi
 tar -czf "$OUT/results-$what.tar.gz" -C "$RES" .
-grep -hE "^(run [0-9]|\||h2d|d2h|both|tile|gemm|calibration|engine|plain|dynkv|offloading|kv|round|ratio|TTFT|8192)| passed| failed|error|x " "$RES"/*.log | tail -150 > "$OUT/summary-$what.txt" || true
+grep -hE "^(run [0-9]|forward|kernel, |staged, |\||h2d|d2h|both|tile|gemm|calibration|engine|plain|dynkv|offloading|kv|round|ratio|TTFT|8192)| passed| failed|error|x " "$RES"/*.log | tail -150 > "$OUT/summary-$what.txt" || true
 exit $rc
