@@ -49,7 +49,10 @@ if [[ $what == bench || $what == all ]]; then
     echo "[${SECONDS}s] launch-probe" | tee -a "$RES/timings.txt"
   fi
   if [[ -z ${CASES:-} || " $CASES " == *" forward-overlap "* ]]; then
-    python3 bench/forward_overlap.py --json "$RES/forward-overlap.json" 2>&1 | tee "$RES/forward-overlap.log"
+    for shape in prefill decode; do
+      python3 bench/forward_overlap.py --shape $shape --json "$RES/forward-overlap-$shape.json" 2>&1 \
+        | tee "$RES/forward-overlap-$shape.log"
+    done
     echo "[${SECONDS}s] forward-overlap" | tee -a "$RES/timings.txt"
   fi
   k llama3-8b --preset llama3-8b --ctas 4,8,16 --directions h2d,d2h,both --backends kernel,staged,torch

@@ -38,7 +38,7 @@ CACHE_FILE = "copy-paths.json"
 MEASURE_BYTES = 64 << 20  # per timed copy
 REPEATS = 3  # timed copies per path, after one untimed
 # The staged path must beat the kernel by this factor, per direction. Loads: inside vLLM (H100, llama3-8b,
-# 8k-token host hits, 2026-12-07) a layer-wise staged load whose copy alone was 8% faster gave a median
+# 8k-token host hits, 2026-12-07) a layer-wise staged load whose copy alone was 9% faster gave a median
 # TTFT of 45.4 ms against the kernel's 32.1 ms in the same engine, hits taking turns: the forward started
 # its layers as if behind the whole copy in most hits (docs/notes/2026-12-07-h100-launch-thread-e2e.md). So
 # loads take the staged path only where the kernel is far slower (the 2026-12-06 H100 host: 60% of memcpy
@@ -72,7 +72,7 @@ def cache_key(view: PagedView) -> str:
     name = torch.cuda.get_device_properties(view.device).name
     return (f"{name}|driver {report.get('cuda_driver')}|cuda {report.get('cuda_runtime')}|dynkv {__version__}"
             f"|tile {g.tile_bytes}|run {view.c.run_bytes}|heads {view.num_heads}x{g.num_layers}"
-            f"|margin {STAGED_MARGIN['h2d']}/{STAGED_MARGIN['d2h']}|loads: kernel whole, staged in groups")
+            f"|margin {STAGED_MARGIN['h2d']}/{STAGED_MARGIN['d2h']}|loads: kernel whole, staged in groups in slot order")
 
 
 def _read_cache(path: Path, key: str) -> dict[str, Any] | None:
@@ -127,16 +127,19 @@ def measure(view: PagedView, *, nbytes: int = MEASURE_BYTES, repeats: int = REPE
     flat = torch.empty(n * slice_bytes, dtype=torch.uint8, device=device)
     gen = torch.Generator().manual_seed(0)
     ids, slots = torch.randperm(n, generator=gen).tolist(), torch.randperm(n, generator=gen).tolist()
+    pairs = sorted(zip(slots, ids))
+    in_order = [s for s, _ in pairs], [i for _, i in pairs]
     rings = {"h2d": staging_for(scratch), "d2h": staging_for(scratch)}
     stream = torch.cuda.Stream(device)
     ops = {
         "h2d": {"memcpy": lambda: flat.copy_(host[: flat.numel()], non_blocking=True),
                 # The kernel in one launch: per layer, this scratch load is launches of well under a MiB each
-                # for a model of many layers and few heads per rank (0.8 MiB for llama3-70b at TP=8, at 74% of
-                # memcpy on an H100 where a whole 8k hit's per-layer launches reach 88%); the staged path in
-                # its layer groups, as it loads.
+                # for a model of many layers and few heads per rank (0.8 MiB for llama3-70b at TP=8: 74% of
+                # memcpy on an H100 where a 1 GiB load's per-layer launches reached 88%). The staged path in
+                # its layer groups, pages in slot order as the worker sorts them (here every slot adjacent:
+                # the best case; a long-used pool's are less so).
                 "kernel": lambda: scatter(pages, scratch, slots, ids, stream=stream),
-                "staged": lambda: staged_scatter(pages, scratch, slots, ids, rings["h2d"],
+                "staged": lambda: staged_scatter(pages, scratch, in_order[0], in_order[1], rings["h2d"],
                                                  groups=layer_groups(g, "staged"), stream=stream)},
         "d2h": {"memcpy": lambda: host[: flat.numel()].copy_(flat, non_blocking=True),
                 "kernel": lambda: gather(scratch, pages, ids, slots, stream=stream),

@@ -229,7 +229,9 @@ class SyncLoads:
 
     def _wait_group(self, st: SyncStep, group: int) -> None:
         """The current stream waits for ``group`` of ``st`` (queued by the launch thread: once its event is
-        recorded; a launch that failed has recorded none, and its blocks are load errors)."""
+        recorded). A launch that failed partway recorded only its first groups' events, the others still hold
+        an earlier step's; it finished what it had queued before letting any wait go on, and its blocks are
+        load errors this step (vLLM recomputes them)."""
         if st.queued is not None:
             st.queued.wait(group)
         self._wait_event(st.events[group])

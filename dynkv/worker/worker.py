@@ -111,7 +111,7 @@ class Worker(SyncLoads, PullFlow, SleepFlow, CudaLaunch):
         self.engine_id = engine_id
         self._puller: Any = None
         self._pull_threads: ThreadPoolExecutor | None = None
-        self._launcher: ThreadPoolExecutor | None = None  # queues staged layer-wise loads (GPU), made at first use
+        self._launcher: ThreadPoolExecutor | None = None  # queues every staged load (GPU), made at first use
         self._puller_lock = threading.Lock()
         self._prepare_pulls = prepare_pulls
         self._attach_lock = threading.Lock()

@@ -186,6 +186,8 @@ def test_group_signal_counts_issued_groups_across_threads(rng: np.random.Generat
     woke: list[int] = []
     waiter = threading.Thread(target=lambda: (signal.wait(3), woke.append(signal.issued)))
     waiter.start()
+    waiter.join(timeout=0.2)
+    assert waiter.is_alive() and woke == [], "nothing is issued yet: the waiter blocks"
     staged_scatter(pages.buffer, view, [0, 1, 2], [3, 4, 5], ring, groups=[(0, 1), (1, 2), (2, 3), (3, 4)],
                    after=signal)
     waiter.join(timeout=30)
@@ -195,6 +197,8 @@ def test_group_signal_counts_issued_groups_across_threads(rng: np.random.Generat
     assert failed.issued == 2
     late = threading.Thread(target=failed.wait, args=(4,))
     late.start()
+    late.join(timeout=0.2)
+    assert late.is_alive(), "group 4 is not issued: the waiter blocks"
     failed.set_all()
     late.join(timeout=30)
     assert not late.is_alive() and failed.issued == 5
