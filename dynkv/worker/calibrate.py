@@ -28,7 +28,7 @@ from dynkv.env import env_report
 from dynkv.layout import PagedView
 from dynkv.memory import PageBuffer
 from dynkv.ops import gather, scatter, staged_gather, staged_scatter
-from dynkv.worker.staging import COPY_PATHS, layer_groups, staging_for
+from dynkv.worker.staging import COPY_PATHS, in_slot_order, layer_groups, staging_for
 
 __all__ = ["CACHE_FILE", "Calibration", "cache_dir", "cache_key", "choose", "measure"]
 
@@ -127,8 +127,7 @@ def measure(view: PagedView, *, nbytes: int = MEASURE_BYTES, repeats: int = REPE
     flat = torch.empty(n * slice_bytes, dtype=torch.uint8, device=device)
     gen = torch.Generator().manual_seed(0)
     ids, slots = torch.randperm(n, generator=gen).tolist(), torch.randperm(n, generator=gen).tolist()
-    pairs = sorted(zip(slots, ids))
-    in_order = [s for s, _ in pairs], [i for _, i in pairs]
+    in_order = in_slot_order(slots, ids)
     rings = {"h2d": staging_for(scratch), "d2h": staging_for(scratch)}
     stream = torch.cuda.Stream(device)
     ops = {

@@ -37,20 +37,15 @@ class CudaLaunch:
     _launcher: ThreadPoolExecutor | None
     _page_buffer: Callable[[], PageBuffer]
 
-    def _launch_cuda(self, kind: str, copy: Callable[[PageBuffer, Any], None]) -> Any:
-        return self._issue_cuda(kind, self._copy_after(), self._page_buffer(), copy)
-
-    def _staged_loads(self) -> bool:
-        """Loads take the staged path: the launch thread queues every one of them (their staging ring is
-        used from one thread, in the order they were launched)."""
-        return self.copy_paths is not None and self.copy_paths.h2d == "staged"
-
-    def _launch_cuda_thread(self, kind: str, copy: Callable[[PageBuffer, Any], None],
-                            release: GroupSignal | None) -> Launched:
-        """:meth:`_launch_cuda` with the copy queued by the rank's launch thread (the calling thread goes
-        on at once); ``release`` is set whole once the launch is over, whether it queued the copy or
-        failed."""
+    def _launch_cuda(self, kind: str, copy: Callable[[PageBuffer, Any], None],
+                     release: GroupSignal | None = None) -> Any:
+        """Queue ``copy(pages, stream)`` on ``kind``'s stream: ``(start, end)`` CUDA events, or
+        :class:`Launched` for a staged load, which the launch thread queues (the calling thread goes on at
+        once; ``release``, if given, is set whole once that launch is over, whether it queued the copy or
+        failed)."""
         after, pages = self._copy_after(), self._page_buffer()
+        if kind != "load" or not self._staged_loads():
+            return self._issue_cuda(kind, after, pages, copy)
         if self._launcher is None:
             self._launcher = ThreadPoolExecutor(1, thread_name_prefix=f"dynkv-launch{self.rank}")
 
@@ -62,6 +57,11 @@ class CudaLaunch:
                     release.set_all()
 
         return Launched(self._launcher.submit(run))
+
+    def _staged_loads(self) -> bool:
+        """Loads take the staged path: the launch thread queues every one of them (their staging ring is
+        used from one thread, in the order they were launched)."""
+        return self.copy_paths is not None and self.copy_paths.h2d == "staged"
 
     def _copy_after(self) -> list[Any]:
         """Events, recorded now, that a copy launched now must follow (:meth:`_issue_cuda` waits for them on

@@ -35,7 +35,7 @@ from dynkv.layout import PageGeometry, PagedView
 from dynkv.memory import PageBuffer, StagingBuffer
 from dynkv.ops import GroupSignal, gather, scatter_layers, staged_gather, staged_scatter
 
-__all__ = ["COPY_PATHS", "CopyPaths", "layer_groups", "staging_for"]
+__all__ = ["COPY_PATHS", "CopyPaths", "in_slot_order", "layer_groups", "staging_for"]
 
 COPY_PATHS = ("kernel", "staged")
 # A staging slot holds about this many bytes of a rank's page slices; three slots per direction.
@@ -55,6 +55,20 @@ def staging_for(view: PagedView) -> StagingBuffer:
     slice_bytes = view.num_heads * g.num_layers * g.tile_bytes
     return StagingBuffer(g, view.device, chunk_pages=max(1, STAGING_CHUNK_BYTES // slice_bytes),
                          num_slots=STAGING_SLOTS)
+
+
+def in_slot_order(slots: Sequence[int], block_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """A staged load's ``(slots, block_ids)`` pairs sorted by host slot.
+
+    Pages of adjacent host slots join one copy per group and chunk (:func:`dynkv.ops.staged_copy_plan`); in
+    slot order they do however they were handed out (a pool's free list returns an evicted prompt's slots in
+    reverse). Mismatched lists come back as they are, for :func:`dynkv.ops.staged_scatter`'s own error.
+    """
+    slots, block_ids = np.asarray(slots, dtype=np.int64), np.asarray(block_ids, dtype=np.int64)
+    if len(slots) == len(block_ids):
+        order = np.argsort(slots, kind="stable")
+        slots, block_ids = slots[order], block_ids[order]
+    return slots, block_ids
 
 
 def layer_groups(geometry: PageGeometry, path: str) -> list[tuple[int, int]]:
@@ -105,13 +119,7 @@ class CopyPaths:
             raise ValueError("after: a staged load's callback (the kernel path records its events in one call)")
         layers = list(groups) if groups else [(0, self.view.geometry.num_layers)]
         if self.h2d == "staged":
-            # Pages of adjacent host slots join one copy per group and chunk (dynkv.ops.staged_copy_plan); in slot
-            # order they do however they were handed out (a pool's free list returns an evicted prompt's slots
-            # in reverse). Mismatched lists go as they are, for staged_scatter's own error.
-            slots, block_ids = np.asarray(slots, dtype=np.int64), np.asarray(block_ids, dtype=np.int64)
-            if len(slots) == len(block_ids):
-                order = np.argsort(slots, kind="stable")
-                slots, block_ids = slots[order], block_ids[order]
+            slots, block_ids = in_slot_order(slots, block_ids)
             staged_scatter(pages, self.view, slots, block_ids, self._rings["h2d"], groups=layers, events=events,
                            after=after, stream=stream)
         else:

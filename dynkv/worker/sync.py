@@ -82,8 +82,7 @@ class SyncLoads:
     sync_launch_s: dict[str, float]
     sync_launch_at: float | None
     _layer_event_pool: list[Any]
-    _launch_cuda: Callable[[str, Callable[[PageBuffer, Any], None]], Any]
-    _launch_cuda_thread: Callable[[str, Callable[[PageBuffer, Any], None], GroupSignal | None], Launched]
+    _launch_cuda: Callable[[str, Callable[[PageBuffer, Any], None], GroupSignal | None], Any]
     _staged_loads: Callable[[], bool]
     _page_buffer: Callable[[], PageBuffer]
     _slice_bytes: Callable[[int], int]
@@ -171,17 +170,11 @@ class SyncLoads:
                 step.events = self._layer_events(len(groups))
                 paths = self.copy_paths
                 assert paths is not None
-                if self._staged_loads():
-                    # A staged load in groups is a copy per page and group (fewer where host slots are
-                    # adjacent): past what the driver queues, queueing it waits for the GPU. The launch thread
-                    # waits instead (it queues every staged load: one thread uses the ring); the forward waits
-                    # for each group's event only once it is recorded.
-                    queued = step.queued = GroupSignal(len(groups))
-                    handle = self._launch_cuda_thread("load", lambda pages, stream: paths.load(
-                        pages, slots, blocks, stream, groups, step.events, after=queued), queued)
-                else:
-                    handle = self._launch_cuda("load", lambda pages, stream: paths.load(
-                        pages, slots, blocks, stream, groups, step.events))
+                # A staged load in groups can be more copies than the driver queues: the launch thread
+                # queues it, and the forward waits for each group's event only once it is recorded.
+                queued = step.queued = GroupSignal(len(groups)) if self._staged_loads() else None
+                handle = self._launch_cuda("load", lambda pages, stream: paths.load(
+                    pages, slots, blocks, stream, groups, step.events, after=queued), queued)
             else:
                 handle = self._launch_sync_cpu(self._page_buffer(), slots, blocks, step)
         except Exception as e:  # no pool, bad ids: nothing was copied, vLLM recomputes these blocks

@@ -405,8 +405,7 @@ class Worker(SyncLoads, PullFlow, SleepFlow, CudaLaunch):
             if copy is None or not block_ids:
                 rec.handle = _done_future()
             elif self._streams is not None:
-                rec.handle = (self._launch_cuda_thread(kind, copy, None) if kind == "load" and self._staged_loads()
-                              else self._launch_cuda(kind, copy))
+                rec.handle = self._launch_cuda(kind, copy)
             else:
                 assert self._threads is not None
                 ex = self._threads[0 if kind == "load" else 1]

@@ -125,18 +125,22 @@ def test_staged_copies_join_adjacent_slots_within_a_chunk_and_a_registration(rng
         _C.make_pages(g.c, whole.buffer.c.base, 14, whole.buffer.c.page_stride, reg_pages=4, reg_phase=4)
 
 
+def _whole_rank(rng: np.random.Generator, *, num_layers: int, num_blocks: int):
+    """One rank holding every head (LBHNC, bf16), as many host pages as blocks, a ring of 2 slots of 2 pages."""
+    kv = make_rank_kv(rng, SHAPES[0], dims="LBHNC", form="cross", dtype=torch.bfloat16, heads=(0, 4),
+                      num_layers=num_layers, num_blocks=num_blocks)
+    view = kv.view(num_heads_total=4)
+    pages = make_pages(view.geometry, num_blocks, fill=rng)
+    return kv, view, pages, StagingBuffer(view.geometry, "cpu", chunk_pages=2, num_slots=2)
+
+
 def test_staged_scatter_calls_after_once_each_group_is_in(rng: np.random.Generator) -> None:
     """``after(i)`` runs once per group, in order, when the group's layers have landed (CPU: copied); an
     exception it raises stops the scatter there and reaches the caller."""
-    shape = SHAPES[0]
-    kv = make_rank_kv(rng, shape, dims="LBHNC", form="cross", dtype=torch.bfloat16, heads=(0, 4), num_layers=5,
-                      num_blocks=8)
-    view = kv.view(num_heads_total=4)
-    pages = make_pages(view.geometry, 8, fill=rng)
-    ring = StagingBuffer(view.geometry, "cpu", chunk_pages=2, num_slots=2)
+    kv, view, pages, ring = _whole_rank(rng, num_layers=5, num_blocks=8)
     slots, blocks = [6, 1, 3, 0, 5], [2, 7, 0, 4, 1]
     groups = [(0, 2), (2, 3), (3, 5)]
-    reference = make_rank_kv(rng, shape, dims="LBHNC", form="cross", dtype=torch.bfloat16, heads=(0, 4),
+    reference = make_rank_kv(rng, SHAPES[0], dims="LBHNC", form="cross", dtype=torch.bfloat16, heads=(0, 4),
                              num_layers=5, num_blocks=8)
     rview = reference.view(num_heads_total=4)
     reference.poison()
@@ -175,12 +179,7 @@ def test_group_signal_counts_issued_groups_across_threads(rng: np.random.Generat
     group it waits for, and set_all ends every wait (a launch that failed)."""
     import threading
 
-    shape = SHAPES[0]
-    kv = make_rank_kv(rng, shape, dims="LBHNC", form="cross", dtype=torch.bfloat16, heads=(0, 4), num_layers=4,
-                      num_blocks=6)
-    view = kv.view(num_heads_total=4)
-    pages = make_pages(view.geometry, 6, fill=rng)
-    ring = StagingBuffer(view.geometry, "cpu", chunk_pages=2, num_slots=2)
+    _, view, pages, ring = _whole_rank(rng, num_layers=4, num_blocks=6)
     signal = dynkv.ops.GroupSignal(4)
     assert (signal.issued, signal.num_groups) == (0, 4)
     woke: list[int] = []
